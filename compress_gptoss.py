@@ -203,15 +203,6 @@ def _mxfp4_triton_kernel():
     import triton.language as tl
 
     @triton.jit
-    def fp4_to_f32(code):
-        # E2M1: sign | 2 exponent bits | 1 mantissa bit; built as float32 bits, exactly.
-        ex = (code >> 1) & 3
-        m = code & 1
-        normal = ((ex + 126) << 23) | (m << 22)
-        bits = tl.where(ex == 0, m * (126 << 23), normal) | ((code >> 3) << 31)
-        return bits.to(tl.float32, bitcast=True)
-
-    @triton.jit
     def kernel(blocks_ptr, scales_ptr, out_ptr, O, K, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
         po, pk, e = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         half, groups = K // 2, K // 32
@@ -221,13 +212,22 @@ def _mxfp4_triton_kernel():
         mask_o = offs_o[:, None] < O
         byte = tl.load(blocks_ptr + e * O * half + offs_o[:, None] * half + offs_b[None, :],
                        mask=mask_o & (offs_b[None, :] < half), other=0).to(tl.int32)
-        vals = tl.join(fp4_to_f32(byte & 15), fp4_to_f32(byte >> 4)).reshape(BLOCK_O, BLOCK_K)
+        code = tl.join(byte & 15, byte >> 4).reshape(BLOCK_O, BLOCK_K)  # low nibble first
         s = tl.load(scales_ptr + e * O * groups + offs_o[:, None] * groups + offs_g[None, :],
                     mask=mask_o & (offs_g[None, :] < groups), other=127).to(tl.int32)
-        scale = tl.where(s == 0, 1 << 22, s << 23).to(tl.float32, bitcast=True)  # 2^(s-127); s=0 is subnormal
-        vals = (vals.reshape(BLOCK_O, BLOCK_K // 32, 32) * scale[:, :, None]).reshape(BLOCK_O, BLOCK_K)
+        s = tl.broadcast_to(s[:, :, None], (BLOCK_O, BLOCK_K // 32, 32)).reshape(BLOCK_O, BLOCK_K)
+        # The bf16 bits are built with integer ops, so no float unit can flush a subnormal:
+        # E2M1 magnitude = M * 2^P with M in {2, 3}, times 2^(s-127) -> biased exponent P + 1 + s.
+        ex, m = (code >> 1) & 3, code & 1
+        mbit = tl.where(ex == 0, 0, m)
+        biased = tl.where(ex == 0, -1, ex - 1) + s
+        normal = (biased << 7) | (mbit << 6)
+        subnormal = (2 + mbit) << tl.maximum(biased + 5, 0)   # exact: biased >= -1
+        bits = tl.where(biased >= 255, 0x7F80, tl.where(biased >= 1, normal, subnormal))
+        bits = tl.where((code & 7) == 0, 0, bits) | ((code >> 3) << 15)
+        vals = bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
         offs_k = pk * BLOCK_K + tl.arange(0, BLOCK_K)
-        tl.store(out_ptr + e * K * O + offs_k[:, None] * O + offs_o[None, :], tl.trans(vals).to(tl.bfloat16),
+        tl.store(out_ptr + e * K * O + offs_k[:, None] * O + offs_o[None, :], tl.trans(vals),
                  mask=(offs_k[:, None] < K) & (offs_o[None, :] < O))
 
     return kernel

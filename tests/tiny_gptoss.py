@@ -241,6 +241,68 @@ def build(out_dir: str | os.PathLike, spec: TinySpec = TinySpec()) -> Path:
     return out
 
 
+GPTOSS_120B_LAYER = dict(hidden=2880, intermediate=2880, experts=128, top_k=4, heads=64, kv_heads=8,
+                         head_dim=64, vocab=201088)
+
+
+def build_random(out_dir: str | os.PathLike, spec: TinySpec) -> Path:
+    """Random MXFP4 codes at any size (e.g. real 120b layers), written one layer per shard.
+
+    No model is instantiated (a 120b layer is 12 GB in fp32): each tensor is drawn straight in its
+    on-disk form, so memory stays at one shard. Scales sit around 2^-5, like trained weights.
+    The tokenizer is the small trained one: its ids are valid rows of any larger vocabulary.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(split_corpus(docstring_corpus())[0][:400], 512, out)
+    cfg = gptoss_config(spec, tok)
+    g = torch.Generator().manual_seed(spec.seed)
+    H, I, E, D = spec.hidden, spec.intermediate, spec.experts, spec.head_dim
+
+    def randn(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    def mxfp4(out_f, in_f):
+        return {"blocks": torch.randint(0, 256, (E, out_f, in_f // 32, 16), generator=g, dtype=torch.uint8),
+                "scales": torch.randint(121, 125, (E, out_f, in_f // 32), generator=g, dtype=torch.uint8)}
+
+    shards = [{"model.embed_tokens.weight": randn(spec.vocab, H), "lm_head.weight": randn(spec.vocab, H),
+               "model.norm.weight": torch.ones(H, dtype=torch.bfloat16)}]
+    for n in range(spec.layers):
+        p = f"model.layers.{n}."
+        t = {p + "input_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
+             p + "post_attention_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
+             p + "self_attn.sinks": randn(spec.heads, std=1.0)}
+        for proj, o, i in (("q_proj", spec.heads * D, H), ("k_proj", spec.kv_heads * D, H),
+                           ("v_proj", spec.kv_heads * D, H), ("o_proj", H, spec.heads * D)):
+            t[p + f"self_attn.{proj}.weight"] = randn(o, i)
+            t[p + f"self_attn.{proj}.bias"] = randn(o)
+        t[p + "mlp.router.weight"], t[p + "mlp.router.bias"] = randn(E, H), randn(E)
+        for proj, o, i in (("gate_up_proj", 2 * I, H), ("down_proj", H, I)):
+            q = mxfp4(o, i)
+            t[p + f"mlp.experts.{proj}_blocks"], t[p + f"mlp.experts.{proj}_scales"] = q["blocks"], q["scales"]
+            t[p + f"mlp.experts.{proj}_bias"] = randn(E, o)
+        shards.append(t)
+    weight_map, total = {}, 0
+    for k, part in enumerate(shards):
+        fname = f"model-{k:05d}-of-{len(shards) - 1:05d}.safetensors"
+        save_file(part, str(out / fname), metadata={"format": "pt"})
+        for name, x in part.items():
+            weight_map[name] = fname
+            total += x.numel() * x.element_size()
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    cfg_dict = cfg.to_dict()
+    cfg_dict.update(architectures=["GptOssForCausalLM"], experts_per_token=spec.top_k, dtype="bfloat16",
+                    quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": MODULES_TO_NOT_CONVERT})
+    (out / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True))
+    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(out)
+    return out
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("GPTOSS_TINY_CACHE", Path.home() / ".cache" / "gptoss-compressor"))
 
@@ -276,8 +338,13 @@ def main() -> None:
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=v)
     ap.add_argument("--random", action="store_true", help="random weights, no training (same as --train-steps 0)")
     ap.add_argument("--no-cache", action="store_true", help="build into OUT_DIR directly, ignoring the cache")
+    ap.add_argument("--gptoss-120b-dims", action="store_true",
+                    help="random MXFP4 codes with gpt-oss-120b's layer dimensions (use --layers to pick how many)")
     a = ap.parse_args()
     spec = TinySpec(**{f: getattr(a, f) for f in asdict(TinySpec())})
+    if a.gptoss_120b_dims:
+        print(build_random(a.out_dir, TinySpec(**{**asdict(spec), **GPTOSS_120B_LAYER})))
+        return
     if a.random:
         spec = TinySpec(**{**asdict(spec), "train_steps": 0})
     if a.no_cache:
