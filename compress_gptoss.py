@@ -464,6 +464,8 @@ def pick_device(requested: str) -> str:
 
 # Rows of 16-byte blocks decoded per step: bounds the float32 temporaries (~ 256 MB on CPU).
 DECODE_CHUNK_BLOCKS = 1 << 21
+# Other tensors (the 1.2 GB embedding of 120b) are copied in row slices of at most this size.
+PLAIN_CHUNK_BYTES = 64 << 20
 
 
 def convert_shard(src: SourceModel, plan: ShardPlan, out_path: Path, dtype, device: str,
@@ -484,12 +486,19 @@ def convert_shard(src: SourceModel, plan: ShardPlan, out_path: Path, dtype, devi
             writer.begin(spec.name)
             kind, *shards = plan.sources[spec.name]
             if kind == "plain":
-                t = handle(shards[0]).get_tensor(spec.name)
-                if t.is_floating_point():
-                    t, rep = cast_checked(t, dtype, spec.name, overflow_mode)
-                    report.add(rep)
-                writer.write(t)
-                progress.update(t.numel() * t.element_size())
+                sl = handle(shards[0]).get_slice(spec.name)
+                shape = sl.get_shape()
+                row_bytes = max(1, spec.nbytes // max(1, shape[0])) if shape else spec.nbytes
+                step = max(1, PLAIN_CHUNK_BYTES // row_bytes)
+                for r0 in range(0, shape[0], step) if shape else [None]:
+                    t = sl[r0:r0 + step] if shape else handle(shards[0]).get_tensor(spec.name)
+                    if t.is_floating_point():
+                        t, rep = cast_checked(t, dtype, spec.name, overflow_mode)
+                        report.add(rep)
+                        if rep.overflow and overflow_mode == "error":
+                            return report
+                    writer.write(t)
+                    progress.update(t.numel() * t.element_size())
                 continue
             blocks_s = handle(shards[0]).get_slice(spec.name + "_blocks")
             scales_s = handle(shards[1]).get_slice(spec.name + "_scales")
