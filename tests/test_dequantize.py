@@ -298,3 +298,14 @@ print(int((out.view(torch.int16) != ref.view(torch.int16)).sum()))
                        env={**__import__("os").environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "0"
+
+
+def test_cpu_bf16_fast_path_bit_identical_to_transformers():
+    g = torch.Generator().manual_seed(7)
+    blocks = torch.randint(0, 256, (2, 48, 9, 16), generator=g, dtype=torch.uint8)
+    blocks.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    scales = torch.randint(0, 255, (2, 48, 9), generator=g, dtype=torch.uint8)
+    scales.view(-1)[:255] = torch.arange(255, dtype=torch.uint8)
+    ours = cg.decode_mxfp4_to(blocks, scales, torch.bfloat16)
+    ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+    assert torch.equal(bits(ours), bits(ref))
