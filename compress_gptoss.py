@@ -605,6 +605,291 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 ##### 6. Kernels + runtime #####
+# Two W4A8 runtimes: QQQ (an external CUDA extension, Marlin-based, built by `install-kernel`) and a
+# built-in int4 GEMM written in Triton that reads compressed-tensors' `pack-quantized` layout as it
+# is on disk. QQQ needs K % 128 == 0 for groups (no GPT-OSS layer has it: K = 2880); the built-in
+# one takes any K divisible by the group size.
+#
+# The layout (compressed_tensors.compressors.pack_quantized, symmetric int4):
+#   weight_packed int32 [N, ceil(K/8)]: element k of row n is nibble k % 8 (lowest first) of word
+#                 k // 8, stored with an offset of +8 (so q = nibble - 8, q in [-8, 7])
+#   weight_scale  [N, K / group] (per group) or [N, 1] (per channel); W[n, k] = q[n, k] * scale
+# W4A8 (compressed-tensors' `input_activations: int8, strategy token, dynamic, symmetric`):
+#   s_x[m] = max_k |x[m, k]| / 127,  x_q = round_half_away(x / s_x) in [-127, 127]
+#   y[m, n] = s_x[m] * sum_g scale[n, g] * sum_{k in g} x_q[m, k] * q[n, k]   (int32 inside a group)
+
+QQQ_REPO = "https://github.com/HandH1998/QQQ"
+QQQ_COMMIT = "54c5c99037200f3b42b94877dcc932989e458409"
+# (name, K, N) of every Linear shape in GPT-OSS (20b and 120b share hidden 2880, 64 heads x 64).
+GPT_OSS_SHAPES = [("q_proj", 2880, 4096), ("k_proj/v_proj", 2880, 512), ("o_proj", 4096, 2880),
+                  ("experts.gate_up", 2880, 5760), ("experts.down", 2880, 2880)]
+GPT_OSS_BENCH_M = (1, 16, 64, 256, 1024)
+INT8_ABSMAX_FLOOR = 1e-8   # an all-zero token gets this amax (scale ~8e-11) instead of dividing by 0
+
+
+def unpack_int4_packed(weight_packed, in_features: int):
+    """compressed-tensors pack-quantized int32 [N, ceil(K/8)] -> int8 q in [-8, 7], [N, K]."""
+    import torch
+    n, words = weight_packed.shape
+    assert words == -(-in_features // 8), f"packed width {words} does not fit K={in_features}"
+    shifts = torch.arange(0, 32, 4, device=weight_packed.device, dtype=torch.int32)
+    nib = (weight_packed.unsqueeze(-1) >> shifts) & 0xF
+    return (nib.reshape(n, words * 8)[:, :in_features] - 8).to(torch.int8)
+
+
+def pack_int4(q):
+    """int8 q in [-8, 7], [N, K] -> int32 [N, ceil(K/8)] in the pack-quantized layout."""
+    import torch
+    assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7
+    n, k = q.shape
+    u = torch.nn.functional.pad(q.to(torch.int64) + 8, (0, -k % 8)).reshape(n, -1, 8)
+    words = (u << torch.arange(0, 32, 4, device=q.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def scale_group_size(weight_scale, in_features: int) -> int:
+    """The K span of one scale column: the group size, or K for per-channel ([N, 1])."""
+    groups = weight_scale.shape[-1]
+    assert in_features % groups == 0, f"K={in_features} is not divisible into {groups} scale groups"
+    return in_features // groups
+
+
+def quantize_activations_int8(x):
+    """Per-token symmetric int8, the exact arithmetic of the Triton kernels: v = x * 127 / amax in
+    fp32 with one correctly rounded division (fp16 inputs hit exact .5 ties often, so a reciprocal
+    multiply would round differently), then half away from zero. Returns (x_q int8, s_x fp32)."""
+    import torch
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1).clamp_min(INT8_ABSMAX_FLOOR)
+    v = (xf * 127.0) / amax[..., None]
+    xq = torch.trunc(v + torch.where(v >= 0, 0.5, -0.5)).clamp(-127, 127).to(torch.int8)
+    return xq, amax / 127.0
+
+
+def int4_linear_reference(x, weight_packed, weight_scale, act: str = "a16", x_q=None, s_x=None):
+    """float64 reference of the same quantized math (what the kernels must reproduce).
+    act="a8": x is quantized per token first (or pass x_q, s_x to use given int8 activations)."""
+    import torch
+    k = x.shape[-1] if x is not None else x_q.shape[-1]
+    q = unpack_int4_packed(weight_packed, k).double()
+    g = scale_group_size(weight_scale, k)
+    w = q * weight_scale.double().repeat_interleave(g, dim=1)
+    if act == "a16":
+        return x.double().reshape(-1, k) @ w.T
+    if x_q is None:
+        x_q, s_x = quantize_activations_int8(x.reshape(-1, k))
+    return (x_q.double() @ w.T) * s_x.double()[:, None]
+
+
+def relative_error(y, ref) -> float:
+    """||y - ref|| / ||ref|| in float64 (Frobenius)."""
+    ref = ref.double().cpu()
+    return float((y.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def triton_status() -> tuple[bool, str]:
+    """(importable, version or why not). Running the kernels also needs a CUDA GPU with compute
+    capability >= 8.0 (int8 MMA), or TRITON_INTERPRET=1 (CPU, slow, for tests)."""
+    try:
+        import triton
+        return True, triton.__version__
+    except Exception as e:  # ImportError, or a broken install
+        return False, f"triton not importable ({type(e).__name__}: {e})"
+
+
+_TRITON_KERNELS = None
+
+
+def _triton_kernels():
+    """Compile-on-first-use kernels. `tl` is bound as a module global (not a local) on purpose:
+    Triton resolves names in a kernel body through the module's globals, not closures."""
+    global _TRITON_KERNELS
+    if _TRITON_KERNELS is not None:
+        return _TRITON_KERNELS
+    import importlib
+    triton = importlib.import_module("triton")
+    globals()["tl"] = importlib.import_module("triton.language")
+
+    @triton.jit
+    def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+        """One program per token: absmax, then x_q = round_half_away(x * 127 / amax)."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_K)
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+            amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
+        a = tl.maximum(tl.max(amax, axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
+        a_vec = tl.zeros([BLOCK_K], dtype=tl.float32) + a
+        for k0 in range(0, K, BLOCK_K):
+            xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+            v = tl.math.div_rn(xv.to(tl.float32) * 127.0, a_vec)
+            v = tl.minimum(tl.maximum(v + tl.where(v >= 0, 0.5, -0.5), -127.0), 127.0)
+            tl.store(xq_ptr + row * stride_qm + k0 + offs, v.to(tl.int32).to(tl.int8), mask=k0 + offs < K)
+        tl.store(sx_ptr + row, a / 127.0)
+
+    @triton.jit
+    def int4_gemm_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, KW,
+                         stride_xm, stride_wn, stride_sn, stride_ym,
+                         A_MODE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                         GROUPS_PER_ITER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         QBLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """y = x @ dequant(W).T for pack-quantized int4 W.
+        A_MODE 0: x fp16/bf16 (W4A16). 1: x int8 + s_x from int8_rows_kernel (W4A8).
+        2: x fp16/bf16, quantized per token inside this kernel (W4A8, one launch: each program
+           re-reads its BLOCK_M rows to find their absmax; cheap while BLOCK_M * K is small).
+        One tl.dot spans GROUP inputs (the scale group, or a K tile when PER_CHANNEL) so the
+        integer sum of a group is exact before its scale is applied in fp32."""
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        pids_in_band = GROUP_M * num_pid_n      # band of GROUP_M row-blocks: reuse W through L2
+        band = pid // pids_in_band
+        first_m = band * GROUP_M
+        band_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % pids_in_band) % band_m
+        pid_n = (pid % pids_in_band) // band_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+        shifts = (tl.arange(0, 8) * 4)[None, None, :]
+
+        if A_MODE == 2:
+            amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, QBLOCK_K):
+                offs = k0 + tl.arange(0, QBLOCK_K)
+                xv = tl.load(x_rows + offs[None, :], mask=m_mask[:, None] & (offs[None, :] < K), other=0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(xv.to(tl.float32)), axis=1))
+            amax = tl.maximum(amax, 1e-8)  # INT8_ABSMAX_FLOOR
+            s_x = amax / 127.0
+        if A_MODE == 1:
+            s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
+
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if PER_CHANNEL:
+            if A_MODE == 0:
+                acc_k = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            else:
+                acc_k = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for k0 in range(0, K, GROUP * GROUPS_PER_ITER):
+            for j in tl.static_range(GROUPS_PER_ITER):
+                kg = k0 + j * GROUP
+                offs_k = kg + tl.arange(0, GROUP)
+                a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0)
+                if A_MODE == 2:
+                    v = tl.math.div_rn(a.to(tl.float32) * 127.0, tl.zeros([BLOCK_M, GROUP], dtype=tl.float32) + amax[:, None])
+                    v = tl.minimum(tl.maximum(v + tl.where(v >= 0, 0.5, -0.5), -127.0), 127.0)
+                    a = v.to(tl.int32).to(tl.int8)
+                # W tile as stored: [BLOCK_N, GROUP/8] words, contiguous per row (vector loads),
+                # unpacked by broadcasting 8 shifts: [BLOCK_N, GROUP/8, 8] -> [BLOCK_N, GROUP].
+                offs_w = kg // 8 + tl.arange(0, GROUP // 8)
+                wp = tl.load(w_rows + offs_w[None, :], mask=n_mask[:, None] & (offs_w[None, :] < KW), other=0)
+                q = tl.reshape((wp[:, :, None] >> shifts) & 0xF, (BLOCK_N, GROUP)) - 8
+                if A_MODE == 0:
+                    part = tl.dot(a, tl.trans(q.to(tl.float32).to(a.dtype)))  # via fp32: exact, any dtype
+                else:
+                    part = tl.dot(a, tl.trans(q.to(tl.int8)), out_dtype=tl.int32)
+                if PER_CHANNEL:
+                    acc_k += part
+                else:
+                    s = tl.load(ws_ptr + offs_n * stride_sn + kg // GROUP, mask=n_mask & (offs_n * 0 + kg < K), other=0.0)
+                    acc += part.to(tl.float32) * s.to(tl.float32)[None, :]
+        if PER_CHANNEL:
+            s = tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
+            acc = acc_k.to(tl.float32) * s.to(tl.float32)[None, :]
+        if A_MODE != 0:
+            acc = acc * s_x[:, None]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    _TRITON_KERNELS = {"int8_rows": int8_rows_kernel, "int4_gemm": int4_gemm_kernel}
+    return _TRITON_KERNELS
+
+
+@dataclass
+class Int4GemmConfig:
+    """Launch parameters. Chosen per M bucket (no autotuning: the first call must be fast and the
+    choice reproducible); `verify-runtime --bench --sweep` times the alternatives."""
+    block_m: int
+    block_n: int
+    k_per_iter: int        # K consumed per loop iteration (several scale groups at small M)
+    fuse_act_quant: bool   # A8: quantize activations inside the GEMM (one launch) vs own kernel
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+
+    def label(self) -> str:
+        return (f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
+                + ("F" if self.fuse_act_quant else ""))
+
+
+def int4_gemm_config(m: int, n: int, k: int) -> Int4GemmConfig:
+    """At M <= 16 the GEMM streams int4 weights (bandwidth-bound): narrow N tiles for enough
+    programs, a long K step for enough bytes in flight, activation quantization fused (the A
+    tile is tiny). At large M it is compute-bound: big tiles, int8 tensor cores, separate quant."""
+    if m <= 16:
+        return Int4GemmConfig(16, 32 if n >= 2048 else 16, 256, True, num_warps=4, num_stages=3)
+    if m <= 64:
+        return Int4GemmConfig(m if m in (32, 64) else (32 if m <= 32 else 64), 64 if n >= 2048 else 32,
+                              256, m <= 32, num_warps=4, num_stages=3)
+    if m <= 256:
+        return Int4GemmConfig(64, 128, 128, False, num_warps=4, num_stages=3)
+    return Int4GemmConfig(128, 128, 128, False, num_warps=8, num_stages=3)
+
+
+def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
+                config: Int4GemmConfig | None = None):
+    """y = x @ W.T (+ bias) with W in compressed-tensors pack-quantized int4 (symmetric).
+    x: [..., K] fp16/bf16 on a CUDA device (or CPU under TRITON_INTERPRET=1); act "a8" (per-token
+    int8 activations, int8 tensor cores) or "a16". Output dtype = x dtype."""
+    import torch
+    assert act in ("a8", "a16"), act
+    k = x.shape[-1]
+    n = weight_packed.shape[0]
+    assert weight_packed.dtype == torch.int32 and weight_packed.shape[1] == -(-k // 8), \
+        f"weight_packed {tuple(weight_packed.shape)} does not match K={k}"
+    assert x.dtype in (torch.float16, torch.bfloat16), f"x must be fp16/bf16, got {x.dtype}"
+    group = scale_group_size(weight_scale, k)
+    per_channel = weight_scale.shape[-1] == 1
+    if per_channel:
+        dot_k = 128
+    else:
+        assert group & (group - 1) == 0 and group >= (32 if act == "a8" else 16), \
+            f"group size {group}: the kernel takes powers of two >= {32 if act == 'a8' else 16}"
+        dot_k = group
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    wp = weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    cfg = config or int4_gemm_config(m, n, k)
+    kern = _triton_kernels()
+    per_iter = max(1, cfg.k_per_iter // dot_k)
+    if act == "a16":
+        mode, xa, sx = 0, x2, x2
+    elif cfg.fuse_act_quant:
+        mode, xa, sx = 2, x2, x2
+    else:
+        mode = 1
+        xa = torch.empty(m, k, device=x.device, dtype=torch.int8)
+        sx = torch.empty(m, device=x.device, dtype=torch.float32)
+        kern["int8_rows"][(m,)](x2, xa, sx, k, x2.stride(0), xa.stride(0), BLOCK_K=1024, num_warps=4)
+    grid = (-(-m // cfg.block_m) * -(-n // cfg.block_n),)
+    kern["int4_gemm"][grid](
+        xa, sx, wp, weight_scale, y, m, n, k, wp.shape[1],
+        xa.stride(0), wp.stride(0), weight_scale.stride(0), y.stride(0),
+        A_MODE=mode, GROUP=dot_k, PER_CHANNEL=per_channel, GROUPS_PER_ITER=per_iter,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, QBLOCK_K=256, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if bias is not None:
+        y += bias
+    return y.reshape(*x.shape[:-1], n)
 
 
 def cmd_install_kernel(args: argparse.Namespace) -> int:
