@@ -693,14 +693,1129 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 ##### 6. Kernels + runtime #####
+# Two W4A8 runtimes: QQQ (an external CUDA extension, Marlin-based, built by `install-kernel`) and a
+# built-in int4 GEMM written in Triton that reads compressed-tensors' `pack-quantized` layout as it
+# is on disk. QQQ needs K % 128 == 0 for groups (no GPT-OSS layer has it: K = 2880); the built-in
+# one takes any K divisible by the group size.
+#
+# The layout (compressed_tensors.compressors.pack_quantized, symmetric int4):
+#   weight_packed int32 [N, ceil(K/8)]: element k of row n is nibble k % 8 (lowest first) of word
+#                 k // 8, stored with an offset of +8 (so q = nibble - 8, q in [-8, 7])
+#   weight_scale  [N, K / group] (per group) or [N, 1] (per channel); W[n, k] = q[n, k] * scale
+# W4A8 (compressed-tensors' `input_activations: int8, strategy token, dynamic, symmetric`):
+#   s_x[m] = max_k |x[m, k]| / 127,  x_q = round_half_away(x / s_x) in [-127, 127]
+#   y[m, n] = s_x[m] * sum_g scale[n, g] * sum_{k in g} x_q[m, k] * q[n, k]   (int32 inside a group)
+
+QQQ_REPO = "https://github.com/HandH1998/QQQ"
+QQQ_COMMIT = "54c5c99037200f3b42b94877dcc932989e458409"
+# (name, K, N) of every Linear shape in GPT-OSS (20b and 120b share hidden 2880, 64 heads x 64).
+GPT_OSS_SHAPES = [("q_proj", 2880, 4096), ("k_proj/v_proj", 2880, 512), ("o_proj", 4096, 2880),
+                  ("experts.gate_up", 2880, 5760), ("experts.down", 2880, 2880)]
+GPT_OSS_BENCH_M = (1, 16, 64, 256, 1024)
+INT8_ABSMAX_FLOOR = 1e-8   # an all-zero token gets this amax (scale ~8e-11) instead of dividing by 0
 
 
-def cmd_install_kernel(args: argparse.Namespace) -> int:
-    raise UserError("install-kernel is not implemented yet", exit_code=2)
+def unpack_int4_packed(weight_packed, in_features: int):
+    """compressed-tensors pack-quantized int32 [N, ceil(K/8)] -> int8 q in [-8, 7], [N, K]."""
+    import torch
+    n, words = weight_packed.shape
+    assert words == -(-in_features // 8), f"packed width {words} does not fit K={in_features}"
+    shifts = torch.arange(0, 32, 4, device=weight_packed.device, dtype=torch.int32)
+    nib = (weight_packed.unsqueeze(-1) >> shifts) & 0xF
+    return (nib.reshape(n, words * 8)[:, :in_features] - 8).to(torch.int8)
+
+
+def pack_int4(q):
+    """int8 q in [-8, 7], [N, K] -> int32 [N, ceil(K/8)] in the pack-quantized layout."""
+    import torch
+    assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7
+    n, k = q.shape
+    u = torch.nn.functional.pad(q.to(torch.int64) + 8, (0, -k % 8)).reshape(n, -1, 8)
+    words = (u << torch.arange(0, 32, 4, device=q.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def scale_group_size(weight_scale, in_features: int) -> int:
+    """The K span of one scale column: the group size, or K for per-channel ([N, 1])."""
+    groups = weight_scale.shape[-1]
+    assert in_features % groups == 0, f"K={in_features} is not divisible into {groups} scale groups"
+    return in_features // groups
+
+
+def quantize_activations_int8(x):
+    """Per-token symmetric int8, the exact arithmetic of the Triton kernels: v = x * 127 / amax in
+    fp32 with one correctly rounded division (fp16 inputs hit exact .5 ties often, so a reciprocal
+    multiply would round differently), then half away from zero. Returns (x_q int8, s_x fp32)."""
+    import torch
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1).clamp_min(INT8_ABSMAX_FLOOR)
+    v = (xf * 127.0) / amax[..., None]
+    xq = torch.trunc(v + torch.where(v >= 0, 0.5, -0.5)).clamp(-127, 127).to(torch.int8)
+    return xq, amax / 127.0
+
+
+def int4_linear_reference(x, weight_packed, weight_scale, act: str = "a16", x_q=None, s_x=None):
+    """float64 reference of the same quantized math (what the kernels must reproduce).
+    act="a8": x is quantized per token first (or pass x_q, s_x to use given int8 activations)."""
+    import torch
+    k = x.shape[-1] if x is not None else x_q.shape[-1]
+    q = unpack_int4_packed(weight_packed, k).double()
+    g = scale_group_size(weight_scale, k)
+    w = q * weight_scale.double().repeat_interleave(g, dim=1)
+    if act == "a16":
+        return x.double().reshape(-1, k) @ w.T
+    if x_q is None:
+        x_q, s_x = quantize_activations_int8(x.reshape(-1, k))
+    return (x_q.double() @ w.T) * s_x.double()[:, None]
+
+
+def relative_error(y, ref) -> float:
+    """||y - ref|| / ||ref|| in float64 (Frobenius)."""
+    ref = ref.double().cpu()
+    return float((y.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def triton_status() -> tuple[bool, str]:
+    """(importable, version or why not). Running the kernels also needs a CUDA GPU with compute
+    capability >= 8.0 (int8 MMA), or TRITON_INTERPRET=1 (CPU, slow, for tests)."""
+    try:
+        import triton
+        return True, triton.__version__
+    except Exception as e:  # ImportError, or a broken install
+        return False, f"triton not importable ({type(e).__name__}: {e})"
+
+
+_TRITON_KERNELS = None
+
+
+def _triton_kernels():
+    """Compile-on-first-use kernels. `tl` is bound as a module global (not a local) on purpose:
+    Triton resolves names in a kernel body through the module's globals, not closures."""
+    global _TRITON_KERNELS
+    if _TRITON_KERNELS is not None:
+        return _TRITON_KERNELS
+    import importlib
+    triton = importlib.import_module("triton")
+    globals()["tl"] = importlib.import_module("triton.language")
+
+    @triton.jit
+    def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+        """One program per token: absmax, then x_q = round_half_away(x * 127 / amax)."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_K)
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+            amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
+        a = tl.maximum(tl.max(amax, axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
+        a_vec = tl.zeros([BLOCK_K], dtype=tl.float32) + a
+        for k0 in range(0, K, BLOCK_K):
+            xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+            v = tl.math.div_rn(xv.to(tl.float32) * 127.0, a_vec)
+            v = tl.minimum(tl.maximum(v + tl.where(v >= 0, 0.5, -0.5), -127.0), 127.0)
+            tl.store(xq_ptr + row * stride_qm + k0 + offs, v.to(tl.int32).to(tl.int8), mask=k0 + offs < K)
+        tl.store(sx_ptr + row, a / 127.0)
+
+    @triton.jit
+    def int4_gemm_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, KW,
+                         stride_xm, stride_wn, stride_sn, stride_ym,
+                         A_MODE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                         GROUPS_PER_ITER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         QBLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """y = x @ dequant(W).T for pack-quantized int4 W.
+        A_MODE 0: x fp16/bf16 (W4A16). 1: x int8 + s_x from int8_rows_kernel (W4A8).
+        2: x fp16/bf16, quantized per token inside this kernel (W4A8, one launch: each program
+           re-reads its BLOCK_M rows to find their absmax; cheap while BLOCK_M * K is small).
+        One tl.dot spans GROUP inputs (the scale group, or a K tile when PER_CHANNEL) so the
+        integer sum of a group is exact before its scale is applied in fp32."""
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        pids_in_band = GROUP_M * num_pid_n      # band of GROUP_M row-blocks: reuse W through L2
+        band = pid // pids_in_band
+        first_m = band * GROUP_M
+        band_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % pids_in_band) % band_m
+        pid_n = (pid % pids_in_band) // band_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+        shifts = (tl.arange(0, 8) * 4)[None, None, :]
+
+        if A_MODE == 2:
+            amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, QBLOCK_K):
+                offs = k0 + tl.arange(0, QBLOCK_K)
+                xv = tl.load(x_rows + offs[None, :], mask=m_mask[:, None] & (offs[None, :] < K), other=0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(xv.to(tl.float32)), axis=1))
+            amax = tl.maximum(amax, 1e-8)  # INT8_ABSMAX_FLOOR
+            s_x = amax / 127.0
+        if A_MODE == 1:
+            s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
+
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if PER_CHANNEL:
+            if A_MODE == 0:
+                acc_k = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            else:
+                acc_k = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for k0 in range(0, K, GROUP * GROUPS_PER_ITER):
+            for j in tl.static_range(GROUPS_PER_ITER):
+                kg = k0 + j * GROUP
+                offs_k = kg + tl.arange(0, GROUP)
+                a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0)
+                if A_MODE == 2:
+                    v = tl.math.div_rn(a.to(tl.float32) * 127.0, tl.zeros([BLOCK_M, GROUP], dtype=tl.float32) + amax[:, None])
+                    v = tl.minimum(tl.maximum(v + tl.where(v >= 0, 0.5, -0.5), -127.0), 127.0)
+                    a = v.to(tl.int32).to(tl.int8)
+                # W tile as stored: [BLOCK_N, GROUP/8] words, contiguous per row (vector loads),
+                # unpacked by broadcasting 8 shifts: [BLOCK_N, GROUP/8, 8] -> [BLOCK_N, GROUP].
+                offs_w = kg // 8 + tl.arange(0, GROUP // 8)
+                wp = tl.load(w_rows + offs_w[None, :], mask=n_mask[:, None] & (offs_w[None, :] < KW), other=0)
+                q = tl.reshape((wp[:, :, None] >> shifts) & 0xF, (BLOCK_N, GROUP)) - 8
+                if A_MODE == 0:
+                    part = tl.dot(a, tl.trans(q.to(tl.float32).to(a.dtype)))  # via fp32: exact, any dtype
+                else:
+                    part = tl.dot(a, tl.trans(q.to(tl.int8)), out_dtype=tl.int32)
+                if PER_CHANNEL:
+                    acc_k += part
+                else:
+                    s = tl.load(ws_ptr + offs_n * stride_sn + kg // GROUP, mask=n_mask & (offs_n * 0 + kg < K), other=0.0)
+                    acc += part.to(tl.float32) * s.to(tl.float32)[None, :]
+        if PER_CHANNEL:
+            s = tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
+            acc = acc_k.to(tl.float32) * s.to(tl.float32)[None, :]
+        if A_MODE != 0:
+            acc = acc * s_x[:, None]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    _TRITON_KERNELS = {"int8_rows": int8_rows_kernel, "int4_gemm": int4_gemm_kernel}
+    return _TRITON_KERNELS
+
+
+@dataclass
+class Int4GemmConfig:
+    """Launch parameters. Chosen per M bucket (no autotuning: the first call must be fast and the
+    choice reproducible); `verify-runtime --bench --sweep` times the alternatives."""
+    block_m: int
+    block_n: int
+    k_per_iter: int        # K consumed per loop iteration (several scale groups at small M)
+    fuse_act_quant: bool   # A8: quantize activations inside the GEMM (one launch) vs own kernel
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+
+    def label(self) -> str:
+        return (f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
+                + ("F" if self.fuse_act_quant else ""))
+
+
+def int4_gemm_config(m: int, n: int, k: int) -> Int4GemmConfig:
+    """At M <= 16 the GEMM streams int4 weights (bandwidth-bound): narrow N tiles for enough
+    programs, a long K step for enough bytes in flight, activation quantization fused (the A
+    tile is tiny). At large M it is compute-bound: big tiles, int8 tensor cores, separate quant."""
+    if m <= 16:
+        return Int4GemmConfig(16, 32 if n >= 2048 else 16, 256, True, num_warps=4, num_stages=3)
+    if m <= 64:
+        return Int4GemmConfig(m if m in (32, 64) else (32 if m <= 32 else 64), 64 if n >= 2048 else 32,
+                              256, m <= 32, num_warps=4, num_stages=3)
+    if m <= 256:
+        return Int4GemmConfig(64, 128, 128, False, num_warps=4, num_stages=3)
+    return Int4GemmConfig(128, 128, 128, False, num_warps=8, num_stages=3)
+
+
+def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
+                config: Int4GemmConfig | None = None):
+    """y = x @ W.T (+ bias) with W in compressed-tensors pack-quantized int4 (symmetric).
+    x: [..., K] fp16/bf16 on a CUDA device (or CPU under TRITON_INTERPRET=1); act "a8" (per-token
+    int8 activations, int8 tensor cores) or "a16". Output dtype = x dtype."""
+    import torch
+    assert act in ("a8", "a16"), act
+    k = x.shape[-1]
+    n = weight_packed.shape[0]
+    assert weight_packed.dtype == torch.int32 and weight_packed.shape[1] == -(-k // 8), \
+        f"weight_packed {tuple(weight_packed.shape)} does not match K={k}"
+    assert x.dtype in (torch.float16, torch.bfloat16), f"x must be fp16/bf16, got {x.dtype}"
+    group = scale_group_size(weight_scale, k)
+    per_channel = weight_scale.shape[-1] == 1
+    if per_channel:
+        dot_k = 128
+    else:
+        assert group & (group - 1) == 0 and group >= (32 if act == "a8" else 16), \
+            f"group size {group}: the kernel takes powers of two >= {32 if act == 'a8' else 16}"
+        dot_k = group
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    wp = weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    cfg = config or int4_gemm_config(m, n, k)
+    kern = _triton_kernels()
+    per_iter = max(1, cfg.k_per_iter // dot_k)
+    if act == "a16":
+        mode, xa, sx = 0, x2, x2
+    elif cfg.fuse_act_quant:
+        mode, xa, sx = 2, x2, x2
+    else:
+        mode = 1
+        xa = torch.empty(m, k, device=x.device, dtype=torch.int8)
+        sx = torch.empty(m, device=x.device, dtype=torch.float32)
+        kern["int8_rows"][(m,)](x2, xa, sx, k, x2.stride(0), xa.stride(0), BLOCK_K=1024, num_warps=4)
+    grid = (-(-m // cfg.block_m) * -(-n // cfg.block_n),)
+    kern["int4_gemm"][grid](
+        xa, sx, wp, weight_scale, y, m, n, k, wp.shape[1],
+        xa.stride(0), wp.stride(0), weight_scale.stride(0), y.stride(0),
+        A_MODE=mode, GROUP=dot_k, PER_CHANNEL=per_channel, GROUPS_PER_ITER=per_iter,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, QBLOCK_K=256, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if bias is not None:
+        y += bias
+    return y.reshape(*x.shape[:-1], n)
+
+
+# ---- runtime backends: QQQ and the built-in one ----
+
+
+def qqq_status() -> tuple[bool, str]:
+    """(importable, version or why not). Only imports QQQ's CUDA extension, never QQQ.gptq (which
+    pulls its own transformers-4.45-era model code)."""
+    import importlib.util
+    try:
+        if importlib.util.find_spec("QQQ") is None:
+            return False, "not installed (`install-kernel` builds it)"
+    except (ImportError, ValueError) as e:
+        return False, f"not importable ({e})"
+    try:
+        importlib.import_module("QQQ._CUDA")
+    except Exception as e:  # ImportError, undefined symbols after a torch upgrade, CPU-only torch
+        return False, f"installed but its CUDA extension does not import ({type(e).__name__}: {e})"
+    return True, _dist_version("QQQ") or "installed"
+
+
+def _load_qqq_qlinear():
+    """QQQ's qlinear_marlin module (QuantLinear, mul), loaded from its file so that QQQ/gptq's
+    package __init__ (model code, transformers imports) is not run."""
+    import importlib.util
+    spec = importlib.util.find_spec("QQQ")
+    if spec is None:
+        raise ImportError("QQQ is not installed")
+    for base in spec.submodule_search_locations or []:
+        path = Path(base) / "gptq" / "qlinear" / "qlinear_marlin.py"
+        if path.is_file():
+            mspec = importlib.util.spec_from_file_location("qqq_qlinear_marlin", path)
+            mod = importlib.util.module_from_spec(mspec)
+            mspec.loader.exec_module(mod)
+            return mod
+    return importlib.import_module("QQQ.gptq.qlinear.qlinear_marlin")
+
+
+def builtin_w4a8_status() -> tuple[bool, str]:
+    """(usable here, what). Installed = triton importable; running also needs CUDA cc >= 8.0."""
+    ok, detail = triton_status()
+    if not ok:
+        return False, detail
+    gpu = _cuda_gpus()
+    if not gpu:
+        return False, f"triton {detail} installed; needs a CUDA GPU with compute capability >= 8.0 to run (none here)"
+    best = max(g["capability"] for g in gpu)
+    if best < (8, 0):
+        return False, f"triton {detail} installed; needs compute capability >= 8.0 (best GPU here: {best[0]}.{best[1]})"
+    return True, f"triton {detail}, int8 tensor cores on cc {best[0]}.{best[1]}"
+
+
+def has_w4a8_runtime() -> bool:
+    """True when a W4A8 GEMM is installed: QQQ imports, or triton is importable for the built-in
+    Triton kernel (which needs a CUDA GPU with compute capability >= 8.0 to actually run)."""
+    return qqq_status()[0] or triton_status()[0]
+
+
+def w4a8_runtime_message() -> str:
+    """One line for logs (e.g. the quantize W4A8 check)."""
+    q_ok, q = qqq_status()
+    t_ok, t = triton_status()
+    if q_ok:
+        return f"W4A8 runtime: QQQ {q}" + (f"; built-in Triton kernel (triton {t})" if t_ok else "")
+    if t_ok:
+        return (f"W4A8 runtime: built-in Triton int4 GEMM (triton {t}); it needs a CUDA GPU with "
+                f"compute capability >= 8.0 to run. QQQ: {q}")
+    return f"no W4A8 runtime: QQQ {q}; {t}. `pip install triton` or `install-kernel`"
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cuda_gpus() -> list[dict]:
+    """Visible CUDA GPUs (empty without torch CUDA or a device)."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return []
+        out = []
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            out.append({"index": i, "name": p.name, "capability": (p.major, p.minor),
+                        "memory_gb": round(p.total_memory / 1e9, 1), "sms": p.multi_processor_count,
+                        "l2_mb": round(getattr(p, "L2_cache_size", 0) / 1e6, 1)})
+        return out
+    except Exception:
+        return []
+
+
+# ---- microbench (`verify-runtime --bench` and bench/bench_w4a8.py share all of this) ----
+# Honest timing at small M needs two numbers: eager (CUDA events around each call: includes the
+# CPU launch overhead, because the GPU idles while Python launches) and CUDA graph (R calls
+# captured once and replayed: pure GPU time). Weights are cycled over enough copies that one pass
+# is 3x the L2 cache, so no backend is timed on L2-resident weights. Every timing comes with the
+# relative error of that backend's output against float64 math on the same quantized values.
+# Each backend runs in a worker process: a CUDA fault (QQQ on K=4096, N=2880, M=1024 is one)
+# kills the worker, the case is reported as a crash, and a fresh worker takes the remaining ones.
+
+BENCH_BACKENDS = ("fp16", "w4a8", "w4a16", "qqq", "qqq-gemm")
+BENCH_L2_FACTOR = 3
+BENCH_MAX_COPIES = 128
+BENCH_CHECKS = [  # (M, N, K, group, act, dtype): odd sizes, every group kind, both dtypes
+    (1, 4096, 2880, 32, "a8", "fp16"), (7, 515, 2880, 64, "a8", "fp16"), (16, 5760, 2880, 32, "a8", "fp16"),
+    (33, 77, 4096, 128, "a8", "fp16"), (300, 2880, 2880, None, "a8", "fp16"), (1000, 513, 4096, 64, "a8", "fp16"),
+    (1024, 5760, 2880, 32, "a8", "fp16"), (5, 511, 320, 32, "a16", "bf16"), (300, 600, 2880, 64, "a16", "bf16"),
+    (17, 5760, 2880, 32, "a16", "fp16"), (1024, 2880, 4096, None, "a16", "fp16"), (3, 37, 2880, 64, "a8", "bf16"),
+]
+
+
+def bench_cases(shapes: str | None, m: int, k: int, n: int) -> list[dict]:
+    if shapes == "gpt-oss":
+        return [{"shape": name, "M": mm, "K": kk, "N": nn}
+                for name, kk, nn in GPT_OSS_SHAPES for mm in GPT_OSS_BENCH_M]
+    return [{"shape": f"{k}->{n}", "M": m, "K": k, "N": n}]
+
+
+def backend_label(backend: str, group) -> str:
+    g = "ch" if group is None else f"g{group}"
+    return {"fp16": "fp16 nn.Linear", "w4a8": f"built-in W4A8 {g}", "w4a16": f"built-in W4A16 {g}",
+            "qqq": "QQQ W4A8 ch forward", "qqq-gemm": "QQQ W4A8 ch GEMM only"}[backend]
+
+
+def sweep_configs(m: int) -> list[Int4GemmConfig]:
+    """Alternatives timed by --sweep (graph timing) next to int4_gemm_config's pick."""
+    if m <= 16:
+        return [Int4GemmConfig(16, bn, kpi, fuse, w, st) for bn in (16, 32, 64) for kpi in (128, 256, 512)
+                for fuse in (True, False) for w, st in ((4, 3),)] + \
+               [Int4GemmConfig(16, 32, 256, True, 2, 4), Int4GemmConfig(16, 16, 512, True, 2, 4),
+                Int4GemmConfig(16, 64, 256, True, 8, 3)]
+    if m <= 64:
+        return [Int4GemmConfig(bm, bn, kpi, fuse, 4, 3) for bm in (32, 64) for bn in (32, 64, 128)
+                for kpi in (128, 256) for fuse in (True, False)]
+    return [Int4GemmConfig(bm, bn, kpi, False, w, st) for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 256, 8),
+                                                                         (128, 64, 4), (64, 256, 8))
+            for kpi in (64, 128, 256) for st in (3, 4)]
+
+
+def _time_eager_us(fn, copies: int, iters: int, warmup: int = 10) -> float:
+    import statistics
+    import torch
+    for i in range(warmup):
+        fn(i % copies)
+    torch.cuda.synchronize()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for i, (a, b) in enumerate(ev):
+        a.record()
+        fn(i % copies)
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) * 1e3 for a, b in ev)
+
+
+def _time_graph_us(fn, copies: int, iters: int) -> float:
+    """Median over replays of one CUDA graph holding max(copies, 20) calls, per call."""
+    import statistics
+    import torch
+    calls = max(copies, 20)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (and Triton compiles) outside the capture
+        for i in range(3):
+            fn(i % copies)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i % copies)
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(max(5, min(50, iters // 4))):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    del g
+    return statistics.median(times)
+
+
+def _bench_copies(nbytes: int) -> int:
+    import torch
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or 50 * 2**20
+    return int(min(BENCH_MAX_COPIES, max(2, -(-BENCH_L2_FACTOR * l2 // max(nbytes, 1)))))
+
+
+def _random_int4_weights(n: int, k: int, group, gen, device, qmin: int = -8, dtype=None):
+    """q uniform in [qmin, 7] (QQQ per channel takes [-7, 7]), scales in [0.002, 0.022]."""
+    import torch
+    q = torch.randint(qmin, 8, (n, k), generator=gen, device=device, dtype=torch.int8)
+    groups = 1 if group is None else k // group
+    scale = (torch.rand(n, groups, generator=gen, device=device) * 0.02 + 0.002).to(dtype or torch.float16)
+    return q, scale
+
+
+def _bench_one(job: dict, iters: int, graph: bool) -> dict:
+    """One (backend, M, K, N) measurement inside a worker process."""
+    import torch
+    dev = torch.device(job.get("device", "cuda"))   # "cpu" only for tests (interpreter, check_only)
+    m, k, n, group, backend = job["M"], job["K"], job["N"], job["group"], job["backend"]
+
+    def n_copies(nbytes):
+        return 1 if job.get("check_only") else _bench_copies(nbytes)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[job.get("dtype", "fp16")]
+    gen = torch.Generator(device=dev).manual_seed(1234 + m + k + n)
+    x = torch.randn(m, k, generator=gen, device=dev).to(dtype)
+    out = {}
+    if backend == "fp16":
+        lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n, k, generator=gen, device=dev) * 0.02)
+        layers = [lin] + [torch.nn.Linear(k, n, bias=False, device=dev, dtype=dtype)
+                          for _ in range(n_copies(n * k * 2) - 1)]
+        with torch.no_grad():
+            for extra in layers[1:]:
+                extra.weight.copy_(lin.weight)
+        ref = x.double() @ lin.weight.double().T
+
+        def fn(i):
+            return layers[i](x)
+    elif backend in ("w4a8", "w4a16"):
+        act = backend[2:]
+        q, ws = _random_int4_weights(n, k, group, gen, dev)
+        wp = pack_int4(q)
+        copies = [(wp, ws)] + [(wp.clone(), ws.clone()) for _ in range(n_copies(wp.nbytes + ws.nbytes) - 1)]
+        cfg = Int4GemmConfig(**job["config"]) if job.get("config") else int4_gemm_config(m, n, k)
+        out["config"] = cfg.label()
+        ref = int4_linear_reference(x, wp, ws, act=act)
+
+        def fn(i):
+            return int4_linear(x, copies[i][0], copies[i][1], act=act, config=cfg)
+    elif backend in ("qqq", "qqq-gemm"):
+        import copy
+        qmod = _load_qqq_qlinear()
+        q, s = _random_int4_weights(n, k, None, gen, dev, qmin=-7)
+        lin = torch.nn.Linear(k, n, bias=False, dtype=torch.float16)
+        with torch.no_grad():
+            lin.weight.copy_((q.double() * s.double()).half().cpu())
+        layer = qmod.QuantLinear(4, -1, k, n, bias=False)   # raises for shapes it has no tile for
+        layer.pack(lin, s.float().cpu())
+        layer = layer.to(dev)
+        layers = [layer] + [copy.deepcopy(layer) for _ in range(n_copies(layer.B.nbytes) - 1)]
+        xq, s1 = layer.dynamic_quant(x.half())
+        ref = (xq.double() @ q.double().T) * s1.double() * s.double().T
+        if backend == "qqq":
+            def fn(i):
+                return layers[i](x)
+        else:
+            d = torch.empty(m, n, dtype=torch.float16, device=dev)
+
+            def fn(i):
+                lay = layers[i]
+                qmod.mul(xq, lay.B, lay.reduce_buffer, d, s1, lay.s_channel, lay.s_group, lay.workspace,
+                         max_par=lay.max_par)
+                return d
+    else:
+        raise ValueError(backend)
+    copies_n = {"fp16": lambda: len(layers), "w4a8": lambda: len(copies), "w4a16": lambda: len(copies),
+                "qqq": lambda: len(layers), "qqq-gemm": lambda: len(layers)}[backend]()
+    with torch.no_grad():
+        y = fn(0)
+        out["rel_err"] = relative_error(y, ref)
+        if not job.get("check_only"):
+            if not job.get("graph_only"):
+                out["eager_us"] = _time_eager_us(fn, copies_n, iters)
+            if graph:
+                out["graph_us"] = _time_graph_us(fn, copies_n, iters)
+    out["copies"] = copies_n
+    return out
+
+
+def _bench_worker() -> int:
+    """Worker process body: jobs as JSON on stdin, one `@@bench {json}` line per job on stdout."""
+    spec = json.loads(sys.stdin.read())
+    for job in spec["jobs"]:
+        print("@@start " + json.dumps({"id": job["id"]}), flush=True)
+        t0 = time.time()
+        try:
+            res = _bench_one(job, spec["iters"], spec["graph"])
+        except Exception as e:
+            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:400]
+            res = {"error": msg}
+            if "CUDA" in msg or "cuda" in msg:  # the context may be poisoned: let a fresh worker go on
+                print("@@bench " + json.dumps({"id": job["id"], **res}), flush=True)
+                return 3
+        res["seconds"] = round(time.time() - t0, 2)
+        print("@@bench " + json.dumps({"id": job["id"], **res}), flush=True)
+    return 0
+
+
+def _run_bench_workers(jobs: list[dict], iters: int, graph: bool, job_timeout_s: float = 300) -> dict:
+    """Runs jobs in worker processes; a dead or hung worker costs only its current job."""
+    import subprocess
+    import threading
+    results, pending = {}, list(jobs)
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+            f"import compress_gptoss as c; sys.exit(c._bench_worker())")
+    while pending:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        err_tail: list[str] = []
+
+        def pump_stderr():
+            for line in proc.stderr:
+                err_tail.append(line)
+                del err_tail[:-20]
+        threading.Thread(target=pump_stderr, daemon=True).start()
+        proc.stdin.write(json.dumps({"jobs": pending, "iters": iters, "graph": graph}))
+        proc.stdin.close()
+        current, last = None, time.time()
+
+        def watchdog():
+            while proc.poll() is None:
+                if time.time() - last > job_timeout_s:
+                    proc.kill()
+                    return
+                time.sleep(1)
+        threading.Thread(target=watchdog, daemon=True).start()
+        for line in proc.stdout:
+            last = time.time()
+            if line.startswith("@@start "):
+                current = json.loads(line[8:])["id"]
+            elif line.startswith("@@bench "):
+                r = json.loads(line[8:])
+                results[r.pop("id")] = r
+                j = next(j for j in pending if j["id"] == current)
+                log(f"bench: {j['label']:<24} M={j['M']:<5} K={j['K']:<5} N={j['N']:<5} "
+                    + (f"error: {r['error']}" if "error" in r else
+                       f"rel.err {r['rel_err']:.1e}" + "".join(f"  {t} {r[t + '_us']:.1f} us" for t in
+                                                              ("eager", "graph") if t + "_us" in r)))
+                current = None
+        rc = proc.wait()
+        if current is not None and current not in results:
+            why = "hung, killed" if time.time() - last > job_timeout_s else f"exit code {rc}"
+            tail = " | ".join(x.strip() for x in err_tail[-3:] if x.strip())[-400:]
+            results[current] = {"error": f"worker died ({why}): {tail or 'no message'}"}
+        pending = [j for j in pending if j["id"] not in results]
+        if rc == 0 and pending:  # should not happen: a worker that exits 0 answered everything
+            for j in pending:
+                results[j["id"]] = {"error": "worker finished without answering"}
+            pending = []
+    return results
+
+
+def run_runtime_bench(cases: list[dict], backends: list[str], group, iters: int = 200, graph: bool = True,
+                      sweep: bool = False, check: bool = True) -> dict:
+    """Correctness checks on tricky shapes, then every backend on every case; returns a report
+    dict (JSON-able): env, checks, results (one row per case x backend), sweep, summary."""
+    report = {"env": runtime_environment(), "settings": {
+        "group": group, "iters": iters, "graph": graph, "l2_factor": BENCH_L2_FACTOR,
+        "timing": "eager: CUDA events around each call (includes CPU launch overhead); graph: one CUDA "
+                  "graph of >= 20 calls replayed, per call (GPU time only); median; weights cycled "
+                  "over copies totalling 3x L2"}}
+    jobs = []
+    if check and ({"w4a8", "w4a16"} & set(backends)):
+        for i, (m, n, k, g, act, dt) in enumerate(BENCH_CHECKS):
+            jobs.append({"id": f"check{i}", "kind": "check", "backend": f"w4{act}", "M": m, "N": n, "K": k,
+                         "group": g, "dtype": dt, "check_only": True, "label": f"check {act} {dt} g{g or 'ch'}"})
+    for ci, cs in enumerate(cases):
+        for b in backends:
+            jobs.append({"id": f"c{ci}-{b}", "kind": "bench", "backend": b, "group": group,
+                         "label": backend_label(b, group), **cs})
+    if sweep and ({"w4a8", "w4a16"} & set(backends)):
+        for ci, cs in enumerate(cases):
+            for si, cfg in enumerate(sweep_configs(cs["M"])):
+                jobs.append({"id": f"s{ci}-{si}", "kind": "sweep", "backend": "w4a8", "group": group,
+                             "config": cfg.__dict__, "graph_only": True, "label": f"sweep {cfg.label()}", **cs})
+    builtin = [j for j in jobs if j["backend"] in ("fp16", "w4a8", "w4a16")]
+    risky = [j for j in jobs if j["backend"] not in ("fp16", "w4a8", "w4a16")]
+    results = {}
+    for group_jobs in (builtin, risky):  # QQQ gets its own workers
+        if group_jobs:
+            results.update(_run_bench_workers(group_jobs, iters, graph))
+    rows = [{**{k: j[k] for k in ("kind", "backend", "label", "M", "K", "N", "group")},
+             "shape": j.get("shape"), "dtype": j.get("dtype", "fp16"), **results.get(j["id"], {"error": "not run"})}
+            for j in jobs]
+    tol = {"fp16": 1e-3, "bf16": 5e-3}
+    report["checks"] = [r for r in rows if r["kind"] == "check"]
+    for r in report["checks"]:
+        r["ok"] = "error" not in r and r["rel_err"] <= tol[r["dtype"]]
+    report["results"] = [r for r in rows if r["kind"] == "bench"]
+    base = {(r["shape"], r["M"]): r for r in report["results"] if r["backend"] == "fp16" and "error" not in r}
+    for r in report["results"]:
+        b = base.get((r["shape"], r["M"]))
+        for t in ("eager", "graph"):
+            if b and f"{t}_us" in r and f"{t}_us" in b:
+                r[f"{t}_speedup"] = b[f"{t}_us"] / r[f"{t}_us"]
+    report["sweep"] = []
+    for ci, cs in enumerate(cases):
+        cand = [r for r in rows if r["kind"] == "sweep" and r["shape"] == cs["shape"] and r["M"] == cs["M"]
+                and "graph_us" in r and r["rel_err"] <= 1e-3]
+        if cand:
+            best = min(cand, key=lambda r: r["graph_us"])
+            report["sweep"].append({"shape": cs["shape"], "M": cs["M"], "K": cs["K"], "N": cs["N"],
+                                    "best_config": best["config"], "graph_us": best["graph_us"],
+                                    "tried": len(cand), "failed": sum(1 for r in rows if r["kind"] == "sweep"
+                                                                      and r["shape"] == cs["shape"] and r["M"] == cs["M"]
+                                                                      and "error" in r)})
+    report["summary"] = _bench_summary(report)
+    return report
+
+
+def _bench_summary(report: dict) -> dict:
+    """The issue's targets, counted: A8 >= 3x fp16 at M <= 16, >= 1x at M = 1024, error <= 1e-3."""
+    a8 = [r for r in report["results"] if r["backend"] == "w4a8"]
+    s = {}
+    for t in ("eager", "graph"):
+        small = [r for r in a8 if r["M"] <= 16 and f"{t}_speedup" in r]
+        big = [r for r in a8 if r["M"] == 1024 and f"{t}_speedup" in r]
+        s[f"a8_3x_at_M<=16_{t}"] = f"{sum(r[f'{t}_speedup'] >= 3 for r in small)}/{len(small)}"
+        s[f"a8_1x_at_M=1024_{t}"] = f"{sum(r[f'{t}_speedup'] >= 1 for r in big)}/{len(big)}"
+    builtin = [r for r in report["results"] if r["backend"] in ("w4a8", "w4a16")]
+    s["builtin_err<=1e-3"] = f"{sum('rel_err' in r and r['rel_err'] <= 1e-3 for r in builtin)}/{len(builtin)}"
+    s["builtin_crashes_or_errors"] = sum("error" in r for r in builtin)
+    s["checks_passed"] = f"{sum(r['ok'] for r in report['checks'])}/{len(report['checks'])}"
+    return s
+
+
+def format_bench_report(report: dict) -> str:
+    env = report["env"]
+    gpu = (env.get("gpus") or [{}])[0]
+    lines = [f"W4A8 microbench: {gpu.get('name', '?')} (cc {'.'.join(map(str, gpu.get('capability', ('?',))))}), "
+             f"torch {env['torch']['version']}, CUDA {env['torch'].get('cuda')}, triton {env['packages'].get('triton')}",
+             f"timing: {report['settings']['timing']}"]
+    if report["checks"]:
+        bad = [r for r in report["checks"] if not r["ok"]]
+        lines.append(f"correctness checks: {len(report['checks']) - len(bad)}/{len(report['checks'])} passed"
+                     + "".join(f"\n  FAIL {r['label']} M={r['M']} K={r['K']} N={r['N']}: "
+                               + (r.get("error") or f"rel.err {r['rel_err']:.2e}") for r in bad))
+    lines.append(f"{'shape':<16} {'M':>5} {'K':>5} {'N':>5}  {'backend':<22} {'eager us':>9} {'x fp16':>7} "
+                 f"{'graph us':>9} {'x fp16':>7} {'rel.err':>8}  config / note")
+    prev = None
+    for r in report["results"]:
+        key = (r["shape"], r["M"])
+        head = f"{r['shape']:<16} {r['M']:>5} {r['K']:>5} {r['N']:>5}" if key != prev else " " * 34
+        prev = key
+        if "error" in r:
+            lines.append(f"{head}  {r['label']:<22} {'-':>9} {'':>7} {'-':>9} {'':>7} {'-':>8}  {r['error']}")
+            continue
+
+        def f(v, fmt):
+            return format(v, fmt) if v is not None else "-"
+        lines.append(f"{head}  {r['label']:<22} {f(r.get('eager_us'), '9.1f'):>9} {f(r.get('eager_speedup'), '7.2f'):>7} "
+                     f"{f(r.get('graph_us'), '9.1f'):>9} {f(r.get('graph_speedup'), '7.2f'):>7} "
+                     f"{r['rel_err']:8.1e}  {r.get('config', '')}")
+    if report["sweep"]:
+        lines.append("sweep (W4A8, graph timing, best config per case):")
+        for s in report["sweep"]:
+            lines.append(f"  {s['shape']:<16} M={s['M']:<5} {s['graph_us']:8.1f} us  {s['best_config']}"
+                         f"  ({s['tried']} configs ok, {s['failed']} failed)")
+    lines.append("targets: " + ", ".join(f"{k} {v}" for k, v in report["summary"].items()))
+    return "\n".join(lines)
+
+
+# ---- verify-runtime ----
+
+
+def _nvcc_info() -> dict | None:
+    import subprocess
+    # torch.utils.cpp_extension's order: CUDA_HOME (or CUDA_PATH) alone when set, else PATH, else
+    # /usr/local/cuda
+    cands = [Path(os.environ[v]) / "bin" / "nvcc" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    if not cands:
+        which = shutil.which("nvcc")
+        cands = ([Path(which)] if which else []) + [Path("/usr/local/cuda/bin/nvcc")]
+    for p in cands:
+        if p.is_file() and os.access(p, os.X_OK):
+            try:
+                txt = subprocess.run([str(p), "--version"], capture_output=True, text=True, timeout=30).stdout
+            except (OSError, subprocess.TimeoutExpired) as e:
+                return {"path": str(p), "release": None, "error": str(e)}
+            m = re.search(r"release (\d+\.\d+)", txt)
+            return {"path": str(p), "release": m.group(1) if m else None}
+    return None
+
+
+def _nvidia_driver() -> str | None:
+    import subprocess
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30).stdout.split()
+            if out:
+                return out[0]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    try:
+        m = re.search(r"Kernel Module\s+(\S+)", Path("/proc/driver/nvidia/version").read_text())
+        return m.group(1) if m else None
+    except OSError:
+        return None
+
+
+def runtime_environment() -> dict:
+    """Everything verify-runtime reports, without running anything on the GPU."""
+    import platform
+    env = {"python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform()}
+    try:
+        import torch
+        env["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda,
+                        "cuda_available": torch.cuda.is_available(),
+                        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    except ImportError as e:
+        env["torch"] = {"version": None, "error": str(e)}
+    env["gpus"] = _cuda_gpus()
+    for g in env["gpus"]:
+        g["capability"] = list(g["capability"])
+    env["driver"] = _nvidia_driver()
+    env["nvcc"] = _nvcc_info()
+    env["env"] = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_HOME",
+                                                   "TORCH_CUDA_ARCH_LIST")}
+    env["packages"] = {p: _dist_version(p) for p in ("transformers", "llmcompressor", "compressed-tensors",
+                                                     "triton", "QQQ")}
+    q_ok, q = qqq_status()
+    b_ok, b = builtin_w4a8_status()
+    env["backends"] = {"qqq": {"importable": q_ok, "detail": q},
+                       "builtin_triton": {"runnable": b_ok, "installed": triton_status()[0], "detail": b}}
+    return env
+
+
+def cuda_sanity() -> list[dict]:
+    """A 1024^3 fp16 matmul per visible GPU against float64 on the same device."""
+    import torch
+    out = []
+    for g in _cuda_gpus():
+        dev = torch.device("cuda", g["index"])
+        try:
+            a = torch.randn(1024, 1024, device=dev, dtype=torch.float16)
+            b = torch.randn(1024, 1024, device=dev, dtype=torch.float16)
+            torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            c = a @ b
+            torch.cuda.synchronize(dev)
+            dt = time.perf_counter() - t0
+            err = relative_error(c, a.double() @ b.double())
+            out.append({"gpu": g["index"], "ok": err < 1e-2, "rel_err": err, "first_call_ms": round(dt * 1e3, 2)})
+        except Exception as e:
+            out.append({"gpu": g["index"], "ok": False, "error": f"{type(e).__name__}: {e}"})
+    return out
+
+
+def _format_environment(env: dict) -> str:
+    t = env["torch"]
+    unset = "<unset>"
+    lines = [f"python          {env['python']} ({env['executable']})"]
+    if t.get("version") is None:
+        lines.append(f"torch           not importable: {t.get('error')}")
+    else:
+        lines.append(f"torch           {t['version']}, CUDA {t['cuda'] or 'none (CPU-only build)'}, "
+                     f"cuDNN {t['cudnn'] or '-'}")
+    lines.append(f"driver          {env['driver'] or '- (no NVIDIA driver found)'}")
+    if env["gpus"]:
+        for g in env["gpus"]:
+            lines.append(f"GPU {g['index']}           {g['name']}, compute capability {g['capability'][0]}."
+                         f"{g['capability'][1]}, {g['memory_gb']} GB, {g['sms']} SMs")
+    else:
+        why = "torch is a CPU-only build" if t.get("version") and not t.get("cuda") else \
+            "torch.cuda.is_available() is False"
+        lines.append(f"GPUs            none: no CUDA GPU visible ({why})")
+    nv = env["nvcc"]
+    lines.append(f"nvcc            {nv['path'] + ' (release ' + str(nv['release']) + ')' if nv else '- (not found)'}")
+    lines.append("env             " + "  ".join(f"{k}={v if v is not None else unset}" for k, v in env["env"].items()))
+    lines.append("packages        " + ", ".join(f"{k} {v or '-'}" for k, v in env["packages"].items()))
+    lines.append(f"W4A8 QQQ        {'ready: ' if env['backends']['qqq']['importable'] else ''}"
+                 f"{env['backends']['qqq']['detail']}")
+    bt = env["backends"]["builtin_triton"]
+    lines.append(f"W4A8 built-in   {'ready: ' if bt['runnable'] else ''}{bt['detail']}")
+    return "\n".join(lines)
 
 
 def cmd_verify_runtime(args: argparse.Namespace) -> int:
-    raise UserError("verify-runtime is not implemented yet", exit_code=2)
+    if args.model:
+        if "load_quantized_model" not in globals():
+            raise UserError("--model needs load_quantized_model() from the loader section, which this build "
+                            "does not have yet", exit_code=2)
+        raise UserError("--model is not implemented in this build", exit_code=2)
+    if args.bench:
+        return _cmd_bench(args)
+    env = runtime_environment()
+    env["sanity"] = cuda_sanity() if env["gpus"] else []
+    if env["gpus"] and env["backends"]["builtin_triton"]["runnable"]:
+        env["builtin_selftest"] = _builtin_selftest()
+    if env["gpus"] and env["backends"]["qqq"]["importable"]:
+        env["qqq_selftest"] = qqq_self_test()
+    w4a8_here = (env["backends"]["builtin_triton"]["runnable"] and env.get("builtin_selftest", {}).get("ok", False)) \
+        or (env["backends"]["qqq"]["importable"] and env.get("qqq_selftest", {}).get("ok", False))
+    gpu_ok = bool(env["gpus"]) and all(s["ok"] for s in env["sanity"])
+    problems = []
+    if args.require_gpu and not gpu_ok:
+        problems.append("--require-gpu: " + ("no CUDA GPU visible" if not env["gpus"] else "the CUDA sanity matmul failed"))
+    if args.require_w4a8 and not w4a8_here:
+        problems.append("--require-w4a8: no W4A8 GEMM can run here (" + env["backends"]["builtin_triton"]["detail"]
+                        + "; QQQ: " + env["backends"]["qqq"]["detail"] + ")")
+    env["ok"] = not problems
+    env["problems"] = problems
+    if args.json:
+        print(json.dumps(env, indent=2))
+    else:
+        print(_format_environment(env))
+        for s in env["sanity"]:
+            print(f"sanity GPU {s['gpu']}    " + (f"fp16 matmul 1024^3 rel.err {s['rel_err']:.1e} vs float64: "
+                                                 f"{'ok' if s['ok'] else 'WRONG'}" if "error" not in s else
+                                                 f"FAILED: {s['error']}"))
+        for key, name in (("builtin_selftest", "built-in"), ("qqq_selftest", "QQQ")):
+            if key in env:
+                st = env[key]
+                print(f"self-test       {name}: " + ("ok, " if st["ok"] else "FAILED, ") + st["detail"])
+        if not env["gpus"]:
+            print("verdict         no CUDA GPU on this machine: dequantize/quantize run on CPU; the W4A8 "
+                  "kernels need a CUDA GPU (compute capability >= 8.0)")
+        else:
+            print("verdict         " + ("W4A8 runtime ready" if w4a8_here else "no W4A8 runtime can run here")
+                  + ("" if gpu_ok else "; the CUDA sanity matmul FAILED"))
+        for p in problems:
+            print(f"missing         {p}")
+    return 3 if problems else 0
+
+
+def _builtin_selftest() -> dict:
+    """The built-in kernels on one odd GPT-OSS-like shape per mode, in a worker process."""
+    jobs = [{"id": f"self-{act}", "backend": f"w4{act}", "M": 7, "K": 2880, "N": 515, "group": 32,
+             "check_only": True, "label": f"self-test {act}"} for act in ("a8", "a16")]
+    res = _run_bench_workers(jobs, iters=1, graph=False)
+    errs = {j["id"][5:]: res.get(j["id"], {}) for j in jobs}
+    ok = all("rel_err" in r and r["rel_err"] <= 1e-3 for r in errs.values())
+    return {"ok": ok, "detail": ", ".join(f"{a} " + (f"rel.err {r['rel_err']:.1e}" if "rel_err" in r else
+                                                     r.get("error", "no result")) for a, r in errs.items())
+            + " (M=7 K=2880 N=515 g32 vs float64)"}
+
+
+def qqq_self_test() -> dict:
+    """QQQ's GEMM and forward on one shape it supports, against float64, in a worker process."""
+    jobs = [{"id": f"qqq-{b}", "backend": b, "M": 16, "K": 1024, "N": 512, "group": None, "check_only": True,
+             "label": f"QQQ self-test {b}"} for b in ("qqq-gemm", "qqq")]
+    res = _run_bench_workers(jobs, iters=1, graph=False)
+    rs = [res.get(j["id"], {}) for j in jobs]
+    ok = all("rel_err" in r and r["rel_err"] <= 2e-3 for r in rs)
+    return {"ok": ok, "detail": ", ".join(f"{j['backend']} " + (f"rel.err {r['rel_err']:.1e}" if "rel_err" in r
+                                                                 else r.get("error", "no result"))
+                                          for j, r in zip(jobs, rs)) + " (M=16 K=1024 N=512 per channel vs float64)"}
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if not _cuda_gpus():
+        t = runtime_environment()["torch"]
+        print(f"error: verify-runtime --bench needs a CUDA GPU; none is visible here (torch {t.get('version')}, "
+              f"CUDA {t.get('cuda') or 'none'}). Nothing was timed.", file=sys.stderr)
+        return 3
+    group = None if args.group == "channel" else int(args.group)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    bad = [b for b in backends if b not in BENCH_BACKENDS]
+    if bad:
+        raise UserError(f"--backends: unknown {bad}; choose from {','.join(BENCH_BACKENDS)}")
+    skipped = []
+    if not triton_status()[0]:
+        skipped += [b for b in backends if b in ("w4a8", "w4a16")]
+    if not qqq_status()[0]:
+        skipped += [b for b in backends if b.startswith("qqq")]
+    for b in skipped:
+        log(f"bench: skipping {b}: " + (qqq_status()[1] if b.startswith("qqq") else triton_status()[1]))
+    backends = [b for b in backends if b not in skipped]
+    cases = bench_cases(args.shapes, args.M, args.K, args.N)
+    log(f"bench: {len(cases)} case(s) x {len(backends)} backend(s), group {args.group}, {args.iters} iters"
+        + (", + config sweep" if args.sweep else ""))
+    report = run_runtime_bench(cases, backends, group, iters=args.iters, graph=not args.no_graph,
+                               sweep=args.sweep, check=not args.no_check)
+    report["settings"]["skipped_backends"] = {b: (qqq_status()[1] if b.startswith("qqq") else triton_status()[1])
+                                              for b in skipped}
+    report["settings"]["command"] = " ".join(sys.argv)
+    report["settings"]["date_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out, report)
+        log(f"bench: wrote {out}")
+    print(json.dumps(report, indent=2) if args.json else format_bench_report(report))
+    return 0
+
+
+# ---- install-kernel (QQQ) ----
+# QQQ is not on PyPI. Its requirements.txt pins transformers==4.45.0 (a plain pip install would
+# downgrade transformers under llmcompressor) and its setup.py runs `pip install -e
+# third-party/fast-hadamard-transform` (another CUDA build, only for rotation, not the GEMM).
+# So: pip --no-deps (nothing else is touched, checked before/after) and --no-build-isolation
+# (compile against the torch that is installed), and a `pip` shim on PATH for the build that
+# turns setup.py's submodule install into a no-op. The default source is GitHub's archive of the
+# pinned commit, which carries no submodule content anyway.
+
+
+def qqq_default_source() -> str:
+    return f"{QQQ_REPO}/archive/{QQQ_COMMIT}.tar.gz"
+
+
+def check_build_toolchain() -> list[str]:
+    """What a CUDA extension build needs and is missing here (empty when all is present)."""
+    missing = []
+    try:
+        import torch
+        if not torch.version.cuda:
+            missing.append(f"a CUDA build of torch (torch {torch.__version__} is CPU-only; QQQ compiles against "
+                           f"torch's CUDA)")
+    except ImportError:
+        missing.append("torch")
+    nv = _nvcc_info()
+    if nv is None:
+        missing.append("nvcc (the CUDA toolkit: put nvcc on PATH or set CUDA_HOME)")
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        missing.append("a C++ compiler (c++/g++, e.g. `apt install build-essential`)")
+    roots = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    if nv:
+        roots.append(Path(nv["path"]).resolve().parent.parent)
+    if not roots:
+        roots.append(Path("/usr/local/cuda"))
+    if not any((r / sub / "cuda_runtime.h").is_file() for r in roots
+               for sub in ("include", "targets/x86_64-linux/include", "targets/sbsa-linux/include")):
+        missing.append("CUDA headers (cuda_runtime.h under $CUDA_HOME/include; e.g. the cuda-toolkit "
+                       "or cuda-cudart-dev package)")
+    return missing
+
+
+def cuda_arch_list() -> tuple[str | None, str]:
+    """(TORCH_CUDA_ARCH_LIST to build for, where it came from)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"], "TORCH_CUDA_ARCH_LIST from your environment"
+    caps = sorted({tuple(g["capability"]) for g in _cuda_gpus()})
+    if not caps:
+        return None, "no GPU visible"
+    return ";".join(f"{a}.{b}" for a, b in caps), "detected GPU(s)"
+
+
+def _installed_versions() -> dict[str, str]:
+    """{distribution: version} as a fresh interpreter sees them (same env, PYTHONPATH, PIP_TARGET)."""
+    import subprocess
+    code = ("import json, importlib.metadata as m; print(json.dumps({(d.metadata['Name'] or '').lower(): d.version "
+            "for d in m.distributions()}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return json.loads(r.stdout) if r.returncode == 0 else {}
+
+
+def _pip_shim_dir(tmp: Path) -> Path:
+    shim = tmp / "pip-shim"
+    shim.mkdir()
+    for name in ("pip", "pip3"):
+        p = shim / name
+        p.write_text("#!/bin/sh\necho \"install-kernel: skipped '$(basename \"$0\") $*' from QQQ's setup.py "
+                     "(fast-hadamard-transform: not needed by the GEMM)\" >&2\nexit 0\n")
+        p.chmod(0o755)
+    return shim
+
+
+def install_qqq(yes: bool, source: str | None = None) -> bool:
+    """Build/install QQQ without touching any installed package; then import check and a numeric
+    self-test of its GEMM on the GPU. True when QQQ imports and the self-test passed (or could not
+    run for lack of a GPU, which is said). Raises UserError when the toolchain is incomplete."""
+    import subprocess
+    import tempfile
+    src = source or qqq_default_source()
+    is_wheel = src.split("?")[0].endswith(".whl")
+    env = dict(os.environ)
+    plan = [f"source      {src}" + ("" if source else f" (QQQ at pinned commit {QQQ_COMMIT[:12]})")]
+    if not is_wheel:
+        missing = check_build_toolchain()
+        if missing:
+            raise UserError("install-kernel: cannot build QQQ here; missing: " + "; ".join(missing)
+                            + ". (Or pass --source a prebuilt .whl.)", exit_code=3)
+        arch, why = cuda_arch_list()
+        if arch is None:
+            raise UserError("install-kernel: no GPU visible to pick the CUDA architecture from: set "
+                            "TORCH_CUDA_ARCH_LIST, e.g. 8.6 (RTX 3090), 8.0 (A100), 8.9 (L40/RTX 4090), 9.0 (H100/H200)",
+                            exit_code=3)
+        env["TORCH_CUDA_ARCH_LIST"] = arch
+        plan.append(f"arch        TORCH_CUDA_ARCH_LIST={arch} ({why}; RTX 3090 is 8.6)")
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", src]
+    plan.append("command     " + " ".join(cmd))
+    plan.append("guarantee   --no-deps: no installed package changes version (checked after install)")
+    print("install-kernel will:\n  " + "\n  ".join(plan), file=sys.stderr)
+    if not yes:
+        try:
+            answer = input("Proceed? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            raise UserError("install-kernel: not confirmed; nothing installed (--yes skips the question)", exit_code=1)
+    before = _installed_versions()
+    with tempfile.TemporaryDirectory(prefix="gptoss-qqq-") as tmp:
+        if not is_wheel:
+            env["PATH"] = str(_pip_shim_dir(Path(tmp))) + os.pathsep + env.get("PATH", "")
+        t0 = time.time()
+        log(f"install-kernel: pip install QQQ ({'wheel' if is_wheel else 'CUDA build, minutes'})")
+        r = subprocess.run(cmd, env=env)
+    if r.returncode != 0:
+        log(f"install-kernel: pip failed (exit {r.returncode}) after {time.time() - t0:.0f}s; see its output above")
+        return False
+    after = _installed_versions()
+    changed = {k: (v, after.get(k)) for k, v in before.items() if after.get(k) != v and k != "qqq"}
+    if changed:
+        log("install-kernel: installed packages CHANGED (must not happen with --no-deps): "
+            + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        return False
+    log(f"install-kernel: QQQ {after.get('qqq', '?')} installed in {time.time() - t0:.0f}s; "
+        f"{len(before)} other packages unchanged (transformers {before.get('transformers', '-')})")
+    import importlib
+    importlib.invalidate_caches()
+    ok, detail = qqq_status()
+    if not ok:
+        log(f"install-kernel: QQQ does not import: {detail}")
+        return False
+    if not _cuda_gpus():
+        log("install-kernel: QQQ imports; numeric self-test skipped: no CUDA GPU visible (run "
+            "`verify-runtime` on the GPU machine)")
+        return True
+    st = qqq_self_test()
+    log(f"install-kernel: QQQ self-test {'ok' if st['ok'] else 'FAILED'}: {st['detail']}")
+    return st["ok"]
+
+
+def cmd_install_kernel(args: argparse.Namespace) -> int:
+    ok, detail = qqq_status()
+    if ok and not args.force and not args.source:
+        log(f"install-kernel: QQQ {detail} is already installed (--force reinstalls); self-testing it")
+        if not _cuda_gpus():
+            log("install-kernel: self-test skipped: no CUDA GPU visible")
+            return 0
+        st = qqq_self_test()
+        log(f"install-kernel: QQQ self-test {'ok' if st['ok'] else 'FAILED'}: {st['detail']}")
+        return 0 if st["ok"] else 1
+    return 0 if install_qqq(args.yes, args.source) else 1
 
 
 ##### 7. CLI #####
@@ -769,10 +1884,65 @@ so values that would overflow are counted and refused unless --fp16-overflow say
     q = sub.add_parser("quantize", formatter_class=fmt, help="GPTQ/AWQ compression through LLM Compressor")
     q.set_defaults(func=cmd_quantize)
 
-    k = sub.add_parser("install-kernel", formatter_class=fmt, help="install the QQQ W4A8 GEMM")
+    k = sub.add_parser("install-kernel", formatter_class=fmt, help="install the QQQ W4A8 GEMM",
+                       description="Build and install QQQ (W4A8 GEMM, Marlin-based CUDA extension) from GitHub at "
+                                   f"a pinned commit ({QQQ_COMMIT[:12]}) with pip --no-deps --no-build-isolation: "
+                                   "no installed package changes version, and it compiles against your torch. "
+                                   "Not needed for the built-in Triton W4A8/W4A16 kernels (pip install triton).",
+                       epilog="""\
+examples:
+  %(prog)s --yes                                   # GitHub archive of the pinned commit, GPU arch detected
+  TORCH_CUDA_ARCH_LIST=8.6 %(prog)s --yes          # build for an RTX 3090 on a machine without it
+  %(prog)s --source ./QQQ --yes                    # air-gapped: a checkout or archive you copied over
+  %(prog)s --source ./QQQ-0.0.0-cp311-linux_x86_64.whl --yes   # a wheel built elsewhere (no toolchain)
+
+Before building it checks nvcc, a C++ compiler, the CUDA headers and a CUDA build of torch and
+names what is missing (exit 3). QQQ's setup.py also pip-installs the fast-hadamard-transform
+submodule, which the GEMM does not use: a pip shim on PATH skips it. After installing: import
+check and a numeric self-test of QQQ's GEMM against float64 on the GPU. Exit 1 if either fails.""")
+    k.add_argument("--source", metavar="PATH|URL|WHEEL",
+                   help="QQQ source dir, archive (.tar.gz/.zip, path or URL) or .whl "
+                        "(default: the GitHub archive of the pinned commit)")
+    k.add_argument("--yes", "-y", action="store_true", help="do not ask before installing")
+    k.add_argument("--force", action="store_true", help="reinstall even if QQQ already imports")
     k.set_defaults(func=cmd_install_kernel)
 
-    v = sub.add_parser("verify-runtime", formatter_class=fmt, help="check GPU, CUDA and W4A8 runtimes")
+    v = sub.add_parser("verify-runtime", formatter_class=fmt, help="check GPU, CUDA and W4A8 runtimes",
+                       description="Report Python, torch/CUDA/cuDNN, driver, GPUs, nvcc, the relevant packages and "
+                                   "the W4A8 backends (QQQ, built-in Triton), with a CUDA sanity matmul and "
+                                   "kernel self-tests on a GPU. Exit 0 unless a --require-* is not met (exit 3).",
+                       epilog="""\
+examples:
+  %(prog)s                                      # human-readable report (exit 0 even without a GPU)
+  %(prog)s --json --require-w4a8                # for scripts: exit 3 if no W4A8 GEMM can run here
+  %(prog)s --bench                              # M=16 K=4096 N=4096, every backend present
+  %(prog)s --bench --shapes gpt-oss --out bench.json   # q/k/v/o/gate_up/down at M=1,16,64,256,1024
+
+--bench prints, per shape and backend, the median time eager (CUDA events around each call, CPU
+launch overhead included) and in a CUDA graph (GPU time only), the speedup over fp16 nn.Linear,
+and beside every timing the relative error against float64 math on the same quantized values.
+Each backend runs in a worker process, so a CUDA fault is reported as that case's error.
+--bench needs a CUDA GPU: without one it says so and exits 3.""")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.add_argument("--require-gpu", action="store_true", help="exit 3 unless a CUDA GPU works")
+    v.add_argument("--require-w4a8", action="store_true",
+                   help="exit 3 unless a W4A8 GEMM (QQQ or built-in Triton) runs and passes its self-test here")
+    v.add_argument("--bench", action="store_true", help="time FP16 vs W4A8/W4A16 GEMMs (needs a GPU)")
+    v.add_argument("--M", type=int, default=16, help="--bench: tokens (default: %(default)s)")
+    v.add_argument("--K", type=int, default=4096, help="--bench: in features (default: %(default)s)")
+    v.add_argument("--N", type=int, default=4096, help="--bench: out features (default: %(default)s)")
+    v.add_argument("--iters", type=int, default=200, help="--bench: timed calls per case (default: %(default)s)")
+    v.add_argument("--shapes", choices=["gpt-oss"],
+                   help="--bench: every GPT-OSS Linear shape at M=1,16,64,256,1024 instead of --M/--K/--N")
+    v.add_argument("--group", default="64", choices=["32", "64", "128", "channel"],
+                   help="--bench: scale group of the built-in kernels (default: %(default)s; QQQ is per channel)")
+    v.add_argument("--backends", default=",".join(BENCH_BACKENDS),
+                   help="--bench: comma list from %(default)s (absent ones are skipped and said)")
+    v.add_argument("--no-graph", action="store_true", help="--bench: eager timing only")
+    v.add_argument("--no-check", action="store_true", help="--bench: skip the correctness checks")
+    v.add_argument("--sweep", action="store_true", help="--bench: also time alternative W4A8 kernel configs")
+    v.add_argument("--out", metavar="FILE", help="--bench: write the full report as JSON here")
+    v.add_argument("--model", metavar="DIR", help="a quantized checkpoint to run through the kernels (not yet)")
     v.set_defaults(func=cmd_verify_runtime)
     return p
 

@@ -1,0 +1,154 @@
+"""install-kernel and verify-runtime on a machine without GPU (CI): the report and its exit codes,
+--bench refusing politely, the bench's worker processes surviving failing cases, and the QQQ
+install path with a local stand-in package (pip --no-deps: transformers' version must not move).
+The stand-in goes to a temporary pip --target (PIP_TARGET), never into the shared venv."""
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import compress_gptoss as c
+from conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.skipif(bool(c._cuda_gpus()), reason="these cover the no-GPU behaviour")
+
+
+def test_verify_runtime_without_gpu_says_so_and_exits_0():
+    r = run_cli("verify-runtime")
+    assert r.returncode == 0, r.stderr
+    for line in ("python ", "torch ", "driver ", "GPUs ", "nvcc ", "CUDA_VISIBLE_DEVICES=", "NVIDIA_VISIBLE_DEVICES=",
+                 "transformers ", "llmcompressor ", "compressed-tensors ", "triton ", "W4A8 QQQ", "W4A8 built-in"):
+        assert line in r.stdout, line
+    assert "no CUDA GPU" in r.stdout
+
+
+def test_verify_runtime_json():
+    r = run_cli("verify-runtime", "--json")
+    assert r.returncode == 0, r.stderr
+    env = json.loads(r.stdout)
+    assert env["gpus"] == [] and env["sanity"] == [] and env["ok"] is True
+    assert env["packages"]["transformers"] and "compressed-tensors" in env["packages"]
+    assert set(env["backends"]) == {"qqq", "builtin_triton"}
+    assert env["backends"]["builtin_triton"]["runnable"] is False
+    if env["packages"]["triton"]:
+        assert "compute capability >= 8.0" in env["backends"]["builtin_triton"]["detail"]
+
+
+@pytest.mark.parametrize("flag,needle", [("--require-gpu", "no CUDA GPU visible"),
+                                         ("--require-w4a8", "no W4A8 GEMM can run here")])
+def test_require_flags_fail_without_gpu(flag, needle):
+    r = run_cli("verify-runtime", flag)
+    assert r.returncode == 3
+    assert needle in r.stdout
+    r = run_cli("verify-runtime", flag, "--json")
+    assert r.returncode == 3 and json.loads(r.stdout)["problems"]
+
+
+def test_bench_needs_a_gpu():
+    r = run_cli("verify-runtime", "--bench", "--shapes", "gpt-oss")
+    assert r.returncode == 3
+    assert "needs a CUDA GPU" in r.stderr and r.stdout == ""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_w4a8.py"), "--out", "unused.json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3 and "needs a CUDA GPU" in r.stderr
+
+
+def test_bench_cases_cover_gpt_oss_shapes():
+    cases = c.bench_cases("gpt-oss", 16, 4096, 4096)
+    assert len(cases) == 25
+    assert {(x["K"], x["N"]) for x in cases} == {(2880, 4096), (2880, 512), (4096, 2880), (2880, 5760), (2880, 2880)}
+    assert {x["M"] for x in cases} == {1, 16, 64, 256, 1024}
+    assert c.bench_cases(None, 16, 4096, 4096) == [{"shape": "4096->4096", "M": 16, "K": 4096, "N": 4096}]
+
+
+def test_bench_report_survives_failing_workers():
+    """Without CUDA every case fails inside its worker: each row says why, the report is whole."""
+    rep = c.run_runtime_bench(c.bench_cases(None, 4, 256, 128), ["fp16", "w4a8"], 64, iters=3, check=False)
+    assert [r["backend"] for r in rep["results"]] == ["fp16", "w4a8"]
+    assert all("error" in r for r in rep["results"])
+    text = c.format_bench_report(rep)
+    assert "fp16 nn.Linear" in text and "built-in W4A8 g64" in text
+    json.dumps(rep)
+
+
+def test_runtime_detection_helpers():
+    triton_ok = c.triton_status()[0]
+    assert c.has_w4a8_runtime() == (triton_ok or c.qqq_status()[0])
+    msg = c.w4a8_runtime_message()
+    if triton_ok:
+        assert "compute capability >= 8.0" in msg
+
+
+# ---- install-kernel ----
+
+def standin_wheel(dst: Path) -> Path:
+    """A pure-Python wheel named QQQ whose metadata pins an old transformers (as QQQ's does)."""
+    whl = dst / "QQQ-0.0.1-py3-none-any.whl"
+    files = {
+        "QQQ/_CUDA.py": "def qqq_gemm(*args):\n    raise RuntimeError('stand-in for tests')\n",
+        "QQQ-0.0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: QQQ\nVersion: 0.0.1\n"
+                                        "Requires-Dist: transformers==4.45.0\nRequires-Dist: datasets==2.16.1\n",
+        "QQQ-0.0.1.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        "QQQ-0.0.1.dist-info/top_level.txt": "QQQ\n",
+    }
+    record = "".join(f"{name},,\n" for name in files) + "QQQ-0.0.1.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(whl, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+        z.writestr("QQQ-0.0.1.dist-info/RECORD", record)
+    return whl
+
+
+def dist_version(name, env):
+    code = f"import importlib.metadata as m\ntry: print(m.version({name!r}))\nexcept m.PackageNotFoundError: print('-')"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout.strip()
+
+
+def test_install_kernel_standin_wheel_no_deps(tmp_path):
+    target = tmp_path / "site"
+    env = {**os.environ, "PIP_TARGET": str(target), "PYTHONPATH": str(target), "PIP_NO_INDEX": "1",
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    transformers_before = dist_version("transformers", env)
+    assert transformers_before not in ("-", "4.45.0")
+    whl = standin_wheel(tmp_path)
+    r = run_cli("install-kernel", "--source", whl, "--yes", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "--no-deps" in r.stderr and "self-test skipped: no CUDA GPU" in r.stderr
+    assert dist_version("transformers", env) == transformers_before          # the --no-deps guarantee
+    assert dist_version("datasets", env) != "2.16.1"
+    assert dist_version("QQQ", env) == "0.0.1"
+    assert (target / "QQQ" / "_CUDA.py").is_file() and not (target / "transformers").exists()
+    env_json = json.loads(run_cli("verify-runtime", "--json", env=env).stdout)   # detection afterwards
+    assert env_json["backends"]["qqq"]["importable"] is True
+    assert env_json["packages"]["QQQ"] == "0.0.1"
+    r = run_cli("install-kernel", env=env)   # already installed: no reinstall, says so
+    assert r.returncode == 0 and "already installed" in r.stderr
+    clean = {k: v for k, v in os.environ.items() if k not in ("PIP_TARGET", "PYTHONPATH")}
+    assert dist_version("QQQ", clean) == "-"                                   # shared venv untouched
+
+
+def test_install_kernel_asks_first(tmp_path):
+    env = {**os.environ, "PIP_TARGET": str(tmp_path / "site"), "PIP_NO_INDEX": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "compress_gptoss.py"), "install-kernel", "--source",
+                        standin_wheel(tmp_path)], input="n\n", capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and "not confirmed" in r.stderr
+    assert not (tmp_path / "site").exists()
+
+
+def test_install_kernel_missing_toolchain(tmp_path):
+    src = tmp_path / "QQQ"
+    src.mkdir()
+    (src / "setup.py").write_text("raise SystemExit('must not be built')\n")
+    env = {**os.environ, "CUDA_HOME": str(tmp_path / "no-cuda"), "PATH": str(Path(sys.executable).parent) + ":/bin"}
+    r = run_cli("install-kernel", "--source", src, "--yes", env=env)
+    assert r.returncode == 3, r.stderr
+    assert "cannot build QQQ here; missing:" in r.stderr
+    assert "nvcc" in r.stderr and "CUDA headers" in r.stderr
+    assert "C++ compiler" in r.stderr or Path("/bin/c++").exists() or Path("/bin/g++").exists()
+    import torch
+    if not torch.version.cuda:
+        assert "a CUDA build of torch" in r.stderr
