@@ -133,6 +133,21 @@ class SafetensorsStreamWriter:
         self.expected = iter(specs)
         self.current: TensorSpec | None = None
         self.left = 0
+        # The disk write runs in a thread so that reading and decoding the next chunk overlap it.
+        import queue
+        import threading
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        while (raw := self.queue.get()) is not None:
+            try:
+                if self.error is None:
+                    self.f.write(memoryview(raw))
+            except BaseException as e:  # re-raised in the caller's thread
+                self.error = e
 
     def begin(self, name: str) -> None:
         assert self.left == 0, f"{self.current.name} is short of {self.left} bytes"
@@ -146,10 +161,24 @@ class SafetensorsStreamWriter:
         raw = chunk.contiguous().view(-1).view(__import__("torch").uint8).numpy()
         self.left -= raw.nbytes
         assert self.left >= 0, f"{self.current.name}: more bytes than its shape"
-        self.f.write(memoryview(raw))
+        if self.error:
+            raise self.error
+        self.queue.put(raw)
+
+    def abort(self) -> None:
+        """Stop the write thread and close the file (the caller deletes it)."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if not self.f.closed:
+            self.f.close()
 
     def close(self) -> None:
         assert self.left == 0 and next(self.expected, None) is None, f"{self.path}: incomplete"
+        self.queue.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
@@ -241,7 +270,10 @@ def _triton_available() -> bool:
         return False
 
 
-def decode_mxfp4_to(blocks, scales, dtype):
+MXFP4_KERNEL_CONFIG = (64, 128, 4)   # BLOCK_O, BLOCK_K, num_warps (bench/bench_dequantize.py decode)
+
+
+def decode_mxfp4_to(blocks, scales, dtype, config: tuple | None = None):
     """blocks [E, out, G, 16] + scales [E, out, G] -> [E, G*32, out] in dtype (transformers' layout).
 
     On a CUDA tensor with triton and bf16 output, one fused kernel; otherwise torch ops (exact too).
@@ -253,9 +285,10 @@ def decode_mxfp4_to(blocks, scales, dtype):
         out = torch.empty((E, K, O), dtype=dtype, device=blocks.device)
         if "kernel" not in _LUT_CACHE:
             _LUT_CACHE["kernel"] = _mxfp4_triton_kernel()
-        BO, BK = 64, 128
+        BO, BK, warps = config or MXFP4_KERNEL_CONFIG
         grid = ((O + BO - 1) // BO, (K + BK - 1) // BK, E)
-        _LUT_CACHE["kernel"][grid](blocks.contiguous(), scales.contiguous(), out, O, K, BLOCK_O=BO, BLOCK_K=BK)
+        _LUT_CACHE["kernel"][grid](blocks.contiguous(), scales.contiguous(), out, O, K, BLOCK_O=BO, BLOCK_K=BK,
+                                   num_warps=warps)
         return out
     if dtype == torch.bfloat16:
         # Both bf16 values of a byte in one int32 gather; bf16 x 2^k is exact (computed in fp32,
@@ -530,8 +563,7 @@ def convert_shard(src: SourceModel, plan: ShardPlan, out_path: Path, dtype, devi
                 progress.update(blocks.numel() + scales.numel())
         writer.close()
     finally:
-        if not writer.f.closed:
-            writer.f.close()
+        writer.abort()
         for h in handles.values():
             h.__exit__(None, None, None)
     return report
@@ -591,7 +623,12 @@ def dequantize_stream(src: SourceModel, dst: Path, dtype_name: str, device: str,
         for i, plan in enumerate(todo):
             final = dst / plan.name
             tmp = dst / (plan.name + ".partial")
-            rep = convert_shard(src, plan, tmp, dtype, device, overflow_mode, bar)
+            try:
+                rep = convert_shard(src, plan, tmp, dtype, device, overflow_mode, bar)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise UserError(f"writing {tmp} failed ({e.strerror}); {plan.name} needs "
+                                f"{human_bytes(plan.nbytes)}: free space on {dst} and rerun with --resume")
             report.add(rep)
             if rep.overflow and overflow_mode == "error":
                 tmp.unlink(missing_ok=True)
@@ -646,10 +683,13 @@ def dequantize_with_transformers(src: SourceModel, dst: Path, dtype_name: str, d
     specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in sorted(state.items())]
     tmp = dst / (name + ".partial")
     writer = SafetensorsStreamWriter(tmp, specs, metadata={"format": "pt"})
-    for s in specs:
-        writer.begin(s.name)
-        writer.write(state[s.name].detach().cpu())
-    writer.close()
+    try:
+        for s in specs:
+            writer.begin(s.name)
+            writer.write(state[s.name].detach().cpu())
+        writer.close()
+    finally:
+        writer.abort()
     os.replace(tmp, dst / name)
     return {s.name: name for s in specs}
 

@@ -111,6 +111,16 @@ def bench_decode(a) -> dict:
     exact = torch.equal(ours.view(torch.int16), ref.view(torch.int16))
     del ref
     moved = blocks.numel() + scales.numel() + ours.numel() * 2          # bytes in + out
+    sweep = {}
+    for cfg in [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8), (256, 128, 8),
+                (32, 256, 4), (64, 512, 8)]:
+        out = cg.decode_mxfp4_to(blocks, scales, torch.bfloat16, config=cfg)
+        ok = torch.equal(out.view(torch.int16), ours.view(torch.int16))
+        del out
+        t = triton.testing.do_bench(lambda: cg.decode_mxfp4_to(blocks, scales, torch.bfloat16, config=cfg),
+                                    warmup=50, rep=300, return_mode="median") / 1e3
+        sweep[str(cfg)] = {"s": t, "tb_s": moved / t / 1e12, "exact": ok}
+        print(f"  config BLOCK_O, BLOCK_K, warps = {cfg}: {t*1e3:.2f} ms, {moved/t/1e12:.2f} TB/s, exact {ok}")
     t_ours = triton.testing.do_bench(lambda: cg.decode_mxfp4_to(blocks, scales, torch.bfloat16),
                                      warmup=100, rep=1000, return_mode="median") / 1e3
     t_tf = triton.testing.do_bench(lambda: convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16),
@@ -120,7 +130,7 @@ def bench_decode(a) -> dict:
     copy_bw = 2 * big.numel() / t_copy
     res = {"shape": [E, O, G, 16], "bit_identical": exact, "bytes_moved": moved,
            "ours_s": t_ours, "transformers_s": t_tf, "copy_bw": copy_bw,
-           "gpu": torch.cuda.get_device_name()}
+           "gpu": torch.cuda.get_device_name(), "sweep": sweep, "default_config": cg.MXFP4_KERNEL_CONFIG}
     print(f"\n{res['gpu']}: decode of one gpt-oss-120b gate_up ({blocks.numel()/1e9:.2f} GB of blocks), "
           f"bit-identical to transformers: {exact}")
     print(f"{'decoder':<26}{'ms':>9}{'TB/s (in+out)':>15}")
