@@ -57,6 +57,25 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+_ANON_PEAK = [0]
+
+
+def sample_anon_rss() -> int:
+    """Anonymous resident memory now (Linux), and the peak of the samples so far.
+
+    Peak RSS also counts the pages of mmap'ed safetensors shards: file-backed, reclaimable.
+    The anonymous part is what the process really holds.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    _ANON_PEAK[0] = max(_ANON_PEAK[0], int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return _ANON_PEAK[0]
+
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_SHARD_NAME = "model.safetensors"
 # Files of a model folder that are neither weights nor config: copied as they are.
@@ -561,6 +580,7 @@ def convert_shard(src: SourceModel, plan: ShardPlan, out_path: Path, dtype, devi
                         return report
                 writer.write(vals.contiguous().cpu())
                 progress.update(blocks.numel() + scales.numel())
+                sample_anon_rss()
         writer.close()
     finally:
         writer.abort()
@@ -720,7 +740,8 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
         log(f"fp16 range: {report.flushed} non-zero values flushed to zero")
     dt = time.time() - t0
     log(f"wrote {dst}: {len(weight_map)} tensors, {human_bytes(size)} in {dt:.1f} s "
-        f"({human_bytes(size / max(dt, 1e-9))}/s), peak RSS {human_bytes(peak_rss_bytes())}")
+        f"({human_bytes(size / max(dt, 1e-9))}/s), peak RSS {human_bytes(peak_rss_bytes())} "
+        f"(anonymous {human_bytes(sample_anon_rss())}, the rest is mapped source pages)")
     print(dst)
     return 0
 

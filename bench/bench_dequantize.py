@@ -34,7 +34,9 @@ def run_cli(*args) -> dict:
         raise SystemExit(f"dequantize failed:\n{r.stderr[-3000:]}")
     m = re.search(r"peak RSS ([\d.]+) (MB|GB)", r.stderr)
     rss = float(m.group(1)) * (1e9 if m.group(2) == "GB" else 1e6)
-    return {"wall_s": wall, "peak_rss_bytes": rss}
+    a = re.search(r"anonymous ([\d.]+) (MB|GB)", r.stderr)
+    anon = float(a.group(1)) * (1e9 if a.group(2) == "GB" else 1e6) if a else None
+    return {"wall_s": wall, "peak_rss_bytes": rss, "peak_anon_rss_bytes": anon}
 
 
 def disk_write_seconds(path: Path, nbytes: int) -> float:
@@ -83,11 +85,13 @@ def bench_e2e(a) -> dict:
     s = res["stream"]
     print(f"\nGPT-OSS-120b dims, {a.layers} layer(s): source {res['source_bytes']/1e9:.2f} GB -> output "
           f"{res['output_bytes']/1e9:.2f} GB, device {a.device}")
-    print(f"{'method':<14}{'wall s':>9}{'GB/s out':>10}{'peak RSS GB':>13}")
+    print(f"{'method':<14}{'wall s':>9}{'GB/s out':>10}{'peak RSS GB':>13}{'anon GB':>9}")
     for k in ("stream", "transformers"):
         if k in res:
             r = res[k]
-            print(f"{k:<14}{r['wall_s']:>9.1f}{res['output_bytes']/r['wall_s']/1e9:>10.2f}{r['peak_rss_bytes']/1e9:>13.2f}")
+            anon = f"{r['peak_anon_rss_bytes']/1e9:>9.2f}" if r["peak_anon_rss_bytes"] else f"{'-':>9}"
+            print(f"{k:<14}{r['wall_s']:>9.1f}{res['output_bytes']/r['wall_s']/1e9:>10.2f}"
+                  f"{r['peak_rss_bytes']/1e9:>13.2f}{anon}")
     print(f"{'disk write':<14}{res['disk_write_s']:>9.1f}{res['output_bytes']/res['disk_write_s']/1e9:>10.2f}")
     print(f"stream / disk-write time: {s['wall_s']/res['disk_write_s']:.2f}x")
     if "transformers" in res:
