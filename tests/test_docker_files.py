@@ -50,7 +50,7 @@ def dockerfile_args() -> dict:
 
 ##### shell scripts #####
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS + [".ci/run"])
 def test_shellcheck_clean(script):
     shellcheck = require_tool("shellcheck", "shellcheck")
     r = subprocess.run([shellcheck, "--severity=style", str(ROOT / script)], capture_output=True, text=True)
