@@ -57,7 +57,7 @@ gpus_flag = $(if $(filter all,$(1)),--gpus all,$(if $(filter-out none,$(1)),--gp
 DOCKER_TTY := $(shell [ -t 0 ] && [ -t 1 ] && echo -it || echo -i)
 # docker_run GPUS: mkdir first so docker does not create the mount sources as root.
 docker_run = mkdir -p "$(MODELS_DIR)" "$(CACHE_DIR)" "$(HF_CACHE_DIR)" && \
-	docker run --rm $(DOCKER_TTY) $(call gpus_flag,$(1)) --shm-size 16g \
+	docker run --rm --init $(DOCKER_TTY) $(call gpus_flag,$(1)) --shm-size 16g \
 	-v "$(CURDIR):/workspace/app" -v "$(abspath $(MODELS_DIR)):/workspace/app/models" \
 	-v "$(abspath $(CACHE_DIR)):/workspace/app/offload_cache" \
 	-v "$(abspath $(HF_CACHE_DIR)):/root/.cache/huggingface" \

@@ -181,6 +181,7 @@ def test_compose_services_volumes_and_startup_defaults(compose_project):
                                 "/workspace/app/offload_cache": str(compose_project / "offload_cache"),
                                 "/root/.cache/huggingface": "/home/someone/.cache/huggingface"}, name
         assert svc["working_dir"] == "/workspace/app"
+        assert svc["init"] is True and svc["shm_size"] == "16g", name  # signals reach the command
         assert svc["build"]["args"] == {"BASE_IMAGE": dockerfile_args()["BASE_IMAGE"], "CUDA_ARCH": "8.6",
                                         "INSTALL_QQQ": "true"}, name
         # Makefile variables pass through only when set: an empty MODEL_IN would defeat `MODEL_IN ?=`

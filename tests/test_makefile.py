@@ -68,7 +68,7 @@ def test_docker_1_wraps_the_same_command(target):
     docker = dry(target, "DOCKER=1")
     assert "docker run" not in local
     assert f"compress_gptoss.py {APP_TARGETS[target]}" in local
-    assert f"docker run --rm -i --gpus all --shm-size 16g -v \"{ROOT}:/workspace/app\"" in docker
+    assert f"docker run --rm --init -i --gpus all --shm-size 16g -v \"{ROOT}:/workspace/app\"" in docker
     assert f"-v \"{ROOT}/models:/workspace/app/models\"" in docker
     assert f"-w /workspace/app  {IMAGE} python compress_gptoss.py {APP_TARGETS[target]}" in docker
     # the same arguments either way
