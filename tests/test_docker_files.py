@@ -344,3 +344,41 @@ def test_build_test_verify_runtime_counts_only_with_a_gpu(docker_stub):
     r, calls = build_test(docker_stub, STUB_FAIL_RUN="verify-runtime", STUB_RUNTIMES='{"nvidia":{},"runc":{}}')
     assert r.returncode == 1 and "FAILED: verify-runtime (exit 1)" in r.stdout
     assert all("--gpus all" in c for c in calls if c.startswith("docker run") and "exit 7" not in c)
+
+
+##### the README sections match the files #####
+
+def readme_text() -> str:
+    frag = ROOT / "docs" / "README-docker.md"
+    return frag.read_text() if frag.exists() else (ROOT / "README.md").read_text()
+
+
+def test_readme_names_only_real_make_targets():
+    targets = set(re.findall(r"^([A-Za-z0-9_-]+):(?!=)", (ROOT / "Makefile").read_text(), re.M))
+    named = set(re.findall(r"\bmake ([a-z][a-z0-9_-]+)", readme_text())) - {"test"}  # 'make test' exists too
+    assert named and named <= targets, named - targets
+
+
+def test_readme_startup_table_matches_the_entrypoint():
+    section = readme_text().split("### Startup", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| `([A-Z_]+)` \| `(true|false)` \|", section, re.M)
+    assert {name for name, _ in rows} == set(STARTUP_DEFAULTS)
+    ep = (ROOT / "docker-entrypoint.sh").read_text()
+    for name, default in rows:
+        assert re.search(rf"\$\(flag {name} {default}\)", ep), (name, default)
+        assert STARTUP_DEFAULTS[name] == default
+
+
+def test_readme_build_test_exit_codes_match_the_script():
+    script = (ROOT / "build_test.sh").read_text()
+    for code, meaning in re.findall(r"^\| (\d) \| (.+) \|$", readme_text(), re.M):
+        if code in "34":
+            assert re.search(rf"exit {code}\b", script), code
+    assert "exit 3" in script and "exit 4" in script
+
+
+def test_readme_storage_needs_match_the_script():
+    text = " ".join(readme_text().split())
+    script = (ROOT / "setup_storage.sh").read_text()
+    assert "NEED_SEQUENTIAL_GB=100" in script and "NEED_AUTO_GB=500" in script
+    assert "100 GB with `--device-map sequential`" in text and "500 GB with `--device-map auto`" in text
