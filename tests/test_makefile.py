@@ -292,10 +292,12 @@ RECIPE_BITS = {
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_target_produces_a_checkpoint(recipe, tiny_bf16, calib_jsonl, tmp_path):
     out = tmp_path / recipe
-    # QQQ_FLAGS without --try-install-qqq: CI cannot reach the kernel's source; the fallback is what runs
+    # QQQ_FLAGS without --try-install-qqq: CI cannot reach the kernel's source; the fallback is what runs.
+    # --no-eval: the reload + quality report is quantize's own tests' business, and costs ~30 s a run here.
+    extra = "--no-eval" if "--no-eval" in help_flags("quantize") else ""
     r = make(recipe, f"MODEL_IN={tiny_bf16}", f"OUT={out}", f"CALIB_JSONL={calib_jsonl}", "NUM_SAMPLES=8",
-             "SEQ_LEN=64", f"OFFLOAD_DIR={tmp_path / 'offload'}", "QQQ_FLAGS=--allow-fallback", env=PY,
-             timeout=900)
+             "SEQ_LEN=64", f"OFFLOAD_DIR={tmp_path / 'offload'}", "QQQ_FLAGS=--allow-fallback",
+             f"QUANT_ARGS={extra}", env=PY, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "gpt_oss"
