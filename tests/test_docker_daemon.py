@@ -1,6 +1,12 @@
-"""docker-entrypoint.sh inside a real container, where PID 1, `docker run`'s exit code and `docker stop`
-matter. Needs a Docker daemon (skipped without one, as in CI: Docker Hub is out of reach, so the base
-image is made here from this machine's own bash, sh and coreutils, and `make`/`python` are stubs)."""
+"""With a real Docker daemon (skipped without one, as in CI). Docker Hub is out of reach, so base images
+are made here from this machine's own files:
+- docker-entrypoint.sh inside a container, where PID 1, `docker run`'s exit code and `docker stop`
+  matter (bash, sh and coreutils; `make` and `python` are stubs);
+- the real Dockerfile and build_test.sh on a stand-in for the PyTorch devel base: Debian's python3.11
+  and pip, a fake torch 2.10.0 (CUDA 12.8) and fake requirement packages, stub nvcc and apt-get. It
+  checks the Dockerfile's steps, layer order, torch constraint and entrypoint, not CUDA or the real
+  packages: the tiny demo (make smoke) cannot pass on a fake torch."""
+import io
 import os
 import shutil
 import subprocess
@@ -118,3 +124,110 @@ def test_docker_stop_reaches_the_command_with_init(image):
         assert time.time() - t0 < 10
     finally:
         docker("rm", "-f", name)
+
+
+##### the real Dockerfile on a stand-in base #####
+
+STANDIN = "gptoss-standin-base:test"
+STANDIN_BINS = ["bash", "sh", "env", "sleep", "cat", "basename", "dirname", "touch", "mkdir", "rm", "ls", "sed",
+                "grep", "mawk", "make", "tail", "head", "tr", "cut", "id", "chmod", "uname", "readlink", "mv",
+                "cp", "tee", "true", "false", "wc", "sort", "ln", "df", "du", "date", "expr", "nproc"]
+# versions inside requirements.txt's ranges
+FAKE_REQS = {"torch": "2.10.0", "transformers": "5.16.0", "llmcompressor": "0.14.0.1",
+             "compressed-tensors": "0.19.0", "accelerate": "1.15.0", "datasets": "4.8.4", "safetensors": "0.5.0",
+             "huggingface-hub": "1.1.0", "tokenizers": "0.22.0", "tqdm": "4.67.0", "pytest": "8.4.0"}
+SYS_PY = "/usr/bin/python3.11"
+
+
+def _add(tar, name, data=None, mode=0o644):
+    info = tarfile.TarInfo(name)
+    info.mode = mode
+    if data is None:
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+    else:
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+def make_standin_base(tar_path: Path) -> None:
+    bins = [shutil.which(b) for b in STANDIN_BINS] + [SYS_PY]
+    files = set()
+    for b in bins:
+        files |= {b, *shared_libs(b)}
+    for so in Path("/usr/lib/python3.11/lib-dynload").glob("*.so"):
+        files |= shared_libs(str(so))
+    skip = lambda ti: None if ti.name.endswith("EXTERNALLY-MANAGED") or "__pycache__" in ti.name else ti  # noqa
+    site = "usr/local/lib/python3.11/dist-packages"
+    with tarfile.open(tar_path, "w") as tar:
+        for d in ("bin", "usr", "usr/bin", "usr/local", "usr/local/bin", "etc", "root", "usr/local/lib",
+                  "usr/local/lib/python3.11", site):
+            _add(tar, d)
+        _add(tar, "tmp", mode=0o1777)
+        for f in sorted(files):
+            tar.add(str(Path(f).resolve()), arcname=f.lstrip("/"))
+        for b in bins:  # both spellings: merged /usr or not
+            for alias in {"bin/" + Path(b).name, "usr/bin/" + Path(b).name} - {b.lstrip("/")}:
+                tar.add(str(Path(b).resolve()), arcname=alias)
+        tar.add(shutil.which("mawk"), arcname="usr/bin/awk")
+        tar.add("/usr/lib/python3.11", arcname="usr/lib/python3.11", filter=skip)
+        tar.add("/usr/lib/python3/dist-packages/pip", arcname="usr/lib/python3/dist-packages/pip", filter=skip)
+        for py in ("python", "python3"):
+            _add(tar, f"usr/local/bin/{py}", f'#!/bin/sh\nexec {SYS_PY} "$@"\n'.encode(), 0o755)
+        _add(tar, "usr/local/bin/pip", f'#!/bin/sh\nexec {SYS_PY} -m pip "$@"\n'.encode(), 0o755)
+        _add(tar, "usr/local/bin/nvcc", b'#!/bin/sh\necho "Cuda compilation tools, release 12.8 (stand-in)"\n', 0o755)
+        _add(tar, "usr/local/bin/apt-get", b'#!/bin/sh\necho "apt-get $* (stand-in)"\n', 0o755)
+        _add(tar, "etc/passwd", b"root:x:0:0:root:/root:/bin/bash\n")
+        _add(tar, "etc/group", b"root:x:0:\n")
+        for dist, ver in FAKE_REQS.items():
+            mod = dist.replace("-", "_")
+            body = f"__version__ = {ver!r}\n"
+            if mod == "torch":
+                body += ("class version:\n    cuda = '12.8'\n\n\nclass cuda:\n    is_available = staticmethod(lambda: False)\n"
+                         "    device_count = staticmethod(lambda: 0)\n")
+            _add(tar, f"{site}/{mod}/__init__.py", body.encode())
+            info = f"{site}/{mod}-{ver}.dist-info"
+            _add(tar, f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {ver}\n".encode())
+            _add(tar, f"{info}/INSTALLER", b"stand-in\n")
+            _add(tar, f"{info}/RECORD", b"")
+
+
+@pytest.fixture(scope="module")
+def standin_base(tmp_path_factory):
+    if shutil.which("docker") is None or docker("info").returncode != 0:
+        pytest.skip("no Docker daemon answers (docker info): start dockerd to build the image for real")
+    if not Path(SYS_PY).exists() or subprocess.run([SYS_PY, "-m", "pip", "--version"]).returncode:
+        pytest.skip(f"{SYS_PY} with pip (Debian python3-pip) is needed for the stand-in base")
+    tar_path = tmp_path_factory.mktemp("standin") / "rootfs.tar"
+    make_standin_base(tar_path)
+    r = subprocess.run(["docker", "import", "--change", "ENV PATH=/usr/local/bin:/usr/bin:/bin",
+                        "--change", "ENV PIP_BREAK_SYSTEM_PACKAGES=1", str(tar_path), STANDIN],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    yield STANDIN
+    if not os.environ.get("KEEP_TEST_IMAGE"):
+        docker("rmi", "-f", "gptoss-compressor:standin-test", STANDIN)
+
+
+def test_build_test_builds_the_real_dockerfile_and_runs_its_checks(standin_base):
+    env = {**os.environ, "BASE_IMAGE": standin_base, "INSTALL_QQQ": "false", "IMAGE": "gptoss-compressor:standin-test"}
+    r = subprocess.run([str(ROOT / "build_test.sh")], capture_output=True, text=True, env=env, timeout=900)
+    out = r.stdout + r.stderr
+    assert "base torch 2.10.0 CUDA 12.8" in out
+    assert "torch after requirements: 2.10.0 CUDA 12.8" in out  # the constraint kept the base's torch
+    assert "INSTALL_QQQ=false: QQQ not built" in out
+    for ok in ("entrypoint runs test-env, then the command", "entrypoint hands over the exit code (7)",
+               "make test-env", "compress_gptoss.py --help", "dequantize --help", "quantize --help",
+               "install-kernel --help", "verify-runtime --help"):
+        assert f"[build-test] ok: {ok}" in out, ok
+    # a fake torch cannot run the tiny model: that is the one check allowed to fail here
+    failed = [ln for ln in out.splitlines() if ln.startswith("[build-test] FAILED")]
+    assert failed == ["[build-test] FAILED: tiny GPT-OSS demo (make smoke) (exit 2)"], failed
+    assert r.returncode == 1
+
+
+def test_install_qqq_must_be_true_or_false(standin_base):
+    r = docker("build", "--build-arg", f"BASE_IMAGE={standin_base}", "--build-arg", "INSTALL_QQQ=maybe",
+               "-t", "gptoss-compressor:standin-test", str(ROOT), timeout=900)
+    assert r.returncode != 0
+    assert "INSTALL_QQQ=maybe: expected true or false" in r.stdout + r.stderr
