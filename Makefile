@@ -54,7 +54,8 @@ HF_CACHE_DIR ?= $(or $(call env_file_value,HF_CACHE_DIR),$(HOME)/.cache/huggingf
 
 # docker's --gpus wants a quoted list: --gpus '"device=0,1"'
 gpus_flag = $(if $(filter all,$(1)),--gpus all,$(if $(filter-out none,$(1)),--gpus '"device=$(1)"'))
-DOCKER_TTY := $(shell [ -t 0 ] && [ -t 1 ] && echo -it || echo -i)
+# -t only from a terminal ($(shell) captures stdout, so only stdin can tell)
+DOCKER_TTY := $(shell [ -t 0 ] && echo -it || echo -i)
 # docker_run GPUS: mkdir first so docker does not create the mount sources as root.
 docker_run = mkdir -p "$(MODELS_DIR)" "$(CACHE_DIR)" "$(HF_CACHE_DIR)" && \
 	docker run --rm --init $(DOCKER_TTY) $(call gpus_flag,$(1)) --shm-size 16g \

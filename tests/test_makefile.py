@@ -33,7 +33,7 @@ def make(*args, cwd=ROOT, env=None, timeout=60):
         full_env.pop(var, None)
     full_env.update(env or {})
     return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+                          env=full_env, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def makefile_targets() -> list[str]:
@@ -91,6 +91,19 @@ def test_gpu_and_shell_targets_always_use_the_image(target):
 def test_gpus_selects_devices(gpus, flag):
     assert flag in dry("w8a8_gptq_all", "DOCKER=1", f"GPUS={gpus}")
     assert flag in dry("bash", f"GPUS={gpus}")
+
+
+def test_terminal_gets_a_tty_and_ci_does_not():
+    import pty
+    leader, follower = pty.openpty()
+    try:
+        r = subprocess.run(["make", "--no-print-directory", "-n", "bash"], cwd=ROOT, capture_output=True,
+                           text=True, stdin=follower, timeout=60)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert "docker run --rm --init -it " in r.stdout
+    assert "docker run --rm --init -i " in dry("bash")
 
 
 def test_gpus_none_gives_no_gpu():
