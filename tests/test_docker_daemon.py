@@ -183,8 +183,8 @@ def make_standin_base(tar_path: Path) -> None:
             mod = dist.replace("-", "_")
             body = f"__version__ = {ver!r}\n"
             if mod == "torch":
-                body += ("class version:\n    cuda = '12.8'\n\n\nclass cuda:\n    is_available = staticmethod(lambda: False)\n"
-                         "    device_count = staticmethod(lambda: 0)\n")
+                body += ("class version:\n    cuda = '12.8'\n\n\nclass cuda:\n"
+                         "    is_available = staticmethod(lambda: False)\n    device_count = staticmethod(lambda: 0)\n")
             _add(tar, f"{site}/{mod}/__init__.py", body.encode())
             info = f"{site}/{mod}-{ver}.dist-info"
             _add(tar, f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {ver}\n".encode())
@@ -227,7 +227,7 @@ def test_build_test_builds_the_real_dockerfile_and_runs_its_checks(standin_base)
 
 
 def test_install_qqq_must_be_true_or_false(standin_base):
-    r = docker("build", "--build-arg", f"BASE_IMAGE={standin_base}", "--build-arg", "INSTALL_QQQ=maybe",
-               "-t", "gptoss-compressor:standin-test", str(ROOT), timeout=900)
+    r = docker("build", "--force-rm", "--build-arg", f"BASE_IMAGE={standin_base}",
+               "--build-arg", "INSTALL_QQQ=maybe", "-t", "gptoss-compressor:standin-test", str(ROOT), timeout=900)
     assert r.returncode != 0
     assert "INSTALL_QQQ=maybe: expected true or false" in r.stdout + r.stderr

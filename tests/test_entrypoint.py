@@ -2,7 +2,6 @@
 recording stubs on PATH: the right startup commands in the right order, then `exec` of the user's
 command (same PID, its exit code), and STRICT_STARTUP deciding whether a failed check stops it."""
 import itertools
-import os
 import subprocess
 from pathlib import Path
 
