@@ -610,7 +610,7 @@ def prepare_destination(dst: Path, src: Path, overwrite: bool, resume: bool) -> 
 
 
 def dequantize_stream(src: SourceModel, dst: Path, dtype_name: str, device: str,
-                      overflow_mode: str, resume: bool) -> RangeReport:
+                      overflow_mode: str, resume: bool, workers: int = 1) -> RangeReport:
     import torch
     from tqdm import tqdm
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
@@ -638,29 +638,72 @@ def dequantize_stream(src: SourceModel, dst: Path, dtype_name: str, device: str,
         f"-> {dtype_name} on {device}; output {human_bytes(sum(p.nbytes for p in plans))}")
     report = RangeReport()
     stop_after = int(os.environ.get("_GPTOSS_TEST_STOP_AFTER_SHARDS", "0"))  # crash-safety tests only
+
+    def finished(i: int, plan: ShardPlan, rep: RangeReport) -> None:
+        tmp = dst / (plan.name + ".partial")
+        report.add(rep)
+        if rep.overflow and overflow_mode == "error":
+            tmp.unlink(missing_ok=True)
+            raise UserError(
+                f"--dtype fp16: {rep.overflow} values of {rep.first_overflow} exceed FP16's +-65504 and "
+                f"would become inf; use --dtype bf16 (exact) or --fp16-overflow clamp (saturate) / inf (keep)")
+        os.replace(tmp, dst / plan.name)
+        done[plan.name] = {"bytes": (dst / plan.name).stat().st_size}
+        write_json_atomic(progress_path, {"fingerprint": fingerprint, "done": done})
+        if stop_after and i + 1 >= stop_after:
+            os._exit(75)
+
     with tqdm(total=in_bytes, unit="B", unit_scale=True, desc="dequantize", file=sys.stderr,
               disable=None) as bar:
-        for i, plan in enumerate(todo):
-            final = dst / plan.name
-            tmp = dst / (plan.name + ".partial")
-            try:
-                rep = convert_shard(src, plan, tmp, dtype, device, overflow_mode, bar)
-            except OSError as e:
-                tmp.unlink(missing_ok=True)
-                raise UserError(f"writing {tmp} failed ({e.strerror}); {plan.name} needs "
-                                f"{human_bytes(plan.nbytes)}: free space on {dst} and rerun with --resume")
-            report.add(rep)
-            if rep.overflow and overflow_mode == "error":
-                tmp.unlink(missing_ok=True)
-                raise UserError(
-                    f"--dtype fp16: {rep.overflow} values of {rep.first_overflow} exceed FP16's +-65504 and "
-                    f"would become inf; use --dtype bf16 (exact) or --fp16-overflow clamp (saturate) / inf (keep)")
-            os.replace(tmp, final)
-            done[plan.name] = {"bytes": final.stat().st_size}
-            write_json_atomic(progress_path, {"fingerprint": fingerprint, "done": done})
-            if stop_after and i + 1 >= stop_after:
-                os._exit(75)
+        try:
+            if workers > 1 and len(todo) > 1:
+                convert_in_workers(src, todo, dst, dtype, device, overflow_mode, workers, bar, finished)
+            else:
+                for i, plan in enumerate(todo):
+                    rep = convert_shard(src, plan, dst / (plan.name + ".partial"), dtype, device, overflow_mode, bar)
+                    finished(i, plan, rep)
+        except OSError as e:
+            for p in dst.glob("*.partial"):
+                p.unlink()
+            raise UserError(f"writing into {dst} failed ({e.strerror}); the output needs "
+                            f"{human_bytes(sum(p.nbytes for p in todo))} more: free space and rerun with --resume")
     return report
+
+
+class _BytesCounter:
+    """A progress sink for worker processes: they report whole shards, not bytes."""
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def _convert_shard_in_worker(src_dir: str, plan: ShardPlan, out_path: str, dtype, device: str, overflow_mode: str):
+    return convert_shard(inspect_source(Path(src_dir)), plan, Path(out_path), dtype, device, overflow_mode,
+                         _BytesCounter())
+
+
+def convert_in_workers(src, todo, dst, dtype, device, overflow_mode, workers, bar, finished) -> None:
+    """Shards in parallel processes; with CUDA, worker k decodes on GPU k % device_count.
+
+    Processes (spawned, not forked) because the decode holds the GIL in torch's CPU ops and CUDA
+    contexts do not survive fork.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import torch
+    n_gpu = torch.cuda.device_count() if device.startswith("cuda") else 0
+    log(f"dequantize: {workers} worker processes" + (f" over {n_gpu} GPUs" if n_gpu else " on CPU"))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {}
+        for i, plan in enumerate(todo):
+            dev = f"cuda:{i % n_gpu}" if n_gpu and device == "cuda" else device
+            futures[pool.submit(_convert_shard_in_worker, str(src.path), plan, str(dst / (plan.name + ".partial")),
+                                dtype, dev, overflow_mode)] = plan
+        for i, fut in enumerate(as_completed(futures)):
+            plan = futures[fut]
+            rep = fut.result()
+            bar.update((src.path / plan.name).stat().st_size)
+            finished(i, plan, rep)
 
 
 def finish_output(src_dir: Path, dst: Path, config: dict, dtype_name: str, weight_map: dict) -> None:
@@ -728,7 +771,9 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
         report = RangeReport()
     else:
         device = pick_device(args.device)
-        report = dequantize_stream(src, dst, args.dtype, device, args.fp16_overflow, args.resume)
+        if args.workers < 1:
+            raise UserError(f"--workers {args.workers}: give 1 or more")
+        report = dequantize_stream(src, dst, args.dtype, device, args.fp16_overflow, args.resume, args.workers)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         weight_map = {s.name: p.name for p in plan_output(src, dtype) for s in p.specs}
     finish_output(src_dir, dst, src.config, args.dtype, weight_map)
@@ -1933,6 +1978,9 @@ so values that would overflow are counted and refused unless --fp16-overflow say
                    help="where the MXFP4 decode runs (stream method; default: GPU if present)")
     d.add_argument("--fp16-overflow", choices=["error", "clamp", "inf"], default="error",
                    help="with --dtype fp16, values beyond +-65504: stop (default), saturate, or write inf")
+    d.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="convert N shards at once in separate processes; with GPUs, worker k uses GPU "
+                        "k %% count (default: %(default)s)")
     d.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
     d.add_argument("--resume", action="store_true",
                    help="finish an interrupted run in --dst: complete shards are checked and kept")

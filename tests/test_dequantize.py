@@ -309,3 +309,12 @@ def test_cpu_bf16_fast_path_bit_identical_to_transformers():
     ours = cg.decode_mxfp4_to(blocks, scales, torch.bfloat16)
     ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
     assert torch.equal(bits(ours), bits(ref))
+
+
+def test_workers_give_the_same_bytes(tiny_mxfp4, tiny_bf16, tmp_path):
+    dst = tmp_path / "w2"
+    r = run_cli("dequantize", "--src", tiny_mxfp4, "--dst", dst, "--device", "cpu", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert "2 worker processes" in r.stderr
+    for f in sorted(p.name for p in tiny_bf16.iterdir()):
+        assert filecmp.cmp(tiny_bf16 / f, dst / f, shallow=False), f
