@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""quantize at gpt-oss-120b scale: a checkpoint with the real layer dimensions but few layers.
+
+  python bench/bench_quantize_scale.py --layers 1 --samples 64 --seq-len 512 [--out res.json]
+
+Builds (or reuses) random MXFP4 codes with gpt-oss-120b's dimensions, runs the real `dequantize`
+and then `quantize` (GPTQ W4A16 experts + attention) as subprocesses, and samples while each runs:
+peak host RSS of the process tree (psutil), peak GPU memory in use (nvidia-smi), wall time, and
+the disk used by the offload folder. Prints the per-layer figures and the projection to 36 layers
+(120b) and 24 layers (20b) with the arithmetic.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def dir_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.exists() else 0
+
+
+def run_sampled(cmd: list, offload: Path | None = None) -> dict:
+    import psutil
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = {"rss": 0, "gpu_mib": 0, "offload": 0}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            try:
+                p = psutil.Process(proc.pid)
+                rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+                peak["rss"] = max(peak["rss"], rss)
+            except psutil.Error:
+                pass
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout
+                peak["gpu_mib"] = max(peak["gpu_mib"], sum(int(x) for x in out.split()))
+            except Exception:
+                pass
+            if offload:
+                peak["offload"] = max(peak["offload"], dir_size(offload))
+            time.sleep(0.5)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t0 = time.perf_counter()
+    t.start()
+    log = proc.stdout.read()
+    proc.wait()
+    stop.set()
+    t.join()
+    return {"rc": proc.returncode, "wall_s": time.perf_counter() - t0, "peak_rss": peak["rss"],
+            "peak_gpu_mib": peak["gpu_mib"], "peak_offload_bytes": peak["offload"], "log_tail": log[-4000:]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--work", default="/tmp/gptoss-bench")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    import tiny_gptoss
+    work = Path(a.work)
+    src = work / f"gptoss120b-dims-{a.layers}L-mxfp4"
+    if not (src / "config.json").exists():
+        tiny_gptoss.build_random(src, tiny_gptoss.TinySpec(**{**tiny_gptoss.asdict(tiny_gptoss.TinySpec()),
+                                                            **tiny_gptoss.GPTOSS_120B_LAYER,
+                                                            "layers": a.layers, "train_steps": 0}))
+    cli = [sys.executable, str(ROOT / "compress_gptoss.py")]
+    bf16 = work / f"gptoss120b-dims-{a.layers}L-bf16"
+    res = {"layers": a.layers, "samples": a.samples, "seq_len": a.seq_len}
+    res["dequantize"] = run_sampled(cli + ["dequantize", "--src", str(src), "--dst", str(bf16), "--overwrite"])
+    calib = tiny_gptoss.corpus_jsonl(work / "calib.jsonl", "train")
+    offload = work / "offload"
+    out = work / "q-out"
+    res["quantize"] = run_sampled(cli + ["quantize", "--model-in", str(bf16), "--experts", "w4a16", "--mw", "w4a16",
+                                         "--calib-jsonl", str(calib), "--num-calibration-samples", str(a.samples),
+                                         "--max-seq-length", str(a.seq_len), "--output-dir", str(out),
+                                         "--overwrite", "--no-eval", "--offload-folder", str(offload)],
+                                  offload=offload)
+    res["output_bytes"] = dir_size(out)
+    for k in ("dequantize", "quantize"):
+        r = res[k]
+        print(f"\n== {k}: rc {r['rc']}, wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss']/2**30:.1f} GiB, "
+              f"peak GPU {r['peak_gpu_mib']/1024:.1f} GiB, offload {r['peak_offload_bytes']/2**30:.1f} GiB")
+        if r["rc"]:
+            print(r["log_tail"])
+    q = res["quantize"]
+    if not q["rc"]:
+        per_layer = q["wall_s"] / a.layers   # an upper bound: load, save and the embeddings are included
+        print(f"\nprojection (upper bound, whole run / layers; {a.samples} x {a.seq_len} calibration tokens):")
+        for name, n in (("gpt-oss-120b", 36), ("gpt-oss-20b (32 experts: ~1/4 of the expert work)", 24)):
+            print(f"  {name}: {n} layers x {per_layer:.0f} s = {n * per_layer / 60:.0f} min")
+        print(q["log_tail"][-1500:])
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
