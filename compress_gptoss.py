@@ -729,18 +729,23 @@ def _triton_kernels():
         tl.store(sx_ptr + row, a / 127.0)
 
     @triton.jit
-    def int4_gemm_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, KW,
+    def int4_gemm_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW,
                          stride_xm, stride_wn, stride_sn, stride_ym,
                          A_MODE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
                          GROUPS_PER_ITER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         QBLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                         QBLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
         """y = x @ dequant(W).T for pack-quantized int4 W.
         A_MODE 0: x fp16/bf16 (W4A16). 1: x int8 + s_x from int8_rows_kernel (W4A8).
         2: x fp16/bf16, quantized per token inside this kernel (W4A8, one launch: each program
            re-reads its BLOCK_M rows to find their absmax; cheap while BLOCK_M * K is small).
         One tl.dot spans GROUP inputs (the scale group, or a K tile when PER_CHANNEL) so the
-        integer sum of a group is exact before its scale is applied in fp32."""
+        integer sum of a group is exact before its scale is applied in fp32.
+        SPLIT_K > 1 (small M: more programs streaming weights): program (tile, s) takes the s-th
+        share of K, adds its fp32 partial into part_ptr [M, N] with atomics and bumps the tile's
+        counter; the last one to arrive reads the sum, writes y and zeroes the tile and its counter,
+        so the workspace is clean for the next call without a memset launch."""
         pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
         pids_in_band = GROUP_M * num_pid_n      # band of GROUP_M row-blocks: reuse W through L2
@@ -774,7 +779,10 @@ def _triton_kernels():
                 acc_k = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             else:
                 acc_k = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        for k0 in range(0, K, GROUP * GROUPS_PER_ITER):
+        steps_per_split = (tl.cdiv(K, GROUP * GROUPS_PER_ITER) + SPLIT_K - 1) // SPLIT_K
+        k_lo = pid_k * steps_per_split * (GROUP * GROUPS_PER_ITER)
+        k_hi = tl.minimum(K, k_lo + steps_per_split * (GROUP * GROUPS_PER_ITER))
+        for k0 in range(k_lo, k_hi, GROUP * GROUPS_PER_ITER):
             for j in tl.static_range(GROUPS_PER_ITER):
                 kg = k0 + j * GROUP
                 offs_k = kg + tl.arange(0, GROUP)
@@ -803,7 +811,22 @@ def _triton_kernels():
         if A_MODE != 0:
             acc = acc * s_x[:, None]
         y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        mask = m_mask[:, None] & n_mask[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            p_ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            tl.atomic_add(p_ptrs, acc, mask=mask, sem="relaxed")
+            tl.debug_barrier()   # every thread's partial is issued before the tile's counter moves
+            tile = pid_m * num_pid_n + pid_n
+            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                tl.debug_barrier()
+                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                total = tl.atomic_add(p_ptrs, zero, mask=mask, sem="relaxed")  # read at L2, not L1
+                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(p_ptrs, zero, mask=mask)
+                tl.store(count_ptr + tile, 0)
 
     _TRITON_KERNELS = {"int8_rows": int8_rows_kernel, "int4_gemm": int4_gemm_kernel}
     return _TRITON_KERNELS
@@ -820,24 +843,62 @@ class Int4GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    split_k: int = 1       # programs sharing one output tile along K (atomics + last-arriver fixup)
 
     def label(self) -> str:
         return (f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
-                + ("F" if self.fuse_act_quant else ""))
+                + (f"x{self.split_k}" if self.split_k > 1 else "") + ("F" if self.fuse_act_quant else ""))
 
 
-def int4_gemm_config(m: int, n: int, k: int) -> Int4GemmConfig:
-    """At M <= 16 the GEMM streams int4 weights (bandwidth-bound): narrow N tiles for enough
-    programs, a long K step for enough bytes in flight, activation quantization fused (the A
-    tile is tiny). At large M it is compute-bound: big tiles, int8 tensor cores, separate quant."""
+def int4_gemm_config(m: int, n: int, k: int, sms: int = 132) -> Int4GemmConfig:
+    """At M <= 16 the GEMM streams int4 weights (bandwidth-bound, ~2 us for 8 MB on an H200):
+    narrow N tiles and split-K until there are >= 2 programs per SM with >= 1 K step each, so
+    enough bytes are in flight. Activation quantization is fused only for M <= 4: every program
+    re-reads its rows' whole K to find the absmax, cheap for a few rows only. At large M it is
+    compute-bound: big tiles on int8 tensor cores, a separate quantization kernel."""
+    def split_for(tiles, step, want):
+        steps, split = -(-k // step), 1
+        while tiles * split < want and split < 8 and steps >= 2 * split:
+            split *= 2
+        return split
     if m <= 16:
-        return Int4GemmConfig(16, 32 if n >= 2048 else 16, 256, True, num_warps=4, num_stages=3)
+        bn = 32 if n >= 2048 else 16
+        return Int4GemmConfig(16, bn, 256, m <= 4, 4, 3, split_k=split_for(-(-n // bn), 256, 2 * sms))
     if m <= 64:
-        return Int4GemmConfig(m if m in (32, 64) else (32 if m <= 32 else 64), 64 if n >= 2048 else 32,
-                              256, m <= 32, num_warps=4, num_stages=3)
+        bm, bn = (32 if m <= 32 else 64), (64 if n >= 2048 else 32)
+        tiles = -(-m // bm) * -(-n // bn)
+        return Int4GemmConfig(bm, bn, 256, False, 4, 3, split_k=split_for(tiles, 256, sms))
     if m <= 256:
-        return Int4GemmConfig(64, 128, 128, False, num_warps=4, num_stages=3)
-    return Int4GemmConfig(128, 128, 128, False, num_warps=8, num_stages=3)
+        tiles = -(-m // 64) * -(-n // 128)
+        return Int4GemmConfig(64, 128, 128, False, 4, 3, split_k=split_for(tiles, 128, sms))
+    tiles = -(-m // 128) * -(-n // 128)
+    return Int4GemmConfig(128, 128, 128, False, 8, 3, split_k=split_for(tiles, 128, sms // 2))
+
+
+_SPLIT_K_WORKSPACE: dict = {}
+_SM_COUNT: dict = {}
+
+
+def _split_k_workspace(device, m: int, n: int, tiles: int):
+    """fp32 partial sums [M, N] and int32 tile counters, zero and left zero by every call. One per
+    device: calls on one stream are ordered; concurrent streams would need their own."""
+    import torch
+    key = str(device)
+    part, count = _SPLIT_K_WORKSPACE.get(key, (None, None))
+    if part is None or part.numel() < m * n or count.numel() < tiles:
+        part = torch.zeros(max(m * n, 1 << 20), device=device, dtype=torch.float32)
+        count = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
+        _SPLIT_K_WORKSPACE[key] = (part, count)
+    return part, count
+
+
+def _sm_count(device) -> int:
+    key = str(device)
+    if key not in _SM_COUNT:
+        import torch
+        _SM_COUNT[key] = (torch.cuda.get_device_properties(device).multi_processor_count
+                          if device.type == "cuda" else 132)
+    return _SM_COUNT[key]
 
 
 def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
@@ -868,7 +929,7 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    cfg = config or int4_gemm_config(m, n, k)
+    cfg = config or int4_gemm_config(m, n, k, _sm_count(x.device))
     kern = _triton_kernels()
     per_iter = max(1, cfg.k_per_iter // dot_k)
     if act == "a16":
@@ -880,12 +941,13 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
         xa = torch.empty(m, k, device=x.device, dtype=torch.int8)
         sx = torch.empty(m, device=x.device, dtype=torch.float32)
         kern["int8_rows"][(m,)](x2, xa, sx, k, x2.stride(0), xa.stride(0), BLOCK_K=1024, num_warps=4)
-    grid = (-(-m // cfg.block_m) * -(-n // cfg.block_n),)
-    kern["int4_gemm"][grid](
-        xa, sx, wp, weight_scale, y, m, n, k, wp.shape[1],
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    part, count = _split_k_workspace(x.device, m, n, tiles) if cfg.split_k > 1 else (y, y)
+    kern["int4_gemm"][(tiles, cfg.split_k)](
+        xa, sx, wp, weight_scale, y, part, count, m, n, k, wp.shape[1],
         xa.stride(0), wp.stride(0), weight_scale.stride(0), y.stride(0),
         A_MODE=mode, GROUP=dot_k, PER_CHANNEL=per_channel, GROUPS_PER_ITER=per_iter,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, QBLOCK_K=256, GROUP_M=cfg.group_m,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, QBLOCK_K=256, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if bias is not None:
         y += bias
@@ -995,6 +1057,7 @@ def _cuda_gpus() -> list[dict]:
 # kills the worker, the case is reported as a crash, and a fresh worker takes the remaining ones.
 
 BENCH_BACKENDS = ("fp16", "w4a8", "w4a16", "qqq", "qqq-gemm")
+SWEEP_M = (1, 16, 1024)   # --sweep over several cases times these M only (a few minutes on an H200)
 BENCH_L2_FACTOR = 3
 BENCH_MAX_COPIES = 128
 BENCH_CHECKS = [  # (M, N, K, group, act, dtype): odd sizes, every group kind, both dtypes
@@ -1020,17 +1083,22 @@ def backend_label(backend: str, group) -> str:
 
 def sweep_configs(m: int) -> list[Int4GemmConfig]:
     """Alternatives timed by --sweep (graph timing) next to int4_gemm_config's pick."""
+    C = Int4GemmConfig
     if m <= 16:
-        return [Int4GemmConfig(16, bn, kpi, fuse, w, st) for bn in (16, 32, 64) for kpi in (128, 256, 512)
-                for fuse in (True, False) for w, st in ((4, 3),)] + \
-               [Int4GemmConfig(16, 32, 256, True, 2, 4), Int4GemmConfig(16, 16, 512, True, 2, 4),
-                Int4GemmConfig(16, 64, 256, True, 8, 3)]
+        return [C(16, bn, 256, fuse, 4, 3, split_k=sk) for bn in (16, 32, 64) for sk in (1, 2, 4, 8)
+                for fuse in (True, False)] + \
+               [C(16, 32, 512, False, 4, 3, split_k=2), C(16, 32, 512, False, 4, 3, split_k=4),
+                C(16, 16, 512, True, 4, 3, split_k=4), C(16, 32, 256, False, 2, 4, split_k=4),
+                C(16, 32, 256, False, 4, 4, split_k=4), C(16, 64, 256, False, 8, 3, split_k=2),
+                C(16, 32, 128, False, 4, 4, split_k=4), C(16, 128, 256, False, 4, 3, split_k=4)]
     if m <= 64:
-        return [Int4GemmConfig(bm, bn, kpi, fuse, 4, 3) for bm in (32, 64) for bn in (32, 64, 128)
-                for kpi in (128, 256) for fuse in (True, False)]
-    return [Int4GemmConfig(bm, bn, kpi, False, w, st) for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 256, 8),
-                                                                         (128, 64, 4), (64, 256, 8))
-            for kpi in (64, 128, 256) for st in (3, 4)]
+        return [C(bm, bn, 256, False, 4, 3, split_k=sk) for bm in (32, 64) for bn in (32, 64, 128)
+                for sk in (1, 2, 4)] + [C(32, 64, 256, True, 4, 3, split_k=2), C(64, 64, 128, False, 4, 4, split_k=2)]
+    return [C(bm, bn, kpi, False, w, st) for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 256, 8),
+                                                            (128, 64, 4), (64, 256, 8))
+            for kpi in (128, 256) for st in (3, 4)] + \
+           [C(128, 128, 128, False, 8, 3, split_k=2), C(128, 128, 128, False, 8, 3, split_k=4),
+            C(64, 128, 128, False, 4, 3, split_k=2)]
 
 
 def _time_eager_us(fn, copies: int, iters: int, warmup: int = 10) -> float:
@@ -1263,6 +1331,8 @@ def run_runtime_bench(cases: list[dict], backends: list[str], group, iters: int 
                          "label": backend_label(b, group), **cs})
     if sweep and ({"w4a8", "w4a16"} & set(backends)):
         for ci, cs in enumerate(cases):
+            if len(cases) > 1 and cs["M"] not in SWEEP_M:
+                continue
             for si, cfg in enumerate(sweep_configs(cs["M"])):
                 jobs.append({"id": f"s{ci}-{si}", "kind": "sweep", "backend": "w4a8", "group": group,
                              "config": cfg.__dict__, "graph_only": True, "label": f"sweep {cfg.label()}", **cs})
@@ -1292,8 +1362,11 @@ def run_runtime_bench(cases: list[dict], backends: list[str], group, iters: int 
                 and "graph_us" in r and r["rel_err"] <= 1e-3]
         if cand:
             best = min(cand, key=lambda r: r["graph_us"])
+            default = next((r for r in report["results"] if r["backend"] == "w4a8" and r["shape"] == cs["shape"]
+                            and r["M"] == cs["M"] and "graph_us" in r), {})
             report["sweep"].append({"shape": cs["shape"], "M": cs["M"], "K": cs["K"], "N": cs["N"],
                                     "best_config": best["config"], "graph_us": best["graph_us"],
+                                    "default_config": default.get("config"), "default_graph_us": default.get("graph_us"),
                                     "tried": len(cand), "failed": sum(1 for r in rows if r["kind"] == "sweep"
                                                                       and r["shape"] == cs["shape"] and r["M"] == cs["M"]
                                                                       and "error" in r)})
@@ -1347,8 +1420,10 @@ def format_bench_report(report: dict) -> str:
     if report["sweep"]:
         lines.append("sweep (W4A8, graph timing, best config per case):")
         for s in report["sweep"]:
+            dflt = (f"; default {s['default_config']} {s['default_graph_us']:.1f} us" if s.get("default_graph_us")
+                    else "")
             lines.append(f"  {s['shape']:<16} M={s['M']:<5} {s['graph_us']:8.1f} us  {s['best_config']}"
-                         f"  ({s['tried']} configs ok, {s['failed']} failed)")
+                         f"  ({s['tried']} configs ok, {s['failed']} failed{dflt})")
     lines.append("targets: " + ", ".join(f"{k} {v}" for k, v in report["summary"].items()))
     return "\n".join(lines)
 
