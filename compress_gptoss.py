@@ -1391,32 +1391,50 @@ def _bench_summary(report: dict) -> dict:
 
 
 def format_bench_report(report: dict) -> str:
+    """One line per (shape, M), one column block per backend: eager and graph median us, their
+    speedups over fp16 nn.Linear, and the relative error vs float64 of that backend's output."""
     env = report["env"]
     gpu = (env.get("gpus") or [{}])[0]
     lines = [f"W4A8 microbench: {gpu.get('name', '?')} (cc {'.'.join(map(str, gpu.get('capability', ('?',))))}), "
-             f"torch {env['torch']['version']}, CUDA {env['torch'].get('cuda')}, triton {env['packages'].get('triton')}",
+             f"torch {env['torch']['version']}, CUDA {env['torch'].get('cuda')}, triton {env['packages'].get('triton')}, "
+             f"{report['settings'].get('date_utc', '')}",
              f"timing: {report['settings']['timing']}"]
     if report["checks"]:
         bad = [r for r in report["checks"] if not r["ok"]]
-        lines.append(f"correctness checks: {len(report['checks']) - len(bad)}/{len(report['checks'])} passed"
+        lines.append(f"correctness checks (odd shapes, every group kind, fp16+bf16): "
+                     f"{len(report['checks']) - len(bad)}/{len(report['checks'])} passed"
                      + "".join(f"\n  FAIL {r['label']} M={r['M']} K={r['K']} N={r['N']}: "
                                + (r.get("error") or f"rel.err {r['rel_err']:.2e}") for r in bad))
-    lines.append(f"{'shape':<16} {'M':>5} {'K':>5} {'N':>5}  {'backend':<22} {'eager us':>9} {'x fp16':>7} "
-                 f"{'graph us':>9} {'x fp16':>7} {'rel.err':>8}  config / note")
-    prev = None
-    for r in report["results"]:
-        key = (r["shape"], r["M"])
-        head = f"{r['shape']:<16} {r['M']:>5} {r['K']:>5} {r['N']:>5}" if key != prev else " " * 34
-        prev = key
-        if "error" in r:
-            lines.append(f"{head}  {r['label']:<22} {'-':>9} {'':>7} {'-':>9} {'':>7} {'-':>8}  {r['error']}")
-            continue
+    backends = list(dict.fromkeys(r["backend"] for r in report["results"]))
+    labels = {r["backend"]: r["label"] for r in report["results"]}
+    block = 36
+    lines.append(" " * 32 + "".join(f"| {labels[b]:<{block - 2}}" for b in backends))
+    lines.append(f"{'shape':<15}{'M':>5}{'K':>5}{'N':>5}  " + "".join(
+        f"| {'eager':>6}{'graph':>7}{'x':>6}{'xg':>6}{'err':>8} " for _ in backends)
+        + " (us; x, xg = speedup vs fp16 eager, graph)")
+    errors: dict[str, list] = {}
+    cases = list(dict.fromkeys((r["shape"], r["M"], r["K"], r["N"]) for r in report["results"]))
+    for shape, m, k, n in cases:
+        row = f"{shape[:15]:<15}{m:>5}{k:>5}{n:>5}  "
+        for b in backends:
+            r = next((r for r in report["results"] if r["backend"] == b and r["shape"] == shape and r["M"] == m), None)
+            if r is None or "error" in r:
+                msg = (r or {}).get("error", "not run")
+                idx = list(errors).index(msg) + 1 if msg in errors else len(errors) + 1
+                errors.setdefault(msg, []).append(f"{labels[b]} {shape} M={m}")
+                row += f"| {'error [' + str(idx) + ']':<{block - 2}}"
+                continue
 
-        def f(v, fmt):
-            return format(v, fmt) if v is not None else "-"
-        lines.append(f"{head}  {r['label']:<22} {f(r.get('eager_us'), '9.1f'):>9} {f(r.get('eager_speedup'), '7.2f'):>7} "
-                     f"{f(r.get('graph_us'), '9.1f'):>9} {f(r.get('graph_speedup'), '7.2f'):>7} "
-                     f"{r['rel_err']:8.1e}  {r.get('config', '')}")
+            def f(key, fmt, width):
+                return format(r[key], fmt).rjust(width) if r.get(key) is not None else "-".rjust(width)
+            row += (f"| {f('eager_us', '.1f', 6)}{f('graph_us', '.1f', 7)}{f('eager_speedup', '.2f', 6)}"
+                    f"{f('graph_speedup', '.2f', 6)}{r['rel_err']:8.1e} ")
+        lines.append(row)
+    configs = {(r["shape"], r["M"]): r.get("config") for r in report["results"] if r["backend"] == "w4a8"}
+    if any(configs.values()):
+        lines.append("built-in configs: " + ", ".join(f"{s} M={m}: {c}" for (s, m), c in configs.items() if c))
+    for i, (msg, where) in enumerate(errors.items(), 1):
+        lines.append(f"[{i}] {msg[:300]} ({len(where)}x: {', '.join(where[:3])}{', ...' if len(where) > 3 else ''})")
     if report["sweep"]:
         lines.append("sweep (W4A8, graph timing, best config per case):")
         for s in report["sweep"]:
