@@ -655,14 +655,14 @@ def scale_group_size(weight_scale, in_features: int) -> int:
 
 
 def quantize_activations_int8(x):
-    """Per-token symmetric int8, the exact arithmetic of the Triton kernels: v = x * 127 / amax in
-    fp32 with one correctly rounded division (fp16 inputs hit exact .5 ties often, so a reciprocal
-    multiply would round differently), then half away from zero. Returns (x_q int8, s_x fp32)."""
+    """Per-token symmetric int8 with the exact fp32 arithmetic of the Triton kernels (and of
+    vLLM's): inv = 127 / amax correctly rounded once per token, x_q = round_half_even(x * inv).
+    Half-to-even like torch.round in compressed-tensors; fp16 inputs hit exact .5 ties often, so
+    the rounding rule matters. Returns (x_q int8 [M, K], s_x = amax / 127 float32 [M])."""
     import torch
     xf = x.float()
     amax = xf.abs().amax(dim=-1).clamp_min(INT8_ABSMAX_FLOOR)
-    v = (xf * 127.0) / amax[..., None]
-    xq = torch.trunc(v + torch.where(v >= 0, 0.5, -0.5)).clamp(-127, 127).to(torch.int8)
+    xq = torch.round(xf * (127.0 / amax)[..., None]).clamp(-127, 127).to(torch.int8)
     return xq, amax / 127.0
 
 
@@ -712,7 +712,7 @@ def _triton_kernels():
 
     @triton.jit
     def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
-        """One program per token: absmax, then x_q = round_half_away(x * 127 / amax)."""
+        """One program per token: absmax, then x_q = round_half_even(x * (127 / amax))."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_K)
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -720,11 +720,11 @@ def _triton_kernels():
             xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
             amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
         a = tl.maximum(tl.max(amax, axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
-        a_vec = tl.zeros([BLOCK_K], dtype=tl.float32) + a
+        inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
         for k0 in range(0, K, BLOCK_K):
             xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
-            v = tl.math.div_rn(xv.to(tl.float32) * 127.0, a_vec)
-            v = tl.minimum(tl.maximum(v + tl.where(v >= 0, 0.5, -0.5), -127.0), 127.0)
+            v = xv.to(tl.float32) * inv
+            v = (v + 12582912.0) - 12582912.0  # round half to even: 1.5 * 2^23 (|v| <= 127 * (1 + ulp))
             tl.store(xq_ptr + row * stride_qm + k0 + offs, v.to(tl.int32).to(tl.int8), mask=k0 + offs < K)
         tl.store(sx_ptr + row, a / 127.0)
 
@@ -769,6 +769,7 @@ def _triton_kernels():
                 xv = tl.load(x_rows + offs[None, :], mask=m_mask[:, None] & (offs[None, :] < K), other=0.0)
                 amax = tl.maximum(amax, tl.max(tl.abs(xv.to(tl.float32)), axis=1))
             amax = tl.maximum(amax, 1e-8)  # INT8_ABSMAX_FLOOR
+            inv = tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), amax)
             s_x = amax / 127.0
         if A_MODE == 1:
             s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
@@ -788,8 +789,8 @@ def _triton_kernels():
                 offs_k = kg + tl.arange(0, GROUP)
                 a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0)
                 if A_MODE == 2:
-                    v = tl.math.div_rn(a.to(tl.float32) * 127.0, tl.zeros([BLOCK_M, GROUP], dtype=tl.float32) + amax[:, None])
-                    v = tl.minimum(tl.maximum(v + tl.where(v >= 0, 0.5, -0.5), -127.0), 127.0)
+                    v = a.to(tl.float32) * inv[:, None]
+                    v = (v + 12582912.0) - 12582912.0  # round half to even (launched without FMA fusion)
                     a = v.to(tl.int32).to(tl.int8)
                 # W tile as stored: [BLOCK_N, GROUP/8] words, contiguous per row (vector loads),
                 # unpacked by broadcasting 8 shifts: [BLOCK_N, GROUP/8, 8] -> [BLOCK_N, GROUP].
@@ -940,7 +941,8 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
         mode = 1
         xa = torch.empty(m, k, device=x.device, dtype=torch.int8)
         sx = torch.empty(m, device=x.device, dtype=torch.float32)
-        kern["int8_rows"][(m,)](x2, xa, sx, k, x2.stride(0), xa.stride(0), BLOCK_K=1024, num_warps=4)
+        kern["int8_rows"][(m,)](x2, xa, sx, k, x2.stride(0), xa.stride(0), BLOCK_K=1024, num_warps=4,
+                                enable_fp_fusion=False)
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
     part, count = _split_k_workspace(x.device, m, n, tiles) if cfg.split_k > 1 else (y, y)
     kern["int4_gemm"][(tiles, cfg.split_k)](
@@ -948,7 +950,8 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
         xa.stride(0), wp.stride(0), weight_scale.stride(0), y.stride(0),
         A_MODE=mode, GROUP=dot_k, PER_CHANNEL=per_channel, GROUPS_PER_ITER=per_iter,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, QBLOCK_K=256, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        enable_fp_fusion=False)  # x * inv + 1.5 * 2^23 must round twice: no FMA contraction
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], n)

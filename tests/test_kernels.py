@@ -227,7 +227,9 @@ def test_pack_layout_matches_compressed_tensors():
 def test_activation_quantization_reference():
     x = torch.tensor([[1.0, -0.5, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float16)
     xq, sx = c.quantize_activations_int8(x)
-    assert xq.tolist() == [[127, -64, 32, 0], [0, 0, 0, 0]]  # -63.5 rounds away from zero
+    assert xq.tolist() == [[127, -64, 32, 0], [0, 0, 0, 0]]  # -63.5: half to even
+    xq, _ = c.quantize_activations_int8(torch.tensor([[2.0, 0.5 / 127 * 2, 1.5 / 127 * 2]]))
+    assert xq.tolist() == [[127, 0, 2]]
     assert torch.allclose(sx, torch.tensor([1 / 127, c.INT8_ABSMAX_FLOOR / 127]))
 
 
