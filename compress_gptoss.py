@@ -825,6 +825,7 @@ def _triton_kernels():
                 tl.debug_barrier()
                 zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 total = tl.atomic_add(p_ptrs, zero, mask=mask, sem="relaxed")  # read at L2, not L1
+                total = tl.where(mask, total, 0.0)  # masked lanes of an atomic return garbage
                 tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
                 tl.store(p_ptrs, zero, mask=mask)
                 tl.store(count_ptr + tile, 0)
@@ -893,6 +894,17 @@ def _split_k_workspace(device, m: int, n: int, tiles: int):
     return part, count
 
 
+def _default_config(m: int, n: int, k: int, device) -> Int4GemmConfig:
+    key = (m, n, k, str(device))
+    cfg = _CONFIG_CACHE.get(key)
+    if cfg is None:
+        cfg = _CONFIG_CACHE[key] = int4_gemm_config(m, n, k, _sm_count(device))
+    return cfg
+
+
+_CONFIG_CACHE: dict = {}
+
+
 def _sm_count(device) -> int:
     key = str(device)
     if key not in _SM_COUNT:
@@ -930,7 +942,7 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    cfg = config or int4_gemm_config(m, n, k, _sm_count(x.device))
+    cfg = config or _default_config(m, n, k, x.device)
     kern = _triton_kernels()
     per_iter = max(1, cfg.k_per_iter // dot_k)
     if act == "a16":
@@ -1714,6 +1726,9 @@ def check_build_toolchain() -> list[str]:
                for sub in ("include", "targets/x86_64-linux/include", "targets/sbsa-linux/include")):
         missing.append("CUDA headers (cuda_runtime.h under $CUDA_HOME/include; e.g. the cuda-toolkit "
                        "or cuda-cudart-dev package)")
+    import importlib.util
+    if importlib.util.find_spec("setuptools") is None:  # --no-build-isolation builds with what is here
+        missing.append("setuptools (pip install setuptools wheel)")
     return missing
 
 

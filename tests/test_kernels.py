@@ -118,6 +118,20 @@ def split_k_sums_and_leaves_workspace_clean():
 
 
 @case
+def bench_job_check_only_on_cpu():
+    """The bench's per-job code (weights, references, error) on the CPU, without timing."""
+    worst = 0.0
+    for backend, group, dtype, cfg in (("fp16", 64, "fp16", None), ("w4a8", 64, "fp16", None),
+                                       ("w4a16", 32, "fp16", None), ("w4a8", None, "fp16", c.int4_gemm_config(1000, 37, 320))):
+        job = {"backend": backend, "M": 3, "K": 320, "N": 37, "group": group, "dtype": dtype, "device": "cpu",
+               "check_only": True, "config": cfg.__dict__ if cfg else None}
+        r = c._bench_one(job, 1, False)
+        assert r["rel_err"] <= TOL and r["copies"] == 1, (job, r)
+        worst = max(worst, r["rel_err"])
+    return worst
+
+
+@case
 def bf16_activations_a8():
     """A8 with bf16 x only does int8 dots, so it runs in the interpreter (A16 with bf16 does a bf16
     tl.dot, which the triton 3.9 interpreter computes wrongly; the GPU bench checks that one)."""
