@@ -711,21 +711,31 @@ def _triton_kernels():
     globals()["tl"] = importlib.import_module("triton.language")
 
     @triton.jit
-    def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
-        """One program per token: absmax, then x_q = round_half_even(x * (127 / amax))."""
+    def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
+                         ONE_PASS: tl.constexpr):
+        """One program per token: absmax, then x_q = round_half_even(x * (127 / amax)).
+        ONE_PASS (BLOCK_K >= K): the row is loaded once and stays in registers."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_K)
-        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
-            amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
-        a = tl.maximum(tl.max(amax, axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
-        inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
-        for k0 in range(0, K, BLOCK_K):
-            xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
-            v = xv.to(tl.float32) * inv
+        if ONE_PASS:
+            xv = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+            a = tl.maximum(tl.max(tl.abs(xv), axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
+            inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
+            v = xv * inv
             v = (v + 12582912.0) - 12582912.0  # round half to even: 1.5 * 2^23 (|v| <= 127 * (1 + ulp))
-            tl.store(xq_ptr + row * stride_qm + k0 + offs, v.to(tl.int32).to(tl.int8), mask=k0 + offs < K)
+            tl.store(xq_ptr + row * stride_qm + offs, v.to(tl.int32).to(tl.int8), mask=offs < K)
+        else:
+            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+                amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
+            a = tl.maximum(tl.max(amax, axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
+            inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
+            for k0 in range(0, K, BLOCK_K):
+                xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+                v = xv.to(tl.float32) * inv
+                v = (v + 12582912.0) - 12582912.0
+                tl.store(xq_ptr + row * stride_qm + k0 + offs, v.to(tl.int32).to(tl.int8), mask=k0 + offs < K)
         tl.store(sx_ptr + row, a / 127.0)
 
     @triton.jit
@@ -733,11 +743,13 @@ def _triton_kernels():
                          stride_xm, stride_wn, stride_sn, stride_ym,
                          A_MODE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
                          GROUPS_PER_ITER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         QBLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+                         FUSE_ROWS: tl.constexpr, QBLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         SPLIT_K: tl.constexpr):
         """y = x @ dequant(W).T for pack-quantized int4 W.
         A_MODE 0: x fp16/bf16 (W4A16). 1: x int8 + s_x from int8_rows_kernel (W4A8).
         2: x fp16/bf16, quantized per token inside this kernel (W4A8, one launch: each program
-           re-reads its BLOCK_M rows to find their absmax; cheap while BLOCK_M * K is small).
+           first reads its rows, M <= FUSE_ROWS <= BLOCK_M, in [FUSE_ROWS, QBLOCK_K] tiles (1-3
+           loads for GPT-OSS K) to find their absmax; cheap for a few rows only).
         One tl.dot spans GROUP inputs (the scale group, or a K tile when PER_CHANNEL) so the
         integer sum of a group is exact before its scale is applied in fp32.
         SPLIT_K > 1 (small M: more programs streaming weights): program (tile, s) takes the s-th
@@ -763,11 +775,15 @@ def _triton_kernels():
         shifts = (tl.arange(0, 8) * 4)[None, None, :]
 
         if A_MODE == 2:
-            amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+            rows_r = pid_m * BLOCK_M + tl.arange(0, FUSE_ROWS)
+            amax_r = tl.zeros([FUSE_ROWS], dtype=tl.float32)
             for k0 in range(0, K, QBLOCK_K):
                 offs = k0 + tl.arange(0, QBLOCK_K)
-                xv = tl.load(x_rows + offs[None, :], mask=m_mask[:, None] & (offs[None, :] < K), other=0.0)
-                amax = tl.maximum(amax, tl.max(tl.abs(xv.to(tl.float32)), axis=1))
+                xv = tl.load(x_ptr + rows_r.to(tl.int64)[:, None] * stride_xm + offs[None, :],
+                             mask=(rows_r[:, None] < M) & (offs[None, :] < K), other=0.0)
+                amax_r = tl.maximum(amax_r, tl.max(tl.abs(xv.to(tl.float32)), axis=1))
+            pick = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, FUSE_ROWS)[None, :]
+            amax = tl.max(tl.where(pick, amax_r[None, :], 0.0), axis=1)   # [FUSE_ROWS] -> [BLOCK_M]
             amax = tl.maximum(amax, 1e-8)  # INT8_ABSMAX_FLOOR
             inv = tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), amax)
             s_x = amax / 127.0
@@ -945,15 +961,18 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
     cfg = config or _default_config(m, n, k, x.device)
     kern = _triton_kernels()
     per_iter = max(1, cfg.k_per_iter // dot_k)
+    fuse_rows = max(2, 1 << (m - 1).bit_length())
     if act == "a16":
         mode, xa, sx = 0, x2, x2
-    elif cfg.fuse_act_quant:
+    elif cfg.fuse_act_quant and fuse_rows <= cfg.block_m:   # all rows in one M tile
         mode, xa, sx = 2, x2, x2
     else:
         mode = 1
         xa = torch.empty(m, k, device=x.device, dtype=torch.int8)
         sx = torch.empty(m, device=x.device, dtype=torch.float32)
-        kern["int8_rows"][(m,)](x2, xa, sx, k, x2.stride(0), xa.stride(0), BLOCK_K=1024, num_warps=4,
+        block = max(256, 1 << (k - 1).bit_length())
+        kern["int8_rows"][(m,)](x2, xa, sx, k, x2.stride(0), xa.stride(0), BLOCK_K=min(block, 8192),
+                                ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
                                 enable_fp_fusion=False)
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
     part, count = _split_k_workspace(x.device, m, n, tiles) if cfg.split_k > 1 else (y, y)
@@ -961,7 +980,9 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
         xa, sx, wp, weight_scale, y, part, count, m, n, k, wp.shape[1],
         xa.stride(0), wp.stride(0), weight_scale.stride(0), y.stride(0),
         A_MODE=mode, GROUP=dot_k, PER_CHANNEL=per_channel, GROUPS_PER_ITER=per_iter,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, QBLOCK_K=256, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSE_ROWS=fuse_rows if mode == 2 else 2,   # constexprs:
+        QBLOCK_K=max(256, 4096 // fuse_rows) if mode == 2 else 256,  # fixed when unused (one compile)
+        GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=False)  # x * inv + 1.5 * 2^23 must round twice: no FMA contraction
     if bias is not None:

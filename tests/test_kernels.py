@@ -45,6 +45,7 @@ REFERENCE_SHAPES = [  # (m, n, k, group, act)
     (3, 21, 2880, 32, "a16"),
     (3, 40, 320, None, "a8"),    # per channel: K tail masked (320 = 2.5 x 128)
     (1, 17, 320, None, "a16"),
+    (1, 23, 640, 32, "a8"),      # M = 1: fused quantization over a 2-row tile, one valid row
     (70, 37, 320, 64, "a8"),     # M > 64: separate int8 quantization kernel + big tiles
     (70, 37, 320, None, "a8"),
     (33, 9, 320, 32, "a16"),
@@ -266,7 +267,7 @@ def test_kernels_compile_for_gpus_without_a_gpu(cc):
         (0, 128, True, 2, 64, 128, 2, 4, "*bf16")]
     for mode, group, per_ch, gpi, bm, bn, split, warps, xdt in (configs if cc == 90 else configs[:1]):
         consts = {"A_MODE": mode, "GROUP": group, "PER_CHANNEL": per_ch, "GROUPS_PER_ITER": gpi, "BLOCK_M": bm,
-                  "BLOCK_N": bn, "QBLOCK_K": 256, "GROUP_M": 8, "SPLIT_K": split}
+                  "BLOCK_N": bn, "FUSE_ROWS": 4, "QBLOCK_K": 1024, "GROUP_M": 8, "SPLIT_K": split}
         sig = {n: consts.get(n) is not None and "constexpr" or ptr.get(n, "i32") for n in names}
         sig["x_ptr"] = xdt
         sig["y_ptr"] = "*bf16" if xdt == "*bf16" else "*fp16"
