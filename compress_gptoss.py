@@ -1042,8 +1042,14 @@ def builtin_w4a8_status() -> tuple[bool, str]:
 
 def has_w4a8_runtime() -> bool:
     """True when a W4A8 GEMM is installed: QQQ imports, or triton is importable for the built-in
-    Triton kernel (which needs a CUDA GPU with compute capability >= 8.0 to actually run)."""
-    return qqq_status()[0] or triton_status()[0]
+    Triton kernel (which needs a CUDA GPU with compute capability >= 8.0 to actually run). Logs
+    which one. _GPTOSS_TEST_NO_W4A8_RUNTIME=1 plays a machine with neither (quantize's tests)."""
+    if os.environ.get("_GPTOSS_TEST_NO_W4A8_RUNTIME"):
+        return False
+    ok = qqq_status()[0] or triton_status()[0]
+    if ok:
+        log(w4a8_runtime_message())
+    return ok
 
 
 def w4a8_runtime_message() -> str:

@@ -75,9 +75,11 @@ def test_bench_report_survives_failing_workers():
     json.dumps(rep)
 
 
-def test_runtime_detection_helpers():
+def test_runtime_detection_helpers(monkeypatch):
     triton_ok = c.triton_status()[0]
     assert c.has_w4a8_runtime() == (triton_ok or c.qqq_status()[0])
+    monkeypatch.setenv("_GPTOSS_TEST_NO_W4A8_RUNTIME", "1")
+    assert c.has_w4a8_runtime() is False
     msg = c.w4a8_runtime_message()
     if triton_ok:
         assert "compute capability >= 8.0" in msg
