@@ -1974,26 +1974,39 @@ def _pip_shim_dir(tmp: Path) -> Path:
     return shim
 
 
+def qqq_install_blockers(source: str | None) -> list[str]:
+    """Why QQQ cannot be built here (empty: it can). A wheel needs nothing."""
+    src = source or qqq_default_source()
+    if src.split("?")[0].endswith(".whl"):
+        return []
+    problems = []
+    missing = check_build_toolchain()
+    if missing:
+        problems.append("cannot build QQQ here; missing: " + "; ".join(missing) + ". (Or pass --source a prebuilt .whl.)")
+    if cuda_arch_list()[0] is None:
+        problems.append("no GPU visible to pick the CUDA architecture from: set TORCH_CUDA_ARCH_LIST, e.g. 8.6 "
+                        "(RTX 3090), 8.0 (A100), 8.9 (L40/RTX 4090), 9.0 (H100/H200)")
+    return problems
+
+
 def install_qqq(yes: bool, source: str | None = None) -> bool:
     """Build/install QQQ without touching any installed package; then import check and a numeric
     self-test of its GEMM on the GPU. True when QQQ imports and the self-test passed (or could not
-    run for lack of a GPU, which is said). Raises UserError when the toolchain is incomplete."""
+    run for lack of a GPU, which is logged). False, with the reason logged, when the toolchain is
+    incomplete, the user says no, pip fails or anything else changed."""
     import subprocess
     import tempfile
     src = source or qqq_default_source()
     is_wheel = src.split("?")[0].endswith(".whl")
     env = dict(os.environ)
     plan = [f"source      {src}" + ("" if source else f" (QQQ at pinned commit {QQQ_COMMIT[:12]})")]
+    blockers = qqq_install_blockers(source)
+    if blockers:
+        for b in blockers:
+            log(f"install-kernel: {b}")
+        return False
     if not is_wheel:
-        missing = check_build_toolchain()
-        if missing:
-            raise UserError("install-kernel: cannot build QQQ here; missing: " + "; ".join(missing)
-                            + ". (Or pass --source a prebuilt .whl.)", exit_code=3)
         arch, why = cuda_arch_list()
-        if arch is None:
-            raise UserError("install-kernel: no GPU visible to pick the CUDA architecture from: set "
-                            "TORCH_CUDA_ARCH_LIST, e.g. 8.6 (RTX 3090), 8.0 (A100), 8.9 (L40/RTX 4090), 9.0 (H100/H200)",
-                            exit_code=3)
         env["TORCH_CUDA_ARCH_LIST"] = arch
         plan.append(f"arch        TORCH_CUDA_ARCH_LIST={arch} ({why}; RTX 3090 is 8.6)")
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", src]
@@ -2006,7 +2019,8 @@ def install_qqq(yes: bool, source: str | None = None) -> bool:
         except EOFError:
             answer = ""
         if answer.strip().lower() not in ("y", "yes"):
-            raise UserError("install-kernel: not confirmed; nothing installed (--yes skips the question)", exit_code=1)
+            log("install-kernel: not confirmed; nothing installed (--yes skips the question)")
+            return False
     before = _installed_versions()
     with tempfile.TemporaryDirectory(prefix="gptoss-qqq-") as tmp:
         if not is_wheel:
@@ -2050,6 +2064,9 @@ def cmd_install_kernel(args: argparse.Namespace) -> int:
         st = qqq_self_test()
         log(f"install-kernel: QQQ self-test {'ok' if st['ok'] else 'FAILED'}: {st['detail']}")
         return 0 if st["ok"] else 1
+    blockers = qqq_install_blockers(args.source)
+    if blockers:
+        raise UserError("install-kernel: " + " Also: ".join(blockers), exit_code=3)
     return 0 if install_qqq(args.yes, args.source) else 1
 
 

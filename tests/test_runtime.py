@@ -141,6 +141,13 @@ def test_install_kernel_asks_first(tmp_path):
     assert not (tmp_path / "site").exists()
 
 
+def test_install_qqq_returns_false_when_it_cannot_build(tmp_path, monkeypatch, capsys):
+    """quantize --try-install-qqq calls install_qqq and falls back on False: it must not raise."""
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-cuda"))
+    assert c.install_qqq(yes=True, source=str(tmp_path)) is False
+    assert "cannot build QQQ here" in capsys.readouterr().err
+
+
 def test_install_kernel_missing_toolchain(tmp_path):
     src = tmp_path / "QQQ"
     src.mkdir()
