@@ -849,14 +849,14 @@ def scale_group_size(weight_scale, in_features: int) -> int:
 
 
 def quantize_activations_int8(x):
-    """Per-token symmetric int8, the exact arithmetic of the Triton kernels: v = x * 127 / amax in
-    fp32 with one correctly rounded division (fp16 inputs hit exact .5 ties often, so a reciprocal
-    multiply would round differently), then half away from zero. Returns (x_q int8, s_x fp32)."""
+    """Per-token symmetric int8 with the exact fp32 arithmetic of the Triton kernels (and of
+    vLLM's): inv = 127 / amax correctly rounded once per token, x_q = round_half_even(x * inv).
+    Half-to-even like torch.round in compressed-tensors; fp16 inputs hit exact .5 ties often, so
+    the rounding rule matters. Returns (x_q int8 [M, K], s_x = amax / 127 float32 [M])."""
     import torch
     xf = x.float()
     amax = xf.abs().amax(dim=-1).clamp_min(INT8_ABSMAX_FLOOR)
-    v = (xf * 127.0) / amax[..., None]
-    xq = torch.trunc(v + torch.where(v >= 0, 0.5, -0.5)).clamp(-127, 127).to(torch.int8)
+    xq = torch.round(xf * (127.0 / amax)[..., None]).clamp(-127, 127).to(torch.int8)
     return xq, amax / 127.0
 
 
@@ -905,36 +905,53 @@ def _triton_kernels():
     globals()["tl"] = importlib.import_module("triton.language")
 
     @triton.jit
-    def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
-        """One program per token: absmax, then x_q = round_half_away(x * 127 / amax)."""
+    def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
+                         ONE_PASS: tl.constexpr):
+        """One program per token: absmax, then x_q = round_half_even(x * (127 / amax)).
+        ONE_PASS (BLOCK_K >= K): the row is loaded once and stays in registers."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_K)
-        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
-            amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
-        a = tl.maximum(tl.max(amax, axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
-        a_vec = tl.zeros([BLOCK_K], dtype=tl.float32) + a
-        for k0 in range(0, K, BLOCK_K):
-            xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
-            v = tl.math.div_rn(xv.to(tl.float32) * 127.0, a_vec)
-            v = tl.minimum(tl.maximum(v + tl.where(v >= 0, 0.5, -0.5), -127.0), 127.0)
-            tl.store(xq_ptr + row * stride_qm + k0 + offs, v.to(tl.int32).to(tl.int8), mask=k0 + offs < K)
+        if ONE_PASS:
+            xv = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+            a = tl.maximum(tl.max(tl.abs(xv), axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
+            inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
+            v = xv * inv
+            v = (v + 12582912.0) - 12582912.0  # round half to even: 1.5 * 2^23 (|v| <= 127 * (1 + ulp))
+            tl.store(xq_ptr + row * stride_qm + offs, v.to(tl.int32).to(tl.int8), mask=offs < K)
+        else:
+            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+                amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
+            a = tl.maximum(tl.max(amax, axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
+            inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
+            for k0 in range(0, K, BLOCK_K):
+                xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+                v = xv.to(tl.float32) * inv
+                v = (v + 12582912.0) - 12582912.0
+                tl.store(xq_ptr + row * stride_qm + k0 + offs, v.to(tl.int32).to(tl.int8), mask=k0 + offs < K)
         tl.store(sx_ptr + row, a / 127.0)
 
     @triton.jit
-    def int4_gemm_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, KW,
+    def int4_gemm_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW,
                          stride_xm, stride_wn, stride_sn, stride_ym,
                          A_MODE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
                          GROUPS_PER_ITER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         QBLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                         FUSE_ROWS: tl.constexpr, QBLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         SPLIT_K: tl.constexpr):
         """y = x @ dequant(W).T for pack-quantized int4 W.
         A_MODE 0: x fp16/bf16 (W4A16). 1: x int8 + s_x from int8_rows_kernel (W4A8).
         2: x fp16/bf16, quantized per token inside this kernel (W4A8, one launch: each program
-           re-reads its BLOCK_M rows to find their absmax; cheap while BLOCK_M * K is small).
+           first reads its rows, M <= FUSE_ROWS <= BLOCK_M, in [FUSE_ROWS, QBLOCK_K] tiles (1-3
+           loads for GPT-OSS K) to find their absmax; cheap for a few rows only).
         One tl.dot spans GROUP inputs (the scale group, or a K tile when PER_CHANNEL) so the
-        integer sum of a group is exact before its scale is applied in fp32."""
+        integer sum of a group is exact before its scale is applied in fp32.
+        SPLIT_K > 1 (small M: more programs streaming weights): program (tile, s) takes the s-th
+        share of K, adds its fp32 partial into part_ptr [M, N] with atomics and bumps the tile's
+        counter; the last one to arrive reads the sum, writes y and zeroes the tile and its counter,
+        so the workspace is clean for the next call without a memset launch."""
         pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
         pids_in_band = GROUP_M * num_pid_n      # band of GROUP_M row-blocks: reuse W through L2
@@ -952,12 +969,17 @@ def _triton_kernels():
         shifts = (tl.arange(0, 8) * 4)[None, None, :]
 
         if A_MODE == 2:
-            amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+            rows_r = pid_m * BLOCK_M + tl.arange(0, FUSE_ROWS)
+            amax_r = tl.zeros([FUSE_ROWS], dtype=tl.float32)
             for k0 in range(0, K, QBLOCK_K):
                 offs = k0 + tl.arange(0, QBLOCK_K)
-                xv = tl.load(x_rows + offs[None, :], mask=m_mask[:, None] & (offs[None, :] < K), other=0.0)
-                amax = tl.maximum(amax, tl.max(tl.abs(xv.to(tl.float32)), axis=1))
+                xv = tl.load(x_ptr + rows_r.to(tl.int64)[:, None] * stride_xm + offs[None, :],
+                             mask=(rows_r[:, None] < M) & (offs[None, :] < K), other=0.0)
+                amax_r = tl.maximum(amax_r, tl.max(tl.abs(xv.to(tl.float32)), axis=1))
+            pick = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, FUSE_ROWS)[None, :]
+            amax = tl.max(tl.where(pick, amax_r[None, :], 0.0), axis=1)   # [FUSE_ROWS] -> [BLOCK_M]
             amax = tl.maximum(amax, 1e-8)  # INT8_ABSMAX_FLOOR
+            inv = tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), amax)
             s_x = amax / 127.0
         if A_MODE == 1:
             s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
@@ -968,14 +990,17 @@ def _triton_kernels():
                 acc_k = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             else:
                 acc_k = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        for k0 in range(0, K, GROUP * GROUPS_PER_ITER):
+        steps_per_split = (tl.cdiv(K, GROUP * GROUPS_PER_ITER) + SPLIT_K - 1) // SPLIT_K
+        k_lo = pid_k * steps_per_split * (GROUP * GROUPS_PER_ITER)
+        k_hi = tl.minimum(K, k_lo + steps_per_split * (GROUP * GROUPS_PER_ITER))
+        for k0 in range(k_lo, k_hi, GROUP * GROUPS_PER_ITER):
             for j in tl.static_range(GROUPS_PER_ITER):
                 kg = k0 + j * GROUP
                 offs_k = kg + tl.arange(0, GROUP)
                 a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0)
                 if A_MODE == 2:
-                    v = tl.math.div_rn(a.to(tl.float32) * 127.0, tl.zeros([BLOCK_M, GROUP], dtype=tl.float32) + amax[:, None])
-                    v = tl.minimum(tl.maximum(v + tl.where(v >= 0, 0.5, -0.5), -127.0), 127.0)
+                    v = a.to(tl.float32) * inv[:, None]
+                    v = (v + 12582912.0) - 12582912.0  # round half to even (launched without FMA fusion)
                     a = v.to(tl.int32).to(tl.int8)
                 # W tile as stored: [BLOCK_N, GROUP/8] words, contiguous per row (vector loads),
                 # unpacked by broadcasting 8 shifts: [BLOCK_N, GROUP/8, 8] -> [BLOCK_N, GROUP].
@@ -997,7 +1022,23 @@ def _triton_kernels():
         if A_MODE != 0:
             acc = acc * s_x[:, None]
         y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        mask = m_mask[:, None] & n_mask[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            p_ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            tl.atomic_add(p_ptrs, acc, mask=mask, sem="relaxed")
+            tl.debug_barrier()   # every thread's partial is issued before the tile's counter moves
+            tile = pid_m * num_pid_n + pid_n
+            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                tl.debug_barrier()
+                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                total = tl.atomic_add(p_ptrs, zero, mask=mask, sem="relaxed")  # read at L2, not L1
+                total = tl.where(mask, total, 0.0)  # masked lanes of an atomic return garbage
+                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(p_ptrs, zero, mask=mask)
+                tl.store(count_ptr + tile, 0)
 
     _TRITON_KERNELS = {"int8_rows": int8_rows_kernel, "int4_gemm": int4_gemm_kernel}
     return _TRITON_KERNELS
@@ -1014,24 +1055,73 @@ class Int4GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    split_k: int = 1       # programs sharing one output tile along K (atomics + last-arriver fixup)
 
     def label(self) -> str:
         return (f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
-                + ("F" if self.fuse_act_quant else ""))
+                + (f"x{self.split_k}" if self.split_k > 1 else "") + ("F" if self.fuse_act_quant else ""))
 
 
-def int4_gemm_config(m: int, n: int, k: int) -> Int4GemmConfig:
-    """At M <= 16 the GEMM streams int4 weights (bandwidth-bound): narrow N tiles for enough
-    programs, a long K step for enough bytes in flight, activation quantization fused (the A
-    tile is tiny). At large M it is compute-bound: big tiles, int8 tensor cores, separate quant."""
+def int4_gemm_config(m: int, n: int, k: int, sms: int = 132) -> Int4GemmConfig:
+    """At M <= 16 the GEMM streams int4 weights (bandwidth-bound, ~2 us for 8 MB on an H200):
+    narrow N tiles and split-K until there are >= 2 programs per SM with >= 1 K step each, so
+    enough bytes are in flight. Activation quantization is fused only for M <= 4: every program
+    re-reads its rows' whole K to find the absmax, cheap for a few rows only. At large M it is
+    compute-bound: big tiles on int8 tensor cores, a separate quantization kernel."""
+    def split_for(tiles, step, want):
+        steps, split = -(-k // step), 1
+        while tiles * split < want and split < 8 and steps >= 2 * split:
+            split *= 2
+        return split
     if m <= 16:
-        return Int4GemmConfig(16, 32 if n >= 2048 else 16, 256, True, num_warps=4, num_stages=3)
+        bn = 32 if n >= 2048 else 16
+        return Int4GemmConfig(16, bn, 256, m <= 4, 4, 3, split_k=split_for(-(-n // bn), 256, 2 * sms))
     if m <= 64:
-        return Int4GemmConfig(m if m in (32, 64) else (32 if m <= 32 else 64), 64 if n >= 2048 else 32,
-                              256, m <= 32, num_warps=4, num_stages=3)
+        bm, bn = (32 if m <= 32 else 64), (64 if n >= 2048 else 32)
+        tiles = -(-m // bm) * -(-n // bn)
+        return Int4GemmConfig(bm, bn, 256, False, 4, 3, split_k=split_for(tiles, 256, sms))
     if m <= 256:
-        return Int4GemmConfig(64, 128, 128, False, num_warps=4, num_stages=3)
-    return Int4GemmConfig(128, 128, 128, False, num_warps=8, num_stages=3)
+        tiles = -(-m // 64) * -(-n // 128)
+        return Int4GemmConfig(64, 128, 128, False, 4, 3, split_k=split_for(tiles, 128, sms))
+    tiles = -(-m // 128) * -(-n // 128)
+    return Int4GemmConfig(128, 128, 128, False, 8, 3, split_k=split_for(tiles, 128, sms // 2))
+
+
+_SPLIT_K_WORKSPACE: dict = {}
+_SM_COUNT: dict = {}
+
+
+def _split_k_workspace(device, m: int, n: int, tiles: int):
+    """fp32 partial sums [M, N] and int32 tile counters, zero and left zero by every call. One per
+    device: calls on one stream are ordered; concurrent streams would need their own."""
+    import torch
+    key = str(device)
+    part, count = _SPLIT_K_WORKSPACE.get(key, (None, None))
+    if part is None or part.numel() < m * n or count.numel() < tiles:
+        part = torch.zeros(max(m * n, 1 << 20), device=device, dtype=torch.float32)
+        count = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
+        _SPLIT_K_WORKSPACE[key] = (part, count)
+    return part, count
+
+
+def _default_config(m: int, n: int, k: int, device) -> Int4GemmConfig:
+    key = (m, n, k, str(device))
+    cfg = _CONFIG_CACHE.get(key)
+    if cfg is None:
+        cfg = _CONFIG_CACHE[key] = int4_gemm_config(m, n, k, _sm_count(device))
+    return cfg
+
+
+_CONFIG_CACHE: dict = {}
+
+
+def _sm_count(device) -> int:
+    key = str(device)
+    if key not in _SM_COUNT:
+        import torch
+        _SM_COUNT[key] = (torch.cuda.get_device_properties(device).multi_processor_count
+                          if device.type == "cuda" else 132)
+    return _SM_COUNT[key]
 
 
 def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
@@ -1062,25 +1152,33 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    cfg = config or int4_gemm_config(m, n, k)
+    cfg = config or _default_config(m, n, k, x.device)
     kern = _triton_kernels()
     per_iter = max(1, cfg.k_per_iter // dot_k)
+    fuse_rows = max(2, 1 << (m - 1).bit_length())
     if act == "a16":
         mode, xa, sx = 0, x2, x2
-    elif cfg.fuse_act_quant:
+    elif cfg.fuse_act_quant and fuse_rows <= cfg.block_m:   # all rows in one M tile
         mode, xa, sx = 2, x2, x2
     else:
         mode = 1
         xa = torch.empty(m, k, device=x.device, dtype=torch.int8)
         sx = torch.empty(m, device=x.device, dtype=torch.float32)
-        kern["int8_rows"][(m,)](x2, xa, sx, k, x2.stride(0), xa.stride(0), BLOCK_K=1024, num_warps=4)
-    grid = (-(-m // cfg.block_m) * -(-n // cfg.block_n),)
-    kern["int4_gemm"][grid](
-        xa, sx, wp, weight_scale, y, m, n, k, wp.shape[1],
+        block = max(256, 1 << (k - 1).bit_length())
+        kern["int8_rows"][(m,)](x2, xa, sx, k, x2.stride(0), xa.stride(0), BLOCK_K=min(block, 8192),
+                                ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
+                                enable_fp_fusion=False)
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    part, count = _split_k_workspace(x.device, m, n, tiles) if cfg.split_k > 1 else (y, y)
+    kern["int4_gemm"][(tiles, cfg.split_k)](
+        xa, sx, wp, weight_scale, y, part, count, m, n, k, wp.shape[1],
         xa.stride(0), wp.stride(0), weight_scale.stride(0), y.stride(0),
         A_MODE=mode, GROUP=dot_k, PER_CHANNEL=per_channel, GROUPS_PER_ITER=per_iter,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, QBLOCK_K=256, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSE_ROWS=fuse_rows if mode == 2 else 2,   # constexprs:
+        QBLOCK_K=max(256, 4096 // fuse_rows) if mode == 2 else 256,  # fixed when unused (one compile)
+        GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        enable_fp_fusion=False)  # x * inv + 1.5 * 2^23 must round twice: no FMA contraction
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], n)
@@ -1138,8 +1236,14 @@ def builtin_w4a8_status() -> tuple[bool, str]:
 
 def has_w4a8_runtime() -> bool:
     """True when a W4A8 GEMM is installed: QQQ imports, or triton is importable for the built-in
-    Triton kernel (which needs a CUDA GPU with compute capability >= 8.0 to actually run)."""
-    return qqq_status()[0] or triton_status()[0]
+    Triton kernel (which needs a CUDA GPU with compute capability >= 8.0 to actually run). Logs
+    which one. _GPTOSS_TEST_NO_W4A8_RUNTIME=1 plays a machine with neither (quantize's tests)."""
+    if os.environ.get("_GPTOSS_TEST_NO_W4A8_RUNTIME"):
+        return False
+    ok = qqq_status()[0] or triton_status()[0]
+    if ok:
+        log(w4a8_runtime_message())
+    return ok
 
 
 def w4a8_runtime_message() -> str:
@@ -1189,6 +1293,7 @@ def _cuda_gpus() -> list[dict]:
 # kills the worker, the case is reported as a crash, and a fresh worker takes the remaining ones.
 
 BENCH_BACKENDS = ("fp16", "w4a8", "w4a16", "qqq", "qqq-gemm")
+SWEEP_M = (1, 16, 1024)   # --sweep over several cases times these M only (a few minutes on an H200)
 BENCH_L2_FACTOR = 3
 BENCH_MAX_COPIES = 128
 BENCH_CHECKS = [  # (M, N, K, group, act, dtype): odd sizes, every group kind, both dtypes
@@ -1214,17 +1319,22 @@ def backend_label(backend: str, group) -> str:
 
 def sweep_configs(m: int) -> list[Int4GemmConfig]:
     """Alternatives timed by --sweep (graph timing) next to int4_gemm_config's pick."""
+    C = Int4GemmConfig
     if m <= 16:
-        return [Int4GemmConfig(16, bn, kpi, fuse, w, st) for bn in (16, 32, 64) for kpi in (128, 256, 512)
-                for fuse in (True, False) for w, st in ((4, 3),)] + \
-               [Int4GemmConfig(16, 32, 256, True, 2, 4), Int4GemmConfig(16, 16, 512, True, 2, 4),
-                Int4GemmConfig(16, 64, 256, True, 8, 3)]
+        return [C(16, bn, 256, fuse, 4, 3, split_k=sk) for bn in (16, 32, 64) for sk in (1, 2, 4, 8)
+                for fuse in (True, False)] + \
+               [C(16, 32, 512, False, 4, 3, split_k=2), C(16, 32, 512, False, 4, 3, split_k=4),
+                C(16, 16, 512, True, 4, 3, split_k=4), C(16, 32, 256, False, 2, 4, split_k=4),
+                C(16, 32, 256, False, 4, 4, split_k=4), C(16, 64, 256, False, 8, 3, split_k=2),
+                C(16, 32, 128, False, 4, 4, split_k=4), C(16, 128, 256, False, 4, 3, split_k=4)]
     if m <= 64:
-        return [Int4GemmConfig(bm, bn, kpi, fuse, 4, 3) for bm in (32, 64) for bn in (32, 64, 128)
-                for kpi in (128, 256) for fuse in (True, False)]
-    return [Int4GemmConfig(bm, bn, kpi, False, w, st) for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 256, 8),
-                                                                         (128, 64, 4), (64, 256, 8))
-            for kpi in (64, 128, 256) for st in (3, 4)]
+        return [C(bm, bn, 256, False, 4, 3, split_k=sk) for bm in (32, 64) for bn in (32, 64, 128)
+                for sk in (1, 2, 4)] + [C(32, 64, 256, True, 4, 3, split_k=2), C(64, 64, 128, False, 4, 4, split_k=2)]
+    return [C(bm, bn, kpi, False, w, st) for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 256, 8),
+                                                            (128, 64, 4), (64, 256, 8))
+            for kpi in (128, 256) for st in (3, 4)] + \
+           [C(128, 128, 128, False, 8, 3, split_k=2), C(128, 128, 128, False, 8, 3, split_k=4),
+            C(64, 128, 128, False, 4, 3, split_k=2)]
 
 
 def _time_eager_us(fn, copies: int, iters: int, warmup: int = 10) -> float:
@@ -1457,6 +1567,8 @@ def run_runtime_bench(cases: list[dict], backends: list[str], group, iters: int 
                          "label": backend_label(b, group), **cs})
     if sweep and ({"w4a8", "w4a16"} & set(backends)):
         for ci, cs in enumerate(cases):
+            if len(cases) > 1 and cs["M"] not in SWEEP_M:
+                continue
             for si, cfg in enumerate(sweep_configs(cs["M"])):
                 jobs.append({"id": f"s{ci}-{si}", "kind": "sweep", "backend": "w4a8", "group": group,
                              "config": cfg.__dict__, "graph_only": True, "label": f"sweep {cfg.label()}", **cs})
@@ -1486,8 +1598,11 @@ def run_runtime_bench(cases: list[dict], backends: list[str], group, iters: int 
                 and "graph_us" in r and r["rel_err"] <= 1e-3]
         if cand:
             best = min(cand, key=lambda r: r["graph_us"])
+            default = next((r for r in report["results"] if r["backend"] == "w4a8" and r["shape"] == cs["shape"]
+                            and r["M"] == cs["M"] and "graph_us" in r), {})
             report["sweep"].append({"shape": cs["shape"], "M": cs["M"], "K": cs["K"], "N": cs["N"],
                                     "best_config": best["config"], "graph_us": best["graph_us"],
+                                    "default_config": default.get("config"), "default_graph_us": default.get("graph_us"),
                                     "tried": len(cand), "failed": sum(1 for r in rows if r["kind"] == "sweep"
                                                                       and r["shape"] == cs["shape"] and r["M"] == cs["M"]
                                                                       and "error" in r)})
@@ -1512,37 +1627,57 @@ def _bench_summary(report: dict) -> dict:
 
 
 def format_bench_report(report: dict) -> str:
+    """One line per (shape, M), one column block per backend: eager and graph median us, their
+    speedups over fp16 nn.Linear, and the relative error vs float64 of that backend's output."""
     env = report["env"]
     gpu = (env.get("gpus") or [{}])[0]
     lines = [f"W4A8 microbench: {gpu.get('name', '?')} (cc {'.'.join(map(str, gpu.get('capability', ('?',))))}), "
-             f"torch {env['torch']['version']}, CUDA {env['torch'].get('cuda')}, triton {env['packages'].get('triton')}",
+             f"torch {env['torch']['version']}, CUDA {env['torch'].get('cuda')}, triton {env['packages'].get('triton')}, "
+             f"{report['settings'].get('date_utc', '')}",
              f"timing: {report['settings']['timing']}"]
     if report["checks"]:
         bad = [r for r in report["checks"] if not r["ok"]]
-        lines.append(f"correctness checks: {len(report['checks']) - len(bad)}/{len(report['checks'])} passed"
+        lines.append(f"correctness checks (odd shapes, every group kind, fp16+bf16): "
+                     f"{len(report['checks']) - len(bad)}/{len(report['checks'])} passed"
                      + "".join(f"\n  FAIL {r['label']} M={r['M']} K={r['K']} N={r['N']}: "
                                + (r.get("error") or f"rel.err {r['rel_err']:.2e}") for r in bad))
-    lines.append(f"{'shape':<16} {'M':>5} {'K':>5} {'N':>5}  {'backend':<22} {'eager us':>9} {'x fp16':>7} "
-                 f"{'graph us':>9} {'x fp16':>7} {'rel.err':>8}  config / note")
-    prev = None
-    for r in report["results"]:
-        key = (r["shape"], r["M"])
-        head = f"{r['shape']:<16} {r['M']:>5} {r['K']:>5} {r['N']:>5}" if key != prev else " " * 34
-        prev = key
-        if "error" in r:
-            lines.append(f"{head}  {r['label']:<22} {'-':>9} {'':>7} {'-':>9} {'':>7} {'-':>8}  {r['error']}")
-            continue
+    backends = list(dict.fromkeys(r["backend"] for r in report["results"]))
+    labels = {r["backend"]: r["label"] for r in report["results"]}
+    block = 36
+    lines.append(" " * 32 + "".join(f"| {labels[b]:<{block - 2}}" for b in backends))
+    lines.append(f"{'shape':<15}{'M':>5}{'K':>5}{'N':>5}  " + "".join(
+        f"| {'eager':>6}{'graph':>7}{'x':>6}{'xg':>6}{'err':>8} " for _ in backends)
+        + " (us; x, xg = speedup vs fp16 eager, graph)")
+    errors: dict[str, list] = {}
+    cases = list(dict.fromkeys((r["shape"], r["M"], r["K"], r["N"]) for r in report["results"]))
+    for shape, m, k, n in cases:
+        row = f"{shape[:15]:<15}{m:>5}{k:>5}{n:>5}  "
+        for b in backends:
+            r = next((r for r in report["results"] if r["backend"] == b and r["shape"] == shape and r["M"] == m), None)
+            if r is None or "error" in r:
+                msg = (r or {}).get("error", "not run")
+                idx = list(errors).index(msg) + 1 if msg in errors else len(errors) + 1
+                errors.setdefault(msg, []).append(f"{labels[b]} {shape} M={m}")
+                row += f"| {'error [' + str(idx) + ']':<{block - 2}}"
+                continue
 
-        def f(v, fmt):
-            return format(v, fmt) if v is not None else "-"
-        lines.append(f"{head}  {r['label']:<22} {f(r.get('eager_us'), '9.1f'):>9} {f(r.get('eager_speedup'), '7.2f'):>7} "
-                     f"{f(r.get('graph_us'), '9.1f'):>9} {f(r.get('graph_speedup'), '7.2f'):>7} "
-                     f"{r['rel_err']:8.1e}  {r.get('config', '')}")
+            def f(key, fmt, width):
+                return format(r[key], fmt).rjust(width) if r.get(key) is not None else "-".rjust(width)
+            row += (f"| {f('eager_us', '.1f', 6)}{f('graph_us', '.1f', 7)}{f('eager_speedup', '.2f', 6)}"
+                    f"{f('graph_speedup', '.2f', 6)}{r['rel_err']:8.1e} ")
+        lines.append(row)
+    configs = {(r["shape"], r["M"]): r.get("config") for r in report["results"] if r["backend"] == "w4a8"}
+    if any(configs.values()):
+        lines.append("built-in configs: " + ", ".join(f"{s} M={m}: {c}" for (s, m), c in configs.items() if c))
+    for i, (msg, where) in enumerate(errors.items(), 1):
+        lines.append(f"[{i}] {msg[:300]} ({len(where)}x: {', '.join(where[:3])}{', ...' if len(where) > 3 else ''})")
     if report["sweep"]:
         lines.append("sweep (W4A8, graph timing, best config per case):")
         for s in report["sweep"]:
+            dflt = (f"; default {s['default_config']} {s['default_graph_us']:.1f} us" if s.get("default_graph_us")
+                    else "")
             lines.append(f"  {s['shape']:<16} M={s['M']:<5} {s['graph_us']:8.1f} us  {s['best_config']}"
-                         f"  ({s['tried']} configs ok, {s['failed']} failed)")
+                         f"  ({s['tried']} configs ok, {s['failed']} failed{dflt})")
     lines.append("targets: " + ", ".join(f"{k} {v}" for k, v in report["summary"].items()))
     return "\n".join(lines)
 
@@ -1666,10 +1801,10 @@ def _format_environment(env: dict) -> str:
 
 def cmd_verify_runtime(args: argparse.Namespace) -> int:
     if args.model:
-        if "load_quantized_model" not in globals():
-            raise UserError("--model needs load_quantized_model() from the loader section, which this build "
-                            "does not have yet", exit_code=2)
-        raise UserError("--model is not implemented in this build", exit_code=2)
+        with _stdout_to_stderr():   # library loggers (loguru) write to stdout; stdout is the report's
+            rep = verify_model(Path(args.model), args.bf16, args.new_tokens)
+        print(json.dumps(rep, indent=2) if args.json else _format_model_report(rep))
+        return 0
     if args.bench:
         return _cmd_bench(args)
     env = runtime_environment()
@@ -1710,6 +1845,20 @@ def cmd_verify_runtime(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"missing         {p}")
     return 3 if problems else 0
+
+
+class _stdout_to_stderr:
+    """File descriptor 1 -> 2 for a block (catches writers that kept a reference to sys.stdout)."""
+
+    def __enter__(self):
+        sys.stdout.flush()
+        self.saved = os.dup(1)
+        os.dup2(2, 1)
+
+    def __exit__(self, *exc):
+        sys.stdout.flush()
+        os.dup2(self.saved, 1)
+        os.close(self.saved)
 
 
 def _builtin_selftest() -> dict:
@@ -1773,6 +1922,177 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- verify-runtime --model: a quantized checkpoint through the built-in kernels ----
+# The compressed model (load_quantized_model(decompress=False), section 5) keeps int4 weights as
+# compressed-tensors stores them; every pack-quantized symmetric int4 Linear gets a forward that
+# calls int4_linear on them directly (W4A8 when its scheme has dynamic per-token int8 input
+# activations, W4A16 otherwise). The reference is the same checkpoint decompressed by
+# compressed-tensors (dense weights, activations fake-quantized per token for W4A8).
+
+VERIFY_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Quantization reduces the size of a model by"]
+
+
+def int4_kernel_mode(module) -> str | None:
+    """'a8' / 'a16' when the built-in kernel can run this compressed module as stored, else None."""
+    scheme = getattr(module, "quantization_scheme", None)
+    w = getattr(scheme, "weights", None)
+    if w is None or not hasattr(module, "weight_packed") or not hasattr(module, "weight_scale"):
+        return None
+    if w.num_bits != 4 or w.type != "int" or not w.symmetric or w.strategy not in ("group", "channel"):
+        return None
+    ia = scheme.input_activations
+    if w.strategy == "group" and (w.group_size & (w.group_size - 1) or w.group_size < (32 if ia else 16)):
+        return None
+    if ia is None:
+        return "a16"
+    if ia.num_bits == 8 and ia.type == "int" and ia.symmetric and ia.dynamic is True and ia.strategy == "token":
+        return "a8"
+    return None
+
+
+def attach_int4_kernels(model) -> dict:
+    """Route the int4 Linear modules of a compressed model through int4_linear; decompress (in
+    place, compressed-tensors) every other compressed module, and drop compressed-tensors'
+    decompress-on-first-forward hook. Returns {"w4a8": n, "w4a16": n, "decompressed": n}."""
+    from compressed_tensors.compressors.base import decompress_module
+    hook = getattr(model, "ct_decompress_hook", None)
+    if hook is not None:
+        hook.remove()
+        del model.ct_decompress_hook
+    counts = {"w4a8": 0, "w4a16": 0, "decompressed": 0}
+    for _, module in list(model.named_modules()):
+        if getattr(module, "quantization_scheme", None) is None:
+            continue
+        act = int4_kernel_mode(module)
+        if act is None:
+            decompress_module(module)
+            counts["decompressed"] += 1
+            continue
+
+        def forward(x, module=module, act=act):
+            return int4_linear(x, module.weight_packed, module.weight_scale, act=act, bias=module.bias)
+        module.forward = forward
+        counts["w4" + act] += 1
+    return counts
+
+
+def _prompt_ids(path: Path, n_random: int = 16):
+    import torch
+    try:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(str(path))
+        return [tok(p, return_tensors="pt").input_ids for p in VERIFY_PROMPTS], "tokenizer"
+    except Exception as e:  # no tokenizer files: fixed random ids
+        g = torch.Generator().manual_seed(0)
+        vocab = read_json(path / "config.json", "not a model folder").get("vocab_size", 1000)
+        return [torch.randint(0, vocab, (1, n_random), generator=g) for _ in VERIFY_PROMPTS], f"random ids ({e})"
+
+
+def _run_model(model, prompts, device, new_tokens: int) -> dict:
+    """Next-token logits on every prompt position, and greedy generation speed."""
+    import torch
+    out = {"logits": []}
+    with torch.no_grad():
+        for ids in prompts:
+            out["logits"].append(model(ids.to(device)).logits.float().cpu())
+        ids = prompts[0].to(device)
+        model(ids)   # warm-up (kernel compiles) outside the timing
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        gen = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    made = gen.shape[1] - ids.shape[1]
+    out["tokens_per_s"] = made / dt if dt > 0 else None
+    out["generated"] = gen[0, ids.shape[1]:].tolist()
+    return out
+
+
+def compare_logits(ref: list, test: list) -> dict:
+    """KL(ref || test) per position (nats, mean and max) and top-1 agreement, over all prompts."""
+    import torch
+    kl, agree, n = [], 0, 0
+    for a, b in zip(ref, test):
+        la, lb = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+        kl.append((la.exp() * (la - lb)).sum(-1).flatten())
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        n += a.shape[0] * a.shape[1]
+    kl = torch.cat(kl)
+    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "top1_agreement": agree / max(n, 1),
+            "positions": n}
+
+
+def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, device: str | None = None) -> dict:
+    """The built-in kernels on a quantized checkpoint vs its dense decompression (and the BF16
+    source's speed). Without a CUDA GPU: the dense fallback only, and the report says so."""
+    import gc
+    import torch
+    loader = globals().get("load_quantized_model")
+    if loader is None:
+        raise UserError("--model needs load_quantized_model() from the loader section, which this build lacks")
+    device = device or ("cuda" if _cuda_gpus() else "cpu")
+    prompts, prompt_kind = _prompt_ids(path)
+    rep = {"model": str(path), "device": device, "prompts": prompt_kind, "new_tokens": new_tokens}
+
+    def free(m):
+        del m
+        gc.collect()
+        if device != "cpu":
+            torch.cuda.empty_cache()
+    dense = loader(path, decompress=True).to(device)
+    d = _run_model(dense, prompts, device, new_tokens)
+    free(dense)
+    rep["dense"] = {"tokens_per_s": d["tokens_per_s"], "generated": d["generated"]}
+    kernels_here = device != "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
+    if not kernels_here:
+        rep["mode"] = ("dense fallback: no CUDA GPU, so the checkpoint ran decompressed by compressed-tensors; "
+                       "the int4 kernels were not exercised")
+    else:
+        quant = loader(path, decompress=False)
+        rep["kernels"] = attach_int4_kernels(quant)
+        quant.to(device)
+        k = _run_model(quant, prompts, device, new_tokens)
+        free(quant)
+        rep["mode"] = "built-in int4 kernels vs the dense decompression of the same checkpoint"
+        rep["quantized"] = {"tokens_per_s": k["tokens_per_s"], "generated": k["generated"]}
+        rep["agreement"] = compare_logits(d["logits"], k["logits"])
+        rep["same_greedy_tokens"] = sum(a == b for a, b in zip(d["generated"], k["generated"]))
+    src = bf16_source or (read_json(path / "config.json", "not a model folder").get("gptoss_compressor") or {}).get("source")
+    if src and Path(src).is_dir():
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).to(device)
+        s = _run_model(model, prompts, device, new_tokens)
+        free(model)
+        rep["bf16_source"] = {"path": src, "tokens_per_s": s["tokens_per_s"]}
+    else:
+        rep["bf16_source"] = {"path": src, "skipped": "not found (--bf16 DIR)"}
+    return rep
+
+
+def _format_model_report(rep: dict) -> str:
+    def tps(x):
+        return f"{x:.1f} tokens/s" if x else "-"
+    lines = [f"model           {rep['model']} on {rep['device']} ({rep['prompts']})", f"mode            {rep['mode']}"]
+    if "kernels" in rep:
+        k = rep["kernels"]
+        lines.append(f"kernels         {k['w4a8']} Linear W4A8, {k['w4a16']} Linear W4A16 through the built-in GEMM; "
+                     f"{k['decompressed']} other quantized modules decompressed")
+        a = rep["agreement"]
+        lines.append(f"vs dense        KL mean {a['kl_mean']:.2e} nats (max {a['kl_max']:.2e}), top-1 agreement "
+                     f"{a['top1_agreement']:.1%} over {a['positions']} positions; greedy tokens identical "
+                     f"{rep['same_greedy_tokens']}/{rep['new_tokens']}")
+        lines.append(f"speed           kernels {tps(rep['quantized']['tokens_per_s'])}, dense decompressed "
+                     f"{tps(rep['dense']['tokens_per_s'])}, BF16 source "
+                     f"{tps(rep['bf16_source'].get('tokens_per_s')) if 'tokens_per_s' in rep['bf16_source'] else rep['bf16_source']['skipped']}"
+                     f" (greedy, batch 1, {rep['new_tokens']} new tokens)")
+    else:
+        lines.append(f"speed           dense decompressed {tps(rep['dense']['tokens_per_s'])}, BF16 source "
+                     f"{tps(rep['bf16_source'].get('tokens_per_s')) if 'tokens_per_s' in rep['bf16_source'] else rep['bf16_source']['skipped']}")
+    return "\n".join(lines)
+
+
 # ---- install-kernel (QQQ) ----
 # QQQ is not on PyPI. Its requirements.txt pins transformers==4.45.0 (a plain pip install would
 # downgrade transformers under llmcompressor) and its setup.py runs `pip install -e
@@ -1812,6 +2132,9 @@ def check_build_toolchain() -> list[str]:
                for sub in ("include", "targets/x86_64-linux/include", "targets/sbsa-linux/include")):
         missing.append("CUDA headers (cuda_runtime.h under $CUDA_HOME/include; e.g. the cuda-toolkit "
                        "or cuda-cudart-dev package)")
+    import importlib.util
+    if importlib.util.find_spec("setuptools") is None:  # --no-build-isolation builds with what is here
+        missing.append("setuptools (pip install setuptools wheel)")
     return missing
 
 
@@ -1845,26 +2168,39 @@ def _pip_shim_dir(tmp: Path) -> Path:
     return shim
 
 
+def qqq_install_blockers(source: str | None) -> list[str]:
+    """Why QQQ cannot be built here (empty: it can). A wheel needs nothing."""
+    src = source or qqq_default_source()
+    if src.split("?")[0].endswith(".whl"):
+        return []
+    problems = []
+    missing = check_build_toolchain()
+    if missing:
+        problems.append("cannot build QQQ here; missing: " + "; ".join(missing) + ". (Or pass --source a prebuilt .whl.)")
+    if cuda_arch_list()[0] is None:
+        problems.append("no GPU visible to pick the CUDA architecture from: set TORCH_CUDA_ARCH_LIST, e.g. 8.6 "
+                        "(RTX 3090), 8.0 (A100), 8.9 (L40/RTX 4090), 9.0 (H100/H200)")
+    return problems
+
+
 def install_qqq(yes: bool, source: str | None = None) -> bool:
     """Build/install QQQ without touching any installed package; then import check and a numeric
     self-test of its GEMM on the GPU. True when QQQ imports and the self-test passed (or could not
-    run for lack of a GPU, which is said). Raises UserError when the toolchain is incomplete."""
+    run for lack of a GPU, which is logged). False, with the reason logged, when the toolchain is
+    incomplete, the user says no, pip fails or anything else changed."""
     import subprocess
     import tempfile
     src = source or qqq_default_source()
     is_wheel = src.split("?")[0].endswith(".whl")
     env = dict(os.environ)
     plan = [f"source      {src}" + ("" if source else f" (QQQ at pinned commit {QQQ_COMMIT[:12]})")]
+    blockers = qqq_install_blockers(source)
+    if blockers:
+        for b in blockers:
+            log(f"install-kernel: {b}")
+        return False
     if not is_wheel:
-        missing = check_build_toolchain()
-        if missing:
-            raise UserError("install-kernel: cannot build QQQ here; missing: " + "; ".join(missing)
-                            + ". (Or pass --source a prebuilt .whl.)", exit_code=3)
         arch, why = cuda_arch_list()
-        if arch is None:
-            raise UserError("install-kernel: no GPU visible to pick the CUDA architecture from: set "
-                            "TORCH_CUDA_ARCH_LIST, e.g. 8.6 (RTX 3090), 8.0 (A100), 8.9 (L40/RTX 4090), 9.0 (H100/H200)",
-                            exit_code=3)
         env["TORCH_CUDA_ARCH_LIST"] = arch
         plan.append(f"arch        TORCH_CUDA_ARCH_LIST={arch} ({why}; RTX 3090 is 8.6)")
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", src]
@@ -1877,7 +2213,8 @@ def install_qqq(yes: bool, source: str | None = None) -> bool:
         except EOFError:
             answer = ""
         if answer.strip().lower() not in ("y", "yes"):
-            raise UserError("install-kernel: not confirmed; nothing installed (--yes skips the question)", exit_code=1)
+            log("install-kernel: not confirmed; nothing installed (--yes skips the question)")
+            return False
     before = _installed_versions()
     with tempfile.TemporaryDirectory(prefix="gptoss-qqq-") as tmp:
         if not is_wheel:
@@ -1921,6 +2258,9 @@ def cmd_install_kernel(args: argparse.Namespace) -> int:
         st = qqq_self_test()
         log(f"install-kernel: QQQ self-test {'ok' if st['ok'] else 'FAILED'}: {st['detail']}")
         return 0 if st["ok"] else 1
+    blockers = qqq_install_blockers(args.source)
+    if blockers:
+        raise UserError("install-kernel: " + " Also: ".join(blockers), exit_code=3)
     return 0 if install_qqq(args.yes, args.source) else 1
 
 
@@ -2051,7 +2391,13 @@ Each backend runs in a worker process, so a CUDA fault is reported as that case'
     v.add_argument("--no-check", action="store_true", help="--bench: skip the correctness checks")
     v.add_argument("--sweep", action="store_true", help="--bench: also time alternative W4A8 kernel configs")
     v.add_argument("--out", metavar="FILE", help="--bench: write the full report as JSON here")
-    v.add_argument("--model", metavar="DIR", help="a quantized checkpoint to run through the kernels (not yet)")
+    v.add_argument("--model", metavar="DIR",
+                   help="a W4A16/W4A8 checkpoint made by quantize: its int4 Linear layers through the built-in "
+                        "kernels vs its dense decompression (KL, top-1, greedy tokens, tokens/s); without a GPU "
+                        "the dense fallback only")
+    v.add_argument("--bf16", metavar="DIR", help="--model: the BF16 source for the tokens/s comparison "
+                                                 "(default: the source recorded by quantize)")
+    v.add_argument("--new-tokens", type=int, default=16, help="--model: greedy tokens to generate (default: %(default)s)")
     v.set_defaults(func=cmd_verify_runtime)
     return p
 

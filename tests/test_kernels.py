@@ -45,6 +45,7 @@ REFERENCE_SHAPES = [  # (m, n, k, group, act)
     (3, 21, 2880, 32, "a16"),
     (3, 40, 320, None, "a8"),    # per channel: K tail masked (320 = 2.5 x 128)
     (1, 17, 320, None, "a16"),
+    (1, 23, 640, 32, "a8"),      # M = 1: fused quantization over a 2-row tile, one valid row
     (70, 37, 320, 64, "a8"),     # M > 64: separate int8 quantization kernel + big tiles
     (70, 37, 320, None, "a8"),
     (33, 9, 320, 32, "a16"),
@@ -93,6 +94,41 @@ def every_config_bucket():
         err = c.relative_error(c.int4_linear(x, wp, ws, act="a8", config=cfg), ref)
         assert err <= TOL, (cfg.label(), err)
         worst = max(worst, err)
+    return worst
+
+
+@case
+def split_k_sums_and_leaves_workspace_clean():
+    """Split-K (atomics into a shared fp32 workspace, last program writes y): several splits,
+    more splits than K steps, both quantization modes; a second call must give the same y."""
+    wp, ws = random_int4_layer(37, 1216, 64)   # 4.75 K steps of 256
+    x = torch.randn(3, 1216).to(torch.float16)
+    worst = 0.0
+    for act in ("a8", "a16"):
+        ref = c.int4_linear_reference(x, wp, ws, act=act)
+        for split, fuse, kpi in ((2, True, 256), (4, False, 256), (8, True, 512), (3, False, 128)):
+            cfg = c.Int4GemmConfig(16, 16, kpi, fuse, split_k=split)
+            y1 = c.int4_linear(x, wp, ws, act=act, config=cfg)
+            y2 = c.int4_linear(x, wp, ws, act=act, config=cfg)
+            err = c.relative_error(y1, ref)
+            assert err <= TOL and c.relative_error(y2, ref) <= TOL, (act, cfg.label(), err)
+            worst = max(worst, err)
+    part, count = c._SPLIT_K_WORKSPACE["cpu"]
+    assert not part.any() and not count.any()
+    return worst
+
+
+@case
+def bench_job_check_only_on_cpu():
+    """The bench's per-job code (weights, references, error) on the CPU, without timing."""
+    worst = 0.0
+    for backend, group, dtype, cfg in (("fp16", 64, "fp16", None), ("w4a8", 64, "fp16", None),
+                                       ("w4a16", 32, "fp16", None), ("w4a8", None, "fp16", c.int4_gemm_config(1000, 37, 320))):
+        job = {"backend": backend, "M": 3, "K": 320, "N": 37, "group": group, "dtype": dtype, "device": "cpu",
+               "check_only": True, "config": cfg.__dict__ if cfg else None}
+        r = c._bench_one(job, 1, False)
+        assert r["rel_err"] <= TOL and r["copies"] == 1, (job, r)
+        worst = max(worst, r["rel_err"])
     return worst
 
 
@@ -206,8 +242,41 @@ def test_pack_layout_matches_compressed_tensors():
 def test_activation_quantization_reference():
     x = torch.tensor([[1.0, -0.5, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float16)
     xq, sx = c.quantize_activations_int8(x)
-    assert xq.tolist() == [[127, -64, 32, 0], [0, 0, 0, 0]]  # -63.5 rounds away from zero
+    assert xq.tolist() == [[127, -64, 32, 0], [0, 0, 0, 0]]  # -63.5: half to even
+    xq, _ = c.quantize_activations_int8(torch.tensor([[2.0, 0.5 / 127 * 2, 1.5 / 127 * 2]]))
+    assert xq.tolist() == [[127, 0, 2]]
     assert torch.allclose(sx, torch.tensor([1 / 127, c.INT8_ABSMAX_FLOOR / 127]))
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_kernels_compile_for_gpus_without_a_gpu(cc):
+    """Lower the kernels to a cubin for sm_80 / sm_90 with triton's bundled ptxas (no GPU needed):
+    the interpreter does not catch what only the GPU compiler rejects (dot shapes, layouts)."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        pytest.skip(f"triton {triton.__version__} has no ASTSource/GPUTarget: {e}")
+    kern = c._triton_kernels()
+    names = list(kern["int4_gemm"].arg_names)
+    ptr = {"x_ptr": "*fp16", "sx_ptr": "*fp32", "w_ptr": "*i32", "ws_ptr": "*bf16", "y_ptr": "*fp16",
+           "part_ptr": "*fp32", "count_ptr": "*i32"}
+    configs = [  # (A_MODE, GROUP, PER_CHANNEL, GROUPS_PER_ITER, BLOCK_M, BLOCK_N, SPLIT_K, warps, x dtype)
+        (2, 64, False, 4, 16, 32, 4, 4, "*fp16"), (1, 32, False, 4, 128, 128, 1, 8, "*i8"),
+        (0, 128, True, 2, 64, 128, 2, 4, "*bf16")]
+    for mode, group, per_ch, gpi, bm, bn, split, warps, xdt in (configs if cc == 90 else configs[:1]):
+        consts = {"A_MODE": mode, "GROUP": group, "PER_CHANNEL": per_ch, "GROUPS_PER_ITER": gpi, "BLOCK_M": bm,
+                  "BLOCK_N": bn, "FUSE_ROWS": 4, "QBLOCK_K": 1024, "GROUP_M": 8, "SPLIT_K": split}
+        sig = {n: consts.get(n) is not None and "constexpr" or ptr.get(n, "i32") for n in names}
+        sig["x_ptr"] = xdt
+        sig["y_ptr"] = "*bf16" if xdt == "*bf16" else "*fp16"
+        try:
+            src = ASTSource(fn=kern["int4_gemm"], signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+        except TypeError as e:
+            pytest.skip(f"triton {triton.__version__}: other ASTSource signature ({e})")
+        ck = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": warps, "num_stages": 3})
+        assert ".s8.s8" in ck.asm["ptx"] or mode == 0   # int8 tensor-core MMA in the A8 modes
 
 
 def test_float64_reference_is_the_dequantized_matmul():

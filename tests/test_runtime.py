@@ -75,9 +75,11 @@ def test_bench_report_survives_failing_workers():
     json.dumps(rep)
 
 
-def test_runtime_detection_helpers():
+def test_runtime_detection_helpers(monkeypatch):
     triton_ok = c.triton_status()[0]
     assert c.has_w4a8_runtime() == (triton_ok or c.qqq_status()[0])
+    monkeypatch.setenv("_GPTOSS_TEST_NO_W4A8_RUNTIME", "1")
+    assert c.has_w4a8_runtime() is False
     msg = c.w4a8_runtime_message()
     if triton_ok:
         assert "compute capability >= 8.0" in msg
@@ -139,6 +141,13 @@ def test_install_kernel_asks_first(tmp_path):
     assert not (tmp_path / "site").exists()
 
 
+def test_install_qqq_returns_false_when_it_cannot_build(tmp_path, monkeypatch, capsys):
+    """quantize --try-install-qqq calls install_qqq and falls back on False: it must not raise."""
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-cuda"))
+    assert c.install_qqq(yes=True, source=str(tmp_path)) is False
+    assert "cannot build QQQ here" in capsys.readouterr().err
+
+
 def test_install_kernel_missing_toolchain(tmp_path):
     src = tmp_path / "QQQ"
     src.mkdir()
@@ -152,3 +161,40 @@ def test_install_kernel_missing_toolchain(tmp_path):
     import torch
     if not torch.version.cuda:
         assert "a CUDA build of torch" in r.stderr
+
+
+# ---- verify-runtime --model (needs section 5's load_quantized_model and quantize's fixtures) ----
+
+needs_loader = pytest.mark.skipif(not hasattr(c, "load_quantized_model"),
+                                  reason="load_quantized_model (loader section) is not in this build")
+
+
+@pytest.fixture(scope="module")
+def w4a8_checkpoint(request, tiny_bf16):
+    quantized = request.getfixturevalue("quantized")   # quantize's conftest
+    r, out = quantized("rtn-w4a8-all", tiny_bf16, "--algo", "rtn", "--experts", "w4a8", "--mw", "w4a8", "--no-eval")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@needs_loader
+def test_verify_model_without_gpu_runs_the_dense_fallback(w4a8_checkpoint):
+    r = run_cli("verify-runtime", "--model", w4a8_checkpoint, "--new-tokens", "2", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(r.stdout)
+    assert rep["device"] == "cpu" and rep["mode"].startswith("dense fallback")
+    assert "kernels" not in rep and rep["dense"]["tokens_per_s"] > 0
+    assert rep["bf16_source"].get("tokens_per_s")   # the source quantize recorded
+
+
+@needs_loader
+def test_verify_model_kernels_in_the_interpreter(w4a8_checkpoint):
+    """The GPU path, run on the CPU by the Triton interpreter: every int4 Linear through the
+    built-in W4A8 kernel, against the dense decompression of the same checkpoint."""
+    pytest.importorskip("triton")
+    r = run_cli("verify-runtime", "--model", w4a8_checkpoint, "--new-tokens", "2", "--json",
+                env={"TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(r.stdout)
+    assert rep["kernels"]["w4a8"] >= 8 and rep["kernels"]["decompressed"] == 0
+    assert rep["agreement"]["kl_mean"] < 1e-2 and rep["agreement"]["top1_agreement"] >= 0.9
