@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one device call (the lease is short; a fresh machine each
 # time). Usage on the GPU box, from the repo root:  OUT=/some/dir bash bench/run_h200.sh [steps]
-# steps: any of env tests decode w4a8 e2e (default: all). Figures land in $OUT as JSON.
+# steps: any of env tests decode qqq w4a8 e2e quantize (default: env tests decode w4a8 e2e).
+# qqq needs QQQ's source at $QQQ_SRC (no network there); quantize needs llmcompressor importable.
+# Figures land in $OUT as JSON.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gptoss-out}
 mkdir -p "$OUT"
 steps=${*:-env tests decode w4a8 e2e}
+QQQ_SRC=${QQQ_SRC:-.qqq}
 has() { [[ " $steps " == *" $1 "* ]]; }
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 
@@ -24,6 +27,10 @@ if has decode; then
   step "MXFP4 decode, one 120b gate_up"
   python3 bench/bench_dequantize.py decode --out "$OUT/decode.json"
 fi
+if has qqq; then
+  step "install-kernel from $QQQ_SRC"
+  MAX_JOBS=16 python3 compress_gptoss.py install-kernel --source "$QQQ_SRC" --yes 2>&1 | tail -25
+fi
 if has w4a8; then
   step "W4A8 / W4A16 GEMMs vs FP16"
   python3 bench/bench_w4a8.py --out "$OUT/w4a8.json" 2>&1 | tail -60
@@ -31,4 +38,8 @@ fi
 if has e2e; then
   step "dequantize end to end, 2 layers at 120b dims"
   python3 bench/bench_dequantize.py e2e --layers 2 --device cuda --with-transformers --work /tmp/gptoss-bench --out "$OUT/e2e_cuda.json"
+fi
+if has quantize; then
+  step "quantize GPTQ W4A16, 1 layer at 120b dims"
+  python3 bench/bench_quantize_scale.py --layers 1 --samples "${QSAMPLES:-64}" --seq-len "${QSEQ:-512}" --out "$OUT/quantize_scale.json"
 fi
