@@ -289,7 +289,7 @@ def _triton_available() -> bool:
         return False
 
 
-MXFP4_KERNEL_CONFIG = (64, 128, 4)   # BLOCK_O, BLOCK_K, num_warps (bench/bench_dequantize.py decode)
+MXFP4_KERNEL_CONFIG = (32, 256, 4)   # BLOCK_O, BLOCK_K, num_warps: best of the sweep in bench/bench_dequantize.py (H200)
 
 
 def decode_mxfp4_to(blocks, scales, dtype, config: tuple | None = None):

@@ -284,13 +284,13 @@ def test_triton_decode_kernel_bit_identical_under_interpreter(tmp_path):
 import torch, compress_gptoss as cg
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 g = torch.Generator().manual_seed(5)
-E, O, G = 1, 70, 5                      # O and K = 160 not multiples of the 64 x 128 tile
+E, O, G = 1, 70, 5                      # O = 70 and K = 160: not multiples of the 32 x 256 tile
 blocks = torch.randint(0, 256, (E, O, G, 16), generator=g, dtype=torch.uint8)
 blocks.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
 scales = torch.randint(0, 255, (E, O, G), generator=g, dtype=torch.uint8)
 scales.view(-1)[:255] = torch.arange(255, dtype=torch.uint8)
 out = torch.full((E, G * 32, O), float("nan"), dtype=torch.bfloat16)
-cg._mxfp4_triton_kernel()[(2, 2, E)](blocks, scales, out, O, G * 32, BLOCK_O=64, BLOCK_K=128)
+cg._mxfp4_triton_kernel()[(3, 1, E)](blocks, scales, out, O, G * 32, BLOCK_O=32, BLOCK_K=256)
 ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
 print(int((out.view(torch.int16) != ref.view(torch.int16)).sum()))
 """
