@@ -41,5 +41,11 @@ if has e2e; then
 fi
 if has quantize; then
   step "quantize GPTQ W4A16, 1 layer at 120b dims"
+  # llmcompressor and the packages the image lacks travel as wheels in .whl (no network there)
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  python3 -c "import llmcompressor, compressed_tensors, datasets; print('llmcompressor', llmcompressor.__version__)"
   python3 bench/bench_quantize_scale.py --layers 1 --samples "${QSAMPLES:-64}" --seq-len "${QSEQ:-512}" --out "$OUT/quantize_scale.json"
 fi
