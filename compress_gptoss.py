@@ -956,7 +956,7 @@ def build_modifiers(plan: QuantizePlan, args, model=None) -> list:
             mappings = gptoss_awq_mappings({g.name for g in awq})
         else:
             mappings = generic_awq_mappings(model, {n for g in awq for n in g.modules}) if model is not None else None
-        mods.append(AWQModifier(mappings=mappings, offload_device=None))
+        mods.append(AWQModifier(mappings=mappings, offload_device=None, n_grid=args.awq_grid))
     rounding = [g for g in active if g.algo in ("awq", "rtn")]
     if rounding:
         mods.append(QuantizationModifier(config_groups=config_groups(rounding, universe, args.symmetric)))
@@ -1266,6 +1266,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.time()
     if not args.verbose:
         os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
+    if args.device_map == "cpu-only":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""          # before torch initializes CUDA
     model_dir = resolve_model_dir(args.model_in, "--model-in")
     plan = make_plan(args, model_dir)
     out = plan.output_dir
@@ -1331,7 +1333,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         del model
         tokenizer.save_pretrained(str(tmp))
         copy_side_files(src_dir, tmp)                      # the source's tokenizer / template / generation config win
-        (tmp / INDEX_NAME).unlink(missing_ok=True) if not any(tmp.glob("*-of-*.safetensors")) else None
         sparsity = None
         extra = {"version": __version__, "source": str(model_dir.resolve()),
                  "groups": {g.name: {"algo": g.algo, "scheme": g.scheme, "modules": len(g.modules),
@@ -1689,13 +1690,15 @@ RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
     q.add_argument("--mask", default="2:4", metavar="N:M", help="SparseGPT mask structure (default: %(default)s)")
     q.add_argument("--group-size", type=int, default=128, metavar="SIZE",
                    help="int4 group size; a module whose inputs it does not divide gets the largest of 64/32/16 "
-                        "that does (GPT-OSS: 2880 -> 32); -1 = per channel (default: %(default)s)")
+                        "that does (GPT-OSS: 2880 -> 64); -1 = per channel (default: %(default)s)")
     q.add_argument("--block-size", type=int, default=128, metavar="SIZE",
                    help="GPTQ/SparseGPT columns per block update (default: %(default)s)")
     q.add_argument("--dampening-frac", type=float, default=0.01, metavar="FRAC",
                    help="GPTQ/SparseGPT Hessian dampening, fraction of its mean diagonal (default: %(default)s)")
     q.add_argument("--symmetric", action="store_true",
                    help="symmetric int4 for W4A16 (W8A8 and W4A8 weights are always symmetric)")
+    q.add_argument("--awq-grid", type=int, default=20, metavar="N",
+                   help="AWQ: scale ratios tried per mapping (llmcompressor's n_grid); fewer is faster (default: %(default)s)")
     q.add_argument("--no-sequential-update", action="store_true",
                    help="calibrate every layer on the unquantized model's activations in one pass (llmcompressor "
                         "'basic' pipeline) instead of layer by layer on the already-quantized layers' outputs")

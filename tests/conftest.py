@@ -68,7 +68,7 @@ def tiny_llama(tiny_bf16, tmp_path_factory) -> Path:
     return dst
 
 
-QUANT_CALIB = ["--num-calibration-samples", "16", "--max-seq-length", "128"]
+QUANT_CALIB = ["--num-calibration-samples", "16", "--max-seq-length", "64"]
 
 
 @pytest.fixture(scope="session")

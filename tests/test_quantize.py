@@ -97,14 +97,15 @@ def gptq_w8a8(quantized, tiny_bf16):
 
 @pytest.fixture(scope="session")
 def awq_w4a16(quantized, tiny_bf16):
-    return ok(quantized("awq-w4a16", tiny_bf16, "--algo", "awq", "--experts", "w4a16", "--mw", "w4a16"))
+    return ok(quantized("awq-w4a16", tiny_bf16, "--algo", "awq", "--experts", "w4a16", "--mw", "w4a16",
+                        "--awq-grid", "5"))
 
 
 @pytest.fixture(scope="session")
 def awq_experts_gptq_w8a8(quantized, tiny_bf16):
     """README recipe: AWQ experts + GPTQ W8A8 for the rest."""
     return ok(quantized("awq-gptq-w8a8", tiny_bf16, "--experts-algo", "awq", "--experts", "w4a16",
-                        "--mw-algo", "gptq", "--mw", "w8a8"))
+                        "--mw-algo", "gptq", "--mw", "w8a8", "--awq-grid", "5"))
 
 
 @pytest.fixture(scope="session")
@@ -263,7 +264,8 @@ def test_group_size_fallback(gptq_w4a16):
     assert meta["group_size_requested"] == 128
     adjusted = {a["module"]: a["used"] for a in meta["group_size_adjusted"]}
     assert adjusted["model.layers.0.self_attn.q_proj"] == 64 and "model.layers.0.self_attn.o_proj" not in adjusted
-    assert cg.resolve_group_size(2880, 128) == 32 and cg.resolve_group_size(4096, 128) == 128
+    assert cg.resolve_group_size(2880, 128) == 64 and cg.resolve_group_size(4096, 128) == 128  # gpt-oss
+    assert cg.resolve_group_size(96, 128) == 32 and cg.resolve_group_size(48, 32) == 16
     assert cg.resolve_group_size(2880, -1) is None and cg.resolve_group_size(24, 128) is None
 
 
