@@ -1152,6 +1152,30 @@ def load_model_for_quantization(model_dir: Path, device_map: str, offload_folder
     return model
 
 
+def check_checkpoint_complete(model_dir: Path, config: dict) -> None:
+    """Every tensor the architecture needs is in the files: transformers would otherwise initialise
+    the missing ones at random and we would quantize a half-loaded model."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    have = set()
+    for f in checkpoint_files(model_dir):
+        if not f.exists():
+            raise UserError(f"{model_dir}: shard {f.name} is missing: re-download or re-run dequantize")
+        with open_safetensors(f) as h:
+            have |= set(h.keys())
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    need = set(model.state_dict())
+    if getattr(cfg, "tie_word_embeddings", False):
+        need.discard("lm_head.weight")
+    missing = sorted(need - have)
+    if missing:
+        raise UserError(f"{model_dir} lacks {len(missing)} of the model's tensors ({', '.join(missing[:3])}): "
+                        f"an incomplete checkpoint; re-download it or re-run dequantize")
+
+
 def dequantize_to_temp(model_dir: Path, tmp: Path) -> Path:
     """MXFP4 input: the streaming dequantize (section 3) into a temp folder, BF16 (exact)."""
     src = inspect_source(model_dir)
@@ -1309,6 +1333,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         src_dir = dequantize_to_temp(model_dir, bf16_tmp) if plan.is_mxfp4 else model_dir
+        check_checkpoint_complete(src_dir, plan.config)
         ds = tokenized_dataset(calib, tokenizer, args.max_seq_length)
         log(f"calibration: {len(ds)} samples (<= {args.max_seq_length} tokens) from "
             f"{args.calib_jsonl or args.dataset}; {len(heldout)} held-out texts for quality.json")

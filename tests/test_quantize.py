@@ -385,3 +385,25 @@ def test_offline_hub_dataset_says_pass_calib_jsonl(tiny_bf16, tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "pass --calib-jsonl" in errors[0], r.stderr[-2000:]
     assert not (tmp_path / "o").exists()
+
+
+def test_incomplete_checkpoint_is_refused(tiny_bf16, calib_jsonl, tmp_path, capsys):
+    """Never quantize a half-loaded model: a tensor missing from the BF16 folder stops the run."""
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken-bf16"
+    shutil.copytree(tiny_bf16, broken)
+    index = json.loads((broken / cg.INDEX_NAME).read_text())
+    name = "model.layers.1.mlp.experts.down_proj"
+    shard = broken / index["weight_map"][name]
+    sd = load_file(str(shard))
+    del sd[name]
+    save_file(sd, str(shard), metadata={"format": "pt"})
+    errors, _ = bad(["--model-in", broken, "--calib-jsonl", calib_jsonl], tmp_path, capsys)
+    assert len(errors) == 1 and f"lacks 1 of the model's tensors ({name})" in errors[0]
+
+
+def test_auto_detect_experts():
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.experts.3.up_proj"]
+    rx = cg.detect_experts_regex(names)
+    assert cg.matches_any(names[1], [rx]) and not cg.matches_any(names[0], [rx])
+    assert cg.detect_experts_regex(["model.layers.0.mlp.up_proj"]) is None
