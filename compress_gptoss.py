@@ -613,6 +613,7 @@ DEFAULT_EXPERTS_REGEX = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
 # Never quantized: the router (GPT-OSS `mlp.router`, Mixtral/Qwen `mlp.gate`), embeddings, lm_head.
 BASE_IGNORE = ["lm_head", r"re:.*embed_tokens$", r"re:.*mlp\.(router|gate)$"]
 CALIB_EVAL_MIN = 4                       # held-out texts kept back from calibration when none are left
+EVAL_MAX_TEXTS = 64                      # held-out texts scored for quality.json
 
 
 def has_w4a8_runtime() -> bool:
@@ -1048,16 +1049,16 @@ def load_hub_texts(name: str, tokenizer, limit: int) -> list[str]:
 
 
 def split_calibration(texts: list[str], n_calib: int, eval_texts: list[str] | None) -> tuple[list, list]:
-    """Calibration texts and held-out texts (never both): the tail after the calibration samples,
-    or the last few texts held back when the file is all calibration."""
+    """(calibration texts, held-out texts for quality.json), disjoint: --eval-jsonl, else the texts
+    after the first n_calib, else the last few texts held back from calibration."""
     if eval_texts is not None:
-        return texts[:n_calib], eval_texts
+        return texts[:n_calib], eval_texts[:EVAL_MAX_TEXTS]
     if len(texts) - n_calib >= CALIB_EVAL_MIN:
-        return texts[:n_calib], texts[n_calib:]
-    hold = max(CALIB_EVAL_MIN, len(texts) // 10) if len(texts) > CALIB_EVAL_MIN else 1
+        return texts[:n_calib], texts[n_calib:n_calib + EVAL_MAX_TEXTS]
     if len(texts) < 2:
         return texts, []
-    return texts[:len(texts) - hold][:n_calib], texts[len(texts) - hold:]
+    hold = min(max(CALIB_EVAL_MIN, len(texts) // 10), len(texts) // 2)
+    return texts[:-hold][:n_calib], texts[-hold:]
 
 
 def tokenized_dataset(texts: list[str], tokenizer, max_len: int):
@@ -1323,7 +1324,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     eval_texts = read_jsonl_texts(Path(args.eval_jsonl).expanduser(), tokenizer, "--eval-jsonl") if args.eval_jsonl else None
     calib, heldout = split_calibration(texts, args.num_calibration_samples, eval_texts)
     if args.dry_run:
-        print_plan(plan, build_modifiers(plan, args), args)
+        print_plan(plan, build_modifiers(plan, args, skeleton_model(plan.config)), args)
         if texts:
             print(f"calibration: {len(calib)} texts from {args.calib_jsonl or args.dataset}, held out for quality: {len(heldout)}")
         return 0

@@ -407,3 +407,10 @@ def test_auto_detect_experts():
     rx = cg.detect_experts_regex(names)
     assert cg.matches_any(names[1], [rx]) and not cg.matches_any(names[0], [rx])
     assert cg.detect_experts_regex(["model.layers.0.mlp.up_proj"]) is None
+
+
+def test_heldout_texts_never_calibrate():
+    texts = [f"text {i}" for i in range(16)]
+    for n in (4, 12, 16, 40):
+        calib, held = cg.split_calibration(texts, n, None)
+        assert held and calib and not set(calib) & set(held) and len(calib) <= n
