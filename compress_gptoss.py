@@ -601,10 +601,9 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
 # Plan (which Linear gets which scheme and group size) -> recipe (llmcompressor modifiers) ->
 # calibration data -> oneshot -> a complete Hugging Face folder, written to a temp dir and renamed.
 # GPT-OSS quirks of this stage, one home each: linearize_meta (experts as nn.Linear),
-# resolve_group_size (2880 = 22.5 x 128), gptoss_awq_mappings (router balanced with the experts),
+# resolve_group_size (2880 = 22.5 x 128 -> g64), gptoss_awq_mappings (router balanced with the experts),
 # masked_gptq (2:4 kept through GPTQ), w4a8 packing (scheme_args).
 
-SCHEMES = ("W4A16", "W8A8", "W4A8")
 ALGOS = ("gptq", "awq", "rtn")          # rtn: plain rounding (QuantizationModifier), the baseline
 SPEC_ALIASES = {"int4": "W4A16", "w4a16": "W4A16", "int8": "W8A8", "w8a8": "W8A8", "w4a8": "W4A8"}
 TYPE_SCHEMES = {"int4": ("w4a16", "w4a8"), "int8": ("w8a8",)}
@@ -1273,7 +1272,6 @@ def sparsity_report(tmp: Path, plan: QuantizePlan) -> dict:
     """Share of groups of M that hold >= M-N zeros, per sparsified module, read from the saved
     tensors (decompressed by compressed-tensors)."""
     n, m = (int(x) for x in plan.sparse.split(":"))
-    import torch
     weights = decompressed_weights(tmp)
     per, zeros, total = {}, 0, 0
     for g in plan.groups:
