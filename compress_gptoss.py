@@ -1033,14 +1033,16 @@ HUB_DATASETS = {"open_platypus": ("garage-bAInd/Open-Platypus", "train"),
 def load_hub_texts(name: str, tokenizer, limit: int) -> list[str]:
     """--dataset: a Hub dataset (or a local one `datasets` can open), rows rendered to text."""
     repo, split = HUB_DATASETS.get(name, (name, "train"))
+    import itertools
     try:
         import datasets
-        ds = datasets.load_dataset(repo, split=split)
+        # streamed: only the rows we use are fetched (ultrachat_200k is ~1 GB whole)
+        rows = list(itertools.islice(datasets.load_dataset(repo, split=split, streaming=True), limit))
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load --dataset {name} ({repo}) from the Hugging Face Hub ({reason}): "
                         f"offline? pass --calib-jsonl FILE with {{\"text\": ...}} or {{\"messages\": [...]}} lines")
-    texts = [row_to_text(ds[i], tokenizer, f"--dataset {name} row {i}") for i in range(min(len(ds), limit))]
+    texts = [row_to_text(row, tokenizer, f"--dataset {name} row {i}") for i, row in enumerate(rows)]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise UserError(f"--dataset {name} holds no text rows")
