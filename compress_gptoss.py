@@ -1216,7 +1216,7 @@ def model_card(plan: QuantizePlan, args, quality: dict | None) -> str:
                      f"{', '.join(f'{v}x{k}' for k, v in g.group_size_summary().items()) or '-'} |"
                      for g in plan.groups)
     q = ""
-    if quality:
+    if quality and quality["heldout_tokens"]:
         q = (f"\n## Quality (held-out texts, {quality['heldout_tokens']} tokens)\n\n"
              f"perplexity {quality['perplexity']['source']:.3f} -> {quality['perplexity']['quantized']:.3f}, "
              f"mean KL {quality['kl_mean']:.5f}, top-1 agreement {quality['top1_agreement']:.3f}"
@@ -1378,6 +1378,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             log(f"sparsity {plan.sparse}: {rep['share_of_groups_ok']:.2%} of the groups of "
                 f"{plan.sparse.split(':')[1]} conform in the worst of {rep['modules']} modules, "
                 f"global sparsity {rep['global_sparsity']:.1%}")
+            if rep["share_of_groups_ok"] < 1:
+                log(f"WARNING: the {plan.sparse} pattern did not survive in every module: see config.json")
             extra["sparsity"] = {k: v for k, v in rep.items() if k != "per_module_min"}
             write_output_config(tmp, plan, sparsity, extra)
         quality = None

@@ -414,3 +414,10 @@ def test_heldout_texts_never_calibrate():
     for n in (4, 12, 16, 40):
         calib, held = cg.split_calibration(texts, n, None)
         assert held and calib and not set(calib) & set(held) and len(calib) <= n
+
+
+def test_no_eval_skips_quality(quantized, tiny_llama):
+    out = ok(quantized("llama-rtn-noeval", tiny_llama, "--algo", "rtn", "--mw", "w8a8", "--no-eval"))
+    assert not (out / "quality.json").exists() and (out / "README.md").is_file()
+    t = tensors(out)
+    assert all(module_bits(t, m) == 8 for m in modules_of(t, re.compile(r"\.(q|k|v|o|gate|up|down)_proj$")))
