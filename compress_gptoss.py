@@ -792,10 +792,1016 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
 
 
 ##### 4. quantize #####
+# Plan (which Linear gets which scheme and group size) -> recipe (llmcompressor modifiers) ->
+# calibration data -> oneshot -> a complete Hugging Face folder, written to a temp dir and renamed.
+# GPT-OSS quirks of this stage, one home each: linearize_meta (experts as nn.Linear),
+# resolve_group_size (2880 = 22.5 x 128 -> g64), gptoss_awq_mappings (router balanced with the experts),
+# masked_gptq (2:4 kept through GPTQ), w4a8 packing (scheme_args).
+
+ALGOS = ("gptq", "awq", "rtn")          # rtn: plain rounding (QuantizationModifier), the baseline
+SPEC_ALIASES = {"int4": "W4A16", "w4a16": "W4A16", "int8": "W8A8", "w8a8": "W8A8", "w4a8": "W4A8"}
+TYPE_SCHEMES = {"int4": ("w4a16", "w4a8"), "int8": ("w8a8",)}
+GROUP_SIZE_FALLBACKS = (64, 32, 16)
+DEFAULT_EXPERTS_REGEX = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
+# Never quantized: the router (GPT-OSS `mlp.router`, Mixtral/Qwen `mlp.gate`), embeddings, lm_head.
+BASE_IGNORE = ["lm_head", r"re:.*embed_tokens$", r"re:.*mlp\.(router|gate)$"]
+CALIB_EVAL_MIN = 4                       # held-out texts kept back from calibration when none are left
+EVAL_MAX_TEXTS = 64                      # held-out texts scored for quality.json
+
+
+def has_w4a8_runtime() -> bool:
+    """True when a W4A8 GEMM can be used: QQQ's CUTLASS kernels, or our Triton kernel (section 6)."""
+    if os.environ.get("_GPTOSS_TEST_NO_W4A8_RUNTIME"):  # tests only: a machine without either
+        return False
+    try:
+        import QQQ  # noqa: F401
+        log("W4A8 runtime: QQQ is importable")
+        return True
+    except ImportError:
+        pass
+    try:
+        import triton  # noqa: F401
+        log("W4A8 runtime: built-in Triton int4 x int8 backend (runs on a CUDA GPU with compute capability >= 8.0)")
+        return True
+    except ImportError:
+        return False
+
+
+def install_qqq(yes: bool) -> bool:
+    """Stub: section 6 (Kernels + runtime) defines the real installer later in this file, which wins."""
+    log("install_qqq: the QQQ installer is not available in this build (see `install-kernel`)")
+    return False
+
+
+def resolve_spec(dtype: str | None, scheme: str | None, shortcut: str | None, who: str) -> str:
+    """--{who}-type/--{who}-scheme (or the --{who} shortcut) -> 'W4A16' | 'W8A8' | 'W4A8'."""
+    if dtype or scheme:
+        d, s = (dtype or "").lower(), (scheme or "").lower()
+        if d and d not in TYPE_SCHEMES:
+            raise UserError(f"--{who}-type {dtype}: unknown type, use int4 or int8")
+        if s and s not in ("w4a16", "w4a8", "w8a8"):
+            raise UserError(f"--{who}-scheme {scheme}: unknown scheme, use w4a16, w4a8 (int4) or w8a8 (int8)")
+        d = d or ("int8" if s == "w8a8" else "int4")
+        s = s or TYPE_SCHEMES[d][0]
+        if s not in TYPE_SCHEMES[d]:
+            raise UserError(f"--{who}-type {d} does not go with --{who}-scheme {s}: "
+                            f"int4 takes w4a16 or w4a8, int8 takes w8a8")
+        return s.upper()
+    if shortcut:
+        if shortcut.lower() not in SPEC_ALIASES:
+            raise UserError(f"--{who} {shortcut}: unknown scheme, use int4|w4a16, w4a8 or int8|w8a8")
+        return SPEC_ALIASES[shortcut.lower()]
+    return "W4A16"
+
+
+def resolve_group_size(in_features: int, requested: int) -> int | None:
+    """Group size for one module: `requested` if it divides in_features, else the largest of
+    64/32/16 that is <= requested and divides it; None = one scale per output channel."""
+    if requested == -1:
+        return None
+    if in_features % requested == 0:
+        return requested
+    for g in GROUP_SIZE_FALLBACKS:
+        if g <= requested and in_features % g == 0:
+            return g
+    return None
+
+
+def matches_any(name: str, patterns: list[str]) -> bool:
+    """compressed-tensors' own target matching ('re:' regex or a module name / class name)."""
+    from compressed_tensors.utils import match_name
+    return any(match_name(name, p) for p in patterns)
+
+
+def linearize_meta(model) -> int:
+    """Replace fused MoE expert modules by llmcompressor's per-expert nn.Linear form, weightless.
+
+    Written by hand because llmcompressor's linearize_moe copies the fused weights, which meta
+    tensors do not have; the classes are llmcompressor's own (GptOssLinearExperts for GPT-OSS).
+    Call it under accelerate's init_empty_weights(). Returns the number of MoE blocks replaced.
+    """
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+    from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
+    moes = get_non_linearized_moes(model)
+    for name, module in moes:
+        cls = LinearExperts2D.get_linear_experts_cls(type(module))
+        model.set_submodule(name, cls(getattr(module, "config", model.config)))
+    return len(moes)
+
+
+def skeleton_model(config_dict: dict):
+    """The model's architecture on the meta device (no weights read), experts linearized."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = {k: v for k, v in config_dict.items() if k != "quantization_config"}
+    config = AutoConfig.for_model(**cfg)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        linearize_meta(model)
+    return model
+
+
+@dataclass
+class GroupPlan:
+    """One group of Linear modules quantized alike ('experts' or 'mw' = the other model weights)."""
+    name: str
+    algo: str
+    scheme: str
+    modules: dict = field(default_factory=dict)        # module name -> (out_features, in_features)
+    group_sizes: dict = field(default_factory=dict)    # module name -> int | None (per channel)
+
+    @property
+    def params(self) -> int:
+        return sum(o * i for o, i in self.modules.values())
+
+    def group_size_summary(self) -> dict:
+        """'g64': 24 modules, 'channel': 2 ... (what the log and the metadata report)."""
+        out: dict = {}
+        for g in self.group_sizes.values():
+            key = "channel" if g is None else f"g{g}"
+            out[key] = out.get(key, 0) + 1
+        return out
+
+
+@dataclass
+class QuantizePlan:
+    model_dir: Path
+    config: dict
+    is_mxfp4: bool
+    groups: list
+    ignore: list
+    output_dir: Path
+    total_params: int
+    adjusted: list = field(default_factory=list)       # (module, in_features, requested, used)
+    sparse: str | None = None
+
+    def group(self, name: str) -> GroupPlan:
+        return next(g for g in self.groups if g.name == name)
+
+
+def detect_experts_regex(names: list[str]) -> str | None:
+    """--auto-detect-experts: a regex from the module names that hold experts, or None."""
+    hits = [n for n in names if re.search(r"(^|\.)(experts?|moe)(\.|$)", n)]
+    if not hits:
+        return None
+    container = re.search(r"(^|\.)(experts?|moe)(\.|$)", hits[0]).group(2)
+    return rf"re:.*\.{container}\.\d+\..*"
+
+
+def output_name(model_dir: Path, args, exp_spec: str, mw_spec: str, exp_algo: str, mw_algo: str) -> str:
+    """The seed's naming rule: <base>[-2of4]-<EXPERTALGO>-<MWALGO>-experts-<spec>-mw-<spec>."""
+    base = re.sub(r"[-_](bf16|fp16|fp32|mxfp4|dequantized)$", "", model_dir.resolve().name, flags=re.I)
+    def spec(s):
+        return {"W4A16": "int4-w4a16", "W4A8": "int4-w4a8", "W8A8": "int8-w8a8"}[s]
+    parts = [base]
+    if args.with_sparse:
+        parts.append(args.mask.replace(":", "of"))
+    parts += [exp_algo.upper(), mw_algo.upper(), "experts", spec(exp_spec), "mw", spec(mw_spec)]
+    return "-".join(parts)
+
+
+def check_w4a8(spec: str, who: str, args) -> str:
+    """W4A8 needs a runtime that can run it; otherwise install it, fall back to W4A16, or stop."""
+    if spec != "W4A8" or has_w4a8_runtime():
+        return spec
+    if args.try_install_qqq:
+        ok = False
+        if args.yes or (sys.stdin.isatty() and input("install the QQQ W4A8 kernels now? [y/N] ").strip().lower() in ("y", "yes")):
+            ok = install_qqq(yes=True)
+        if ok and has_w4a8_runtime():
+            return spec
+        log(f"{who}: the W4A8 runtime could not be installed")
+    if args.allow_fallback:
+        log(f"{who}: no W4A8 runtime (QQQ or triton): falling back to W4A16 (--allow-fallback)")
+        return "W4A16"
+    raise UserError(f"{who} W4A8 needs a W4A8 runtime (QQQ or triton) and none is installed: "
+                    f"pass --try-install-qqq --yes to install it, or --allow-fallback to quantize W4A16 instead")
+
+
+def make_plan(args, model_dir: Path) -> QuantizePlan:
+    """Resolve every flag into a plan without reading any weight."""
+    config = read_json(model_dir / "config.json", "not a Hugging Face model folder (no config.json)")
+    qcfg = config.get("quantization_config") or {}
+    is_mxfp4 = qcfg.get("quant_method") == "mxfp4"
+    if qcfg and not is_mxfp4:
+        raise UserError(f"{model_dir} is already quantized ({qcfg.get('quant_method')!r}): "
+                        f"quantize starts from a BF16/FP16 (or MXFP4 GPT-OSS) checkpoint")
+    for flag in ("algo", "experts_algo", "mw_algo"):
+        v = getattr(args, flag)
+        if v is not None and v.lower() not in ALGOS:
+            raise UserError(f"--{flag.replace('_', '-')} {v}: unknown algorithm, use {', '.join(ALGOS)}")
+    exp_algo = (args.experts_algo or args.algo).lower()
+    mw_algo = (args.mw_algo or args.algo).lower()
+    exp_spec = resolve_spec(args.experts_type, args.experts_scheme, args.experts, "experts")
+    mw_spec = resolve_spec(args.mw_type, args.mw_scheme, args.mw, "mw")
+    for who, algo, spec in (("experts", exp_algo, exp_spec), ("mw", mw_algo, mw_spec)):
+        if algo == "awq" and spec != "W4A16":
+            raise UserError(f"{who}: AWQ supports W4A16 (weight-only int4) only, not {spec}: "
+                            f"use --{who}-algo gptq for {spec}")
+    if args.group_size != -1 and args.group_size <= 0:
+        raise UserError(f"--group-size {args.group_size}: pass a positive size (128, 64, ...) or -1 for per channel")
+    if args.with_sparse and not re.fullmatch(r"\d+:\d+", args.mask or ""):
+        raise UserError(f"--mask {args.mask}: use N:M, e.g. 2:4")
+    if not 0 < args.sparsity < 1:
+        raise UserError(f"--sparsity {args.sparsity}: pass a ratio between 0 and 1")
+    exp_spec = check_w4a8(exp_spec, "experts", args)
+    mw_spec = check_w4a8(mw_spec, "mw", args)
+
+    try:
+        model = skeleton_model(config)
+    except Exception as e:  # unknown model_type, broken config: the user's model folder, not our bug
+        raise UserError(f"{model_dir}/config.json: transformers cannot build this model "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+    import torch
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    total_params = sum(p.numel() for p in model.parameters())
+    ignore = BASE_IGNORE + list(args.extra_ignore or [])
+    experts_regex = args.experts_regex
+    if args.auto_detect_experts and not experts_regex:
+        experts_regex = detect_experts_regex(list(linears))
+        log(f"--auto-detect-experts: {experts_regex or 'no expert modules found'}")
+    experts_regex = experts_regex or DEFAULT_EXPERTS_REGEX
+    if not experts_regex.startswith("re:"):
+        experts_regex = "re:" + experts_regex
+    try:
+        re.compile(experts_regex[3:])
+    except re.error as e:
+        raise UserError(f"--experts-regex {args.experts_regex}: not a valid regex ({e})")
+    groups = [GroupPlan("experts", exp_algo, exp_spec), GroupPlan("mw", mw_algo, mw_spec)]
+    adjusted = []
+    for name, m in linears.items():
+        if matches_any(name, ignore):
+            continue
+        g = groups[0] if matches_any(name, [experts_regex]) else groups[1]
+        g.modules[name] = (m.out_features, m.in_features)
+        if g.scheme == "W8A8":
+            g.group_sizes[name] = None          # int8 weights: one scale per output channel
+            continue
+        gs = resolve_group_size(m.in_features, args.group_size)
+        g.group_sizes[name] = gs
+        if args.group_size != -1 and gs != args.group_size:
+            adjusted.append((name, m.in_features, args.group_size, gs))
+    if not any(g.modules for g in groups):
+        raise UserError(f"{model_dir}: no Linear module left to quantize (all ignored by {ignore})")
+    if args.output_dir:
+        out = Path(args.output_dir).expanduser()
+    else:
+        out = Path(output_name(model_dir, args, exp_spec, mw_spec, exp_algo, mw_algo))
+    return QuantizePlan(model_dir, config, is_mxfp4, groups, ignore, out, total_params, adjusted,
+                        args.mask if args.with_sparse else None)
+
+
+def compact_targets(names: list[str], universe: list[str]) -> list[str]:
+    """Few regexes that match exactly `names` among `universe` (layer / expert numbers -> \\d+),
+    so a 120b recipe has a handful of targets instead of 13,000 module names."""
+    by_pattern: dict = {}
+    for n in names:
+        by_pattern.setdefault(re.sub(r"(?<=\.)\d+(?=\.|$)", "#", n), []).append(n)
+    out = []
+    for pattern, members in by_pattern.items():
+        rx = r"\d+".join(re.escape(p) for p in pattern.split("#"))
+        if {u for u in universe if re.fullmatch(rx, u)} == set(members):
+            out.append(f"re:^{rx}$")
+        else:
+            out += [f"re:^{re.escape(m)}$" for m in members]
+    return out
+
+
+def scheme_args(scheme: str, group_size: int | None, symmetric: bool) -> dict:
+    """compressed-tensors scheme for one (scheme, group size); targets are added by the caller."""
+    w = {"num_bits": 4, "type": "int", "symmetric": symmetric, "dynamic": False,
+         "strategy": "channel" if group_size is None else "group"}
+    if group_size is not None:
+        w["group_size"] = group_size
+    act = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}
+    if scheme == "W4A16":
+        return {"weights": w}
+    if scheme == "W8A8":
+        return {"weights": {**w, "num_bits": 8, "symmetric": True, "strategy": "channel"} | {"group_size": None},
+                "input_activations": act}
+    # W4A8: int4 symmetric weights stored packed (8 per int32): the W4A8 kernels read exactly this
+    # layout; left to itself compressed-tensors would pick int-quantized (one int8 per weight).
+    return {"weights": {**w, "symmetric": True}, "input_activations": act, "format": "pack-quantized"}
+
+
+def config_groups(groups: list, universe: list[str], symmetric: bool) -> dict:
+    out = {}
+    for g in groups:
+        buckets: dict = {}
+        for name, gs in g.group_sizes.items():
+            buckets.setdefault(gs, []).append(name)
+        for gs, names in sorted(buckets.items(), key=lambda kv: -(kv[0] or 0)):
+            key = f"{g.name}_{g.scheme.lower()}_{'channel' if gs is None else f'g{gs}'}"
+            out[key] = {"targets": compact_targets(sorted(names), universe), **scheme_args(g.scheme, gs, symmetric)}
+    return out
+
+
+def gptoss_awq_mappings(awq_groups: set[str]):
+    """AWQ balance mappings for GPT-OSS.
+
+    input_layernorm -> q/k/v (attention in the AWQ group). post_attention_layernorm -> the router
+    AND every expert's gate/up: the norm's scale is divided out of the router's weight too, so
+    routing is unchanged. Left out on purpose: v_proj -> o_proj (GQA: 64 query heads share 8 kv
+    heads, v's outputs are not o's inputs 1:1) and up_proj -> down_proj (GPT-OSS computes
+    (clamp(up) + 1) * glu(gate): scaling up is not undone by scaling down's columns).
+    """
+    from llmcompressor.modifiers.transform.awq import AWQMapping
+    out = []
+    if "mw" in awq_groups:
+        out.append(AWQMapping(r"re:.*input_layernorm$",
+                              [r"re:.*self_attn\.q_proj$", r"re:.*self_attn\.k_proj$", r"re:.*self_attn\.v_proj$"]))
+    if "experts" in awq_groups:
+        out.append(AWQMapping(r"re:.*post_attention_layernorm$",
+                              [r"re:.*mlp\.router$", r"re:.*mlp\.experts\.\d+\.gate_proj$",
+                               r"re:.*mlp\.experts\.\d+\.up_proj$"]))
+    return out
+
+
+def generic_awq_mappings(model, awq_modules: set[str]):
+    """Other architectures: llmcompressor's own mappings, keeping those whose balance layers are
+    in an AWQ group (a GPTQ/RTN group must not be rescaled under it)."""
+    from llmcompressor.modifiers.transform.awq import get_layer_mappings_from_model
+    names = [n for n, _ in model.named_modules()]
+    keep = []
+    for m in get_layer_mappings_from_model(model):
+        hit = {n for n in names if matches_any(n, list(m.balance_layers))}
+        if hit and hit <= awq_modules:
+            keep.append(m)
+    return keep
+
+
+def build_modifiers(plan: QuantizePlan, args, model=None) -> list:
+    """The llmcompressor recipe: [SparseGPT] [AWQ smoothing] [RTN/AWQ rounding] [GPTQ]."""
+    from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    universe = sorted({n for g in plan.groups for n in g.modules} | set(_all_linear_names(plan, model)))
+    active = [g for g in plan.groups if g.modules]
+    mods = []
+    if plan.sparse:
+        targets = compact_targets(sorted(n for g in active for n in g.modules), universe)
+        mods.append(SparseGPTModifier(sparsity=args.sparsity, mask_structure=plan.sparse, targets=targets,
+                                      block_size=args.block_size, dampening_frac=args.dampening_frac,
+                                      offload_hessians=args.offload_hessians))
+    awq = [g for g in active if g.algo == "awq"]
+    if awq:
+        if plan.config.get("model_type") == "gpt_oss":
+            mappings = gptoss_awq_mappings({g.name for g in awq})
+        else:
+            mappings = generic_awq_mappings(model, {n for g in awq for n in g.modules}) if model is not None else None
+        mods.append(AWQModifier(mappings=mappings, offload_device=None, n_grid=args.awq_grid))
+    rounding = [g for g in active if g.algo in ("awq", "rtn")]
+    if rounding:
+        mods.append(QuantizationModifier(config_groups=config_groups(rounding, universe, args.symmetric)))
+    gptq = [g for g in active if g.algo == "gptq"]
+    if gptq:
+        mods.append(GPTQModifier(config_groups=config_groups(gptq, universe, args.symmetric),
+                                 block_size=args.block_size, dampening_frac=args.dampening_frac,
+                                 # activation ordering permutes columns: keep the 2:4 mask aligned
+                                 actorder=None if plan.sparse else "static"))
+    return mods
+
+
+def _all_linear_names(plan: QuantizePlan, model) -> list[str]:
+    import torch
+    if model is None:
+        model = skeleton_model(plan.config)
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def recipe_yaml(modifiers: list) -> str:
+    from llmcompressor.recipe import Recipe
+    return Recipe.from_modifiers(modifiers).yaml()
+
+
+# ---- calibration data
+
+
+def read_jsonl_texts(path: Path, tokenizer, flag: str) -> list[str]:
+    """{"text": ...} or {"messages": [...]} (rendered with the model's chat template) per line."""
+    if not path.exists():
+        raise UserError(f"{flag} {path} does not exist")
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder: pass a .jsonl file")
+    texts = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{flag} {path} line {no}: not valid JSON ({e.msg})")
+                texts.append(row_to_text(row, tokenizer, f"{flag} {path} line {no}"))
+        except UnicodeDecodeError:
+            raise UserError(f"{flag} {path} is not UTF-8 text")
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise UserError(f"{flag} {path} holds no text: it needs {{\"text\": ...}} or {{\"messages\": [...]}} lines")
+    return texts
+
+
+def row_to_text(row, tokenizer, where: str) -> str:
+    if isinstance(row, dict) and isinstance(row.get("text"), str):
+        return row["text"]
+    if isinstance(row, dict) and isinstance(row.get("messages"), list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"{where}: \"messages\" needs a chat template, and the model has none: use \"text\"")
+        try:
+            return tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        except Exception as e:
+            raise UserError(f"{where}: the chat template cannot render these messages ({str(e).splitlines()[0][:120]})")
+    if isinstance(row, dict) and isinstance(row.get("instruction"), str):   # open_platypus / alpaca style
+        return f"### Instruction:\n{row['instruction']}\n\n### Response:\n{row.get('output', '')}"
+    keys = list(row) if isinstance(row, dict) else type(row).__name__
+    raise UserError(f"{where}: expected a \"text\" string or a \"messages\" list, got {keys}")
+
+
+HUB_DATASETS = {"open_platypus": ("garage-bAInd/Open-Platypus", "train"),
+                "ultrachat": ("HuggingFaceH4/ultrachat_200k", "train_sft"),
+                "ultrachat_200k": ("HuggingFaceH4/ultrachat_200k", "train_sft")}
+
+
+def load_hub_texts(name: str, tokenizer, limit: int) -> list[str]:
+    """--dataset: a Hub dataset (or a local one `datasets` can open), rows rendered to text."""
+    repo, split = HUB_DATASETS.get(name, (name, "train"))
+    import itertools
+    try:
+        import datasets
+        # streamed: only the rows we use are fetched (ultrachat_200k is ~1 GB whole)
+        rows = list(itertools.islice(datasets.load_dataset(repo, split=split, streaming=True), limit))
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load --dataset {name} ({repo}) from the Hugging Face Hub ({reason}): "
+                        f"offline? pass --calib-jsonl FILE with {{\"text\": ...}} or {{\"messages\": [...]}} lines")
+    texts = [row_to_text(row, tokenizer, f"--dataset {name} row {i}") for i, row in enumerate(rows)]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise UserError(f"--dataset {name} holds no text rows")
+    return texts
+
+
+def split_calibration(texts: list[str], n_calib: int, eval_texts: list[str] | None) -> tuple[list, list]:
+    """(calibration texts, held-out texts for quality.json), disjoint: --eval-jsonl, else the texts
+    after the first n_calib, else the last few texts held back from calibration."""
+    if eval_texts is not None:
+        return texts[:n_calib], eval_texts[:EVAL_MAX_TEXTS]
+    if len(texts) - n_calib >= CALIB_EVAL_MIN:
+        return texts[:n_calib], texts[n_calib:n_calib + EVAL_MAX_TEXTS]
+    if len(texts) < 2:
+        return texts, []
+    hold = min(max(CALIB_EVAL_MIN, len(texts) // 10), len(texts) // 2)
+    return texts[:-hold][:n_calib], texts[-hold:]
+
+
+def tokenized_dataset(texts: list[str], tokenizer, max_len: int):
+    from datasets import Dataset
+    enc = tokenizer(texts, truncation=True, max_length=max_len, add_special_tokens=True)
+    rows = [(i, a) for i, a in zip(enc["input_ids"], enc["attention_mask"]) if len(i) > 1]
+    return Dataset.from_dict({"input_ids": [r[0] for r in rows], "attention_mask": [r[1] for r in rows]})
+
+
+# ---- GPTQ that keeps a 2:4 mask
+
+
+def masked_gptq():
+    """Context in which llmcompressor's GPTQ keeps zero weights at zero (a SparseGPT mask).
+
+    GPTQ spreads each column's rounding error over the columns after it, which refills pruned
+    weights (80% of groups of 4 stay 2:4). Here a pruned weight is 'quantized' to 0 inside the
+    GPTQ loop, so its error is compensated like any other: SparseGPT's joint prune+quantize step.
+    Written by hand because llmcompressor 0.14's GPTQ has no mask option.
+    """
+    import contextlib
+    import torch
+    from compressed_tensors.quantization import QuantizationStrategy, fake_quantize
+    from compressed_tensors.utils import patch_attr
+    import llmcompressor.modifiers.gptq.base as gptq_base
+    import llmcompressor.modifiers.gptq.gptq_quantize as gq
+    from copy import copy
+    state = {"mask": None}
+    original_quantize_weight = gq.quantize_weight
+
+    def quantize_weight(weights, hessians, *a, **k):
+        state["mask"] = weights == 0                                     # [batch, rows, columns]
+        try:
+            return original_quantize_weight(weights, hessians, *a, **k)
+        finally:
+            state["mask"] = None
+
+    def block_update(W1, Hinv1, Q1, Err1, losses1, *, scale, zero_point, global_scale, g_idx, quant_args, i1):
+        # llmcompressor's eager gptq_block_update, plus the mask line
+        qargs = copy(quant_args)
+        qargs.strategy = QuantizationStrategy.CHANNEL
+        eff, zp = gq.column_scale_window(scale, zero_point, global_scale, g_idx, quant_args,
+                                         num_rows=W1.shape[-2], i1=i1, i2=i1 + W1.shape[-1])
+        mask = state["mask"]
+        for i in range(W1.shape[-1]):
+            w = W1[:, :, i]
+            q = fake_quantize(w.transpose(0, 1), eff[:, :, i].transpose(0, 1),
+                              None if zp is None else zp[:, :, i].transpose(0, 1), qargs).transpose(0, 1)
+            if mask is not None:
+                q = torch.where(mask[:, :, i1 + i], torch.zeros_like(q), q)
+            err = (w - q) / Hinv1[:, i, i][:, None]
+            Q1[:, :, i] = q
+            Err1[:, :, i] = err
+            losses1[:, :, i] = err.square()
+            W1[:, :, i:] -= err.unsqueeze(-1) * Hinv1[:, i, i:].unsqueeze(1)
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(patch_attr(gptq_base, "quantize_weight", quantize_weight))
+    stack.enter_context(patch_attr(gq, "gptq_block_update", block_update))
+    return stack
+
+
+def cpu_safe_calibration():
+    """AWQ pins its cached activations for faster host->GPU copies; torch refuses pin_memory
+    without an accelerator ('Cannot access accelerator device'), so on a CPU-only machine the
+    pinning is skipped (there is no copy to speed up)."""
+    import contextlib
+    import torch
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.pipelines.cache import IntermediatesCache
+    if torch.accelerator.is_available():
+        return contextlib.nullcontext()
+    return patch_attr(IntermediatesCache, "pin_memory", lambda self, *a, **k: None)
+
+
+# ---- the run
+
+
+def load_model_for_quantization(model_dir: Path, device_map: str, offload_folder: str | None):
+    """BF16 model with linearized experts (llmcompressor's load_context: offloading + MoE)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from llmcompressor.utils import load_context
+    dm = {"cpu-only": "cpu", "sequential": "cpu", "auto": "auto_offload"}[device_map]
+    kwargs = {"dtype": "auto", "device_map": dm}
+    if offload_folder:
+        kwargs["offload_folder"] = offload_folder
+    with load_context():
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    if model.dtype not in (torch.bfloat16, torch.float16):
+        model = model.to(torch.bfloat16)
+    return model
+
+
+def check_checkpoint_complete(model_dir: Path, config: dict) -> None:
+    """Every tensor the architecture needs is in the files: transformers would otherwise initialise
+    the missing ones at random and we would quantize a half-loaded model."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    have = set()
+    for f in checkpoint_files(model_dir):
+        if not f.exists():
+            raise UserError(f"{model_dir}: shard {f.name} is missing: re-download or re-run dequantize")
+        with open_safetensors(f) as h:
+            have |= set(h.keys())
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    need = set(model.state_dict())
+    if getattr(cfg, "tie_word_embeddings", False):
+        need.discard("lm_head.weight")
+    missing = sorted(need - have)
+    if missing:
+        raise UserError(f"{model_dir} lacks {len(missing)} of the model's tensors ({', '.join(missing[:3])}): "
+                        f"an incomplete checkpoint; re-download it or re-run dequantize")
+
+
+def dequantize_to_temp(model_dir: Path, tmp: Path) -> Path:
+    """MXFP4 input: the streaming dequantize (section 3) into a temp folder, BF16 (exact)."""
+    src = inspect_source(model_dir)
+    tmp.mkdir(parents=True, exist_ok=True)
+    log(f"{model_dir} is MXFP4: dequantizing it to BF16 in {tmp} first "
+        f"(run `compress_gptoss.py dequantize --src {model_dir} --dst DIR` once to reuse it)")
+    import torch
+    dequantize_stream(src, tmp, "bf16", pick_device("auto"), "error", False)
+    weight_map = {s.name: p.name for p in plan_output(src, torch.bfloat16) for s in p.specs}
+    finish_output(model_dir, tmp, src.config, "bf16", weight_map)
+    return tmp
+
+
+def print_plan(plan: QuantizePlan, modifiers: list, args) -> None:
+    print(f"model:      {plan.model_dir}{'  (MXFP4: dequantized to BF16 on the fly)' if plan.is_mxfp4 else ''}")
+    print(f"output dir: {plan.output_dir}")
+    print(f"never quantized: {', '.join(plan.ignore)}")
+    for g in plan.groups:
+        frac = g.params / max(plan.total_params, 1)
+        sizes = ", ".join(f"{v} x {k}" for k, v in g.group_size_summary().items()) or "-"
+        print(f"{g.name:8s} {g.algo.upper():4s} {g.scheme:6s} {len(g.modules):6d} modules, "
+              f"{g.params:,} params ({frac:.1%} of the model); group sizes: {sizes}")
+    for name, inf, req, used in plan.adjusted[:20]:
+        print(f"  group size {req} does not divide {name} ({inf} inputs): "
+              f"{'per channel' if used is None else used}")
+    if len(plan.adjusted) > 20:
+        print(f"  ... {len(plan.adjusted) - 20} more modules adjusted")
+    if plan.sparse:
+        print(f"sparsity:   SparseGPT {plan.sparse} ({args.sparsity:.0%}) before quantization, mask kept by GPTQ")
+    print("recipe:")
+    print(recipe_yaml(modifiers))
+
+
+def model_card(plan: QuantizePlan, args, quality: dict | None) -> str:
+    rows = "\n".join(f"| {g.name} | {g.algo.upper()} | {g.scheme} | {len(g.modules)} | "
+                     f"{', '.join(f'{v}x{k}' for k, v in g.group_size_summary().items()) or '-'} |"
+                     for g in plan.groups)
+    q = ""
+    if quality and quality["heldout_tokens"]:
+        q = (f"\n## Quality (held-out texts, {quality['heldout_tokens']} tokens)\n\n"
+             f"perplexity {quality['perplexity']['source']:.3f} -> {quality['perplexity']['quantized']:.3f}, "
+             f"mean KL {quality['kl_mean']:.5f}, top-1 agreement {quality['top1_agreement']:.3f}"
+             + (f", same experts {quality['same_experts']:.3f}" if quality.get('same_experts') is not None else "")
+             + ". Full numbers in `quality.json`.\n")
+    return f"""---
+base_model: {plan.model_dir.resolve().name}
+library_name: transformers
+tags: [compressed-tensors, llmcompressor, gptoss-compressor]
+---
+# {plan.output_dir.name}
+
+Made with gptoss-compressor {__version__} (`compress_gptoss.py quantize`) through LLM Compressor
+from `{plan.model_dir.resolve().name}`{' (MXFP4, dequantized to BF16 first)' if plan.is_mxfp4 else ''}.
+Router, embeddings and lm_head are not quantized{'; ' + plan.sparse + ' sparsity (SparseGPT) in the quantized weights' if plan.sparse else ''}.
+
+| group | algorithm | scheme | modules | group sizes |
+|---|---|---|---|---|
+{rows}
+
+Calibration: {args.calib_jsonl or args.dataset}, {args.num_calibration_samples} samples x {args.max_seq_length} tokens.
+The recipe is in `recipe.yaml`.
+{q}
+## Loading
+
+The experts are stored per expert (`mlp.experts.N.gate_proj.weight_packed`, ...), which
+`AutoModelForCausalLM.from_pretrained` does not know for GPT-OSS: it would leave the experts random.
+Load it with:
+
+```python
+from compress_gptoss import load_quantized_model
+model = load_quantized_model("{plan.output_dir.name}", decompress=True)   # or decompress=False
+```
+"""
+
+
+def write_output_config(tmp: Path, plan: QuantizePlan, sparsity: dict | None, extra: dict) -> None:
+    """config.json: every field of the source config, plus llmcompressor's quantization_config."""
+    saved = read_json(tmp / "config.json", "save_pretrained wrote no config.json")
+    qc = saved.get("quantization_config") or {}
+    if sparsity:
+        # compressed-tensors 0.19 writes sparsity_config {} ("removed for now"): record the 2:4
+        # structure in its SparsityCompressionConfig schema ourselves.
+        qc["sparsity_config"] = sparsity
+    out = {k: v for k, v in plan.config.items() if k != "quantization_config"}
+    for k in ("dtype", "torch_dtype"):
+        if k in out:
+            out[k] = "bfloat16" if out[k] in ("float32", None) else out[k]
+    out["quantization_config"] = qc
+    out["gptoss_compressor"] = extra
+    write_json_atomic(tmp / "config.json", out)
+
+
+def sparsity_report(tmp: Path, plan: QuantizePlan) -> dict:
+    """Share of groups of M that hold >= M-N zeros, per sparsified module, read from the saved
+    tensors (decompressed by compressed-tensors)."""
+    n, m = (int(x) for x in plan.sparse.split(":"))
+    weights = decompressed_weights(tmp)
+    per, zeros, total = {}, 0, 0
+    for g in plan.groups:
+        for name in g.modules:
+            w = weights[name]
+            groups = (w.reshape(-1, m) == 0).sum(-1) >= (m - n)
+            per[name] = float(groups.float().mean())
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return {"share_of_groups_ok": min(per.values()) if per else 0.0, "modules": len(per),
+            "global_sparsity": zeros / max(total, 1), "per_module_min": per}
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    raise UserError("quantize is not implemented yet", exit_code=2)
+    t0 = time.time()
+    if not args.verbose:
+        os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
+    if args.device_map == "cpu-only":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""          # before torch initializes CUDA
+    model_dir = resolve_model_dir(args.model_in, "--model-in")
+    plan = make_plan(args, model_dir)
+    out = plan.output_dir
+    if out.exists() and not args.dry_run:
+        if not args.overwrite:
+            raise UserError(f"output dir {out} already exists: pass --overwrite to replace it or --output-dir DIR")
+        if out.resolve() == model_dir.resolve() or out.resolve() in model_dir.resolve().parents:
+            raise UserError(f"output dir {out} is the input model's folder: pick another --output-dir")
+    for g in plan.groups:
+        sizes = ", ".join(f"{v} x {k}" for k, v in g.group_size_summary().items()) or "-"
+        log(f"{g.name}: {len(g.modules)} Linear -> {g.algo.upper()} {g.scheme} ({sizes})"
+            + ("" if g.modules else "  [empty group: nothing matches]"))
+    for name, inf, req, used in plan.adjusted[:6]:
+        log(f"group size {req} does not divide {name}'s {inf} inputs: {'per channel' if used is None else f'g{used}'}")
+    if len(plan.adjusted) > 6:
+        log(f"... and {len(plan.adjusted) - 6} more modules with an adjusted group size (see --dry-run)")
+
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:
+        raise UserError(f"{model_dir}: no usable tokenizer ({type(e).__name__}): copy the tokenizer files into it")
+    if args.calib_jsonl:
+        texts = read_jsonl_texts(Path(args.calib_jsonl).expanduser(), tokenizer, "--calib-jsonl")
+    elif not args.dry_run:
+        texts = load_hub_texts(args.dataset, tokenizer, args.num_calibration_samples + 64)
+    else:
+        texts = []
+    eval_texts = read_jsonl_texts(Path(args.eval_jsonl).expanduser(), tokenizer, "--eval-jsonl") if args.eval_jsonl else None
+    calib, heldout = split_calibration(texts, args.num_calibration_samples, eval_texts)
+    if args.dry_run:
+        print_plan(plan, build_modifiers(plan, args, skeleton_model(plan.config)), args)
+        if texts:
+            print(f"calibration: {len(calib)} texts from {args.calib_jsonl or args.dataset}, held out for quality: {len(heldout)}")
+        return 0
+
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    bf16_tmp = out.parent / f".{out.name}.bf16-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        src_dir = dequantize_to_temp(model_dir, bf16_tmp) if plan.is_mxfp4 else model_dir
+        check_checkpoint_complete(src_dir, plan.config)
+        ds = tokenized_dataset(calib, tokenizer, args.max_seq_length)
+        log(f"calibration: {len(ds)} samples (<= {args.max_seq_length} tokens) from "
+            f"{args.calib_jsonl or args.dataset}; {len(heldout)} held-out texts for quality.json")
+        model = load_model_for_quantization(src_dir, args.device_map, args.offload_folder)
+        modifiers = build_modifiers(plan, args, model)
+        if args.offload_hessians and not plan.sparse:
+            log("--offload-hessians: llmcompressor 0.14's GPTQ keeps Hessians of the current layer only; "
+                "the flag applies to SparseGPT (--with-sparse)")
+        import contextlib
+        from llmcompressor import oneshot
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(cpu_safe_calibration())
+            if plan.sparse:
+                stack.enter_context(masked_gptq())
+            oneshot(model=model, processor=tokenizer, dataset=ds, recipe=modifiers,
+                    num_calibration_samples=len(ds), max_seq_length=args.max_seq_length,
+                    pipeline="basic" if args.no_sequential_update else "sequential",
+                    moe_calibrate_all_experts=not args.routed_experts_only)
+        log(f"oneshot done in {time.time() - t0:.1f} s; saving to {out}")
+        tmp.mkdir(parents=True)
+        model.save_pretrained(str(tmp), save_compressed=True)
+        del model
+        tokenizer.save_pretrained(str(tmp))
+        copy_side_files(src_dir, tmp)                      # the source's tokenizer / template / generation config win
+        sparsity = None
+        extra = {"version": __version__, "source": str(model_dir.resolve()),
+                 "groups": {g.name: {"algo": g.algo, "scheme": g.scheme, "modules": len(g.modules),
+                                     "group_sizes": g.group_size_summary()} for g in plan.groups},
+                 "group_size_requested": args.group_size,
+                 "group_size_adjusted": [{"module": n, "in_features": i, "used": u} for n, i, _, u in plan.adjusted],
+                 "calibration": {"source": args.calib_jsonl or args.dataset, "samples": len(ds),
+                                 "max_seq_length": args.max_seq_length,
+                                 "all_experts": not args.routed_experts_only}}
+        write_output_config(tmp, plan, None, extra)
+        if plan.sparse:
+            rep = sparsity_report(tmp, plan)
+            from compressed_tensors.config import DenseSparsityConfig
+            sparsity = DenseSparsityConfig(global_sparsity=rep["global_sparsity"], sparsity_structure=plan.sparse,
+                                           targets=sorted(n for g in plan.groups for n in g.modules),
+                                           ignore=plan.ignore).model_dump()
+            log(f"sparsity {plan.sparse}: {rep['share_of_groups_ok']:.2%} of the groups of "
+                f"{plan.sparse.split(':')[1]} conform in the worst of {rep['modules']} modules, "
+                f"global sparsity {rep['global_sparsity']:.1%}")
+            if rep["share_of_groups_ok"] < 1:
+                log(f"WARNING: the {plan.sparse} pattern did not survive in every module: see config.json")
+            extra["sparsity"] = {k: v for k, v in rep.items() if k != "per_module_min"}
+            write_output_config(tmp, plan, sparsity, extra)
+        quality = None
+        if not args.no_eval:
+            quality = evaluate_quality(src_dir, tmp, plan, heldout, tokenizer, min(args.max_seq_length, 512))
+            write_json_atomic(tmp / "quality.json", quality)
+            print_quality_table(quality)
+        (tmp / "README.md").write_text(model_card(plan, args, quality))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(bf16_tmp, ignore_errors=True)
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    log(f"wrote {out}: {human_bytes(size)} of safetensors in {time.time() - t0:.1f} s, "
+        f"peak RSS {human_bytes(peak_rss_bytes())}")
+    print(out)
+    return 0
+
+
+##### 5. Loader + quality #####
+# A folder written by `quantize` stores GPT-OSS's experts per expert (mlp.experts.N.gate_proj...),
+# which transformers' GptOssForCausalLM (fused 3-D experts) does not know: from_pretrained would
+# silently leave the experts random. The loader builds the BF16 architecture, linearizes the
+# experts the way llmcompressor did, applies the quantization config, then loads tensors by name.
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    if (path / INDEX_NAME).exists():
+        index = read_json(path / INDEX_NAME, "")
+        return [path / s for s in sorted(set(index.get("weight_map", {}).values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path} holds no .safetensors file: not a checkpoint written by quantize")
+    return files
+
+
+def load_quantized_model(path, decompress: bool = False):
+    """Load a quantized checkpoint written by `quantize` (GPT-OSS or any HF causal LM), on CPU.
+
+    path: the output folder (config.json with a compressed-tensors quantization_config).
+    decompress=False: weights stay compressed (int4 packed / int8 + scales); the first forward
+        decompresses them (compressed-tensors' hook). decompress=True: dense BF16 weights now, with
+        the quantization scheme still attached (activations of W8A8/W4A8 are fake-quantized).
+    Returns the model in eval mode. Raises UserError when a tensor is missing or unexpected, so a
+    half-loaded model is never returned.
+    """
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from safetensors.torch import load_file
+    path = Path(path)
+    config = read_json(path / "config.json", "not a model folder")
+    qdict = config.get("quantization_config") or {}
+    if qdict.get("quant_method") != "compressed-tensors":
+        raise UserError(f"{path} is not a compressed-tensors checkpoint "
+                        f"(quant_method {qdict.get('quant_method')!r}): load it with transformers directly")
+    qconfig = QuantizationConfig.model_validate({k: v for k, v in qdict.items()
+                                                 if k not in ("sparsity_config", "transform_config")})
+    model = skeleton_model(config)
+    apply_quantization_config(model, qconfig)
+    compressor = ModelCompressor(quantization_config=qconfig)
+    compressor.compress_model(model)            # the compressed parameter layout, still on meta
+    expected = set(model.state_dict())
+    seen, unexpected = set(), []
+    for f in checkpoint_files(path):
+        for name, t in load_file(str(f)).items():
+            if name not in expected:
+                unexpected.append(name)
+                continue
+            # set by name rather than load_state_dict: compress_model on meta does not know that an
+            # asymmetric int4 zero point is stored packed (8 per int32), so its shape differs here
+            owner, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            old = getattr(owner, attr)
+            if isinstance(old, torch.nn.Parameter):
+                setattr(owner, attr, torch.nn.Parameter(t, requires_grad=False))
+            else:
+                owner._buffers[attr] = t
+            seen.add(name)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    still_meta = {n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta}
+    missing = sorted((expected - seen) & still_meta | still_meta)
+    if missing or unexpected:
+        raise UserError(f"{path}: {len(missing)} missing tensors ({', '.join(missing[:3])}) and "
+                        f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}): not a checkpoint of this model")
+    model.eval()
+    if decompress:
+        compressor.decompress_model(model)
+    return model
+
+
+def decompressed_weights(path: Path) -> dict:
+    """{module name: dense float32 weight} of every quantized module, decompressed by the loader."""
+    import torch
+    model = load_quantized_model(path, decompress=True)
+    return {n: m.weight.detach().float() for n, m in model.named_modules()
+            if hasattr(m, "quantization_scheme") and isinstance(m, torch.nn.Linear)}
+
+
+def load_reference_model(path: Path):
+    """The unquantized source, as transformers loads it (fused experts for GPT-OSS): the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, device_map="cpu").eval()
+
+
+def router_recorder(model):
+    """Hooks that record each MoE router's chosen experts per token: {layer name: [indices]}."""
+    import torch
+    records, handles = {}, []
+    k = getattr(model.config, "num_experts_per_tok", None) or getattr(model.config, "experts_per_token", 2)
+    moe = bool(getattr(model.config, "num_local_experts", 0) or getattr(model.config, "num_experts", 0))
+    for name, m in model.named_modules():
+        if moe and re.search(r"\.mlp\.(router|gate)$", name):
+            def hook(mod, inp, out, name=name):
+                idx = next((t for t in (out if isinstance(out, tuple) else (out,))
+                            if isinstance(t, torch.Tensor) and not t.is_floating_point()), None)
+                if idx is None:
+                    logits = out[0] if isinstance(out, tuple) else out
+                    idx = logits.topk(k, dim=-1).indices
+                records.setdefault(name, []).append(idx.reshape(-1, idx.shape[-1]).sort(-1).values)
+            handles.append(m.register_forward_hook(hook))
+    return records, handles
+
+
+def quantized_fraction(path: Path, plan) -> dict:
+    """Share of each group's weights (and of all parameters) stored quantized, read from the files:
+    a module counts when its tensors are weight_packed (int4) or an int8 weight with a scale."""
+    from safetensors import safe_open
+    keys = {}
+    for f in checkpoint_files(path):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                keys[k] = (h.get_slice(k).get_dtype(), h.get_slice(k).get_shape())
+    bits = {}
+    def stored_bits(name):
+        if name + ".weight_packed" in keys:
+            return 4
+        if keys.get(name + ".weight", ("",))[0] == "I8" and name + ".weight_scale" in keys:
+            return 8
+        return None
+    out = {}
+    qparams = 0
+    for g in plan.groups:
+        q = sum(o * i for n, (o, i) in g.modules.items() if stored_bits(n))
+        out[g.name] = q / g.params if g.params else None
+        qparams += q
+        bits[g.name] = sorted({stored_bits(n) for n in g.modules if stored_bits(n)})
+    out["all_parameters"] = qparams / max(plan.total_params, 1)
+    out["stored_bits"] = bits
+    return out
+
+
+def evaluate_quality(src_dir: Path, q_dir: Path, plan, texts: list[str], tokenizer, max_len: int) -> dict:
+    """quality.json: the source (transformers, unquantized) against the output reloaded from disk."""
+    import math
+    import torch
+    t0 = time.time()
+    if not texts:
+        log("quality: no held-out text left (pass more calibration texts or --eval-jsonl); skipped the metrics")
+    ref = load_reference_model(src_dir)
+    qm = load_quantized_model(q_dir, decompress=True)
+    rec_ref, h_ref = router_recorder(ref)
+    rec_q, h_q = router_recorder(qm)
+    nll_ref = nll_q = kl = agree = 0.0
+    tokens = 0
+    with torch.no_grad():
+        for t in texts:
+            ids = tokenizer(t, return_tensors="pt", truncation=True, max_length=max_len)["input_ids"]
+            if ids.shape[1] < 2:
+                continue
+            lr = ref(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            lq = qm(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            tgt = ids[0, 1:]
+            nll_ref -= float(lr.gather(-1, tgt[:, None]).sum())
+            nll_q -= float(lq.gather(-1, tgt[:, None]).sum())
+            kl += float((lr.exp() * (lr - lq)).sum())
+            agree += float((lr.argmax(-1) == lq.argmax(-1)).sum())
+            tokens += len(tgt)
+    for h in h_ref + h_q:
+        h.remove()
+    same = None
+    if rec_ref and set(rec_ref) == set(rec_q):
+        hits = total = 0
+        for name in rec_ref:
+            a, b = torch.cat(rec_ref[name]), torch.cat(rec_q[name])
+            hits += int((a == b).all(-1).sum())
+            total += a.shape[0]
+        same = hits / max(total, 1)
+    src_size = sum(p.stat().st_size for p in Path(src_dir).glob("*.safetensors"))
+    q_size = sum(p.stat().st_size for p in Path(q_dir).glob("*.safetensors"))
+    n = max(tokens, 1)
+    return {
+        "heldout_texts": len(texts), "heldout_tokens": tokens,
+        "perplexity": {"source": math.exp(nll_ref / n) if tokens else None,
+                       "quantized": math.exp(nll_q / n) if tokens else None},
+        "kl_mean": kl / n if tokens else None,
+        "top1_agreement": agree / n if tokens else None,
+        "same_experts": same,
+        "quantized_fraction": quantized_fraction(q_dir, plan),
+        "size_bytes": {"source": src_size, "quantized": q_size, "ratio": q_size / max(src_size, 1)},
+        "groups": {g.name: {"algo": g.algo, "scheme": g.scheme, "modules": len(g.modules),
+                            "group_sizes": g.group_size_summary()} for g in plan.groups},
+        "eval_seconds": round(time.time() - t0, 1),
+    }
+
+
+def print_quality_table(q: dict) -> None:
+    f = q["quantized_fraction"]
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+    rows = [("held-out tokens", str(q["heldout_tokens"])),
+            ("perplexity source", num(q["perplexity"]["source"], ".3f")),
+            ("perplexity quantized", num(q["perplexity"]["quantized"], ".3f")),
+            ("mean KL(source||quantized)", num(q["kl_mean"], ".5f")),
+            ("top-1 agreement", num(q["top1_agreement"], ".4f")),
+            ("same experts routed", num(q["same_experts"], ".4f")),
+            ("experts quantized", num(f.get("experts"), ".2%")),
+            ("model weights quantized", num(f.get("mw"), ".2%")),
+            ("all parameters quantized", num(f.get("all_parameters"), ".2%")),
+            ("size", f"{human_bytes(q['size_bytes']['quantized'])} "
+                     f"({q['size_bytes']['ratio']:.1%} of {human_bytes(q['size_bytes']['source'])})")]
+    w = max(len(r[0]) for r in rows)
+    print("quality (quality.json):", file=sys.stderr)
+    for k, v in rows:
+        print(f"  {k:<{w}}  {v}", file=sys.stderr)
 
 
 ##### 6. Kernels + runtime #####
@@ -2330,7 +3336,93 @@ so values that would overflow are counted and refused unless --fp16-overflow say
     d.add_argument("--max-gpu-memory", metavar="SIZE", help="--method transformers: per-GPU cap, e.g. 20GiB")
     d.set_defaults(func=cmd_dequantize)
 
-    q = sub.add_parser("quantize", formatter_class=fmt, help="GPTQ/AWQ compression through LLM Compressor")
+    q = sub.add_parser("quantize", formatter_class=fmt, help="GPTQ/AWQ compression through LLM Compressor",
+                       description="Quantize a BF16/FP16 model (GPT-OSS, experts included, or any Hugging Face "
+                                   "causal LM) with GPTQ / AWQ / RTN through LLM Compressor, in two groups: "
+                                   "'experts' and 'model weights' (every other Linear: attention q/k/v/o). "
+                                   "Router, embeddings and lm_head are never quantized. Writes a complete "
+                                   "compressed-tensors folder, reloads it from disk and writes quality.json.",
+                       epilog="""\
+examples:
+  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16 --calib-jsonl calib.jsonl
+  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts-algo awq --experts w4a16 --mw-algo gptq --mw w8a8
+  %(prog)s --model-in ./gpt-oss-120b-bf16 --with-sparse --experts-type int4 --experts-scheme w4a8 \\
+      --mw-type int4 --mw-scheme w4a16 --allow-fallback
+  %(prog)s --model-in openai/gpt-oss-20b --dry-run          # MXFP4 input: dequantized on the fly
+
+support matrix: AWQ W4A16; GPTQ W4A16, W8A8, W4A8 (needs a W4A8 runtime: QQQ or triton);
+RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.""")
+    q.add_argument("--model-in", default="gpt-oss-120b-bf16", metavar="PATH|HUB_ID",
+                   help="BF16/FP16 model folder (from `dequantize`), an MXFP4 GPT-OSS folder (dequantized on "
+                        "the fly), or a Hub id (default: %(default)s)")
+    q.add_argument("--algo", default="gptq", type=str.lower, metavar="gptq|awq|rtn",
+                   help="algorithm of both groups unless --experts-algo/--mw-algo say otherwise (default: %(default)s)")
+    q.add_argument("--experts-algo", type=str.lower, metavar="gptq|awq|rtn", help="algorithm of the experts")
+    q.add_argument("--mw-algo", type=str.lower, metavar="gptq|awq|rtn",
+                   help="algorithm of the model weights (attention q/k/v/o, other Linear)")
+    q.add_argument("--experts-type", metavar="int4|int8", help="experts weight type (int4: w4a16|w4a8, int8: w8a8)")
+    q.add_argument("--experts-scheme", metavar="w4a16|w4a8|w8a8", help="experts scheme (default w4a16)")
+    q.add_argument("--mw-type", metavar="int4|int8", help="model weights type")
+    q.add_argument("--mw-scheme", metavar="w4a16|w4a8|w8a8", help="model weights scheme (default w4a16)")
+    q.add_argument("--experts", metavar="SPEC", help="shortcut for the experts: int4|w4a16|w4a8|int8|w8a8")
+    q.add_argument("--mw", metavar="SPEC", help="shortcut for the model weights: int4|w4a16|w4a8|int8|w8a8")
+    q.add_argument("--auto-detect-experts", action="store_true",
+                   help="find the expert modules from the module names (experts/expert/moe) instead of the "
+                        "GPT-OSS default regex")
+    q.add_argument("--experts-regex", metavar="REGEX",
+                   help=f"modules of the experts group (default: {DEFAULT_EXPERTS_REGEX.replace('%', '%%')})")
+    q.add_argument("--with-sparse", action="store_true",
+                   help="prune with SparseGPT (N:M, --mask) before quantizing; the mask is kept through GPTQ")
+    q.add_argument("--sparsity", type=float, default=0.5, metavar="RATIO", help="SparseGPT sparsity (default: %(default)s)")
+    q.add_argument("--mask", default="2:4", metavar="N:M", help="SparseGPT mask structure (default: %(default)s)")
+    q.add_argument("--group-size", type=int, default=128, metavar="SIZE",
+                   help="int4 group size; a module whose inputs it does not divide gets the largest of 64/32/16 "
+                        "that does (GPT-OSS: 2880 -> 64); -1 = per channel (default: %(default)s)")
+    q.add_argument("--block-size", type=int, default=128, metavar="SIZE",
+                   help="GPTQ/SparseGPT columns per block update (default: %(default)s)")
+    q.add_argument("--dampening-frac", type=float, default=0.01, metavar="FRAC",
+                   help="GPTQ/SparseGPT Hessian dampening, fraction of its mean diagonal (default: %(default)s)")
+    q.add_argument("--symmetric", action="store_true",
+                   help="symmetric int4 for W4A16 (W8A8 and W4A8 weights are always symmetric)")
+    q.add_argument("--awq-grid", type=int, default=20, metavar="N",
+                   help="AWQ: scale ratios tried per mapping (llmcompressor's n_grid); fewer is faster (default: %(default)s)")
+    q.add_argument("--no-sequential-update", action="store_true",
+                   help="calibrate every layer on the unquantized model's activations in one pass (llmcompressor "
+                        "'basic' pipeline) instead of layer by layer on the already-quantized layers' outputs")
+    q.add_argument("--offload-hessians", action="store_true",
+                   help="keep SparseGPT's Hessians on the CPU between uses (GPTQ in llmcompressor 0.14 holds "
+                        "the current layer's only)")
+    q.add_argument("--routed-experts-only", action="store_true",
+                   help="calibrate each expert on the tokens routed to it only (default: every expert sees "
+                        "every token, so rarely picked experts still get a Hessian)")
+    q.add_argument("--dataset", default="open_platypus", metavar="NAME",
+                   help="calibration dataset on the Hugging Face Hub (open_platypus, ultrachat_200k or a repo "
+                        "id; chat rows are rendered with the model's chat template) (default: %(default)s)")
+    q.add_argument("--calib-jsonl", metavar="FILE",
+                   help='local calibration file, {"text": ...} or {"messages": [...]} per line (overrides --dataset)')
+    q.add_argument("--eval-jsonl", metavar="FILE",
+                   help="held-out texts for quality.json (default: the calibration texts not used for calibration)")
+    q.add_argument("--num-calibration-samples", type=int, default=256, metavar="N",
+                   help="calibration samples (default: %(default)s)")
+    q.add_argument("--max-seq-length", type=int, default=2048, metavar="LEN",
+                   help="tokens per calibration sample (default: %(default)s)")
+    q.add_argument("--output-dir", metavar="DIR",
+                   help="output folder (default: <model>[-2of4]-<EXPERTALGO>-<MWALGO>-experts-<spec>-mw-<spec>)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--extra-ignore", action="append", default=[], metavar="PATTERN",
+                   help="module name or 're:REGEX' left unquantized, on top of router/embeddings/lm_head (repeatable)")
+    q.add_argument("--dry-run", action="store_true",
+                   help="print the resolved plan (modules per group, group sizes, recipe, output dir); read no weight")
+    q.add_argument("--no-eval", action="store_true", help="skip the reload + quality.json step")
+    q.add_argument("--try-install-qqq", action="store_true",
+                   help="W4A8 without a runtime: offer to install the QQQ kernels (install-kernel)")
+    q.add_argument("--yes", action="store_true", help="answer yes to the install question")
+    q.add_argument("--allow-fallback", action="store_true", help="W4A8 without a runtime: quantize W4A16 instead")
+    q.add_argument("--device-map", choices=["auto", "sequential", "cpu-only"], default="sequential",
+                   help="sequential: weights in CPU RAM, each layer onloaded to the GPU in turn (if any); "
+                        "cpu-only: no GPU; auto: what does not fit in RAM goes to --offload-folder (default: %(default)s)")
+    q.add_argument("--offload-folder", metavar="DIR", help="--device-map auto: spill weights to disk here")
+    q.add_argument("--verbose", action="store_true", help="show llmcompressor's INFO log")
     q.set_defaults(func=cmd_quantize)
 
     k = sub.add_parser("install-kernel", formatter_class=fmt, help="install the QQQ W4A8 GEMM",

@@ -1,0 +1,423 @@
+"""quantize: every recipe of the support matrix on the trained tiny GPT-OSS (CPU, real llmcompressor).
+
+Each recipe runs once per session (conftest `quantized`), with one shared calibration set and one
+dequantized fixture. Assertions read the saved files: safetensors headers, an int4 unpacking written
+here (independent of compressed-tensors), and the unquantized source as transformers loads it.
+"""
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import compress_gptoss as cg
+from conftest import run_cli
+
+EXPERT_RE = re.compile(r"model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj$")
+ATTN_RE = re.compile(r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj$")
+NEVER = re.compile(r"(mlp\.router\.|embed_tokens\.|^lm_head\.)")
+
+
+# ---------------------------------------------------------------- helpers reading the output
+
+
+def tensors(folder: Path) -> dict:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def module_bits(t: dict, module: str):
+    """Bit width a module's weight is stored with, from the tensors alone."""
+    if module + ".weight_packed" in t:
+        packed, shape = t[module + ".weight_packed"], t[module + ".weight_shape"].tolist()
+        assert packed.dtype == torch.int32 and packed.shape[1] * 32 // 4 == shape[1]
+        return 4
+    w = t.get(module + ".weight")
+    if w is not None and w.dtype == torch.int8 and module + ".weight_scale" in t:
+        return 8
+    return 16
+
+
+def unpack_int4_symmetric(t: dict, module: str) -> torch.Tensor:
+    """Dense weight from pack-quantized int4 (8 nibbles per int32, low first, +8 offset), symmetric."""
+    packed = t[module + ".weight_packed"]
+    out_f, in_f = t[module + ".weight_shape"].tolist()
+    shifts = torch.arange(8, dtype=torch.int32) * 4
+    q = ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(out_f, -1)[:, :in_f].float() - 8
+    scale = t[module + ".weight_scale"].float()                 # [out, groups]
+    assert module + ".weight_zero_point" not in t
+    return q * scale.repeat_interleave(in_f // scale.shape[1], dim=1)
+
+
+def modules_of(t: dict, rx) -> list[str]:
+    names = {k.rsplit(".", 1)[0] for k in t}
+    return sorted(n for n in names if rx.search(n))
+
+
+def source_tensors(tiny_bf16: Path) -> dict:
+    return tensors(tiny_bf16)
+
+
+def quality(out: Path) -> dict:
+    return json.loads((out / "quality.json").read_text())
+
+
+def ok(run):
+    r, out = run
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+# ---------------------------------------------------------------- recipes (one run each)
+
+@pytest.fixture(scope="session")
+def gptq_w4a16(quantized, tiny_bf16):
+    return ok(quantized("gptq-w4a16", tiny_bf16, "--algo", "gptq", "--experts", "w4a16", "--mw", "w4a16"))
+
+
+@pytest.fixture(scope="session")
+def rtn_w4a16_from_mxfp4(quantized, tiny_mxfp4):
+    """The RTN baseline, from the MXFP4 checkpoint (dequantized on the fly: bit-identical BF16)."""
+    return ok(quantized("rtn-w4a16", tiny_mxfp4, "--algo", "rtn", "--experts", "w4a16", "--mw", "w4a16"))
+
+
+@pytest.fixture(scope="session")
+def gptq_w8a8(quantized, tiny_bf16):
+    return ok(quantized("gptq-w8a8", tiny_bf16, "--experts-type", "int8", "--experts-scheme", "w8a8",
+                        "--mw-type", "int8", "--mw-scheme", "w8a8"))
+
+
+@pytest.fixture(scope="session")
+def awq_w4a16(quantized, tiny_bf16):
+    return ok(quantized("awq-w4a16", tiny_bf16, "--algo", "awq", "--experts", "w4a16", "--mw", "w4a16",
+                        "--awq-grid", "5"))
+
+
+@pytest.fixture(scope="session")
+def awq_experts_gptq_w8a8(quantized, tiny_bf16):
+    """README recipe: AWQ experts + GPTQ W8A8 for the rest."""
+    return ok(quantized("awq-gptq-w8a8", tiny_bf16, "--experts-algo", "awq", "--experts", "w4a16",
+                        "--mw-algo", "gptq", "--mw", "w8a8", "--awq-grid", "5"))
+
+
+@pytest.fixture(scope="session")
+def sparse_w4a8(quantized, tiny_bf16):
+    """README recipe: 2:4 + W4A8 experts + W4A16 rest (W4A8 runtime: triton here, or fallback)."""
+    return ok(quantized("sparse-w4a8", tiny_bf16, "--with-sparse", "--experts-type", "int4",
+                        "--experts-scheme", "w4a8", "--mw-type", "int4", "--mw-scheme", "w4a16", "--symmetric"))
+
+
+# ---------------------------------------------------------------- what every output must hold
+
+RECIPES = {  # fixture -> (expert bits, attention bits)
+    "gptq_w4a16": (4, 4), "rtn_w4a16_from_mxfp4": (4, 4), "gptq_w8a8": (8, 8),
+    "awq_w4a16": (4, 4), "awq_experts_gptq_w8a8": (4, 8), "sparse_w4a8": (4, 4),
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_saved_bits_and_untouched_modules(recipe, request, tiny_bf16):
+    out = request.getfixturevalue(recipe)
+    t = tensors(out)
+    exp_bits, attn_bits = RECIPES[recipe]
+    experts = modules_of(t, EXPERT_RE)
+    assert len(experts) == 2 * 4 * 3                     # 2 layers x 4 experts x gate/up/down
+    share = sum(module_bits(t, m) == exp_bits for m in experts) / len(experts)
+    assert share >= 0.99, f"{share:.2%} of expert weights at {exp_bits} bits"
+    attn = modules_of(t, ATTN_RE)
+    assert len(attn) == 8 and all(module_bits(t, m) == attn_bits for m in attn)
+    src = source_tensors(tiny_bf16)
+    never = [k for k in t if NEVER.search(k)]
+    assert {k for k in src if NEVER.search(k)} == set(never)   # same tensors, none quantized
+    for k in never:
+        assert t[k].dtype == torch.bfloat16
+        if "awq" not in recipe:                          # AWQ rescales the router (see the AWQ test)
+            assert torch.equal(t[k], src[k]), k
+
+    cfg = json.loads((out / "config.json").read_text())
+    src_cfg = json.loads((tiny_bf16 / "config.json").read_text())
+    assert cfg["model_type"] == "gpt_oss"
+    assert all(cfg[k] == v for k, v in src_cfg.items()), "a source config field changed"
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+              "recipe.yaml", "README.md", "quality.json"):
+        assert (out / f).is_file(), f
+    assert "load_quantized_model" in (out / "README.md").read_text()
+    q = quality(out)
+    assert q["quantized_fraction"]["experts"] == 1.0 and q["quantized_fraction"]["mw"] == 1.0
+    assert q["heldout_tokens"] > 500 and q["size_bytes"]["quantized"] < q["size_bytes"]["source"]
+
+
+def test_loader_reloads_with_every_tensor(gptq_w4a16, tiny_bf16):
+    """The loader's model holds every saved tensor (it raises otherwise) and its experts are the
+    saved ones, not random: logits close to the unquantized model, unlike a random-expert load."""
+    model = cg.load_quantized_model(gptq_w4a16, decompress=False)
+    assert not [n for n, p in model.named_parameters() if p.is_meta]
+    ids = torch.tensor([[5, 77, 300, 12, 9, 401, 33, 8, 150, 2]])
+    from transformers import AutoModelForCausalLM
+    ref = AutoModelForCausalLM.from_pretrained(tiny_bf16, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        lq = model(input_ids=ids).logits.float().log_softmax(-1)          # decompresses on first call
+        lr = ref(input_ids=ids).logits.float().log_softmax(-1)
+    kl = float((lr.exp() * (lr - lq)).sum(-1).mean())
+    assert kl < 0.05, kl
+    # transformers' own from_pretrained leaves the per-expert weights unloaded: the reason the loader exists
+    plain = AutoModelForCausalLM.from_pretrained(gptq_w4a16, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        lp = plain(input_ids=ids).logits.float().log_softmax(-1)
+    assert float((lr.exp() * (lr - lp)).sum(-1).mean()) > 10 * kl
+
+
+def test_loader_refuses_unexpected_tensors(gptq_w4a16, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(gptq_w4a16, bad)
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(bad / "model.safetensors"))
+    sd["model.layers.0.mlp.experts.9.gate_proj.weight_packed"] = torch.zeros(4, 4, dtype=torch.int32)
+    del sd["model.layers.1.self_attn.q_proj.weight_scale"]
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(cg.UserError, match=r"1 missing tensors \(model.layers.1.self_attn.q_proj.weight_scale\) "
+                                           r"and 1 unexpected"):
+        cg.load_quantized_model(bad)
+
+
+def test_decompressed_weights_match_an_independent_int4_unpacking(sparse_w4a8):
+    t = tensors(sparse_w4a8)
+    model = cg.load_quantized_model(sparse_w4a8, decompress=True)
+    for name in modules_of(t, EXPERT_RE)[:6] + modules_of(t, ATTN_RE)[:2]:
+        mine = unpack_int4_symmetric(t, name)
+        theirs = model.get_submodule(name).weight.float()
+        assert torch.allclose(mine, theirs, atol=1e-2, rtol=1e-2), name
+
+
+# ---------------------------------------------------------------- quality bounds
+
+
+def test_gptq_beats_rtn(gptq_w4a16, rtn_w4a16_from_mxfp4):
+    g, r = quality(gptq_w4a16), quality(rtn_w4a16_from_mxfp4)
+    assert g["perplexity"]["source"] == pytest.approx(r["perplexity"]["source"], rel=1e-6)  # same source, same texts
+    assert g["kl_mean"] < r["kl_mean"], (g["kl_mean"], r["kl_mean"])
+    assert g["same_experts"] > 0.9
+
+
+def test_w8a8_keeps_top1(gptq_w8a8):
+    q = quality(gptq_w8a8)
+    assert q["top1_agreement"] >= 0.97, q
+    assert q["quantized_fraction"]["stored_bits"] == {"experts": [8], "mw": [8]}
+
+
+def test_awq_at_least_as_good_as_rtn_and_routing_kept(awq_w4a16, rtn_w4a16_from_mxfp4, tiny_bf16):
+    a, r = quality(awq_w4a16), quality(rtn_w4a16_from_mxfp4)
+    assert a["kl_mean"] <= r["kl_mean"], (a["kl_mean"], r["kl_mean"])
+    # the post-attention norm's scales went into the router too: router(norm(x)) is unchanged
+    t, src = tensors(awq_w4a16), source_tensors(tiny_bf16)
+    for layer in (0, 1):
+        p = f"model.layers.{layer}."
+        before = src[p + "mlp.router.weight"].float() * src[p + "post_attention_layernorm.weight"].float()
+        after = t[p + "mlp.router.weight"].float() * t[p + "post_attention_layernorm.weight"].float()
+        assert not torch.equal(t[p + "post_attention_layernorm.weight"], src[p + "post_attention_layernorm.weight"])
+        assert torch.allclose(after, before, rtol=0.02, atol=2e-3 * before.abs().max())
+
+
+def test_awq_experts_with_gptq_w8a8_rest(awq_experts_gptq_w8a8):
+    q = quality(awq_experts_gptq_w8a8)
+    assert q["quantized_fraction"]["stored_bits"] == {"experts": [4], "mw": [8]}
+    assert q["kl_mean"] < 0.05 and q["same_experts"] > 0.9
+
+
+def test_two_four_survives_quantization(sparse_w4a8):
+    t = tensors(sparse_w4a8)
+    names = modules_of(t, EXPERT_RE) + modules_of(t, ATTN_RE)
+    for name in names:
+        w = unpack_int4_symmetric(t, name)
+        conform = ((w.reshape(-1, 4) == 0).sum(-1) >= 2).float().mean().item()
+        assert conform == 1.0, f"{name}: {conform:.2%} of the groups of 4 are 2:4"
+    sc = json.loads((sparse_w4a8 / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    assert sc["sparsity_structure"] == "2:4" and 0.45 < sc["global_sparsity"] < 0.6
+    assert set(names) == set(sc["targets"])
+
+
+def test_w4a8_saved_packed(sparse_w4a8, gptq_w4a16):
+    cfg = json.loads((sparse_w4a8 / "config.json").read_text())["quantization_config"]
+    w4a8 = [g for g in cfg["config_groups"].values() if g["input_activations"] and g["weights"]["num_bits"] == 4]
+    assert w4a8 and all(g["format"] == "pack-quantized" and g["weights"]["symmetric"] for g in w4a8)
+    size = lambda d: sum(p.stat().st_size for p in d.glob("*.safetensors"))  # noqa: E731
+    assert size(sparse_w4a8) <= size(gptq_w4a16) * 1.01
+
+
+def test_group_size_fallback(gptq_w4a16):
+    """hidden 192 = 1.5 x 128: q/k/v and the experts fall back to 64; o_proj (128 inputs) keeps 128."""
+    t = tensors(gptq_w4a16)
+    for name in modules_of(t, EXPERT_RE) + modules_of(t, ATTN_RE):
+        in_f = t[name + ".weight_shape"][1].item()
+        groups = t[name + ".weight_scale"].shape[1]
+        assert in_f // groups == (128 if in_f == 128 else 64), name
+    meta = json.loads((gptq_w4a16 / "config.json").read_text())["gptoss_compressor"]
+    assert meta["group_size_requested"] == 128
+    adjusted = {a["module"]: a["used"] for a in meta["group_size_adjusted"]}
+    assert adjusted["model.layers.0.self_attn.q_proj"] == 64 and "model.layers.0.self_attn.o_proj" not in adjusted
+    assert cg.resolve_group_size(2880, 128) == 64 and cg.resolve_group_size(4096, 128) == 128  # gpt-oss
+    assert cg.resolve_group_size(96, 128) == 32 and cg.resolve_group_size(48, 32) == 16
+    assert cg.resolve_group_size(2880, -1) is None and cg.resolve_group_size(24, 128) is None
+
+
+def test_other_causal_lm(quantized, tiny_llama):
+    out = ok(quantized("llama-gptq", tiny_llama, "--mw", "w4a16", "--group-size", "-1"))
+    t = tensors(out)
+    linears = modules_of(t, re.compile(r"\.(q|k|v|o|gate|up|down)_proj$"))
+    assert len(linears) == 14 and all(module_bits(t, m) == 4 for m in linears)
+    assert all(t[m + ".weight_scale"].shape[1] == 1 for m in linears)   # -1 = one scale per channel
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    q = quality(out)
+    assert q["same_experts"] is None and q["kl_mean"] < 0.05
+    cg.load_quantized_model(out)
+
+
+# ---------------------------------------------------------------- dry run, naming, bad input
+
+
+def test_dry_run_reads_no_weight(tiny_bf16, tmp_path, calib_jsonl):
+    """A folder without any weight file: the plan still resolves (names, group sizes, recipe)."""
+    skel = tmp_path / "gpt-oss-tiny-bf16"
+    skel.mkdir()
+    for p in tiny_bf16.iterdir():
+        if not p.name.endswith(".safetensors") and p.name != cg.INDEX_NAME:
+            shutil.copy(p, skel / p.name)
+    r = run_cli("quantize", "--model-in", skel, "--calib-jsonl", calib_jsonl, "--with-sparse",
+                "--experts-algo", "awq", "--mw", "w8a8", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "output dir: gpt-oss-tiny-2of4-AWQ-GPTQ-experts-int4-w4a16-mw-int8-w8a8" in r.stdout
+    assert re.search(r"experts\s+AWQ\s+W4A16\s+24 modules.*group sizes: 24 x g64", r.stdout)
+    assert "SparseGPTModifier" in r.stdout and "AWQModifier" in r.stdout and "re:.*mlp\\.router$" in r.stdout
+    assert not list(Path.cwd().glob("gpt-oss-tiny-2of4*"))
+
+
+def test_w4a8_fallback_without_runtime(tiny_bf16, calib_jsonl):
+    r = run_cli("quantize", "--model-in", tiny_bf16, "--calib-jsonl", calib_jsonl, "--experts", "w4a8",
+                "--allow-fallback", "--dry-run", env={"_GPTOSS_TEST_NO_W4A8_RUNTIME": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "falling back to W4A16" in r.stderr and re.search(r"experts\s+GPTQ\s+W4A16", r.stdout)
+
+
+def bad(args, tmp_path, capsys, env=None, monkeypatch=None):
+    out = tmp_path / "out"
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    rc = cg.main(["quantize", *map(str, args), *([] if "--output-dir" in args else ["--output-dir", str(out)])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0
+    assert not out.exists() and not list(tmp_path.glob(".out.*")), "something was half-written"
+    return [line for line in err if line.startswith("error:")], err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--algo", "awq", "--experts", "w8a8"], r"experts: AWQ supports W4A16 \(weight-only int4\) only, not W8A8"),
+    (["--mw-algo", "awq", "--mw-type", "int4", "--mw-scheme", "w4a8"], r"mw: AWQ supports W4A16 .* not W4A8"),
+    (["--experts", "w3a7"], r"--experts w3a7: unknown scheme"),
+    (["--mw-type", "int8", "--mw-scheme", "w4a16"], r"--mw-type int8 does not go with --mw-scheme w4a16"),
+    (["--algo", "smoothquant"], r"--algo smoothquant: unknown algorithm"),
+    (["--group-size", "0"], r"--group-size 0: pass a positive size"),
+])
+def test_bad_recipe(flags, message, tiny_bf16, calib_jsonl, tmp_path, capsys):
+    errors, _ = bad(["--model-in", tiny_bf16, "--calib-jsonl", calib_jsonl, *flags], tmp_path, capsys)
+    assert len(errors) == 1 and re.search(message, errors[0]), errors
+
+
+def test_w4a8_without_runtime_names_both_fixes(tiny_bf16, calib_jsonl, tmp_path, capsys, monkeypatch):
+    errors, _ = bad(["--model-in", tiny_bf16, "--calib-jsonl", calib_jsonl, "--experts", "w4a8"], tmp_path,
+                    capsys, env={"_GPTOSS_TEST_NO_W4A8_RUNTIME": "1"}, monkeypatch=monkeypatch)
+    assert len(errors) == 1 and "--try-install-qqq" in errors[0] and "--allow-fallback" in errors[0]
+
+
+def test_bad_model_and_output(tiny_bf16, calib_jsonl, tmp_path, capsys):
+    errors, _ = bad(["--model-in", tmp_path / "nope", "--calib-jsonl", calib_jsonl], tmp_path, capsys)
+    assert len(errors) == 1 and "does not exist" in errors[0]
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    (exists / "keep.txt").write_text("x")
+    errors, _ = bad(["--model-in", tiny_bf16, "--calib-jsonl", calib_jsonl, "--output-dir", exists], tmp_path, capsys)
+    assert len(errors) == 1 and "already exists: pass --overwrite" in errors[0]
+    assert (exists / "keep.txt").read_text() == "x"
+
+
+def test_bad_calibration_files(tiny_bf16, tmp_path, capsys):
+    missing = tmp_path / "missing.jsonl"
+    errors, _ = bad(["--model-in", tiny_bf16, "--calib-jsonl", missing], tmp_path, capsys)
+    assert len(errors) == 1 and f"--calib-jsonl {missing} does not exist" in errors[0]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    errors, _ = bad(["--model-in", tiny_bf16, "--calib-jsonl", empty], tmp_path, capsys)
+    assert len(errors) == 1 and "holds no text" in errors[0]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"messages": [{"role": "user", "content": "hi"}]}\n{"text": oops}\n')
+    errors, _ = bad(["--model-in", tiny_bf16, "--calib-jsonl", broken], tmp_path, capsys)
+    assert len(errors) == 1 and "line 3: not valid JSON" in errors[0]
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"prompt": "x"}\n')
+    errors, _ = bad(["--model-in", tiny_bf16, "--calib-jsonl", wrong], tmp_path, capsys)
+    assert len(errors) == 1 and 'line 1: expected a "text" string or a "messages" list' in errors[0]
+
+
+def test_messages_rendered_with_chat_template(tiny_bf16, tmp_path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_bf16)
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hello"},
+                                          {"role": "assistant", "content": "hi there"}]}) + "\n")
+    assert cg.read_jsonl_texts(f, tok, "--calib-jsonl") == [
+        "<|start|>user<|message|>hello<|end|><|start|>assistant<|message|>hi there<|end|>"]
+
+
+def test_offline_hub_dataset_says_pass_calib_jsonl(tiny_bf16, tmp_path):
+    """A subprocess, like a user: one error line, no traceback, exit code 2."""
+    r = run_cli("quantize", "--model-in", tiny_bf16, "--dataset", "open_platypus", "--output-dir", tmp_path / "o",
+                env={"HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "pass --calib-jsonl" in errors[0], r.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
+
+
+def test_incomplete_checkpoint_is_refused(tiny_bf16, calib_jsonl, tmp_path, capsys):
+    """Never quantize a half-loaded model: a tensor missing from the BF16 folder stops the run."""
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken-bf16"
+    shutil.copytree(tiny_bf16, broken)
+    index = json.loads((broken / cg.INDEX_NAME).read_text())
+    name = "model.layers.1.mlp.experts.down_proj"
+    shard = broken / index["weight_map"][name]
+    sd = load_file(str(shard))
+    del sd[name]
+    save_file(sd, str(shard), metadata={"format": "pt"})
+    errors, _ = bad(["--model-in", broken, "--calib-jsonl", calib_jsonl], tmp_path, capsys)
+    assert len(errors) == 1 and f"lacks 1 of the model's tensors ({name})" in errors[0]
+
+
+def test_auto_detect_experts():
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.experts.3.up_proj"]
+    rx = cg.detect_experts_regex(names)
+    assert cg.matches_any(names[1], [rx]) and not cg.matches_any(names[0], [rx])
+    assert cg.detect_experts_regex(["model.layers.0.mlp.up_proj"]) is None
+
+
+def test_heldout_texts_never_calibrate():
+    texts = [f"text {i}" for i in range(16)]
+    for n in (4, 12, 16, 40):
+        calib, held = cg.split_calibration(texts, n, None)
+        assert held and calib and not set(calib) & set(held) and len(calib) <= n
+
+
+def test_no_eval_skips_quality(quantized, tiny_llama):
+    out = ok(quantized("llama-rtn-noeval", tiny_llama, "--algo", "rtn", "--mw", "w8a8", "--no-eval"))
+    assert not (out / "quality.json").exists() and (out / "README.md").is_file()
+    t = tensors(out)
+    assert all(module_bits(t, m) == 8 for m in modules_of(t, re.compile(r"\.(q|k|v|o|gate|up|down)_proj$")))
