@@ -160,11 +160,21 @@ class SafetensorsStreamWriter:
         self.thread = threading.Thread(target=self._drain, daemon=True)
         self.thread.start()
 
+    # Flush to disk as we go: otherwise the kernel holds GBs of dirty pages until the final fsync,
+    # and that fsync runs alone instead of overlapping the decode of the next chunks.
+    SYNC_EVERY = 512 << 20
+
     def _drain(self) -> None:
+        unsynced = 0
         while (raw := self.queue.get()) is not None:
             try:
                 if self.error is None:
                     self.f.write(memoryview(raw))
+                    unsynced += raw.nbytes
+                    if unsynced >= self.SYNC_EVERY:
+                        self.f.flush()
+                        os.fdatasync(self.f.fileno())
+                        unsynced = 0
             except BaseException as e:  # re-raised in the caller's thread
                 self.error = e
 
