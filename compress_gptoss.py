@@ -819,30 +819,6 @@ CALIB_EVAL_MIN = 4                       # held-out texts kept back from calibra
 EVAL_MAX_TEXTS = 64                      # held-out texts scored for quality.json
 
 
-def has_w4a8_runtime() -> bool:
-    """True when a W4A8 GEMM can be used: QQQ's CUTLASS kernels, or our Triton kernel (section 6)."""
-    if os.environ.get("_GPTOSS_TEST_NO_W4A8_RUNTIME"):  # tests only: a machine without either
-        return False
-    try:
-        import QQQ  # noqa: F401
-        log("W4A8 runtime: QQQ is importable")
-        return True
-    except ImportError:
-        pass
-    try:
-        import triton  # noqa: F401
-        log("W4A8 runtime: built-in Triton int4 x int8 backend (runs on a CUDA GPU with compute capability >= 8.0)")
-        return True
-    except ImportError:
-        return False
-
-
-def install_qqq(yes: bool) -> bool:
-    """Stub: section 6 (Kernels + runtime) defines the real installer later in this file, which wins."""
-    log("install_qqq: the QQQ installer is not available in this build (see `install-kernel`)")
-    return False
-
-
 def resolve_spec(dtype: str | None, scheme: str | None, shortcut: str | None, who: str) -> str:
     """--{who}-type/--{who}-scheme (or the --{who} shortcut) -> 'W4A16' | 'W8A8' | 'W4A8'."""
     if dtype or scheme:
