@@ -850,7 +850,7 @@ def _triton_kernels():
     return _TRITON_KERNELS
 
 
-@dataclass
+@dataclass(frozen=True)
 class Int4GemmConfig:
     """Launch parameters. Chosen per M bucket (no autotuning: the first call must be fast and the
     choice reproducible); `verify-runtime --bench --sweep` times the alternatives."""
@@ -910,17 +910,6 @@ def _split_k_workspace(device, m: int, n: int, tiles: int):
     return part, count
 
 
-def _default_config(m: int, n: int, k: int, device) -> Int4GemmConfig:
-    key = (m, n, k, str(device))
-    cfg = _CONFIG_CACHE.get(key)
-    if cfg is None:
-        cfg = _CONFIG_CACHE[key] = int4_gemm_config(m, n, k, _sm_count(device))
-    return cfg
-
-
-_CONFIG_CACHE: dict = {}
-
-
 def _sm_count(device) -> int:
     key = str(device)
     if key not in _SM_COUNT:
@@ -930,61 +919,87 @@ def _sm_count(device) -> int:
     return _SM_COUNT[key]
 
 
-def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
-                config: Int4GemmConfig | None = None):
-    """y = x @ W.T (+ bias) with W in compressed-tensors pack-quantized int4 (symmetric).
-    x: [..., K] fp16/bf16 on a CUDA device (or CPU under TRITON_INTERPRET=1); act "a8" (per-token
-    int8 activations, int8 tensor cores) or "a16". Output dtype = x dtype."""
+@dataclass
+class _Int4Plan:
+    """Everything int4_linear derives from (shapes, dtype, device, config), computed once: at
+    M <= 16 the kernel takes a few microseconds, so per-call Python work shows in eager timings."""
+    cfg: Int4GemmConfig
+    mode: int
+    kw: int
+    grid: tuple
+    part: object
+    count: object
+    quant_consts: dict
+    gemm_consts: dict
+
+
+_INT4_PLANS: dict = {}
+
+
+def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
     import torch
     assert act in ("a8", "a16"), act
-    k = x.shape[-1]
-    n = weight_packed.shape[0]
-    assert weight_packed.dtype == torch.int32 and weight_packed.shape[1] == -(-k // 8), \
-        f"weight_packed {tuple(weight_packed.shape)} does not match K={k}"
-    assert x.dtype in (torch.float16, torch.bfloat16), f"x must be fp16/bf16, got {x.dtype}"
-    group = scale_group_size(weight_scale, k)
-    per_channel = weight_scale.shape[-1] == 1
+    assert dtype in (torch.float16, torch.bfloat16), f"x must be fp16/bf16, got {dtype}"
+    assert k % groups == 0, f"K={k} is not divisible into {groups} scale groups"
+    group, per_channel = k // groups, groups == 1
     if per_channel:
         dot_k = 128
     else:
         assert group & (group - 1) == 0 and group >= (32 if act == "a8" else 16), \
             f"group size {group}: the kernel takes powers of two >= {32 if act == 'a8' else 16}"
         dot_k = group
+    cfg = config or int4_gemm_config(m, n, k, _sm_count(device))
+    fuse_rows = max(2, 1 << (m - 1).bit_length())
+    mode = 0 if act == "a16" else 2 if cfg.fuse_act_quant and fuse_rows <= cfg.block_m else 1
+    block = max(256, 1 << (k - 1).bit_length())
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    part, count = _split_k_workspace(device, m, n, tiles) if cfg.split_k > 1 else (None, None)
+    return _Int4Plan(
+        cfg, mode, -(-k // 8), (tiles, cfg.split_k), part, count,
+        dict(BLOCK_K=min(block, 8192), ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
+             enable_fp_fusion=False),
+        dict(A_MODE=mode, GROUP=dot_k, PER_CHANNEL=per_channel, GROUPS_PER_ITER=max(1, cfg.k_per_iter // dot_k),
+             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+             FUSE_ROWS=fuse_rows if mode == 2 else 2,                     # constexprs fixed when unused:
+             QBLOCK_K=max(256, 4096 // fuse_rows) if mode == 2 else 256,  # one compile per config
+             GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+             enable_fp_fusion=False))  # x * inv + 1.5 * 2^23 must round twice: no FMA contraction
+
+
+def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
+                config: Int4GemmConfig | None = None):
+    """y = x @ W.T (+ bias) with W in compressed-tensors pack-quantized int4 (symmetric).
+    x: [..., K] fp16/bf16 on a CUDA device (or CPU under TRITON_INTERPRET=1); act "a8" (per-token
+    int8 activations, int8 tensor cores) or "a16". Output dtype = x dtype."""
+    import torch
+    k = x.shape[-1]
+    n = weight_packed.shape[0]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    wp = weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()
     m = x2.shape[0]
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    assert weight_packed.dtype == torch.int32 and weight_packed.shape[1] == (k + 7) // 8, \
+        f"weight_packed {tuple(weight_packed.shape)} {weight_packed.dtype} does not match K={k}"
+    device = x.device
+    key = (m, n, k, weight_scale.shape[-1], act, x.dtype, device, config)
+    plan = _INT4_PLANS.get(key)
+    if plan is None:
+        plan = _INT4_PLANS[key] = _int4_plan(m, n, k, weight_scale.shape[-1], act, x.dtype, device, config)
+    wp = weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()
+    y = torch.empty(m, n, device=device, dtype=x.dtype)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    cfg = config or _default_config(m, n, k, x.device)
-    kern = _triton_kernels()
-    per_iter = max(1, cfg.k_per_iter // dot_k)
-    fuse_rows = max(2, 1 << (m - 1).bit_length())
-    if act == "a16":
-        mode, xa, sx = 0, x2, x2
-    elif cfg.fuse_act_quant and fuse_rows <= cfg.block_m:   # all rows in one M tile
-        mode, xa, sx = 2, x2, x2
+    kern = _TRITON_KERNELS or _triton_kernels()
+    if plan.mode == 1:
+        xa = torch.empty(m, k, device=device, dtype=torch.int8)
+        sx = torch.empty(m, device=device, dtype=torch.float32)
+        kern["int8_rows"][(m,)](x2, xa, sx, k, x2.stride(0), k, **plan.quant_consts)
     else:
-        mode = 1
-        xa = torch.empty(m, k, device=x.device, dtype=torch.int8)
-        sx = torch.empty(m, device=x.device, dtype=torch.float32)
-        block = max(256, 1 << (k - 1).bit_length())
-        kern["int8_rows"][(m,)](x2, xa, sx, k, x2.stride(0), xa.stride(0), BLOCK_K=min(block, 8192),
-                                ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
-                                enable_fp_fusion=False)
-    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
-    part, count = _split_k_workspace(x.device, m, n, tiles) if cfg.split_k > 1 else (y, y)
-    kern["int4_gemm"][(tiles, cfg.split_k)](
-        xa, sx, wp, weight_scale, y, part, count, m, n, k, wp.shape[1],
-        xa.stride(0), wp.stride(0), weight_scale.stride(0), y.stride(0),
-        A_MODE=mode, GROUP=dot_k, PER_CHANNEL=per_channel, GROUPS_PER_ITER=per_iter,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSE_ROWS=fuse_rows if mode == 2 else 2,   # constexprs:
-        QBLOCK_K=max(256, 4096 // fuse_rows) if mode == 2 else 256,  # fixed when unused (one compile)
-        GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        enable_fp_fusion=False)  # x * inv + 1.5 * 2^23 must round twice: no FMA contraction
+        xa = sx = x2
+    part = y if plan.part is None else plan.part
+    count = y if plan.count is None else plan.count
+    kern["int4_gemm"][plan.grid](xa, sx, wp, weight_scale, y, part, count, m, n, k, plan.kw,
+                                 xa.stride(0), wp.stride(0), weight_scale.stride(0), n, **plan.gemm_consts)
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], n)
