@@ -986,6 +986,8 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
     if plan is None:
         plan = _INT4_PLANS[key] = _int4_plan(m, n, k, weight_scale.shape[-1], act, x.dtype, device, config)
     wp = weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()
+    if weight_scale.stride(-1) != 1 and weight_scale.shape[-1] != 1:   # the kernel walks groups with step 1
+        weight_scale = weight_scale.contiguous()
     y = torch.empty(m, n, device=device, dtype=x.dtype)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
