@@ -739,10 +739,10 @@ def _triton_kernels():
         tl.store(sx_ptr + row, a / 127.0)
 
     @triton.jit
-    def int4_gemm_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW,
+    def int4_gemm_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
                          stride_xm, stride_wn, stride_sn, stride_ym,
                          A_MODE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                         GROUPS_PER_ITER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         INT8_DOT: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          FUSE_ROWS: tl.constexpr, QBLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          SPLIT_K: tl.constexpr):
         """y = x @ dequant(W).T for pack-quantized int4 W.
@@ -750,8 +750,14 @@ def _triton_kernels():
         2: x fp16/bf16, quantized per token inside this kernel (W4A8, one launch: each program
            first reads its rows, M <= FUSE_ROWS <= BLOCK_M, in [FUSE_ROWS, QBLOCK_K] tiles (1-3
            loads for GPT-OSS K) to find their absmax; cheap for a few rows only).
-        One tl.dot spans GROUP inputs (the scale group, or a K tile when PER_CHANNEL) so the
-        integer sum of a group is exact before its scale is applied in fp32.
+        One K step = KW packed words per output column, loaded as stored ([KW, BLOCK_N], each
+        column's words contiguous). Nibble j of every word is one [KW, BLOCK_N] operand, with
+        no reshape or transpose: sum_k x[k] w[k] is taken as sum_j sum_w x[8w + j] w[8w + j], so
+        8 dots of K = KW, each against the activations at stride 8. A word never straddles two
+        scale groups (groups are multiples of 8), so a [KW, BLOCK_N] scale tile, loaded once per
+        step, dequantizes all 8 operands: one fp32 accumulator, no per-group epilogue. W4A8
+        multiplies the int8 activations exactly in fp16 (|x_q| <= 127) against q * scale; per
+        channel (INT8_DOT) it is int8 x int8 -> int32 on the tensor cores and the scale comes last.
         SPLIT_K > 1 (small M: more programs streaming weights): program (tile, s) takes the s-th
         share of K, adds its fp32 partial into part_ptr [M, N] with atomics and bumps the tile's
         counter; the last one to arrive reads the sum, writes y and zeroes the tile and its counter,
@@ -771,8 +777,8 @@ def _triton_kernels():
         m_mask = offs_m < M
         n_mask = offs_n < N
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-        shifts = (tl.arange(0, 8) * 4)[None, None, :]
+        w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+        offs_w = tl.arange(0, KW)
 
         if A_MODE == 2:
             rows_r = pid_m * BLOCK_M + tl.arange(0, FUSE_ROWS)
@@ -790,41 +796,49 @@ def _triton_kernels():
         if A_MODE == 1:
             s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
 
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if PER_CHANNEL:
-            if A_MODE == 0:
-                acc_k = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            else:
-                acc_k = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        steps_per_split = (tl.cdiv(K, GROUP * GROUPS_PER_ITER) + SPLIT_K - 1) // SPLIT_K
-        k_lo = pid_k * steps_per_split * (GROUP * GROUPS_PER_ITER)
-        k_hi = tl.minimum(K, k_lo + steps_per_split * (GROUP * GROUPS_PER_ITER))
-        for k0 in range(k_lo, k_hi, GROUP * GROUPS_PER_ITER):
-            for j in tl.static_range(GROUPS_PER_ITER):
-                kg = k0 + j * GROUP
-                offs_k = kg + tl.arange(0, GROUP)
-                a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0)
+        if INT8_DOT:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        steps_per_split = (tl.cdiv(K, 8 * KW) + SPLIT_K - 1) // SPLIT_K
+        k_lo = pid_k * steps_per_split * (8 * KW)
+        k_hi = tl.minimum(K, k_lo + steps_per_split * (8 * KW))
+        for k0 in range(k_lo, k_hi, 8 * KW):
+            words = k0 // 8 + offs_w
+            w_ok = (words[:, None] < KW_ALL) & n_mask[None, :]
+            wt = tl.load(w_cols + words[:, None], mask=w_ok, other=0)                  # [KW, BLOCK_N] int32
+            if not PER_CHANNEL:
+                sc = tl.load(ws_ptr + offs_n[None, :] * stride_sn + (words[:, None] * 8) // GROUP,
+                             mask=w_ok, other=0.0)
+                if A_MODE == 0:
+                    sc = sc.to(tl.float32).to(x_ptr.dtype.element_ty)
+                else:
+                    sc = sc.to(tl.float32).to(tl.float16)
+            for j in tl.static_range(8):
+                kk = k0 + offs_w * 8 + j
+                a = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0)
                 if A_MODE == 2:
                     v = a.to(tl.float32) * inv[:, None]
-                    v = (v + 12582912.0) - 12582912.0  # round half to even (launched without FMA fusion)
-                    a = v.to(tl.int32).to(tl.int8)
-                # W tile as stored: [BLOCK_N, GROUP/8] words, contiguous per row (vector loads),
-                # unpacked by broadcasting 8 shifts: [BLOCK_N, GROUP/8, 8] -> [BLOCK_N, GROUP].
-                offs_w = kg // 8 + tl.arange(0, GROUP // 8)
-                wp = tl.load(w_rows + offs_w[None, :], mask=n_mask[:, None] & (offs_w[None, :] < KW), other=0)
-                q = tl.reshape((wp[:, :, None] >> shifts) & 0xF, (BLOCK_N, GROUP)) - 8
-                if A_MODE == 0:
-                    part = tl.dot(a, tl.trans(q.to(tl.float32).to(a.dtype)))  # via fp32: exact, any dtype
+                    a = (v + 12582912.0) - 12582912.0  # round half to even (launched without FMA fusion)
+                q = ((wt >> (4 * j)) & 0xF) - 8
+                if INT8_DOT:
+                    acc += tl.dot(a.to(tl.int8), q.to(tl.int8), out_dtype=tl.int32)
+                elif A_MODE == 0:
+                    if PER_CHANNEL:
+                        b = q.to(tl.float32).to(x_ptr.dtype.element_ty)
+                    else:
+                        b = q.to(tl.float32).to(x_ptr.dtype.element_ty) * sc
+                    acc += tl.dot(a, b)
                 else:
-                    part = tl.dot(a, tl.trans(q.to(tl.int8)), out_dtype=tl.int32)
-                if PER_CHANNEL:
-                    acc_k += part
-                else:
-                    s = tl.load(ws_ptr + offs_n * stride_sn + kg // GROUP, mask=n_mask & (offs_n * 0 + kg < K), other=0.0)
-                    acc += part.to(tl.float32) * s.to(tl.float32)[None, :]
+                    if PER_CHANNEL:
+                        b = q.to(tl.float16)
+                    else:
+                        b = q.to(tl.float16) * sc
+                    acc += tl.dot(a.to(tl.float16), b)
+        acc = acc.to(tl.float32)
         if PER_CHANNEL:
             s = tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
-            acc = acc_k.to(tl.float32) * s.to(tl.float32)[None, :]
+            acc = acc * s.to(tl.float32)[None, :]
         if A_MODE != 0:
             acc = acc * s_x[:, None]
         y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
@@ -870,20 +884,20 @@ class Int4GemmConfig:
 
 def int4_gemm_config(m: int, n: int, k: int, sms: int = 132) -> Int4GemmConfig:
     """At M <= 16 the GEMM streams int4 weights (bandwidth-bound, ~2 us for 8 MB on an H200):
-    narrow N tiles and split-K until there are >= 2 programs per SM with >= 1 K step each, so
-    enough bytes are in flight. Activation quantization is fused only for M <= 4: every program
-    re-reads its rows' whole K to find the absmax, cheap for a few rows only. At large M it is
-    compute-bound: big tiles on int8 tensor cores, a separate quantization kernel."""
+    split-K until there are >= 2 programs per SM with >= 1 K step each, so enough bytes are in
+    flight. Activation quantization is fused only for M <= 4: every program re-reads its rows'
+    whole K to find the absmax, cheap for a few rows only. At large M it is compute-bound: big
+    tiles, a separate quantization kernel."""
     def split_for(tiles, step, want):
         steps, split = -(-k // step), 1
         while tiles * split < want and split < 8 and steps >= 2 * split:
             split *= 2
         return split
     if m <= 16:
-        bn = 32 if n >= 2048 else 16
+        bn = 64 if n >= 2048 else 32
         return Int4GemmConfig(16, bn, 256, m <= 4, 4, 3, split_k=split_for(-(-n // bn), 256, 2 * sms))
     if m <= 64:
-        bm, bn = (32 if m <= 32 else 64), (64 if n >= 2048 else 32)
+        bm, bn = (32 if m <= 32 else 64), 64
         tiles = -(-m // bm) * -(-n // bn)
         return Int4GemmConfig(bm, bn, 256, False, 4, 3, split_k=split_for(tiles, 256, sms))
     if m <= 256:
@@ -942,13 +956,10 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
     assert dtype in (torch.float16, torch.bfloat16), f"x must be fp16/bf16, got {dtype}"
     assert k % groups == 0, f"K={k} is not divisible into {groups} scale groups"
     group, per_channel = k // groups, groups == 1
-    if per_channel:
-        dot_k = 128
-    else:
-        assert group & (group - 1) == 0 and group >= (32 if act == "a8" else 16), \
-            f"group size {group}: the kernel takes powers of two >= {32 if act == 'a8' else 16}"
-        dot_k = group
+    assert per_channel or group % 8 == 0, f"group size {group}: the kernel needs a multiple of 8 (one packed word)"
+    int8_dot = act == "a8" and per_channel     # groups: fp16 MMA on exact int8 values (see the kernel)
     cfg = config or int4_gemm_config(m, n, k, _sm_count(device))
+    kw = max(32 if int8_dot else 16, cfg.k_per_iter // 8)
     fuse_rows = max(2, 1 << (m - 1).bit_length())
     mode = 0 if act == "a16" else 2 if cfg.fuse_act_quant and fuse_rows <= cfg.block_m else 1
     block = max(256, 1 << (k - 1).bit_length())
@@ -958,7 +969,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
         cfg, mode, -(-k // 8), (tiles, cfg.split_k), part, count,
         dict(BLOCK_K=min(block, 8192), ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
              enable_fp_fusion=False),
-        dict(A_MODE=mode, GROUP=dot_k, PER_CHANNEL=per_channel, GROUPS_PER_ITER=max(1, cfg.k_per_iter // dot_k),
+        dict(A_MODE=mode, GROUP=8 if per_channel else group, PER_CHANNEL=per_channel, INT8_DOT=int8_dot, KW=kw,
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
              FUSE_ROWS=fuse_rows if mode == 2 else 2,                     # constexprs fixed when unused:
              QBLOCK_K=max(256, 4096 // fuse_rows) if mode == 2 else 256,  # one compile per config
