@@ -1037,21 +1037,45 @@ def qqq_status() -> tuple[bool, str]:
     return True, _dist_version("QQQ") or "installed"
 
 
-def _load_qqq_qlinear():
-    """QQQ's qlinear_marlin module (QuantLinear, mul), loaded from its file so that QQQ/gptq's
-    package __init__ (model code, transformers imports) is not run."""
+QQQ_SOURCE_RECORD = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptoss-compressor" / "qqq-source.json"
+
+
+def qqq_python_sources() -> list[Path]:
+    """Where QQQ's Python layer (QQQ/gptq/qlinear/qlinear_marlin.py) may live. QQQ's setup.py
+    installs only the CUDA extension QQQ._CUDA: QQQ/ has no __init__.py, so find_packages skips
+    QQQ.gptq. So: an installed copy if any, then $QQQ_SOURCE (a QQQ checkout), then the source
+    tree install-kernel built from (recorded in QQQ_SOURCE_RECORD)."""
     import importlib.util
-    spec = importlib.util.find_spec("QQQ")
-    if spec is None:
-        raise ImportError("QQQ is not installed")
-    for base in spec.submodule_search_locations or []:
-        path = Path(base) / "gptq" / "qlinear" / "qlinear_marlin.py"
+    out = []
+    try:
+        spec = importlib.util.find_spec("QQQ")
+        out += [Path(b) for b in (spec.submodule_search_locations or [])] if spec else []
+    except (ImportError, ValueError):
+        pass
+    if os.environ.get("QQQ_SOURCE"):
+        out.append(Path(os.environ["QQQ_SOURCE"]) / "QQQ")
+    try:
+        out.append(Path(json.loads(QQQ_SOURCE_RECORD.read_text())["source"]) / "QQQ")
+    except (OSError, ValueError, KeyError):
+        pass
+    return out
+
+
+def _load_qqq_qlinear():
+    """QQQ's qlinear_marlin module (QuantLinear, mul) loaded from its file (see qqq_python_sources;
+    also keeps QQQ/gptq/__init__, model code with transformers imports, from running). It imports
+    the installed extension QQQ._CUDA."""
+    import importlib.util
+    for base in qqq_python_sources():
+        path = base / "gptq" / "qlinear" / "qlinear_marlin.py"
         if path.is_file():
             mspec = importlib.util.spec_from_file_location("qqq_qlinear_marlin", path)
             mod = importlib.util.module_from_spec(mspec)
             mspec.loader.exec_module(mod)
             return mod
-    return importlib.import_module("QQQ.gptq.qlinear.qlinear_marlin")
+    raise ImportError("QQQ's Python layer (QQQ/gptq/qlinear/qlinear_marlin.py) is not installed by its setup.py, "
+                      "only QQQ._CUDA: set QQQ_SOURCE=<QQQ checkout>, or run install-kernel, which records the "
+                      "source tree it built from")
 
 
 def builtin_w4a8_status() -> tuple[bool, str]:
@@ -2017,6 +2041,46 @@ def qqq_install_blockers(source: str | None) -> list[str]:
     return problems
 
 
+def _qqq_source_tree(src: str) -> Path | None:
+    """A local QQQ source tree for src: the directory itself, or an archive (path or http(s) URL)
+    unpacked once under the cache. None for what pip must fetch itself (git+...)."""
+    import tarfile
+    import tempfile
+    import urllib.request
+    import zipfile
+    p = Path(src).expanduser()
+    if p.is_dir():
+        return p.resolve()
+    name = src.rstrip("/").rsplit("/", 1)[-1]
+    if not re.search(r"\.(tar\.gz|tgz|zip)$", name):
+        return None
+    dest = QQQ_SOURCE_RECORD.parent / "qqq-src" / re.sub(r"\.(tar\.gz|tgz|zip)$", "", name)
+    if (dest / "setup.py").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        archive = Path(tmp) / name
+        if p.is_file():
+            shutil.copyfile(p, archive)
+        else:
+            log(f"install-kernel: downloading {src}")
+            urllib.request.urlretrieve(src, archive)
+        out = Path(tmp) / "x"
+        if name.endswith(".zip"):
+            zipfile.ZipFile(archive).extractall(out)
+        else:
+            with tarfile.open(archive) as t:
+                t.extractall(out, filter="data") if hasattr(tarfile, "data_filter") else t.extractall(out)
+        tops = list(out.iterdir())
+        root = tops[0] if len(tops) == 1 and tops[0].is_dir() else out
+        if not (root / "setup.py").is_file():
+            raise UserError(f"install-kernel: {src} holds no setup.py at its top level: not a QQQ source archive")
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.move(str(root), str(dest))
+    return dest
+
+
 def install_qqq(yes: bool, source: str | None = None) -> bool:
     """Build/install QQQ without touching any installed package; then import check and a numeric
     self-test of its GEMM on the GPU. True when QQQ imports and the self-test passed (or could not
@@ -2037,7 +2101,8 @@ def install_qqq(yes: bool, source: str | None = None) -> bool:
         arch, why = cuda_arch_list()
         env["TORCH_CUDA_ARCH_LIST"] = arch
         plan.append(f"arch        TORCH_CUDA_ARCH_LIST={arch} ({why}; RTX 3090 is 8.6)")
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", src]
+    src_dir = None if is_wheel else _qqq_source_tree(src)   # kept: QQQ's Python layer is read from it
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", str(src_dir or src)]
     plan.append("command     " + " ".join(cmd))
     plan.append("guarantee   --no-deps: no installed package changes version (checked after install)")
     print("install-kernel will:\n  " + "\n  ".join(plan), file=sys.stderr)
@@ -2067,6 +2132,11 @@ def install_qqq(yes: bool, source: str | None = None) -> bool:
         return False
     log(f"install-kernel: QQQ {after.get('qqq', '?')} installed in {time.time() - t0:.0f}s; "
         f"{len(before)} other packages unchanged (transformers {before.get('transformers', '-')})")
+    if src_dir is not None:
+        QQQ_SOURCE_RECORD.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(QQQ_SOURCE_RECORD, {"source": str(src_dir), "installed": after.get("qqq")})
+        log(f"install-kernel: QQQ's Python layer will be read from {src_dir} (its setup.py installs only "
+            f"QQQ._CUDA); recorded in {QQQ_SOURCE_RECORD}")
     import importlib
     importlib.invalidate_caches()
     ok, detail = qqq_status()
