@@ -712,9 +712,11 @@ def _triton_kernels():
 
     @triton.jit
     def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                         ONE_PASS: tl.constexpr):
+                         ONE_PASS: tl.constexpr, PERM_KW: tl.constexpr):
         """One program per token: absmax, then x_q = round_half_even(x * (127 / amax)).
-        ONE_PASS (BLOCK_K >= K): the row is loaded once and stays in registers."""
+        ONE_PASS (BLOCK_K >= K): the row is loaded once and stays in registers. x_q is written in
+        the GEMM's K order: within each step of 8 * PERM_KW inputs, input 8w + j goes to j * PERM_KW
+        + w, so the GEMM reads each of its 8 stride-8 operands as one contiguous run."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_K)
         if ONE_PASS:
@@ -723,7 +725,9 @@ def _triton_kernels():
             inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
             v = xv * inv
             v = (v + 12582912.0) - 12582912.0  # round half to even: 1.5 * 2^23 (|v| <= 127 * (1 + ulp))
-            tl.store(xq_ptr + row * stride_qm + offs, v.to(tl.int32).to(tl.int8), mask=offs < K)
+            r = offs % (8 * PERM_KW)
+            dst = offs - r + (r % 8) * PERM_KW + r // 8
+            tl.store(xq_ptr + row * stride_qm + dst, v.to(tl.int32).to(tl.int8), mask=offs < K)
         else:
             amax = tl.zeros([BLOCK_K], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -735,7 +739,10 @@ def _triton_kernels():
                 xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
                 v = xv.to(tl.float32) * inv
                 v = (v + 12582912.0) - 12582912.0
-                tl.store(xq_ptr + row * stride_qm + k0 + offs, v.to(tl.int32).to(tl.int8), mask=k0 + offs < K)
+                kk = k0 + offs
+                r = kk % (8 * PERM_KW)
+                dst = kk - r + (r % 8) * PERM_KW + r // 8
+                tl.store(xq_ptr + row * stride_qm + dst, v.to(tl.int32).to(tl.int8), mask=kk < K)
         tl.store(sx_ptr + row, a / 127.0)
 
     @triton.jit
@@ -746,7 +753,8 @@ def _triton_kernels():
                          FUSE_ROWS: tl.constexpr, QBLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          SPLIT_K: tl.constexpr):
         """y = x @ dequant(W).T for pack-quantized int4 W.
-        A_MODE 0: x fp16/bf16 (W4A16). 1: x int8 + s_x from int8_rows_kernel (W4A8).
+        A_MODE 0: x fp16/bf16 (W4A16). 1: x int8 + s_x from int8_rows_kernel (W4A8), stored in
+           this kernel's K order (PERM_KW = KW).
         2: x fp16/bf16, quantized per token inside this kernel (W4A8, one launch: each program
            first reads its rows, M <= FUSE_ROWS <= BLOCK_M, in [FUSE_ROWS, QBLOCK_K] tiles (1-3
            loads for GPT-OSS K) to find their absmax; cheap for a few rows only).
@@ -816,7 +824,11 @@ def _triton_kernels():
                     sc = sc.to(tl.float32).to(tl.float16)
             for j in tl.static_range(8):
                 kk = k0 + offs_w * 8 + j
-                a = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0)
+                if A_MODE == 1:   # x_q stored in this K order by int8_rows_kernel: one contiguous run
+                    a = tl.load(x_rows + (k0 + j * KW + offs_w)[None, :], mask=m_mask[:, None] & (kk[None, :] < K),
+                                other=0)
+                else:
+                    a = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0)
                 if A_MODE == 2:
                     v = a.to(tl.float32) * inv[:, None]
                     a = (v + 12582912.0) - 12582912.0  # round half to even (launched without FMA fusion)
@@ -945,6 +957,7 @@ class _Int4Plan:
     count: object
     quant_consts: dict
     gemm_consts: dict
+    k_padded: int
 
 
 _INT4_PLANS: dict = {}
@@ -968,13 +981,14 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
     return _Int4Plan(
         cfg, mode, -(-k // 8), (tiles, cfg.split_k), part, count,
         dict(BLOCK_K=min(block, 8192), ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
-             enable_fp_fusion=False),
+             PERM_KW=kw, enable_fp_fusion=False),
         dict(A_MODE=mode, GROUP=8 if per_channel else group, PER_CHANNEL=per_channel, INT8_DOT=int8_dot, KW=kw,
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
              FUSE_ROWS=fuse_rows if mode == 2 else 2,                     # constexprs fixed when unused:
              QBLOCK_K=max(256, 4096 // fuse_rows) if mode == 2 else 256,  # one compile per config
              GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-             enable_fp_fusion=False))  # x * inv + 1.5 * 2^23 must round twice: no FMA contraction
+             enable_fp_fusion=False),  # x * inv + 1.5 * 2^23 must round twice: no FMA contraction
+        -(-k // (8 * kw)) * 8 * kw)
 
 
 def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
@@ -1004,9 +1018,10 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
         return y.reshape(*x.shape[:-1], n)
     kern = _TRITON_KERNELS or _triton_kernels()
     if plan.mode == 1:
-        xa = torch.empty(m, k, device=device, dtype=torch.int8)
+        kp = plan.k_padded   # x_q in the GEMM's K order, padded to whole K steps
+        xa = torch.empty(m, kp, device=device, dtype=torch.int8)
         sx = torch.empty(m, device=device, dtype=torch.float32)
-        kern["int8_rows"][(m,)](x2, xa, sx, k, x2.stride(0), k, **plan.quant_consts)
+        kern["int8_rows"][(m,)](x2, xa, sx, k, x2.stride(0), kp, **plan.quant_consts)
     else:
         xa = sx = x2
     part = y if plan.part is None else plan.part
