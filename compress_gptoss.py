@@ -711,12 +711,13 @@ def _triton_kernels():
     globals()["tl"] = importlib.import_module("triton.language")
 
     @triton.jit
-    def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
+    def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, KP, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
                          ONE_PASS: tl.constexpr, PERM_KW: tl.constexpr):
         """One program per token: absmax, then x_q = round_half_even(x * (127 / amax)).
         ONE_PASS (BLOCK_K >= K): the row is loaded once and stays in registers. x_q is written in
         the GEMM's K order: within each step of 8 * PERM_KW inputs, input 8w + j goes to j * PERM_KW
-        + w, so the GEMM reads each of its 8 stride-8 operands as one contiguous run."""
+        + w, so the GEMM reads each of its 8 stride-8 operands as one contiguous run. Zeros fill
+        the row up to KP (whole K steps): the GEMM loads those without a mask."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_K)
         if ONE_PASS:
@@ -727,7 +728,7 @@ def _triton_kernels():
             v = (v + 12582912.0) - 12582912.0  # round half to even: 1.5 * 2^23 (|v| <= 127 * (1 + ulp))
             r = offs % (8 * PERM_KW)
             dst = offs - r + (r % 8) * PERM_KW + r // 8
-            tl.store(xq_ptr + row * stride_qm + dst, v.to(tl.int32).to(tl.int8), mask=offs < K)
+            tl.store(xq_ptr + row * stride_qm + dst, v.to(tl.int32).to(tl.int8), mask=offs < KP)
         else:
             amax = tl.zeros([BLOCK_K], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -735,21 +736,22 @@ def _triton_kernels():
                 amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
             a = tl.maximum(tl.max(amax, axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
             inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(0, KP, BLOCK_K):
                 xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
                 v = xv.to(tl.float32) * inv
                 v = (v + 12582912.0) - 12582912.0
                 kk = k0 + offs
                 r = kk % (8 * PERM_KW)
                 dst = kk - r + (r % 8) * PERM_KW + r // 8
-                tl.store(xq_ptr + row * stride_qm + dst, v.to(tl.int32).to(tl.int8), mask=kk < K)
+                tl.store(xq_ptr + row * stride_qm + dst, v.to(tl.int32).to(tl.int8), mask=kk < KP)
         tl.store(sx_ptr + row, a / 127.0)
 
     @triton.jit
     def int4_gemm_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
                          stride_xm, stride_wn, stride_sn, stride_ym,
                          A_MODE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                         INT8_DOT: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         INT8_DOT: tl.constexpr, KW: tl.constexpr, W_LHS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          FUSE_ROWS: tl.constexpr, QBLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          SPLIT_K: tl.constexpr):
         """y = x @ dequant(W).T for pack-quantized int4 W.
@@ -804,49 +806,80 @@ def _triton_kernels():
         if A_MODE == 1:
             s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
 
-        if INT8_DOT:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        if W_LHS:   # accumulate y^T = W x^T: the dequantized weights are the dot's left operand
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32 if INT8_DOT else tl.float32)
         else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if INT8_DOT else tl.float32)
         steps_per_split = (tl.cdiv(K, 8 * KW) + SPLIT_K - 1) // SPLIT_K
         k_lo = pid_k * steps_per_split * (8 * KW)
         k_hi = tl.minimum(K, k_lo + steps_per_split * (8 * KW))
         for k0 in range(k_lo, k_hi, 8 * KW):
             words = k0 // 8 + offs_w
-            w_ok = (words[:, None] < KW_ALL) & n_mask[None, :]
-            wt = tl.load(w_cols + words[:, None], mask=w_ok, other=0)                  # [KW, BLOCK_N] int32
+            if W_LHS:
+                w_ok = n_mask[:, None] & (words[None, :] < KW_ALL)
+                wt = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + words[None, :], mask=w_ok,
+                             other=0)                                                 # [BLOCK_N, KW] int32
+                g_idx = offs_n[:, None] * stride_sn + (words[None, :] * 8) // GROUP
+            else:
+                w_ok = (words[:, None] < KW_ALL) & n_mask[None, :]
+                wt = tl.load(w_cols + words[:, None], mask=w_ok, other=0)              # [KW, BLOCK_N] int32
+                g_idx = offs_n[None, :] * stride_sn + (words[:, None] * 8) // GROUP
             if not PER_CHANNEL:
-                sc = tl.load(ws_ptr + offs_n[None, :] * stride_sn + (words[:, None] * 8) // GROUP,
-                             mask=w_ok, other=0.0)
+                sc = tl.load(ws_ptr + g_idx, mask=w_ok, other=0.0)
                 if A_MODE == 0:
                     sc = sc.to(tl.float32).to(x_ptr.dtype.element_ty)
                 else:
                     sc = sc.to(tl.float32).to(tl.float16)
+                nsc8 = sc * -8.0   # (u - 8) * s = fma(u, s, -8 s): the nibble's +8 offset folded in
             for j in tl.static_range(8):
                 kk = k0 + offs_w * 8 + j
                 if A_MODE == 1:   # x_q stored in this K order by int8_rows_kernel: one contiguous run
-                    a = tl.load(x_rows + (k0 + j * KW + offs_w)[None, :], mask=m_mask[:, None] & (kk[None, :] < K),
-                                other=0)
+                    kx = k0 + j * KW + offs_w
                 else:
-                    a = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0)
-                if A_MODE == 2:
-                    v = a.to(tl.float32) * inv[:, None]
-                    a = (v + 12582912.0) - 12582912.0  # round half to even (launched without FMA fusion)
-                q = ((wt >> (4 * j)) & 0xF) - 8
+                    kx = kk
+                if W_LHS and A_MODE == 1:   # zero-padded to whole K steps: no K mask, vector loads
+                    a = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + kx[:, None],
+                                mask=m_mask[None, :], other=0)                        # [KW, BLOCK_M]
+                elif W_LHS:
+                    a = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + kx[:, None],
+                                mask=(kk[:, None] < K) & m_mask[None, :], other=0)
+                    if A_MODE == 2:
+                        v = a.to(tl.float32) * inv[None, :]
+                        a = (v + 12582912.0) - 12582912.0  # round half to even (no FMA fusion)
+                elif A_MODE == 1:
+                    a = tl.load(x_rows + kx[None, :], mask=m_mask[:, None], other=0)
+                else:
+                    a = tl.load(x_rows + kx[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0)
+                    if A_MODE == 2:
+                        v = a.to(tl.float32) * inv[:, None]
+                        a = (v + 12582912.0) - 12582912.0
+                u = (wt >> (4 * j)) & 0xF          # stored nibble: q + 8
                 if INT8_DOT:
-                    acc += tl.dot(a.to(tl.int8), q.to(tl.int8), out_dtype=tl.int32)
+                    b = (u - 8).to(tl.int8)
+                    a = a.to(tl.int8)
                 elif A_MODE == 0:
                     if PER_CHANNEL:
-                        b = q.to(tl.float32).to(x_ptr.dtype.element_ty)
+                        b = (u - 8).to(tl.float32).to(x_ptr.dtype.element_ty)
                     else:
-                        b = q.to(tl.float32).to(x_ptr.dtype.element_ty) * sc
-                    acc += tl.dot(a, b)
+                        b = tl.fma(u.to(tl.float32).to(x_ptr.dtype.element_ty), sc, nsc8)
                 else:
                     if PER_CHANNEL:
-                        b = q.to(tl.float16)
+                        b = (u - 8).to(tl.float16)
                     else:
-                        b = q.to(tl.float16) * sc
-                    acc += tl.dot(a.to(tl.float16), b)
+                        b = tl.fma(u.to(tl.float16), sc, nsc8)
+                    a = a.to(tl.float16)
+                if W_LHS:
+                    if INT8_DOT:
+                        acc += tl.dot(b, a, out_dtype=tl.int32)
+                    else:
+                        acc += tl.dot(b, a)
+                else:
+                    if INT8_DOT:
+                        acc += tl.dot(a, b, out_dtype=tl.int32)
+                    else:
+                        acc += tl.dot(a, b)
+        if W_LHS:
+            acc = tl.trans(acc)
         acc = acc.to(tl.float32)
         if PER_CHANNEL:
             s = tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
@@ -888,10 +921,12 @@ class Int4GemmConfig:
     num_stages: int = 3
     group_m: int = 8
     split_k: int = 1       # programs sharing one output tile along K (atomics + last-arriver fixup)
+    w_lhs: bool = True     # weights as the dot's left operand (y^T = W x^T), see the kernel
 
     def label(self) -> str:
         return (f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
-                + (f"x{self.split_k}" if self.split_k > 1 else "") + ("F" if self.fuse_act_quant else ""))
+                + (f"x{self.split_k}" if self.split_k > 1 else "") + ("F" if self.fuse_act_quant else "")
+                + ("" if self.w_lhs else "R"))
 
 
 def int4_gemm_config(m: int, n: int, k: int, sms: int = 132) -> Int4GemmConfig:
@@ -983,6 +1018,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
         dict(BLOCK_K=min(block, 8192), ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
              PERM_KW=kw, enable_fp_fusion=False),
         dict(A_MODE=mode, GROUP=8 if per_channel else group, PER_CHANNEL=per_channel, INT8_DOT=int8_dot, KW=kw,
+             W_LHS=cfg.w_lhs,
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
              FUSE_ROWS=fuse_rows if mode == 2 else 2,                     # constexprs fixed when unused:
              QBLOCK_K=max(256, 4096 // fuse_rows) if mode == 2 else 256,  # one compile per config
@@ -1021,7 +1057,7 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
         kp = plan.k_padded   # x_q in the GEMM's K order, padded to whole K steps
         xa = torch.empty(m, kp, device=device, dtype=torch.int8)
         sx = torch.empty(m, device=device, dtype=torch.float32)
-        kern["int8_rows"][(m,)](x2, xa, sx, k, x2.stride(0), kp, **plan.quant_consts)
+        kern["int8_rows"][(m,)](x2, xa, sx, k, kp, x2.stride(0), kp, **plan.quant_consts)
     else:
         xa = sx = x2
     part = y if plan.part is None else plan.part
@@ -1199,7 +1235,8 @@ def sweep_configs(m: int) -> list[Int4GemmConfig]:
                [C(16, 32, 512, False, 4, 3, split_k=2), C(16, 32, 512, False, 4, 3, split_k=4),
                 C(16, 16, 512, True, 4, 3, split_k=4), C(16, 32, 256, False, 2, 4, split_k=4),
                 C(16, 32, 256, False, 4, 4, split_k=4), C(16, 64, 256, False, 8, 3, split_k=2),
-                C(16, 32, 128, False, 4, 4, split_k=4), C(16, 128, 256, False, 4, 3, split_k=4)]
+                C(16, 32, 128, False, 4, 4, split_k=4), C(16, 128, 256, False, 4, 3, split_k=4),
+                C(16, 64, 256, True, 4, 3, split_k=4, w_lhs=False), C(16, 64, 256, False, 4, 3, split_k=4, w_lhs=False)]
     if m <= 64:
         return [C(bm, bn, 256, False, 4, 3, split_k=sk) for bm in (32, 64) for bn in (32, 64, 128)
                 for sk in (1, 2, 4)] + [C(32, 64, 256, True, 4, 3, split_k=2), C(64, 64, 128, False, 4, 4, split_k=2)]
@@ -1207,7 +1244,8 @@ def sweep_configs(m: int) -> list[Int4GemmConfig]:
                                                             (128, 64, 4), (64, 256, 8))
             for kpi in (128, 256) for st in (3, 4)] + \
            [C(128, 128, 128, False, 8, 3, split_k=2), C(128, 128, 128, False, 8, 3, split_k=4),
-            C(64, 128, 128, False, 4, 3, split_k=2)]
+            C(64, 128, 128, False, 4, 3, split_k=2), C(128, 128, 128, False, 8, 3, w_lhs=False),
+            C(128, 256, 128, False, 8, 3, w_lhs=False)]
 
 
 def _time_eager_us(fn, copies: int, iters: int, warmup: int = 10) -> float:

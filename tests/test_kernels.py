@@ -106,8 +106,9 @@ def split_k_sums_and_leaves_workspace_clean():
     worst = 0.0
     for act in ("a8", "a16"):
         ref = c.int4_linear_reference(x, wp, ws, act=act)
-        for split, fuse, kpi in ((2, True, 256), (4, False, 256), (8, True, 512), (3, False, 128)):
-            cfg = c.Int4GemmConfig(16, 16, kpi, fuse, split_k=split)
+        for split, fuse, kpi, lhs in ((2, True, 256, True), (4, False, 256, True), (8, True, 512, False),
+                                      (3, False, 128, False)):
+            cfg = c.Int4GemmConfig(16, 16, kpi, fuse, split_k=split, w_lhs=lhs)
             y1 = c.int4_linear(x, wp, ws, act=act, config=cfg)
             y2 = c.int4_linear(x, wp, ws, act=act, config=cfg)
             err = c.relative_error(y1, ref)
@@ -267,7 +268,8 @@ def test_kernels_compile_for_gpus_without_a_gpu(cc):
         (1, 8, True, True, 32, 16, 32, 2, 4, "*i8"), (0, 128, False, False, 16, 64, 128, 2, 4, "*bf16"),
         (0, 8, True, False, 16, 128, 128, 1, 8, "*fp16")]
     for mode, group, per_ch, i8, kw, bm, bn, split, warps, xdt in (configs if cc == 90 else configs[:1]):
-        consts = {"A_MODE": mode, "GROUP": group, "PER_CHANNEL": per_ch, "INT8_DOT": i8, "KW": kw, "BLOCK_M": bm,
+        consts = {"A_MODE": mode, "GROUP": group, "PER_CHANNEL": per_ch, "INT8_DOT": i8, "KW": kw, "W_LHS": bm != 64,
+                  "BLOCK_M": bm,
                   "BLOCK_N": bn, "FUSE_ROWS": 4, "QBLOCK_K": 1024, "GROUP_M": 8, "SPLIT_K": split}
         sig = {n: consts.get(n) is not None and "constexpr" or ptr.get(n, "i32") for n in names}
         sig["x_ptr"] = xdt
