@@ -760,10 +760,12 @@ def _triton_kernels():
         2: x fp16/bf16, quantized per token inside this kernel (W4A8, one launch: each program
            first reads its rows, M <= FUSE_ROWS <= BLOCK_M, in [FUSE_ROWS, QBLOCK_K] tiles (1-3
            loads for GPT-OSS K) to find their absmax; cheap for a few rows only).
-        One K step = KW packed words per output column, loaded as stored ([KW, BLOCK_N], each
-        column's words contiguous). Nibble j of every word is one [KW, BLOCK_N] operand, with
-        no reshape or transpose: sum_k x[k] w[k] is taken as sum_j sum_w x[8w + j] w[8w + j], so
-        8 dots of K = KW, each against the activations at stride 8. A word never straddles two
+        One K step = KW packed words per output column, loaded as stored (each column's words
+        contiguous). Nibble j of every word is one dot operand, with no reshape or transpose:
+        sum_k x[k] w[k] is taken as sum_j sum_w x[8w + j] w[8w + j], so 8 dots of K = KW, each
+        against the activations at stride 8. W_LHS: the weights are the left operand ([BLOCK_N,
+        KW] x [KW, BLOCK_M] -> y^T), which lets Hopper's wgmma take them from registers right
+        after dequantization; else the right one ([BLOCK_M, KW] x [KW, BLOCK_N]). A word never straddles two
         scale groups (groups are multiples of 8), so a [KW, BLOCK_N] scale tile, loaded once per
         step, dequantizes all 8 operands: one fp32 accumulator, no per-group epilogue. W4A8
         multiplies the int8 activations exactly in fp16 (|x_q| <= 127) against q * scale; per
