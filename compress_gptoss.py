@@ -616,7 +616,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 #   weight_scale  [N, K / group] (per group) or [N, 1] (per channel); W[n, k] = q[n, k] * scale
 # W4A8 (compressed-tensors' `input_activations: int8, strategy token, dynamic, symmetric`):
 #   s_x[m] = max_k |x[m, k]| / 127,  x_q = round_half_away(x / s_x) in [-127, 127]
-#   y[m, n] = s_x[m] * sum_g scale[n, g] * sum_{k in g} x_q[m, k] * q[n, k]   (int32 inside a group)
+#   y[m, n] = s_x[m] * sum_k x_q[m, k] * q[n, k] * scale[n, k // group]
+# computed on fp16 tensor cores (x_q and q are exact in fp16; q * scale rounds once), or for per-channel
+# scales as int8 x int8 -> int32 with the scale applied last.
 
 QQQ_REPO = "https://github.com/HandH1998/QQQ"
 QQQ_COMMIT = "54c5c99037200f3b42b94877dcc932989e458409"
@@ -1033,7 +1035,7 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
                 config: Int4GemmConfig | None = None):
     """y = x @ W.T (+ bias) with W in compressed-tensors pack-quantized int4 (symmetric).
     x: [..., K] fp16/bf16 on a CUDA device (or CPU under TRITON_INTERPRET=1); act "a8" (per-token
-    int8 activations, int8 tensor cores) or "a16". Output dtype = x dtype."""
+    int8 activations) or "a16". Output dtype = x dtype."""
     import torch
     k = x.shape[-1]
     n = weight_packed.shape[0]
@@ -1142,7 +1144,7 @@ def builtin_w4a8_status() -> tuple[bool, str]:
     best = max(g["capability"] for g in gpu)
     if best < (8, 0):
         return False, f"triton {detail} installed; needs compute capability >= 8.0 (best GPU here: {best[0]}.{best[1]})"
-    return True, f"triton {detail}, int8 tensor cores on cc {best[0]}.{best[1]}"
+    return True, f"triton {detail}, tensor cores of cc {best[0]}.{best[1]}"
 
 
 def has_w4a8_runtime() -> bool:
