@@ -615,7 +615,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 #                 k // 8, stored with an offset of +8 (so q = nibble - 8, q in [-8, 7])
 #   weight_scale  [N, K / group] (per group) or [N, 1] (per channel); W[n, k] = q[n, k] * scale
 # W4A8 (compressed-tensors' `input_activations: int8, strategy token, dynamic, symmetric`):
-#   s_x[m] = max_k |x[m, k]| / 127,  x_q = round_half_away(x / s_x) in [-127, 127]
+#   s_x[m] = max_k |x[m, k]| / 127,  x_q = round_half_even(x * (127 / max_k |x[m, k]|)) in [-127, 127]
 #   y[m, n] = s_x[m] * sum_k x_q[m, k] * q[n, k] * scale[n, k // group]
 # computed on fp16 tensor cores (x_q and q are exact in fp16; q * scale rounds once), or for per-channel
 # scales as int8 x int8 -> int32 with the scale applied last.
