@@ -1801,8 +1801,10 @@ def print_quality_table(q: dict) -> None:
 #                 k // 8, stored with an offset of +8 (so q = nibble - 8, q in [-8, 7])
 #   weight_scale  [N, K / group] (per group) or [N, 1] (per channel); W[n, k] = q[n, k] * scale
 # W4A8 (compressed-tensors' `input_activations: int8, strategy token, dynamic, symmetric`):
-#   s_x[m] = max_k |x[m, k]| / 127,  x_q = round_half_away(x / s_x) in [-127, 127]
-#   y[m, n] = s_x[m] * sum_g scale[n, g] * sum_{k in g} x_q[m, k] * q[n, k]   (int32 inside a group)
+#   s_x[m] = max_k |x[m, k]| / 127,  x_q = round_half_even(x * (127 / max_k |x[m, k]|)) in [-127, 127]
+#   y[m, n] = s_x[m] * sum_k x_q[m, k] * q[n, k] * scale[n, k // group]
+# computed on fp16 tensor cores (x_q and q are exact in fp16; q * scale rounds once), or for per-channel
+# scales as int8 x int8 -> int32 with the scale applied last.
 
 QQQ_REPO = "https://github.com/HandH1998/QQQ"
 QQQ_COMMIT = "54c5c99037200f3b42b94877dcc932989e458409"
@@ -1897,10 +1899,13 @@ def _triton_kernels():
     globals()["tl"] = importlib.import_module("triton.language")
 
     @triton.jit
-    def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                         ONE_PASS: tl.constexpr):
+    def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, KP, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
+                         ONE_PASS: tl.constexpr, PERM_KW: tl.constexpr):
         """One program per token: absmax, then x_q = round_half_even(x * (127 / amax)).
-        ONE_PASS (BLOCK_K >= K): the row is loaded once and stays in registers."""
+        ONE_PASS (BLOCK_K >= K): the row is loaded once and stays in registers. x_q is written in
+        the GEMM's K order: within each step of 8 * PERM_KW inputs, input 8w + j goes to j * PERM_KW
+        + w, so the GEMM reads each of its 8 stride-8 operands as one contiguous run. Zeros fill
+        the row up to KP (whole K steps): the GEMM loads those without a mask."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_K)
         if ONE_PASS:
@@ -1909,7 +1914,9 @@ def _triton_kernels():
             inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
             v = xv * inv
             v = (v + 12582912.0) - 12582912.0  # round half to even: 1.5 * 2^23 (|v| <= 127 * (1 + ulp))
-            tl.store(xq_ptr + row * stride_qm + offs, v.to(tl.int32).to(tl.int8), mask=offs < K)
+            r = offs % (8 * PERM_KW)
+            dst = offs - r + (r % 8) * PERM_KW + r // 8
+            tl.store(xq_ptr + row * stride_qm + dst, v.to(tl.int32).to(tl.int8), mask=offs < KP)
         else:
             amax = tl.zeros([BLOCK_K], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -1917,27 +1924,40 @@ def _triton_kernels():
                 amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
             a = tl.maximum(tl.max(amax, axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
             inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(0, KP, BLOCK_K):
                 xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
                 v = xv.to(tl.float32) * inv
                 v = (v + 12582912.0) - 12582912.0
-                tl.store(xq_ptr + row * stride_qm + k0 + offs, v.to(tl.int32).to(tl.int8), mask=k0 + offs < K)
+                kk = k0 + offs
+                r = kk % (8 * PERM_KW)
+                dst = kk - r + (r % 8) * PERM_KW + r // 8
+                tl.store(xq_ptr + row * stride_qm + dst, v.to(tl.int32).to(tl.int8), mask=kk < KP)
         tl.store(sx_ptr + row, a / 127.0)
 
     @triton.jit
-    def int4_gemm_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW,
+    def int4_gemm_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
                          stride_xm, stride_wn, stride_sn, stride_ym,
                          A_MODE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                         GROUPS_PER_ITER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         INT8_DOT: tl.constexpr, KW: tl.constexpr, W_LHS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          FUSE_ROWS: tl.constexpr, QBLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          SPLIT_K: tl.constexpr):
         """y = x @ dequant(W).T for pack-quantized int4 W.
-        A_MODE 0: x fp16/bf16 (W4A16). 1: x int8 + s_x from int8_rows_kernel (W4A8).
+        A_MODE 0: x fp16/bf16 (W4A16). 1: x int8 + s_x from int8_rows_kernel (W4A8), stored in
+           this kernel's K order (PERM_KW = KW).
         2: x fp16/bf16, quantized per token inside this kernel (W4A8, one launch: each program
            first reads its rows, M <= FUSE_ROWS <= BLOCK_M, in [FUSE_ROWS, QBLOCK_K] tiles (1-3
            loads for GPT-OSS K) to find their absmax; cheap for a few rows only).
-        One tl.dot spans GROUP inputs (the scale group, or a K tile when PER_CHANNEL) so the
-        integer sum of a group is exact before its scale is applied in fp32.
+        One K step = KW packed words per output column, loaded as stored (each column's words
+        contiguous). Nibble j of every word is one dot operand, with no reshape or transpose:
+        sum_k x[k] w[k] is taken as sum_j sum_w x[8w + j] w[8w + j], so 8 dots of K = KW, each
+        against the activations at stride 8. W_LHS: the weights are the left operand ([BLOCK_N,
+        KW] x [KW, BLOCK_M] -> y^T), which lets Hopper's wgmma take them from registers right
+        after dequantization; else the right one ([BLOCK_M, KW] x [KW, BLOCK_N]). A word never straddles two
+        scale groups (groups are multiples of 8), so a [KW, BLOCK_N] scale tile, loaded once per
+        step, dequantizes all 8 operands: one fp32 accumulator, no per-group epilogue. W4A8
+        multiplies the int8 activations exactly in fp16 (|x_q| <= 127) against q * scale; per
+        channel (INT8_DOT) it is int8 x int8 -> int32 on the tensor cores and the scale comes last.
         SPLIT_K > 1 (small M: more programs streaming weights): program (tile, s) takes the s-th
         share of K, adds its fp32 partial into part_ptr [M, N] with atomics and bumps the tile's
         counter; the last one to arrive reads the sum, writes y and zeroes the tile and its counter,
@@ -1957,8 +1977,8 @@ def _triton_kernels():
         m_mask = offs_m < M
         n_mask = offs_n < N
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-        shifts = (tl.arange(0, 8) * 4)[None, None, :]
+        w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+        offs_w = tl.arange(0, KW)
 
         if A_MODE == 2:
             rows_r = pid_m * BLOCK_M + tl.arange(0, FUSE_ROWS)
@@ -1976,41 +1996,84 @@ def _triton_kernels():
         if A_MODE == 1:
             s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
 
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if PER_CHANNEL:
-            if A_MODE == 0:
-                acc_k = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if W_LHS:   # accumulate y^T = W x^T: the dequantized weights are the dot's left operand
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32 if INT8_DOT else tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if INT8_DOT else tl.float32)
+        steps_per_split = (tl.cdiv(K, 8 * KW) + SPLIT_K - 1) // SPLIT_K
+        k_lo = pid_k * steps_per_split * (8 * KW)
+        k_hi = tl.minimum(K, k_lo + steps_per_split * (8 * KW))
+        for k0 in range(k_lo, k_hi, 8 * KW):
+            words = k0 // 8 + offs_w
+            if W_LHS:
+                w_ok = n_mask[:, None] & (words[None, :] < KW_ALL)
+                wt = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + words[None, :], mask=w_ok,
+                             other=0)                                                 # [BLOCK_N, KW] int32
+                g_idx = offs_n[:, None] * stride_sn + (words[None, :] * 8) // GROUP
             else:
-                acc_k = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        steps_per_split = (tl.cdiv(K, GROUP * GROUPS_PER_ITER) + SPLIT_K - 1) // SPLIT_K
-        k_lo = pid_k * steps_per_split * (GROUP * GROUPS_PER_ITER)
-        k_hi = tl.minimum(K, k_lo + steps_per_split * (GROUP * GROUPS_PER_ITER))
-        for k0 in range(k_lo, k_hi, GROUP * GROUPS_PER_ITER):
-            for j in tl.static_range(GROUPS_PER_ITER):
-                kg = k0 + j * GROUP
-                offs_k = kg + tl.arange(0, GROUP)
-                a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0)
-                if A_MODE == 2:
-                    v = a.to(tl.float32) * inv[:, None]
-                    v = (v + 12582912.0) - 12582912.0  # round half to even (launched without FMA fusion)
-                    a = v.to(tl.int32).to(tl.int8)
-                # W tile as stored: [BLOCK_N, GROUP/8] words, contiguous per row (vector loads),
-                # unpacked by broadcasting 8 shifts: [BLOCK_N, GROUP/8, 8] -> [BLOCK_N, GROUP].
-                offs_w = kg // 8 + tl.arange(0, GROUP // 8)
-                wp = tl.load(w_rows + offs_w[None, :], mask=n_mask[:, None] & (offs_w[None, :] < KW), other=0)
-                q = tl.reshape((wp[:, :, None] >> shifts) & 0xF, (BLOCK_N, GROUP)) - 8
+                w_ok = (words[:, None] < KW_ALL) & n_mask[None, :]
+                wt = tl.load(w_cols + words[:, None], mask=w_ok, other=0)              # [KW, BLOCK_N] int32
+                g_idx = offs_n[None, :] * stride_sn + (words[:, None] * 8) // GROUP
+            if not PER_CHANNEL:
+                sc = tl.load(ws_ptr + g_idx, mask=w_ok, other=0.0)
                 if A_MODE == 0:
-                    part = tl.dot(a, tl.trans(q.to(tl.float32).to(a.dtype)))  # via fp32: exact, any dtype
+                    sc = sc.to(tl.float32).to(x_ptr.dtype.element_ty)
                 else:
-                    part = tl.dot(a, tl.trans(q.to(tl.int8)), out_dtype=tl.int32)
-                if PER_CHANNEL:
-                    acc_k += part
+                    sc = sc.to(tl.float32).to(tl.float16)
+                nsc8 = sc * -8.0   # (u - 8) * s = fma(u, s, -8 s): the nibble's +8 offset folded in
+            for j in tl.static_range(8):
+                kk = k0 + offs_w * 8 + j
+                if A_MODE == 1:   # x_q stored in this K order by int8_rows_kernel: one contiguous run
+                    kx = k0 + j * KW + offs_w
                 else:
-                    s = tl.load(ws_ptr + offs_n * stride_sn + kg // GROUP, mask=n_mask & (offs_n * 0 + kg < K), other=0.0)
-                    acc += part.to(tl.float32) * s.to(tl.float32)[None, :]
+                    kx = kk
+                if W_LHS and A_MODE == 1:   # zero-padded to whole K steps: no K mask, vector loads
+                    a = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + kx[:, None],
+                                mask=m_mask[None, :], other=0)                        # [KW, BLOCK_M]
+                elif W_LHS:
+                    a = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + kx[:, None],
+                                mask=(kk[:, None] < K) & m_mask[None, :], other=0)
+                    if A_MODE == 2:
+                        v = a.to(tl.float32) * inv[None, :]
+                        a = (v + 12582912.0) - 12582912.0  # round half to even (no FMA fusion)
+                elif A_MODE == 1:
+                    a = tl.load(x_rows + kx[None, :], mask=m_mask[:, None], other=0)
+                else:
+                    a = tl.load(x_rows + kx[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0)
+                    if A_MODE == 2:
+                        v = a.to(tl.float32) * inv[:, None]
+                        a = (v + 12582912.0) - 12582912.0
+                u = (wt >> (4 * j)) & 0xF          # stored nibble: q + 8
+                if INT8_DOT:
+                    b = (u - 8).to(tl.int8)
+                    a = a.to(tl.int8)
+                elif A_MODE == 0:
+                    if PER_CHANNEL:
+                        b = (u - 8).to(tl.float32).to(x_ptr.dtype.element_ty)
+                    else:
+                        b = tl.fma(u.to(tl.float32).to(x_ptr.dtype.element_ty), sc, nsc8)
+                else:
+                    if PER_CHANNEL:
+                        b = (u - 8).to(tl.float16)
+                    else:
+                        b = tl.fma(u.to(tl.float16), sc, nsc8)
+                    a = a.to(tl.float16)
+                if W_LHS:
+                    if INT8_DOT:
+                        acc += tl.dot(b, a, out_dtype=tl.int32)
+                    else:
+                        acc += tl.dot(b, a)
+                else:
+                    if INT8_DOT:
+                        acc += tl.dot(a, b, out_dtype=tl.int32)
+                    else:
+                        acc += tl.dot(a, b)
+        if W_LHS:
+            acc = tl.trans(acc)
+        acc = acc.to(tl.float32)
         if PER_CHANNEL:
             s = tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
-            acc = acc_k.to(tl.float32) * s.to(tl.float32)[None, :]
+            acc = acc * s.to(tl.float32)[None, :]
         if A_MODE != 0:
             acc = acc * s_x[:, None]
         y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
@@ -2036,7 +2099,7 @@ def _triton_kernels():
     return _TRITON_KERNELS
 
 
-@dataclass
+@dataclass(frozen=True)
 class Int4GemmConfig:
     """Launch parameters. Chosen per M bucket (no autotuning: the first call must be fast and the
     choice reproducible); `verify-runtime --bench --sweep` times the alternatives."""
@@ -2048,28 +2111,30 @@ class Int4GemmConfig:
     num_stages: int = 3
     group_m: int = 8
     split_k: int = 1       # programs sharing one output tile along K (atomics + last-arriver fixup)
+    w_lhs: bool = True     # weights as the dot's left operand (y^T = W x^T), see the kernel
 
     def label(self) -> str:
         return (f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
-                + (f"x{self.split_k}" if self.split_k > 1 else "") + ("F" if self.fuse_act_quant else ""))
+                + (f"x{self.split_k}" if self.split_k > 1 else "") + ("F" if self.fuse_act_quant else "")
+                + ("" if self.w_lhs else "R"))
 
 
 def int4_gemm_config(m: int, n: int, k: int, sms: int = 132) -> Int4GemmConfig:
     """At M <= 16 the GEMM streams int4 weights (bandwidth-bound, ~2 us for 8 MB on an H200):
-    narrow N tiles and split-K until there are >= 2 programs per SM with >= 1 K step each, so
-    enough bytes are in flight. Activation quantization is fused only for M <= 4: every program
-    re-reads its rows' whole K to find the absmax, cheap for a few rows only. At large M it is
-    compute-bound: big tiles on int8 tensor cores, a separate quantization kernel."""
+    split-K until there are >= 2 programs per SM with >= 1 K step each, so enough bytes are in
+    flight. Activation quantization is fused only for M <= 4: every program re-reads its rows'
+    whole K to find the absmax, cheap for a few rows only. At large M it is compute-bound: big
+    tiles, a separate quantization kernel."""
     def split_for(tiles, step, want):
         steps, split = -(-k // step), 1
         while tiles * split < want and split < 8 and steps >= 2 * split:
             split *= 2
         return split
     if m <= 16:
-        bn = 32 if n >= 2048 else 16
+        bn = 64 if n >= 2048 else 32
         return Int4GemmConfig(16, bn, 256, m <= 4, 4, 3, split_k=split_for(-(-n // bn), 256, 2 * sms))
     if m <= 64:
-        bm, bn = (32 if m <= 32 else 64), (64 if n >= 2048 else 32)
+        bm, bn = (32 if m <= 32 else 64), 64
         tiles = -(-m // bm) * -(-n // bn)
         return Int4GemmConfig(bm, bn, 256, False, 4, 3, split_k=split_for(tiles, 256, sms))
     if m <= 256:
@@ -2096,17 +2161,6 @@ def _split_k_workspace(device, m: int, n: int, tiles: int):
     return part, count
 
 
-def _default_config(m: int, n: int, k: int, device) -> Int4GemmConfig:
-    key = (m, n, k, str(device))
-    cfg = _CONFIG_CACHE.get(key)
-    if cfg is None:
-        cfg = _CONFIG_CACHE[key] = int4_gemm_config(m, n, k, _sm_count(device))
-    return cfg
-
-
-_CONFIG_CACHE: dict = {}
-
-
 def _sm_count(device) -> int:
     key = str(device)
     if key not in _SM_COUNT:
@@ -2116,61 +2170,90 @@ def _sm_count(device) -> int:
     return _SM_COUNT[key]
 
 
+@dataclass
+class _Int4Plan:
+    """Everything int4_linear derives from (shapes, dtype, device, config), computed once: at
+    M <= 16 the kernel takes a few microseconds, so per-call Python work shows in eager timings."""
+    cfg: Int4GemmConfig
+    mode: int
+    kw: int
+    grid: tuple
+    part: object
+    count: object
+    quant_consts: dict
+    gemm_consts: dict
+    k_padded: int
+
+
+_INT4_PLANS: dict = {}
+
+
+def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
+    import torch
+    assert act in ("a8", "a16"), act
+    assert dtype in (torch.float16, torch.bfloat16), f"x must be fp16/bf16, got {dtype}"
+    assert k % groups == 0, f"K={k} is not divisible into {groups} scale groups"
+    group, per_channel = k // groups, groups == 1
+    assert per_channel or group % 8 == 0, f"group size {group}: the kernel needs a multiple of 8 (one packed word)"
+    int8_dot = act == "a8" and per_channel     # groups: fp16 MMA on exact int8 values (see the kernel)
+    cfg = config or int4_gemm_config(m, n, k, _sm_count(device))
+    kw = max(32 if int8_dot else 16, cfg.k_per_iter // 8)
+    fuse_rows = max(2, 1 << (m - 1).bit_length())
+    mode = 0 if act == "a16" else 2 if cfg.fuse_act_quant and fuse_rows <= cfg.block_m else 1
+    block = max(256, 1 << (k - 1).bit_length())
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    part, count = _split_k_workspace(device, m, n, tiles) if cfg.split_k > 1 else (None, None)
+    return _Int4Plan(
+        cfg, mode, -(-k // 8), (tiles, cfg.split_k), part, count,
+        dict(BLOCK_K=min(block, 8192), ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
+             PERM_KW=kw, enable_fp_fusion=False),
+        dict(A_MODE=mode, GROUP=8 if per_channel else group, PER_CHANNEL=per_channel, INT8_DOT=int8_dot, KW=kw,
+             W_LHS=cfg.w_lhs,
+             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+             FUSE_ROWS=fuse_rows if mode == 2 else 2,                     # constexprs fixed when unused:
+             QBLOCK_K=max(256, 4096 // fuse_rows) if mode == 2 else 256,  # one compile per config
+             GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+             enable_fp_fusion=False),  # x * inv + 1.5 * 2^23 must round twice: no FMA contraction
+        -(-k // (8 * kw)) * 8 * kw)
+
+
 def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
                 config: Int4GemmConfig | None = None):
     """y = x @ W.T (+ bias) with W in compressed-tensors pack-quantized int4 (symmetric).
     x: [..., K] fp16/bf16 on a CUDA device (or CPU under TRITON_INTERPRET=1); act "a8" (per-token
-    int8 activations, int8 tensor cores) or "a16". Output dtype = x dtype."""
+    int8 activations) or "a16". Output dtype = x dtype."""
     import torch
-    assert act in ("a8", "a16"), act
     k = x.shape[-1]
     n = weight_packed.shape[0]
-    assert weight_packed.dtype == torch.int32 and weight_packed.shape[1] == -(-k // 8), \
-        f"weight_packed {tuple(weight_packed.shape)} does not match K={k}"
-    assert x.dtype in (torch.float16, torch.bfloat16), f"x must be fp16/bf16, got {x.dtype}"
-    group = scale_group_size(weight_scale, k)
-    per_channel = weight_scale.shape[-1] == 1
-    if per_channel:
-        dot_k = 128
-    else:
-        assert group & (group - 1) == 0 and group >= (32 if act == "a8" else 16), \
-            f"group size {group}: the kernel takes powers of two >= {32 if act == 'a8' else 16}"
-        dot_k = group
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    wp = weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()
     m = x2.shape[0]
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    assert weight_packed.dtype == torch.int32 and weight_packed.shape[1] == (k + 7) // 8, \
+        f"weight_packed {tuple(weight_packed.shape)} {weight_packed.dtype} does not match K={k}"
+    device = x.device
+    key = (m, n, k, weight_scale.shape[-1], act, x.dtype, device, config)
+    plan = _INT4_PLANS.get(key)
+    if plan is None:
+        plan = _INT4_PLANS[key] = _int4_plan(m, n, k, weight_scale.shape[-1], act, x.dtype, device, config)
+    wp = weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()
+    if weight_scale.stride(-1) != 1 and weight_scale.shape[-1] != 1:   # the kernel walks groups with step 1
+        weight_scale = weight_scale.contiguous()
+    y = torch.empty(m, n, device=device, dtype=x.dtype)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    cfg = config or _default_config(m, n, k, x.device)
-    kern = _triton_kernels()
-    per_iter = max(1, cfg.k_per_iter // dot_k)
-    fuse_rows = max(2, 1 << (m - 1).bit_length())
-    if act == "a16":
-        mode, xa, sx = 0, x2, x2
-    elif cfg.fuse_act_quant and fuse_rows <= cfg.block_m:   # all rows in one M tile
-        mode, xa, sx = 2, x2, x2
+    kern = _TRITON_KERNELS or _triton_kernels()
+    if plan.mode == 1:
+        kp = plan.k_padded   # x_q in the GEMM's K order, padded to whole K steps
+        xa = torch.empty(m, kp, device=device, dtype=torch.int8)
+        sx = torch.empty(m, device=device, dtype=torch.float32)
+        kern["int8_rows"][(m,)](x2, xa, sx, k, kp, x2.stride(0), kp, **plan.quant_consts)
     else:
-        mode = 1
-        xa = torch.empty(m, k, device=x.device, dtype=torch.int8)
-        sx = torch.empty(m, device=x.device, dtype=torch.float32)
-        block = max(256, 1 << (k - 1).bit_length())
-        kern["int8_rows"][(m,)](x2, xa, sx, k, x2.stride(0), xa.stride(0), BLOCK_K=min(block, 8192),
-                                ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
-                                enable_fp_fusion=False)
-    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
-    part, count = _split_k_workspace(x.device, m, n, tiles) if cfg.split_k > 1 else (y, y)
-    kern["int4_gemm"][(tiles, cfg.split_k)](
-        xa, sx, wp, weight_scale, y, part, count, m, n, k, wp.shape[1],
-        xa.stride(0), wp.stride(0), weight_scale.stride(0), y.stride(0),
-        A_MODE=mode, GROUP=dot_k, PER_CHANNEL=per_channel, GROUPS_PER_ITER=per_iter,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSE_ROWS=fuse_rows if mode == 2 else 2,   # constexprs:
-        QBLOCK_K=max(256, 4096 // fuse_rows) if mode == 2 else 256,  # fixed when unused (one compile)
-        GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        enable_fp_fusion=False)  # x * inv + 1.5 * 2^23 must round twice: no FMA contraction
+        xa = sx = x2
+    part = y if plan.part is None else plan.part
+    count = y if plan.count is None else plan.count
+    kern["int4_gemm"][plan.grid](xa, sx, wp, weight_scale, y, part, count, m, n, k, plan.kw,
+                                 xa.stride(0), wp.stride(0), weight_scale.stride(0), n, **plan.gemm_consts)
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], n)
@@ -2195,21 +2278,45 @@ def qqq_status() -> tuple[bool, str]:
     return True, _dist_version("QQQ") or "installed"
 
 
-def _load_qqq_qlinear():
-    """QQQ's qlinear_marlin module (QuantLinear, mul), loaded from its file so that QQQ/gptq's
-    package __init__ (model code, transformers imports) is not run."""
+QQQ_SOURCE_RECORD = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptoss-compressor" / "qqq-source.json"
+
+
+def qqq_python_sources() -> list[Path]:
+    """Where QQQ's Python layer (QQQ/gptq/qlinear/qlinear_marlin.py) may live. QQQ's setup.py
+    installs only the CUDA extension QQQ._CUDA: QQQ/ has no __init__.py, so find_packages skips
+    QQQ.gptq. So: an installed copy if any, then $QQQ_SOURCE (a QQQ checkout), then the source
+    tree install-kernel built from (recorded in QQQ_SOURCE_RECORD)."""
     import importlib.util
-    spec = importlib.util.find_spec("QQQ")
-    if spec is None:
-        raise ImportError("QQQ is not installed")
-    for base in spec.submodule_search_locations or []:
-        path = Path(base) / "gptq" / "qlinear" / "qlinear_marlin.py"
+    out = []
+    try:
+        spec = importlib.util.find_spec("QQQ")
+        out += [Path(b) for b in (spec.submodule_search_locations or [])] if spec else []
+    except (ImportError, ValueError):
+        pass
+    if os.environ.get("QQQ_SOURCE"):
+        out.append(Path(os.environ["QQQ_SOURCE"]) / "QQQ")
+    try:
+        out.append(Path(json.loads(QQQ_SOURCE_RECORD.read_text())["source"]) / "QQQ")
+    except (OSError, ValueError, KeyError):
+        pass
+    return out
+
+
+def _load_qqq_qlinear():
+    """QQQ's qlinear_marlin module (QuantLinear, mul) loaded from its file (see qqq_python_sources;
+    also keeps QQQ/gptq/__init__, model code with transformers imports, from running). It imports
+    the installed extension QQQ._CUDA."""
+    import importlib.util
+    for base in qqq_python_sources():
+        path = base / "gptq" / "qlinear" / "qlinear_marlin.py"
         if path.is_file():
             mspec = importlib.util.spec_from_file_location("qqq_qlinear_marlin", path)
             mod = importlib.util.module_from_spec(mspec)
             mspec.loader.exec_module(mod)
             return mod
-    return importlib.import_module("QQQ.gptq.qlinear.qlinear_marlin")
+    raise ImportError("QQQ's Python layer (QQQ/gptq/qlinear/qlinear_marlin.py) is not installed by its setup.py, "
+                      "only QQQ._CUDA: set QQQ_SOURCE=<QQQ checkout>, or run install-kernel, which records the "
+                      "source tree it built from")
 
 
 def builtin_w4a8_status() -> tuple[bool, str]:
@@ -2223,7 +2330,7 @@ def builtin_w4a8_status() -> tuple[bool, str]:
     best = max(g["capability"] for g in gpu)
     if best < (8, 0):
         return False, f"triton {detail} installed; needs compute capability >= 8.0 (best GPU here: {best[0]}.{best[1]})"
-    return True, f"triton {detail}, int8 tensor cores on cc {best[0]}.{best[1]}"
+    return True, f"triton {detail}, tensor cores of cc {best[0]}.{best[1]}"
 
 
 def has_w4a8_runtime() -> bool:
@@ -2318,7 +2425,8 @@ def sweep_configs(m: int) -> list[Int4GemmConfig]:
                [C(16, 32, 512, False, 4, 3, split_k=2), C(16, 32, 512, False, 4, 3, split_k=4),
                 C(16, 16, 512, True, 4, 3, split_k=4), C(16, 32, 256, False, 2, 4, split_k=4),
                 C(16, 32, 256, False, 4, 4, split_k=4), C(16, 64, 256, False, 8, 3, split_k=2),
-                C(16, 32, 128, False, 4, 4, split_k=4), C(16, 128, 256, False, 4, 3, split_k=4)]
+                C(16, 32, 128, False, 4, 4, split_k=4), C(16, 128, 256, False, 4, 3, split_k=4),
+                C(16, 64, 256, True, 4, 3, split_k=4, w_lhs=False), C(16, 64, 256, False, 4, 3, split_k=4, w_lhs=False)]
     if m <= 64:
         return [C(bm, bn, 256, False, 4, 3, split_k=sk) for bm in (32, 64) for bn in (32, 64, 128)
                 for sk in (1, 2, 4)] + [C(32, 64, 256, True, 4, 3, split_k=2), C(64, 64, 128, False, 4, 4, split_k=2)]
@@ -2326,7 +2434,8 @@ def sweep_configs(m: int) -> list[Int4GemmConfig]:
                                                             (128, 64, 4), (64, 256, 8))
             for kpi in (128, 256) for st in (3, 4)] + \
            [C(128, 128, 128, False, 8, 3, split_k=2), C(128, 128, 128, False, 8, 3, split_k=4),
-            C(64, 128, 128, False, 4, 3, split_k=2)]
+            C(64, 128, 128, False, 4, 3, split_k=2), C(128, 128, 128, False, 8, 3, w_lhs=False),
+            C(128, 256, 128, False, 8, 3, w_lhs=False)]
 
 
 def _time_eager_us(fn, copies: int, iters: int, warmup: int = 10) -> float:
@@ -3175,6 +3284,46 @@ def qqq_install_blockers(source: str | None) -> list[str]:
     return problems
 
 
+def _qqq_source_tree(src: str) -> Path | None:
+    """A local QQQ source tree for src: the directory itself, or an archive (path or http(s) URL)
+    unpacked once under the cache. None for what pip must fetch itself (git+...)."""
+    import tarfile
+    import tempfile
+    import urllib.request
+    import zipfile
+    p = Path(src).expanduser()
+    if p.is_dir():
+        return p.resolve()
+    name = src.rstrip("/").rsplit("/", 1)[-1]
+    if not re.search(r"\.(tar\.gz|tgz|zip)$", name):
+        return None
+    dest = QQQ_SOURCE_RECORD.parent / "qqq-src" / re.sub(r"\.(tar\.gz|tgz|zip)$", "", name)
+    if (dest / "setup.py").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        archive = Path(tmp) / name
+        if p.is_file():
+            shutil.copyfile(p, archive)
+        else:
+            log(f"install-kernel: downloading {src}")
+            urllib.request.urlretrieve(src, archive)
+        out = Path(tmp) / "x"
+        if name.endswith(".zip"):
+            zipfile.ZipFile(archive).extractall(out)
+        else:
+            with tarfile.open(archive) as t:
+                t.extractall(out, filter="data") if hasattr(tarfile, "data_filter") else t.extractall(out)
+        tops = list(out.iterdir())
+        root = tops[0] if len(tops) == 1 and tops[0].is_dir() else out
+        if not (root / "setup.py").is_file():
+            raise UserError(f"install-kernel: {src} holds no setup.py at its top level: not a QQQ source archive")
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.move(str(root), str(dest))
+    return dest
+
+
 def install_qqq(yes: bool, source: str | None = None) -> bool:
     """Build/install QQQ without touching any installed package; then import check and a numeric
     self-test of its GEMM on the GPU. True when QQQ imports and the self-test passed (or could not
@@ -3195,7 +3344,8 @@ def install_qqq(yes: bool, source: str | None = None) -> bool:
         arch, why = cuda_arch_list()
         env["TORCH_CUDA_ARCH_LIST"] = arch
         plan.append(f"arch        TORCH_CUDA_ARCH_LIST={arch} ({why}; RTX 3090 is 8.6)")
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", src]
+    src_dir = None if is_wheel else _qqq_source_tree(src)   # kept: QQQ's Python layer is read from it
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", str(src_dir or src)]
     plan.append("command     " + " ".join(cmd))
     plan.append("guarantee   --no-deps: no installed package changes version (checked after install)")
     print("install-kernel will:\n  " + "\n  ".join(plan), file=sys.stderr)
@@ -3225,6 +3375,11 @@ def install_qqq(yes: bool, source: str | None = None) -> bool:
         return False
     log(f"install-kernel: QQQ {after.get('qqq', '?')} installed in {time.time() - t0:.0f}s; "
         f"{len(before)} other packages unchanged (transformers {before.get('transformers', '-')})")
+    if src_dir is not None:
+        QQQ_SOURCE_RECORD.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(QQQ_SOURCE_RECORD, {"source": str(src_dir), "installed": after.get("qqq")})
+        log(f"install-kernel: QQQ's Python layer will be read from {src_dir} (its setup.py installs only "
+            f"QQQ._CUDA); recorded in {QQQ_SOURCE_RECORD}")
     import importlib
     importlib.invalidate_caches()
     ok, detail = qqq_status()

@@ -75,7 +75,7 @@ def batched_input_and_bias():
     wp, ws = random_int4_layer(24, 256, 32)
     x = torch.randn(2, 3, 256).to(torch.float16)
     bias = torch.randn(24).to(torch.float16)
-    y = c.int4_linear(x, wp, ws, act="a8", bias=bias)
+    y = c.int4_linear(x, wp, ws.T.contiguous().T, act="a8", bias=bias)   # scales column-major: copied
     assert y.shape == (2, 3, 24)
     err = c.relative_error(y.reshape(6, 24), c.int4_linear_reference(x, wp, ws, act="a8") + bias.double())
     assert err <= TOL, err
@@ -106,8 +106,9 @@ def split_k_sums_and_leaves_workspace_clean():
     worst = 0.0
     for act in ("a8", "a16"):
         ref = c.int4_linear_reference(x, wp, ws, act=act)
-        for split, fuse, kpi in ((2, True, 256), (4, False, 256), (8, True, 512), (3, False, 128)):
-            cfg = c.Int4GemmConfig(16, 16, kpi, fuse, split_k=split)
+        for split, fuse, kpi, lhs in ((2, True, 256, True), (4, False, 256, True), (8, True, 512, False),
+                                      (3, False, 128, False)):
+            cfg = c.Int4GemmConfig(16, 16, kpi, fuse, split_k=split, w_lhs=lhs)
             y1 = c.int4_linear(x, wp, ws, act=act, config=cfg)
             y2 = c.int4_linear(x, wp, ws, act=act, config=cfg)
             err = c.relative_error(y1, ref)
@@ -147,12 +148,12 @@ def bf16_activations_a8():
 
 @case
 def rejects_what_it_cannot_run():
-    wp, ws = random_int4_layer(8, 288, 96)   # group 96: not a power of two
+    wp, ws = random_int4_layer(8, 320, 20)   # group 20: not a multiple of 8 (a packed word)
     try:
-        c.int4_linear(torch.zeros(1, 288, dtype=torch.float16), wp, ws)
-        raise RuntimeError("group 96 accepted")
+        c.int4_linear(torch.zeros(1, 320, dtype=torch.float16), wp, ws)
+        raise RuntimeError("group 20 accepted")
     except AssertionError as e:
-        assert "group size 96" in str(e), e
+        assert "group size 20" in str(e), e
     wp, ws = random_int4_layer(8, 256, 32)
     try:
         c.int4_linear(torch.zeros(1, 320, dtype=torch.float16), wp, ws)
@@ -262,11 +263,13 @@ def test_kernels_compile_for_gpus_without_a_gpu(cc):
     names = list(kern["int4_gemm"].arg_names)
     ptr = {"x_ptr": "*fp16", "sx_ptr": "*fp32", "w_ptr": "*i32", "ws_ptr": "*bf16", "y_ptr": "*fp16",
            "part_ptr": "*fp32", "count_ptr": "*i32"}
-    configs = [  # (A_MODE, GROUP, PER_CHANNEL, GROUPS_PER_ITER, BLOCK_M, BLOCK_N, SPLIT_K, warps, x dtype)
-        (2, 64, False, 4, 16, 32, 4, 4, "*fp16"), (1, 32, False, 4, 128, 128, 1, 8, "*i8"),
-        (0, 128, True, 2, 64, 128, 2, 4, "*bf16")]
-    for mode, group, per_ch, gpi, bm, bn, split, warps, xdt in (configs if cc == 90 else configs[:1]):
-        consts = {"A_MODE": mode, "GROUP": group, "PER_CHANNEL": per_ch, "GROUPS_PER_ITER": gpi, "BLOCK_M": bm,
+    configs = [  # (A_MODE, GROUP, PER_CHANNEL, INT8_DOT, KW, BLOCK_M, BLOCK_N, SPLIT_K, warps, x dtype)
+        (2, 64, False, False, 32, 16, 64, 4, 4, "*fp16"), (1, 32, False, False, 16, 128, 128, 1, 8, "*i8"),
+        (1, 8, True, True, 32, 16, 32, 2, 4, "*i8"), (0, 128, False, False, 16, 64, 128, 2, 4, "*bf16"),
+        (0, 8, True, False, 16, 128, 128, 1, 8, "*fp16")]
+    for mode, group, per_ch, i8, kw, bm, bn, split, warps, xdt in (configs if cc == 90 else configs[:1]):
+        consts = {"A_MODE": mode, "GROUP": group, "PER_CHANNEL": per_ch, "INT8_DOT": i8, "KW": kw, "W_LHS": bm != 64,
+                  "BLOCK_M": bm,
                   "BLOCK_N": bn, "FUSE_ROWS": 4, "QBLOCK_K": 1024, "GROUP_M": 8, "SPLIT_K": split}
         sig = {n: consts.get(n) is not None and "constexpr" or ptr.get(n, "i32") for n in names}
         sig["x_ptr"] = xdt
@@ -276,7 +279,7 @@ def test_kernels_compile_for_gpus_without_a_gpu(cc):
         except TypeError as e:
             pytest.skip(f"triton {triton.__version__}: other ASTSource signature ({e})")
         ck = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": warps, "num_stages": 3})
-        assert ".s8.s8" in ck.asm["ptx"] or mode == 0   # int8 tensor-core MMA in the A8 modes
+        assert ".s8.s8" in ck.asm["ptx"] or not i8   # int8 tensor-core MMA for per-channel W4A8
 
 
 def test_float64_reference_is_the_dequantized_matmul():

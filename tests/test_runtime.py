@@ -198,3 +198,46 @@ def test_verify_model_kernels_in_the_interpreter(w4a8_checkpoint):
     rep = json.loads(r.stdout)
     assert rep["kernels"]["w4a8"] >= 8 and rep["kernels"]["decompressed"] == 0
     assert rep["agreement"]["kl_mean"] < 1e-2 and rep["agreement"]["top1_agreement"] >= 0.9
+
+
+def fake_qqq_tree(root: Path) -> Path:
+    """A QQQ-shaped source tree: setup.py, and the one Python file the bench loads."""
+    (root / "QQQ" / "gptq" / "qlinear").mkdir(parents=True)
+    (root / "setup.py").write_text("raise SystemExit('not built in tests')\n")
+    (root / "QQQ" / "gptq" / "__init__.py").write_text("raise ImportError('QQQ.gptq must not be imported')\n")
+    (root / "QQQ" / "gptq" / "qlinear" / "qlinear_marlin.py").write_text(
+        "from QQQ._CUDA import qqq_gemm\nclass QuantLinear:\n    pass\ndef mul(*args, **kw):\n    return qqq_gemm(*args)\n")
+    return root
+
+
+def test_qqq_python_layer_found_in_its_source_tree(tmp_path):
+    """QQQ's setup.py installs only QQQ._CUDA; QuantLinear is read from the source tree
+    ($QQQ_SOURCE or the one install-kernel recorded), without running QQQ/gptq/__init__."""
+    site = tmp_path / "site" / "QQQ"
+    site.mkdir(parents=True)
+    (site / "_CUDA.py").write_text("def qqq_gemm(*a):\n    return 'stand-in'\n")
+    tree = fake_qqq_tree(tmp_path / "src")
+    code = ("import compress_gptoss as c; m = c._load_qqq_qlinear(); "
+            "print(m.QuantLinear.__name__, m.mul())")
+    env = {**os.environ, "PYTHONPATH": f"{site.parent}:{ROOT}", "QQQ_SOURCE": str(tree)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["QuantLinear", "stand-in"], r.stderr
+    env.pop("QQQ_SOURCE")
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")   # no record there either
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "set QQQ_SOURCE" in r.stderr
+
+
+def test_qqq_source_archive_unpacked_once(tmp_path, monkeypatch):
+    import tarfile
+    tree = fake_qqq_tree(tmp_path / "QQQ-54c5c99")
+    archive = tmp_path / "QQQ-54c5c99.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(tree, arcname=tree.name)
+    monkeypatch.setattr(c, "QQQ_SOURCE_RECORD", tmp_path / "cache" / "qqq-source.json")
+    got = c._qqq_source_tree(str(archive))
+    assert got == tmp_path / "cache" / "qqq-src" / "QQQ-54c5c99"
+    assert (got / "QQQ" / "gptq" / "qlinear" / "qlinear_marlin.py").is_file()
+    assert c._qqq_source_tree(str(archive)) == got                  # cached
+    assert c._qqq_source_tree(str(tree)) == tree.resolve()          # a directory is used as it is
+    assert c._qqq_source_tree("git+https://example.invalid/QQQ") is None
