@@ -30,6 +30,7 @@ fi
 if has qqq; then
   step "install-kernel from $QQQ_SRC"
   MAX_JOBS=16 python3 compress_gptoss.py install-kernel --source "$QQQ_SRC" --yes 2>&1 | tail -25
+  export QQQ_SOURCE=$PWD/$QQQ_SRC   # QQQ installs only its extension; its Python files come from the source
 fi
 if has w4a8; then
   step "W4A8 / W4A16 GEMMs vs FP16"
