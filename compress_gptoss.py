@@ -2594,7 +2594,7 @@ def _bench_worker() -> int:
     return 0
 
 
-def _run_bench_workers(jobs: list[dict], iters: int, graph: bool, job_timeout_s: float = 300) -> dict:
+def _run_bench_workers(jobs: list[dict], iters: int, graph: bool, job_timeout_s: float = 60) -> dict:
     """Runs jobs in worker processes; a dead or hung worker costs only its current job."""
     import subprocess
     import threading
@@ -2640,6 +2640,8 @@ def _run_bench_workers(jobs: list[dict], iters: int, graph: bool, job_timeout_s:
             why = "hung, killed" if time.time() - last > job_timeout_s else f"exit code {rc}"
             tail = " | ".join(x.strip() for x in err_tail[-3:] if x.strip())[-400:]
             results[current] = {"error": f"worker died ({why}): {tail or 'no message'}"}
+            j = next(j for j in pending if j["id"] == current)
+            log(f"bench: {j['label']:<24} M={j['M']:<5} K={j['K']:<5} N={j['N']:<5} error: {results[current]['error']}")
         pending = [j for j in pending if j["id"] not in results]
         if rc == 0 and pending:  # should not happen: a worker that exits 0 answered everything
             for j in pending:
