@@ -100,10 +100,14 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed ## create .venv and install requirements.txt
 
-demo: venv ## build the tiny GPT-OSS (MXFP4) and run the pipeline on it
+demo: venv ## build the tiny GPT-OSS (MXFP4), dequantize it, GPTQ W4A16 it, print the quality table
 	$(PY) tests/tiny_gptoss.py $(DEMO_DIR)/tiny-gptoss-mxfp4
+	$(PY) -c "import sys; sys.path.insert(0, 'tests'); import tiny_gptoss as t; t.corpus_jsonl('$(DEMO_DIR)/calib.jsonl', 'train', 64); t.corpus_jsonl('$(DEMO_DIR)/heldout.jsonl', 'heldout', 32)"
 	$(PY) compress_gptoss.py dequantize --src $(DEMO_DIR)/tiny-gptoss-mxfp4 --dst $(DEMO_DIR)/tiny-gptoss-bf16 --dtype bf16 --overwrite
-	$(PY) -c "import json,sys; c=json.load(open('$(DEMO_DIR)/tiny-gptoss-bf16/config.json')); print('demo: dequantized', c['model_type'], 'hidden', c['hidden_size'], 'experts', c['num_local_experts'], 'dtype', c['dtype'])"
+	$(PY) compress_gptoss.py quantize --model-in $(DEMO_DIR)/tiny-gptoss-bf16 --experts w4a16 --mw w4a16 \
+		--calib-jsonl $(DEMO_DIR)/calib.jsonl --eval-jsonl $(DEMO_DIR)/heldout.jsonl --num-calibration-samples 32 \
+		--max-seq-length 128 --output-dir $(DEMO_DIR)/tiny-gptoss-w4a16 --overwrite
+	@echo "demo: MXFP4 -> $(DEMO_DIR)/tiny-gptoss-bf16 -> $(DEMO_DIR)/tiny-gptoss-w4a16 (quality.json inside)"
 
 test: venv ## run the test suite (what CI runs)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
