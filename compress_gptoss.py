@@ -127,6 +127,9 @@ class TensorSpec:
         return n * self.dtype.itemsize
 
 
+WRITE_WAIT_SECONDS = [0.0]   # time producers spent waiting for the disk (the log says where time went)
+
+
 class SafetensorsStreamWriter:
     """Writes one .safetensors file tensor by tensor, chunk by chunk.
 
@@ -192,7 +195,9 @@ class SafetensorsStreamWriter:
         assert self.left >= 0, f"{self.current.name}: more bytes than its shape"
         if self.error:
             raise self.error
-        self.queue.put(raw)
+        t0 = time.perf_counter()
+        self.queue.put(raw)                   # blocks while the disk is behind
+        WRITE_WAIT_SECONDS[0] += time.perf_counter() - t0
 
     def abort(self) -> None:
         """Stop the write thread and close the file (the caller deletes it)."""
@@ -796,7 +801,9 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
     dt = time.time() - t0
     log(f"wrote {dst}: {len(weight_map)} tensors, {human_bytes(size)} in {dt:.1f} s "
         f"({human_bytes(size / max(dt, 1e-9))}/s), peak RSS {human_bytes(peak_rss_bytes())} "
-        f"(anonymous {human_bytes(sample_anon_rss())}, the rest is mapped source pages)")
+        f"(anonymous {human_bytes(sample_anon_rss())}, the rest is mapped source pages)"
+        + (f"; {WRITE_WAIT_SECONDS[0]:.1f} s of it waiting for the disk"
+           if args.method == "stream" and args.workers == 1 else ""))
     print(dst)
     return 0
 
