@@ -174,7 +174,7 @@ test-env: ## print python, torch/CUDA, GPUs, nvcc, packages; fails if a package 
 
 smoke: ## tiny GPT-OSS through dequant + w4a8exp_w4a16mw with APP_PYTHON (no venv; build-test runs it)
 	$(APP_PYTHON) tests/tiny_gptoss.py $(DEMO_DIR)/tiny-gptoss-mxfp4
-	$(APP_PYTHON) -c "import sys, json; sys.path.insert(0, 'tests'); import tiny_gptoss as t; f = open('$(DEMO_DIR)/calib.jsonl', 'w'); [f.write(json.dumps({'text': s}) + chr(10)) for s in t.docstring_corpus()[:32]]"
+	$(APP_PYTHON) -c "import sys; sys.path.insert(0, 'tests'); import tiny_gptoss as t; t.corpus_jsonl('$(DEMO_DIR)/calib.jsonl', 'train', 32)"
 	$(MAKE) --no-print-directory dequant MODEL=$(DEMO_DIR)/tiny-gptoss-mxfp4 OUT=$(DEMO_DIR)/tiny-gptoss-bf16 DEVICE=cpu OVERWRITE=1 DOCKER=
 	$(MAKE) --no-print-directory w4a8exp_w4a16mw MODEL_IN=$(DEMO_DIR)/tiny-gptoss-bf16 OUT=$(DEMO_DIR)/tiny-w4a8exp-w4a16mw \
 		CALIB_JSONL=$(DEMO_DIR)/calib.jsonl NUM_SAMPLES=8 SEQ_LEN=64 QQQ_FLAGS=--allow-fallback OVERWRITE=1 DOCKER=
