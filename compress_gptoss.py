@@ -238,12 +238,12 @@ def _byte_lut(device):
 _LUT_CACHE: dict = {}
 
 
-def decode_mxfp4_blocks(blocks, scales, dtype):
+def decode_mxfp4_blocks(blocks, scales):
     """blocks [..., G, 16] uint8 + scales [..., G] uint8 -> float32 values [..., G*32].
 
     Same arithmetic as transformers' convert_moe_packed_tensors (an exact FP4 value times
     2^(s-127) in float32, one rounding at the cast), so the result cast to bf16 is bit-identical.
-    `dtype` only picks the device table; the cast is the caller's, who counts FP16 overflow.
+    The cast is the caller's, who counts FP16 overflow.
     """
     import torch
     assert blocks.shape[:-1] == scales.shape and blocks.shape[-1] == 16, (blocks.shape, scales.shape)
@@ -296,14 +296,6 @@ def _mxfp4_triton_kernel():
     return kernel
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 MXFP4_KERNEL_CONFIG = (32, 256, 4)   # BLOCK_O, BLOCK_K, num_warps: best of the sweep in bench/bench_dequantize.py (H200)
 
 
@@ -313,7 +305,7 @@ def decode_mxfp4_to(blocks, scales, dtype, config: tuple | None = None):
     On a CUDA tensor with triton and bf16 output, one fused kernel; otherwise torch ops (exact too).
     """
     import torch
-    if blocks.is_cuda and dtype == torch.bfloat16 and _triton_available():
+    if blocks.is_cuda and dtype == torch.bfloat16 and triton_status()[0]:
         E, O, G, _ = blocks.shape
         K = G * 32
         out = torch.empty((E, K, O), dtype=dtype, device=blocks.device)
@@ -333,7 +325,7 @@ def decode_mxfp4_to(blocks, scales, dtype, config: tuple | None = None):
         vals = _LUT_CACHE[key][blocks.int()].view(dtype).view(*blocks.shape[:-1], 32)
         vals = vals * torch.ldexp(torch.ones_like(scales, dtype=torch.float32), scales.int() - 127).to(dtype).unsqueeze(-1)
         return vals.view(*blocks.shape[:-2], -1).transpose(1, 2).contiguous()
-    return decode_mxfp4_blocks(blocks, scales, dtype).transpose(1, 2).to(dtype).contiguous()
+    return decode_mxfp4_blocks(blocks, scales).transpose(1, 2).to(dtype).contiguous()
 
 
 @dataclass
@@ -588,7 +580,7 @@ def convert_shard(src: SourceModel, plan: ShardPlan, out_path: Path, dtype, devi
                 if dtype == torch.bfloat16:   # bf16 has fp32's range: nothing to count
                     vals = decode_mxfp4_to(blocks, scales, dtype)
                 else:
-                    vals = decode_mxfp4_blocks(blocks, scales, dtype)      # [e, out, in] float32
+                    vals = decode_mxfp4_blocks(blocks, scales)             # [e, out, in] float32
                     vals, rep = cast_checked(vals.transpose(1, 2), dtype, spec.name, overflow_mode)
                     report.add(rep)
                     if rep.overflow and overflow_mode == "error":
@@ -625,7 +617,8 @@ def prepare_destination(dst: Path, src: Path, overwrite: bool, resume: bool) -> 
 
 
 def dequantize_stream(src: SourceModel, dst: Path, dtype_name: str, device: str,
-                      overflow_mode: str, resume: bool, workers: int = 1) -> RangeReport:
+                      overflow_mode: str, resume: bool, workers: int = 1) -> tuple[RangeReport, dict]:
+    """Write every output shard into dst; returns the FP16 range report and the index's weight_map."""
     import torch
     from tqdm import tqdm
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
@@ -682,11 +675,11 @@ def dequantize_stream(src: SourceModel, dst: Path, dtype_name: str, device: str,
                 p.unlink()
             raise UserError(f"writing into {dst} failed ({e.strerror}); the output needs "
                             f"{human_bytes(sum(p.nbytes for p in todo))} more: free space and rerun with --resume")
-    return report
+    return report, {s.name: p.name for p in plans for s in p.specs}
 
 
-class _BytesCounter:
-    """A progress sink for worker processes: they report whole shards, not bytes."""
+class _NoProgress:
+    """The progress sink of a worker process: the parent counts whole shards."""
 
     def update(self, n: int) -> None:
         pass
@@ -694,7 +687,7 @@ class _BytesCounter:
 
 def _convert_shard_in_worker(src_dir: str, plan: ShardPlan, out_path: str, dtype, device: str, overflow_mode: str):
     return convert_shard(inspect_source(Path(src_dir)), plan, Path(out_path), dtype, device, overflow_mode,
-                         _BytesCounter())
+                         _NoProgress())
 
 
 def convert_in_workers(src, todo, dst, dtype, device, overflow_mode, workers, bar, finished) -> None:
@@ -773,7 +766,6 @@ def dequantize_with_transformers(src: SourceModel, dst: Path, dtype_name: str, d
 
 
 def cmd_dequantize(args: argparse.Namespace) -> int:
-    import torch
     t0 = time.time()
     src_dir = resolve_model_dir(args.src, "--src")
     src = inspect_source(src_dir)
@@ -788,9 +780,8 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
         device = pick_device(args.device)
         if args.workers < 1:
             raise UserError(f"--workers {args.workers}: give 1 or more")
-        report = dequantize_stream(src, dst, args.dtype, device, args.fp16_overflow, args.resume, args.workers)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        weight_map = {s.name: p.name for p in plan_output(src, dtype) for s in p.specs}
+        report, weight_map = dequantize_stream(src, dst, args.dtype, device, args.fp16_overflow, args.resume,
+                                               args.workers)
     finish_output(src_dir, dst, src.config, args.dtype, weight_map)
     size = sum((dst / s).stat().st_size for s in set(weight_map.values()))
     if args.dtype == "fp16":
@@ -1371,9 +1362,7 @@ def dequantize_to_temp(model_dir: Path, tmp: Path) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     log(f"{model_dir} is MXFP4: dequantizing it to BF16 in {tmp} first "
         f"(run `compress_gptoss.py dequantize --src {model_dir} --dst DIR` once to reuse it)")
-    import torch
-    dequantize_stream(src, tmp, "bf16", pick_device("auto"), "error", False)
-    weight_map = {s.name: p.name for p in plan_output(src, torch.bfloat16) for s in p.specs}
+    _, weight_map = dequantize_stream(src, tmp, "bf16", pick_device("auto"), "error", False)
     finish_output(model_dir, tmp, src.config, "bf16", weight_map)
     return tmp
 
@@ -1864,7 +1853,6 @@ def quantize_activations_int8(x):
 def int4_linear_reference(x, weight_packed, weight_scale, act: str = "a16", x_q=None, s_x=None):
     """float64 reference of the same quantized math (what the kernels must reproduce).
     act="a8": x is quantized per token first (or pass x_q, s_x to use given int8 activations)."""
-    import torch
     k = x.shape[-1] if x is not None else x_q.shape[-1]
     q = unpack_int4_packed(weight_packed, k).double()
     g = scale_group_size(weight_scale, k)
