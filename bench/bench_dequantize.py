@@ -5,6 +5,9 @@
       builds a GPT-OSS checkpoint with gpt-oss-120b's layer dimensions (random MXFP4 codes), then
       runs `dequantize --method stream` (and `--method transformers`) on it as subprocesses:
       wall time, peak RSS, and the time to just write the same number of bytes on the same disk.
+  python bench/bench_dequantize.py marginal --layers 1,3 --device cuda
+      e2e at two layer counts: the difference is the cost of the extra layers without the fixed
+      part (start-up, imports, embeddings); projects gpt-oss-120b (36 layers) against its disk time.
   python bench/bench_dequantize.py decode   (CUDA)
       one 120b layer's gate_up (128 x 5760 x 90 x 16 bytes of blocks) decoded on the GPU by
       transformers' convert_moe_packed_tensors and by ours, against the device copy bandwidth.
@@ -100,6 +103,33 @@ def bench_e2e(a) -> dict:
     return res
 
 
+def bench_marginal(a) -> dict:
+    """Fixed + per-layer model: t(L) = fixed + L * per_layer, for the converter and for the disk."""
+    lo, hi = (int(x) for x in a.layers.split(","))
+    runs = {}
+    for n in (lo, hi):
+        runs[n] = bench_e2e(argparse.Namespace(**{**vars(a), "layers": n, "with_transformers": False}))
+    d_layers = hi - lo
+    per_layer = (runs[hi]["stream"]["wall_s"] - runs[lo]["stream"]["wall_s"]) / d_layers
+    per_layer_bytes = (runs[hi]["output_bytes"] - runs[lo]["output_bytes"]) / d_layers
+    disk_rate = (runs[lo]["output_bytes"] + runs[hi]["output_bytes"]) / (runs[lo]["disk_write_s"] + runs[hi]["disk_write_s"])
+    fixed = runs[lo]["stream"]["wall_s"] - lo * per_layer
+    rest_bytes = runs[lo]["output_bytes"] - lo * per_layer_bytes      # embeddings, lm_head, side files
+    total_bytes = rest_bytes + 36 * per_layer_bytes
+    t120 = fixed + 36 * per_layer
+    disk120 = total_bytes / disk_rate
+    res = {"runs": runs, "per_layer_s": per_layer, "per_layer_bytes": per_layer_bytes, "fixed_s": fixed,
+           "disk_bytes_per_s": disk_rate, "projected_120b_s": t120, "projected_120b_disk_s": disk120,
+           "projected_ratio": t120 / disk120}
+    print(f"\nper extra layer: {per_layer:.2f} s for {per_layer_bytes/1e9:.2f} GB "
+          f"({per_layer_bytes/per_layer/1e9:.2f} GB/s); disk alone {disk_rate/1e9:.2f} GB/s "
+          f"-> per-layer ratio {per_layer / (per_layer_bytes / disk_rate):.2f}x")
+    print(f"fixed part (start-up, imports, embeddings + lm_head): {fixed:.1f} s")
+    print(f"gpt-oss-120b: {fixed:.1f} + 36 x {per_layer:.2f} = {t120:.0f} s vs writing "
+          f"{total_bytes/1e9:.0f} GB at {disk_rate/1e9:.2f} GB/s = {disk120:.0f} s -> {t120/disk120:.2f}x")
+    return res
+
+
 def bench_decode(a) -> dict:
     import torch
     import triton.testing
@@ -147,15 +177,17 @@ def bench_decode(a) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["e2e", "decode"])
-    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("what", choices=["e2e", "decode", "marginal"])
+    ap.add_argument("--layers", default="1", help="e2e: a count; marginal: two counts, e.g. 1,3")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--with-transformers", action="store_true")
     ap.add_argument("--work", default="/tmp/gptoss-bench")
     ap.add_argument("--out", help="write the figures here as JSON")
     a = ap.parse_args()
     Path(a.work).mkdir(parents=True, exist_ok=True)
-    res = bench_e2e(a) if a.what == "e2e" else bench_decode(a)
+    if a.what == "e2e":
+        a.layers = int(a.layers)
+    res = {"e2e": bench_e2e, "decode": bench_decode, "marginal": bench_marginal}[a.what](a)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one device call (the lease is short; a fresh machine each
 # time). Usage on the GPU box, from the repo root:  OUT=/some/dir bash bench/run_h200.sh [steps]
-# steps: any of env tests decode qqq w4a8 e2e quantize (default: env tests decode w4a8 e2e).
+# steps: any of env tests decode qqq w4a8 e2e marginal quantize (default: env tests decode w4a8 e2e).
 # qqq needs QQQ's source at $QQQ_SRC (no network there); quantize needs llmcompressor importable.
 # Figures land in $OUT as JSON.
 set -uo pipefail
@@ -34,11 +34,15 @@ if has qqq; then
 fi
 if has w4a8; then
   step "W4A8 / W4A16 GEMMs vs FP16"
-  python3 bench/bench_w4a8.py --out "$OUT/w4a8.json" 2>&1 | tail -60
+  python3 bench/bench_w4a8.py ${SWEEP:+--sweep} --out "$OUT/w4a8.json" 2>&1 | grep -v "bench: sweep" | tail -90
 fi
 if has e2e; then
   step "dequantize end to end, 2 layers at 120b dims"
   python3 bench/bench_dequantize.py e2e --layers 2 --device cuda --with-transformers --work /tmp/gptoss-bench --out "$OUT/e2e_cuda.json"
+fi
+if has marginal; then
+  step "dequantize end to end at 1 and 3 layers of 120b dims: per-layer cost vs disk, projected to 36"
+  python3 bench/bench_dequantize.py marginal --layers 1,3 --device cuda --work /tmp/gptoss-bench --out "$OUT/marginal.json"
 fi
 if has quantize; then
   step "quantize GPTQ W4A16, 1 layer at 120b dims"
