@@ -24,7 +24,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -2090,7 +2090,159 @@ def _triton_kernels():
                 tl.store(p_ptrs, zero, mask=mask)
                 tl.store(count_ptr + tile, 0)
 
-    _TRITON_KERNELS = {"int8_rows": int8_rows_kernel, "int4_gemm": int4_gemm_kernel}
+    @triton.jit
+    def int4_k_order(wt):
+        """Packed words [BLOCK_N, CHUNK/8] -> the integers q in K order [BLOCK_N, CHUNK], with a
+        tree of tl.interleave (register shuffles, no shared memory): one dot per group, no
+        strided activation loads."""
+        even = tl.interleave(tl.interleave(wt & 0xF, (wt >> 16) & 0xF),
+                             tl.interleave((wt >> 8) & 0xF, (wt >> 24) & 0xF))      # nibbles 0 2 4 6
+        odd = tl.interleave(tl.interleave((wt >> 4) & 0xF, (wt >> 20) & 0xF),
+                            tl.interleave((wt >> 12) & 0xF, (wt >> 28) & 0xF))     # nibbles 1 3 5 7
+        return tl.interleave(even, odd) - 8
+
+    globals()["int4_k_order"] = int4_k_order   # jit functions are looked up as module globals
+
+    @triton.jit
+    def int4_gemm_grouped_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
+                                 stride_xm, stride_wn, stride_sn, stride_ym,
+                                 A8: tl.constexpr, FUSE: tl.constexpr, CHUNK: tl.constexpr,
+                                 CHUNKS: tl.constexpr, PREFETCH: tl.constexpr,
+                                 PER_CHANNEL: tl.constexpr, W_LHS: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                                 SPLIT_K: tl.constexpr):
+        """y = x @ dequant(W).T, one tensor-core dot per scale group (int4_k_order): int8 x int8
+        -> int32 for A8, fp16/bf16 x exact integers -> fp32 for A16; the group's scale multiplies
+        the dot's result in fp32 (per channel: once, after the K loop).
+        A8: x is int8 + s_x from int8_rows_kernel (natural K order), or with FUSE the fp16/bf16 x
+        quantized here: the program first finds its rows' absmax over all of K (M <= BLOCK_M, a
+        few rows: cheap, and it saves a launch).
+        PREFETCH: the next group's words and scales are loaded before this group is computed
+        (register double buffer), so DRAM latency overlaps the unpack; else CHUNKS groups per
+        iteration. SPLIT_K: as in int4_gemm_kernel (atomics + last-arriver fix-up)."""
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        pids_in_band = GROUP_M * num_pid_n
+        band = pid // pids_in_band
+        first_m = band * GROUP_M
+        band_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % pids_in_band) % band_m
+        pid_n = (pid % pids_in_band) // band_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        offs_w = tl.arange(0, CHUNK // 8)
+        offs_k = tl.arange(0, CHUNK)
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+        if W_LHS:
+            x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_k[:, None]    # [CHUNK, BLOCK_M]
+            x_ok = m_mask[None, :]
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32 if (A8 and PER_CHANNEL) else tl.float32)
+        else:
+            x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]    # [BLOCK_M, CHUNK]
+            x_ok = m_mask[:, None]
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if (A8 and PER_CHANNEL) else tl.float32)
+        if FUSE:
+            amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, 256):
+                kq = k0 + tl.arange(0, 256)
+                xv = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + kq[None, :],
+                             mask=m_mask[:, None] & (kq[None, :] < K), other=0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(xv.to(tl.float32)), axis=1))
+            amax = tl.maximum(amax, 1e-8)  # INT8_ABSMAX_FLOOR
+            inv = tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), amax)
+            s_x = amax / 127.0
+        elif A8:
+            s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
+        n_chunks = tl.cdiv(K, CHUNK)
+        per_split = tl.cdiv(tl.cdiv(n_chunks, CHUNKS), SPLIT_K) * CHUNKS
+        c_lo = pid_k * per_split
+        c_hi = tl.minimum(n_chunks, c_lo + per_split)
+        w_lim = tl.minimum(KW_ALL, c_hi * (CHUNK // 8))   # the split's last word (CHUNKS may overshoot)
+        k_lim = tl.minimum(K, c_hi * CHUNK)
+        if PREFETCH:
+            wt_next = tl.load(w_rows + (c_lo * (CHUNK // 8) + offs_w)[None, :],
+                              mask=n_mask[:, None] & ((c_lo * (CHUNK // 8) + offs_w)[None, :] < w_lim),
+                              other=-2004318072)    # 0x88888888: q = 0
+            sc_next = tl.load(ws_ptr + offs_n * stride_sn + tl.minimum(c_lo, n_chunks - 1), mask=n_mask, other=0.0)
+        for c0 in range(c_lo, c_hi, 1 if PREFETCH else CHUNKS):
+            for ci in tl.static_range(1 if PREFETCH else CHUNKS):
+                c = c0 + ci
+                if PREFETCH:
+                    wt = wt_next
+                    sc = sc_next.to(tl.float32)
+                    nxt = (c + 1) * (CHUNK // 8) + offs_w
+                    wt_next = tl.load(w_rows + nxt[None, :], mask=n_mask[:, None] & (nxt[None, :] < w_lim),
+                                      other=-2004318072)
+                    sc_next = tl.load(ws_ptr + offs_n * stride_sn + tl.minimum(c + 1, n_chunks - 1),
+                                      mask=n_mask, other=0.0)
+                else:
+                    words = c * (CHUNK // 8) + offs_w
+                    wt = tl.load(w_rows + words[None, :], mask=n_mask[:, None] & (words[None, :] < w_lim),
+                                 other=-2004318072)                                  # [BLOCK_N, CHUNK/8]
+                    sc = tl.load(ws_ptr + offs_n * stride_sn + tl.minimum(c, n_chunks - 1), mask=n_mask,
+                                 other=0.0).to(tl.float32)
+                if W_LHS:
+                    k_ok = ((c * CHUNK + offs_k) < k_lim)[:, None]
+                else:
+                    k_ok = ((c * CHUNK + offs_k) < k_lim)[None, :]
+                a = tl.load(x_tile + c * CHUNK, mask=x_ok & k_ok, other=0)
+                if FUSE:
+                    if W_LHS:
+                        v = a.to(tl.float32) * inv[None, :]
+                    else:
+                        v = a.to(tl.float32) * inv[:, None]
+                    a = ((v + 12582912.0) - 12582912.0).to(tl.int8)   # round half to even, as int8_rows_kernel
+                q = int4_k_order(wt)
+                if A8:
+                    if W_LHS:
+                        d = tl.dot(q.to(tl.int8), a, out_dtype=tl.int32)
+                    else:
+                        d = tl.dot(a, tl.trans(q.to(tl.int8)), out_dtype=tl.int32)
+                else:
+                    b = q.to(tl.float32).to(x_ptr.dtype.element_ty)
+                    if W_LHS:
+                        d = tl.dot(b, a)
+                    else:
+                        d = tl.dot(a, tl.trans(b))
+                if PER_CHANNEL:
+                    acc += d
+                elif W_LHS:
+                    acc += d.to(tl.float32) * sc[:, None]
+                else:
+                    acc += d.to(tl.float32) * sc[None, :]
+        if W_LHS:
+            acc = tl.trans(acc)
+        acc = acc.to(tl.float32)
+        if PER_CHANNEL:
+            s = tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
+            acc = acc * s.to(tl.float32)[None, :]
+        if A8:
+            acc = acc * s_x[:, None]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            p_ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            tl.atomic_add(p_ptrs, acc, mask=mask, sem="relaxed")
+            tl.debug_barrier()
+            tile = pid_m * num_pid_n + pid_n
+            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                tl.debug_barrier()
+                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                total = tl.atomic_add(p_ptrs, zero, mask=mask, sem="relaxed")
+                total = tl.where(mask, total, 0.0)
+                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(p_ptrs, zero, mask=mask)
+                tl.store(count_ptr + tile, 0)
+
+    _TRITON_KERNELS = {"int8_rows": int8_rows_kernel, "int4_gemm": int4_gemm_kernel,
+                       "int4_gemm_grouped": int4_gemm_grouped_kernel}
     return _TRITON_KERNELS
 
 
@@ -2107,36 +2259,36 @@ class Int4GemmConfig:
     group_m: int = 8
     split_k: int = 1       # programs sharing one output tile along K (atomics + last-arriver fixup)
     w_lhs: bool = True     # weights as the dot's left operand (y^T = W x^T), see the kernel
+    grouped: bool = False  # int4_gemm_grouped_kernel (one dot per scale group) instead of int4_gemm_kernel
+    prefetch: bool = False  # grouped: next group's weights loaded before this one is computed
 
     def label(self) -> str:
-        return (f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
+        return (("GP" if self.prefetch else "G" if self.grouped else "") + f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
                 + (f"x{self.split_k}" if self.split_k > 1 else "") + ("F" if self.fuse_act_quant else "")
                 + ("" if self.w_lhs else "R"))
 
 
 def int4_gemm_config(m: int, n: int, k: int, sms: int = 132) -> Int4GemmConfig:
-    """At M <= 16 the GEMM streams int4 weights (bandwidth-bound, ~2 us for 8 MB on an H200):
-    split-K until there are >= 2 programs per SM with >= 1 K step each, so enough bytes are in
-    flight. Activation quantization is fused only for M <= 4: every program re-reads its rows'
-    whole K to find the absmax, cheap for a few rows only. At large M it is compute-bound: big
-    tiles, a separate quantization kernel."""
-    def split_for(tiles, step, want):
-        steps, split = -(-k // step), 1
-        while tiles * split < want and split < 8 and steps >= 2 * split:
+    """Picked from `verify-runtime --bench --sweep` on an H200 (bench/RESULTS.md, run 6). At M <= 16
+    the GEMM streams int4 weights: split-K until there are ~5 programs per SM, each prefetching its
+    next group (latency, not bandwidth, is what the sweep rewarded; num_stages 1). At large M: big
+    tiles, activations quantized by their own kernel (fusing it lost at every M in the sweep)."""
+    def split_for(tiles, want, most):
+        chunks, split = -(-k // 64), 1
+        while tiles * split < want and split < most and chunks >= 2 * split:
             split *= 2
         return split
+    C = Int4GemmConfig
     if m <= 16:
-        bn = 64 if n >= 2048 else 32
-        return Int4GemmConfig(16, bn, 256, m <= 4, 4, 3, split_k=split_for(-(-n // bn), 256, 2 * sms))
-    if m <= 64:
-        bm, bn = (32 if m <= 32 else 64), 64
-        tiles = -(-m // bm) * -(-n // bn)
-        return Int4GemmConfig(bm, bn, 256, False, 4, 3, split_k=split_for(tiles, 256, sms))
-    if m <= 256:
-        tiles = -(-m // 64) * -(-n // 128)
-        return Int4GemmConfig(64, 128, 128, False, 4, 3, split_k=split_for(tiles, 128, sms))
-    tiles = -(-m // 128) * -(-n // 128)
-    return Int4GemmConfig(128, 128, 128, False, 8, 3, split_k=split_for(tiles, 128, sms // 2))
+        return C(16, 64, 64, False, 4, 1, split_k=split_for(-(-n // 64), 5 * sms, 16), grouped=True, prefetch=True)
+    if m <= 256:   # not swept with prefetch yet
+        bm, bn = (32, 64) if m <= 32 else (64, 64) if m <= 64 else (64, 128)
+        return C(bm, bn, 64, False, 4, 4, split_k=split_for(-(-m // bm) * -(-n // bn), sms, 8), grouped=True)
+    if n >= 4096:
+        return C(128, 128, 64, False, 8, 3, grouped=True, prefetch=True)
+    split = split_for(-(-m // 128) * -(-n // 64), sms // 2, 8)
+    return C(128, 64, 64, False, 4, 3 if split == 1 else 4, split_k=split, grouped=True, prefetch=split == 1,
+             w_lhs=False)
 
 
 _SPLIT_K_WORKSPACE: dict = {}
@@ -2178,6 +2330,7 @@ class _Int4Plan:
     quant_consts: dict
     gemm_consts: dict
     k_padded: int
+    kernel: str
 
 
 _INT4_PLANS: dict = {}
@@ -2192,6 +2345,23 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
     assert per_channel or group % 8 == 0, f"group size {group}: the kernel needs a multiple of 8 (one packed word)"
     int8_dot = act == "a8" and per_channel     # groups: fp16 MMA on exact int8 values (see the kernel)
     cfg = config or int4_gemm_config(m, n, k, _sm_count(device))
+    chunk = 64 if per_channel else group
+    if cfg.grouped and chunk in (32, 64, 128):
+        tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+        part, count = _split_k_workspace(device, m, n, tiles) if cfg.split_k > 1 else (None, None)
+        fuse = act == "a8" and cfg.fuse_act_quant and m <= cfg.block_m
+        return _Int4Plan(
+            cfg, 0 if act == "a16" else 2 if fuse else 1, -(-k // 8), (tiles, cfg.split_k), part, count,
+            dict(BLOCK_K=min(max(256, 1 << (k - 1).bit_length()), 8192), ONE_PASS=k <= 8192,
+                 num_warps=4 if k <= 4096 else 8, PERM_KW=1, enable_fp_fusion=False),
+            dict(A8=act == "a8", FUSE=fuse, CHUNK=chunk, CHUNKS=max(1, cfg.k_per_iter // chunk),
+                 PREFETCH=cfg.prefetch, PER_CHANNEL=per_channel,
+                 W_LHS=cfg.w_lhs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
+                 SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                 enable_fp_fusion=False),   # fused quantization: x * inv and + 1.5 * 2^23 round separately
+            k, "int4_gemm_grouped")
+    if cfg.grouped:
+        cfg = replace(cfg, grouped=False)   # group size with no interleave tree (not 32/64/128): v1
     kw = max(32 if int8_dot else 16, cfg.k_per_iter // 8)
     fuse_rows = max(2, 1 << (m - 1).bit_length())
     mode = 0 if act == "a16" else 2 if cfg.fuse_act_quant and fuse_rows <= cfg.block_m else 1
@@ -2209,7 +2379,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
              QBLOCK_K=max(256, 4096 // fuse_rows) if mode == 2 else 256,  # one compile per config
              GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
              enable_fp_fusion=False),  # x * inv + 1.5 * 2^23 must round twice: no FMA contraction
-        -(-k // (8 * kw)) * 8 * kw)
+        -(-k // (8 * kw)) * 8 * kw, "int4_gemm")
 
 
 def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
@@ -2247,7 +2417,7 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
         xa = sx = x2
     part = y if plan.part is None else plan.part
     count = y if plan.count is None else plan.count
-    kern["int4_gemm"][plan.grid](xa, sx, wp, weight_scale, y, part, count, m, n, k, plan.kw,
+    kern[plan.kernel][plan.grid](xa, sx, wp, weight_scale, y, part, count, m, n, k, plan.kw,
                                  xa.stride(0), wp.stride(0), weight_scale.stride(0), n, **plan.gemm_consts)
     if bias is not None:
         y += bias
@@ -2387,7 +2557,7 @@ def _cuda_gpus() -> list[dict]:
 # kills the worker, the case is reported as a crash, and a fresh worker takes the remaining ones.
 
 BENCH_BACKENDS = ("fp16", "w4a8", "w4a16", "qqq", "qqq-gemm")
-SWEEP_M = (1, 16, 1024)   # --sweep over several cases times these M only (a few minutes on an H200)
+SWEEP_M = (16, 1024)   # --sweep over several cases times these M only (a few minutes on an H200)
 BENCH_L2_FACTOR = 3
 BENCH_MAX_COPIES = 128
 BENCH_CHECKS = [  # (M, N, K, group, act, dtype): odd sizes, every group kind, both dtypes
@@ -2412,25 +2582,27 @@ def backend_label(backend: str, group) -> str:
 
 
 def sweep_configs(m: int) -> list[Int4GemmConfig]:
-    """Alternatives timed by --sweep (graph timing) next to int4_gemm_config's pick."""
+    """Alternatives timed by --sweep (graph timing) next to int4_gemm_config's pick: the
+    one-dot-per-group kernel (grouped=True) over tile, K per iteration, split-K and pipelining."""
     C = Int4GemmConfig
     if m <= 16:
-        return [C(16, bn, 256, fuse, 4, 3, split_k=sk) for bn in (16, 32, 64) for sk in (1, 2, 4, 8)
-                for fuse in (True, False)] + \
-               [C(16, 32, 512, False, 4, 3, split_k=2), C(16, 32, 512, False, 4, 3, split_k=4),
-                C(16, 16, 512, True, 4, 3, split_k=4), C(16, 32, 256, False, 2, 4, split_k=4),
-                C(16, 32, 256, False, 4, 4, split_k=4), C(16, 64, 256, False, 8, 3, split_k=2),
-                C(16, 32, 128, False, 4, 4, split_k=4), C(16, 128, 256, False, 4, 3, split_k=4),
-                C(16, 64, 256, True, 4, 3, split_k=4, w_lhs=False), C(16, 64, 256, False, 4, 3, split_k=4, w_lhs=False)]
+        return [C(16, bn, 64, fuse, 4, st, split_k=sk, grouped=True, prefetch=True)
+                for bn in (32, 64, 128) for sk in (4, 8, 16) for fuse in (False, True) for st in (1, 2)
+                if not (bn == 32 and sk == 4) and not (bn == 128 and sk == 16)] + \
+               [C(16, 64, 64, True, 4, 4, split_k=8, grouped=True), C(16, 64, 128, True, 4, 4, split_k=4, grouped=True),
+                C(16, 64, 128, False, 4, 4, split_k=4, grouped=True, w_lhs=False),
+                C(16, 64, 64, False, 4, 4, split_k=8, grouped=True)]
     if m <= 64:
-        return [C(bm, bn, 256, False, 4, 3, split_k=sk) for bm in (32, 64) for bn in (32, 64, 128)
-                for sk in (1, 2, 4)] + [C(32, 64, 256, True, 4, 3, split_k=2), C(64, 64, 128, False, 4, 4, split_k=2)]
-    return [C(bm, bn, kpi, False, w, st) for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 256, 8),
-                                                            (128, 64, 4), (64, 256, 8))
-            for kpi in (128, 256) for st in (3, 4)] + \
-           [C(128, 128, 128, False, 8, 3, split_k=2), C(128, 128, 128, False, 8, 3, split_k=4),
-            C(64, 128, 128, False, 4, 3, split_k=2), C(128, 128, 128, False, 8, 3, w_lhs=False),
-            C(128, 256, 128, False, 8, 3, w_lhs=False)]
+        return [C(bm, bn, kpi, False, 4, 4, split_k=sk, grouped=True)
+                for bm in (32, 64) for bn in (64, 128) for kpi in (64, 128) for sk in (1, 2, 4)]
+    return [C(bm, bn, kpi, False, w, st, grouped=True, w_lhs=False)
+            for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (128, 64, 4))
+            for kpi, st in ((64, 4), (128, 3))] + \
+           [C(128, 128, 64, False, 8, 4, split_k=2, grouped=True, w_lhs=False),
+            C(128, 128, 64, False, 8, 4, grouped=True), C(64, 128, 64, False, 4, 4, grouped=True),
+            C(256, 128, 64, False, 8, 3, grouped=True, w_lhs=False),
+            C(128, 128, 64, False, 8, 3, grouped=True, prefetch=True), C(128, 64, 64, False, 4, 3, grouped=True,
+                                                                          prefetch=True, w_lhs=False)]
 
 
 def _time_eager_us(fn, copies: int, iters: int, warmup: int = 10) -> float:
@@ -2667,9 +2839,10 @@ def run_runtime_bench(cases: list[dict], backends: list[str], group, iters: int 
         for ci, cs in enumerate(cases):
             if len(cases) > 1 and cs["M"] not in SWEEP_M:
                 continue
-            for si, cfg in enumerate(sweep_configs(cs["M"])):
-                jobs.append({"id": f"s{ci}-{si}", "kind": "sweep", "backend": "w4a8", "group": group,
-                             "config": cfg.__dict__, "graph_only": True, "label": f"sweep {cfg.label()}", **cs})
+            for b in ["w4a8" if "w4a8" in backends else "w4a16"]:   # A16 runs the same tiles
+                for si, cfg in enumerate([int4_gemm_config(cs["M"], cs["N"], cs["K"])] + sweep_configs(cs["M"])):
+                    jobs.append({"id": f"s{ci}-{b}-{si}", "kind": "sweep", "backend": b, "group": group,
+                                 "config": cfg.__dict__, "graph_only": True, "label": f"sweep {cfg.label()}", **cs})
     builtin = [j for j in jobs if j["backend"] in ("fp16", "w4a8", "w4a16")]
     risky = [j for j in jobs if j["backend"] not in ("fp16", "w4a8", "w4a16")]
     results = {}
@@ -2691,19 +2864,23 @@ def run_runtime_bench(cases: list[dict], backends: list[str], group, iters: int 
             if b and f"{t}_us" in r and f"{t}_us" in b:
                 r[f"{t}_speedup"] = b[f"{t}_us"] / r[f"{t}_us"]
     report["sweep"] = []
-    for ci, cs in enumerate(cases):
-        cand = [r for r in rows if r["kind"] == "sweep" and r["shape"] == cs["shape"] and r["M"] == cs["M"]
-                and "graph_us" in r and r["rel_err"] <= 1e-3]
-        if cand:
+    report["sweep_rows"] = [{k: r.get(k) for k in ("backend", "shape", "M", "config", "graph_us", "rel_err", "error")}
+                            for r in rows if r["kind"] == "sweep"]
+    for cs in cases:
+        for b in ("w4a8", "w4a16"):
+            same = [r for r in rows if r["kind"] == "sweep" and r["shape"] == cs["shape"] and r["M"] == cs["M"]
+                    and r["backend"] == b]
+            cand = [r for r in same if "graph_us" in r and r["rel_err"] <= 1e-3]
+            if not cand:
+                continue
             best = min(cand, key=lambda r: r["graph_us"])
-            default = next((r for r in report["results"] if r["backend"] == "w4a8" and r["shape"] == cs["shape"]
+            default = next((r for r in report["results"] if r["backend"] == b and r["shape"] == cs["shape"]
                             and r["M"] == cs["M"] and "graph_us" in r), {})
-            report["sweep"].append({"shape": cs["shape"], "M": cs["M"], "K": cs["K"], "N": cs["N"],
+            report["sweep"].append({"backend": b, "shape": cs["shape"], "M": cs["M"], "K": cs["K"], "N": cs["N"],
                                     "best_config": best["config"], "graph_us": best["graph_us"],
-                                    "default_config": default.get("config"), "default_graph_us": default.get("graph_us"),
-                                    "tried": len(cand), "failed": sum(1 for r in rows if r["kind"] == "sweep"
-                                                                      and r["shape"] == cs["shape"] and r["M"] == cs["M"]
-                                                                      and "error" in r)})
+                                    "default_config": default.get("config"),
+                                    "default_graph_us": default.get("graph_us"),
+                                    "tried": len(cand), "failed": sum("error" in r for r in same)})
     report["summary"] = _bench_summary(report)
     return report
 
@@ -2770,11 +2947,11 @@ def format_bench_report(report: dict) -> str:
     for i, (msg, where) in enumerate(errors.items(), 1):
         lines.append(f"[{i}] {msg[:300]} ({len(where)}x: {', '.join(where[:3])}{', ...' if len(where) > 3 else ''})")
     if report["sweep"]:
-        lines.append("sweep (W4A8, graph timing, best config per case):")
+        lines.append("sweep (graph timing, best config per case):")
         for s in report["sweep"]:
             dflt = (f"; default {s['default_config']} {s['default_graph_us']:.1f} us" if s.get("default_graph_us")
                     else "")
-            lines.append(f"  {s['shape']:<16} M={s['M']:<5} {s['graph_us']:8.1f} us  {s['best_config']}"
+            lines.append(f"  {s['backend']:<6}{s['shape']:<16} M={s['M']:<5} {s['graph_us']:8.1f} us  {s['best_config']}"
                          f"  ({s['tried']} configs ok, {s['failed']} failed{dflt})")
     lines.append("targets: " + ", ".join(f"{k} {v}" for k, v in report["summary"].items()))
     return "\n".join(lines)

@@ -120,6 +120,31 @@ def split_k_sums_and_leaves_workspace_clean():
 
 
 @case
+def grouped_kernel_every_switch():
+    """int4_gemm_grouped_kernel: prefetch, fused activation quantization, several groups per
+    iteration, split-K with more splits than groups, both operand orders; group 32 / 64 / 128 and
+    per channel (K = 320: 2.5 chunks of 128, the tail masked); a second call gives the same y."""
+    C = c.Int4GemmConfig
+    worst = 0.0
+    for group in (32, 64, 128, None):
+        wp, ws = random_int4_layer(37, 640 if group == 128 else 320, group, seed=group or 7)
+        k = wp.shape[1] * 8
+        x = torch.randn(5, k, generator=torch.Generator().manual_seed(5)).to(torch.float16)
+        for act in ("a8", "a16"):
+            ref = c.int4_linear_reference(x, wp, ws, act=act)
+            for cfg in (C(16, 32, 64, True, split_k=4, grouped=True, prefetch=True),
+                        C(16, 16, 64, False, split_k=16, grouped=True, prefetch=True, w_lhs=False),
+                        C(16, 32, 256, True, split_k=2, grouped=True),
+                        C(32, 16, 128, False, split_k=1, grouped=True, w_lhs=False)):
+                y1 = c.int4_linear(x, wp, ws, act=act, config=cfg)
+                y2 = c.int4_linear(x, wp, ws, act=act, config=cfg)
+                err = c.relative_error(y1, ref)
+                assert err <= TOL and torch.equal(y1, y2), (group, act, cfg.label(), err)
+                worst = max(worst, err)
+    return worst
+
+
+@case
 def bench_job_check_only_on_cpu():
     """The bench's per-job code (weights, references, error) on the CPU, without timing."""
     worst = 0.0
@@ -280,6 +305,41 @@ def test_kernels_compile_for_gpus_without_a_gpu(cc):
             pytest.skip(f"triton {triton.__version__}: other ASTSource signature ({e})")
         ck = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": warps, "num_stages": 3})
         assert ".s8.s8" in ck.asm["ptx"] or not i8   # int8 tensor-core MMA for per-channel W4A8
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_grouped_kernel_compiles_for_gpus_without_a_gpu(cc):
+    """The one-dot-per-group kernel, every switch, lowered for sm_80 / sm_90: A8 must be an int8
+    tensor-core MMA (.s8.s8 in the PTX) with or without groups."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        pytest.skip(f"triton {triton.__version__} has no ASTSource/GPUTarget: {e}")
+    kern = c._triton_kernels()["int4_gemm_grouped"]
+    names = list(kern.arg_names)
+    ptr = {"x_ptr": "*fp16", "sx_ptr": "*fp32", "w_ptr": "*i32", "ws_ptr": "*fp16", "y_ptr": "*fp16",
+           "part_ptr": "*fp32", "count_ptr": "*i32"}
+    configs = [  # (A8, FUSE, CHUNK, CHUNKS, PREFETCH, PER_CHANNEL, W_LHS, BLOCK_M, BLOCK_N, SPLIT_K, warps, x)
+        (True, False, 64, 1, True, False, True, 16, 64, 8, 4, "*i8"),
+        (True, True, 64, 1, True, False, True, 16, 64, 4, 4, "*fp16"),
+        (True, False, 32, 2, False, False, False, 128, 128, 1, 8, "*i8"),
+        (True, False, 64, 1, False, True, True, 16, 32, 2, 4, "*i8"),
+        (False, False, 128, 1, True, False, True, 16, 64, 4, 4, "*bf16"),
+        (False, False, 64, 2, False, True, False, 128, 64, 1, 4, "*fp16")]
+    for a8, fuse, chunk, chunks, pre, per_ch, lhs, bm, bn, split, warps, xdt in (configs if cc == 90 else configs[:2]):
+        consts = {"A8": a8, "FUSE": fuse, "CHUNK": chunk, "CHUNKS": chunks, "PREFETCH": pre, "PER_CHANNEL": per_ch,
+                  "W_LHS": lhs, "BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "SPLIT_K": split}
+        sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in names}
+        sig["x_ptr"] = xdt
+        sig["y_ptr"] = "*bf16" if xdt == "*bf16" else "*fp16"
+        try:
+            src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+        except TypeError as e:
+            pytest.skip(f"triton {triton.__version__}: other ASTSource signature ({e})")
+        ck = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": warps, "num_stages": 4})
+        assert (".s8.s8" in ck.asm["ptx"]) == a8, (consts, "int8 MMA expected exactly for A8")
 
 
 def test_float64_reference_is_the_dequantized_matmul():
