@@ -1313,6 +1313,135 @@ def cpu_safe_calibration():
     return patch_attr(IntermediatesCache, "pin_memory", lambda self, *a, **k: None)
 
 
+# ---- GPTQ Hessians shared by modules that read the same tensor
+
+
+def shared_input_hessians():
+    """Context in which llmcompressor's GPTQ keeps ONE Hessian for the Linear modules that read the
+    same input tensor in a forward, instead of one each.
+
+    With all-expert calibration llmcompressor calls every expert as expert(hidden_states): the
+    gate_proj and up_proj of all E experts, like q/k/v_proj, accumulate the same 2 X^T X. A GPT-OSS
+    layer then needs E+3 fp32 K x K Hessians instead of 3E+4 (gpt-oss-120b: 131 for 388 modules).
+    The first module that sees a tensor accumulates; the others alias its _hessians/_num_samples
+    entries (the same tensor objects) and skip the matmul, so the shared Hessian is bitwise the one
+    each would have accumulated. "The same tensor": the first one is still alive (weak reference)
+    with equal data_ptr, shape, stride, dtype, device and _version (no in-place write since).
+    prepare_batch pops and divides entry by entry (a new tensor each), so aliases are safe there.
+    A distributed run reduces every entry across ranks, which would add an alias once per module:
+    sharing is off when torch.distributed is initialized (a log line says so).
+    Written by hand because llmcompressor 0.14's GPTQ keeps one Hessian per module.
+    """
+    import contextlib
+    import weakref
+    import torch
+    from compressed_tensors.offload.dist_utils import is_distributed
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.modifiers.gptq.base import GPTQModifier
+    original_calibrate, original_compress = GPTQModifier.calibrate_module, GPTQModifier.compress_modules
+    seen = {}        # (modifier id, input key) -> (weak reference to the input, module that accumulated it)
+    owner_of = {}    # module skipping its matmul -> module whose Hessian it aliases
+    calls = {}       # module -> hook calls: accumulations (owners) or matching skips (aliases)
+    stats = {"steps": 0, "modules": 0, "hessians": 0, "first": None, "dist_logged": False}
+
+    def calibrate_module(self, module, args, _output):
+        inp = args[0]
+        if is_distributed():
+            if not stats["dist_logged"]:
+                stats["dist_logged"] = True
+                log("GPTQ: torch.distributed is initialized: one Hessian per module (a rank-to-rank reduce "
+                    "of a shared Hessian would add it once per module)")
+            return original_calibrate(self, module, args, _output)
+        if not isinstance(module, torch.nn.Linear) or not isinstance(inp, torch.Tensor):
+            return original_calibrate(self, module, args, _output)
+        key = (id(self), inp.data_ptr(), tuple(inp.shape), inp.stride(), inp.dtype, inp.device, inp._version)
+        hit = seen.get(key)
+        first = hit[1] if hit is not None and hit[0]() is not None else None
+        owner = owner_of.get(module)
+        if owner is not None:
+            if first is not owner:
+                raise RuntimeError(f"GPTQ Hessian sharing: {self._module_names.get(module)} shared "
+                                   f"{self._module_names.get(owner)}'s input on an earlier batch but not on "
+                                   f"this one: re-run with --no-share-hessians")
+            calls[module] += 1
+            return
+        if (first is not None and first is not module and module not in self._num_samples
+                and self._hessians[first].shape[0] == module.weight.shape[1]):
+            owner_of[module] = first
+            self._hessians[module], self._num_samples[module] = self._hessians[first], self._num_samples[first]
+            calls[module] = 1
+            return
+        original_calibrate(self, module, args, _output)
+        calls[module] = calls.get(module, 0) + 1
+        if first is None:
+            def forget(ref, key=key):
+                if seen.get(key, (None,))[0] is ref:
+                    del seen[key]
+            seen[key] = (weakref.ref(inp, forget), module)
+
+    def compress_modules(self):
+        for module, owner in owner_of.items():
+            if module in self._num_samples and calls[module] != calls[owner]:
+                raise RuntimeError(f"GPTQ Hessian sharing: {self._module_names.get(module)} ran "
+                                   f"{calls[module]} times, {self._module_names.get(owner)} {calls[owner]}: "
+                                   f"re-run with --no-share-hessians")
+        modules, hessians = len(self._num_samples), len({id(h) for h in self._hessians.values()})
+        if modules:
+            stats["steps"] += 1
+            stats["modules"] += modules
+            stats["hessians"] += hessians
+            stats["first"] = stats["first"] or (hessians, modules)
+        for module in list(owner_of):
+            if module in self._num_samples:
+                del owner_of[module]
+        for module in list(calls):
+            if module in self._num_samples:
+                del calls[module]
+        return original_compress(self)
+
+    @contextlib.contextmanager
+    def context():
+        with patch_attr(GPTQModifier, "calibrate_module", calibrate_module), \
+                patch_attr(GPTQModifier, "compress_modules", compress_modules):
+            yield
+        if stats["steps"] and stats["hessians"] < stats["modules"]:
+            h, m = stats["first"]
+            log(f"GPTQ: {h} Hessians for {m} modules in the first of {stats['steps']} calibrated steps, "
+                f"{stats['hessians']} for {stats['modules']} in all (Linear modules that read the same "
+                f"input tensor share one: q/k/v, and gate/up of all experts)")
+    return context()
+
+
+# ---- propagation with routed experts
+
+
+def routed_propagation():
+    """Context in which the sequential pipeline's propagation pass runs each expert on its routed
+    tokens only; the calibration pass before it still runs every expert on every token.
+
+    Propagation only computes the next layer's inputs (hooks off). With the all-experts flag
+    llmcompressor's linearized MoE computes expert(hidden_states)[token_indices]: the routed rows of
+    an all-token run, top_k/E of it used (4/128 at 120b). expert(hidden_states[token_indices]) gives
+    the same rows: bitwise on CPU (checked in tests/test_quantize.py); a GPU may pick another GEMM
+    kernel for the smaller row count and round differently at BF16 precision.
+    Written by hand because llmcompressor 0.14 holds the all-experts flag for the whole oneshot; the
+    pipeline's only use of HooksMixin is `with HooksMixin.disable_hooks():` around propagation.
+    """
+    import contextlib
+    import types
+    from compressed_tensors.utils import patch_attr
+    import llmcompressor.modeling.moe.context as moe_context
+    import llmcompressor.pipelines.sequential.pipeline as sequential
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+    assert sequential.HooksMixin is HooksMixin and hasattr(moe_context, "_CALIBRATE_ALL_EXPERTS")
+
+    @contextlib.contextmanager
+    def disable_hooks(keep=frozenset()):
+        with HooksMixin.disable_hooks(keep), patch_attr(moe_context, "_CALIBRATE_ALL_EXPERTS", False):
+            yield
+    return patch_attr(sequential, "HooksMixin", types.SimpleNamespace(disable_hooks=disable_hooks))
+
+
 # ---- the run
 
 
@@ -1525,6 +1654,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             stack.enter_context(cpu_safe_calibration())
             if plan.sparse:
                 stack.enter_context(masked_gptq())
+            if not args.no_share_hessians:
+                stack.enter_context(shared_input_hessians())
+            if not args.propagate_all_experts:
+                stack.enter_context(routed_propagation())
             oneshot(model=model, processor=tokenizer, dataset=ds, recipe=modifiers,
                     num_calibration_samples=len(ds), max_seq_length=args.max_seq_length,
                     pipeline="basic" if args.no_sequential_update else "sequential",
@@ -1543,7 +1676,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                  "group_size_adjusted": [{"module": n, "in_features": i, "used": u} for n, i, _, u in plan.adjusted],
                  "calibration": {"source": args.calib_jsonl or args.dataset, "samples": len(ds),
                                  "max_seq_length": args.max_seq_length,
-                                 "all_experts": not args.routed_experts_only}}
+                                 "all_experts": not args.routed_experts_only,
+                                 "shared_hessians": not args.no_share_hessians,
+                                 "propagation": "all experts" if args.propagate_all_experts else "routed experts"}}
         write_output_config(tmp, plan, None, extra)
         if plan.sparse:
             rep = sparsity_report(tmp, plan)
@@ -3710,6 +3845,12 @@ RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
     q.add_argument("--routed-experts-only", action="store_true",
                    help="calibrate each expert on the tokens routed to it only (default: every expert sees "
                         "every token, so rarely picked experts still get a Hessian)")
+    q.add_argument("--no-share-hessians", action="store_true",
+                   help="GPTQ: one Hessian per module, like plain llmcompressor (default: modules that read the "
+                        "same input tensor share one: q/k/v, and gate/up of all experts; bitwise the same values)")
+    q.add_argument("--propagate-all-experts", action="store_true",
+                   help="run every expert on every token in the propagation pass too, like plain llmcompressor "
+                        "(default: all experts while calibrating, routed experts only while propagating)")
     q.add_argument("--dataset", default="open_platypus", metavar="NAME",
                    help="calibration dataset on the Hugging Face Hub (open_platypus, ultrachat_200k or a repo "
                         "id; chat rows are rendered with the model's chat template) (default: %(default)s)")

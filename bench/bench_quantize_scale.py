@@ -1,16 +1,23 @@
 #!/usr/bin/env python3
 """quantize at gpt-oss-120b scale: a checkpoint with the real layer dimensions but few layers.
 
-  python bench/bench_quantize_scale.py --layers 1 --samples 64 --seq-len 512 [--out res.json]
+  python bench/bench_quantize_scale.py --layers 1 --samples 64 --seq-len 512 [--compare-share] [--out res.json]
 
 Builds (or reuses) random MXFP4 codes with gpt-oss-120b's dimensions, runs the real `dequantize`
 and then `quantize` (GPTQ W4A16 experts + attention) as subprocesses, and samples while each runs:
 peak host RSS of the process tree (psutil), peak GPU memory in use (nvidia-smi), wall time, and
 the disk used by the offload folder. Prints the per-layer figures and the projection to 36 layers
 (120b) and 24 layers (20b) with the arithmetic.
+
+--compare-share runs quantize twice on the same checkpoint: "plain" (--no-share-hessians
+--propagate-all-experts: llmcompressor 0.14 as it comes) and "defaults" (shared Hessians, routed
+propagation), and prints each one's wall time and its per-layer Calibrating / Propagating times
+read from llmcompressor's progress bars. (The two runs shuffle the calibration samples differently:
+llmcompressor's sampler is unseeded.)
 """
 import argparse
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -57,7 +64,21 @@ def run_sampled(cmd: list, offload: Path | None = None) -> dict:
     stop.set()
     t.join()
     return {"rc": proc.returncode, "wall_s": time.perf_counter() - t0, "peak_rss": peak["rss"],
-            "peak_gpu_mib": peak["gpu_mib"], "peak_offload_bytes": peak["offload"], "log_tail": log[-4000:]}
+            "peak_gpu_mib": peak["gpu_mib"], "peak_offload_bytes": peak["offload"], "log_tail": log[-4000:],
+            "passes": pass_times(log)}
+
+
+def seconds(hms: str) -> int:
+    return sum(int(x) * 60 ** i for i, x in enumerate(reversed(hms.split(":"))))
+
+
+def pass_times(log: str) -> dict:
+    """{"3/3 Calibrating": seconds, ...}: the elapsed time of each finished progress bar of the
+    sequential pipeline (tqdm's '(i/n): Calibrating: 100%|...| 64/64 [01:44<00:00, ...]')."""
+    out = {}
+    for i, n, what, hms in re.findall(r"\((\d+)/(\d+)\): (Calibrating|Propagating): 100%\|[^|]*\| \d+/\d+ \[([\d:]+)<", log):
+        out[f"{i}/{n} {what}"] = seconds(hms)
+    return out
 
 
 def main():
@@ -66,6 +87,8 @@ def main():
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--work", default="/tmp/gptoss-bench")
+    ap.add_argument("--compare-share", action="store_true",
+                    help="quantize twice: plain llmcompressor and our defaults (shared Hessians, routed propagation)")
     ap.add_argument("--out")
     a = ap.parse_args()
     import tiny_gptoss
@@ -82,18 +105,28 @@ def main():
     calib = tiny_gptoss.corpus_jsonl(work / "calib.jsonl", "train")
     offload = work / "offload"
     out = work / "q-out"
-    res["quantize"] = run_sampled(cli + ["quantize", "--model-in", str(bf16), "--experts", "w4a16", "--mw", "w4a16",
-                                         "--calib-jsonl", str(calib), "--num-calibration-samples", str(a.samples),
-                                         "--max-seq-length", str(a.seq_len), "--output-dir", str(out),
-                                         "--overwrite", "--no-eval", "--offload-folder", str(offload)],
-                                  offload=offload)
+    quantize = cli + ["quantize", "--model-in", str(bf16), "--experts", "w4a16", "--mw", "w4a16",
+                      "--calib-jsonl", str(calib), "--num-calibration-samples", str(a.samples),
+                      "--max-seq-length", str(a.seq_len), "--output-dir", str(out),
+                      "--overwrite", "--no-eval", "--offload-folder", str(offload)]
+    if a.compare_share:
+        res["quantize_plain"] = run_sampled(quantize + ["--no-share-hessians", "--propagate-all-experts"], offload=offload)
+    res["quantize"] = run_sampled(quantize, offload=offload)
     res["output_bytes"] = dir_size(out)
-    for k in ("dequantize", "quantize"):
+    for k in ("dequantize", "quantize_plain", "quantize") if a.compare_share else ("dequantize", "quantize"):
         r = res[k]
         print(f"\n== {k}: rc {r['rc']}, wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss']/2**30:.1f} GiB, "
               f"peak GPU {r['peak_gpu_mib']/1024:.1f} GiB, offload {r['peak_offload_bytes']/2**30:.1f} GiB")
         if r["rc"]:
             print(r["log_tail"])
+        if r.get("passes"):
+            print("   " + ", ".join(f"{k} {v} s" for k, v in r["passes"].items()))
+    if a.compare_share and not res["quantize"]["rc"] and not res["quantize_plain"]["rc"]:
+        p, d = res["quantize_plain"], res["quantize"]
+        print(f"\nplain / defaults: wall {p['wall_s']:.0f} s / {d['wall_s']:.0f} s = {p['wall_s'] / d['wall_s']:.2f}x")
+        for k in p["passes"]:
+            if d["passes"].get(k):
+                print(f"  {k}: {p['passes'][k]} s / {d['passes'][k]} s = {p['passes'][k] / d['passes'][k]:.2f}x")
     q = res["quantize"]
     if not q["rc"]:
         per_layer = q["wall_s"] / a.layers   # an upper bound: load, save and the embeddings are included
