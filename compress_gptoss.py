@@ -1241,10 +1241,16 @@ def split_calibration(texts: list[str], n_calib: int, eval_texts: list[str] | No
 
 
 def tokenized_dataset(texts: list[str], tokenizer, max_len: int):
+    import hashlib
     from datasets import Dataset
+    from datasets.table import InMemoryTable
     enc = tokenizer(texts, truncation=True, max_length=max_len, add_special_tokens=True)
     rows = [(i, a) for i, a in zip(enc["input_ids"], enc["attention_mask"]) if len(i) > 1]
-    return Dataset.from_dict({"input_ids": [r[0] for r in rows], "attention_mask": [r[1] for r in rows]})
+    cols = {"input_ids": [r[0] for r in rows], "attention_mask": [r[1] for r in rows]}
+    # Our own fingerprint: Dataset.from_dict hashes the table with dill, which fails on some Python
+    # 3.12 builds ("Can't pickle <class 'MonthDayNano'>", seen on the H200 machine).
+    fingerprint = hashlib.sha256(json.dumps(cols["input_ids"]).encode()).hexdigest()[:16]
+    return Dataset(InMemoryTable.from_pydict(cols), fingerprint=fingerprint)
 
 
 # ---- GPTQ that keeps a 2:4 mask

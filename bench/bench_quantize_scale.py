@@ -81,6 +81,24 @@ def pass_times(log: str) -> dict:
     return out
 
 
+def long_calibration_jsonl(path: Path, samples: int, seq_len: int) -> Path:
+    """samples texts that each fill seq_len tokens (the local tokenizer takes ~2.8 characters per
+    token on this corpus; 3.5 x seq_len characters, truncated by quantize): the docstring corpus
+    cycled, so every sample is seq_len tokens long like the seed's 2048-token calibration."""
+    import tiny_gptoss
+    train, _ = tiny_gptoss.split_corpus(tiny_gptoss.docstring_corpus())
+    texts, i = [], 0
+    for _ in range(samples):
+        parts, n = [], 0
+        while n < 3.5 * seq_len:
+            parts.append(train[i % len(train)])
+            n += len(parts[-1]) + 1
+            i += 1
+        texts.append(" ".join(parts))
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=1)
@@ -102,7 +120,7 @@ def main():
     bf16 = work / f"gptoss120b-dims-{a.layers}L-bf16"
     res = {"layers": a.layers, "samples": a.samples, "seq_len": a.seq_len}
     res["dequantize"] = run_sampled(cli + ["dequantize", "--src", str(src), "--dst", str(bf16), "--overwrite"])
-    calib = tiny_gptoss.corpus_jsonl(work / "calib.jsonl", "train")
+    calib = long_calibration_jsonl(work / f"calib-{a.samples}x{a.seq_len}.jsonl", a.samples + 64, a.seq_len)  # 64 held out
     offload = work / "offload"
     out = work / "q-out"
     quantize = cli + ["quantize", "--model-in", str(bf16), "--experts", "w4a16", "--mw", "w4a16",

@@ -52,5 +52,6 @@ if has quantize; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   python3 -c "import llmcompressor, compressed_tensors, datasets; print('llmcompressor', llmcompressor.__version__)"
-  python3 bench/bench_quantize_scale.py --layers 1 --samples "${QSAMPLES:-64}" --seq-len "${QSEQ:-512}" --out "$OUT/quantize_scale.json"
+  python3 bench/bench_quantize_scale.py --layers "${QLAYERS:-1}" --samples "${QSAMPLES:-64}" --seq-len "${QSEQ:-512}" \
+    ${COMPARE:+--compare-share} --out "$OUT/quantize_scale.json" 2>&1 | tail -60
 fi
