@@ -7,7 +7,7 @@ Map of this file (sections in the order data flows):
   1. Common helpers ........ errors, logging, model-folder files, a streaming safetensors writer
   2. MXFP4 codec ........... decode_mxfp4_blocks (CPU / CUDA), FP16 range accounting
   3. dequantize ............ source resolution + checks, shard plan, streaming conversion, resume
-  4. quantize .............. recipes per scheme, calibration data, the llmcompressor run
+  4. quantize .............. recipes per scheme, calibration data, the llmcompressor run (or torchrun)
   5. Loader + quality ...... load a quantized GPT-OSS folder, quality.json
   6. Kernels + runtime ..... install-kernel, verify-runtime, built-in int4 GEMM
   7. CLI .................. argparse, one subparser per subcommand
@@ -40,8 +40,21 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
-def log(msg: str) -> None:
-    print(f"[gptoss {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+def log(msg: str, every_rank: bool = False) -> None:
+    """Under torchrun only rank 0 logs, unless every_rank; each line then names its rank."""
+    rank, world = torchrun_world()
+    if rank and not every_rank:
+        return
+    tag = f" rank {rank}/{world}" if world > 1 else ""
+    print(f"[gptoss {time.strftime('%H:%M:%S')}{tag}] {msg}", file=sys.stderr, flush=True)
+
+
+def torchrun_world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless this process is one of several started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "TORCHELASTIC_RUN_ID" not in os.environ or world < 2:
+        return 0, 1
+    return int(os.environ["RANK"]), world
 
 
 def human_bytes(n: float) -> str:
@@ -1448,6 +1461,92 @@ def routed_propagation():
     return patch_attr(sequential, "HooksMixin", types.SimpleNamespace(disable_hooks=disable_hooks))
 
 
+# ---- several processes: `torchrun --nproc_per_node N compress_gptoss.py quantize ...`
+# llmcompressor's own distributed oneshot does the work: each rank calibrates on its slice of the
+# samples, GPTQ sums the Hessians of a module onto one rank (greedy bin packing by size), solves it
+# there and broadcasts the result. Rank 0 loads the weights and shares them (shared CPU memory);
+# every rank joins the save, rank 0 alone writes the folder, the quality pass and the model card.
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join torchrun's process group (a no-op for one process); returns (rank, world size)."""
+    rank, world = torchrun_world()
+    if world == 1:
+        return rank, world
+    import torch
+    import torch.distributed as dist
+    if torch.accelerator.is_available():
+        from compressed_tensors.distributed import init_dist
+        init_dist()                                  # one GPU per rank (LOCAL_RANK), NCCL
+    else:
+        # init_dist() needs an accelerator (it reads torch.accelerator.current_accelerator().type)
+        dist.init_process_group("gloo")
+        # and so does compressed-tensors' distributed loader, which asks it for its free memory
+        import compressed_tensors.offload.load as ct_load
+        ct_load._get_device_memory = lambda: {}
+    log(f"joined {world} processes ({dist.get_backend()})", every_rank=True)
+    return rank, world
+
+
+def on_rank0(fn, *args):
+    """fn(*args) on rank 0 only (e.g. a write to disk); every rank gets its result, or fails with its
+    error, so that no rank is left waiting for one that stopped."""
+    rank, world = torchrun_world()
+    if world == 1:
+        return fn(*args)
+    import torch.distributed as dist
+    box, error = [None, None], None
+    if rank == 0:
+        try:
+            box[0] = fn(*args)
+        except Exception as e:                       # noqa: BLE001 (re-raised below, after telling the others)
+            error, box[1] = e, str(e) if isinstance(e, UserError) else f"rank 0 failed: {type(e).__name__}: {e}"
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise UserError(box[1])
+    return box[0]
+
+
+def leave_distributed() -> bool:
+    """After the collective save: leave the process group; True on ranks other than 0 (they are done)."""
+    rank, world = torchrun_world()
+    if world == 1:
+        return False
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
+    return rank != 0
+
+
+def rank_share(ds):
+    """This rank's slice of the calibration set (rank r of R: rows [N*r/R, N*(r+1)/R), llmcompressor's
+    get_rank_partition bounds). Cut here, not by llmcompressor: 0.14's sampler does slice a dataset that
+    is the same on every rank, but its DataLoader then indexes the whole dataset with the slice's row
+    numbers, so every rank calibrates on rows 0..N/R-1 and the rest is never seen."""
+    rank, world = torchrun_world()
+    if world == 1:
+        return ds
+    if len(ds) < world:
+        raise UserError(f"{len(ds)} calibration samples for {world} processes: each needs at least one")
+    return ds.select(range(len(ds) * rank // world, len(ds) * (rank + 1) // world))
+
+
+def calibration_share(record: dict):
+    """Records how many calibration samples llmcompressor's dataloader gives this process."""
+    import importlib
+    from compressed_tensors.utils import patch_attr
+    entry = importlib.import_module("llmcompressor.entrypoints.oneshot")   # the package re-exports a function of that name
+    original = entry.get_calibration_dataloader
+
+    def recorded(*a, **k):
+        loader = original(*a, **k)
+        record["samples"] = len(loader.sampler) if loader is not None else 0
+        return loader
+    return patch_attr(entry, "get_calibration_dataloader", recorded)
+
+
 # ---- the run
 
 
@@ -1640,11 +1739,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             print(f"calibration: {len(calib)} texts from {args.calib_jsonl or args.dataset}, held out for quality: {len(heldout)}")
         return 0
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    bf16_tmp = out.parent / f".{out.name}.bf16-{os.getpid()}"
+    rank, world = init_distributed()                 # after every check of the input: all ranks fail alike
+    pid = on_rank0(os.getpid)                        # the temp folders are rank 0's, shared by all ranks
+    tmp = out.parent / f".{out.name}.partial-{pid}"
+    bf16_tmp = out.parent / f".{out.name}.bf16-{pid}"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        src_dir = dequantize_to_temp(model_dir, bf16_tmp) if plan.is_mxfp4 else model_dir
+        src_dir = on_rank0(dequantize_to_temp, model_dir, bf16_tmp) if plan.is_mxfp4 else model_dir
         check_checkpoint_complete(src_dir, plan.config)
         ds = tokenized_dataset(calib, tokenizer, args.max_seq_length)
         log(f"calibration: {len(ds)} samples (<= {args.max_seq_length} tokens) from "
@@ -1656,22 +1757,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 "the flag applies to SparseGPT (--with-sparse)")
         import contextlib
         from llmcompressor import oneshot
+        share = {}
         with contextlib.ExitStack() as stack:
             stack.enter_context(cpu_safe_calibration())
+            stack.enter_context(calibration_share(share))
             if plan.sparse:
                 stack.enter_context(masked_gptq())
             if not args.no_share_hessians:
                 stack.enter_context(shared_input_hessians())
             if not args.propagate_all_experts:
                 stack.enter_context(routed_propagation())
-            oneshot(model=model, processor=tokenizer, dataset=ds, recipe=modifiers,
-                    num_calibration_samples=len(ds), max_seq_length=args.max_seq_length,
+            part = rank_share(ds)
+            oneshot(model=model, processor=tokenizer, dataset=part, recipe=modifiers,
+                    num_calibration_samples=len(part), max_seq_length=args.max_seq_length,
                     pipeline="basic" if args.no_sequential_update else "sequential",
                     moe_calibrate_all_experts=not args.routed_experts_only)
+        log(f"calibrated on {share.get('samples', '?')} of {len(ds)} samples", every_rank=world > 1)
         log(f"oneshot done in {time.time() - t0:.1f} s; saving to {out}")
-        tmp.mkdir(parents=True)
-        model.save_pretrained(str(tmp), save_compressed=True)
+        if rank == 0:
+            tmp.mkdir(parents=True)
+        model.save_pretrained(str(tmp), save_compressed=True)    # on every rank: it gathers, rank 0 writes
         del model
+        if leave_distributed():
+            log(f"done; rank 0 writes {out}", every_rank=True)
+            return 0
         tokenizer.save_pretrained(str(tmp))
         copy_side_files(src_dir, tmp)                      # the source's tokenizer / template / generation config win
         sparsity = None
@@ -1682,8 +1791,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                  "group_size_adjusted": [{"module": n, "in_features": i, "used": u} for n, i, _, u in plan.adjusted],
                  "calibration": {"source": args.calib_jsonl or args.dataset, "samples": len(ds),
                                  "max_seq_length": args.max_seq_length,
-                                 "all_experts": not args.routed_experts_only,
-                                 "shared_hessians": not args.no_share_hessians,
+                                 "all_experts": not args.routed_experts_only, "processes": world,
+                                 "shared_hessians": not args.no_share_hessians and world == 1,
                                  "propagation": "all experts" if args.propagate_all_experts else "routed experts"}}
         write_output_config(tmp, plan, None, extra)
         if plan.sparse:
@@ -1709,8 +1818,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(bf16_tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(bf16_tmp, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     log(f"wrote {out}: {human_bytes(size)} of safetensors in {time.time() - t0:.1f} s, "
         f"peak RSS {human_bytes(peak_rss_bytes())}")
@@ -3959,6 +4069,8 @@ Each backend runs in a worker process, so a CUDA fault is reported as that case'
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if torchrun_world()[1] > 1 and args.func is not cmd_quantize:
+            raise UserError("only quantize runs under torchrun (dequantize spreads shards with --workers N)")
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

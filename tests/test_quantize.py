@@ -8,6 +8,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -279,6 +281,62 @@ def test_other_causal_lm(quantized, tiny_llama):
     q = quality(out)
     assert q["same_experts"] is None and q["kl_mean"] < 0.05
     cg.load_quantized_model(out)
+
+
+# ---------------------------------------------------------------- several processes (torchrun)
+
+
+def torchrun(*args, nproc=2):
+    """`torchrun --nproc_per_node N compress_gptoss.py ARGS` (gloo on this CPU-only machine)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+           str(Path(cg.__file__)), *map(str, args)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_torchrun_splits_calibration_and_matches_one_process(gptq_w4a16, tiny_bf16, calib_jsonl, heldout_jsonl,
+                                                              tmp_path):
+    """Two ranks, half the samples each: GPTQ sums their Hessians, so it solves the same problem as one
+    process. Layer 0 comes out equal (>= 99.98% of its int4 values, five runs). Later layers vary from
+    run to run on CPU (89-100% equal): layer 1's Hessian is sometimes 0.1% off the one-process one, so
+    some rank propagates through layer 0 before every solved weight has reached it (cause inside
+    llmcompressor's shared-CPU-memory path, not found). Quality does not move: KL within 0.2% of the
+    one-process run in every run, whereas calibrating on the wrong half (llmcompressor 0.14's own split)
+    gives +35% KL and 75% equal values. Asserted: scales, zero points and unquantized tensors equal,
+    layer 0 >= 99.9% equal, the whole model >= 85%, KL within 5%."""
+    out = tmp_path / "ddp"
+    r = torchrun("quantize", "--model-in", tiny_bf16, "--calib-jsonl", calib_jsonl, "--eval-jsonl", heldout_jsonl,
+                 *QUANT_CALIB, "--output-dir", out, "--algo", "gptq", "--experts", "w4a16", "--mw", "w4a16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        assert re.search(rf"rank {rank}/2\] calibrated on 8 of 16 samples", r.stderr), r.stderr[-3000:]
+    assert "rank 1/2] done; rank 0 writes" in r.stderr
+    cg.load_quantized_model(out)
+    one, two = tensors(gptq_w4a16), tensors(out)
+    assert one.keys() == two.keys()
+    shifts = torch.arange(8, dtype=torch.int32) * 4
+    same = {}                                        # module -> (equal int4 values, all)
+    for k in one:
+        if k.endswith(".weight_packed"):
+            a, b = (one[k].unsqueeze(-1) >> shifts) & 0xF, (two[k].unsqueeze(-1) >> shifts) & 0xF
+            same[k] = (int((a == b).sum()), a.numel())
+        else:                                        # scales, zero points, router, embeddings, norms
+            assert torch.equal(one[k], two[k]), k
+    layer0 = [e / n for k, (e, n) in same.items() if ".layers.0." in k]
+    assert min(layer0) >= 0.999, same
+    assert sum(e for e, _ in same.values()) / sum(n for _, n in same.values()) >= 0.85, same
+    q1, q2 = quality(gptq_w4a16), quality(out)
+    assert q2["kl_mean"] == pytest.approx(q1["kl_mean"], rel=0.05), (q1["kl_mean"], q2["kl_mean"])
+    assert json.loads((out / "config.json").read_text())["gptoss_compressor"]["calibration"]["processes"] == 2
+
+
+def test_torchrun_bad_input_fails_on_every_rank(tiny_bf16, calib_jsonl, tmp_path):
+    r = torchrun("quantize", "--model-in", tmp_path / "nope", "--calib-jsonl", calib_jsonl)
+    assert r.returncode != 0
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 2 and all("does not exist" in e for e in errors), r.stderr[-2000:]
+    r = torchrun("dequantize", "--src", tiny_bf16, "--dst", tmp_path / "d")
+    assert "error: only quantize runs under torchrun" in r.stderr and r.returncode != 0
 
 
 # ---------------------------------------------------------------- dry run, naming, bad input
