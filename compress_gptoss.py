@@ -3860,7 +3860,7 @@ RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
                    help="RAM for the weights not being worked on, e.g. 48GB (compressed-tensors' "
                         "device_map='auto_offload' with max_memory={'cpu': SIZE}); one layer's work (its weights, "
                         "GPTQ Hessians, calibration activations) comes on top. Default: available RAM minus "
-                        "that work, logged. gpt-oss-120b: 30GB keeps the run near 55 GB")
+                        "that work, logged. gpt-oss-120b: 30GB puts the expected peak near 62 GB")
     q.add_argument("--offload-folder", metavar="DIR",
                    help="weights beyond --max-cpu-memory: fused experts rewritten per expert (up to the BF16 "
                         "model's size), other weights linked to the source shards; free space is checked first "
