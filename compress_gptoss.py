@@ -932,6 +932,8 @@ class QuantizePlan:
     total_params: int
     adjusted: list = field(default_factory=list)       # (module, in_features, requested, used)
     sparse: str | None = None
+    layer_params: int = 0                               # params of the largest decoder layer
+    layer_hessian_bytes: int = 0                        # GPTQ/SparseGPT Hessians of that layer (fp32 in x in)
 
     def group(self, name: str) -> GroupPlan:
         return next(g for g in self.groups if g.name == name)
@@ -1045,8 +1047,16 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
         out = Path(args.output_dir).expanduser()
     else:
         out = Path(output_name(model_dir, args, exp_spec, mw_spec, exp_algo, mw_algo))
+    per_layer: dict = {}
+    for n, p in model.named_parameters():
+        m = re.search(r"\.layers\.(\d+)\.", n)
+        if m:
+            per_layer[m.group(1)] = per_layer.get(m.group(1), 0) + p.numel()
+    layer = max(per_layer, key=per_layer.get) if per_layer else None
+    hessians = sum(4 * i * i for g in groups if g.algo == "gptq" for n, (_, i) in g.modules.items()
+                   if layer is not None and f".layers.{layer}." in n)
     return QuantizePlan(model_dir, config, is_mxfp4, groups, ignore, out, total_params, adjusted,
-                        args.mask if args.with_sparse else None)
+                        args.mask if args.with_sparse else None, max(per_layer.values(), default=0), hessians)
 
 
 def compact_targets(names: list[str], universe: list[str]) -> list[str]:
@@ -1550,19 +1560,136 @@ def calibration_share(record: dict):
 # ---- the run
 
 
-def load_model_for_quantization(model_dir: Path, device_map: str, offload_folder: str | None):
-    """BF16 model with linearized experts (llmcompressor's load_context: offloading + MoE)."""
+def parse_size(text: str, flag: str) -> int:
+    """'48GB', '1.5GiB', '800MB', '123456' (bytes) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text), re.I)
+    if not m:
+        raise UserError(f"{flag} {text}: not a size; write it like 48GB, 1.5GiB or 800MB")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " kmgt".index(m.group(2).lower() or " "))
+
+
+@dataclass
+class MemoryBudget:
+    """Where the weights of a `quantize` run live: up to `cpu_bytes` in RAM, the rest in `offload_dir`.
+
+    The work of one layer comes on top of the budget: its weights onloaded, its GPTQ Hessians
+    (fp32 in x in per Linear) and the calibration activations cached between layers."""
+    cpu_bytes: int
+    model_bytes: int
+    layer_bytes: int
+    work_bytes: int           # one layer's weights + Hessians + activations
+    offload_dir: Path
+    default: bool
+
+    @property
+    def disk_bytes(self) -> int:
+        """Weights beyond the budget: accelerate leaves them in the source files (a symlink each), but
+        llmcompressor's MoE linearization rewrites fused experts per expert into offload_dir."""
+        return max(self.model_bytes - self.cpu_bytes, 0)
+
+
+def memory_budget(plan: QuantizePlan, args, out: Path) -> MemoryBudget:
+    import psutil
+    hidden = int(plan.config.get("hidden_size") or 0)
+    activations = 2 * args.num_calibration_samples * args.max_seq_length * hidden * 2
+    layer = 2 * plan.layer_params
+    work = 2 * layer + plan.layer_hessian_bytes + activations
+    available = psutil.virtual_memory().available
+    if args.max_cpu_memory:
+        cpu, default = parse_size(args.max_cpu_memory, "--max-cpu-memory"), False
+    else:
+        cpu, default = max(available - work, 0), True
+    offload = Path(args.offload_folder).expanduser() if args.offload_folder else out.parent / f"{out.name}.offload"
+    b = MemoryBudget(cpu, 2 * plan.total_params, layer, work, offload, default)
+    log(f"RAM budget for weights {human_bytes(cpu)} ({'default: available ' + human_bytes(available) + ' - ' if default else '--max-cpu-memory; '}"
+        f"{human_bytes(work)} for one layer's work: weights {human_bytes(layer)} x 2, Hessians "
+        f"{human_bytes(plan.layer_hessian_bytes)}, activations {human_bytes(activations)}); "
+        f"expected peak ~{human_bytes(cpu + work)}; {human_bytes(b.disk_bytes)} of {human_bytes(b.model_bytes)} "
+        f"go to {offload}")
+    return b
+
+
+def estimated_output_bytes(plan: QuantizePlan) -> int:
+    """Compressed output: int4 ~0.53 byte/param with scales, int8 ~1.03, the rest BF16."""
+    quantized = sum(g.params for g in plan.groups)
+    packed = sum(g.params * (1.03 if g.scheme == "W8A8" else 0.53) for g in plan.groups)
+    return int(packed + 2 * (plan.total_params - quantized))
+
+
+def check_disk_space(needs: list[tuple[Path, int, str]]) -> None:
+    """One line and exit 2 before any work when a folder's file system cannot take what goes there."""
+    per_fs: dict = {}
+    for folder, nbytes, what in needs:
+        probe = folder
+        while not probe.exists():
+            probe = probe.parent
+        dev = probe.stat().st_dev
+        free, total, items = per_fs.get(dev, (shutil.disk_usage(probe).free, 0, []))
+        per_fs[dev] = (free, total + nbytes, items + [f"{what} {human_bytes(nbytes)} in {folder}"])
+    for free, total, items in per_fs.values():
+        need = int(total * 1.05)
+        if need > free:
+            raise UserError(f"not enough disk space: {', '.join(items)} need ~{human_bytes(need)}, "
+                            f"{human_bytes(free)} free there: free space, or point --offload-folder / "
+                            f"--output-dir elsewhere, or raise --max-cpu-memory")
+
+
+def remove_offload(folder: Path, created: bool) -> None:
+    """The offload folder is useless after the run (its files are named by object ids): ours goes,
+    a folder the user gave keeps everything but compressed-tensors' files."""
+    if created:
+        shutil.rmtree(folder, ignore_errors=True)
+    elif folder.exists():
+        for e in os.scandir(folder):
+            if e.name.startswith("ct_disk_cache"):
+                os.unlink(e.path)
+
+
+def offload_report(model, offload_dir: Path) -> str:
+    """Where the weights of a loaded model are: RAM, and disk (source files referenced / files written)."""
+    from compressed_tensors.offload.cache import DiskCache, OffloadCache
+    ram = disk = 0
+    for m in model.modules():
+        for cache in (m._parameters, m._buffers):
+            vals = cache.offloaded_values.values() if isinstance(cache, OffloadCache) else cache.values()
+            for t in vals:
+                if t is None:
+                    continue
+                if isinstance(cache, DiskCache):
+                    disk += t.numel() * t.element_size()
+                else:
+                    ram += t.numel() * t.element_size()
+    links = written = written_bytes = 0
+    if offload_dir.exists():
+        for e in os.scandir(offload_dir):
+            if e.is_symlink():
+                links += 1
+            elif e.is_file():
+                written += 1
+                written_bytes += e.stat().st_size
+    return (f"weights: {human_bytes(ram)} in RAM, {human_bytes(disk)} on disk; offload folder {offload_dir}: "
+            f"{written} files written ({human_bytes(written_bytes)}), {links} links to the source shards")
+
+
+def load_model_for_quantization(model_dir: Path, budget: MemoryBudget):
+    """BF16 model with linearized experts (llmcompressor's load_context: offloading + MoE).
+
+    With a budget, compressed-tensors' `device_map="auto_offload"` + `max_memory={"cpu": ...}` +
+    `offload_folder`: accelerate fills RAM up to the budget and leaves the rest in the safetensors
+    files; compressed-tensors' DiskCache then onloads one layer at a time in the sequential pipeline
+    and writes updated weights back to its folder."""
     import torch
     from transformers import AutoModelForCausalLM
     from llmcompressor.utils import load_context
-    dm = {"cpu-only": "cpu", "sequential": "cpu", "auto": "auto_offload"}[device_map]
-    kwargs = {"dtype": "auto", "device_map": dm}
-    if offload_folder:
-        kwargs["offload_folder"] = offload_folder
+    budget.offload_dir.mkdir(parents=True, exist_ok=True)
     with load_context():
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype="auto", device_map="auto_offload", max_memory={"cpu": budget.cpu_bytes},
+            offload_folder=str(budget.offload_dir))
     if model.dtype not in (torch.bfloat16, torch.float16):
         model = model.to(torch.bfloat16)
+    log(offload_report(model, budget.offload_dir))
     return model
 
 
@@ -1590,15 +1717,76 @@ def check_checkpoint_complete(model_dir: Path, config: dict) -> None:
                         f"an incomplete checkpoint; re-download it or re-run dequantize")
 
 
-def dequantize_to_temp(model_dir: Path, tmp: Path) -> Path:
-    """MXFP4 input: the streaming dequantize (section 3) into a temp folder, BF16 (exact)."""
+BF16_OF_NAME = ".gptoss-bf16-of.json"   # in a kept BF16 copy: the MXFP4 source it was made from
+
+
+def dequantize_persistent(model_dir: Path, bf16_dir: Path) -> Path:
+    """MXFP4 input: the streaming dequantize (section 3) into a folder that outlives a failed run.
+
+    A complete copy of the same source (same shard sizes) is reused as it is; a partial one is
+    finished with dequantize's --resume machinery; anything else in the folder is replaced."""
     src = inspect_source(model_dir)
-    tmp.mkdir(parents=True, exist_ok=True)
-    log(f"{model_dir} is MXFP4: dequantizing it to BF16 in {tmp} first "
-        f"(run `compress_gptoss.py dequantize --src {model_dir} --dst DIR` once to reuse it)")
-    _, weight_map = dequantize_stream(src, tmp, "bf16", pick_device("auto"), "error", False)
-    finish_output(model_dir, tmp, src.config, "bf16", weight_map)
-    return tmp
+    made_of = {"source": str(model_dir.resolve()), "shards": source_fingerprint(src)}
+    marker = bf16_dir / BF16_OF_NAME
+    if (bf16_dir / "config.json").exists():
+        if marker.exists() and read_json(marker, "") == made_of:
+            size = sum(p.stat().st_size for p in bf16_dir.glob("*.safetensors"))
+            log(f"reusing the BF16 copy {bf16_dir} from a previous run ({human_bytes(size)}, complete)")
+            return bf16_dir
+        log(f"{bf16_dir} holds another model: replacing it")
+        shutil.rmtree(bf16_dir)
+    resume = (bf16_dir / PROGRESS_NAME).exists()
+    if resume:
+        state = read_json(bf16_dir / PROGRESS_NAME, "")
+        if state.get("fingerprint", {}).get("source") != made_of["source"] or \
+                state.get("fingerprint", {}).get("shards") != made_of["shards"]:
+            shutil.rmtree(bf16_dir)
+            resume = False
+        else:
+            log(f"resuming the BF16 copy {bf16_dir}: {len(state.get('done', {}))} shards done by a previous run")
+    if not resume and bf16_dir.exists():
+        shutil.rmtree(bf16_dir)
+    bf16_dir.mkdir(parents=True, exist_ok=True)
+    log(f"{model_dir} is MXFP4: dequantizing it to BF16 in {bf16_dir} first (kept until quantize succeeds, "
+        f"reused by a rerun of the same command)")
+    _, weight_map = dequantize_stream(src, bf16_dir, "bf16", pick_device("auto"), "error", resume)
+    finish_output(model_dir, bf16_dir, src.config, "bf16", weight_map)
+    write_json_atomic(marker, made_of)
+    return bf16_dir
+
+
+def layer_progress():
+    """Context in which llmcompressor's sequential pipeline logs each finished subgraph (one decoder
+    layer; the last one is the norm + lm_head) with its time, an ETA and the process's memory.
+    Hooks LifecycleCallbacks.sequential_epoch_end, which the pipeline calls once per subgraph, and
+    its trace_subgraphs to learn how many there are."""
+    import contextlib
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.core import LifecycleCallbacks
+    import llmcompressor.pipelines.sequential.pipeline as seq
+    state = {"n": 0, "total": None, "t0": None, "last": None}
+    trace, epoch_end = seq.trace_subgraphs, LifecycleCallbacks.sequential_epoch_end
+
+    def traced(*a, **k):
+        subgraphs = trace(*a, **k)
+        state.update(total=len(subgraphs), t0=time.time(), last=time.time())
+        return subgraphs
+
+    def on_epoch_end(*a, **k):
+        out = epoch_end(*a, **k)
+        now = time.time()
+        state["n"] += 1
+        n, total = state["n"], state["total"] or 0
+        eta = (now - state["t0"]) / n * (total - n)
+        log(f"layer {n}/{total or '?'} done in {now - state['last']:.0f} s, ETA {eta / 60:.1f} min, "
+            f"RSS anonymous peak {human_bytes(sample_anon_rss())}, peak RSS {human_bytes(peak_rss_bytes())}")
+        state["last"] = now
+        return out
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(patch_attr(seq, "trace_subgraphs", traced))
+    stack.enter_context(patch_attr(LifecycleCallbacks, "sequential_epoch_end", on_epoch_end))
+    return stack
 
 
 def print_plan(plan: QuantizePlan, modifiers: list, args) -> None:
@@ -1739,18 +1927,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             print(f"calibration: {len(calib)} texts from {args.calib_jsonl or args.dataset}, held out for quality: {len(heldout)}")
         return 0
 
-    rank, world = init_distributed()                 # after every check of the input: all ranks fail alike
+    bf16_dir = out.parent / f"{out.name}.bf16"
+    budget = memory_budget(plan, args, out)
+    needs = [(budget.offload_dir, budget.disk_bytes, "offloaded weights"),
+             (out, estimated_output_bytes(plan), "the output")]
+    if plan.is_mxfp4:
+        have = sum(p.stat().st_size for p in bf16_dir.glob("*.safetensors")) if bf16_dir.exists() else 0
+        needs.append((bf16_dir, max(budget.model_bytes - have, 0), "the BF16 copy"))
+    check_disk_space(needs)                          # before the process group: all ranks fail alike
+    rank, world = init_distributed()
     pid = on_rank0(os.getpid)                        # the temp folders are rank 0's, shared by all ranks
     tmp = out.parent / f".{out.name}.partial-{pid}"
-    bf16_tmp = out.parent / f".{out.name}.bf16-{pid}"
+    offload_ours = args.offload_folder is None or not budget.offload_dir.exists()
+    if rank == 0:
+        remove_offload(budget.offload_dir, False)    # compressed-tensors' files of a killed run
     out.parent.mkdir(parents=True, exist_ok=True)
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))   # run the cleanup below
     try:
-        src_dir = on_rank0(dequantize_to_temp, model_dir, bf16_tmp) if plan.is_mxfp4 else model_dir
+        src_dir = on_rank0(dequantize_persistent, model_dir, bf16_dir) if plan.is_mxfp4 else model_dir
         check_checkpoint_complete(src_dir, plan.config)
         ds = tokenized_dataset(calib, tokenizer, args.max_seq_length)
         log(f"calibration: {len(ds)} samples (<= {args.max_seq_length} tokens) from "
             f"{args.calib_jsonl or args.dataset}; {len(heldout)} held-out texts for quality.json")
-        model = load_model_for_quantization(src_dir, args.device_map, args.offload_folder)
+        model = load_model_for_quantization(src_dir, budget)
         modifiers = build_modifiers(plan, args, model)
         if args.offload_hessians and not plan.sparse:
             log("--offload-hessians: llmcompressor 0.14's GPTQ keeps Hessians of the current layer only; "
@@ -1761,6 +1961,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         with contextlib.ExitStack() as stack:
             stack.enter_context(cpu_safe_calibration())
             stack.enter_context(calibration_share(share))
+            stack.enter_context(layer_progress())
             if plan.sparse:
                 stack.enter_context(masked_gptq())
             if not args.no_share_hessians:
@@ -1773,7 +1974,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                     pipeline="basic" if args.no_sequential_update else "sequential",
                     moe_calibrate_all_experts=not args.routed_experts_only)
         log(f"calibrated on {share.get('samples', '?')} of {len(ds)} samples", every_rank=world > 1)
-        log(f"oneshot done in {time.time() - t0:.1f} s; saving to {out}")
+        log(f"oneshot done in {time.time() - t0:.1f} s; saving to {out}; {offload_report(model, budget.offload_dir)}")
         if rank == 0:
             tmp.mkdir(parents=True)
         model.save_pretrained(str(tmp), save_compressed=True)    # on every rank: it gathers, rank 0 writes
@@ -1781,6 +1982,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if leave_distributed():
             log(f"done; rank 0 writes {out}", every_rank=True)
             return 0
+        remove_offload(budget.offload_dir, False)          # the quality pass below needs the space
         tokenizer.save_pretrained(str(tmp))
         copy_side_files(src_dir, tmp)                      # the source's tokenizer / template / generation config win
         sparsity = None
@@ -1810,17 +2012,35 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             write_output_config(tmp, plan, sparsity, extra)
         quality = None
         if not args.no_eval:
-            quality = evaluate_quality(src_dir, tmp, plan, heldout, tokenizer, min(args.max_seq_length, 512))
+            quality = evaluate_quality(src_dir, tmp, plan, heldout, tokenizer, min(args.max_seq_length, 512),
+                                       budget if budget.disk_bytes else None)
             write_json_atomic(tmp / "quality.json", quality)
             print_quality_table(quality)
         (tmp / "README.md").write_text(model_card(plan, args, quality))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except BaseException as e:
+        if isinstance(e, UserError):
+            raise
+        if plan.is_mxfp4 and (bf16_dir / BF16_OF_NAME).exists():
+            kept = f"the BF16 copy {bf16_dir} is kept and will be reused"
+        elif plan.is_mxfp4 and bf16_dir.exists():
+            kept = f"the partial BF16 copy {bf16_dir} is kept and will be finished"
+        else:
+            kept = "nothing else is kept (the input needs no BF16 copy)" if not plan.is_mxfp4 else "nothing is kept"
+        log(f"quantize stopped ({type(e).__name__}): rerun the same command to restart; {kept}; "
+            f"the offload folder {budget.offload_dir} is removed")
+        raise
     finally:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(bf16_tmp, ignore_errors=True)
+            remove_offload(budget.offload_dir, offload_ours)
+    if plan.is_mxfp4:
+        if args.keep_bf16:
+            log(f"--keep-bf16: the BF16 copy stays in {bf16_dir} (pass it as --model-in to skip the dequantize)")
+        else:
+            shutil.rmtree(bf16_dir, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     log(f"wrote {out}: {human_bytes(size)} of safetensors in {time.time() - t0:.1f} s, "
         f"peak RSS {human_bytes(peak_rss_bytes())}")
@@ -1845,13 +2065,16 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def load_quantized_model(path, decompress: bool = False):
+def load_quantized_model(path, decompress: bool = False, offload_dir: Path | None = None):
     """Load a quantized checkpoint written by `quantize` (GPT-OSS or any HF causal LM), on CPU.
 
     path: the output folder (config.json with a compressed-tensors quantization_config).
     decompress=False: weights stay compressed (int4 packed / int8 + scales); the first forward
         decompresses them (compressed-tensors' hook). decompress=True: dense BF16 weights now, with
         the quantization scheme still attached (activations of W8A8/W4A8 are fake-quantized).
+    offload_dir: read no weight now; every tensor stays in the checkpoint's files (compressed-tensors'
+        DiskCache links them from this folder) and is read when its module runs; decompress=True then
+        writes the dense weights there, one module at a time. RAM holds one module, disk the dense model.
     Returns the model in eval mode. Raises UserError when a tensor is missing or unexpected, so a
     half-loaded model is never returned.
     """
@@ -1873,7 +2096,9 @@ def load_quantized_model(path, decompress: bool = False):
     compressor.compress_model(model)            # the compressed parameter layout, still on meta
     expected = set(model.state_dict())
     seen, unexpected = set(), []
-    for f in checkpoint_files(path):
+    if offload_dir is not None:
+        link_checkpoint_tensors(model, path, expected, seen, unexpected, offload_dir)
+    for f in ([] if offload_dir is not None else checkpoint_files(path)):
         for name, t in load_file(str(f)).items():
             if name not in expected:
                 unexpected.append(name)
@@ -1889,8 +2114,11 @@ def load_quantized_model(path, decompress: bool = False):
             seen.add(name)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    still_meta = {n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta}
-    missing = sorted((expected - seen) & still_meta | still_meta)
+    if offload_dir is not None:      # meta by design (on disk); reading them to check would load them all
+        missing = sorted(expected - seen)
+    else:
+        still_meta = {n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta}
+        missing = sorted((expected - seen) & still_meta | still_meta)
     if missing or unexpected:
         raise UserError(f"{path}: {len(missing)} missing tensors ({', '.join(missing[:3])}) and "
                         f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}): not a checkpoint of this model")
@@ -1898,6 +2126,38 @@ def load_quantized_model(path, decompress: bool = False):
     if decompress:
         compressor.decompress_model(model)
     return model
+
+
+def link_checkpoint_tensors(model, path: Path, expected: set, seen: set, unexpected: list, offload_dir: Path) -> None:
+    """load_quantized_model(offload_dir=...): each module's tensors become compressed-tensors DiskCache
+    entries that point into the checkpoint's shards (a symlink each); nothing is read."""
+    import torch
+    from safetensors import safe_open
+    from compressed_tensors.offload import offload_module
+    from compressed_tensors.offload.cache import DiskCache
+    offload_dir.mkdir(parents=True, exist_ok=True)
+    owners = set()
+    for f in checkpoint_files(path):
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():
+                if name not in expected:
+                    unexpected.append(name)
+                    continue
+                sl = h.get_slice(name)
+                dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[sl.get_dtype()]
+                meta = torch.empty(sl.get_shape(), dtype=getattr(torch, dtype), device="meta")
+                owner, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+                if isinstance(getattr(owner, attr), torch.nn.Parameter):
+                    meta = torch.nn.Parameter(meta, requires_grad=False)
+                    setattr(owner, attr, meta)
+                else:
+                    owner._buffers[attr] = meta
+                DiskCache.create_checkpoint_symlink(meta, {"safetensors_file": str(f), "weight_name": name,
+                                                           "dtype": dtype}, str(offload_dir))
+                owners.add(name.rpartition(".")[0])
+                seen.add(name)
+    for name in owners:
+        offload_module(model.get_submodule(name), "cpu", "disk", offload_dir=str(offload_dir))
 
 
 def decompressed_weights(path: Path) -> dict:
@@ -1908,11 +2168,19 @@ def decompressed_weights(path: Path) -> dict:
             if hasattr(m, "quantization_scheme") and isinstance(m, torch.nn.Linear)}
 
 
-def load_reference_model(path: Path):
-    """The unquantized source, as transformers loads it (fused experts for GPT-OSS): the reference."""
+def load_reference_model(path: Path, budget: MemoryBudget | None = None):
+    """The unquantized source, as transformers loads it (fused experts for GPT-OSS): the reference.
+    With a budget, the weights beyond it stay in the source shards (compressed-tensors' auto_offload)."""
     import torch
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, device_map="cpu").eval()
+    if budget is None:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, device_map="cpu").eval()
+    from compressed_tensors.offload import load_offloaded_model
+    budget.offload_dir.mkdir(parents=True, exist_ok=True)
+    with load_offloaded_model():
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.bfloat16, device_map="auto_offload", max_memory={"cpu": budget.cpu_bytes},
+            offload_folder=str(budget.offload_dir)).eval()
 
 
 def router_recorder(model):
@@ -1962,34 +2230,63 @@ def quantized_fraction(path: Path, plan) -> dict:
     return out
 
 
-def evaluate_quality(src_dir: Path, q_dir: Path, plan, texts: list[str], tokenizer, max_len: int) -> dict:
-    """quality.json: the source (transformers, unquantized) against the output reloaded from disk."""
+def evaluate_quality(src_dir: Path, q_dir: Path, plan, texts: list[str], tokenizer, max_len: int,
+                     budget: MemoryBudget | None = None) -> dict:
+    """quality.json: the source (transformers, unquantized) against the output reloaded from disk.
+
+    One model at a time: the source runs every text first and its logits (BF16, as the model returns
+    them) go to a folder on disk; then the output runs and the metrics are computed text by text.
+    With a budget, both models keep the weights beyond it on disk (see load_reference_model and
+    load_quantized_model(offload_dir=...)), so RAM holds the budget + one text's logits."""
+    import gc
     import math
+    import tempfile
     import torch
     t0 = time.time()
     if not texts:
         log("quality: no held-out text left (pass more calibration texts or --eval-jsonl); skipped the metrics")
-    ref = load_reference_model(src_dir)
-    qm = load_quantized_model(q_dir, decompress=True)
-    rec_ref, h_ref = router_recorder(ref)
-    rec_q, h_q = router_recorder(qm)
-    nll_ref = nll_q = kl = agree = 0.0
-    tokens = 0
-    with torch.no_grad():
+    spill_root = budget.offload_dir if budget is not None else Path(q_dir).parent
+    spill_root.mkdir(parents=True, exist_ok=True)
+    spill = Path(tempfile.mkdtemp(prefix=".eval-logits-", dir=spill_root))
+    try:
+        ids_all = []
         for t in texts:
             ids = tokenizer(t, return_tensors="pt", truncation=True, max_length=max_len)["input_ids"]
-            if ids.shape[1] < 2:
-                continue
-            lr = ref(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-            lq = qm(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-            tgt = ids[0, 1:]
-            nll_ref -= float(lr.gather(-1, tgt[:, None]).sum())
-            nll_q -= float(lq.gather(-1, tgt[:, None]).sum())
-            kl += float((lr.exp() * (lr - lq)).sum())
-            agree += float((lr.argmax(-1) == lq.argmax(-1)).sum())
-            tokens += len(tgt)
-    for h in h_ref + h_q:
-        h.remove()
+            if ids.shape[1] >= 2:
+                ids_all.append(ids)
+        ref = load_reference_model(src_dir, budget)
+        rec_ref, h_ref = router_recorder(ref)
+        with torch.no_grad():
+            for i, ids in enumerate(ids_all):
+                torch.save(ref(input_ids=ids).logits[0, :-1].clone(), spill / f"{i}.pt")
+        for h in h_ref:
+            h.remove()
+        del ref
+        gc.collect()
+        spilled = sum(p.stat().st_size for p in spill.iterdir())
+        qm = load_quantized_model(q_dir, decompress=True,
+                                  offload_dir=None if budget is None else budget.offload_dir / "quantized")
+        rec_q, h_q = router_recorder(qm)
+        nll_ref = nll_q = kl = agree = 0.0
+        tokens = 0
+        with torch.no_grad():
+            for i, ids in enumerate(ids_all):
+                lr = torch.load(spill / f"{i}.pt").float().log_softmax(-1)
+                lq = qm(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+                tgt = ids[0, 1:]
+                nll_ref -= float(lr.gather(-1, tgt[:, None]).sum())
+                nll_q -= float(lq.gather(-1, tgt[:, None]).sum())
+                kl += float((lr.exp() * (lr - lq)).sum())
+                agree += float((lr.argmax(-1) == lq.argmax(-1)).sum())
+                tokens += len(tgt)
+        for h in h_q:
+            h.remove()
+        del qm
+        gc.collect()
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+    log(f"quality: source then output, one at a time; {human_bytes(spilled)} of source logits were on disk"
+        + (f"; weights beyond {human_bytes(budget.cpu_bytes)} read from disk" if budget is not None else ""))
     same = None
     if rec_ref and set(rec_ref) == set(rec_q):
         hits = total = 0
@@ -3991,9 +4288,21 @@ RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
     q.add_argument("--yes", action="store_true", help="answer yes to the install question")
     q.add_argument("--allow-fallback", action="store_true", help="W4A8 without a runtime: quantize W4A16 instead")
     q.add_argument("--device-map", choices=["auto", "sequential", "cpu-only"], default="sequential",
-                   help="sequential: weights in CPU RAM, each layer onloaded to the GPU in turn (if any); "
-                        "cpu-only: no GPU; auto: what does not fit in RAM goes to --offload-folder (default: %(default)s)")
-    q.add_argument("--offload-folder", metavar="DIR", help="--device-map auto: spill weights to disk here")
+                   help="sequential/auto: weights up to --max-cpu-memory in RAM, the rest on disk in "
+                        "--offload-folder, each layer onloaded (to the GPU, if any) in turn; cpu-only: the same "
+                        "without a GPU (default: %(default)s)")
+    q.add_argument("--max-cpu-memory", metavar="SIZE",
+                   help="RAM for the weights not being worked on, e.g. 48GB (compressed-tensors' "
+                        "device_map='auto_offload' with max_memory={'cpu': SIZE}); one layer's work (its weights, "
+                        "GPTQ Hessians, calibration activations) comes on top. Default: available RAM minus "
+                        "that work, logged. gpt-oss-120b: 30GB puts the expected peak near 62 GB")
+    q.add_argument("--offload-folder", metavar="DIR",
+                   help="weights beyond --max-cpu-memory: fused experts rewritten per expert (up to the BF16 "
+                        "model's size), other weights linked to the source shards; free space is checked first "
+                        "(default: <output-dir>.offload, removed at the end)")
+    q.add_argument("--keep-bf16", action="store_true",
+                   help="MXFP4 input: keep the BF16 copy (<output-dir>.bf16) after success; it is always kept "
+                        "after a failed or killed run and reused by a rerun of the same command")
     q.add_argument("--verbose", action="store_true", help="show llmcompressor's INFO log")
     q.set_defaults(func=cmd_quantize)
 

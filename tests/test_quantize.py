@@ -596,3 +596,112 @@ def test_shared_and_routed_give_the_same_checkpoint(shared_and_plain):
     qa, qb = quality(shared_out), quality(plain_out)
     assert qa["heldout_tokens"] == qb["heldout_tokens"] > 200
     assert abs(qa["kl_mean"] - qb["kl_mean"]) <= 0.02 * qb["kl_mean"], (qa["kl_mean"], qb["kl_mean"])
+
+
+# ---------------------------------------------------------------- RAM budget, disk offload, restart
+
+def offload_line(stderr: str):
+    """(RAM bytes, disk bytes, files written) from the 'weights: ... offload folder' log line after loading."""
+    m = re.search(r"weights: ([\d.]+) (\w+) in RAM, ([\d.]+) (\w+) on disk; offload folder \S+: (\d+) files written",
+                  stderr)
+    assert m, stderr[-3000:]
+    unit = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}
+    return float(m[1]) * unit[m[2]], float(m[3]) * unit[m[4]], int(m[5])
+
+
+@pytest.fixture(scope="session")
+def gptq_w4a16_budget(quantized, tiny_bf16):
+    """gptq_w4a16 with a RAM budget (1 MB) far below the model (2.9 MB of BF16): most weights on disk."""
+    return quantized("gptq-w4a16-budget", tiny_bf16, "--algo", "gptq", "--experts", "w4a16", "--mw", "w4a16",
+                     "--max-cpu-memory", "1MB")
+
+
+def test_budget_offloads_to_disk_and_cleans_up(gptq_w4a16_budget, gptq_w4a16):
+    r, out = gptq_w4a16_budget
+    assert r.returncode == 0, r.stderr[-3000:]
+    ram, disk, written = offload_line(r.stderr)
+    assert ram <= 1e6 and disk > 1.5e6 and written > 0
+    assert not out.with_name(out.name + ".offload").exists()
+    assert not list(out.parent.glob(f".{out.name}*")) and not list(out.parent.glob(".eval-logits-*"))
+    # progress: one line per subgraph (2 decoder layers + the lm_head), with an ETA and the memory
+    assert len(re.findall(r"layer \d/3 done in \d+ s, ETA [\d.]+ min, RSS anonymous peak", r.stderr)) == 3
+    # same output as the in-RAM run: the same GPTQ math, only where the weights wait differs.
+    # Tolerance 1e-6 relative (float sums in another order would show up far above it).
+    a, b = quality(out), quality(gptq_w4a16)
+    assert "weights beyond 1.0 MB read from disk" in r.stderr
+    for key in ("kl_mean", "top1_agreement", "same_experts"):
+        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-6)
+    ta, tb = tensors(out), tensors(gptq_w4a16)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_quality_pass_matches_the_formulas(gptq_w4a16_budget, tiny_bf16, heldout_jsonl):
+    """quality.json of the offloaded, one-model-at-a-time pass against the metrics computed here with
+    both models in RAM (transformers for the source, the loader for the output)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    r, out = gptq_w4a16_budget
+    tok = AutoTokenizer.from_pretrained(tiny_bf16)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_bf16, dtype=torch.bfloat16).eval()
+    qm = cg.load_quantized_model(out, decompress=True)
+    texts = [json.loads(line)["text"] for line in heldout_jsonl.read_text().splitlines()]
+    nll_r = nll_q = kl = top1 = n = 0
+    with torch.no_grad():
+        for t in texts:
+            ids = tok(t, return_tensors="pt", truncation=True, max_length=64)["input_ids"]
+            if ids.shape[1] < 2:
+                continue
+            p = torch.log_softmax(ref(input_ids=ids).logits[0, :-1].float(), -1)
+            q = torch.log_softmax(qm(input_ids=ids).logits[0, :-1].float(), -1)
+            y = ids[0, 1:]
+            nll_r += -p[torch.arange(len(y)), y].sum().item()
+            nll_q += -q[torch.arange(len(y)), y].sum().item()
+            kl += (p.exp() * (p - q)).sum().item()
+            top1 += (p.argmax(-1) == q.argmax(-1)).sum().item()
+            n += len(y)
+    got = quality(out)
+    assert got["heldout_tokens"] == n
+    assert got["perplexity"]["source"] == pytest.approx(float(torch.tensor(nll_r / n).exp()), rel=1e-5)
+    assert got["perplexity"]["quantized"] == pytest.approx(float(torch.tensor(nll_q / n).exp()), rel=1e-5)
+    assert got["kl_mean"] == pytest.approx(kl / n, rel=1e-4)
+    assert got["top1_agreement"] == pytest.approx(top1 / n, abs=1e-9)
+
+
+def test_stopped_mxfp4_run_keeps_bf16_and_restart_reuses_it(tiny_mxfp4, calib_jsonl, tmp_path):
+    """SIGTERM after the BF16 copy exists (while layer 2 is calibrated): one line says how to restart,
+    the copy stays; the same command again reuses it and removes it after success."""
+    import signal
+    import subprocess
+    from conftest import CLI
+    out = tmp_path / "q"
+    args = ["quantize", "--model-in", str(tiny_mxfp4), "--calib-jsonl", str(calib_jsonl), *QUANT_CALIB,
+            "--output-dir", str(out), "--no-eval", "--experts", "w4a16", "--mw", "w4a16"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.Popen(CLI + args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    lines = []
+    for line in p.stderr:
+        lines.append(line)
+        if "layer 1/3 done" in line:
+            p.send_signal(signal.SIGTERM)
+            break
+    rest = p.communicate(timeout=120)[1]
+    err = "".join(lines) + rest
+    assert p.returncode != 0, err[-3000:]
+    bf16 = tmp_path / "q.bf16"
+    stop = [line for line in err.splitlines() if "rerun the same command" in line]
+    assert len(stop) == 1 and str(bf16) in stop[0] and "kept and will be reused" in stop[0], err[-3000:]
+    assert (bf16 / "config.json").exists() and (bf16 / cg.BF16_OF_NAME).exists()
+    assert not out.exists() and not (tmp_path / "q.offload").exists()
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"reusing the BF16 copy {bf16}" in r.stderr and "dequantizing it to BF16" not in r.stderr
+    assert not bf16.exists() and (out / "config.json").exists()
+
+
+def test_too_small_disk_is_one_line(tiny_mxfp4, calib_jsonl, tmp_path, capsys, monkeypatch):
+    """The free-space check runs before any work (shutil.disk_usage says 1 MB is free)."""
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
+    errors, _ = bad(["--model-in", tiny_mxfp4, "--calib-jsonl", calib_jsonl, *QUANT_CALIB,
+                     "--max-cpu-memory", "1MB"], tmp_path, capsys)
+    assert len(errors) == 1 and "not enough disk space" in errors[0] and "the BF16 copy" in errors[0], errors
+    assert not (tmp_path / "out.bf16").exists() and not (tmp_path / "out.offload").exists()
