@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def dir_size(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.exists() else 0
+    """Bytes of the regular files (symlinks to the source shards not followed)."""
+    return sum(f.lstat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink()) if p.exists() else 0
 
 
 def run_sampled(cmd: list, offload: Path | None = None) -> dict:
@@ -65,7 +66,9 @@ def run_sampled(cmd: list, offload: Path | None = None) -> dict:
     t.join()
     return {"rc": proc.returncode, "wall_s": time.perf_counter() - t0, "peak_rss": peak["rss"],
             "peak_gpu_mib": peak["gpu_mib"], "peak_offload_bytes": peak["offload"], "log_tail": log[-4000:],
-            "passes": pass_times(log)}
+            "passes": pass_times(log),
+            "layers": re.findall(r"\] (layer \d+/\d+ done .*)", log),
+            "budget": re.findall(r"\] (RAM budget .*|weights: .* in RAM, .*)", log)}
 
 
 def seconds(hms: str) -> int:
@@ -105,6 +108,7 @@ def main():
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--work", default="/tmp/gptoss-bench")
+    ap.add_argument("--max-cpu-memory", help="pass to quantize (RAM budget for weights, e.g. 4GB)")
     ap.add_argument("--compare-share", action="store_true",
                     help="quantize twice: plain llmcompressor and our defaults (shared Hessians, routed propagation)")
     ap.add_argument("--out")
@@ -127,6 +131,9 @@ def main():
                       "--calib-jsonl", str(calib), "--num-calibration-samples", str(a.samples),
                       "--max-seq-length", str(a.seq_len), "--output-dir", str(out),
                       "--overwrite", "--no-eval", "--offload-folder", str(offload)]
+    if a.max_cpu_memory:
+        quantize += ["--max-cpu-memory", a.max_cpu_memory]
+        res["max_cpu_memory"] = a.max_cpu_memory
     if a.compare_share:
         res["quantize_plain"] = run_sampled(quantize + ["--no-share-hessians", "--propagate-all-experts"], offload=offload)
     res["quantize"] = run_sampled(quantize, offload=offload)
@@ -137,6 +144,8 @@ def main():
               f"peak GPU {r['peak_gpu_mib']/1024:.1f} GiB, offload {r['peak_offload_bytes']/2**30:.1f} GiB")
         if r["rc"]:
             print(r["log_tail"])
+        for line in r.get("budget", []) + r.get("layers", []):
+            print("   " + line)
         if r.get("passes"):
             print("   " + ", ".join(f"{k} {v} s" for k, v in r["passes"].items()))
     if a.compare_share and not res["quantize"]["rc"] and not res["quantize_plain"]["rc"]:

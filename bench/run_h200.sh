@@ -53,5 +53,5 @@ if has quantize; then
   fi
   python3 -c "import llmcompressor, compressed_tensors, datasets; print('llmcompressor', llmcompressor.__version__)"
   python3 bench/bench_quantize_scale.py --layers "${QLAYERS:-1}" --samples "${QSAMPLES:-64}" --seq-len "${QSEQ:-512}" \
-    ${COMPARE:+--compare-share} --out "$OUT/quantize_scale.json" 2>&1 | tail -60
+    ${COMPARE:+--compare-share} ${QMEM:+--max-cpu-memory $QMEM} --out "$OUT/quantize_scale.json" 2>&1 | tail -60
 fi

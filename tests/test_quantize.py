@@ -705,3 +705,19 @@ def test_too_small_disk_is_one_line(tiny_mxfp4, calib_jsonl, tmp_path, capsys, m
                      "--max-cpu-memory", "1MB"], tmp_path, capsys)
     assert len(errors) == 1 and "not enough disk space" in errors[0] and "the BF16 copy" in errors[0], errors
     assert not (tmp_path / "out.bf16").exists() and not (tmp_path / "out.offload").exists()
+
+
+def test_output_saved_in_shards_loads(tiny_bf16, calib_jsonl, tmp_path, monkeypatch):
+    """quantize saves in SAVE_SHARD_SIZE shards (the saver assembles one in RAM: the 50 GB default
+    would undo the RAM budget); forced to 300 KB here, the 1.4 MB output is several shards + index,
+    and the loader reads them all."""
+    monkeypatch.setattr(cg, "SAVE_SHARD_SIZE", "300KB")
+    out = tmp_path / "sharded"
+    rc = cg.main(["quantize", "--model-in", str(tiny_bf16), "--algo", "rtn", "--experts", "w4a16", "--mw", "w4a16",
+                  "--calib-jsonl", str(calib_jsonl), *QUANT_CALIB, "--output-dir", str(out), "--no-eval"])
+    assert rc == 0
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) >= 3 and (out / cg.INDEX_NAME).is_file(), shards
+    assert max(p.stat().st_size for p in shards) <= 400_000
+    model = cg.load_quantized_model(out)
+    assert not [n for n, p in model.named_parameters() if p.is_meta]
