@@ -331,10 +331,14 @@ def test_torchrun_splits_calibration_and_matches_one_process(gptq_w4a16, tiny_bf
 
 
 def test_torchrun_bad_input_fails_on_every_rank(tiny_bf16, calib_jsonl, tmp_path):
+    """Input checks run before the process group: no rank waits for another. torchrun stops the
+    other rank as soon as one exits, so 1 or 2 ranks get to print; each prints the one line, no
+    traceback of ours."""
     r = torchrun("quantize", "--model-in", tmp_path / "nope", "--calib-jsonl", calib_jsonl)
     assert r.returncode != 0
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-    assert len(errors) == 2 and all("does not exist" in e for e in errors), r.stderr[-2000:]
+    assert 1 <= len(errors) <= 2 and all("does not exist" in e for e in errors), r.stderr[-2000:]
+    assert "compress_gptoss.py\", line" not in r.stderr, r.stderr[-2000:]
     r = torchrun("dequantize", "--src", tiny_bf16, "--dst", tmp_path / "d")
     assert "error: only quantize runs under torchrun" in r.stderr and r.returncode != 0
 
