@@ -1757,8 +1757,9 @@ def dequantize_persistent(model_dir: Path, bf16_dir: Path) -> Path:
 
 
 def layer_progress():
-    """Context in which llmcompressor's sequential pipeline logs each finished subgraph (one decoder
-    layer; the last one is the norm + lm_head) with its time, an ETA and the process's memory.
+    """Context in which llmcompressor's sequential pipeline logs each finished subgraph (the first
+    holds the embeddings, then one per decoder layer, the last with the norm + lm_head) with its
+    time, an ETA and the process's memory.
     Hooks LifecycleCallbacks.sequential_epoch_end, which the pipeline calls once per subgraph, and
     its trace_subgraphs to learn how many there are."""
     import contextlib
@@ -1779,7 +1780,8 @@ def layer_progress():
         state["n"] += 1
         n, total = state["n"], state["total"] or 0
         eta = (now - state["t0"]) / n * (total - n)
-        log(f"layer {n}/{total or '?'} done in {now - state['last']:.0f} s, ETA {eta / 60:.1f} min, "
+        what = "embeddings" if n == 1 else f"decoder layer {n - 2}" + (" + head" if n == total else "")
+        log(f"step {n}/{total or '?'} ({what}) done in {now - state['last']:.0f} s, ETA {eta / 60:.1f} min, "
             f"RSS anonymous peak {human_bytes(sample_anon_rss())}, peak RSS {human_bytes(peak_rss_bytes())}")
         state["last"] = now
         return out
@@ -1958,6 +1960,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 "the flag applies to SparseGPT (--with-sparse)")
         import contextlib
         from llmcompressor import oneshot
+        import torch
+        torch.manual_seed(args.seed)   # llmcompressor shuffles the calibration samples with torch's RNG
         share = {}
         with contextlib.ExitStack() as stack:
             stack.enter_context(cpu_safe_calibration())
@@ -4259,6 +4263,9 @@ RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
     q.add_argument("--offload-hessians", action="store_true",
                    help="keep SparseGPT's Hessians on the CPU between uses (GPTQ in llmcompressor 0.14 holds "
                         "the current layer's only)")
+    q.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the calibration order (llmcompressor shuffles the samples): the same command "
+                        "gives the same output (default: %(default)s)")
     q.add_argument("--routed-experts-only", action="store_true",
                    help="calibrate each expert on the tokens routed to it only (default: every expert sees "
                         "every token, so rarely picked experts still get a Hessian)")

@@ -67,7 +67,7 @@ def run_sampled(cmd: list, offload: Path | None = None) -> dict:
     return {"rc": proc.returncode, "wall_s": time.perf_counter() - t0, "peak_rss": peak["rss"],
             "peak_gpu_mib": peak["gpu_mib"], "peak_offload_bytes": peak["offload"], "log_tail": log[-4000:],
             "passes": pass_times(log),
-            "layers": re.findall(r"\] (layer \d+/\d+ done .*)", log),
+            "layers": re.findall(r"\] (step \d+/\d+ .* done .*)", log),
             "budget": re.findall(r"\] (RAM budget .*|weights: .* in RAM, .*)", log)}
 
 

@@ -627,8 +627,9 @@ def test_budget_offloads_to_disk_and_cleans_up(gptq_w4a16_budget, gptq_w4a16):
     assert ram <= 1e6 and disk > 1.5e6 and written > 0
     assert not out.with_name(out.name + ".offload").exists()
     assert not list(out.parent.glob(f".{out.name}*")) and not list(out.parent.glob(".eval-logits-*"))
-    # progress: one line per subgraph (2 decoder layers + the lm_head), with an ETA and the memory
-    assert len(re.findall(r"layer \d/3 done in \d+ s, ETA [\d.]+ min, RSS anonymous peak", r.stderr)) == 3
+    # progress: one line per subgraph (embeddings, 2 decoder layers, the last with the head), ETA, memory
+    steps = re.findall(r"step (\d)/3 \(([a-z +0-9]+)\) done in \d+ s, ETA [\d.]+ min, RSS anonymous peak", r.stderr)
+    assert steps == [("1", "embeddings"), ("2", "decoder layer 0"), ("3", "decoder layer 1 + head")], steps
     # same output as the in-RAM run: the same GPTQ math, only where the weights wait differs.
     # Tolerance 1e-6 relative (float sums in another order would show up far above it).
     a, b = quality(out), quality(gptq_w4a16)
@@ -685,7 +686,7 @@ def test_stopped_mxfp4_run_keeps_bf16_and_restart_reuses_it(tiny_mxfp4, calib_js
     lines = []
     for line in p.stderr:
         lines.append(line)
-        if "layer 1/3 done" in line:
+        if "step 1/3 (embeddings) done" in line:
             p.send_signal(signal.SIGTERM)
             break
     rest = p.communicate(timeout=120)[1]
