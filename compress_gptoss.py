@@ -1672,6 +1672,14 @@ def offload_report(model, offload_dir: Path) -> str:
             f"{written} files written ({human_bytes(written_bytes)}), {links} links to the source shards")
 
 
+def offloaded_load_kwargs(budget: MemoryBudget) -> dict:
+    """from_pretrained arguments under compressed-tensors' load_offloaded_model: RAM up to the
+    budget, the rest left in the safetensors files / written to the offload folder."""
+    budget.offload_dir.mkdir(parents=True, exist_ok=True)
+    return {"device_map": "auto_offload", "max_memory": {"cpu": budget.cpu_bytes},
+            "offload_folder": str(budget.offload_dir)}
+
+
 def load_model_for_quantization(model_dir: Path, budget: MemoryBudget):
     """BF16 model with linearized experts (llmcompressor's load_context: offloading + MoE).
 
@@ -1682,11 +1690,8 @@ def load_model_for_quantization(model_dir: Path, budget: MemoryBudget):
     import torch
     from transformers import AutoModelForCausalLM
     from llmcompressor.utils import load_context
-    budget.offload_dir.mkdir(parents=True, exist_ok=True)
     with load_context():
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype="auto", device_map="auto_offload", max_memory={"cpu": budget.cpu_bytes},
-            offload_folder=str(budget.offload_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", **offloaded_load_kwargs(budget))
     if model.dtype not in (torch.bfloat16, torch.float16):
         model = model.to(torch.bfloat16)
     log(offload_report(model, budget.offload_dir))
@@ -2184,11 +2189,9 @@ def load_reference_model(path: Path, budget: MemoryBudget | None = None):
     if budget is None:
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, device_map="cpu").eval()
     from compressed_tensors.offload import load_offloaded_model
-    budget.offload_dir.mkdir(parents=True, exist_ok=True)
     with load_offloaded_model():
-        return AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch.bfloat16, device_map="auto_offload", max_memory={"cpu": budget.cpu_bytes},
-            offload_folder=str(budget.offload_dir)).eval()
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16,
+                                                    **offloaded_load_kwargs(budget)).eval()
 
 
 def router_recorder(model):
@@ -2486,6 +2489,44 @@ def _triton_kernels():
         tl.store(sx_ptr + row, a / 127.0)
 
     @triton.jit
+    def gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M):
+        """(pid_m, pid_n) of this program's output tile: bands of GROUP_M row-blocks, so that the
+        programs running together share their weight columns through L2."""
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        pids_in_band = GROUP_M * tl.cdiv(N, BLOCK_N)
+        first_m = (pid // pids_in_band) * GROUP_M
+        band_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        return first_m + (pid % pids_in_band) % band_m, (pid % pids_in_band) // band_m
+
+    @triton.jit
+    def store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, N, stride_ym, pid_m, pid_n,
+                   BLOCK_M, BLOCK_N, SPLIT_K):
+        """y tile = acc (fp32). SPLIT_K > 1: add acc into the fp32 workspace part_ptr [M, N] with
+        atomics and bump the tile's counter; the last program to arrive reads the sum, writes y and
+        zeroes the tile and its counter, so the workspace is clean for the next call (no memset)."""
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            p_ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            tl.atomic_add(p_ptrs, acc, mask=mask, sem="relaxed")
+            tl.debug_barrier()   # every thread's partial is issued before the tile's counter moves
+            tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
+            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                tl.debug_barrier()
+                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                total = tl.atomic_add(p_ptrs, zero, mask=mask, sem="relaxed")  # read at L2, not L1
+                total = tl.where(mask, total, 0.0)  # masked lanes of an atomic return garbage
+                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(p_ptrs, zero, mask=mask)
+                tl.store(count_ptr + tile, 0)
+
+    globals().update(gemm_tile=gemm_tile, store_tile=store_tile)   # jit functions are looked up as module globals
+
+    @triton.jit
     def int4_gemm_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
                          stride_xm, stride_wn, stride_sn, stride_ym,
                          A_MODE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
@@ -2510,19 +2551,9 @@ def _triton_kernels():
         multiplies the int8 activations exactly in fp16 (|x_q| <= 127) against q * scale; per
         channel (INT8_DOT) it is int8 x int8 -> int32 on the tensor cores and the scale comes last.
         SPLIT_K > 1 (small M: more programs streaming weights): program (tile, s) takes the s-th
-        share of K, adds its fp32 partial into part_ptr [M, N] with atomics and bumps the tile's
-        counter; the last one to arrive reads the sum, writes y and zeroes the tile and its counter,
-        so the workspace is clean for the next call without a memset launch."""
-        pid = tl.program_id(0)
+        share of K; store_tile sums the shares."""
         pid_k = tl.program_id(1)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        pids_in_band = GROUP_M * num_pid_n      # band of GROUP_M row-blocks: reuse W through L2
-        band = pid // pids_in_band
-        first_m = band * GROUP_M
-        band_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % pids_in_band) % band_m
-        pid_n = (pid % pids_in_band) // band_m
+        pid_m, pid_n = gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
@@ -2627,24 +2658,8 @@ def _triton_kernels():
             acc = acc * s.to(tl.float32)[None, :]
         if A_MODE != 0:
             acc = acc * s_x[:, None]
-        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        mask = m_mask[:, None] & n_mask[None, :]
-        if SPLIT_K == 1:
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
-            p_ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-            tl.atomic_add(p_ptrs, acc, mask=mask, sem="relaxed")
-            tl.debug_barrier()   # every thread's partial is issued before the tile's counter moves
-            tile = pid_m * num_pid_n + pid_n
-            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
-                tl.debug_barrier()
-                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                total = tl.atomic_add(p_ptrs, zero, mask=mask, sem="relaxed")  # read at L2, not L1
-                total = tl.where(mask, total, 0.0)  # masked lanes of an atomic return garbage
-                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
-                tl.store(p_ptrs, zero, mask=mask)
-                tl.store(count_ptr + tile, 0)
+        store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, N, stride_ym, pid_m, pid_n,
+                   BLOCK_M, BLOCK_N, SPLIT_K)
 
     @triton.jit
     def int4_k_order(wt):
@@ -2675,17 +2690,9 @@ def _triton_kernels():
         few rows: cheap, and it saves a launch).
         PREFETCH: the next group's words and scales are loaded before this group is computed
         (register double buffer), so DRAM latency overlaps the unpack; else CHUNKS groups per
-        iteration. SPLIT_K: as in int4_gemm_kernel (atomics + last-arriver fix-up)."""
-        pid = tl.program_id(0)
+        iteration. SPLIT_K: program (tile, s) takes the s-th share of the groups; store_tile sums them."""
         pid_k = tl.program_id(1)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        pids_in_band = GROUP_M * num_pid_n
-        band = pid // pids_in_band
-        first_m = band * GROUP_M
-        band_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % pids_in_band) % band_m
-        pid_n = (pid % pids_in_band) // band_m
+        pid_m, pid_n = gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
@@ -2778,24 +2785,8 @@ def _triton_kernels():
             acc = acc * s.to(tl.float32)[None, :]
         if A8:
             acc = acc * s_x[:, None]
-        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        mask = m_mask[:, None] & n_mask[None, :]
-        if SPLIT_K == 1:
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
-            p_ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-            tl.atomic_add(p_ptrs, acc, mask=mask, sem="relaxed")
-            tl.debug_barrier()
-            tile = pid_m * num_pid_n + pid_n
-            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
-                tl.debug_barrier()
-                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                total = tl.atomic_add(p_ptrs, zero, mask=mask, sem="relaxed")
-                total = tl.where(mask, total, 0.0)
-                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
-                tl.store(p_ptrs, zero, mask=mask)
-                tl.store(count_ptr + tile, 0)
+        store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, N, stride_ym, pid_m, pid_n,
+                   BLOCK_M, BLOCK_N, SPLIT_K)
 
     _TRITON_KERNELS = {"int8_rows": int8_rows_kernel, "int4_gemm": int4_gemm_kernel,
                        "int4_gemm_grouped": int4_gemm_grouped_kernel}
@@ -2899,17 +2890,18 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
     assert k % groups == 0, f"K={k} is not divisible into {groups} scale groups"
     group, per_channel = k // groups, groups == 1
     assert per_channel or group % 8 == 0, f"group size {group}: the kernel needs a multiple of 8 (one packed word)"
-    int8_dot = act == "a8" and per_channel     # groups: fp16 MMA on exact int8 values (see the kernel)
     cfg = config or int4_gemm_config(m, n, k, _sm_count(device))
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    part, count = _split_k_workspace(device, m, n, tiles) if cfg.split_k > 1 else (None, None)
+    block = max(256, 1 << (k - 1).bit_length())
+    quant = dict(BLOCK_K=min(block, 8192), ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
+                 enable_fp_fusion=False)
     chunk = 64 if per_channel else group
     if cfg.grouped and chunk in (32, 64, 128):
-        tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
-        part, count = _split_k_workspace(device, m, n, tiles) if cfg.split_k > 1 else (None, None)
         fuse = act == "a8" and cfg.fuse_act_quant and m <= cfg.block_m
         return _Int4Plan(
             cfg, 0 if act == "a16" else 2 if fuse else 1, -(-k // 8), (tiles, cfg.split_k), part, count,
-            dict(BLOCK_K=min(max(256, 1 << (k - 1).bit_length()), 8192), ONE_PASS=k <= 8192,
-                 num_warps=4 if k <= 4096 else 8, PERM_KW=1, enable_fp_fusion=False),
+            dict(quant, PERM_KW=1),
             dict(A8=act == "a8", FUSE=fuse, CHUNK=chunk, CHUNKS=max(1, cfg.k_per_iter // chunk),
                  PREFETCH=cfg.prefetch, PER_CHANNEL=per_channel,
                  W_LHS=cfg.w_lhs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
@@ -2918,16 +2910,13 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
             k, "int4_gemm_grouped")
     if cfg.grouped:
         cfg = replace(cfg, grouped=False)   # group size with no interleave tree (not 32/64/128): v1
+    int8_dot = act == "a8" and per_channel     # groups: fp16 MMA on exact int8 values (see the kernel)
     kw = max(32 if int8_dot else 16, cfg.k_per_iter // 8)
     fuse_rows = max(2, 1 << (m - 1).bit_length())
     mode = 0 if act == "a16" else 2 if cfg.fuse_act_quant and fuse_rows <= cfg.block_m else 1
-    block = max(256, 1 << (k - 1).bit_length())
-    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
-    part, count = _split_k_workspace(device, m, n, tiles) if cfg.split_k > 1 else (None, None)
     return _Int4Plan(
         cfg, mode, -(-k // 8), (tiles, cfg.split_k), part, count,
-        dict(BLOCK_K=min(block, 8192), ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
-             PERM_KW=kw, enable_fp_fusion=False),
+        dict(quant, PERM_KW=kw),
         dict(A_MODE=mode, GROUP=8 if per_channel else group, PER_CHANNEL=per_channel, INT8_DOT=int8_dot, KW=kw,
              W_LHS=cfg.w_lhs,
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
