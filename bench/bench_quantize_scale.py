@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """quantize at gpt-oss-120b scale: a checkpoint with the real layer dimensions but few layers.
 
-  python bench/bench_quantize_scale.py --layers 1 --samples 64 --seq-len 512 [--compare-share] [--out res.json]
+  python bench/bench_quantize_scale.py --layers 1 --samples 64 --seq-len 512 [--compare] [--out res.json]
 
 Builds (or reuses) random MXFP4 codes with gpt-oss-120b's dimensions, runs the real `dequantize`
 and then `quantize` (GPTQ W4A16 experts + attention) as subprocesses, and samples while each runs:
@@ -9,11 +9,11 @@ peak host RSS of the process tree (psutil), peak GPU memory in use (nvidia-smi),
 the disk used by the offload folder. Prints the per-layer figures and the projection to 36 layers
 (120b) and 24 layers (20b) with the arithmetic.
 
---compare-share runs quantize twice on the same checkpoint: "plain" (--no-share-hessians
---propagate-all-experts: llmcompressor 0.14 as it comes) and "defaults" (shared Hessians, routed
-propagation), and prints each one's wall time and its per-layer Calibrating / Propagating times
-read from llmcompressor's progress bars. (The two runs shuffle the calibration samples differently:
-llmcompressor's sampler is unseeded.)
+--compare runs quantize three times on the same checkpoint: "plain" (--no-share-hessians
+--propagate-all-experts --fp32-hessian-matmul: llmcompressor 0.14 as it comes), "fp32_matmul"
+(shared Hessians and routed propagation, fp32 Hessian matmuls) and "defaults", and prints each
+one's wall time and its per-layer Calibrating / Propagating times read from llmcompressor's
+progress bars.
 """
 import argparse
 import json
@@ -71,6 +71,33 @@ def run_sampled(cmd: list, offload: Path | None = None) -> dict:
             "budget": re.findall(r"\] (RAM budget .*|weights: .* in RAM, .*)", log)}
 
 
+def code_agreement(dir_a: Path, dir_b: Path) -> dict:
+    """Share of equal int4 codes over every *.weight_packed tensor (8 nibbles per int32) of two
+    quantize outputs, and the largest relative difference of their weight_scale tensors."""
+    import torch
+    from safetensors import safe_open
+
+    def tensors(d):
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                out.update({k: h.get_tensor(k) for k in h.keys() if k.endswith(("weight_packed", "weight_scale"))})
+        return out
+    ta, tb = tensors(dir_a), tensors(dir_b)
+    assert set(ta) == set(tb) and ta, (dir_a, dir_b)
+    equal = total = 0
+    scale_rel = 0.0
+    for k in ta:
+        if k.endswith("weight_packed"):
+            for shift in range(0, 32, 4):
+                equal += int((((ta[k] >> shift) & 0xF) == ((tb[k] >> shift) & 0xF)).sum())
+                total += ta[k].numel()
+        else:
+            x, y = ta[k].double(), tb[k].double()
+            scale_rel = max(scale_rel, float(((x - y).abs() / y.abs().clamp_min(1e-30)).max()))
+    return {"codes_equal": equal / total, "codes": total, "scale_max_rel": scale_rel}
+
+
 def seconds(hms: str) -> int:
     return sum(int(x) * 60 ** i for i, x in enumerate(reversed(hms.split(":"))))
 
@@ -109,8 +136,8 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--work", default="/tmp/gptoss-bench")
     ap.add_argument("--max-cpu-memory", help="pass to quantize (RAM budget for weights, e.g. 4GB)")
-    ap.add_argument("--compare-share", action="store_true",
-                    help="quantize twice: plain llmcompressor and our defaults (shared Hessians, routed propagation)")
+    ap.add_argument("--compare", action="store_true",
+                    help="quantize three times: plain llmcompressor, defaults with fp32 Hessian matmuls, defaults")
     ap.add_argument("--out")
     a = ap.parse_args()
     import tiny_gptoss
@@ -134,11 +161,18 @@ def main():
     if a.max_cpu_memory:
         quantize += ["--max-cpu-memory", a.max_cpu_memory]
         res["max_cpu_memory"] = a.max_cpu_memory
-    if a.compare_share:
-        res["quantize_plain"] = run_sampled(quantize + ["--no-share-hessians", "--propagate-all-experts"], offload=offload)
+    variants = {"quantize_plain": ["--no-share-hessians", "--propagate-all-experts", "--fp32-hessian-matmul"],
+                "quantize_fp32_matmul": ["--fp32-hessian-matmul"]} if a.compare else {}
+    for k, flags in variants.items():
+        res[k] = run_sampled(quantize + flags + ["--output-dir", str(work / k)], offload=offload)
     res["quantize"] = run_sampled(quantize, offload=offload)
     res["output_bytes"] = dir_size(out)
-    for k in ("dequantize", "quantize_plain", "quantize") if a.compare_share else ("dequantize", "quantize"):
+    if a.compare and not res["quantize"]["rc"] and not res["quantize_fp32_matmul"]["rc"]:
+        res["codes_fp32_matmul_vs_defaults"] = code_agreement(work / "quantize_fp32_matmul", out)
+        print("\nint4 codes equal, fp32 Hessian matmuls vs defaults: "
+              f"{res['codes_fp32_matmul_vs_defaults']['codes_equal']:.4%}; scales: max relative difference "
+              f"{res['codes_fp32_matmul_vs_defaults']['scale_max_rel']:.2e}")
+    for k in ["dequantize", *variants, "quantize"]:
         r = res[k]
         print(f"\n== {k}: rc {r['rc']}, wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss']/2**30:.1f} GiB, "
               f"peak GPU {r['peak_gpu_mib']/1024:.1f} GiB, offload {r['peak_offload_bytes']/2**30:.1f} GiB")
@@ -148,12 +182,15 @@ def main():
             print("   " + line)
         if r.get("passes"):
             print("   " + ", ".join(f"{k} {v} s" for k, v in r["passes"].items()))
-    if a.compare_share and not res["quantize"]["rc"] and not res["quantize_plain"]["rc"]:
-        p, d = res["quantize_plain"], res["quantize"]
-        print(f"\nplain / defaults: wall {p['wall_s']:.0f} s / {d['wall_s']:.0f} s = {p['wall_s'] / d['wall_s']:.2f}x")
-        for k in p["passes"]:
-            if d["passes"].get(k):
-                print(f"  {k}: {p['passes'][k]} s / {d['passes'][k]} s = {p['passes'][k] / d['passes'][k]:.2f}x")
+    d = res["quantize"]
+    for k in variants:
+        p = res[k]
+        if p["rc"] or d["rc"]:
+            continue
+        print(f"\n{k} / defaults: wall {p['wall_s']:.0f} s / {d['wall_s']:.0f} s = {p['wall_s'] / d['wall_s']:.2f}x")
+        for step in p["passes"]:
+            if d["passes"].get(step):
+                print(f"  {step}: {p['passes'][step]} s / {d['passes'][step]} s = {p['passes'][step] / d['passes'][step]:.2f}x")
     q = res["quantize"]
     if not q["rc"]:
         per_layer = q["wall_s"] / a.layers   # an upper bound: load, save and the embeddings are included

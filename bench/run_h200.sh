@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one device call (the lease is short; a fresh machine each
 # time). Usage on the GPU box, from the repo root:  OUT=/some/dir bash bench/run_h200.sh [steps]
-# steps: any of env tests decode qqq w4a8 e2e marginal quantize (default: env tests decode w4a8 e2e).
+# steps: any of env tests decode qqq w4a8 e2e marginal hessian hquality quantize (default: env tests decode w4a8 e2e).
 # qqq needs QQQ's source at $QQQ_SRC (no network there); quantize needs llmcompressor importable.
 # Figures land in $OUT as JSON.
 set -uo pipefail
@@ -44,14 +44,37 @@ if has marginal; then
   step "dequantize end to end at 1 and 3 layers of 120b dims: per-layer cost vs disk, projected to 36"
   python3 bench/bench_dequantize.py marginal --layers 1,3 --device cuda --work /tmp/gptoss-bench --out "$OUT/marginal.json"
 fi
-if has quantize; then
-  step "quantize GPTQ W4A16, 1 layer at 120b dims"
+if has hessian || has quantize; then
   # llmcompressor and the packages the image lacks travel as wheels in .whl (no network there)
   if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   python3 -c "import llmcompressor, compressed_tensors, datasets; print('llmcompressor', llmcompressor.__version__)"
+fi
+if has hessian; then
+  step "GPTQ Hessian matmul: fp32 vs tensor cores"
+  python3 -m pytest -q -p no:cacheprovider tests/test_quantize.py -k tensor_core_hessians 2>&1 | tail -3
+  python3 bench/bench_hessian_matmul.py --out "$OUT/hessian_matmul.json"
+fi
+if has hquality; then
+  step "tiny GPT-OSS, GPTQ W4A16 on the GPU: tensor-core vs fp32 Hessian matmuls, seeds 0 and 1"
+  # .tiny: a copy of the test fixture (training it here would cost device time); else train one
+  D=/tmp/hquality; rm -rf $D; mkdir -p $D
+  if [ -d .tiny ]; then cp -r .tiny $D/mxfp4; else python3 tests/tiny_gptoss.py $D/mxfp4; fi
+  python3 -c "import sys; sys.path.insert(0, 'tests'); import tiny_gptoss as t; t.corpus_jsonl('$D/calib.jsonl', 'train', 64); t.corpus_jsonl('$D/heldout.jsonl', 'heldout', 32)"
+  python3 compress_gptoss.py dequantize --src $D/mxfp4 --dst $D/bf16 --dtype bf16 --overwrite > $D/deq.log 2>&1 || tail -5 $D/deq.log
+  for v in "tc_seed0:--seed 0" "fp32_seed0:--seed 0 --fp32-hessian-matmul" "tc_seed1:--seed 1" "fp32_seed1:--seed 1 --fp32-hessian-matmul"; do
+    name=${v%%:*}
+    python3 compress_gptoss.py quantize --model-in $D/bf16 --experts w4a16 --mw w4a16 --calib-jsonl $D/calib.jsonl \
+      --eval-jsonl $D/heldout.jsonl --num-calibration-samples 64 --max-seq-length 512 --output-dir $D/$name \
+      --overwrite ${v#*:} > $D/$name.log 2>&1 || tail -5 $D/$name.log
+    cp $D/$name/quality.json "$OUT/hquality_$name.json" 2>/dev/null
+    python3 -c "import json; q = json.load(open('$D/$name/quality.json')); print('$name', 'KL', q['kl_mean'], 'top-1', q['top1_agreement'], 'tokens', q['heldout_tokens'])"
+  done
+fi
+if has quantize; then
+  step "quantize GPTQ W4A16, ${QLAYERS:-1} layer(s) at 120b dims"
   python3 bench/bench_quantize_scale.py --layers "${QLAYERS:-1}" --samples "${QSAMPLES:-64}" --seq-len "${QSEQ:-512}" \
-    ${COMPARE:+--compare-share} ${QMEM:+--max-cpu-memory $QMEM} --out "$OUT/quantize_scale.json" 2>&1 | tail -60
+    ${COMPARE:+--compare} ${QMEM:+--max-cpu-memory $QMEM} --out "$OUT/quantize_scale.json" 2>&1 | tail -60
 fi

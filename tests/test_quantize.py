@@ -606,6 +606,45 @@ def test_shared_and_routed_give_the_same_checkpoint(shared_and_plain):
     assert abs(qa["kl_mean"] - qb["kl_mean"]) <= 0.02 * qb["kl_mean"], (qa["kl_mean"], qb["kl_mean"])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tensor_core_hessians_equal_fp32_ones(device, dtype):
+    """The default Hessian matmul (BF16 products, fp32 sums) against llmcompressor's own fp32
+    accumulate_hessian and a float64 reference, on activations with outlier channels (per-channel
+    scales spread over e^+-4, like LLM hidden states). BF16: sample count bitwise equal, Hessian
+    within 1e-6 relative (Frobenius) of both (an output or inputs rounded to BF16/TF32 would be
+    ~1e-4 off; a GPU's unchunked 2048-token tensor-core matmul 4.5e-6). FP16: llmcompressor's path,
+    bitwise."""
+    import llmcompressor.modifiers.gptq.base as gptq_base
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian
+    K, tokens = (2880, 2048) if device == "cuda" else (192, 512)      # GPU: a gpt-oss sample's size
+    g = torch.Generator().manual_seed(0)
+    scales = torch.exp(1.5 * torch.randn(K, generator=g))
+    batches = [(torch.randn(1, tokens, K, generator=g) * scales).to(dtype).to(device) for _ in range(16)]
+    linear = torch.nn.Linear(K, 8, bias=False, device=device)
+
+    def accumulate(fn):
+        h, n = torch.zeros(K, K, device=device), torch.zeros((), device=device)
+        for x in batches:
+            h, n = fn(x, linear, h, n)
+        return h.double().cpu(), n.cpu()
+
+    h32, n32 = accumulate(accumulate_hessian)
+    with cg.tensor_core_hessians():
+        h, n = accumulate(gptq_base.accumulate_hessian)
+    assert gptq_base.accumulate_hessian is accumulate_hessian      # undone on exit
+    assert torch.equal(n, n32) and float(n) == 16
+    if dtype == torch.float16:
+        assert torch.equal(h, h32)
+        return
+    x64 = torch.cat([x.reshape(-1, K).double().cpu() for x in batches])
+    h64 = 2 * x64.T @ x64
+    assert float((h - h32).norm() / h32.norm()) <= 1e-6
+    assert float((h - h64).norm() / h64.norm()) <= 1e-6
+    assert float((h32 - h64).norm() / h64.norm()) <= 1e-6
+
+
 # ---------------------------------------------------------------- RAM budget, disk offload, restart
 
 def offload_line(stderr: str):
