@@ -1575,6 +1575,29 @@ def leave_distributed() -> bool:
     return rank != 0
 
 
+def solved_weights_barrier():
+    """Context in which every rank waits, after each subgraph's GPTQ solve, until all ranks have
+    solved theirs. On CPU the ranks share the weights' memory, and llmcompressor 0.14 skips its
+    broadcast of solved weights for CPU modules (`skip_cpu`), which was its only synchronization: a
+    rank that finished its share began the propagation pass through weights another rank was still
+    writing (the next layer's Hessian then came out ~0.1% off, a different amount every run).
+    Written by hand because llmcompressor has no barrier there; a no-op for one process."""
+    import contextlib
+    rank, world = torchrun_world()
+    if world == 1:
+        return contextlib.nullcontext()
+    import torch.distributed as dist
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.core import LifecycleCallbacks
+    epoch_end = LifecycleCallbacks.sequential_epoch_end
+
+    def epoch_end_then_barrier(*a, **k):
+        out = epoch_end(*a, **k)
+        dist.barrier()
+        return out
+    return patch_attr(LifecycleCallbacks, "sequential_epoch_end", epoch_end_then_barrier)
+
+
 def rank_share(ds):
     """This rank's slice of the calibration set (rank r of R: rows [N*r/R, N*(r+1)/R), llmcompressor's
     get_rank_partition bounds). Cut here, not by llmcompressor: 0.14's sampler does slice a dataset that
@@ -2017,6 +2040,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             stack.enter_context(cpu_safe_calibration())
             stack.enter_context(calibration_share(share))
             stack.enter_context(layer_progress())
+            stack.enter_context(solved_weights_barrier())
             if plan.sparse:
                 stack.enter_context(masked_gptq())
             if not args.no_share_hessians:

@@ -301,34 +301,37 @@ def torchrun(*args, nproc=2):
 def test_torchrun_splits_calibration_and_matches_one_process(gptq_w4a16, tiny_bf16, calib_jsonl, heldout_jsonl,
                                                               tmp_path):
     """Two ranks, half the samples each: GPTQ sums their Hessians, so it solves the same problem as one
-    process. Layer 0 comes out equal (>= 99.98% of its int4 values, five runs). Later layers vary from
-    run to run on CPU (89-100% equal): layer 1's Hessian is sometimes 0.1% off the one-process one, so
-    some rank propagates through layer 0 before every solved weight has reached it (cause inside
-    llmcompressor's shared-CPU-memory path, not found). Quality does not move: KL within 0.2% of the
-    one-process run in every run, whereas calibrating on the wrong half (llmcompressor 0.14's own split)
-    gives +35% KL and 75% equal values. Asserted: scales, zero points and unquantized tensors equal,
-    layer 0 >= 99.9% equal, the whole model >= 85%, KL within 5%."""
-    out = tmp_path / "ddp"
-    r = torchrun("quantize", "--model-in", tiny_bf16, "--calib-jsonl", calib_jsonl, "--eval-jsonl", heldout_jsonl,
-                 *QUANT_CALIB, "--output-dir", out, "--algo", "gptq", "--experts", "w4a16", "--mw", "w4a16")
-    assert r.returncode == 0, r.stderr[-3000:]
-    for rank in (0, 1):
-        assert re.search(rf"rank {rank}/2\] calibrated on 8 of 16 samples", r.stderr), r.stderr[-3000:]
-    assert "rank 1/2] done; rank 0 writes" in r.stderr
+    process, with the sums in another order. Run twice: bitwise the same output (before the barrier
+    after each solve, a rank could propagate through weights another rank was still writing, and
+    layer 1 came out 91-98% equal to the one-process run, a different share every run). Against one
+    process: scales, zero points and unquantized tensors equal, every layer >= 95% equal int4 values
+    (measured 100% and 98.3%: the summation order flips a few roundings), KL within 5%; calibrating
+    on the wrong half (llmcompressor 0.14's own split) gave +35% KL and 75% equal values."""
+    outs = [tmp_path / "ddp-a", tmp_path / "ddp-b"]
+    for out in outs:
+        r = torchrun("quantize", "--model-in", tiny_bf16, "--calib-jsonl", calib_jsonl, "--eval-jsonl", heldout_jsonl,
+                     *QUANT_CALIB, "--output-dir", out, "--algo", "gptq", "--experts", "w4a16", "--mw", "w4a16")
+        assert r.returncode == 0, r.stderr[-3000:]
+        for rank in (0, 1):
+            assert re.search(rf"rank {rank}/2\] calibrated on 8 of 16 samples", r.stderr), r.stderr[-3000:]
+        assert "rank 1/2] done; rank 0 writes" in r.stderr
+    out = outs[0]
     cg.load_quantized_model(out)
-    one, two = tensors(gptq_w4a16), tensors(out)
-    assert one.keys() == two.keys()
+    one, two, again = tensors(gptq_w4a16), tensors(out), tensors(outs[1])
+    assert one.keys() == two.keys() == again.keys()
+    for k in two:
+        assert torch.equal(two[k], again[k]), k
     shifts = torch.arange(8, dtype=torch.int32) * 4
-    same = {}                                        # module -> (equal int4 values, all)
+    same = {}                                        # layer -> [equal int4 values, all]
     for k in one:
         if k.endswith(".weight_packed"):
             a, b = (one[k].unsqueeze(-1) >> shifts) & 0xF, (two[k].unsqueeze(-1) >> shifts) & 0xF
-            same[k] = (int((a == b).sum()), a.numel())
+            layer = same.setdefault(re.search(r"layers\.(\d+)\.", k)[1], [0, 0])
+            layer[0] += int((a == b).sum())
+            layer[1] += a.numel()
         else:                                        # scales, zero points, router, embeddings, norms
             assert torch.equal(one[k], two[k]), k
-    layer0 = [e / n for k, (e, n) in same.items() if ".layers.0." in k]
-    assert min(layer0) >= 0.999, same
-    assert sum(e for e, _ in same.values()) / sum(n for _, n in same.values()) >= 0.85, same
+    assert len(same) == 2 and all(e / n >= 0.95 for e, n in same.values()), same
     q1, q2 = quality(gptq_w4a16), quality(out)
     assert q2["kl_mean"] == pytest.approx(q1["kl_mean"], rel=0.05), (q1["kl_mean"], q2["kl_mean"])
     assert json.loads((out / "config.json").read_text())["gptoss_compressor"]["calibration"]["processes"] == 2
