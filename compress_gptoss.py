@@ -1358,7 +1358,8 @@ def shared_input_hessians():
     with equal data_ptr, shape, stride, dtype, device and _version (no in-place write since).
     prepare_batch pops and divides entry by entry (a new tensor each), so aliases are safe there.
     A distributed run reduces every entry across ranks, which would add an alias once per module:
-    sharing is off when torch.distributed is initialized (a log line says so).
+    there each alias becomes a copy just before the reduce (the calibration pass still skips the
+    matmuls; the reduce and the solve see one Hessian per module, as in plain llmcompressor).
     Written by hand because llmcompressor 0.14's GPTQ keeps one Hessian per module.
     """
     import contextlib
@@ -1371,16 +1372,10 @@ def shared_input_hessians():
     seen = {}        # (modifier id, input key) -> (weak reference to the input, module that accumulated it)
     owner_of = {}    # module skipping its matmul -> module whose Hessian it aliases
     calls = {}       # module -> hook calls: accumulations (owners) or matching skips (aliases)
-    stats = {"steps": 0, "modules": 0, "hessians": 0, "first": None, "dist_logged": False}
+    stats = {"steps": 0, "modules": 0, "hessians": 0, "first": None}
 
     def calibrate_module(self, module, args, _output):
         inp = args[0]
-        if is_distributed():
-            if not stats["dist_logged"]:
-                stats["dist_logged"] = True
-                log("GPTQ: torch.distributed is initialized: one Hessian per module (a rank-to-rank reduce "
-                    "of a shared Hessian would add it once per module)")
-            return original_calibrate(self, module, args, _output)
         if not isinstance(module, torch.nn.Linear) or not isinstance(inp, torch.Tensor):
             return original_calibrate(self, module, args, _output)
         key = (id(self), inp.data_ptr(), tuple(inp.shape), inp.stride(), inp.dtype, inp.device, inp._version)
@@ -1422,6 +1417,9 @@ def shared_input_hessians():
             stats["first"] = stats["first"] or (hessians, modules)
         for module in list(owner_of):
             if module in self._num_samples:
+                if is_distributed():     # the reduce adds each entry: it must not add one tensor twice
+                    self._hessians[module] = self._hessians[module].clone()
+                    self._num_samples[module] = self._num_samples[module].clone()
                 del owner_of[module]
         for module in list(calls):
             if module in self._num_samples:
@@ -2078,7 +2076,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                  "calibration": {"source": args.calib_jsonl or args.dataset, "samples": len(ds),
                                  "max_seq_length": args.max_seq_length,
                                  "all_experts": not args.routed_experts_only, "processes": world,
-                                 "shared_hessians": not args.no_share_hessians and world == 1,
+                                 "shared_hessians": not args.no_share_hessians,
                                  "hessian_matmul": "fp32" if args.fp32_hessian_matmul else "bf16 products, fp32 sums",
                                  "propagation": "all experts" if args.propagate_all_experts else "routed experts"}}
         write_output_config(tmp, plan, None, extra)

@@ -301,17 +301,20 @@ def torchrun(*args, nproc=2):
 def test_torchrun_splits_calibration_and_matches_one_process(gptq_w4a16, tiny_bf16, calib_jsonl, heldout_jsonl,
                                                               tmp_path):
     """Two ranks, half the samples each: GPTQ sums their Hessians, so it solves the same problem as one
-    process, with the sums in another order. Run twice: bitwise the same output (before the barrier
-    after each solve, a rank could propagate through weights another rank was still writing, and
-    layer 1 came out 91-98% equal to the one-process run, a different share every run). Against one
+    process, with the sums in another order. Run twice, with shared Hessians (default) and with
+    --no-share-hessians: bitwise the same output. That checks the shared Hessians' copy before the
+    rank-to-rank reduce (without it the reduce adds a shared Hessian once per module), and the barrier
+    after each solve (without it a rank could propagate through weights another rank was still
+    writing: layer 1 came out 91-98% equal to the one-process run, a different share every run). Against one
     process: scales, zero points and unquantized tensors equal, every layer >= 95% equal int4 values
     (measured 100% and 98.3%: the summation order flips a few roundings), KL within 5%; calibrating
     on the wrong half (llmcompressor 0.14's own split) gave +35% KL and 75% equal values."""
-    outs = [tmp_path / "ddp-a", tmp_path / "ddp-b"]
-    for out in outs:
+    outs = [tmp_path / "ddp-shared", tmp_path / "ddp-plain"]
+    for out, flags in zip(outs, ([], ["--no-share-hessians"])):
         r = torchrun("quantize", "--model-in", tiny_bf16, "--calib-jsonl", calib_jsonl, "--eval-jsonl", heldout_jsonl,
-                     *QUANT_CALIB, "--output-dir", out, "--algo", "gptq", "--experts", "w4a16", "--mw", "w4a16")
+                     *QUANT_CALIB, "--output-dir", out, "--algo", "gptq", "--experts", "w4a16", "--mw", "w4a16", *flags)
         assert r.returncode == 0, r.stderr[-3000:]
+        assert ("GPTQ: 7 Hessians for 16 modules" in r.stderr) == (not flags), r.stderr[-3000:]
         for rank in (0, 1):
             assert re.search(rf"rank {rank}/2\] calibrated on 8 of 16 samples", r.stderr), r.stderr[-3000:]
         assert "rank 1/2] done; rank 0 writes" in r.stderr
