@@ -190,14 +190,19 @@ def test_verify_model_without_gpu_runs_the_dense_fallback(w4a8_checkpoint):
 @needs_loader
 def test_verify_model_kernels_in_the_interpreter(w4a8_checkpoint):
     """The GPU path, run on the CPU by the Triton interpreter: every int4 Linear through the
-    built-in W4A8 kernel, against the dense decompression of the same checkpoint."""
+    built-in W4A8 kernel, against the dense decompression of the same checkpoint (activations
+    quantized by the same rule). Median KL per position, not the mean: on one training of the
+    fixture a router near-tie flipped an expert at 1 of 40 positions (0.47 nats there, mean
+    0.012; every module's output within bf16 rounding of the float64 reference); on another,
+    mean 2.0e-4."""
     pytest.importorskip("triton")
     r = run_cli("verify-runtime", "--model", w4a8_checkpoint, "--new-tokens", "2", "--json",
                 env={"TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(r.stdout)
     assert rep["kernels"]["w4a8"] >= 8 and rep["kernels"]["decompressed"] == 0
-    assert rep["agreement"]["kl_mean"] < 1e-2 and rep["agreement"]["top1_agreement"] >= 0.9
+    a = rep["agreement"]
+    assert a["kl_median"] < 1e-3 and a["top1_agreement"] >= 0.9, a
 
 
 def fake_qqq_tree(root: Path) -> Path:
