@@ -48,12 +48,15 @@ def module_bits(t: dict, module: str):
     return 16
 
 
+def nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """pack-quantized int32 words -> their 8 nibbles each (low first), as stored (+8 offset)."""
+    return (packed.unsqueeze(-1) >> (torch.arange(8, dtype=torch.int32) * 4)) & 0xF
+
+
 def unpack_int4_symmetric(t: dict, module: str) -> torch.Tensor:
     """Dense weight from pack-quantized int4 (8 nibbles per int32, low first, +8 offset), symmetric."""
-    packed = t[module + ".weight_packed"]
     out_f, in_f = t[module + ".weight_shape"].tolist()
-    shifts = torch.arange(8, dtype=torch.int32) * 4
-    q = ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(out_f, -1)[:, :in_f].float() - 8
+    q = nibbles(t[module + ".weight_packed"]).reshape(out_f, -1)[:, :in_f].float() - 8
     scale = t[module + ".weight_scale"].float()                 # [out, groups]
     assert module + ".weight_zero_point" not in t
     return q * scale.repeat_interleave(in_f // scale.shape[1], dim=1)
@@ -324,11 +327,10 @@ def test_torchrun_splits_calibration_and_matches_one_process(gptq_w4a16, tiny_bf
     assert one.keys() == two.keys() == again.keys()
     for k in two:
         assert torch.equal(two[k], again[k]), k
-    shifts = torch.arange(8, dtype=torch.int32) * 4
     same = {}                                        # layer -> [equal int4 values, all]
     for k in one:
         if k.endswith(".weight_packed"):
-            a, b = (one[k].unsqueeze(-1) >> shifts) & 0xF, (two[k].unsqueeze(-1) >> shifts) & 0xF
+            a, b = nibbles(one[k]), nibbles(two[k])
             layer = same.setdefault(re.search(r"layers\.(\d+)\.", k)[1], [0, 0])
             layer[0] += int((a == b).sum())
             layer[1] += a.numel()
