@@ -2460,6 +2460,21 @@ def pack_int4(q):
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+PLANAR_K = 256   # inputs per chunk of the planar layout: 32 words x 8 nibbles
+
+
+def int4_planar(weight_packed, in_features: int):
+    """pack-quantized int32 [N, ceil(K/8)] -> the planar layout of int4_gemm_planar_kernel, int32
+    [N, ceil(K/256) * 32]: K padded to whole 256-input chunks with q = 0, and in each chunk word w
+    holds input 32 j + w in nibble j. Done once per weight (load time): it costs one unpack."""
+    import torch
+    q = unpack_int4_packed(weight_packed, in_features)
+    n, pad = q.shape[0], -in_features % PLANAR_K
+    u = torch.nn.functional.pad(q.to(torch.int64) + 8, (0, pad), value=8).reshape(n, -1, 8, 32)
+    words = (u << (4 * torch.arange(8, device=q.device)).view(1, 1, 8, 1)).sum(2).reshape(n, -1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
 def scale_group_size(weight_scale, in_features: int) -> int:
     """The K span of one scale column: the group size, or K for per-channel ([N, 1])."""
     groups = weight_scale.shape[-1]
@@ -2854,10 +2869,125 @@ def _triton_kernels():
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, N, stride_ym, pid_m, pid_n,
                    BLOCK_M, BLOCK_N, SPLIT_K)
 
+    @triton.jit
+    def int4_gemm_planar_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
+                                stride_xm, stride_wn, stride_sn, stride_ym,
+                                A8: tl.constexpr, BF16: tl.constexpr, GROUP: tl.constexpr,
+                                X_PADDED: tl.constexpr, PREFETCH: tl.constexpr, W_LHS: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                                SPLIT_K: tl.constexpr):
+        """y = x @ dequant(W).T on weights re-laid out once by int4_planar: in each 256-input chunk
+        (32 words per column), nibble j of the 32 words is inputs 32j .. 32j + 31 in order, so one
+        shift-and-mask gives a [BLOCK_N, 32] operand of consecutive K (no shuffles) and one int8
+        MMA (K = 32, its native size) per slice; GROUP (32/64/128) slices' int32 sums are scaled
+        in fp32 (GROUP 0: per channel, scaled once after the K loop). A16: nibble -> fp16/bf16 by
+        the magic-number trick (0x6400 | u is 1024 + u in fp16, 0x4300 | u is 128 + u in bf16).
+        A8: x is int8 + s_x from int8_rows_kernel, zero-padded to whole chunks (X_PADDED)."""
+        pid_k = tl.program_id(1)
+        pid_m, pid_n = gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        offs_w = tl.arange(0, 32)
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_w[None, :]           # [BLOCK_N, 32]
+        if W_LHS:
+            x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_w[:, None]       # [32, BLOCK_M]
+            x_ok = m_mask[None, :]
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32 if (A8 and GROUP == 0) else tl.float32)
+        else:
+            x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_w[None, :]       # [BLOCK_M, 32]
+            x_ok = m_mask[:, None]
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if (A8 and GROUP == 0) else tl.float32)
+        n_chunks = tl.cdiv(K, 256)
+        per_split = tl.cdiv(n_chunks, SPLIT_K)
+        c_lo = pid_k * per_split
+        c_hi = tl.minimum(n_chunks, c_lo + per_split)
+        if PREFETCH:
+            wt_next = tl.load(w_rows + tl.minimum(c_lo, n_chunks - 1) * 32, mask=n_mask[:, None], other=-2004318072)
+        for c in range(c_lo, c_hi):
+            if PREFETCH:   # register double buffer: the next chunk's words are in flight during this one
+                wt = wt_next
+                wt_next = tl.load(w_rows + tl.minimum(c + 1, n_chunks - 1) * 32, mask=n_mask[:, None],
+                                  other=-2004318072)
+            else:
+                wt = tl.load(w_rows + c * 32, mask=n_mask[:, None], other=-2004318072)   # 0x88888888: q = 0
+            for j in tl.static_range(8):
+                k0 = c * 256 + j * 32
+                if X_PADDED:
+                    a = tl.load(x_tile + k0, mask=x_ok, other=0)
+                elif W_LHS:
+                    a = tl.load(x_tile + k0, mask=x_ok & ((k0 + offs_w) < K)[:, None], other=0)
+                else:
+                    a = tl.load(x_tile + k0, mask=x_ok & ((k0 + offs_w) < K)[None, :], other=0)
+                u = (wt >> (4 * j)) & 0xF                              # stored nibble: q + 8
+                if A8:
+                    b = (u - 8).to(tl.int8)
+                    if W_LHS:
+                        d = tl.dot(b, a, out_dtype=tl.int32)
+                    else:
+                        d = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+                else:
+                    if BF16:
+                        b = ((u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0).to(tl.bfloat16)
+                    else:
+                        b = ((u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0).to(tl.float16)
+                    if W_LHS:
+                        d = tl.dot(b, a)
+                    else:
+                        d = tl.dot(a, tl.trans(b))
+                if GROUP == 0:
+                    acc += d
+                else:
+                    if (j * 32) % GROUP == 0:
+                        part = d
+                    else:
+                        part += d
+                    if ((j + 1) * 32) % GROUP == 0:      # last slice of a scale group
+                        g = tl.minimum(k0 // GROUP, K // GROUP - 1)   # past K: q = 0, any real scale
+                        sc = tl.load(ws_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+                        if W_LHS:
+                            acc += part.to(tl.float32) * sc[:, None]
+                        else:
+                            acc += part.to(tl.float32) * sc[None, :]
+        if W_LHS:
+            acc = tl.trans(acc)
+        acc = acc.to(tl.float32)
+        if GROUP == 0:
+            s = tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
+            acc = acc * s.to(tl.float32)[None, :]
+        if A8:
+            s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
+            acc = acc * s_x[:, None]
+        store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, N, stride_ym, pid_m, pid_n,
+                   BLOCK_M, BLOCK_N, SPLIT_K)
+
+    @triton.jit
+    def int4_read_floor_kernel(w_ptr, out_ptr, N, KW_ALL, stride_wn, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+        """Benchmark floor, not a GEMM: reads the int4 words with an M <= 16 GEMM's grid and only
+        xors them (so the loads stay): what streaming the weights alone costs at this grid."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_w = tl.arange(0, 32)
+        chunks = tl.cdiv(KW_ALL, 32)
+        per_split = tl.cdiv(chunks, SPLIT_K)
+        acc = tl.zeros([BLOCK_N, 32], dtype=tl.int32)
+        for c in range(pid_k * per_split, tl.minimum(chunks, pid_k * per_split + per_split)):
+            words = c * 32 + offs_w
+            acc ^= tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + words[None, :],
+                           mask=(offs_n < N)[:, None] & (words < KW_ALL)[None, :], other=0)
+        tl.store(out_ptr + pid_n * SPLIT_K + pid_k, tl.xor_sum(tl.xor_sum(acc, 1), 0))
+
+    @triton.jit
+    def null_kernel(out_ptr):
+        """Benchmark floor: a launch that does nothing."""
+        pass
+
     # the kernels call these by name at compile time (the first launch), from the module's globals
     globals().update(gemm_tile=gemm_tile, store_tile=store_tile, int4_k_order=int4_k_order)
     _TRITON_KERNELS = {"int8_rows": int8_rows_kernel, "int4_gemm": int4_gemm_kernel,
-                       "int4_gemm_grouped": int4_gemm_grouped_kernel}
+                       "int4_gemm_grouped": int4_gemm_grouped_kernel, "int4_gemm_planar": int4_gemm_planar_kernel,
+                       "int4_read_floor": int4_read_floor_kernel, "null": null_kernel}
     return _TRITON_KERNELS
 
 
@@ -2875,10 +3005,11 @@ class Int4GemmConfig:
     split_k: int = 1       # programs sharing one output tile along K (atomics + last-arriver fixup)
     w_lhs: bool = True     # weights as the dot's left operand (y^T = W x^T), see the kernel
     grouped: bool = False  # int4_gemm_grouped_kernel (one dot per scale group) instead of int4_gemm_kernel
-    prefetch: bool = False  # grouped: next group's weights loaded before this one is computed
+    prefetch: bool = False  # grouped/planar: next group's (chunk's) weights loaded before this one is computed
+    planar: bool = False   # int4_gemm_planar_kernel on weights re-laid out by int4_planar (load time)
 
     def label(self) -> str:
-        return (("GP" if self.prefetch else "G" if self.grouped else "") + f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
+        return (("P" if self.planar else "") + ("GP" if self.prefetch else "G" if self.grouped else "") + f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
                 + (f"x{self.split_k}" if self.split_k > 1 else "") + ("F" if self.fuse_act_quant else "")
                 + ("" if self.w_lhs else "R"))
 
@@ -2965,6 +3096,17 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
     quant = dict(BLOCK_K=min(block, 8192), ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
                  enable_fp_fusion=False)
     chunk = 64 if per_channel else group
+    if cfg.planar and (per_channel or group in (32, 64, 128)):
+        kp = -(-k // PLANAR_K) * PLANAR_K
+        return _Int4Plan(
+            cfg, 0 if act == "a16" else 1, kp // 8, (tiles, cfg.split_k), part, count, dict(quant, PERM_KW=1),
+            dict(A8=act == "a8", BF16=dtype == torch.bfloat16, GROUP=0 if per_channel else group,
+                 X_PADDED=act == "a8", PREFETCH=cfg.prefetch, W_LHS=cfg.w_lhs, BLOCK_M=cfg.block_m,
+                 BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
+                 num_stages=cfg.num_stages),
+            kp, "int4_gemm_planar")
+    if cfg.planar:
+        cfg = replace(cfg, planar=False, grouped=True)   # a group size the planar kernel does not take
     if cfg.grouped and chunk in (32, 64, 128):
         fuse = act == "a8" and cfg.fuse_act_quant and m <= cfg.block_m
         return _Int4Plan(
@@ -2996,10 +3138,11 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
 
 
 def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
-                config: Int4GemmConfig | None = None):
+                config: Int4GemmConfig | None = None, planar=None):
     """y = x @ W.T (+ bias) with W in compressed-tensors pack-quantized int4 (symmetric).
     x: [..., K] fp16/bf16 on a CUDA device (or CPU under TRITON_INTERPRET=1); act "a8" (per-token
-    int8 activations) or "a16". Output dtype = x dtype."""
+    int8 activations) or "a16". Output dtype = x dtype. planar: int4_planar(weight_packed, K), made
+    once by the caller, for configs that use the planar kernel (else made here, on every call)."""
     import torch
     k = x.shape[-1]
     n = weight_packed.shape[0]
@@ -3021,6 +3164,9 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     kern = _TRITON_KERNELS or _triton_kernels()
+    if plan.kernel == "int4_gemm_planar":
+        wp = int4_planar(weight_packed, k) if planar is None else planar
+        assert wp.shape == (n, plan.kw) and wp.dtype == torch.int32, f"planar weights {tuple(wp.shape)} do not fit K={k}"
     if plan.mode == 1:
         kp = plan.k_padded   # x_q in the GEMM's K order, padded to whole K steps
         xa = torch.empty(m, kp, device=device, dtype=torch.int8)
@@ -3195,20 +3341,23 @@ def backend_label(backend: str, group) -> str:
 
 
 def sweep_configs(m: int) -> list[Int4GemmConfig]:
-    """Alternatives timed by --sweep (graph timing) next to int4_gemm_config's pick: the
-    one-dot-per-group kernel (grouped=True) over tile, K per iteration, split-K and pipelining."""
+    """Alternatives timed by --sweep (graph timing) next to int4_gemm_config's pick: the planar
+    kernel over tile, split-K, prefetch and pipelining, and the one-dot-per-group kernel (grouped=True;
+    at M <= 16 only run 7's runners-up, its full grid is in bench/RESULTS.md)."""
     C = Int4GemmConfig
     if m <= 16:
-        return [C(16, bn, 64, fuse, 4, st, split_k=sk, grouped=True, prefetch=True)
-                for bn in (32, 64, 128) for sk in (4, 8, 16) for fuse in (False, True) for st in (1, 2)
-                if not (bn == 32 and sk == 4) and not (bn == 128 and sk == 16)] + \
-               [C(16, 64, 64, True, 4, 4, split_k=8, grouped=True), C(16, 64, 128, True, 4, 4, split_k=4, grouped=True),
-                C(16, 64, 128, False, 4, 4, split_k=4, grouped=True, w_lhs=False),
-                C(16, 64, 64, False, 4, 4, split_k=8, grouped=True)]
+        return [C(16, bn, 256, False, 4, st, split_k=sk, planar=True, prefetch=pre)
+                for bn in (32, 64, 128) for sk in (2, 4, 8) for pre, st in ((True, 1), (False, 3))] + \
+               [C(16, 64, 256, False, 8, 1, split_k=4, planar=True, prefetch=True),
+                C(16, 128, 256, False, 8, 1, split_k=4, planar=True, prefetch=True)] + \
+               [C(16, bn, 64, False, 4, 1, split_k=sk, grouped=True, prefetch=True)
+                for bn, sk in ((32, 8), (32, 16), (64, 8), (128, 8))]
     if m <= 64:
         return [C(bm, bn, kpi, False, 4, 4, split_k=sk, grouped=True)
                 for bm in (32, 64) for bn in (64, 128) for kpi in (64, 128) for sk in (1, 2, 4)]
-    return [C(bm, bn, kpi, False, w, st, grouped=True, w_lhs=False)
+    return [C(bm, bn, 256, False, w, st, planar=True, w_lhs=lhs)
+            for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for st in (3, 4) for lhs in (False, True)] + \
+           [C(bm, bn, kpi, False, w, st, grouped=True, w_lhs=False)
             for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (128, 64, 4))
             for kpi, st in ((64, 4), (128, 3))] + \
            [C(128, 128, 64, False, 8, 4, split_k=2, grouped=True, w_lhs=False),
@@ -3312,9 +3461,10 @@ def _bench_one(job: dict, iters: int, graph: bool) -> dict:
         cfg = Int4GemmConfig(**job["config"]) if job.get("config") else int4_gemm_config(m, n, k)
         out["config"] = cfg.label()
         ref = int4_linear_reference(x, wp, ws, act=act)
+        planar = [int4_planar(w, k) if cfg.planar else None for w, _ in copies]   # load-time work: untimed
 
         def fn(i):
-            return int4_linear(x, copies[i][0], copies[i][1], act=act, config=cfg)
+            return int4_linear(x, copies[i][0], copies[i][1], act=act, config=cfg, planar=planar[i])
     elif backend in ("qqq", "qqq-gemm"):
         import copy
         qmod = _load_qqq_qlinear()

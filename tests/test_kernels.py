@@ -145,6 +145,31 @@ def grouped_kernel_every_switch():
 
 
 @case
+def planar_kernel_every_switch():
+    """int4_gemm_planar_kernel on int4_planar weights: group 32 / 64 / 128 and per channel, K = 320
+    (a 256 chunk and a padded 64 tail) and 640, prefetch on and off, more splits than chunks, both
+    operand orders, weights re-laid out by the caller or inside int4_linear; a second call gives the same y."""
+    C = c.Int4GemmConfig
+    worst = 0.0
+    for group in (32, 64, 128, None):
+        wp, ws = random_int4_layer(37, 640 if group == 128 else 320, group, seed=(group or 7) + 1)
+        k = wp.shape[1] * 8
+        planar = c.int4_planar(wp, k)
+        x = torch.randn(5, k, generator=torch.Generator().manual_seed(6)).to(torch.float16)
+        for act in ("a8", "a16"):
+            ref = c.int4_linear_reference(x, wp, ws, act=act)
+            for cfg, given in ((C(16, 32, 256, False, split_k=2, prefetch=True, planar=True), planar),
+                               (C(16, 16, 256, False, split_k=4, planar=True, w_lhs=False), planar),
+                               (C(32, 16, 256, False, planar=True), None)):
+                y1 = c.int4_linear(x, wp, ws, act=act, config=cfg, planar=given)
+                y2 = c.int4_linear(x, wp, ws, act=act, config=cfg, planar=given)
+                err = c.relative_error(y1, ref)
+                assert err <= TOL and torch.equal(y1, y2), (group, act, cfg.label(), err)
+                worst = max(worst, err)
+    return worst
+
+
+@case
 def bench_job_check_only_on_cpu():
     """The bench's per-job code (weights, references, error) on the CPU, without timing."""
     worst = 0.0
@@ -339,6 +364,51 @@ def test_grouped_kernel_compiles_for_gpus_without_a_gpu(cc):
         except TypeError as e:
             pytest.skip(f"triton {triton.__version__}: other ASTSource signature ({e})")
         ck = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": warps, "num_stages": 4})
+        assert (".s8.s8" in ck.asm["ptx"]) == a8, (consts, "int8 MMA expected exactly for A8")
+
+
+def test_planar_layout():
+    """int4_planar against its definition, element by element: chunk c, word w, nibble j holds
+    q[256 c + 32 j + w] + 8, and 8 (q = 0) past K."""
+    q = torch.randint(-8, 8, (3, 320), dtype=torch.int8, generator=torch.Generator().manual_seed(2))
+    planar = c.int4_planar(c.pack_int4(q), 320)
+    assert planar.shape == (3, 64) and planar.dtype == torch.int32
+    for row in range(3):
+        for chunk in range(2):
+            for w in range(32):
+                word = int(planar[row, chunk * 32 + w]) & 0xFFFFFFFF
+                for j in range(8):
+                    k = 256 * chunk + 32 * j + w
+                    assert (word >> (4 * j)) & 0xF == (int(q[row, k]) + 8 if k < 320 else 8), (row, k)
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_planar_kernel_compiles_for_gpus_without_a_gpu(cc):
+    """The planar kernel lowered for sm_80 / sm_90: A8 is an int8 tensor-core MMA, A16 is not."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        pytest.skip(f"triton {triton.__version__} has no ASTSource/GPUTarget: {e}")
+    kern = c._triton_kernels()["int4_gemm_planar"]
+    names = list(kern.arg_names)
+    ptr = {"x_ptr": "*fp16", "sx_ptr": "*fp32", "w_ptr": "*i32", "ws_ptr": "*fp16", "y_ptr": "*fp16",
+           "part_ptr": "*fp32", "count_ptr": "*i32"}
+    configs = [  # (A8, BF16, GROUP, PREFETCH, W_LHS, BLOCK_M, BLOCK_N, SPLIT_K, warps, x)
+        (True, False, 64, True, True, 16, 64, 4, 4, "*i8"), (False, False, 32, False, True, 16, 64, 4, 4, "*fp16"),
+        (True, False, 0, False, False, 128, 128, 1, 8, "*i8"), (False, True, 128, True, False, 64, 128, 1, 4, "*bf16")]
+    for a8, bf16, group, pre, lhs, bm, bn, split, warps, xdt in (configs if cc == 90 else configs[:2]):
+        consts = {"A8": a8, "BF16": bf16, "GROUP": group, "X_PADDED": a8, "PREFETCH": pre, "W_LHS": lhs,
+                  "BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "SPLIT_K": split}
+        sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in names}
+        sig["x_ptr"] = xdt
+        sig["y_ptr"] = "*bf16" if xdt == "*bf16" else "*fp16"
+        try:
+            src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+        except TypeError as e:
+            pytest.skip(f"triton {triton.__version__}: other ASTSource signature ({e})")
+        ck = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": warps, "num_stages": 3})
         assert (".s8.s8" in ck.asm["ptx"]) == a8, (consts, "int8 MMA expected exactly for A8")
 
 
