@@ -2585,15 +2585,31 @@ def _triton_kernels():
         return first_m + (pid % pids_in_band) % band_m, (pid % pids_in_band) // band_m
 
     @triton.jit
-    def store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, N, stride_ym, pid_m, pid_n,
-                   BLOCK_M, BLOCK_N, SPLIT_K):
+    def store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
+                   pid_k, BLOCK_M, BLOCK_N, SPLIT_K, SPLIT_STORES):
         """y tile = acc (fp32). SPLIT_K > 1: add acc into the fp32 workspace part_ptr [M, N] with
         atomics and bump the tile's counter; the last program to arrive reads the sum, writes y and
-        zeroes the tile and its counter, so the workspace is clean for the next call (no memset)."""
+        zeroes the tile and its counter, so the workspace is clean for the next call (no memset).
+        SPLIT_STORES: each share is stored in its own slice of part_ptr [SPLIT_K, M, N] instead (one
+        plain store per element, no float atomics), the last to arrive sums the slices in split
+        order: fewer L2 atomics, and the same y bits whatever order the programs finish in."""
         y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
         if SPLIT_K == 1:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        elif SPLIT_STORES:
+            slice_ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            tl.store(slice_ptrs + pid_k * M * N, acc, mask=mask)
+            tl.debug_barrier()   # every thread's share is stored before the tile's counter moves
+            tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
+            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                tl.debug_barrier()
+                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for s in range(SPLIT_K):
+                    total += tl.load(slice_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")  # L2, not L1
+                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(count_ptr + tile, 0)
         else:
             p_ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
             tl.atomic_add(p_ptrs, acc, mask=mask, sem="relaxed")
@@ -2616,7 +2632,7 @@ def _triton_kernels():
                          INT8_DOT: tl.constexpr, KW: tl.constexpr, W_LHS: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          FUSE_ROWS: tl.constexpr, QBLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         SPLIT_K: tl.constexpr):
+                         SPLIT_K: tl.constexpr, SPLIT_STORES: tl.constexpr):
         """y = x @ dequant(W).T for pack-quantized int4 W.
         A_MODE 0: x fp16/bf16 (W4A16). 1: x int8 + s_x from int8_rows_kernel (W4A8), stored in
            this kernel's K order (PERM_KW = KW).
@@ -2741,8 +2757,8 @@ def _triton_kernels():
             acc = acc * s.to(tl.float32)[None, :]
         if A_MODE != 0:
             acc = acc * s_x[:, None]
-        store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, N, stride_ym, pid_m, pid_n,
-                   BLOCK_M, BLOCK_N, SPLIT_K)
+        store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
+                   pid_k, BLOCK_M, BLOCK_N, SPLIT_K, SPLIT_STORES)
 
     @triton.jit
     def int4_k_order(wt):
@@ -2762,7 +2778,7 @@ def _triton_kernels():
                                  CHUNKS: tl.constexpr, PREFETCH: tl.constexpr,
                                  PER_CHANNEL: tl.constexpr, W_LHS: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-                                 SPLIT_K: tl.constexpr):
+                                 SPLIT_K: tl.constexpr, SPLIT_STORES: tl.constexpr):
         """y = x @ dequant(W).T, one tensor-core dot per scale group (int4_k_order): int8 x int8
         -> int32 for A8, fp16/bf16 x exact integers -> fp32 for A16; the group's scale multiplies
         the dot's result in fp32 (per channel: once, after the K loop).
@@ -2866,8 +2882,8 @@ def _triton_kernels():
             acc = acc * s.to(tl.float32)[None, :]
         if A8:
             acc = acc * s_x[:, None]
-        store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, N, stride_ym, pid_m, pid_n,
-                   BLOCK_M, BLOCK_N, SPLIT_K)
+        store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
+                   pid_k, BLOCK_M, BLOCK_N, SPLIT_K, SPLIT_STORES)
 
     @triton.jit
     def int4_gemm_planar_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
@@ -2875,7 +2891,7 @@ def _triton_kernels():
                                 A8: tl.constexpr, BF16: tl.constexpr, GROUP: tl.constexpr,
                                 X_PADDED: tl.constexpr, PREFETCH: tl.constexpr, W_LHS: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-                                SPLIT_K: tl.constexpr):
+                                SPLIT_K: tl.constexpr, SPLIT_STORES: tl.constexpr):
         """y = x @ dequant(W).T on weights re-laid out once by int4_planar: in each 256-input chunk
         (32 words per column), nibble j of the 32 words is inputs 32j .. 32j + 31 in order, so one
         shift-and-mask gives a [BLOCK_N, 32] operand of consecutive K (no shuffles) and one int8
@@ -2959,8 +2975,8 @@ def _triton_kernels():
         if A8:
             s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
             acc = acc * s_x[:, None]
-        store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, N, stride_ym, pid_m, pid_n,
-                   BLOCK_M, BLOCK_N, SPLIT_K)
+        store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
+                   pid_k, BLOCK_M, BLOCK_N, SPLIT_K, SPLIT_STORES)
 
     @triton.jit
     def int4_read_floor_kernel(w_ptr, out_ptr, N, KW_ALL, stride_wn, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -3007,10 +3023,11 @@ class Int4GemmConfig:
     grouped: bool = False  # int4_gemm_grouped_kernel (one dot per scale group) instead of int4_gemm_kernel
     prefetch: bool = False  # grouped/planar: next group's (chunk's) weights loaded before this one is computed
     planar: bool = False   # int4_gemm_planar_kernel on weights re-laid out by int4_planar (load time)
+    split_stores: bool = False  # split-K shares summed from per-split slices, not float atomics (store_tile)
 
     def label(self) -> str:
         return (("P" if self.planar else "") + ("GP" if self.prefetch else "G" if self.grouped else "") + f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
-                + (f"x{self.split_k}" if self.split_k > 1 else "") + ("F" if self.fuse_act_quant else "")
+                + (f"x{self.split_k}" if self.split_k > 1 else "") + ("S" if self.split_stores and self.split_k > 1 else "") + ("F" if self.fuse_act_quant else "")
                 + ("" if self.w_lhs else "R"))
 
 
@@ -3041,14 +3058,16 @@ _SPLIT_K_WORKSPACE: dict = {}
 _SM_COUNT: dict = {}
 
 
-def _split_k_workspace(device, m: int, n: int, tiles: int):
-    """fp32 partial sums [M, N] and int32 tile counters, zero and left zero by every call. One per
-    device: calls on one stream are ordered; concurrent streams would need their own."""
+def _split_k_workspace(device, elems: int, tiles: int, stores: bool = False):
+    """fp32 partial sums (elems: M * N, or SPLIT_K * M * N for split_stores) and int32 tile
+    counters; counters and the atomics' sums are zero and left zero by every call (the slices of
+    split_stores are overwritten, never read before written: their own buffer). One per device and
+    kind: calls on one stream are ordered; concurrent streams would need their own."""
     import torch
-    key = str(device)
+    key = (str(device), stores)
     part, count = _SPLIT_K_WORKSPACE.get(key, (None, None))
-    if part is None or part.numel() < m * n or count.numel() < tiles:
-        part = torch.zeros(max(m * n, 1 << 20), device=device, dtype=torch.float32)
+    if part is None or part.numel() < elems or count.numel() < tiles:
+        part = torch.zeros(max(elems, 1 << 20), device=device, dtype=torch.float32)
         count = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
         _SPLIT_K_WORKSPACE[key] = (part, count)
     return part, count
@@ -3091,7 +3110,8 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
     assert per_channel or group % 8 == 0, f"group size {group}: the kernel needs a multiple of 8 (one packed word)"
     cfg = config or int4_gemm_config(m, n, k, _sm_count(device))
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
-    part, count = _split_k_workspace(device, m, n, tiles) if cfg.split_k > 1 else (None, None)
+    part, count = (_split_k_workspace(device, m * n * (cfg.split_k if cfg.split_stores else 1), tiles,
+                                      cfg.split_stores) if cfg.split_k > 1 else (None, None))
     block = max(256, 1 << (k - 1).bit_length())
     quant = dict(BLOCK_K=min(block, 8192), ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
                  enable_fp_fusion=False)
@@ -3102,7 +3122,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
             cfg, 0 if act == "a16" else 1, kp // 8, (tiles, cfg.split_k), part, count, dict(quant, PERM_KW=1),
             dict(A8=act == "a8", BF16=dtype == torch.bfloat16, GROUP=0 if per_channel else group,
                  X_PADDED=act == "a8", PREFETCH=cfg.prefetch, W_LHS=cfg.w_lhs, BLOCK_M=cfg.block_m,
-                 BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
+                 BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, SPLIT_STORES=cfg.split_stores, num_warps=cfg.num_warps,
                  num_stages=cfg.num_stages),
             kp, "int4_gemm_planar")
     if cfg.planar:
@@ -3115,7 +3135,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
             dict(A8=act == "a8", FUSE=fuse, CHUNK=chunk, CHUNKS=max(1, cfg.k_per_iter // chunk),
                  PREFETCH=cfg.prefetch, PER_CHANNEL=per_channel,
                  W_LHS=cfg.w_lhs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
-                 SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                 SPLIT_K=cfg.split_k, SPLIT_STORES=cfg.split_stores, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                  enable_fp_fusion=False),   # fused quantization: x * inv and + 1.5 * 2^23 round separately
             k, "int4_gemm_grouped")
     if cfg.grouped:
@@ -3132,7 +3152,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
              FUSE_ROWS=fuse_rows if mode == 2 else 2,                     # constexprs fixed when unused:
              QBLOCK_K=max(256, 4096 // fuse_rows) if mode == 2 else 256,  # one compile per config
-             GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+             GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, SPLIT_STORES=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
              enable_fp_fusion=False),  # x * inv + 1.5 * 2^23 must round twice: no FMA contraction
         -(-k // (8 * kw)) * 8 * kw, "int4_gemm")
 
@@ -3347,16 +3367,16 @@ def sweep_configs(m: int) -> list[Int4GemmConfig]:
     C = Int4GemmConfig
     if m <= 16:
         return [C(16, bn, 256, False, 4, st, split_k=sk, planar=True, prefetch=pre)
-                for bn in (32, 64, 128) for sk in (2, 4, 8) for pre, st in ((True, 1), (False, 3))] + \
-               [C(16, 64, 256, False, 8, 1, split_k=4, planar=True, prefetch=True),
-                C(16, 128, 256, False, 8, 1, split_k=4, planar=True, prefetch=True)] + \
-               [C(16, bn, 64, False, 4, 1, split_k=sk, grouped=True, prefetch=True)
-                for bn, sk in ((32, 8), (32, 16), (64, 8), (128, 8))]
+                for bn in (32, 64, 128) for sk in (4, 8, 16) for pre, st in ((True, 1), (False, 3))] + \
+               [C(16, bn, 256, False, 4, 3, split_k=sk, planar=True, split_stores=True)
+                for bn in (32, 64) for sk in (4, 8, 16)] + \
+               [C(16, bn, 64, False, 4, 1, split_k=sk, grouped=True, prefetch=True, split_stores=stores)
+                for bn, sk in ((32, 8), (32, 16), (64, 8), (64, 16), (128, 8)) for stores in (False, True)]
     if m <= 64:
         return [C(bm, bn, kpi, False, 4, 4, split_k=sk, grouped=True)
                 for bm in (32, 64) for bn in (64, 128) for kpi in (64, 128) for sk in (1, 2, 4)]
-    return [C(bm, bn, 256, False, w, st, planar=True, w_lhs=lhs)
-            for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for st in (3, 4) for lhs in (False, True)] + \
+    return [C(bm, bn, 256, False, w, st, planar=True)   # planar with w_lhs=False: 4-6x slower in run 19
+            for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for st in (3, 4)] + \
            [C(bm, bn, kpi, False, w, st, grouped=True, w_lhs=False)
             for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (128, 64, 4))
             for kpi, st in ((64, 4), (128, 3))] + \

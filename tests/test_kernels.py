@@ -99,23 +99,29 @@ def every_config_bucket():
 
 @case
 def split_k_sums_and_leaves_workspace_clean():
-    """Split-K (atomics into a shared fp32 workspace, last program writes y): several splits,
-    more splits than K steps, both quantization modes; a second call must give the same y."""
+    """Split-K (atomics into a shared fp32 workspace, or per-split slices; the last program writes
+    y): several splits, more splits than K steps, both quantization modes, all three kernels,
+    the two kinds interleaved; a second call must give the same y."""
     wp, ws = random_int4_layer(37, 1216, 64)   # 4.75 K steps of 256
     x = torch.randn(3, 1216).to(torch.float16)
     worst = 0.0
     for act in ("a8", "a16"):
         ref = c.int4_linear_reference(x, wp, ws, act=act)
-        for split, fuse, kpi, lhs in ((2, True, 256, True), (4, False, 256, True), (8, True, 512, False),
-                                      (3, False, 128, False)):
-            cfg = c.Int4GemmConfig(16, 16, kpi, fuse, split_k=split, w_lhs=lhs)
+        C = c.Int4GemmConfig
+        for cfg in (C(16, 16, 256, True, split_k=2), C(16, 16, 256, False, split_k=4),
+                    C(16, 16, 64, False, split_k=4, grouped=True, prefetch=True, split_stores=True),  # slices
+                    C(16, 16, 512, True, split_k=8, w_lhs=False), C(16, 16, 128, False, split_k=3, w_lhs=False),
+                    C(16, 16, 256, False, split_k=3, planar=True, split_stores=True, w_lhs=False),
+                    C(16, 16, 256, False, split_k=8, planar=True)):
             y1 = c.int4_linear(x, wp, ws, act=act, config=cfg)
             y2 = c.int4_linear(x, wp, ws, act=act, config=cfg)
             err = c.relative_error(y1, ref)
             assert err <= TOL and c.relative_error(y2, ref) <= TOL, (act, cfg.label(), err)
+            assert torch.equal(y1, y2) or not cfg.split_stores, cfg.label()   # slices: summed in one order
             worst = max(worst, err)
-    part, count = c._SPLIT_K_WORKSPACE["cpu"]
+    part, count = c._SPLIT_K_WORKSPACE[("cpu", False)]
     assert not part.any() and not count.any()
+    assert not c._SPLIT_K_WORKSPACE[("cpu", True)][1].any()   # the slices' counters
     return worst
 
 
@@ -320,7 +326,7 @@ def test_kernels_compile_for_gpus_without_a_gpu(cc):
     for mode, group, per_ch, i8, kw, bm, bn, split, warps, xdt in (configs if cc == 90 else configs[:1]):
         consts = {"A_MODE": mode, "GROUP": group, "PER_CHANNEL": per_ch, "INT8_DOT": i8, "KW": kw, "W_LHS": bm != 64,
                   "BLOCK_M": bm,
-                  "BLOCK_N": bn, "FUSE_ROWS": 4, "QBLOCK_K": 1024, "GROUP_M": 8, "SPLIT_K": split}
+                  "BLOCK_N": bn, "FUSE_ROWS": 4, "QBLOCK_K": 1024, "GROUP_M": 8, "SPLIT_K": split, "SPLIT_STORES": False}
         sig = {n: consts.get(n) is not None and "constexpr" or ptr.get(n, "i32") for n in names}
         sig["x_ptr"] = xdt
         sig["y_ptr"] = "*bf16" if xdt == "*bf16" else "*fp16"
@@ -355,7 +361,8 @@ def test_grouped_kernel_compiles_for_gpus_without_a_gpu(cc):
         (False, False, 64, 2, False, True, False, 128, 64, 1, 4, "*fp16")]
     for a8, fuse, chunk, chunks, pre, per_ch, lhs, bm, bn, split, warps, xdt in (configs if cc == 90 else configs[:2]):
         consts = {"A8": a8, "FUSE": fuse, "CHUNK": chunk, "CHUNKS": chunks, "PREFETCH": pre, "PER_CHANNEL": per_ch,
-                  "W_LHS": lhs, "BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "SPLIT_K": split}
+                  "W_LHS": lhs, "BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "SPLIT_K": split,
+                  "SPLIT_STORES": split > 1 and pre}
         sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in names}
         sig["x_ptr"] = xdt
         sig["y_ptr"] = "*bf16" if xdt == "*bf16" else "*fp16"
@@ -400,7 +407,7 @@ def test_planar_kernel_compiles_for_gpus_without_a_gpu(cc):
         (True, False, 0, False, False, 128, 128, 1, 8, "*i8"), (False, True, 128, True, False, 64, 128, 1, 4, "*bf16")]
     for a8, bf16, group, pre, lhs, bm, bn, split, warps, xdt in (configs if cc == 90 else configs[:2]):
         consts = {"A8": a8, "BF16": bf16, "GROUP": group, "X_PADDED": a8, "PREFETCH": pre, "W_LHS": lhs,
-                  "BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "SPLIT_K": split}
+                  "BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "SPLIT_K": split, "SPLIT_STORES": split > 1 and a8}
         sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in names}
         sig["x_ptr"] = xdt
         sig["y_ptr"] = "*bf16" if xdt == "*bf16" else "*fp16"
