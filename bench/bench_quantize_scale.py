@@ -138,6 +138,8 @@ def main():
     ap.add_argument("--max-cpu-memory", help="pass to quantize (RAM budget for weights, e.g. 4GB)")
     ap.add_argument("--compare", action="store_true",
                     help="quantize three times: plain llmcompressor, defaults with fp32 Hessian matmuls, defaults")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="run the default quantize under cProfile: stats to FILE, the top functions to stdout")
     ap.add_argument("--out")
     a = ap.parse_args()
     import tiny_gptoss
@@ -165,7 +167,14 @@ def main():
                 "quantize_fp32_matmul": ["--fp32-hessian-matmul"]} if a.compare else {}
     for k, flags in variants.items():
         res[k] = run_sampled(quantize + flags + ["--output-dir", str(work / k)], offload=offload)
+    if a.profile:   # the same command under cProfile (its overhead inflates Python-heavy parts)
+        quantize = [sys.executable, "-m", "cProfile", "-o", a.profile] + quantize[1:]
     res["quantize"] = run_sampled(quantize, offload=offload)
+    if a.profile and Path(a.profile).exists():
+        import pstats
+        for key in ("cumulative", "tottime"):
+            print(f"\n== cProfile of quantize, top 35 by {key}")
+            pstats.Stats(a.profile).sort_stats(key).print_stats(35)
     res["output_bytes"] = dir_size(out)
     if a.compare and not res["quantize"]["rc"] and not res["quantize_fp32_matmul"]["rc"]:
         res["codes_fp32_matmul_vs_defaults"] = code_agreement(work / "quantize_fp32_matmul", out)
