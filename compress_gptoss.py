@@ -1000,6 +1000,8 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
                             f"use --{who}-algo gptq for {spec}")
     if args.group_size != -1 and args.group_size <= 0:
         raise UserError(f"--group-size {args.group_size}: pass a positive size (128, 64, ...) or -1 for per channel")
+    if args.calib_batch_size < 1:
+        raise UserError(f"--calib-batch-size {args.calib_batch_size}: pass 1 or more samples per forward")
     if args.with_sparse and not re.fullmatch(r"\d+:\d+", args.mask or ""):
         raise UserError(f"--mask {args.mask}: use N:M, e.g. 2:4")
     if not 0 < args.sparsity < 1:
@@ -1596,6 +1598,14 @@ def solved_weights_barrier():
     return patch_attr(LifecycleCallbacks, "sequential_epoch_end", epoch_end_then_barrier)
 
 
+def batched_tokens(lengths: list[int], batch: int) -> tuple[int, int]:
+    """(tokens kept, tokens given) when llmcompressor batches calibration samples: its
+    LengthAwareSampler orders them longest first (shuffling off) and its truncation collator cuts
+    each batch to its shortest sample."""
+    s = sorted(lengths, reverse=True)
+    return sum(min(s[i:i + batch]) * len(s[i:i + batch]) for i in range(0, len(s), batch)), sum(s)
+
+
 def rank_share(ds):
     """This rank's slice of the calibration set (rank r of R: rows [N*r/R, N*(r+1)/R), llmcompressor's
     get_rank_partition bounds). Cut here, not by llmcompressor: 0.14's sampler does slice a dataset that
@@ -2048,10 +2058,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             if not args.propagate_all_experts:
                 stack.enter_context(routed_propagation())
             part = rank_share(ds)
+            batching = {}
+            if args.calib_batch_size > 1:   # longest first, so a batch's samples are of similar length
+                batching = dict(batch_size=args.calib_batch_size, shuffle_calibration_samples=False)
+                kept, given = batched_tokens([len(r) for r in part["input_ids"]], args.calib_batch_size)
+                log(f"calibration batches of {args.calib_batch_size} samples, longest first: {kept} of {given} "
+                    f"tokens kept ({kept / given:.1%}; llmcompressor cuts each batch to its shortest sample)",
+                    every_rank=world > 1)
             oneshot(model=model, processor=tokenizer, dataset=part, recipe=modifiers,
                     num_calibration_samples=len(part), max_seq_length=args.max_seq_length,
                     pipeline="basic" if args.no_sequential_update else "sequential",
-                    moe_calibrate_all_experts=not args.routed_experts_only)
+                    moe_calibrate_all_experts=not args.routed_experts_only, **batching)
         log(f"calibrated on {share.get('samples', '?')} of {len(ds)} samples", every_rank=world > 1)
         log(f"oneshot done in {time.time() - t0:.1f} s; saving to {out}; {offload_report(model, budget.offload_dir)}")
         if rank == 0:
@@ -4514,6 +4531,13 @@ RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
     q.add_argument("--offload-hessians", action="store_true",
                    help="keep SparseGPT's Hessians on the CPU between uses (GPTQ in llmcompressor 0.14 holds "
                         "the current layer's only)")
+    q.add_argument("--calib-batch-size", type=int, default=1, metavar="N",
+                   help="calibration samples per forward pass (llmcompressor's batch_size; default: %(default)s). "
+                        "A forward through a linearized GPT-OSS layer calls every expert's three Linear through "
+                        "Python hooks, a fixed cost per call that batching divides (bench/RESULTS.md has the "
+                        "120b-layer timing); costs GPU memory for N samples' activations, and for samples of "
+                        "unequal length tokens: each batch is cut to its shortest sample (the log says how many "
+                        "are kept). Best with long equal-length samples, e.g. 2048-token chunks")
     q.add_argument("--seed", type=int, default=0, metavar="N",
                    help="seed of the calibration order (llmcompressor shuffles the samples): the same command "
                         "gives the same output (default: %(default)s)")

@@ -138,6 +138,8 @@ def main():
     ap.add_argument("--max-cpu-memory", help="pass to quantize (RAM budget for weights, e.g. 4GB)")
     ap.add_argument("--compare", action="store_true",
                     help="quantize three times: plain llmcompressor, defaults with fp32 Hessian matmuls, defaults")
+    ap.add_argument("--compare-batch", type=int, metavar="N",
+                    help="quantize twice: defaults (one sample per forward), then --calib-batch-size N")
     ap.add_argument("--profile", metavar="FILE",
                     help="run the default quantize under cProfile: stats to FILE, the top functions to stdout")
     ap.add_argument("--out")
@@ -165,6 +167,8 @@ def main():
         res["max_cpu_memory"] = a.max_cpu_memory
     variants = {"quantize_plain": ["--no-share-hessians", "--propagate-all-experts", "--fp32-hessian-matmul"],
                 "quantize_fp32_matmul": ["--fp32-hessian-matmul"]} if a.compare else {}
+    if a.compare_batch:
+        variants[f"quantize_batch{a.compare_batch}"] = ["--calib-batch-size", str(a.compare_batch)]
     for k, flags in variants.items():
         res[k] = run_sampled(quantize + flags + ["--output-dir", str(work / k)], offload=offload)
     if a.profile:   # the same command under cProfile (its overhead inflates Python-heavy parts)
@@ -176,6 +180,11 @@ def main():
             print(f"\n== cProfile of quantize, top 35 by {key}")
             pstats.Stats(a.profile).sort_stats(key).print_stats(35)
     res["output_bytes"] = dir_size(out)
+    batched = f"quantize_batch{a.compare_batch}"
+    if a.compare_batch and not res["quantize"]["rc"] and not res[batched]["rc"]:
+        res["codes_batch_vs_defaults"] = code_agreement(work / batched, out)
+        print(f"\nint4 codes equal, batch {a.compare_batch} vs batch 1: {res['codes_batch_vs_defaults']['codes_equal']:.4%}; "
+              f"scales: max relative difference {res['codes_batch_vs_defaults']['scale_max_rel']:.2e}")
     if a.compare and not res["quantize"]["rc"] and not res["quantize_fp32_matmul"]["rc"]:
         res["codes_fp32_matmul_vs_defaults"] = code_agreement(work / "quantize_fp32_matmul", out)
         print("\nint4 codes equal, fp32 Hessian matmuls vs defaults: "
