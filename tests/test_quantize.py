@@ -399,6 +399,7 @@ def bad(args, tmp_path, capsys, env=None, monkeypatch=None):
     (["--mw-type", "int8", "--mw-scheme", "w4a16"], r"--mw-type int8 does not go with --mw-scheme w4a16"),
     (["--algo", "smoothquant"], r"--algo smoothquant: unknown algorithm"),
     (["--group-size", "0"], r"--group-size 0: pass a positive size"),
+    (["--calib-batch-size", "0"], r"--calib-batch-size 0: pass 1 or more samples per forward"),
 ])
 def test_bad_recipe(flags, message, tiny_bf16, calib_jsonl, tmp_path, capsys):
     errors, _ = bad(["--model-in", tiny_bf16, "--calib-jsonl", calib_jsonl, *flags], tmp_path, capsys)
