@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from safetensors import safe_open
@@ -589,9 +590,20 @@ def test_shared_hessians_equal_plain_ones(shared_and_plain):
 
 
 def test_batched_tokens():
-    # longest first: [9, 5] -> 2 x 5, [4, 4] -> 2 x 4, [3] -> 3
-    assert cg.batched_tokens([5, 3, 9, 4, 4], 2) == (21, 25)
+    """Against hand arithmetic, and against the tokens llmcompressor's own calibration dataloader
+    delivers with the settings quantize passes (batch_size, shuffling off)."""
+    from llmcompressor.args import DatasetArguments
+    from llmcompressor.datasets.utils import format_calibration_data
+    lengths = [5, 3, 9, 4, 4]
+    assert cg.batched_tokens(lengths, 2) == (21, 25)   # longest first: [9, 5] -> 10, [4, 4] -> 8, [3] -> 3
     assert cg.batched_tokens([5, 3, 9], 1) == (17, 17)
+    ds = datasets.Dataset.from_dict({"input_ids": [list(range(1, n + 1)) for n in lengths],
+                                     "attention_mask": [[1] * n for n in lengths]})
+    for batch in (1, 2, 3):
+        args = DatasetArguments(batch_size=batch, shuffle_calibration_samples=False, max_seq_length=64,
+                                num_calibration_samples=len(lengths))
+        seen = sum(b["input_ids"].numel() for b in format_calibration_data(args, ds, None))
+        assert seen == cg.batched_tokens(lengths, batch)[0], (batch, seen)
 
 
 def test_calibration_batches_give_the_same_hessians(shared_and_plain, tiny_bf16, calib_jsonl, heldout_jsonl,
