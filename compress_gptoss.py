@@ -2485,11 +2485,9 @@ def int4_planar(weight_packed, in_features: int):
     [N, ceil(K/256) * 32]: K padded to whole 256-input chunks with q = 0, and in each chunk word w
     holds input 32 j + w in nibble j. Done once per weight (load time): it costs one unpack."""
     import torch
-    q = unpack_int4_packed(weight_packed, in_features)
-    n, pad = q.shape[0], -in_features % PLANAR_K
-    u = torch.nn.functional.pad(q.to(torch.int64) + 8, (0, pad), value=8).reshape(n, -1, 8, 32)
-    words = (u << (4 * torch.arange(8, device=q.device)).view(1, 1, 8, 1)).sum(2).reshape(n, -1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    q = torch.nn.functional.pad(unpack_int4_packed(weight_packed, in_features), (0, -in_features % PLANAR_K))
+    n = q.shape[0]   # [n, chunk, j, w] -> [n, chunk, w, j]: pack_int4 puts 8 consecutive values in one word
+    return pack_int4(q.reshape(n, -1, 8, 32).transpose(2, 3).reshape(n, -1))
 
 
 def scale_group_size(weight_scale, in_features: int) -> int:
@@ -2643,6 +2641,36 @@ def _triton_kernels():
                 tl.store(count_ptr + tile, 0)
 
     @triton.jit
+    def weight_dot(w, a, W_LHS, OUT_DTYPE):
+        """Weights w [BLOCK_N, K] against activations: a [K, BLOCK_M] -> a y^T tile (W_LHS), or
+        a [BLOCK_M, K] -> a y tile."""
+        if W_LHS:
+            d = tl.dot(w, a, out_dtype=OUT_DTYPE)
+        else:
+            d = tl.dot(a, tl.trans(w), out_dtype=OUT_DTYPE)
+        return d
+
+    @triton.jit
+    def add_scaled(acc, d, sc, W_LHS):
+        """acc + d * sc in fp32, sc one scale per output column (dim 0 of a y^T tile, 1 of a y tile)."""
+        if W_LHS:
+            acc += d.to(tl.float32) * sc[:, None]
+        else:
+            acc += d.to(tl.float32) * sc[None, :]
+        return acc
+
+    @triton.jit
+    def channel_scaled(acc, ws_ptr, offs_n, n_mask, stride_sn, W_LHS, PER_CHANNEL):
+        """The K loop's accumulator as an fp32 y tile [BLOCK_M, BLOCK_N], times the weights'
+        per-channel scale when PER_CHANNEL (the group scales are already in)."""
+        if W_LHS:
+            acc = tl.trans(acc)
+        acc = acc.to(tl.float32)
+        if PER_CHANNEL:
+            acc = acc * tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
     def int4_gemm_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
                          stride_xm, stride_wn, stride_sn, stride_ym,
                          A_MODE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
@@ -2766,12 +2794,7 @@ def _triton_kernels():
                         acc += tl.dot(a, b, out_dtype=tl.int32)
                     else:
                         acc += tl.dot(a, b)
-        if W_LHS:
-            acc = tl.trans(acc)
-        acc = acc.to(tl.float32)
-        if PER_CHANNEL:
-            s = tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
-            acc = acc * s.to(tl.float32)[None, :]
+        acc = channel_scaled(acc, ws_ptr, offs_n, n_mask, stride_sn, W_LHS, PER_CHANNEL)
         if A_MODE != 0:
             acc = acc * s_x[:, None]
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
@@ -2875,28 +2898,14 @@ def _triton_kernels():
                     a = ((v + 12582912.0) - 12582912.0).to(tl.int8)   # round half to even, as int8_rows_kernel
                 q = int4_k_order(wt)
                 if A8:
-                    if W_LHS:
-                        d = tl.dot(q.to(tl.int8), a, out_dtype=tl.int32)
-                    else:
-                        d = tl.dot(a, tl.trans(q.to(tl.int8)), out_dtype=tl.int32)
+                    d = weight_dot(q.to(tl.int8), a, W_LHS, tl.int32)
                 else:
-                    b = q.to(tl.float32).to(x_ptr.dtype.element_ty)
-                    if W_LHS:
-                        d = tl.dot(b, a)
-                    else:
-                        d = tl.dot(a, tl.trans(b))
+                    d = weight_dot(q.to(tl.float32).to(x_ptr.dtype.element_ty), a, W_LHS, tl.float32)
                 if PER_CHANNEL:
                     acc += d
-                elif W_LHS:
-                    acc += d.to(tl.float32) * sc[:, None]
                 else:
-                    acc += d.to(tl.float32) * sc[None, :]
-        if W_LHS:
-            acc = tl.trans(acc)
-        acc = acc.to(tl.float32)
-        if PER_CHANNEL:
-            s = tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
-            acc = acc * s.to(tl.float32)[None, :]
+                    acc = add_scaled(acc, d, sc, W_LHS)
+        acc = channel_scaled(acc, ws_ptr, offs_n, n_mask, stride_sn, W_LHS, PER_CHANNEL)
         if A8:
             acc = acc * s_x[:, None]
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
@@ -2955,20 +2964,13 @@ def _triton_kernels():
                     a = tl.load(x_tile + k0, mask=x_ok & ((k0 + offs_w) < K)[None, :], other=0)
                 u = (wt >> (4 * j)) & 0xF                              # stored nibble: q + 8
                 if A8:
-                    b = (u - 8).to(tl.int8)
-                    if W_LHS:
-                        d = tl.dot(b, a, out_dtype=tl.int32)
-                    else:
-                        d = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+                    d = weight_dot((u - 8).to(tl.int8), a, W_LHS, tl.int32)
+                elif BF16:
+                    b = ((u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0).to(tl.bfloat16)
+                    d = weight_dot(b, a, W_LHS, tl.float32)
                 else:
-                    if BF16:
-                        b = ((u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0).to(tl.bfloat16)
-                    else:
-                        b = ((u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0).to(tl.float16)
-                    if W_LHS:
-                        d = tl.dot(b, a)
-                    else:
-                        d = tl.dot(a, tl.trans(b))
+                    b = ((u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0).to(tl.float16)
+                    d = weight_dot(b, a, W_LHS, tl.float32)
                 if GROUP == 0:
                     acc += d
                 else:
@@ -2979,16 +2981,8 @@ def _triton_kernels():
                     if ((j + 1) * 32) % GROUP == 0:      # last slice of a scale group
                         g = tl.minimum(k0 // GROUP, K // GROUP - 1)   # past K: q = 0, any real scale
                         sc = tl.load(ws_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
-                        if W_LHS:
-                            acc += part.to(tl.float32) * sc[:, None]
-                        else:
-                            acc += part.to(tl.float32) * sc[None, :]
-        if W_LHS:
-            acc = tl.trans(acc)
-        acc = acc.to(tl.float32)
-        if GROUP == 0:
-            s = tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
-            acc = acc * s.to(tl.float32)[None, :]
+                        acc = add_scaled(acc, part, sc, W_LHS)
+        acc = channel_scaled(acc, ws_ptr, offs_n, n_mask, stride_sn, W_LHS, GROUP == 0)
         if A8:
             s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
             acc = acc * s_x[:, None]
@@ -3017,7 +3011,8 @@ def _triton_kernels():
         pass
 
     # the kernels call these by name at compile time (the first launch), from the module's globals
-    globals().update(gemm_tile=gemm_tile, store_tile=store_tile, int4_k_order=int4_k_order)
+    globals().update(gemm_tile=gemm_tile, store_tile=store_tile, int4_k_order=int4_k_order, weight_dot=weight_dot,
+                     add_scaled=add_scaled, channel_scaled=channel_scaled)
     _TRITON_KERNELS = {"int8_rows": int8_rows_kernel, "int4_gemm": int4_gemm_kernel,
                        "int4_gemm_grouped": int4_gemm_grouped_kernel, "int4_gemm_planar": int4_gemm_planar_kernel,
                        "int4_read_floor": int4_read_floor_kernel, "null": null_kernel}

@@ -305,20 +305,33 @@ def test_activation_quantization_reference():
     assert torch.allclose(sx, torch.tensor([1 / 127, c.INT8_ABSMAX_FLOOR / 127]))
 
 
-@pytest.mark.parametrize("cc", [80, 90])
-def test_kernels_compile_for_gpus_without_a_gpu(cc):
-    """Lower the kernels to a cubin for sm_80 / sm_90 with triton's bundled ptxas (no GPU needed):
-    the interpreter does not catch what only the GPU compiler rejects (dot shapes, layouts)."""
+def lowered_ptx(kernel: str, consts: dict, x_dtype: str, cc: int, warps: int, stages: int,
+                ws_dtype: str = "*fp16") -> str:
+    """PTX of one kernel lowered for sm_<cc> with triton's bundled ptxas (no GPU needed): the
+    interpreter does not catch what only the GPU compiler rejects (dot shapes, layouts). Skips
+    where this triton's compiler API differs."""
     triton = pytest.importorskip("triton")
     try:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
     except ImportError as e:
         pytest.skip(f"triton {triton.__version__} has no ASTSource/GPUTarget: {e}")
-    kern = c._triton_kernels()
-    names = list(kern["int4_gemm"].arg_names)
-    ptr = {"x_ptr": "*fp16", "sx_ptr": "*fp32", "w_ptr": "*i32", "ws_ptr": "*bf16", "y_ptr": "*fp16",
-           "part_ptr": "*fp32", "count_ptr": "*i32"}
+    kern = c._triton_kernels()[kernel]
+    names = list(kern.arg_names)
+    ptr = {"x_ptr": x_dtype, "sx_ptr": "*fp32", "w_ptr": "*i32", "ws_ptr": ws_dtype,
+           "y_ptr": "*bf16" if x_dtype == "*bf16" else "*fp16", "part_ptr": "*fp32", "count_ptr": "*i32"}
+    sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in names}
+    try:
+        src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+    except TypeError as e:
+        pytest.skip(f"triton {triton.__version__}: other ASTSource signature ({e})")
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                          options={"num_warps": warps, "num_stages": stages}).asm["ptx"]
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_kernels_compile_for_gpus_without_a_gpu(cc):
+    """The first kernel lowered for sm_80 / sm_90."""
     configs = [  # (A_MODE, GROUP, PER_CHANNEL, INT8_DOT, KW, BLOCK_M, BLOCK_N, SPLIT_K, warps, x dtype)
         (2, 64, False, False, 32, 16, 64, 4, 4, "*fp16"), (1, 32, False, False, 16, 128, 128, 1, 8, "*i8"),
         (1, 8, True, True, 32, 16, 32, 2, 4, "*i8"), (0, 128, False, False, 16, 64, 128, 2, 4, "*bf16"),
@@ -327,31 +340,14 @@ def test_kernels_compile_for_gpus_without_a_gpu(cc):
         consts = {"A_MODE": mode, "GROUP": group, "PER_CHANNEL": per_ch, "INT8_DOT": i8, "KW": kw, "W_LHS": bm != 64,
                   "BLOCK_M": bm,
                   "BLOCK_N": bn, "FUSE_ROWS": 4, "QBLOCK_K": 1024, "GROUP_M": 8, "SPLIT_K": split, "SPLIT_STORES": False}
-        sig = {n: consts.get(n) is not None and "constexpr" or ptr.get(n, "i32") for n in names}
-        sig["x_ptr"] = xdt
-        sig["y_ptr"] = "*bf16" if xdt == "*bf16" else "*fp16"
-        try:
-            src = ASTSource(fn=kern["int4_gemm"], signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
-        except TypeError as e:
-            pytest.skip(f"triton {triton.__version__}: other ASTSource signature ({e})")
-        ck = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": warps, "num_stages": 3})
-        assert ".s8.s8" in ck.asm["ptx"] or not i8   # int8 tensor-core MMA for per-channel W4A8
+        ptx = lowered_ptx("int4_gemm", consts, xdt, cc, warps, 3, ws_dtype="*bf16")
+        assert ".s8.s8" in ptx or not i8   # int8 tensor-core MMA for per-channel W4A8
 
 
 @pytest.mark.parametrize("cc", [80, 90])
 def test_grouped_kernel_compiles_for_gpus_without_a_gpu(cc):
     """The one-dot-per-group kernel, every switch, lowered for sm_80 / sm_90: A8 must be an int8
     tensor-core MMA (.s8.s8 in the PTX) with or without groups."""
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as e:
-        pytest.skip(f"triton {triton.__version__} has no ASTSource/GPUTarget: {e}")
-    kern = c._triton_kernels()["int4_gemm_grouped"]
-    names = list(kern.arg_names)
-    ptr = {"x_ptr": "*fp16", "sx_ptr": "*fp32", "w_ptr": "*i32", "ws_ptr": "*fp16", "y_ptr": "*fp16",
-           "part_ptr": "*fp32", "count_ptr": "*i32"}
     configs = [  # (A8, FUSE, CHUNK, CHUNKS, PREFETCH, PER_CHANNEL, W_LHS, BLOCK_M, BLOCK_N, SPLIT_K, warps, x)
         (True, False, 64, 1, True, False, True, 16, 64, 8, 4, "*i8"),
         (True, True, 64, 1, True, False, True, 16, 64, 4, 4, "*fp16"),
@@ -363,15 +359,8 @@ def test_grouped_kernel_compiles_for_gpus_without_a_gpu(cc):
         consts = {"A8": a8, "FUSE": fuse, "CHUNK": chunk, "CHUNKS": chunks, "PREFETCH": pre, "PER_CHANNEL": per_ch,
                   "W_LHS": lhs, "BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "SPLIT_K": split,
                   "SPLIT_STORES": split > 1 and pre}
-        sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in names}
-        sig["x_ptr"] = xdt
-        sig["y_ptr"] = "*bf16" if xdt == "*bf16" else "*fp16"
-        try:
-            src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
-        except TypeError as e:
-            pytest.skip(f"triton {triton.__version__}: other ASTSource signature ({e})")
-        ck = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": warps, "num_stages": 4})
-        assert (".s8.s8" in ck.asm["ptx"]) == a8, (consts, "int8 MMA expected exactly for A8")
+        ptx = lowered_ptx("int4_gemm_grouped", consts, xdt, cc, warps, 4)
+        assert (".s8.s8" in ptx) == a8, (consts, "int8 MMA expected exactly for A8")
 
 
 def test_planar_layout():
@@ -392,31 +381,14 @@ def test_planar_layout():
 @pytest.mark.parametrize("cc", [80, 90])
 def test_planar_kernel_compiles_for_gpus_without_a_gpu(cc):
     """The planar kernel lowered for sm_80 / sm_90: A8 is an int8 tensor-core MMA, A16 is not."""
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as e:
-        pytest.skip(f"triton {triton.__version__} has no ASTSource/GPUTarget: {e}")
-    kern = c._triton_kernels()["int4_gemm_planar"]
-    names = list(kern.arg_names)
-    ptr = {"x_ptr": "*fp16", "sx_ptr": "*fp32", "w_ptr": "*i32", "ws_ptr": "*fp16", "y_ptr": "*fp16",
-           "part_ptr": "*fp32", "count_ptr": "*i32"}
     configs = [  # (A8, BF16, GROUP, PREFETCH, W_LHS, BLOCK_M, BLOCK_N, SPLIT_K, warps, x)
         (True, False, 64, True, True, 16, 64, 4, 4, "*i8"), (False, False, 32, False, True, 16, 64, 4, 4, "*fp16"),
         (True, False, 0, False, False, 128, 128, 1, 8, "*i8"), (False, True, 128, True, False, 64, 128, 1, 4, "*bf16")]
     for a8, bf16, group, pre, lhs, bm, bn, split, warps, xdt in (configs if cc == 90 else configs[:2]):
         consts = {"A8": a8, "BF16": bf16, "GROUP": group, "X_PADDED": a8, "PREFETCH": pre, "W_LHS": lhs,
                   "BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "SPLIT_K": split, "SPLIT_STORES": split > 1 and a8}
-        sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in names}
-        sig["x_ptr"] = xdt
-        sig["y_ptr"] = "*bf16" if xdt == "*bf16" else "*fp16"
-        try:
-            src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
-        except TypeError as e:
-            pytest.skip(f"triton {triton.__version__}: other ASTSource signature ({e})")
-        ck = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": warps, "num_stages": 3})
-        assert (".s8.s8" in ck.asm["ptx"]) == a8, (consts, "int8 MMA expected exactly for A8")
+        ptx = lowered_ptx("int4_gemm_planar", consts, xdt, cc, warps, 3)
+        assert (".s8.s8" in ptx) == a8, (consts, "int8 MMA expected exactly for A8")
 
 
 def test_float64_reference_is_the_dequantized_matmul():
