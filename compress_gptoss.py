@@ -2445,8 +2445,12 @@ def print_quality_table(q: dict) -> None:
 # W4A8 (compressed-tensors' `input_activations: int8, strategy token, dynamic, symmetric`):
 #   s_x[m] = max_k |x[m, k]| / 127,  x_q = round_half_even(x * (127 / max_k |x[m, k]|)) in [-127, 127]
 #   y[m, n] = s_x[m] * sum_k x_q[m, k] * q[n, k] * scale[n, k // group]
-# computed on fp16 tensor cores (x_q and q are exact in fp16; q * scale rounds once), or for per-channel
-# scales as int8 x int8 -> int32 with the scale applied last.
+# The kernels by M (int4_gemm_config): at M <= 64 the weights are dequantized in registers inside the
+# GEMM (int8 x int8 -> int32 dots per scale group, fp32 rescale); above, they are unpacked once per
+# call into a scratch buffer (int4_codes_kernel, with A8's activation quantization in the same
+# launch), then multiplied on plain tiles: an int8 GEMM for per-channel W4A8 (and any bf16 x,
+# exact), or for fp16 x with group scales cuBLAS on q * scale and x_q * s_x rounded once to fp16
+# (compressed-tensors' own fake-quant math; the prefill path vLLM's AWQ takes too).
 
 QQQ_REPO = "https://github.com/HandH1998/QQQ"
 QQQ_COMMIT = "54c5c99037200f3b42b94877dcc932989e458409"
@@ -2553,14 +2557,23 @@ def _triton_kernels():
     globals()["tl"] = importlib.import_module("triton.language")
 
     @triton.jit
-    def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, KP, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                         ONE_PASS: tl.constexpr, PERM_KW: tl.constexpr):
-        """One program per token: absmax, then x_q = round_half_even(x * (127 / amax)).
+    def as_codes(v, a, xq_ptr):
+        """Rounded x_q (floats with integer values in [-127, 127], row absmax a) as xq_ptr's
+        type: int8, or for a float type the fake-quantized x_q * a / 127 rounded once to it
+        (what compressed-tensors' own forward computes; dequantized-weight GEMMs take it)."""
+        if xq_ptr.dtype.element_ty == tl.int8:
+            out = v.to(tl.int32).to(tl.int8)
+        else:
+            out = (v * (a / 127.0)).to(xq_ptr.dtype.element_ty)
+        return out
+
+    @triton.jit
+    def int8_row(x_ptr, xq_ptr, sx_ptr, row, K, KP, stride_xm, stride_qm, BLOCK_K, ONE_PASS, PERM_KW):
+        """One token: absmax, then x_q = round_half_even(x * (127 / amax)).
         ONE_PASS (BLOCK_K >= K): the row is loaded once and stays in registers. x_q is written in
         the GEMM's K order: within each step of 8 * PERM_KW inputs, input 8w + j goes to j * PERM_KW
         + w, so the GEMM reads each of its 8 stride-8 operands as one contiguous run. Zeros fill
         the row up to KP (whole K steps): the GEMM loads those without a mask."""
-        row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_K)
         if ONE_PASS:
             xv = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
@@ -2570,7 +2583,7 @@ def _triton_kernels():
             v = (v + 12582912.0) - 12582912.0  # round half to even: 1.5 * 2^23 (|v| <= 127 * (1 + ulp))
             r = offs % (8 * PERM_KW)
             dst = offs - r + (r % 8) * PERM_KW + r // 8
-            tl.store(xq_ptr + row * stride_qm + dst, v.to(tl.int32).to(tl.int8), mask=offs < KP)
+            tl.store(xq_ptr + row * stride_qm + dst, as_codes(v, a, xq_ptr), mask=offs < KP)
         else:
             amax = tl.zeros([BLOCK_K], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -2585,8 +2598,15 @@ def _triton_kernels():
                 kk = k0 + offs
                 r = kk % (8 * PERM_KW)
                 dst = kk - r + (r % 8) * PERM_KW + r // 8
-                tl.store(xq_ptr + row * stride_qm + dst, v.to(tl.int32).to(tl.int8), mask=kk < KP)
+                tl.store(xq_ptr + row * stride_qm + dst, as_codes(v, a, xq_ptr), mask=kk < KP)
         tl.store(sx_ptr + row, a / 127.0)
+
+    @triton.jit
+    def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, KP, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
+                         ONE_PASS: tl.constexpr, PERM_KW: tl.constexpr):
+        """One program per token (int8_row)."""
+        int8_row(x_ptr, xq_ptr, sx_ptr, tl.program_id(0).to(tl.int64), K, KP, stride_xm, stride_qm, BLOCK_K,
+                 ONE_PASS, PERM_KW)
 
     @triton.jit
     def gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M):
@@ -2990,6 +3010,96 @@ def _triton_kernels():
                    pid_k, BLOCK_M, BLOCK_N, SPLIT_K, SPLIT_STORES)
 
     @triton.jit
+    def codes_block(w_ptr, ws_ptr, q_ptr, pid_n, pid_w, N, K, KW_ALL, KP, stride_wn, stride_sn, GROUP, SCALED,
+                    BLOCK_N, BLOCK_W):
+        """pack-quantized words -> [N, KP] in K order, zero past K, block (pid_n, pid_w) of
+        [BLOCK_N, 8 * BLOCK_W]: the integers q as int8 or fp16/bf16 (exact) for
+        int4_codes_gemm_kernel, or with SCALED the weights q * scale rounded once to q_ptr's type
+        (GROUP inputs per scale, <= 8 * BLOCK_W; 0: per channel) for cuBLAS."""
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+        wt = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_w[None, :],
+                     mask=(offs_n < N)[:, None] & (offs_w < KW_ALL)[None, :], other=-2004318072)   # q = 0
+        offs_k = pid_w * (8 * BLOCK_W) + tl.arange(0, 8 * BLOCK_W)
+        q = int4_k_order(wt)
+        if SCALED:
+            rows = tl.minimum(offs_n, N - 1)
+            if GROUP == 0:
+                q = q.to(tl.float32) * tl.load(ws_ptr + rows * stride_sn).to(tl.float32)[:, None]
+            else:   # one scale per GROUP codes: [BLOCK_N, groups in this block] broadcast over the group
+                NG: tl.constexpr = 8 * BLOCK_W // GROUP
+                g = tl.minimum(pid_w * NG + tl.arange(0, NG), K // GROUP - 1)
+                sc = tl.load(ws_ptr + rows[:, None] * stride_sn + g[None, :]).to(tl.float32)
+                q = tl.reshape(tl.reshape(q.to(tl.float32), [BLOCK_N, NG, GROUP]) * sc[:, :, None],
+                               [BLOCK_N, 8 * BLOCK_W])
+        tl.store(q_ptr + offs_n.to(tl.int64)[:, None] * KP + offs_k[None, :], q.to(q_ptr.dtype.element_ty),
+                 mask=(offs_n < N)[:, None] & (offs_k < KP)[None, :])
+
+    @triton.jit
+    def int4_codes_kernel(w_ptr, ws_ptr, q_ptr, N, K, KW_ALL, KP, stride_wn, stride_sn, GROUP: tl.constexpr,
+                          SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        """One program per codes block (codes_block): the A16 path's only launch before its GEMM."""
+        codes_block(w_ptr, ws_ptr, q_ptr, tl.program_id(0), tl.program_id(1), N, K, KW_ALL, KP, stride_wn,
+                    stride_sn, GROUP, SCALED, BLOCK_N, BLOCK_W)
+
+    @triton.jit
+    def int4_prologue_kernel(x_ptr, xq_ptr, sx_ptr, w_ptr, ws_ptr, q_ptr, M, K, KPX, stride_xm, N, KW_ALL, KP,
+                             stride_wn, stride_sn, W_BLOCKS, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
+                             GROUP: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_W: tl.constexpr):
+        """A8's two launches before a codes GEMM in one: programs < M quantize a token each
+        (int8_row), the others unpack a weight block each (codes_block), so the two memory-bound
+        passes overlap instead of running one after the other."""
+        pid = tl.program_id(0)
+        if pid < M:
+            int8_row(x_ptr, xq_ptr, sx_ptr, pid.to(tl.int64), K, KPX, stride_xm, KPX, BLOCK_K, ONE_PASS, 1)
+        else:
+            b = pid - M
+            codes_block(w_ptr, ws_ptr, q_ptr, b // W_BLOCKS, b % W_BLOCKS, N, K, KW_ALL, KP, stride_wn, stride_sn,
+                        GROUP, SCALED, BLOCK_N, BLOCK_W)
+
+    @triton.jit
+    def int4_codes_gemm_kernel(x_ptr, sx_ptr, q_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KP,
+                               stride_xm, stride_qn, stride_sn, stride_ym,
+                               A8: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               GROUP_M: tl.constexpr):
+        """y = x @ dequant(W).T on the codes of int4_codes_kernel (large M): both operands are
+        plain tiles loaded from memory, which Triton pipelines through shared memory into the
+        tensor cores (wgmma on Hopper), where the other kernels dequantize in registers first.
+        One dot per BLOCK_K: int8 x int8 -> int32 (A8, x_q zero-padded to KP, times s_x at the
+        end) or fp16/bf16 -> fp32 (A16, x's tail masked unless EVEN_K); GROUP > 0: times its
+        group's scale (BLOCK_K = GROUP), 0: per channel, scaled at the end.
+        Rows and columns past M, N read row M - 1 / N - 1 (no load masks) and are not stored."""
+        pid_m, pid_n = gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        rows_n = tl.minimum(offs_n, N - 1)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+        b_ptrs = q_ptr + rows_n.to(tl.int64)[:, None] * stride_qn + offs_k[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if (A8 and GROUP == 0) else tl.float32)
+        for k0 in range(0, KP, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs + k0)
+            else:
+                a = tl.load(a_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
+            b = tl.load(b_ptrs + k0)
+            d = tl.dot(a, tl.trans(b), out_dtype=tl.int32 if A8 else tl.float32)
+            if GROUP == 0:
+                acc += d
+            else:
+                sc = tl.load(ws_ptr + rows_n * stride_sn + k0 // GROUP).to(tl.float32)
+                acc = add_scaled(acc, d, sc, False)
+        acc = channel_scaled(acc, ws_ptr, offs_n, n_mask, stride_sn, False, GROUP == 0)
+        if A8:
+            acc = acc * tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+        store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
+                   0, BLOCK_M, BLOCK_N, 1, False)
+
+    @triton.jit
     def int4_read_floor_kernel(w_ptr, out_ptr, N, KW_ALL, stride_wn, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
         """Benchmark floor, not a GEMM: reads the int4 words with an M <= 16 GEMM's grid and only
         xors them (so the loads stay): what streaming the weights alone costs at this grid."""
@@ -3011,10 +3121,13 @@ def _triton_kernels():
         pass
 
     # the kernels call these by name at compile time (the first launch), from the module's globals
-    globals().update(gemm_tile=gemm_tile, store_tile=store_tile, int4_k_order=int4_k_order, weight_dot=weight_dot,
-                     add_scaled=add_scaled, channel_scaled=channel_scaled)
+    globals().update(as_codes=as_codes, int8_row=int8_row, codes_block=codes_block, gemm_tile=gemm_tile,
+                     store_tile=store_tile, int4_k_order=int4_k_order, weight_dot=weight_dot, add_scaled=add_scaled,
+                     channel_scaled=channel_scaled)
     _TRITON_KERNELS = {"int8_rows": int8_rows_kernel, "int4_gemm": int4_gemm_kernel,
                        "int4_gemm_grouped": int4_gemm_grouped_kernel, "int4_gemm_planar": int4_gemm_planar_kernel,
+                       "int4_codes": int4_codes_kernel, "int4_prologue": int4_prologue_kernel,
+                       "int4_codes_gemm": int4_codes_gemm_kernel,
                        "int4_read_floor": int4_read_floor_kernel, "null": null_kernel}
     return _TRITON_KERNELS
 
@@ -3036,18 +3149,26 @@ class Int4GemmConfig:
     prefetch: bool = False  # grouped/planar: next group's (chunk's) weights loaded before this one is computed
     planar: bool = False   # int4_gemm_planar_kernel on weights re-laid out by int4_planar (load time)
     split_stores: bool = False  # split-K shares summed from per-split slices, not float atomics (store_tile)
+    codes: bool = False    # large M: int4 -> int8 / fp16 codes in a scratch buffer, then int4_codes_gemm_kernel
+    dequant: bool = False  # codes: the weights q * scale (and A8's x_q * s_x) in x's dtype, then cuBLAS
 
     def label(self) -> str:
-        return (("P" if self.planar else "") + ("GP" if self.prefetch else "G" if self.grouped else "") + f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
-                + (f"x{self.split_k}" if self.split_k > 1 else "") + ("S" if self.split_stores and self.split_k > 1 else "") + ("F" if self.fuse_act_quant else "")
-                + ("" if self.w_lhs else "R"))
+        kernel = ("CD" if self.codes and self.dequant else "C" if self.codes else "") + ("P" if self.planar else "") \
+            + ("GP" if self.prefetch else "G" if self.grouped else "")
+        return (kernel + f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
+                + (f"x{self.split_k}" if self.split_k > 1 else "") + ("S" if self.split_stores and self.split_k > 1 else "")
+                + ("F" if self.fuse_act_quant else "") + ("" if self.w_lhs else "R"))
 
 
-def int4_gemm_config(m: int, n: int, k: int, sms: int = 132) -> Int4GemmConfig:
-    """Picked from `verify-runtime --bench --sweep` on an H200 (bench/RESULTS.md, run 6). At M <= 16
-    the GEMM streams int4 weights: split-K until there are ~5 programs per SM, each prefetching its
-    next group (latency, not bandwidth, is what the sweep rewarded; num_stages 1). At large M: big
-    tiles, activations quantized by their own kernel (fusing it lost at every M in the sweep)."""
+def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool = False,
+                     act: str = "a8", bf16: bool = False) -> Int4GemmConfig:
+    """Picked from sweeps on an H200 (bench/RESULTS.md, runs 6-8 and 24-26). At M <= 16 the GEMM
+    streams int4 weights: split-K until there are ~5 programs per SM, each prefetching its next
+    group (latency, not bandwidth, is what the sweep rewarded; num_stages 1). Above M = 64 the
+    weights are unpacked once per call instead of once per row block (codes): per-channel W4A8 to
+    int8 for an int8 GEMM on plain tiles; with fp16 x everything else to q * scale for cuBLAS (a
+    per-group rescale of int32 dots costs more than the int8 MMA saves, and cuBLAS's fp16 GEMM
+    beats Triton's); with bf16 x to the exact integers (bf16 would round q * scale)."""
     def split_for(tiles, want, most):
         chunks, split = -(-k // 64), 1
         while tiles * split < want and split < most and chunks >= 2 * split:
@@ -3056,14 +3177,16 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int = 132) -> Int4GemmConfig:
     C = Int4GemmConfig
     if m <= 16:
         return C(16, 64, 64, False, 4, 1, split_k=split_for(-(-n // 64), 5 * sms, 16), grouped=True, prefetch=True)
-    if m <= 256:   # not swept with prefetch yet
-        bm, bn = (32, 64) if m <= 32 else (64, 64) if m <= 64 else (64, 128)
+    if m <= 64:
+        bm, bn = (32, 64) if m <= 32 else (64, 64)
         return C(bm, bn, 64, False, 4, 4, split_k=split_for(-(-m // bm) * -(-n // bn), sms, 8), grouped=True)
-    if n >= 4096:
-        return C(128, 128, 64, False, 8, 3, grouped=True, prefetch=True)
-    split = split_for(-(-m // 128) * -(-n // 64), sms // 2, 8)
-    return C(128, 64, 64, False, 4, 3 if split == 1 else 4, split_k=split, grouped=True, prefetch=split == 1,
-             w_lhs=False)
+    if per_channel and (act == "a8" or bf16):
+        return C(128, 128, 64, False, 8, 3, codes=True) if m >= 512 and n >= 2048 else C(64, 64, 64, False, 4, 4, codes=True)
+    if not bf16:
+        return C(64, 64, 64, False, codes=True, dequant=True)
+    if n < 1024 and m <= 256:   # k/v_proj in bf16: the in-register kernel stays faster here (run 29)
+        return C(64, 128, 64, False, 4, 4, split_k=split_for(-(-m // 64) * -(-n // 128), sms, 8), grouped=True)
+    return C(64, 128, 64, False, 4, 4, codes=True)
 
 
 _SPLIT_K_WORKSPACE: dict = {}
@@ -3108,9 +3231,22 @@ class _Int4Plan:
     gemm_consts: dict
     k_padded: int
     kernel: str
+    codes: tuple | None = None   # (grid, constexprs, dtype) of int4_codes_kernel when the GEMM reads codes
+    xq_dtype: object = None      # codes plans, A8: x_q as int8, or x_q * s_x in this float dtype
 
 
 _INT4_PLANS: dict = {}
+_CODES_WORKSPACE: dict = {}
+
+
+def _codes_workspace(device, dtype, elems: int):
+    """The weight codes of int4_codes_kernel, rewritten by every call (one buffer per device and
+    dtype, grown to the largest layer: 16.6 MB int8 for a GPT-OSS gate_up)."""
+    import torch
+    buf = _CODES_WORKSPACE.get((str(device), dtype))
+    if buf is None or buf.numel() < elems:
+        buf = _CODES_WORKSPACE[(str(device), dtype)] = torch.empty(elems, device=device, dtype=dtype)
+    return buf
 
 
 def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
@@ -3120,7 +3256,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
     assert k % groups == 0, f"K={k} is not divisible into {groups} scale groups"
     group, per_channel = k // groups, groups == 1
     assert per_channel or group % 8 == 0, f"group size {group}: the kernel needs a multiple of 8 (one packed word)"
-    cfg = config or int4_gemm_config(m, n, k, _sm_count(device))
+    cfg = config or int4_gemm_config(m, n, k, _sm_count(device), per_channel, act, dtype == torch.bfloat16)
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
     part, count = (_split_k_workspace(device, m * n * (cfg.split_k if cfg.split_stores else 1), tiles,
                                       cfg.split_stores) if cfg.split_k > 1 else (None, None))
@@ -3128,6 +3264,28 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
     quant = dict(BLOCK_K=min(block, 8192), ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
                  enable_fp_fusion=False)
     chunk = 64 if per_channel else group
+    codes_grid = (-(-n // 32), -(-k // 512))
+    if cfg.dequant and dtype != torch.float16:   # bf16 keeps 8 significant bits: q * scale (11) would round
+        cfg = replace(cfg, dequant=False)        # and A8's x_q * s_x too; the int codes stay exact
+    if cfg.codes and cfg.dequant and (per_channel or group in (32, 64, 128, 256, 512)):
+        # weights q * scale and (A8) x_q * s_x, both in x's dtype, multiplied by cuBLAS: at large M
+        # this beats both Triton GEMMs when there are group scales (bench/RESULTS.md, run 25)
+        return _Int4Plan(cfg, 1 if act == "a8" else 0, k, codes_grid, None, None, dict(quant, PERM_KW=1), {}, k,
+                         "cublas", codes=(codes_grid, dict(GROUP=0 if per_channel else group, SCALED=True,
+                                                           BLOCK_N=32, BLOCK_W=64), dtype), xq_dtype=dtype)
+    if cfg.codes and (per_channel or group in (32, 64, 128)):
+        block_k = group if not per_channel else 128 if act == "a8" else 64   # fp16 tiles: half the K in smem
+        kp = -(-k // block_k) * block_k
+        return _Int4Plan(
+            cfg, 1 if act == "a8" else 0, kp, (tiles,), None, None, dict(quant, PERM_KW=1),
+            dict(A8=act == "a8", GROUP=0 if per_channel else group, EVEN_K=act == "a8" or k % block_k == 0,
+                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+            kp, "int4_codes_gemm", codes=((-(-n // 32), -(-kp // 512)),
+                                          dict(GROUP=0, SCALED=False, BLOCK_N=32, BLOCK_W=64),
+                                          torch.int8 if act == "a8" else dtype), xq_dtype=torch.int8)
+    if cfg.codes:
+        cfg = replace(cfg, codes=False, dequant=False, grouped=True)   # a group size the codes kernels do not take
     if cfg.planar and (per_channel or group in (32, 64, 128)):
         kp = -(-k // PLANAR_K) * PLANAR_K
         return _Int4Plan(
@@ -3199,13 +3357,32 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
     if plan.kernel == "int4_gemm_planar":
         wp = int4_planar(weight_packed, k) if planar is None else planar
         assert wp.shape == (n, plan.kw) and wp.dtype == torch.int32, f"planar weights {tuple(wp.shape)} do not fit K={k}"
-    if plan.mode == 1:
+    xa = sx = x2
+    if plan.codes is not None:   # large M: the weights unpacked once for this call
+        grid, consts, dtype = plan.codes
+        codes = _codes_workspace(device, dtype, n * plan.kw)[:n * plan.kw].view(n, plan.kw)
+        if plan.mode == 1:   # x_q and the codes in one launch
+            xa = torch.empty(m, plan.k_padded, device=device, dtype=plan.xq_dtype)
+            sx = torch.empty(m, device=device, dtype=torch.float32)
+            q = plan.quant_consts
+            kern["int4_prologue"][(m + grid[0] * grid[1],)](
+                x2, xa, sx, wp, weight_scale, codes, m, k, plan.k_padded, x2.stride(0), n, wp.shape[1], plan.kw,
+                wp.stride(0), weight_scale.stride(0), grid[1], BLOCK_K=q["BLOCK_K"], ONE_PASS=q["ONE_PASS"],
+                num_warps=q["num_warps"], enable_fp_fusion=False, **consts)
+        else:
+            kern["int4_codes"][grid](wp, weight_scale, codes, n, k, wp.shape[1], plan.kw, wp.stride(0),
+                                     weight_scale.stride(0), **consts)
+        wp = codes
+    elif plan.mode == 1:
         kp = plan.k_padded   # x_q in the GEMM's K order, padded to whole K steps
         xa = torch.empty(m, kp, device=device, dtype=torch.int8)
         sx = torch.empty(m, device=device, dtype=torch.float32)
         kern["int8_rows"][(m,)](x2, xa, sx, k, kp, x2.stride(0), kp, **plan.quant_consts)
-    else:
-        xa = sx = x2
+    if plan.kernel == "cublas":
+        torch.mm(xa, wp.T, out=y)
+        if bias is not None:
+            y += bias
+        return y.reshape(*x.shape[:-1], n)
     part = y if plan.part is None else plan.part
     count = y if plan.count is None else plan.count
     kern[plan.kernel][plan.grid](xa, sx, wp, weight_scale, y, part, count, m, n, k, plan.kw,
@@ -3387,16 +3564,12 @@ def sweep_configs(m: int) -> list[Int4GemmConfig]:
     if m <= 64:
         return [C(bm, bn, kpi, False, 4, 4, split_k=sk, grouped=True)
                 for bm in (32, 64) for bn in (64, 128) for kpi in (64, 128) for sk in (1, 2, 4)]
-    return [C(bm, bn, 256, False, w, st, planar=True)   # planar with w_lhs=False: 4-6x slower in run 19
-            for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for st in (3, 4)] + \
-           [C(bm, bn, kpi, False, w, st, grouped=True, w_lhs=False)
-            for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (128, 64, 4))
-            for kpi, st in ((64, 4), (128, 3))] + \
-           [C(128, 128, 64, False, 8, 4, split_k=2, grouped=True, w_lhs=False),
-            C(128, 128, 64, False, 8, 4, grouped=True), C(64, 128, 64, False, 4, 4, grouped=True),
-            C(256, 128, 64, False, 8, 3, grouped=True, w_lhs=False),
-            C(128, 128, 64, False, 8, 3, grouped=True, prefetch=True), C(128, 64, 64, False, 4, 3, grouped=True,
-                                                                          prefetch=True, w_lhs=False)]
+    return [C(bm, bn, 64, False, w, st, codes=True)   # int8 GEMM on codes (per-channel W4A8's default)
+            for bm, bn, w, st in ((128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4))] + \
+           [C(64, 64, 64, False, codes=True, dequant=True),   # q * scale, cuBLAS (the others' default)
+            C(128, 128, 256, False, 8, 3, planar=True),       # run 8-21's best in-register kernels
+            C(128, 128, 64, False, 8, 3, grouped=True, prefetch=True),
+            C(128, 64, 64, False, 4, 3, grouped=True, prefetch=True, w_lhs=False)]
 
 
 def _time_eager_us(fn, copies: int, iters: int, warmup: int = 10) -> float:
@@ -3490,7 +3663,8 @@ def _bench_one(job: dict, iters: int, graph: bool) -> dict:
         q, ws = _random_int4_weights(n, k, group, gen, dev)
         wp = pack_int4(q)
         copies = [(wp, ws)] + [(wp.clone(), ws.clone()) for _ in range(n_copies(wp.nbytes + ws.nbytes) - 1)]
-        cfg = Int4GemmConfig(**job["config"]) if job.get("config") else int4_gemm_config(m, n, k)
+        cfg = (Int4GemmConfig(**job["config"]) if job.get("config") else
+               int4_gemm_config(m, n, k, per_channel=group is None, act=act, bf16=dtype == torch.bfloat16))
         out["config"] = cfg.label()
         ref = int4_linear_reference(x, wp, ws, act=act)
         planar = [int4_planar(w, k) if cfg.planar else None for w, _ in copies]   # load-time work: untimed
@@ -3635,7 +3809,9 @@ def run_runtime_bench(cases: list[dict], backends: list[str], group, iters: int 
             if len(cases) > 1 and cs["M"] not in SWEEP_M:
                 continue
             for b in ["w4a8" if "w4a8" in backends else "w4a16"]:   # A16 runs the same tiles
-                for si, cfg in enumerate([int4_gemm_config(cs["M"], cs["N"], cs["K"])] + sweep_configs(cs["M"])):
+                for si, cfg in enumerate([int4_gemm_config(cs["M"], cs["N"], cs["K"], per_channel=group is None,
+                                                            act=b[2:])]
+                                         + sweep_configs(cs["M"])):
                     jobs.append({"id": f"s{ci}-{b}-{si}", "kind": "sweep", "backend": b, "group": group,
                                  "config": cfg.__dict__, "graph_only": True, "label": f"sweep {cfg.label()}", **cs})
     builtin = [j for j in jobs if j["backend"] in ("fp16", "w4a8", "w4a16")]

@@ -84,16 +84,18 @@ def batched_input_and_bias():
 
 @case
 def every_config_bucket():
-    """The configs int4_gemm_config picks for each M bucket, forced onto a small input."""
-    wp, ws = random_int4_layer(33, 320, 64)
-    x = torch.randn(7, 320).to(torch.float16)
-    ref = c.int4_linear_reference(x, wp, ws, act="a8")
+    """The configs int4_gemm_config picks for each M bucket, forced onto a small input, with group
+    scales and per channel."""
     worst = 0.0
-    for m_bucket in (1, 32, 64, 128, 1024):
-        cfg = c.int4_gemm_config(m_bucket, 33, 320)
-        err = c.relative_error(c.int4_linear(x, wp, ws, act="a8", config=cfg), ref)
-        assert err <= TOL, (cfg.label(), err)
-        worst = max(worst, err)
+    for group in (64, None):
+        wp, ws = random_int4_layer(33, 320, group)
+        x = torch.randn(7, 320, generator=torch.Generator().manual_seed(11)).to(torch.float16)
+        ref = c.int4_linear_reference(x, wp, ws, act="a8")
+        for m_bucket in (1, 32, 64, 128, 1024):
+            cfg = c.int4_gemm_config(m_bucket, 33 if m_bucket < 1024 else 4096, 320, per_channel=group is None, act="a8")
+            err = c.relative_error(c.int4_linear(x, wp, ws, act="a8", config=cfg), ref)
+            assert err <= TOL, (cfg.label(), err)
+            worst = max(worst, err)
     return worst
 
 
@@ -172,6 +174,38 @@ def planar_kernel_every_switch():
                 err = c.relative_error(y1, ref)
                 assert err <= TOL and torch.equal(y1, y2), (group, act, cfg.label(), err)
                 worst = max(worst, err)
+    return worst
+
+
+@case
+def codes_kernel_every_switch():
+    """Large M: int4_codes_kernel (int4 -> int8 / fp16 codes, or the dequantized weights) then
+    int4_codes_gemm_kernel: group 32 / 64 / 128 and per channel (K = 320: a tail padded for A8,
+    masked for A16), rows and columns past M, N, both activation modes, codes buffers shared by
+    two layers in a row."""
+    C = c.Int4GemmConfig
+    worst = 0.0
+    for group in (32, 64, 128, None):
+        k = 640 if group == 128 else 320
+        layers = [random_int4_layer(n, k, group, seed=(group or 7) + n) for n in (37, 21)]
+        x = torch.randn(70, k, generator=torch.Generator().manual_seed(8)).to(torch.float16)
+        for act in ("a8", "a16"):
+            for cfg in (C(64, 32, 64, False, codes=True), C(16, 16, 64, False, 4, 2, codes=True),
+                        C(32, 16, 64, False, codes=True, dequant=True)):
+                for wp, ws in layers:
+                    y = c.int4_linear(x, wp, ws, act=act, config=cfg)
+                    err = c.relative_error(y, c.int4_linear_reference(x, wp, ws, act=act))
+                    assert err <= TOL, (group, act, cfg.label(), err)
+                    worst = max(worst, err)
+        wp, ws = layers[0]   # bf16 x: dequant falls back to the exact int codes (q * scale would round)
+        xb, wsb = x.to(torch.bfloat16), ws.to(torch.bfloat16)
+        ref = c.int4_linear_reference(xb, wp, wsb, act="a8")
+        y = c.int4_linear(xb, wp, wsb, act="a8", config=C(32, 16, 64, False, codes=True, dequant=True))
+        plan = c._INT4_PLANS[(70, wp.shape[0], k, wsb.shape[1], "a8", torch.bfloat16, x.device,
+                              C(32, 16, 64, False, codes=True, dequant=True))]
+        assert plan.kernel == "int4_codes_gemm" and not plan.cfg.dequant, plan.kernel
+        err = c.relative_error(y, ref)
+        assert y.dtype == torch.bfloat16 and err <= 5e-3, (group, err)   # bf16 output rounding: ~2e-3
     return worst
 
 
@@ -306,7 +340,7 @@ def test_activation_quantization_reference():
 
 
 def lowered_ptx(kernel: str, consts: dict, x_dtype: str, cc: int, warps: int, stages: int,
-                ws_dtype: str = "*fp16") -> str:
+                ws_dtype: str = "*fp16", ptrs: dict | None = None) -> str:
     """PTX of one kernel lowered for sm_<cc> with triton's bundled ptxas (no GPU needed): the
     interpreter does not catch what only the GPU compiler rejects (dot shapes, layouts). Skips
     where this triton's compiler API differs."""
@@ -318,8 +352,9 @@ def lowered_ptx(kernel: str, consts: dict, x_dtype: str, cc: int, warps: int, st
         pytest.skip(f"triton {triton.__version__} has no ASTSource/GPUTarget: {e}")
     kern = c._triton_kernels()[kernel]
     names = list(kern.arg_names)
-    ptr = {"x_ptr": x_dtype, "sx_ptr": "*fp32", "w_ptr": "*i32", "ws_ptr": ws_dtype,
-           "y_ptr": "*bf16" if x_dtype == "*bf16" else "*fp16", "part_ptr": "*fp32", "count_ptr": "*i32"}
+    ptr = {"x_ptr": x_dtype, "sx_ptr": "*fp32", "w_ptr": "*i32", "q_ptr": x_dtype, "ws_ptr": ws_dtype,
+           "y_ptr": "*bf16" if x_dtype == "*bf16" else "*fp16", "part_ptr": "*fp32", "count_ptr": "*i32",
+           **(ptrs or {})}
     sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in names}
     try:
         src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
@@ -389,6 +424,24 @@ def test_planar_kernel_compiles_for_gpus_without_a_gpu(cc):
                   "BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "SPLIT_K": split, "SPLIT_STORES": split > 1 and a8}
         ptx = lowered_ptx("int4_gemm_planar", consts, xdt, cc, warps, 3)
         assert (".s8.s8" in ptx) == a8, (consts, "int8 MMA expected exactly for A8")
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_codes_kernels_compile_for_gpus_without_a_gpu(cc):
+    """The large-M path lowered for sm_80 / sm_90: the codes GEMM is an int8 tensor-core MMA for
+    A8 (wgmma on sm_90: both operands come from memory, which is its point), fp16 for A16; the
+    one-launch prologue (x_q + codes, or x_q * s_x + q * scale) compiles."""
+    gemm = [  # (A8, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, x)
+        (True, 0, 128, 128, 128, 8, 3, "*i8"), (False, 64, 64, 64, 64, 4, 4, "*fp16")]
+    for a8, group, bm, bn, bk, warps, stages, xdt in (gemm if cc == 90 else gemm[:1]):
+        consts = {"A8": a8, "GROUP": group, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+        ptx = lowered_ptx("int4_codes_gemm", consts, xdt, cc, warps, stages)
+        assert (".s8.s8" in ptx) == a8, consts
+        assert ("wgmma" in ptx) == (cc == 90), consts
+    for scaled, qdt in ((False, "*i8"), (True, "*fp16")):
+        consts = {"BLOCK_K": 4096, "ONE_PASS": True, "GROUP": 0 if not scaled else 64, "SCALED": scaled,
+                  "BLOCK_N": 32, "BLOCK_W": 64}
+        lowered_ptx("int4_prologue", consts, "*fp16", cc, 4, 1, ptrs={"xq_ptr": qdt, "q_ptr": qdt})
 
 
 def test_float64_reference_is_the_dequantized_matmul():
