@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one device call (the lease is short; a fresh machine each
 # time). Usage on the GPU box, from the repo root:  OUT=/some/dir bash bench/run_h200.sh [steps]
-# steps: any of env tests decode qqq w4a8 floors e2e marginal hessian hquality quantize (default: env tests decode w4a8 e2e).
+# steps: any of env tests decode qqq w4a8 large floors e2e marginal hessian hquality quantize (default: env tests decode w4a8 e2e).
 # qqq needs QQQ's source at $QQQ_SRC (no network there); quantize needs llmcompressor importable.
 # Figures land in $OUT as JSON.
 set -uo pipefail
@@ -35,6 +35,10 @@ fi
 if has w4a8; then
   step "W4A8 / W4A16 GEMMs vs FP16"
   python3 bench/bench_w4a8.py ${SWEEP:+--sweep} --out "$OUT/w4a8.json" 2>&1 | grep -v "bench: sweep" | tail -90
+fi
+if has large; then
+  step "W4A8 / W4A16 at M = 256, 1024: default kernel vs codes + GEMM (two launches) vs FP16${BEFORE:+, and the default of $BEFORE}"
+  python3 bench/bench_large_m.py ${LARGE_M:+--M $LARGE_M} ${BEFORE:+--before $BEFORE} --out "$OUT/large_m.json" 2>&1 | tail -400
 fi
 if has floors; then
   step "int4 GEMM floors at M <= 16: empty launch, weight read, activation rows, vs FP16"
