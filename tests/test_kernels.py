@@ -252,9 +252,10 @@ def rejects_what_it_cannot_run():
         assert "does not match K" in str(e), e
 
 
-def check_compressed_tensors(group, act):
+def check_compressed_tensors(group, act, m=5):
     """Pack with compressed-tensors' own pack-quantized compressor (scales from its qparams), then:
-    our dequantization == its decompression, and the kernel == x @ its decompressed weight."""
+    our dequantization == its decompression, and the kernel == x @ its decompressed weight
+    (m = 70: the large-M path, weights unpacked once per call)."""
     from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from compressed_tensors.quantization.utils import calculate_qparams
@@ -272,7 +273,7 @@ def check_compressed_tensors(group, act):
     wp, ws = packed["weight_packed"], packed["weight_scale"]
     ours = c.unpack_int4_packed(wp, k).double() * ws.double().repeat_interleave(k // ws.shape[1], 1)
     assert torch.equal(ours.to(w_ct.dtype), w_ct)
-    x = torch.randn(5, k).to(torch.float16)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.float16)
     y = c.int4_linear(x, wp, ws, act=act)
     if act == "a16":
         ref = x.double() @ w_ct.double().T
@@ -284,9 +285,9 @@ def check_compressed_tensors(group, act):
     return err
 
 
-CT_CASES = [(64, "a16"), (32, "a8"), (None, "a8")]
-for _g, _act in CT_CASES:
-    CASES[f"ct_g{_g or 'ch'}_{_act}"] = (lambda g, a: lambda: check_compressed_tensors(g, a))(_g, _act)
+CT_CASES = [(64, "a16", 5), (32, "a8", 5), (None, "a8", 5), (64, "a16", 70), (32, "a8", 70), (None, "a8", 70)]
+for _g, _act, _m in CT_CASES:
+    CASES[f"ct_g{_g or 'ch'}_{_act}_m{_m}"] = (lambda g, a, m: lambda: check_compressed_tensors(g, a, m))(_g, _act, _m)
 
 
 def run_cases(names):
