@@ -52,9 +52,11 @@ def test_bench_needs_a_gpu():
     r = run_cli("verify-runtime", "--bench", "--shapes", "gpt-oss")
     assert r.returncode == 3
     assert "needs a CUDA GPU" in r.stderr and r.stdout == ""
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_w4a8.py"), "--out", "unused.json"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 3 and "needs a CUDA GPU" in r.stderr
+    for script in ("bench_w4a8.py", "bench_large_m.py", "bench_int4_eager.py"):
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--out", "unused.json"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 3 and "needs a CUDA GPU" in r.stderr, (script, r.stderr[-500:])
+        assert not Path("unused.json").exists()
 
 
 def test_bench_cases_cover_gpt_oss_shapes():
