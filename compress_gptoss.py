@@ -3521,8 +3521,9 @@ def _cuda_gpus() -> list[dict]:
 # captured once and replayed: pure GPU time). Weights are cycled over enough copies that one pass
 # is 3x the L2 cache, so no backend is timed on L2-resident weights. Every timing comes with the
 # relative error of that backend's output against float64 math on the same quantized values.
-# Each backend runs in a worker process: a CUDA fault (QQQ on K=4096, N=2880, M=1024 is one)
-# kills the worker, the case is reported as a crash, and a fresh worker takes the remaining ones.
+# Each backend runs in a worker process: a CUDA fault or a hang (QQQ on K=4096, N=2880, M=1024 did
+# both, runs 1 and 25) kills the worker (a watchdog for hangs), the case is reported as a crash, and
+# a fresh worker takes the remaining ones.
 
 BENCH_BACKENDS = ("fp16", "w4a8", "w4a16", "qqq", "qqq-gemm")
 SWEEP_M = (16, 1024)   # --sweep over several cases times these M only (a few minutes on an H200)
