@@ -2632,32 +2632,27 @@ def _triton_kernels():
         mask = m_mask[:, None] & n_mask[None, :]
         if SPLIT_K == 1:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        elif SPLIT_STORES:
-            slice_ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-            tl.store(slice_ptrs + pid_k * M * N, acc, mask=mask)
-            tl.debug_barrier()   # every thread's share is stored before the tile's counter moves
-            tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
-            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
-                tl.debug_barrier()
-                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                for s in range(SPLIT_K):
-                    total += tl.load(slice_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")  # L2, not L1
-                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
-                tl.store(count_ptr + tile, 0)
         else:
             p_ptrs = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-            tl.atomic_add(p_ptrs, acc, mask=mask, sem="relaxed")
-            tl.debug_barrier()   # every thread's partial is issued before the tile's counter moves
+            if SPLIT_STORES:
+                tl.store(p_ptrs + pid_k * M * N, acc, mask=mask)
+            else:
+                tl.atomic_add(p_ptrs, acc, mask=mask, sem="relaxed")
+            tl.debug_barrier()   # every thread's share is in before the tile's counter moves
             tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
             arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
             if arrived == SPLIT_K - 1:
                 tl.debug_barrier()
                 zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                total = tl.atomic_add(p_ptrs, zero, mask=mask, sem="relaxed")  # read at L2, not L1
-                total = tl.where(mask, total, 0.0)  # masked lanes of an atomic return garbage
+                if SPLIT_STORES:
+                    total = zero
+                    for s in range(SPLIT_K):
+                        total += tl.load(p_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")  # L2, not L1
+                else:
+                    total = tl.atomic_add(p_ptrs, zero, mask=mask, sem="relaxed")  # read at L2, not L1
+                    total = tl.where(mask, total, 0.0)  # masked lanes of an atomic return garbage
+                    tl.store(p_ptrs, zero, mask=mask)
                 tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
-                tl.store(p_ptrs, zero, mask=mask)
                 tl.store(count_ptr + tile, 0)
 
     @triton.jit
@@ -3264,15 +3259,16 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
     quant = dict(BLOCK_K=min(block, 8192), ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
                  enable_fp_fusion=False)
     chunk = 64 if per_channel else group
-    codes_grid = (-(-n // 32), -(-k // 512))
+    def codes_launch(kp, scaled, codes_dtype):   # int4_codes_kernel's grid, constexprs and output dtype
+        return ((-(-n // 32), -(-kp // 512)), dict(GROUP=group if scaled and not per_channel else 0, SCALED=scaled,
+                                                   BLOCK_N=32, BLOCK_W=64), codes_dtype)
     if cfg.dequant and dtype != torch.float16:   # bf16 keeps 8 significant bits: q * scale (11) would round
         cfg = replace(cfg, dequant=False)        # and A8's x_q * s_x too; the int codes stay exact
     if cfg.codes and cfg.dequant and (per_channel or group in (32, 64, 128, 256, 512)):
         # weights q * scale and (A8) x_q * s_x, both in x's dtype, multiplied by cuBLAS: at large M
         # this beats both Triton GEMMs when there are group scales (bench/RESULTS.md, run 25)
-        return _Int4Plan(cfg, 1 if act == "a8" else 0, k, codes_grid, None, None, dict(quant, PERM_KW=1), {}, k,
-                         "cublas", codes=(codes_grid, dict(GROUP=0 if per_channel else group, SCALED=True,
-                                                           BLOCK_N=32, BLOCK_W=64), dtype), xq_dtype=dtype)
+        return _Int4Plan(cfg, 1 if act == "a8" else 0, k, (), None, None, dict(quant, PERM_KW=1), {}, k,
+                         "cublas", codes=codes_launch(k, True, dtype), xq_dtype=dtype)
     if cfg.codes and (per_channel or group in (32, 64, 128)):
         block_k = group if not per_channel else 128 if act == "a8" else 64   # fp16 tiles: half the K in smem
         kp = -(-k // block_k) * block_k
@@ -3281,9 +3277,8 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
             dict(A8=act == "a8", GROUP=0 if per_channel else group, EVEN_K=act == "a8" or k % block_k == 0,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-            kp, "int4_codes_gemm", codes=((-(-n // 32), -(-kp // 512)),
-                                          dict(GROUP=0, SCALED=False, BLOCK_N=32, BLOCK_W=64),
-                                          torch.int8 if act == "a8" else dtype), xq_dtype=torch.int8)
+            kp, "int4_codes_gemm", codes=codes_launch(kp, False, torch.int8 if act == "a8" else dtype),
+            xq_dtype=torch.int8)
     if cfg.codes:
         cfg = replace(cfg, codes=False, dequant=False, grouped=True)   # a group size the codes kernels do not take
     if cfg.planar and (per_channel or group in (32, 64, 128)):
@@ -3380,13 +3375,11 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
         kern["int8_rows"][(m,)](x2, xa, sx, k, kp, x2.stride(0), kp, **plan.quant_consts)
     if plan.kernel == "cublas":
         torch.mm(xa, wp.T, out=y)
-        if bias is not None:
-            y += bias
-        return y.reshape(*x.shape[:-1], n)
-    part = y if plan.part is None else plan.part
-    count = y if plan.count is None else plan.count
-    kern[plan.kernel][plan.grid](xa, sx, wp, weight_scale, y, part, count, m, n, k, plan.kw,
-                                 xa.stride(0), wp.stride(0), weight_scale.stride(0), n, **plan.gemm_consts)
+    else:
+        part = y if plan.part is None else plan.part
+        count = y if plan.count is None else plan.count
+        kern[plan.kernel][plan.grid](xa, sx, wp, weight_scale, y, part, count, m, n, k, plan.kw,
+                                     xa.stride(0), wp.stride(0), weight_scale.stride(0), n, **plan.gemm_consts)
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], n)
