@@ -2448,9 +2448,9 @@ def print_quality_table(q: dict) -> None:
 # The kernels by M (int4_gemm_config): at M <= 64 the weights are dequantized in registers inside the
 # GEMM (int8 x int8 -> int32 dots per scale group, fp32 rescale); above, they are unpacked once per
 # call into a scratch buffer (int4_codes_kernel, with A8's activation quantization in the same
-# launch), then multiplied on plain tiles: an int8 GEMM for per-channel W4A8 (and any bf16 x,
-# exact), or for fp16 x with group scales cuBLAS on q * scale and x_q * s_x rounded once to fp16
-# (compressed-tensors' own fake-quant math; the prefill path vLLM's AWQ takes too).
+# launch), then multiplied on plain tiles: a Triton GEMM on the exact integers for per-channel W4A8
+# and for bf16 x, or for every other fp16 case cuBLAS on q * scale and (A8) x_q * s_x rounded once
+# to fp16 (compressed-tensors' own fake-quant math; the prefill path vLLM's AWQ takes too).
 
 QQQ_REPO = "https://github.com/HandH1998/QQQ"
 QQQ_COMMIT = "54c5c99037200f3b42b94877dcc932989e458409"
