@@ -3133,7 +3133,7 @@ class Int4GemmConfig:
     choice reproducible); `verify-runtime --bench --sweep` times the alternatives."""
     block_m: int
     block_n: int
-    k_per_iter: int        # K consumed per loop iteration (several scale groups at small M)
+    k_per_iter: int        # K consumed per loop iteration (several scale groups at small M; codes: per channel only)
     fuse_act_quant: bool   # A8: quantize activations inside the GEMM (one launch) vs own kernel
     num_warps: int = 4
     num_stages: int = 3
@@ -3175,8 +3175,9 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool =
     if m <= 64:
         bm, bn = (32, 64) if m <= 32 else (64, 64)
         return C(bm, bn, 64, False, 4, 4, split_k=split_for(-(-m // bm) * -(-n // bn), sms, 8), grouped=True)
-    if per_channel and (act == "a8" or bf16):
-        return C(128, 128, 64, False, 8, 3, codes=True) if m >= 512 and n >= 2048 else C(64, 64, 64, False, 4, 4, codes=True)
+    if per_channel and (act == "a8" or bf16):   # BLOCK_K: 128 int8, 64 bf16 (the same shared memory)
+        kpi = 128 if act == "a8" else 64
+        return C(128, 128, kpi, False, 8, 3, codes=True) if m >= 512 and n >= 2048 else C(64, 64, kpi, False, 4, 4, codes=True)
     if not bf16:
         return C(64, 64, 64, False, codes=True, dequant=True)
     if n < 1024 and m <= 256:   # k/v_proj in bf16: the in-register kernel stays faster here (run 29)
@@ -3270,7 +3271,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
         return _Int4Plan(cfg, 1 if act == "a8" else 0, k, (), None, None, dict(quant, PERM_KW=1), {}, k,
                          "cublas", codes=codes_launch(k, True, dtype), xq_dtype=dtype)
     if cfg.codes and (per_channel or group in (32, 64, 128)):
-        block_k = group if not per_channel else 128 if act == "a8" else 64   # fp16 tiles: half the K in smem
+        block_k = group if not per_channel else cfg.k_per_iter
         kp = -(-k // block_k) * block_k
         return _Int4Plan(
             cfg, 1 if act == "a8" else 0, kp, (tiles,), None, None, dict(quant, PERM_KW=1),
@@ -3558,8 +3559,10 @@ def sweep_configs(m: int) -> list[Int4GemmConfig]:
     if m <= 64:
         return [C(bm, bn, kpi, False, 4, 4, split_k=sk, grouped=True)
                 for bm in (32, 64) for bn in (64, 128) for kpi in (64, 128) for sk in (1, 2, 4)]
-    return [C(bm, bn, 64, False, w, st, codes=True)   # int8 GEMM on codes (per-channel W4A8's default)
-            for bm, bn, w, st in ((128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4))] + \
+    return [C(bm, bn, kpi, False, w, st, codes=True)   # int8 GEMM on codes (per-channel W4A8's default)
+            for bm, bn, kpi, w, st in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                                       (128, 128, 256, 8, 3), (128, 128, 128, 8, 4), (64, 128, 128, 4, 4),
+                                       (128, 64, 128, 4, 4), (64, 64, 128, 4, 4))] + \
            [C(64, 64, 64, False, codes=True, dequant=True),   # q * scale, cuBLAS (the others' default)
             C(128, 128, 256, False, 8, 3, planar=True),       # run 8-21's best in-register kernels
             C(128, 128, 64, False, 8, 3, grouped=True, prefetch=True),

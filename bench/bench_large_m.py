@@ -21,9 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import compress_gptoss as c  # noqa: E402
 
 C = c.Int4GemmConfig
-CODES_CONFIGS = [C(128, 128, 64, False, 8, 3, codes=True), C(128, 128, 64, False, 8, 4, codes=True),
-                 C(64, 128, 64, False, 4, 4, codes=True), C(128, 64, 64, False, 4, 4, codes=True),
-                 C(64, 64, 64, False, 4, 4, codes=True), C(64, 64, 64, False, codes=True, dequant=True)]
+# codes GEMM tiles: BLOCK_K = k_per_iter per channel (the group size with group scales)
+CODES_CONFIGS = [C(128, 128, 128, False, 8, 3, codes=True), C(128, 256, 128, False, 8, 3, codes=True),
+                 C(256, 128, 128, False, 8, 3, codes=True), C(128, 128, 256, False, 8, 3, codes=True),
+                 C(128, 256, 64, False, 8, 4, codes=True), C(128, 128, 128, False, 8, 4, codes=True),
+                 C(128, 64, 128, False, 4, 4, codes=True), C(64, 64, 128, False, 4, 4, codes=True),
+                 C(64, 64, 64, False, codes=True, dequant=True)]
 
 
 def load_module(path: str, name: str):

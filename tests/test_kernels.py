@@ -181,9 +181,9 @@ def planar_kernel_every_switch():
 @case
 def codes_kernel_every_switch():
     """Large M: int4_codes_kernel (int4 -> int8 / fp16 codes, or the dequantized weights) then
-    int4_codes_gemm_kernel: group 32 / 64 / 128 and per channel (K = 320: a tail padded for A8,
-    masked for A16), rows and columns past M, N, both activation modes, codes buffers shared by
-    two layers in a row."""
+    int4_codes_gemm_kernel: group 32 / 64 / 128 and per channel (K = 320, BLOCK_K 128: a tail
+    padded for A8, masked for A16), rows and columns past M, N, both activation modes, codes
+    buffers shared by two layers in a row."""
     C = c.Int4GemmConfig
     worst = 0.0
     for group in (32, 64, 128, None):
@@ -191,7 +191,7 @@ def codes_kernel_every_switch():
         layers = [random_int4_layer(n, k, group, seed=(group or 7) + n) for n in (37, 21)]
         x = torch.randn(70, k, generator=torch.Generator().manual_seed(8)).to(torch.float16)
         for act in ("a8", "a16"):
-            for cfg in (C(64, 32, 64, False, codes=True), C(16, 16, 64, False, 4, 2, codes=True),
+            for cfg in (C(64, 32, 128, False, codes=True), C(16, 16, 64, False, 4, 2, codes=True),
                         C(32, 16, 64, False, codes=True, dequant=True)):
                 for wp, ws in layers:
                     y = c.int4_linear(x, wp, ws, act=act, config=cfg)
