@@ -2829,7 +2829,7 @@ def _triton_kernels():
     @triton.jit
     def int4_gemm_grouped_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
                                  stride_xm, stride_wn, stride_sn, stride_ym,
-                                 A8: tl.constexpr, FUSE: tl.constexpr, CHUNK: tl.constexpr,
+                                 A8: tl.constexpr, FUSE: tl.constexpr, FUSE_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
                                  CHUNKS: tl.constexpr, PREFETCH: tl.constexpr,
                                  PER_CHANNEL: tl.constexpr, W_LHS: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
@@ -2860,18 +2860,6 @@ def _triton_kernels():
             x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]    # [BLOCK_M, CHUNK]
             x_ok = m_mask[:, None]
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if (A8 and PER_CHANNEL) else tl.float32)
-        if FUSE:
-            amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, K, 256):
-                kq = k0 + tl.arange(0, 256)
-                xv = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + kq[None, :],
-                             mask=m_mask[:, None] & (kq[None, :] < K), other=0.0)
-                amax = tl.maximum(amax, tl.max(tl.abs(xv.to(tl.float32)), axis=1))
-            amax = tl.maximum(amax, 1e-8)  # INT8_ABSMAX_FLOOR
-            inv = tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), amax)
-            s_x = amax / 127.0
-        elif A8:
-            s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
         n_chunks = tl.cdiv(K, CHUNK)
         per_split = tl.cdiv(tl.cdiv(n_chunks, CHUNKS), SPLIT_K) * CHUNKS
         c_lo = pid_k * per_split
@@ -2883,6 +2871,18 @@ def _triton_kernels():
                               mask=n_mask[:, None] & ((c_lo * (CHUNK // 8) + offs_w)[None, :] < w_lim),
                               other=-2004318072)    # 0x88888888: q = 0
             sc_next = tl.load(ws_ptr + offs_n * stride_sn + tl.minimum(c_lo, n_chunks - 1), mask=n_mask, other=0.0)
+        if FUSE:   # unrolled: the row loads go out together, one memory latency instead of FUSE_CHUNKS in a row
+            amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for i in tl.static_range(FUSE_CHUNKS):
+                kq = i * 256 + tl.arange(0, 256)
+                xv = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + kq[None, :],
+                             mask=m_mask[:, None] & (kq[None, :] < K), other=0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(xv.to(tl.float32)), axis=1))
+            amax = tl.maximum(amax, 1e-8)  # INT8_ABSMAX_FLOOR
+            inv = tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), amax)
+            s_x = amax / 127.0
+        elif A8:
+            s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
         for c0 in range(c_lo, c_hi, 1 if PREFETCH else CHUNKS):
             for ci in tl.static_range(1 if PREFETCH else CHUNKS):
                 c = c0 + ci
@@ -3156,14 +3156,18 @@ class Int4GemmConfig:
 
 
 def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool = False,
-                     act: str = "a8", bf16: bool = False) -> Int4GemmConfig:
+                     act: str = "a8", bf16: bool = False, eager: bool = False) -> Int4GemmConfig:
     """Picked from sweeps on an H200 (bench/RESULTS.md, runs 6-8 and 24-26). At M <= 16 the GEMM
     streams int4 weights: split-K until there are ~5 programs per SM, each prefetching its next
     group (latency, not bandwidth, is what the sweep rewarded; num_stages 1). Above M = 64 the
     weights are unpacked once per call instead of once per row block (codes): per-channel W4A8 to
     int8 for an int8 GEMM on plain tiles; with fp16 x everything else to q * scale for cuBLAS (a
     per-group rescale of int32 dots costs more than the int8 MMA saves, and cuBLAS's fp16 GEMM
-    beats Triton's); with bf16 x to the exact integers (bf16 would round q * scale)."""
+    beats Triton's); with bf16 x to the exact integers (bf16 would round q * scale).
+    eager (a call outside CUDA-graph capture): at M <= 32 A8 quantizes the activations inside the
+    GEMM, one launch instead of two: eager calls are bound by Triton's ~30 us of CPU per launch,
+    and the fused kernel's extra 0-11 us of GPU time hides under it (runs 36-37; at M = 64, +6-17 us,
+    it would not); in a graph the launches are free and the separate quantization kernel is faster."""
     def split_for(tiles, want, most):
         chunks, split = -(-k // 64), 1
         while tiles * split < want and split < most and chunks >= 2 * split:
@@ -3171,10 +3175,12 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool =
         return split
     C = Int4GemmConfig
     if m <= 16:
-        return C(16, 64, 64, False, 4, 1, split_k=split_for(-(-n // 64), 5 * sms, 16), grouped=True, prefetch=True)
+        return C(16, 64, 64, eager and act == "a8", 4, 1, split_k=split_for(-(-n // 64), 5 * sms, 16), grouped=True,
+                 prefetch=True)
     if m <= 64:
         bm, bn = (32, 64) if m <= 32 else (64, 64)
-        return C(bm, bn, 64, False, 4, 4, split_k=split_for(-(-m // bm) * -(-n // bn), sms, 8), grouped=True)
+        return C(bm, bn, 64, eager and act == "a8" and m <= 32, 4, 4,
+                 split_k=split_for(-(-m // bm) * -(-n // bn), sms, 8), grouped=True)
     if per_channel and (act == "a8" or bf16):   # BLOCK_K: 128 int8, 64 bf16 (the same shared memory)
         kpi = 128 if act == "a8" else 64
         return C(128, 128, kpi, False, 8, 3, codes=True) if m >= 512 and n >= 2048 else C(64, 64, kpi, False, 4, 4, codes=True)
@@ -3245,14 +3251,14 @@ def _codes_workspace(device, dtype, elems: int):
     return buf
 
 
-def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
+def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int4Plan:
     import torch
     assert act in ("a8", "a16"), act
     assert dtype in (torch.float16, torch.bfloat16), f"x must be fp16/bf16, got {dtype}"
     assert k % groups == 0, f"K={k} is not divisible into {groups} scale groups"
     group, per_channel = k // groups, groups == 1
     assert per_channel or group % 8 == 0, f"group size {group}: the kernel needs a multiple of 8 (one packed word)"
-    cfg = config or int4_gemm_config(m, n, k, _sm_count(device), per_channel, act, dtype == torch.bfloat16)
+    cfg = config or int4_gemm_config(m, n, k, _sm_count(device), per_channel, act, dtype == torch.bfloat16, eager)
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
     part, count = (_split_k_workspace(device, m * n * (cfg.split_k if cfg.split_stores else 1), tiles,
                                       cfg.split_stores) if cfg.split_k > 1 else (None, None))
@@ -3298,7 +3304,8 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config) -> _Int4Plan:
         return _Int4Plan(
             cfg, 0 if act == "a16" else 2 if fuse else 1, -(-k // 8), (tiles, cfg.split_k), part, count,
             dict(quant, PERM_KW=1),
-            dict(A8=act == "a8", FUSE=fuse, CHUNK=chunk, CHUNKS=max(1, cfg.k_per_iter // chunk),
+            dict(A8=act == "a8", FUSE=fuse, FUSE_CHUNKS=-(-k // 256) if fuse else 1,   # one compile per K
+                 CHUNK=chunk, CHUNKS=max(1, cfg.k_per_iter // chunk),
                  PREFETCH=cfg.prefetch, PER_CHANNEL=per_channel,
                  W_LHS=cfg.w_lhs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
                  SPLIT_K=cfg.split_k, SPLIT_STORES=cfg.split_stores, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -3327,8 +3334,10 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
                 config: Int4GemmConfig | None = None, planar=None):
     """y = x @ W.T (+ bias) with W in compressed-tensors pack-quantized int4 (symmetric).
     x: [..., K] fp16/bf16 on a CUDA device (or CPU under TRITON_INTERPRET=1); act "a8" (per-token
-    int8 activations) or "a16". Output dtype = x dtype. planar: int4_planar(weight_packed, K), made
-    once by the caller, for configs that use the planar kernel (else made here, on every call)."""
+    int8 activations) or "a16". Output dtype = x dtype. config None: int4_gemm_config's pick, which
+    for A8 at M <= 32 depends on whether a CUDA graph is being captured (eager: one launch).
+    planar: int4_planar(weight_packed, K), made once by the caller, for configs that use the planar
+    kernel (else made here, on every call)."""
     import torch
     k = x.shape[-1]
     n = weight_packed.shape[0]
@@ -3339,10 +3348,17 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
     assert weight_packed.dtype == torch.int32 and weight_packed.shape[1] == (k + 7) // 8, \
         f"weight_packed {tuple(weight_packed.shape)} {weight_packed.dtype} does not match K={k}"
     device = x.device
-    key = (m, n, k, weight_scale.shape[-1], act, x.dtype, device, config)
+    # the default config depends on this only for A8 at M <= 32 (int4_gemm_config): ask only then
+    eager = (config is None and act == "a8" and m <= 32 and device.type == "cuda"
+             and not torch.cuda.is_current_stream_capturing())
+    key = (m, n, k, weight_scale.shape[-1], act, x.dtype, device, config, eager)
     plan = _INT4_PLANS.get(key)
     if plan is None:
-        plan = _INT4_PLANS[key] = _int4_plan(m, n, k, weight_scale.shape[-1], act, x.dtype, device, config)
+        plan = _INT4_PLANS[key] = _int4_plan(m, n, k, weight_scale.shape[-1], act, x.dtype, device, config, eager)
+        if eager:   # a graph captured later takes the two-launch plan: compile and load it now, not inside the capture
+            int4_linear(x, weight_packed, weight_scale, act,
+                        config=int4_gemm_config(m, n, k, _sm_count(device), weight_scale.shape[-1] == 1, act,
+                                                x.dtype == torch.bfloat16))
     wp = weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()
     if weight_scale.stride(-1) != 1 and weight_scale.shape[-1] != 1:   # the kernel walks groups with step 1
         weight_scale = weight_scale.contiguous()
@@ -3660,14 +3676,16 @@ def _bench_one(job: dict, iters: int, graph: bool) -> dict:
         q, ws = _random_int4_weights(n, k, group, gen, dev)
         wp = pack_int4(q)
         copies = [(wp, ws)] + [(wp.clone(), ws.clone()) for _ in range(n_copies(wp.nbytes + ws.nbytes) - 1)]
-        cfg = (Int4GemmConfig(**job["config"]) if job.get("config") else
-               int4_gemm_config(m, n, k, per_channel=group is None, act=act, bf16=dtype == torch.bfloat16))
-        out["config"] = cfg.label()
+        forced = Int4GemmConfig(**job["config"]) if job.get("config") else None   # None: as a user's call
+        cfg = forced or int4_gemm_config(m, n, k, per_channel=group is None, act=act, bf16=dtype == torch.bfloat16)
+        eager_cfg = forced or int4_gemm_config(m, n, k, per_channel=group is None, act=act,
+                                               bf16=dtype == torch.bfloat16, eager=True)
+        out["config"] = cfg.label() + (f" (eager {eager_cfg.label()})" if eager_cfg != cfg else "")
         ref = int4_linear_reference(x, wp, ws, act=act)
         planar = [int4_planar(w, k) if cfg.planar else None for w, _ in copies]   # load-time work: untimed
 
         def fn(i):
-            return int4_linear(x, copies[i][0], copies[i][1], act=act, config=cfg, planar=planar[i])
+            return int4_linear(x, copies[i][0], copies[i][1], act=act, config=forced, planar=planar[i])
     elif backend in ("qqq", "qqq-gemm"):
         import copy
         qmod = _load_qqq_qlinear()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one device call (the lease is short; a fresh machine each
 # time). Usage on the GPU box, from the repo root:  OUT=/some/dir bash bench/run_h200.sh [steps]
-# steps: any of env tests decode qqq w4a8 large floors e2e marginal hessian hquality quantize (default: env tests decode w4a8 e2e).
+# steps: any of env tests decode qqq w4a8 large eager floors e2e marginal hessian hquality quantize (default: env tests decode w4a8 e2e).
 # qqq needs QQQ's source at $QQQ_SRC (no network there); quantize needs llmcompressor importable.
 # Figures land in $OUT as JSON.
 set -uo pipefail
@@ -22,6 +22,7 @@ fi
 if has tests; then
   step "GPU tests"
   python3 -m pytest -q -p no:cacheprovider tests/test_dequantize.py -k "gpu or triton or fast_path or random_codes" 2>&1 | tail -5
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "cuda_graph" 2>&1 | tail -5
 fi
 if has decode; then
   step "MXFP4 decode, one 120b gate_up"
@@ -39,6 +40,10 @@ fi
 if has large; then
   step "W4A8 / W4A16 at M = 256, 1024: default kernel vs codes + GEMM (two launches) vs FP16${BEFORE:+, and the default of $BEFORE}"
   python3 bench/bench_large_m.py ${LARGE_M:+--M $LARGE_M} ${BEFORE:+--before $BEFORE} --out "$OUT/large_m.json" 2>&1 | tail -400
+fi
+if has eager; then
+  step "int4_linear called eagerly (no CUDA graph): CPU cost per call; fused vs two-launch W4A8 at M = 1, 16, 32, 64"
+  python3 bench/bench_int4_eager.py ${BEFORE:+--before $BEFORE} --out "$OUT/eager.json" 2>&1 | tail -400
 fi
 if has floors; then
   step "int4 GEMM floors at M <= 16: empty launch, weight read, activation rows, vs FP16"

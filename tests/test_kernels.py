@@ -84,15 +84,17 @@ def batched_input_and_bias():
 
 @case
 def every_config_bucket():
-    """The configs int4_gemm_config picks for each M bucket, forced onto a small input, with group
-    scales and per channel."""
+    """The configs int4_gemm_config picks for each M bucket (at M <= 32 for a graph and for eager
+    calls), forced onto a small input, with group scales and per channel."""
     worst = 0.0
     for group in (64, None):
         wp, ws = random_int4_layer(33, 320, group)
         x = torch.randn(7, 320, generator=torch.Generator().manual_seed(11)).to(torch.float16)
         ref = c.int4_linear_reference(x, wp, ws, act="a8")
-        for m_bucket in (1, 32, 64, 128, 1024):
-            cfg = c.int4_gemm_config(m_bucket, 33 if m_bucket < 1024 else 4096, 320, per_channel=group is None, act="a8")
+        for m_bucket, eager in ((1, False), (1, True), (32, False), (32, True), (64, False), (128, False),
+                                (1024, False)):
+            cfg = c.int4_gemm_config(m_bucket, 33 if m_bucket < 1024 else 4096, 320, per_channel=group is None,
+                                     act="a8", eager=eager)
             err = c.relative_error(c.int4_linear(x, wp, ws, act="a8", config=cfg), ref)
             assert err <= TOL, (cfg.label(), err)
             worst = max(worst, err)
@@ -203,7 +205,7 @@ def codes_kernel_every_switch():
         ref = c.int4_linear_reference(xb, wp, wsb, act="a8")
         y = c.int4_linear(xb, wp, wsb, act="a8", config=C(32, 16, 64, False, codes=True, dequant=True))
         plan = c._INT4_PLANS[(70, wp.shape[0], k, wsb.shape[1], "a8", torch.bfloat16, x.device,
-                              C(32, 16, 64, False, codes=True, dequant=True))]
+                              C(32, 16, 64, False, codes=True, dequant=True), False)]
         assert plan.kernel == "int4_codes_gemm" and not plan.cfg.dequant, plan.kernel
         err = c.relative_error(y, ref)
         assert y.dtype == torch.bfloat16 and err <= 5e-3, (group, err)   # bf16 output rounding: ~2e-3
@@ -388,13 +390,14 @@ def test_grouped_kernel_compiles_for_gpus_without_a_gpu(cc):
     configs = [  # (A8, FUSE, CHUNK, CHUNKS, PREFETCH, PER_CHANNEL, W_LHS, BLOCK_M, BLOCK_N, SPLIT_K, warps, x)
         (True, False, 64, 1, True, False, True, 16, 64, 8, 4, "*i8"),
         (True, True, 64, 1, True, False, True, 16, 64, 4, 4, "*fp16"),
+        (True, True, 64, 1, False, True, True, 32, 64, 2, 4, "*fp16"),
         (True, False, 32, 2, False, False, False, 128, 128, 1, 8, "*i8"),
         (True, False, 64, 1, False, True, True, 16, 32, 2, 4, "*i8"),
         (False, False, 128, 1, True, False, True, 16, 64, 4, 4, "*bf16"),
         (False, False, 64, 2, False, True, False, 128, 64, 1, 4, "*fp16")]
     for a8, fuse, chunk, chunks, pre, per_ch, lhs, bm, bn, split, warps, xdt in (configs if cc == 90 else configs[:2]):
-        consts = {"A8": a8, "FUSE": fuse, "CHUNK": chunk, "CHUNKS": chunks, "PREFETCH": pre, "PER_CHANNEL": per_ch,
-                  "W_LHS": lhs, "BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "SPLIT_K": split,
+        consts = {"A8": a8, "FUSE": fuse, "FUSE_CHUNKS": 12 if fuse else 1, "CHUNK": chunk, "CHUNKS": chunks,
+                  "PREFETCH": pre, "PER_CHANNEL": per_ch, "W_LHS": lhs, "BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "SPLIT_K": split,
                   "SPLIT_STORES": split > 1 and pre}
         ptx = lowered_ptx("int4_gemm_grouped", consts, xdt, cc, warps, 4)
         assert (".s8.s8" in ptx) == a8, (consts, "int8 MMA expected exactly for A8")
@@ -444,6 +447,49 @@ def test_codes_kernels_compile_for_gpus_without_a_gpu(cc):
         consts = {"BLOCK_K": 4096, "ONE_PASS": True, "GROUP": 0 if not scaled else 64, "SCALED": scaled,
                   "BLOCK_N": 32, "BLOCK_W": 64}
         lowered_ptx("int4_prologue", consts, "*fp16", cc, 4, 1, ptrs={"xq_ptr": qdt, "q_ptr": qdt})
+
+
+def test_eager_decode_calls_fuse_the_activation_quantization():
+    """Eager A8 calls at M <= 32 take one launch (quantization inside the GEMM), graph captures
+    and everything else keep their configs; the plan really runs the fused kernel."""
+    pick = c.int4_gemm_config
+    assert pick(16, 5760, 2880, act="a8", eager=True).fuse_act_quant
+    assert not pick(16, 5760, 2880, act="a8", eager=False).fuse_act_quant
+    assert not pick(16, 5760, 2880, act="a16", eager=True).fuse_act_quant
+    assert pick(32, 5760, 2880, act="a8", eager=True).fuse_act_quant
+    for m in (33, 64, 65, 1024):
+        assert pick(m, 5760, 2880, act="a8", eager=True) == pick(m, 5760, 2880, act="a8"), m
+    for per_channel in (False, True):
+        plan = c._int4_plan(16, 5760, 2880, 1 if per_channel else 45, "a8", torch.float16, torch.device("cpu"),
+                            None, eager=True)
+        assert plan.kernel == "int4_gemm_grouped" and plan.gemm_consts["FUSE"] and plan.mode == 2, plan
+        assert plan.gemm_consts["FUSE_CHUNKS"] == 12   # 2880 inputs in unrolled loads of 256
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [16, 32])
+def test_cuda_graph_captured_after_eager_calls(m):
+    """The usual order, eager calls then a CUDA-graph capture: eager A8 calls at M <= 32 take the
+    fused one-launch plan, the capture the two-launch one, planned inside the capture; both give
+    the float64 result (the replay on new activations too)."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(3)
+    q, ws = c._random_int4_weights(5760, 2880, 64, gen, dev)
+    wp = c.pack_int4(q)
+    x = torch.randn(m, 2880, generator=gen, device=dev).half()
+    assert c.relative_error(c.int4_linear(x, wp, ws, act="a8"), c.int4_linear_reference(x, wp, ws, act="a8")) <= TOL
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = c.int4_linear(x, wp, ws, act="a8")
+    x.copy_(torch.randn(m, 2880, generator=gen, device=dev))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert c.relative_error(y, c.int4_linear_reference(x, wp, ws, act="a8")) <= TOL
+    fused = {key[-1]: plan.gemm_consts.get("FUSE") for key, plan in c._INT4_PLANS.items()
+             if key[:5] == (m, 5760, 2880, 45, "a8") and key[7] is None}
+    assert fused == {True: True, False: False}, fused
 
 
 def test_float64_reference_is_the_dequantized_matmul():
