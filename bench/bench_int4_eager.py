@@ -6,9 +6,10 @@ than that on the CPU, so eager use is launch-bound. This times N back-to-back ca
 the host clock (the GPU queue never drains: the CPU is the bottleneck), then runs the same loop
 under cProfile and prints the functions with the most own time.
 
-Then, on every GPT-OSS shape at M = 1, 16, 32 and 64, W4A8 with the activation quantization in its own
-launch (the default) vs fused into the GEMM (one launch): eager time per call (host clock, until
-the GPU is done) and CUDA-graph time, side by side, each with its error against float64.
+Then, on every GPT-OSS shape at M = 1, 16, 32 and 64, W4A8 with the activation quantization in its
+own launch (what a CUDA graph gets) vs fused into the GEMM (one launch, what an eager call gets at
+M <= 32) vs config=None (the rule itself): eager time per call (host clock, until the GPU is done)
+and CUDA-graph time, side by side, each with its error against float64.
 
   python bench/bench_int4_eager.py --out bench/raw/runN/eager.json
 """
