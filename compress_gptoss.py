@@ -4257,7 +4257,9 @@ def _run_model(model, prompts, device, new_tokens: int) -> dict:
         for ids in prompts:
             out["logits"].append(model(ids.to(device)).logits.float().cpu())
         ids = prompts[0].to(device)
-        model(ids)   # warm-up (kernel compiles) outside the timing
+        # warm-up outside the timing: a short generation, so that the decode shapes (M = 1, which
+        # Triton specializes on) are compiled and loaded too, not only the prompt's
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
         if device != "cpu":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
