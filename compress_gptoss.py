@@ -4855,6 +4855,13 @@ Each backend runs in a worker process, so a CUDA fault is reported as that case'
     return p
 
 
+# import name -> the requirements.txt package that provides it
+REQUIRED_MODULES = {"torch": "torch", "transformers": "transformers", "llmcompressor": "llmcompressor",
+                    "compressed_tensors": "compressed-tensors", "accelerate": "accelerate", "datasets": "datasets",
+                    "safetensors": "safetensors", "huggingface_hub": "huggingface_hub", "tokenizers": "tokenizers",
+                    "tqdm": "tqdm", "triton": "triton"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -4864,6 +4871,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except ModuleNotFoundError as e:   # a dependency this command imports lazily is not installed
+        package = (e.name or "").split(".")[0]
+        if package not in REQUIRED_MODULES:
+            raise
+        print(f"error: this needs the Python package '{REQUIRED_MODULES[package]}', which is not installed "
+              f"here ({e}); install requirements.txt (pip install -r requirements.txt)", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("error: interrupted; --resume continues where it stopped (dequantize)", file=sys.stderr)
         return 130

@@ -190,6 +190,21 @@ def test_verify_model_without_gpu_runs_the_dense_fallback(w4a8_checkpoint):
 
 
 @needs_loader
+def test_a_missing_dependency_is_one_line_naming_it(w4a8_checkpoint):
+    """verify-runtime --model on a machine without llmcompressor (the loader linearizes the experts
+    with its classes): one line that names the package and requirements.txt, exit 3, no traceback."""
+    code = ("import runpy, sys; sys.modules['llmcompressor'] = None; "   # import llmcompressor now fails
+            f"sys.argv = ['compress_gptoss.py', 'verify-runtime', '--model', {str(w4a8_checkpoint)!r}]; "
+            f"runpy.run_path({str(ROOT / 'compress_gptoss.py')!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: this needs the Python package 'llmcompressor'") and "requirements.txt" in last, last
+
+
+@needs_loader
 def test_verify_model_kernels_in_the_interpreter(w4a8_checkpoint):
     """The GPU path, run on the CPU by the Triton interpreter: every int4 Linear through the
     built-in W4A8 kernel, against the dense decompression of the same checkpoint (activations
