@@ -3082,7 +3082,7 @@ def _triton_kernels():
             else:
                 a = tl.load(a_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0)
             b = tl.load(b_ptrs + k0)
-            d = tl.dot(a, tl.trans(b), out_dtype=tl.int32 if A8 else tl.float32)
+            d = weight_dot(b, a, False, tl.int32 if A8 else tl.float32)
             if GROUP == 0:
                 acc += d
             else:
@@ -3330,6 +3330,14 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
         -(-k // (8 * kw)) * 8 * kw, "int4_gemm")
 
 
+def _cached_int4_plan(key) -> _Int4Plan:
+    """key: _int4_plan's arguments (m, n, k, groups, act, dtype, device, config, eager)."""
+    plan = _INT4_PLANS.get(key)
+    if plan is None:
+        plan = _INT4_PLANS[key] = _int4_plan(*key)
+    return plan
+
+
 def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
                 config: Int4GemmConfig | None = None, planar=None):
     """y = x @ W.T (+ bias) with W in compressed-tensors pack-quantized int4 (symmetric).
@@ -3352,22 +3360,29 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
     eager = (config is None and act == "a8" and m <= 32 and device.type == "cuda"
              and not torch.cuda.is_current_stream_capturing())
     key = (m, n, k, weight_scale.shape[-1], act, x.dtype, device, config, eager)
-    plan = _INT4_PLANS.get(key)
-    if plan is None:
-        plan = _INT4_PLANS[key] = _int4_plan(m, n, k, weight_scale.shape[-1], act, x.dtype, device, config, eager)
-        if eager:   # a graph captured later takes the two-launch plan: compile and load it now, not inside the capture
-            int4_linear(x, weight_packed, weight_scale, act,
-                        config=int4_gemm_config(m, n, k, _sm_count(device), weight_scale.shape[-1] == 1, act,
-                                                x.dtype == torch.bfloat16))
+    first_call = key not in _INT4_PLANS
+    plan = _cached_int4_plan(key)
+    if m == 0:
+        return torch.empty(*x.shape[:-1], n, device=device, dtype=x.dtype)
     wp = weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()
     if weight_scale.stride(-1) != 1 and weight_scale.shape[-1] != 1:   # the kernel walks groups with step 1
         weight_scale = weight_scale.contiguous()
-    y = torch.empty(m, n, device=device, dtype=x.dtype)
-    if m == 0:
-        return y.reshape(*x.shape[:-1], n)
+    if eager and first_call:   # a graph captured later takes the two-launch plan: compile and load it now
+        _int4_launch(_cached_int4_plan(key[:-1] + (False,)), x2, wp, weight_scale, planar)
+    y = _int4_launch(plan, x2, wp, weight_scale, planar)
+    if bias is not None:
+        y += bias
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _int4_launch(plan: _Int4Plan, x2, wp, weight_scale, planar):
+    """int4_linear's kernels for one plan: x2 [M, K], wp / weight_scale contiguous along K -> y [M, N]."""
+    import torch
+    (m, k), n, device = x2.shape, wp.shape[0], x2.device
+    y = torch.empty(m, n, device=device, dtype=x2.dtype)
     kern = _TRITON_KERNELS or _triton_kernels()
     if plan.kernel == "int4_gemm_planar":
-        wp = int4_planar(weight_packed, k) if planar is None else planar
+        wp = int4_planar(wp, k) if planar is None else planar
         assert wp.shape == (n, plan.kw) and wp.dtype == torch.int32, f"planar weights {tuple(wp.shape)} do not fit K={k}"
     xa = sx = x2
     if plan.codes is not None:   # large M: the weights unpacked once for this call
@@ -3397,9 +3412,7 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
         count = y if plan.count is None else plan.count
         kern[plan.kernel][plan.grid](xa, sx, wp, weight_scale, y, part, count, m, n, k, plan.kw,
                                      xa.stride(0), wp.stride(0), weight_scale.stride(0), n, **plan.gemm_consts)
-    if bias is not None:
-        y += bias
-    return y.reshape(*x.shape[:-1], n)
+    return y
 
 
 # ---- runtime backends: QQQ and the built-in one ----

@@ -15,7 +15,6 @@ and CUDA-graph time, side by side, each with its error against float64.
 """
 import argparse
 import cProfile
-import importlib.util
 import io
 import json
 import pstats
@@ -26,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import compress_gptoss as c  # noqa: E402
+from bench_large_m import load_module  # noqa: E402   (this folder is on sys.path: the script's own)
 
 
 def main() -> int:
@@ -82,13 +82,6 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     return 0
-
-
-def load_module(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = sys.modules[name] = importlib.util.module_from_spec(spec)   # dataclasses look the module up
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def fused_vs_two_launches(torch, dev, calls: int, before=None) -> list:
