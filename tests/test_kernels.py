@@ -73,8 +73,9 @@ for _shape in REFERENCE_SHAPES:
 @case
 def batched_input_and_bias():
     wp, ws = random_int4_layer(24, 256, 32)
-    x = torch.randn(2, 3, 256).to(torch.float16)
-    bias = torch.randn(24).to(torch.float16)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 3, 256, generator=g).to(torch.float16)
+    bias = torch.randn(24, generator=g).to(torch.float16)
     y = c.int4_linear(x, wp, ws.T.contiguous().T, act="a8", bias=bias)   # scales column-major: copied
     assert y.shape == (2, 3, 24)
     err = c.relative_error(y.reshape(6, 24), c.int4_linear_reference(x, wp, ws, act="a8") + bias.double())
@@ -107,7 +108,7 @@ def split_k_sums_and_leaves_workspace_clean():
     y): several splits, more splits than K steps, both quantization modes, all three kernels,
     the two kinds interleaved; a second call must give the same y."""
     wp, ws = random_int4_layer(37, 1216, 64)   # 4.75 K steps of 256
-    x = torch.randn(3, 1216).to(torch.float16)
+    x = torch.randn(3, 1216, generator=torch.Generator().manual_seed(13)).to(torch.float16)
     worst = 0.0
     for act in ("a8", "a16"):
         ref = c.int4_linear_reference(x, wp, ws, act=act)
@@ -231,7 +232,7 @@ def bf16_activations_a8():
     """A8 with bf16 x only does int8 dots, so it runs in the interpreter (A16 with bf16 does a bf16
     tl.dot, which the triton 3.9 interpreter computes wrongly; the GPU bench checks that one)."""
     wp, ws = random_int4_layer(19, 320, 32, dtype=torch.bfloat16)
-    x = torch.randn(4, 320).to(torch.bfloat16)
+    x = torch.randn(4, 320, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16)
     y = c.int4_linear(x, wp, ws, act="a8")
     assert y.dtype == torch.bfloat16
     err = c.relative_error(y, c.int4_linear_reference(x, wp, ws, act="a8"))
@@ -494,7 +495,7 @@ def test_cuda_graph_captured_after_eager_calls(m):
 
 def test_float64_reference_is_the_dequantized_matmul():
     wp, ws = random_int4_layer(5, 64, 32)
-    x = torch.randn(2, 64).to(torch.float16)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(15)).to(torch.float16)
     w = c.unpack_int4_packed(wp, 64).double() * ws.double().repeat_interleave(32, 1)
     assert torch.allclose(c.int4_linear_reference(x, wp, ws, "a16"), x.double() @ w.T)
 
