@@ -2225,6 +2225,11 @@ def load_quantized_model(path, decompress: bool = False, offload_dir: Path | Non
     model.eval()
     if decompress:
         compressor.decompress_model(model)
+        if offload_dir is None:
+            # decompress_model puts every module under compressed-tensors' CPU offloading, which
+            # then ignores model.to(device): the dense model would keep running from host memory
+            from compressed_tensors.offload import remove_dispatch
+            remove_dispatch(model)
     return model
 
 

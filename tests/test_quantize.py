@@ -204,6 +204,17 @@ def test_decompressed_weights_match_an_independent_int4_unpacking(sparse_w4a8):
         assert torch.allclose(mine, theirs, atol=1e-2, rtol=1e-2), name
 
 
+def test_decompressed_model_follows_to(sparse_w4a8):
+    """compressed-tensors' decompress_model leaves its CPU offloading on every module, and that
+    keeps weights on the host through model.to(device): on the H200 the 'dense' model of
+    verify-runtime --model ran its Linear layers on the CPU (0.16 tokens/s). The loader removes it.
+    "meta" stands in for "cuda" on a machine without a GPU: a device move all the same."""
+    model = cg.load_quantized_model(sparse_w4a8, decompress=True)
+    name = modules_of(tensors(sparse_w4a8), EXPERT_RE)[0]
+    model.to("meta")
+    assert model.get_submodule(name).weight.device.type == "meta"
+
+
 # ---------------------------------------------------------------- quality bounds
 
 
