@@ -2514,7 +2514,10 @@ def quantize_activations_int8(x):
     import torch
     xf = x.float()
     amax = xf.abs().amax(dim=-1).clamp_min(INT8_ABSMAX_FLOOR)
-    xq = torch.round(xf * (127.0 / amax)[..., None]).clamp(-127, 127).to(torch.int8)
+    # a tensor divided by a tensor: torch computes `127.0 / amax` as 127 * (1 / amax), two roundings,
+    # which moves inv by an ulp and x_q by 1 at near-ties (x * inv = 23.499998 vs 23.5)
+    inv = torch.full_like(amax, 127.0) / amax
+    xq = torch.round(xf * inv[..., None]).clamp(-127, 127).to(torch.int8)
     return xq, amax / 127.0
 
 

@@ -236,7 +236,9 @@ def bf16_activations_a8():
     y = c.int4_linear(x, wp, ws, act="a8")
     assert y.dtype == torch.bfloat16
     err = c.relative_error(y, c.int4_linear_reference(x, wp, ws, act="a8"))
-    assert err <= 5e-3, err  # bf16 output rounding alone is ~2e-3 relative
+    # bf16 output rounding alone is ~1.7e-3 relative; the interpreter casts fp32 -> bf16 by truncation
+    # (a GPU rounds to nearest), which doubles it: y here is the float64 result truncated, bit for bit
+    assert err <= 5e-3, err
     return err
 
 
@@ -342,6 +344,10 @@ def test_activation_quantization_reference():
     xq, _ = c.quantize_activations_int8(torch.tensor([[2.0, 0.5 / 127 * 2, 1.5 / 127 * 2]]))
     assert xq.tolist() == [[127, 0, 2]]
     assert torch.allclose(sx, torch.tensor([1 / 127, c.INT8_ABSMAX_FLOOR / 127]))
+    # 127 / 3.224609375 rounded once to fp32 is 39.384617 (the kernels' div_rn); torch's `127.0 / t`
+    # is 127 * (1 / t) = 39.384613, and 0.5966796875 times that is 23.499998, not 23.5 (-> 24, even)
+    xq, _ = c.quantize_activations_int8(torch.tensor([[3.224609375, 0.5966796875]], dtype=torch.float16))
+    assert xq.tolist() == [[127, 24]]
 
 
 def lowered_ptx(kernel: str, consts: dict, x_dtype: str, cc: int, warps: int, stages: int,
