@@ -4081,10 +4081,21 @@ def _format_environment(env: dict) -> str:
     return "\n".join(lines)
 
 
+def prefill_lengths(text: str) -> tuple:
+    """--prefill-tokens: '256' or '128,1024' -> (256,) / (128, 1024); '0' -> ()."""
+    try:
+        lengths = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        lengths = (-1,)
+    if any(n < 0 for n in lengths):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of token counts (e.g. 256 or 128,1024)")
+    return tuple(n for n in lengths if n)
+
+
 def cmd_verify_runtime(args: argparse.Namespace) -> int:
     if args.model:
         with _stdout_to_stderr():   # library loggers (loguru) write to stdout; stdout is the report's
-            rep = verify_model(Path(args.model), args.bf16, args.new_tokens)
+            rep = verify_model(Path(args.model), args.bf16, args.new_tokens, prefill=args.prefill_tokens)
         print(json.dumps(rep, indent=2) if args.json else _format_model_report(rep))
         return 0
     if args.bench:
@@ -4270,8 +4281,29 @@ def _prompt_ids(path: Path, n_random: int = 16):
         return [torch.randint(0, vocab, (1, n_random), generator=g) for _ in VERIFY_PROMPTS], f"random ids ({e})"
 
 
-def _run_model(model, prompts, device, new_tokens: int) -> dict:
-    """Next-token logits on every prompt position, and greedy generation speed."""
+def _time_prefill(model, tokens: int, device, reps: int = 3) -> float:
+    """Tokens/s of one forward over a `tokens`-long prompt (random ids, batch 1, only the last
+    position's logits, as generate's prefill): median of `reps` after one untimed forward that
+    compiles and loads this length's kernels (the experts' M differs with the prompt length)."""
+    import torch
+    g = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=g).to(device)
+    times = []
+    for i in range(reps + 1):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(ids, logits_to_keep=1)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return tokens / sorted(times)[len(times) // 2]
+
+
+def _run_model(model, prompts, device, new_tokens: int, prefill: tuple = ()) -> dict:
+    """Next-token logits on every prompt position, greedy generation speed, and the prefill speed
+    at each length in `prefill`."""
     import torch
     out = {"logits": []}
     with torch.no_grad():
@@ -4288,6 +4320,7 @@ def _run_model(model, prompts, device, new_tokens: int) -> dict:
         if device != "cpu":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        out["prefill_tokens_per_s"] = {str(t): _time_prefill(model, t, device) for t in prefill}
     made = gen.shape[1] - ids.shape[1]
     out["tokens_per_s"] = made / dt if dt > 0 else None
     out["generated"] = gen[0, ids.shape[1]:].tolist()
@@ -4331,9 +4364,11 @@ def kernel_activation_rule():
     return patch_attr(ct_forward, "forward_quantize", forward_quantize)
 
 
-def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, device: str | None = None) -> dict:
+def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, device: str | None = None,
+                 prefill: tuple = ()) -> dict:
     """The built-in kernels on a quantized checkpoint vs its dense decompression (and the BF16
-    source's speed). Without a CUDA GPU: the dense fallback only, and the report says so."""
+    source's speed: decode, and prefill at each prompt length in `prefill`). Without a CUDA GPU:
+    the dense fallback only, and the report says so."""
     import gc
     import torch
     loader = globals().get("load_quantized_model")
@@ -4341,7 +4376,8 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
         raise UserError("--model needs load_quantized_model() from the loader section, which this build lacks")
     device = device or ("cuda" if _cuda_gpus() else "cpu")
     prompts, prompt_kind = _prompt_ids(path)
-    rep = {"model": str(path), "device": device, "prompts": prompt_kind, "new_tokens": new_tokens}
+    rep = {"model": str(path), "device": device, "prompts": prompt_kind, "new_tokens": new_tokens,
+           "prefill_tokens": list(prefill)}
 
     def free(m):
         del m
@@ -4350,9 +4386,10 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
             torch.cuda.empty_cache()
     dense = loader(path, decompress=True).to(device)
     with kernel_activation_rule():
-        d = _run_model(dense, prompts, device, new_tokens)
+        d = _run_model(dense, prompts, device, new_tokens, prefill)
     free(dense)
-    rep["dense"] = {"tokens_per_s": d["tokens_per_s"], "generated": d["generated"]}
+    rep["dense"] = {"tokens_per_s": d["tokens_per_s"], "prefill_tokens_per_s": d["prefill_tokens_per_s"],
+                    "generated": d["generated"]}
     kernels_here = device != "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
     if not kernels_here:
         rep["mode"] = ("dense fallback: no CUDA GPU, so the checkpoint ran decompressed by compressed-tensors; "
@@ -4361,19 +4398,21 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
         quant = loader(path, decompress=False)
         rep["kernels"] = attach_int4_kernels(quant)
         quant.to(device)
-        k = _run_model(quant, prompts, device, new_tokens)
+        k = _run_model(quant, prompts, device, new_tokens, prefill)
         free(quant)
         rep["mode"] = "built-in int4 kernels vs the dense decompression of the same checkpoint"
-        rep["quantized"] = {"tokens_per_s": k["tokens_per_s"], "generated": k["generated"]}
+        rep["quantized"] = {"tokens_per_s": k["tokens_per_s"], "prefill_tokens_per_s": k["prefill_tokens_per_s"],
+                            "generated": k["generated"]}
         rep["agreement"] = compare_logits(d["logits"], k["logits"])
         rep["same_greedy_tokens"] = sum(a == b for a, b in zip(d["generated"], k["generated"]))
     src = bf16_source or (read_json(path / "config.json", "not a model folder").get("gptoss_compressor") or {}).get("source")
     if src and Path(src).is_dir():
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).to(device)
-        s = _run_model(model, prompts, device, new_tokens)
+        s = _run_model(model, prompts, device, new_tokens, prefill)
         free(model)
-        rep["bf16_source"] = {"path": src, "tokens_per_s": s["tokens_per_s"]}
+        rep["bf16_source"] = {"path": src, "tokens_per_s": s["tokens_per_s"],
+                              "prefill_tokens_per_s": s["prefill_tokens_per_s"]}
     else:
         rep["bf16_source"] = {"path": src, "skipped": "not found (--bf16 DIR)"}
     return rep
@@ -4382,6 +4421,13 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
 def _format_model_report(rep: dict) -> str:
     def tps(x):
         return f"{x:.1f} tokens/s" if x else "-"
+    src = rep["bf16_source"]
+
+    def speeds(pick, why_no_source=False) -> str:   # "kernels ..., dense decompressed ..., BF16 source ..."
+        parts = [f"kernels {tps(pick(rep['quantized']))}"] if "quantized" in rep else []
+        parts.append(f"dense decompressed {tps(pick(rep['dense']))}")
+        parts.append(f"BF16 source {src['skipped'] if why_no_source and 'skipped' in src else tps(pick(src))}")
+        return ", ".join(parts)
     lines = [f"model           {rep['model']} on {rep['device']} ({rep['prompts']})", f"mode            {rep['mode']}"]
     if "kernels" in rep:
         k = rep["kernels"]
@@ -4391,13 +4437,10 @@ def _format_model_report(rep: dict) -> str:
         lines.append(f"vs dense        KL mean {a['kl_mean']:.2e} nats (median {a['kl_median']:.2e}, max {a['kl_max']:.2e}), top-1 agreement "
                      f"{a['top1_agreement']:.1%} over {a['positions']} positions; greedy tokens identical "
                      f"{rep['same_greedy_tokens']}/{rep['new_tokens']}")
-        lines.append(f"speed           kernels {tps(rep['quantized']['tokens_per_s'])}, dense decompressed "
-                     f"{tps(rep['dense']['tokens_per_s'])}, BF16 source "
-                     f"{tps(rep['bf16_source'].get('tokens_per_s')) if 'tokens_per_s' in rep['bf16_source'] else rep['bf16_source']['skipped']}"
-                     f" (greedy, batch 1, {rep['new_tokens']} new tokens)")
-    else:
-        lines.append(f"speed           dense decompressed {tps(rep['dense']['tokens_per_s'])}, BF16 source "
-                     f"{tps(rep['bf16_source'].get('tokens_per_s')) if 'tokens_per_s' in rep['bf16_source'] else rep['bf16_source']['skipped']}")
+    lines.append(f"decode          {speeds(lambda r: r.get('tokens_per_s'), True)} (greedy, batch 1, {rep['new_tokens']} new tokens)")
+    for t in rep.get("prefill_tokens", []):
+        lines.append(f"prefill {t:<7} {speeds(lambda r: r.get('prefill_tokens_per_s', {}).get(str(t)))} "
+                     f"(one forward over {t} prompt tokens, batch 1)")
     return "\n".join(lines)
 
 
@@ -4872,6 +4915,9 @@ Each backend runs in a worker process, so a CUDA fault is reported as that case'
     v.add_argument("--bf16", metavar="DIR", help="--model: the BF16 source for the tokens/s comparison "
                                                  "(default: the source recorded by quantize)")
     v.add_argument("--new-tokens", type=int, default=16, help="--model: greedy tokens to generate (default: %(default)s)")
+    v.add_argument("--prefill-tokens", type=prefill_lengths, default=(256,), metavar="N[,N...]",
+                   help="--model: also time one forward over a prompt of N random tokens (prefill), each N; "
+                        "0 = skip (default: 256)")
     v.set_defaults(func=cmd_verify_runtime)
     return p
 

@@ -181,12 +181,30 @@ def w4a8_checkpoint(request, tiny_bf16):
 
 @needs_loader
 def test_verify_model_without_gpu_runs_the_dense_fallback(w4a8_checkpoint):
-    r = run_cli("verify-runtime", "--model", w4a8_checkpoint, "--new-tokens", "2", "--json")
+    r = run_cli("verify-runtime", "--model", w4a8_checkpoint, "--new-tokens", "2", "--prefill-tokens", "16,48", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(r.stdout)
     assert rep["device"] == "cpu" and rep["mode"].startswith("dense fallback")
     assert "kernels" not in rep and rep["dense"]["tokens_per_s"] > 0
     assert rep["bf16_source"].get("tokens_per_s")   # the source quantize recorded
+    assert rep["prefill_tokens"] == [16, 48]
+    for run in (rep["dense"], rep["bf16_source"]):
+        assert sorted(run["prefill_tokens_per_s"]) == ["16", "48"] and min(run["prefill_tokens_per_s"].values()) > 0
+
+
+@needs_loader
+def test_verify_model_report_has_a_prefill_line_per_length(w4a8_checkpoint):
+    r = run_cli("verify-runtime", "--model", w4a8_checkpoint, "--new-tokens", "2", "--prefill-tokens", "8,24")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert [ln.split()[:2] for ln in lines if ln.startswith("prefill")] == [["prefill", "8"], ["prefill", "24"]]
+    assert any(ln.startswith("decode ") and "tokens/s" in ln for ln in lines)
+
+
+def test_prefill_tokens_rejects_a_bad_list():
+    r = run_cli("verify-runtime", "--model", "/nonexistent", "--prefill-tokens", "128,many")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--prefill-tokens: '128,many' is not a comma list of token counts" in r.stderr.strip().splitlines()[-1]
 
 
 @needs_loader
@@ -213,8 +231,8 @@ def test_verify_model_kernels_in_the_interpreter(w4a8_checkpoint):
     0.012; every module's output within bf16 rounding of the float64 reference); on another,
     mean 2.0e-4."""
     pytest.importorskip("triton")
-    r = run_cli("verify-runtime", "--model", w4a8_checkpoint, "--new-tokens", "2", "--json",
-                env={"TRITON_INTERPRET": "1"})
+    r = run_cli("verify-runtime", "--model", w4a8_checkpoint, "--new-tokens", "2", "--prefill-tokens", "0", "--json",
+                env={"TRITON_INTERPRET": "1"})   # prefill timing off: the interpreter takes ~20 s per forward
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(r.stdout)
     assert rep["kernels"]["w4a8"] >= 8 and rep["kernels"]["decompressed"] == 0
