@@ -4246,13 +4246,14 @@ def int4_kernel_mode(module) -> str | None:
 def attach_int4_kernels(model) -> dict:
     """Route the int4 Linear modules of a compressed model through int4_linear; decompress (in
     place, compressed-tensors) every other compressed module, and drop compressed-tensors'
-    decompress-on-first-forward hook. Returns {"w4a8": n, "w4a16": n, "decompressed": n}."""
+    decompress-on-first-forward hook. MoE blocks (llmcompressor's linearized experts) then run
+    routed_experts_forward. Returns {"w4a8": n, "w4a16": n, "decompressed": n, "fused_gate_up": n}."""
     from compressed_tensors.compressors.base import decompress_module
     hook = getattr(model, "ct_decompress_hook", None)
     if hook is not None:
         hook.remove()
         del model.ct_decompress_hook
-    counts = {"w4a8": 0, "w4a16": 0, "decompressed": 0}
+    counts = {"w4a8": 0, "w4a16": 0, "decompressed": 0, "fused_gate_up": 0}
     for _, module in list(model.named_modules()):
         if getattr(module, "quantization_scheme", None) is None:
             continue
@@ -4266,7 +4267,68 @@ def attach_int4_kernels(model) -> dict:
             return int4_linear(x, module.weight_packed, module.weight_scale, act=act, bias=module.bias)
         module.forward = forward
         counts["w4" + act] += 1
+    for block in _linearized_moe_blocks(model):
+        counts["fused_gate_up"] += sum(fuse_gate_up(block[e]) for e in range(block.num_experts))
+
+        def moe_forward(hidden_states, top_k_index, top_k_weights, block=block):
+            return routed_experts_forward(block, hidden_states, top_k_index, top_k_weights)
+        block.forward = moe_forward
     return counts
+
+
+def _linearized_moe_blocks(model) -> list:
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+    return [m for m in model.modules() if isinstance(m, LinearExperts2D) and m.has_gate]
+
+
+def fuse_gate_up(expert) -> bool:
+    """Give an expert whose gate_proj and up_proj are int4 kernel modules of one scheme a single
+    module `gate_up` with both weights stacked along N (GPT-OSS's own gate_up shape: one GEMM with
+    N = 5760 instead of two with 2880, one activation quantization) and drop the two. The tensors
+    are moved, not copied: no memory is added."""
+    import torch
+    gate, up = expert.gate_proj, expert.up_proj
+    act = int4_kernel_mode(gate)
+    if act is None or int4_kernel_mode(up) != act or gate.weight_scale.shape[-1] != up.weight_scale.shape[-1] \
+            or (gate.bias is None) != (up.bias is None):
+        return False
+    fused = torch.nn.Module()
+    fused.act = act
+    for name in ("weight_packed", "weight_scale", "bias"):
+        a, b = getattr(gate, name), getattr(up, name)
+        fused.register_buffer(name, None if a is None else torch.cat([a.data, b.data]))
+    del expert.gate_proj, expert.up_proj
+    expert.gate_up = fused
+    return True
+
+
+def routed_experts_forward(block, hidden_states, top_k_index, top_k_weights):
+    """The MoE experts of a linearized block for the int4 kernels: the same sum as llmcompressor's
+    LinearExperts2D.forward (its output is the reference of verify-runtime --model), computed with
+    one sort of the token -> expert assignments and one host sync per call, visiting only experts
+    that got tokens, one GEMM for gate and up. Written by hand because llmcompressor's loop syncs
+    twice per expert and visits all of them (32 in gpt-oss-20b, 128 in 120b), so at decode (4
+    experts per token) the loop, not the GEMMs, took the time."""
+    import torch
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tokens = order // k
+    counts = torch.bincount(flat, minlength=block.num_experts).tolist()
+    x = hidden_states[tokens]
+    y = torch.empty_like(x)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        expert, xs = block[e], x[start:start + n]
+        gu = getattr(expert, "gate_up", None)
+        h = (int4_linear(xs, gu.weight_packed, gu.weight_scale, act=gu.act, bias=gu.bias) if gu is not None
+             else torch.cat([expert.gate_proj(xs), expert.up_proj(xs)], dim=-1))
+        y[start:start + n] = expert.down_proj(block._apply_gate(h))
+        start += n
+    weighted = y * top_k_weights.reshape(-1)[order, None]
+    return torch.zeros_like(hidden_states).index_add_(0, tokens, weighted.to(hidden_states.dtype))
 
 
 def _prompt_ids(path: Path, n_random: int = 16):
@@ -4432,7 +4494,8 @@ def _format_model_report(rep: dict) -> str:
     if "kernels" in rep:
         k = rep["kernels"]
         lines.append(f"kernels         {k['w4a8']} Linear W4A8, {k['w4a16']} Linear W4A16 through the built-in GEMM; "
-                     f"{k['decompressed']} other quantized modules decompressed")
+                     f"{k['decompressed']} other quantized modules decompressed; {k.get('fused_gate_up', 0)} experts "
+                     f"run gate and up as one GEMM")
         a = rep["agreement"]
         lines.append(f"vs dense        KL mean {a['kl_mean']:.2e} nats (median {a['kl_median']:.2e}, max {a['kl_max']:.2e}), top-1 agreement "
                      f"{a['top1_agreement']:.1%} over {a['positions']} positions; greedy tokens identical "

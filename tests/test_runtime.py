@@ -223,6 +223,26 @@ def test_a_missing_dependency_is_one_line_naming_it(w4a8_checkpoint):
 
 
 @needs_loader
+def test_routed_experts_forward_is_llmcompressors_sum(w4a8_checkpoint):
+    """routed_experts_forward (one sort, only the experts that got tokens) against llmcompressor's
+    own LinearExperts2D.forward on the same decompressed model, in float64 so that only a wrong
+    token, expert or weight could differ: a 2 x 24 batch (every expert used) and one token (2 of 4)."""
+    import torch
+    model = c.load_quantized_model(w4a8_checkpoint, decompress=True).to(torch.float64)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, model.config.vocab_size, shape, generator=g) for shape in ((2, 24), (1, 1))]
+    with torch.no_grad():
+        ref = [model(ids).logits for ids in batches]
+        blocks = c._linearized_moe_blocks(model)
+        assert len(blocks) == model.config.num_hidden_layers
+        for b in blocks:
+            b.forward = lambda h, i, w, b=b: c.routed_experts_forward(b, h, i, w)
+        got = [model(ids).logits for ids in batches]
+    for r, o in zip(ref, got):
+        assert torch.allclose(o, r, rtol=1e-10, atol=1e-10), (o - r).abs().max()
+
+
+@needs_loader
 def test_verify_model_kernels_in_the_interpreter(w4a8_checkpoint):
     """The GPU path, run on the CPU by the Triton interpreter: every int4 Linear through the
     built-in W4A8 kernel, against the dense decompression of the same checkpoint (activations
@@ -236,6 +256,7 @@ def test_verify_model_kernels_in_the_interpreter(w4a8_checkpoint):
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(r.stdout)
     assert rep["kernels"]["w4a8"] >= 8 and rep["kernels"]["decompressed"] == 0
+    assert rep["kernels"]["fused_gate_up"] == 4 * 2   # every expert of the tiny model (4 experts x 2 layers)
     a = rep["agreement"]
     assert a["kl_median"] < 1e-3 and a["top1_agreement"] >= 0.9, a
 
