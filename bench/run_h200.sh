@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one device call (the lease is short; a fresh machine each
 # time). Usage on the GPU box, from the repo root:  OUT=/some/dir bash bench/run_h200.sh [steps]
-# steps: any of env tests decode qqq w4a8 large eager floors e2e marginal hessian hquality quantize (default: env tests decode w4a8 e2e).
-# qqq needs QQQ's source at $QQQ_SRC (no network there); quantize needs llmcompressor importable.
-# Figures land in $OUT as JSON.
+# steps: any of env tests decode qqq w4a8 large eager floors e2e marginal hessian hquality quantize prefill (default: env tests decode w4a8 e2e).
+# qqq needs QQQ's source at $QQQ_SRC (no network there); quantize and prefill need llmcompressor importable.
+# Figures land in $OUT as JSON. prefill: PLAYERS, PSCHEME, PREFILL, BEFORE, PPROFILE, PCHECK (see bench/bench_prefill.py).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gptoss-out}
@@ -57,7 +57,7 @@ if has marginal; then
   step "dequantize end to end at 1 and 3 layers of 120b dims: per-layer cost vs disk, projected to 36"
   python3 bench/bench_dequantize.py marginal --layers 1,3 --device cuda --work /tmp/gptoss-bench --out "$OUT/marginal.json"
 fi
-if has hessian || has quantize; then
+if has hessian || has quantize || has prefill; then
   # llmcompressor and the packages the image lacks travel as wheels in .whl (no network there)
   if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -90,4 +90,10 @@ if has quantize; then
   step "quantize GPTQ W4A16, ${QLAYERS:-1} layer(s) at 120b dims"
   python3 bench/bench_quantize_scale.py --layers "${QLAYERS:-1}" --samples "${QSAMPLES:-64}" --seq-len "${QSEQ:-512}" \
     ${COMPARE:+--compare} ${QBATCH:+--compare-batch $QBATCH} ${QMEM:+--max-cpu-memory $QMEM} ${QPROFILE:+--profile $OUT/quantize.prof} --out "$OUT/quantize_scale.json" 2>&1 | tail -60
+fi
+if has prefill; then
+  step "a whole ${PSCHEME:-w4a8} checkpoint at gpt-oss-20b dims (${PLAYERS:-2} layers): prefill and decode, kernels vs dense vs BF16"
+  python3 bench/bench_prefill.py --layers ${PLAYERS:-2} --scheme ${PSCHEME:-w4a8} --prefill ${PREFILL:-128,512,2048} ${BEFORE:+--before $BEFORE} ${PPROFILE:+--profile $PPROFILE} ${PCHECK:+--check $PCHECK} \
+    --out "$OUT/prefill_${PSCHEME:-w4a8}.json" 2>&1 | tee "$OUT/prefill_${PSCHEME:-w4a8}.log" | tail -60
+  cp /tmp/gptoss-prefill/*.log "$OUT/" 2>/dev/null
 fi

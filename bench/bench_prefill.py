@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Prefill and decode of a whole W4A8 checkpoint through the built-in kernels, at gpt-oss-20b's
+real layer dimensions, against the dense decompression and the BF16 source (one process each
+for build, dequantize and quantize; one verify-runtime process times the three models).
+
+  python bench/bench_prefill.py --layers 2 --prefill 128,512,2048 [--scheme w4a8|w4a16] [--out res.json]
+  python bench/bench_prefill.py --small ...      # the same steps at tiny dimensions (a CPU smoke run)
+  python bench/bench_prefill.py --before OLD.py  # also verify-runtime with another copy of compress_gptoss.py,
+                                                 # then the new code again: before / now in one run
+  python bench/bench_prefill.py --profile 1,2048 # then, in this process: the kernels model and the BF16
+                                                 # source under torch.profiler, one forward per length
+  python bench/bench_prefill.py --check 1,128    # then: every int4_linear call of one forward per length
+                                                 # against its float64 reference (int4_linear_reference)
+
+Builds random MXFP4 codes with gpt-oss-20b's dimensions (hidden 2880, 32 experts, top-4, 64 heads,
+vocab 201088) and `--layers` layers, runs the real `dequantize`, then `quantize --algo rtn` (RTN: no
+Hessians, so quantizing costs seconds; the kernels' speed does not depend on how the codes were
+chosen), then `verify-runtime --model --prefill-tokens` on the result. The experts run as
+llmcompressor's linearized MoE (a Python loop over experts, three Linear each: gate, up, down), so
+at T prompt tokens each expert's Linear sees M of about T x 4 / 32 rows; the BF16 source runs
+transformers' own GptOssExperts (grouped_mm by default).
+"""
+import argparse
+import cProfile
+import json
+import pstats
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+GPTOSS_20B_LAYER = dict(hidden=2880, intermediate=2880, experts=32, top_k=4, heads=64, kv_heads=8,
+                        head_dim=64, vocab=201088)
+
+
+def cli(*args, log: Path, script: Path = ROOT / "compress_gptoss.py") -> tuple:
+    """Run compress_gptoss.py; its stderr goes to `log`. Returns (wall time, stdout); exits on failure."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, str(script), *map(str, args)],
+                           stdout=subprocess.PIPE, stderr=f, text=True)
+    if r.returncode:
+        raise SystemExit(f"{args[0]} failed (rc {r.returncode}):\n{log.read_text()[-3000:]}")
+    return time.perf_counter() - t0, r.stdout
+
+
+def report(rep: dict, title: str, new_tokens: int) -> None:
+    print(f"\n== {title}; device {rep['device']}")
+    print(f"kernels: {rep.get('kernels', 'none (dense fallback)')}")
+    if "agreement" in rep:
+        ag = rep["agreement"]
+        print(f"vs dense: KL median {ag['kl_median']:.2e} mean {ag['kl_mean']:.2e}, top-1 {ag['top1_agreement']:.3f}, "
+              f"greedy tokens identical {rep['same_greedy_tokens']}/{rep['new_tokens']}")
+    runs = {"kernels": rep.get("quantized", {}), "dense": rep["dense"], "bf16": rep["bf16_source"]}
+
+    def row(what, pick):
+        v = {k: pick(r) for k, r in runs.items()}
+        ratio = lambda x, y: f"{x / y:.2f}" if x and y else "-"   # noqa: E731
+        fmt = lambda x: f"{x:,.0f}" if x else "-"                  # noqa: E731
+        print(f"| {what} | {fmt(v['kernels'])} | {fmt(v['dense'])} | {fmt(v['bf16'])} | "
+              f"{ratio(v['kernels'], v['bf16'])} | {ratio(v['kernels'], v['dense'])} |")
+    print("| tokens/s | kernels | dense decompressed | BF16 source | kernels / BF16 | kernels / dense |")
+    print("|---|---|---|---|---|---|")
+    row(f"decode ({new_tokens} new)", lambda r: r.get("tokens_per_s"))
+    for t in rep["prefill_tokens"]:
+        row(f"prefill {t}", lambda r, t=t: r.get("prefill_tokens_per_s", {}).get(str(t)))
+
+
+def check_calls(q: Path, lengths: list) -> dict:
+    """Relative error of every int4_linear call in one forward of the kernels model (attention,
+    fused expert gate_up, down) against int4_linear_reference (float64, the same int4 codes and the
+    same per-token int8 activations), grouped by (N, K). int4_linear is wrapped in this process
+    only to see each call's operands."""
+    import torch
+    sys.path.insert(0, str(ROOT))
+    import compress_gptoss as cg
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    kernel, errors = cg.int4_linear, {}
+
+    def checked(x, weight_packed, weight_scale, act="a8", bias=None, **kw):
+        y = kernel(x, weight_packed, weight_scale, act=act, bias=bias, **kw)
+        ref = cg.int4_linear_reference(x, weight_packed, weight_scale, act=act)
+        if bias is not None:
+            ref = ref + bias.double()
+        key = f"N={weight_packed.shape[0]} K={x.shape[-1]} M={x.reshape(-1, x.shape[-1]).shape[0] > 64 and '>64' or '<=64'}"
+        # the floor: the reference itself rounded once to the output dtype (bf16 keeps 8 bits)
+        floor = cg.relative_error(ref.to(y.dtype), ref)
+        errors.setdefault(key, []).append((cg.relative_error(y.reshape(ref.shape), ref), floor))
+        return y
+    model = cg.load_quantized_model(q)
+    cg.attach_int4_kernels(model)
+    model.to(dev).eval()
+    cg.int4_linear = checked
+    out = {}
+    try:
+        for t in lengths:
+            errors.clear()
+            ids = torch.randint(0, model.config.vocab_size, (1, t), generator=torch.Generator().manual_seed(t)).to(dev)
+            with torch.no_grad():
+                model(ids, logits_to_keep=1)
+            out[t] = {k: {"calls": len(v), "max": max(e for e, _ in v), "median": sorted(e for e, _ in v)[len(v) // 2],
+                          "max_over_floor": max(e / f for e, f in v), "floor_median": sorted(f for _, f in v)[len(v) // 2]}
+                      for k, v in errors.items()}
+            worst = max(e["max"] for e in out[t].values())
+            print(f"\n== every kernel call of one {t}-token forward vs float64 ({x_dtype(model)} in and out): worst {worst:.2e}; "
+                  f"floor = the float64 result rounded once to {x_dtype(model)}")
+            for k, e in sorted(out[t].items()):
+                print(f"  {k}: {e['calls']} calls, relative error median {e['median']:.2e}, max {e['max']:.2e}; "
+                      f"floor median {e['floor_median']:.2e}; worst error / its floor {e['max_over_floor']:.2f}")
+    finally:
+        cg.int4_linear = kernel
+    return out
+
+
+def x_dtype(model) -> str:
+    return str(next(model.parameters()).dtype).replace("torch.", "")
+
+
+def profile(q: Path, bf16: Path, lengths: list, rows: int) -> dict:
+    """One forward per length of the kernels model and of the BF16 source: wall time (no profiler),
+    then under torch.profiler the GPU's busy time (sum of kernel times) and the top ops. Wall much
+    above busy = the host (Python, launches) is what the forward waits on."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from transformers import AutoModelForCausalLM
+    sys.path.insert(0, str(ROOT))
+    import compress_gptoss as cg
+    out, dev = {}, "cuda" if torch.cuda.is_available() else "cpu"   # cpu: a smoke run (TRITON_INTERPRET=1)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    for who in ("kernels", "bf16"):
+        if who == "kernels":
+            model = cg.load_quantized_model(q)
+            cg.attach_int4_kernels(model)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16)
+        model.to(dev).eval()
+        for t in lengths:
+            ids = torch.randint(0, model.config.vocab_size, (1, t), device=dev)
+            with torch.no_grad():
+                walls = []
+                for _ in range(4):   # the first compiles
+                    sync()
+                    t0 = time.perf_counter()
+                    model(ids, logits_to_keep=1)
+                    sync()
+                    walls.append(time.perf_counter() - t0)
+                with torch_profile(activities=acts) as prof:
+                    model(ids, logits_to_keep=1)
+                    sync()
+            ev = prof.key_averages()
+            busy = sum(e.self_device_time_total for e in ev) / 1e3
+            wall = sorted(walls[1:])[1] * 1e3
+            out[f"{who}_{t}"] = {"wall_ms": wall, "gpu_busy_ms": busy}
+            print(f"\n== profile {who}, {t} tokens: wall {wall:.2f} ms (median of 3, no profiler), GPU busy {busy:.2f} ms "
+                  f"({busy / wall:.0%} of wall)")
+            print(ev.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
+            print(ev.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+            prof_py = cProfile.Profile()   # the host's Python side (launchers, the expert loop)
+            with torch.no_grad():
+                prof_py.runcall(model, ids, logits_to_keep=1)
+                sync()
+            pstats.Stats(prof_py).sort_stats("tottime").print_stats(rows)
+        del model
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--prefill", default="128,512,2048", help="prompt lengths to time")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--scheme", default="w4a8", choices=["w4a8", "w4a16"],
+                    help="experts and attention (w4a16 is made --symmetric: the kernels take symmetric int4)")
+    ap.add_argument("--small", action="store_true", help="tiny dimensions (smoke run on a CPU)")
+    ap.add_argument("--work", default="/tmp/gptoss-prefill")
+    ap.add_argument("--before", type=Path, help="a copy of compress_gptoss.py to time too, between two runs of this one")
+    ap.add_argument("--profile", help="prompt lengths to profile (torch.profiler) after the timed runs, e.g. 1,2048")
+    ap.add_argument("--rows", type=int, default=20, help="--profile: table rows")
+    ap.add_argument("--check", help="prompt lengths at which to check every kernel call against float64, e.g. 1,128")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    import tiny_gptoss
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    dims = {} if a.small else GPTOSS_20B_LAYER
+    tag = f"{'tiny' if a.small else '20b'}-{a.layers}L"
+    src = work / f"{tag}-mxfp4"
+    res = {"layers": a.layers, "dims": dims or "tiny", "scheme": a.scheme}
+    t0 = time.perf_counter()
+    if not (src / "config.json").exists():
+        tiny_gptoss.build_random(src, tiny_gptoss.TinySpec(**{**tiny_gptoss.asdict(tiny_gptoss.TinySpec()), **dims,
+                                                            "layers": a.layers, "train_steps": 0}))
+    res["build_s"] = time.perf_counter() - t0
+    bf16, q = work / f"{tag}-bf16", work / f"{tag}-{a.scheme}"
+    res["dequantize_s"], _ = cli("dequantize", "--src", src, "--dst", bf16, "--overwrite", log=work / "dequantize.log")
+    calib = tiny_gptoss.corpus_jsonl(work / "calib.jsonl", "train", 8)
+    flags = ["--symmetric"] if a.scheme == "w4a16" else []
+    res["quantize_s"], _ = cli("quantize", "--model-in", bf16, "--algo", "rtn", "--experts", a.scheme, "--mw", a.scheme,
+                               *flags, "--calib-jsonl", calib, "--num-calibration-samples", "8", "--max-seq-length", "64",
+                               "--output-dir", q, "--overwrite", "--no-eval", log=work / "quantize.log")
+    verify = ["verify-runtime", "--model", q, "--bf16", bf16, "--new-tokens", a.new_tokens, "--prefill-tokens", a.prefill,
+              "--json"]
+    order = [("now", ROOT / "compress_gptoss.py")] + ([("before", a.before), ("now", ROOT / "compress_gptoss.py")]
+                                                      if a.before else [])
+    for i, (who, script) in enumerate(order):
+        took, out = cli(*verify, log=work / f"verify_{i}_{who}.log", script=script)
+        res[f"verify_{i}_{who}"] = rep = json.loads(out)
+        rep["wall_s"] = took
+        report(rep, f"{tag} {a.scheme}, verify-runtime run {i} ({who}: {script.name}), {took:.0f} s", a.new_tokens)
+        if a.out:   # after every run: a later one may not finish inside the caller's time limit
+            Path(a.out).write_text(json.dumps(res, indent=2))
+    print(f"\nbuild {res['build_s']:.0f} s, dequantize {res['dequantize_s']:.0f} s, quantize {res['quantize_s']:.0f} s")
+    if a.check:
+        res["check"] = check_calls(q, [int(t) for t in a.check.split(",")])
+        if a.out:
+            Path(a.out).write_text(json.dumps(res, indent=2))
+    if a.profile:
+        res["profile"] = profile(q, bf16, [int(t) for t in a.profile.split(",")], a.rows)
+        if a.out:
+            Path(a.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
