@@ -18,6 +18,7 @@ that `--help` answers instantly.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -3505,8 +3506,13 @@ def has_w4a8_runtime() -> bool:
         return False
     ok = qqq_status()[0] or triton_status()[0]
     if ok:
-        log(w4a8_runtime_message())
+        _log_w4a8_runtime()
     return ok
+
+
+@functools.cache
+def _log_w4a8_runtime() -> None:   # once per process: quantize checks the experts and the other weights
+    log(w4a8_runtime_message())
 
 
 def w4a8_runtime_message() -> str:

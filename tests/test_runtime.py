@@ -179,6 +179,12 @@ def w4a8_checkpoint(request, tiny_bf16):
     return out
 
 
+def test_quantize_names_the_w4a8_runtime_once(quantized, tiny_bf16, w4a8_checkpoint):
+    """Experts and the other weights are both W4A8 here: each is checked, the runtime named once."""
+    r, _ = quantized("rtn-w4a8-all", tiny_bf16)   # the run behind w4a8_checkpoint
+    assert r.stderr.count("W4A8 runtime: ") == 1, r.stderr[-3000:]
+
+
 @needs_loader
 def test_verify_model_without_gpu_runs_the_dense_fallback(w4a8_checkpoint):
     r = run_cli("verify-runtime", "--model", w4a8_checkpoint, "--new-tokens", "2", "--prefill-tokens", "16,48", "--json")
