@@ -4952,12 +4952,15 @@ examples:
   %(prog)s --json --require-w4a8                # for scripts: exit 3 if no W4A8 GEMM can run here
   %(prog)s --bench                              # M=16 K=4096 N=4096, every backend present
   %(prog)s --bench --shapes gpt-oss --out bench.json   # q/k/v/o/gate_up/down at M=1,16,64,256,1024
+  %(prog)s --model ./out-w4a8 --prefill-tokens 128,2048   # a quantize checkpoint through the kernels:
+                                                # KL / top-1 vs its dense form, decode and prefill tokens/s
 
 --bench prints, per shape and backend, the median time eager (CUDA events around each call, CPU
 launch overhead included) and in a CUDA graph (GPU time only), the speedup over fp16 nn.Linear,
 and beside every timing the relative error against float64 math on the same quantized values.
 Each backend runs in a worker process, so a CUDA fault is reported as that case's error.
---bench needs a CUDA GPU: without one it says so and exits 3.""")
+--bench needs a CUDA GPU: without one it says so and exits 3. --model without a GPU runs the
+dense path only and says so.""")
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.add_argument("--require-gpu", action="store_true", help="exit 3 unless a CUDA GPU works")
     v.add_argument("--require-w4a8", action="store_true",
