@@ -3104,6 +3104,52 @@ def _triton_kernels():
                    0, BLOCK_M, BLOCK_N, 1, False)
 
     @triton.jit
+    def int4_moe_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, blk_ptr, N, K, stride_xm, stride_we, stride_wn,
+                        stride_se, stride_sn, stride_be, stride_ym, A8: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        GROUP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Every routed expert of a MoE layer in one launch (int4_moe). A program takes rows [r0, r1)
+        of the expert-sorted input, all routed to expert e (blk_ptr: (e, r0, r1) per row block), and
+        BLOCK_N outputs of that expert, whose int4 weights it unpacks in registers CHUNK inputs at a
+        time. A8: int8 x with per-row scales sx, int8 dots; else fp16/bf16 x against the exact
+        integer codes. GROUP: inputs per weight scale, 0 = per channel. The bias is added before the
+        one rounding to y's dtype."""
+        pid_b, pid_n = tl.program_id(0), tl.program_id(1)
+        e = tl.load(blk_ptr + 3 * pid_b).to(tl.int64)
+        r0 = tl.load(blk_ptr + 3 * pid_b + 1)
+        r1 = tl.load(blk_ptr + 3 * pid_b + 2)
+        rows = r0 + tl.arange(0, BLOCK_M)
+        m_mask = rows < r1
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_k = tl.arange(0, CHUNK)
+        offs_w = tl.arange(0, CHUNK // 8)
+        shifts = tl.arange(0, 8) * 4
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+        w_rows = w_ptr + e * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn
+        s_rows = ws_ptr + e * stride_se + offs_n * stride_sn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, CHUNK):
+            a = tl.load(x_rows + k0 + offs_k[None, :], mask=m_mask[:, None], other=0)
+            words = tl.load(w_rows + k0 // 8 + offs_w[None, :], mask=n_mask[:, None], other=0)
+            q = tl.reshape(((words[:, :, None] >> shifts[None, None, :]) & 15) - 8, [BLOCK_N, CHUNK])
+            if A8:
+                d = tl.dot(a, tl.trans(q.to(tl.int8)), out_dtype=tl.int32).to(tl.float32)
+            else:
+                d = tl.dot(a, tl.trans(q.to(a.dtype)), out_dtype=tl.float32)
+            if GROUP == 0:
+                acc += d
+            else:
+                acc += d * tl.load(s_rows + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if GROUP == 0:
+            acc = acc * tl.load(s_rows, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if A8:
+            acc = acc * tl.load(sx_ptr + rows, mask=m_mask, other=0.0)[:, None]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + e * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
     def int4_read_floor_kernel(w_ptr, out_ptr, N, KW_ALL, stride_wn, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
         """Benchmark floor, not a GEMM: reads the int4 words with an M <= 16 GEMM's grid and only
         xors them (so the loads stay): what streaming the weights alone costs at this grid."""
@@ -3131,7 +3177,7 @@ def _triton_kernels():
     _TRITON_KERNELS = {"int8_rows": int8_rows_kernel, "int4_gemm": int4_gemm_kernel,
                        "int4_gemm_grouped": int4_gemm_grouped_kernel, "int4_gemm_planar": int4_gemm_planar_kernel,
                        "int4_codes": int4_codes_kernel, "int4_prologue": int4_prologue_kernel,
-                       "int4_codes_gemm": int4_codes_gemm_kernel,
+                       "int4_codes_gemm": int4_codes_gemm_kernel, "int4_moe": int4_moe_kernel,
                        "int4_read_floor": int4_read_floor_kernel, "null": null_kernel}
     return _TRITON_KERNELS
 
@@ -3260,6 +3306,13 @@ def _codes_workspace(device, dtype, elems: int):
     return buf
 
 
+def _row_quant_consts(k: int) -> dict:
+    """int8_rows_kernel's launch constants for rows of k inputs (one pass while a row fits 8192)."""
+    block = max(256, 1 << (k - 1).bit_length())
+    return dict(BLOCK_K=min(block, 8192), ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
+                enable_fp_fusion=False)
+
+
 def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int4Plan:
     import torch
     assert act in ("a8", "a16"), act
@@ -3271,9 +3324,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
     part, count = (_split_k_workspace(device, m * n * (cfg.split_k if cfg.split_stores else 1), tiles,
                                       cfg.split_stores) if cfg.split_k > 1 else (None, None))
-    block = max(256, 1 << (k - 1).bit_length())
-    quant = dict(BLOCK_K=min(block, 8192), ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
-                 enable_fp_fusion=False)
+    quant = _row_quant_consts(k)
     chunk = 64 if per_channel else group
     def codes_launch(kp, scaled, codes_dtype):   # int4_codes_kernel's grid, constexprs and output dtype
         return ((-(-n // 32), -(-kp // 512)), dict(GROUP=group if scaled and not per_channel else 0, SCALED=scaled,
@@ -3421,6 +3472,43 @@ def _int4_launch(plan: _Int4Plan, x2, wp, weight_scale, planar):
         count = y if plan.count is None else plan.count
         kern[plan.kernel][plan.grid](xa, sx, wp, weight_scale, y, part, count, m, n, k, plan.kw,
                                      xa.stride(0), wp.stride(0), weight_scale.stride(0), n, **plan.gemm_consts)
+    return y
+
+
+def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str = "a8"):
+    """Every routed expert of a MoE layer in one kernel launch (plus one for A8's activations).
+    x [R, K]: rows sorted by expert, counts[e] rows for expert e in expert order; weight_packed
+    [E, N, K/8] int32 (pack-quantized, symmetric), weight_scale [E, N, G] (G = 1: per channel),
+    bias [E, N] or None -> y [R, N] in x's dtype. One launch instead of ~4 per routed expert:
+    a per-expert loop is bound by Triton's ~30 us of CPU per launch (bench/RESULTS.md, run 44)."""
+    import torch
+    (r, k), (experts, n, _), groups = x.shape, weight_packed.shape, weight_scale.shape[-1]
+    assert len(counts) == experts and sum(counts) == r, f"counts {counts} do not cover {r} rows of {experts} experts"
+    group = 0 if groups == 1 else k // groups
+    chunk = 64 if group == 0 else group
+    assert chunk in (32, 64, 128) and k % chunk == 0, f"K={k} with {groups} scale groups: not a layout int4_moe takes"
+    y = torch.empty(r, n, device=x.device, dtype=x.dtype)
+    if r == 0:
+        return y
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    block_m = 16 if max(counts) <= 16 else 32 if max(counts) <= 32 else 64
+    blocks, start = [], 0
+    for e, c in enumerate(counts):
+        blocks += [(e, b, min(b + block_m, start + c)) for b in range(start, start + c, block_m)]
+        start += c
+    blk = torch.tensor(blocks, dtype=torch.int32).to(x.device, non_blocking=True)
+    kern = _TRITON_KERNELS or _triton_kernels()
+    xa = sx = x
+    if act == "a8":
+        xa = torch.empty(r, k, device=x.device, dtype=torch.int8)
+        sx = torch.empty(r, device=x.device, dtype=torch.float32)
+        kern["int8_rows"][(r,)](x, xa, sx, k, k, x.stride(0), k, PERM_KW=1, **_row_quant_consts(k))
+    block_n = 64
+    kern["int4_moe"][(len(blocks), -(-n // block_n))](
+        xa, sx, weight_packed, weight_scale, weight_packed if bias is None else bias, y, blk, n, k, xa.stride(0),
+        weight_packed.stride(0), weight_packed.stride(1), weight_scale.stride(0), weight_scale.stride(1),
+        0 if bias is None else bias.stride(0), y.stride(0), A8=act == "a8", HAS_BIAS=bias is not None, GROUP=group,
+        CHUNK=chunk, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return y
 
 
@@ -4253,13 +4341,14 @@ def attach_int4_kernels(model) -> dict:
     """Route the int4 Linear modules of a compressed model through int4_linear; decompress (in
     place, compressed-tensors) every other compressed module, and drop compressed-tensors'
     decompress-on-first-forward hook. MoE blocks (llmcompressor's linearized experts) then run
-    routed_experts_forward. Returns {"w4a8": n, "w4a16": n, "decompressed": n, "fused_gate_up": n}."""
+    routed_experts_forward, in one int4_moe launch per projection where stack_experts could stack
+    them. Returns {"w4a8": n, "w4a16": n, "decompressed": n, "fused_gate_up": n, "stacked_moe": n}."""
     from compressed_tensors.compressors.base import decompress_module
     hook = getattr(model, "ct_decompress_hook", None)
     if hook is not None:
         hook.remove()
         del model.ct_decompress_hook
-    counts = {"w4a8": 0, "w4a16": 0, "decompressed": 0, "fused_gate_up": 0}
+    counts = {"w4a8": 0, "w4a16": 0, "decompressed": 0, "fused_gate_up": 0, "stacked_moe": 0}
     for _, module in list(model.named_modules()):
         if getattr(module, "quantization_scheme", None) is None:
             continue
@@ -4275,6 +4364,7 @@ def attach_int4_kernels(model) -> dict:
         counts["w4" + act] += 1
     for block in _linearized_moe_blocks(model):
         counts["fused_gate_up"] += sum(fuse_gate_up(block[e]) for e in range(block.num_experts))
+        counts["stacked_moe"] += stack_experts(block)
 
         def moe_forward(hidden_states, top_k_index, top_k_weights, block=block):
             return routed_experts_forward(block, hidden_states, top_k_index, top_k_weights)
@@ -4308,13 +4398,39 @@ def fuse_gate_up(expert) -> bool:
     return True
 
 
+def stack_experts(block) -> bool:
+    """Move a MoE block's per-expert int4 weights into [E, N, ...] buffers on the block (gate_up:
+    stacked by fuse_gate_up; down), for int4_moe. Only when every expert has both in one scheme and
+    one group layout that int4_moe takes; the experts keep nothing (no memory is added)."""
+    import torch
+    experts = [block[e] for e in range(block.num_experts)]
+    if not all(hasattr(x, "gate_up") and int4_kernel_mode(x.down_proj) == experts[0].gate_up.act for x in experts):
+        return False
+    parts = {"gate_up": [x.gate_up for x in experts], "down": [x.down_proj for x in experts]}
+    for mods in parts.values():
+        k = mods[0].weight_packed.shape[1] * 8
+        groups = {m.weight_scale.shape[-1] for m in mods}
+        chunk = 64 if groups == {1} else k // min(groups)
+        if len(groups) != 1 or chunk not in (32, 64, 128) or k % chunk or len({m.bias is None for m in mods}) != 1:
+            return False
+    for name, mods in parts.items():
+        for t in ("weight_packed", "weight_scale", "bias"):
+            first = getattr(mods[0], t)
+            block.register_buffer(f"{name}_{t}", None if first is None else torch.stack([getattr(m, t).data for m in mods]))
+    block.int4_act = experts[0].gate_up.act
+    for x in experts:
+        del x.gate_up, x.down_proj
+    return True
+
+
 def routed_experts_forward(block, hidden_states, top_k_index, top_k_weights):
     """The MoE experts of a linearized block for the int4 kernels: the same sum as llmcompressor's
     LinearExperts2D.forward (its output is the reference of verify-runtime --model), computed with
-    one sort of the token -> expert assignments and one host sync per call, visiting only experts
-    that got tokens, one GEMM for gate and up. Written by hand because llmcompressor's loop syncs
-    twice per expert and visits all of them (32 in gpt-oss-20b, 128 in 120b), so at decode (4
-    experts per token) the loop, not the GEMMs, took the time."""
+    one sort of the token -> expert assignments and one host sync per call. Stacked blocks
+    (stack_experts) run each projection for all experts in one int4_moe launch; others visit only
+    the experts that got tokens, one GEMM for gate and up. Written by hand because llmcompressor's
+    loop syncs twice per expert and visits all of them (32 in gpt-oss-20b, 128 in 120b), so at
+    decode (4 experts per token) the loop, not the GEMMs, took the time."""
     import torch
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
@@ -4322,17 +4438,22 @@ def routed_experts_forward(block, hidden_states, top_k_index, top_k_weights):
     tokens = order // k
     counts = torch.bincount(flat, minlength=block.num_experts).tolist()
     x = hidden_states[tokens]
-    y = torch.empty_like(x)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        expert, xs = block[e], x[start:start + n]
-        gu = getattr(expert, "gate_up", None)
-        h = (int4_linear(xs, gu.weight_packed, gu.weight_scale, act=gu.act, bias=gu.bias) if gu is not None
-             else torch.cat([expert.gate_proj(xs), expert.up_proj(xs)], dim=-1))
-        y[start:start + n] = expert.down_proj(block._apply_gate(h))
-        start += n
+    act = getattr(block, "int4_act", None)
+    if act:
+        h = int4_moe(x, counts, block.gate_up_weight_packed, block.gate_up_weight_scale, block.gate_up_bias, act)
+        y = int4_moe(block._apply_gate(h), counts, block.down_weight_packed, block.down_weight_scale,
+                     block.down_bias, act)
+    else:
+        y, start = torch.empty_like(x), 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            expert, xs = block[e], x[start:start + n]
+            gu = getattr(expert, "gate_up", None)
+            h = (int4_linear(xs, gu.weight_packed, gu.weight_scale, act=gu.act, bias=gu.bias) if gu is not None
+                 else torch.cat([expert.gate_proj(xs), expert.up_proj(xs)], dim=-1))
+            y[start:start + n] = expert.down_proj(block._apply_gate(h))
+            start += n
     weighted = y * top_k_weights.reshape(-1)[order, None]
     return torch.zeros_like(hidden_states).index_add_(0, tokens, weighted.to(hidden_states.dtype))
 

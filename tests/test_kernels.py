@@ -243,6 +243,35 @@ def bf16_activations_a8():
 
 
 @case
+def moe_all_experts_in_one_launch():
+    """int4_moe: rows sorted by expert, counts with an empty expert, one row, and experts longer
+    than a row block (20 rows: blocks of 16 and 4; 70 rows: blocks of 64), group scales and per
+    channel, A8 and A16, bias; each expert's rows against float64 with that expert's weights."""
+    worst = 0.0
+    k, n = 192, 40
+    for counts in ([5, 0, 20, 1], [70, 3, 0, 9]):
+        for group in (64, 32, None):
+            layers = [random_int4_layer(n, k, group, seed=10 + e) for e in range(len(counts))]
+            wp = torch.stack([w for w, _ in layers])
+            ws = torch.stack([s for _, s in layers])
+            bias = torch.randn(len(counts), n, generator=torch.Generator().manual_seed(15)).to(torch.float16)
+            x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(16)).to(torch.float16)
+            for act in ("a8", "a16"):
+                y = c.int4_moe(x, counts, wp, ws, bias, act=act)
+                assert y.shape == (sum(counts), n) and y.dtype == torch.float16
+                start = 0
+                for e, rows in enumerate(counts):
+                    if rows:
+                        xs = x[start:start + rows]
+                        ref = c.int4_linear_reference(xs, wp[e], ws[e], act=act) + bias[e].double()
+                        err = c.relative_error(y[start:start + rows], ref)
+                        assert err <= TOL, (counts, group, act, e, err)
+                        worst = max(worst, err)
+                    start += rows
+    return worst
+
+
+@case
 def rejects_what_it_cannot_run():
     wp, ws = random_int4_layer(8, 320, 20)   # group 20: not a multiple of 8 (a packed word)
     try:
@@ -454,6 +483,16 @@ def test_codes_kernels_compile_for_gpus_without_a_gpu(cc):
         consts = {"BLOCK_K": 4096, "ONE_PASS": True, "GROUP": 0 if not scaled else 64, "SCALED": scaled,
                   "BLOCK_N": 32, "BLOCK_W": 64}
         lowered_ptx("int4_prologue", consts, "*fp16", cc, 4, 1, ptrs={"xq_ptr": qdt, "q_ptr": qdt})
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_moe_kernel_compiles_for_gpus_without_a_gpu(cc):
+    """int4_moe's kernel lowered for sm_80 / sm_90: an int8 tensor-core MMA for A8, both row blocks."""
+    for a8, group, bm, xdt in ((True, 64, 16, "*i8"), (True, 0, 64, "*i8"), (False, 32, 64, "*bf16")):
+        consts = {"A8": a8, "HAS_BIAS": True, "GROUP": group, "CHUNK": group or 64, "BLOCK_M": bm, "BLOCK_N": 64}
+        ptx = lowered_ptx("int4_moe", consts, xdt, cc, 4, 2, ws_dtype="*bf16",
+                          ptrs={"b_ptr": "*bf16", "y_ptr": "*bf16", "blk_ptr": "*i32"})
+        assert (".s8.s8" in ptx) == a8, consts
 
 
 def test_eager_decode_calls_fuse_the_activation_quantization():

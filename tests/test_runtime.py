@@ -263,6 +263,7 @@ def test_verify_model_kernels_in_the_interpreter(w4a8_checkpoint):
     rep = json.loads(r.stdout)
     assert rep["kernels"]["w4a8"] >= 8 and rep["kernels"]["decompressed"] == 0
     assert rep["kernels"]["fused_gate_up"] == 4 * 2   # every expert of the tiny model (4 experts x 2 layers)
+    assert rep["kernels"]["stacked_moe"] == 2          # each layer's experts in one int4_moe launch
     a = rep["agreement"]
     assert a["kl_median"] < 1e-3 and a["top1_agreement"] >= 0.9, a
 
