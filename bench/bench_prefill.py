@@ -70,10 +70,10 @@ def report(rep: dict, title: str, new_tokens: int) -> None:
 
 
 def check_calls(q: Path, lengths: list) -> dict:
-    """Relative error of every int4_linear call in one forward of the kernels model (attention,
-    fused expert gate_up, down) against int4_linear_reference (float64, the same int4 codes and the
-    same per-token int8 activations), grouped by (N, K). int4_linear is wrapped in this process
-    only to see each call's operands."""
+    """Relative error of every int4_linear call (attention; experts when not stacked) and of every
+    expert's rows in every int4_moe call, in one forward of the kernels model, against
+    int4_linear_reference (float64, the same int4 codes and the same per-token int8 activations),
+    grouped by (N, K). Both are wrapped in this process only to see each call's operands."""
     import torch
     sys.path.insert(0, str(ROOT))
     import compress_gptoss as cg
@@ -90,10 +90,26 @@ def check_calls(q: Path, lengths: list) -> dict:
         floor = cg.relative_error(ref.to(y.dtype), ref)
         errors.setdefault(key, []).append((cg.relative_error(y.reshape(ref.shape), ref), floor))
         return y
+    moe_kernel = cg.int4_moe
+
+    def checked_moe(x, counts, weight_packed, weight_scale, bias=None, act="a8"):
+        y = moe_kernel(x, counts, weight_packed, weight_scale, bias, act)
+        start = 0
+        for e, rows in enumerate(counts):
+            if rows:
+                xs = x[start:start + rows]
+                ref = cg.int4_linear_reference(xs, weight_packed[e], weight_scale[e], act=act)
+                if bias is not None:
+                    ref = ref + bias[e].double()
+                key = f"int4_moe N={weight_packed.shape[1]} K={x.shape[-1]}"
+                errors.setdefault(key, []).append((cg.relative_error(y[start:start + rows], ref),
+                                                   cg.relative_error(ref.to(y.dtype), ref)))
+            start += rows
+        return y
     model = cg.load_quantized_model(q)
     cg.attach_int4_kernels(model)
     model.to(dev).eval()
-    cg.int4_linear = checked
+    cg.int4_linear, cg.int4_moe = checked, checked_moe
     out = {}
     try:
         for t in lengths:
@@ -111,7 +127,7 @@ def check_calls(q: Path, lengths: list) -> dict:
                 print(f"  {k}: {e['calls']} calls, relative error median {e['median']:.2e}, max {e['max']:.2e}; "
                       f"floor median {e['floor_median']:.2e}; worst error / its floor {e['max_over_floor']:.2f}")
     finally:
-        cg.int4_linear = kernel
+        cg.int4_linear, cg.int4_moe = kernel, moe_kernel
     return out
 
 
