@@ -4401,7 +4401,8 @@ def fuse_gate_up(expert) -> bool:
 def stack_experts(block) -> bool:
     """Move a MoE block's per-expert int4 weights into [E, N, ...] buffers on the block (gate_up:
     stacked by fuse_gate_up; down), for int4_moe. Only when every expert has both in one scheme and
-    one group layout that int4_moe takes; the experts keep nothing (no memory is added)."""
+    one group layout that int4_moe takes. The experts' own tensors are dropped: once done, no memory
+    is added (one layer's copy while it runs)."""
     import torch
     experts = [block[e] for e in range(block.num_experts)]
     if not all(hasattr(x, "gate_up") and int4_kernel_mode(x.down_proj) == experts[0].gate_up.act for x in experts):
