@@ -3475,12 +3475,13 @@ def _int4_launch(plan: _Int4Plan, x2, wp, weight_scale, planar):
     return y
 
 
-def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str = "a8"):
+def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str = "a8", tiles: tuple | None = None):
     """Every routed expert of a MoE layer in one kernel launch (plus one for A8's activations).
     x [R, K]: rows sorted by expert, counts[e] rows for expert e in expert order; weight_packed
     [E, N, K/8] int32 (pack-quantized, symmetric), weight_scale [E, N, G] (G = 1: per channel),
     bias [E, N] or None -> y [R, N] in x's dtype. One launch instead of ~4 per routed expert:
-    a per-expert loop is bound by Triton's ~30 us of CPU per launch (bench/RESULTS.md, run 44)."""
+    a per-expert loop is bound by Triton's ~30 us of CPU per launch (bench/RESULTS.md, run 44).
+    tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the default (bench/bench_moe.py)."""
     import torch
     (r, k), (experts, n, _), groups = x.shape, weight_packed.shape, weight_scale.shape[-1]
     assert len(counts) == experts and sum(counts) == r, f"counts {counts} do not cover {r} rows of {experts} experts"
@@ -3491,7 +3492,9 @@ def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str =
     if r == 0:
         return y
     x = x if x.stride(-1) == 1 else x.contiguous()
-    block_m = 16 if max(counts) <= 16 else 32 if max(counts) <= 32 else 64
+    most = max(counts)   # 128 x 128 tiles pay off once experts have many rows (bench_moe.py, run 48)
+    block_m, block_n, warps, stages = tiles or ((128, 128, 8, None) if most > 128 else
+                                                (16 if most <= 16 else 32 if most <= 32 else 64, 64, 4, None))
     blocks, start = [], 0
     for e, c in enumerate(counts):
         blocks += [(e, b, min(b + block_m, start + c)) for b in range(start, start + c, block_m)]
@@ -3503,12 +3506,11 @@ def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str =
         xa = torch.empty(r, k, device=x.device, dtype=torch.int8)
         sx = torch.empty(r, device=x.device, dtype=torch.float32)
         kern["int8_rows"][(r,)](x, xa, sx, k, k, x.stride(0), k, PERM_KW=1, **_row_quant_consts(k))
-    block_n = 64
     kern["int4_moe"][(len(blocks), -(-n // block_n))](
         xa, sx, weight_packed, weight_scale, weight_packed if bias is None else bias, y, blk, n, k, xa.stride(0),
         weight_packed.stride(0), weight_packed.stride(1), weight_scale.stride(0), weight_scale.stride(1),
         0 if bias is None else bias.stride(0), y.stride(0), A8=act == "a8", HAS_BIAS=bias is not None, GROUP=group,
-        CHUNK=chunk, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        CHUNK=chunk, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **({"num_stages": stages} if stages else {}))
     return y
 
 

@@ -256,8 +256,8 @@ def moe_all_experts_in_one_launch():
             ws = torch.stack([s for _, s in layers])
             bias = torch.randn(len(counts), n, generator=torch.Generator().manual_seed(15)).to(torch.float16)
             x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(16)).to(torch.float16)
-            for act in ("a8", "a16"):
-                y = c.int4_moe(x, counts, wp, ws, bias, act=act)
+            for act, tiles in (("a8", None), ("a16", None), ("a8", (128, 128, 8, None))):   # the > 128-row tiles
+                y = c.int4_moe(x, counts, wp, ws, bias, act=act, tiles=tiles)
                 assert y.shape == (sum(counts), n) and y.dtype == torch.float16
                 start = 0
                 for e, rows in enumerate(counts):
@@ -557,7 +557,7 @@ def test_moe_kernel_on_the_gpu(dtype):
     which the interpreter computes wrongly), against float64 per expert; output rounding allows
     ~2e-4 (fp16) / ~1.7e-3 (bf16)."""
     tol = 1e-3 if dtype == torch.float16 else 2.5e-3
-    k, n, counts = 2880, 192, [40, 0, 3, 90, 1]
+    k, n, counts = 2880, 192, [40, 0, 3, 190, 1]   # 190 rows: the 128 x 128 tiles
     for group in (64, None):
         layers = [random_int4_layer(n, k, group, dtype=dtype, seed=20 + e) for e in range(len(counts))]
         wp = torch.stack([w for w, _ in layers]).cuda()
