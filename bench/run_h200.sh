@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one device call (the lease is short; a fresh machine each
 # time). Usage on the GPU box, from the repo root:  OUT=/some/dir bash bench/run_h200.sh [steps]
-# steps: any of env tests decode qqq w4a8 large eager floors e2e marginal hessian hquality quantize prefill (default: env tests decode w4a8 e2e).
+# steps: any of env tests decode qqq w4a8 large eager floors e2e marginal hessian hquality quantize prefill moe (default: env tests decode w4a8 e2e).
 # qqq needs QQQ's source at $QQQ_SRC (no network there); quantize and prefill need llmcompressor importable.
 # Figures land in $OUT as JSON. prefill: PLAYERS, PSCHEME, PREFILL, BEFORE, PPROFILE, PCHECK (see bench/bench_prefill.py).
 set -uo pipefail
@@ -96,4 +96,8 @@ if has prefill; then
   python3 bench/bench_prefill.py --layers ${PLAYERS:-2} --scheme ${PSCHEME:-w4a8} --prefill ${PREFILL:-128,512,2048} ${BEFORE:+--before $BEFORE} ${PPROFILE:+--profile $PPROFILE} ${PCHECK:+--check $PCHECK} \
     --out "$OUT/prefill_${PSCHEME:-w4a8}.json" 2>&1 | tee "$OUT/prefill_${PSCHEME:-w4a8}.log" | tail -60
   cp /tmp/gptoss-prefill/*.log "$OUT/" 2>/dev/null
+fi
+if has moe; then
+  step "int4_moe (all routed experts in one launch) vs torch._grouped_mm BF16, 20b's 32 experts${SWEEP:+, with the tile sweep}"
+  python3 bench/bench_moe.py ${SWEEP:+--sweep} --out "$OUT/moe.json" 2>&1 | tail -70
 fi
