@@ -2536,6 +2536,18 @@ def int4_linear_reference(x, weight_packed, weight_scale, act: str = "a16", x_q=
     return (x_q.double() @ w.T) * s_x.double()[:, None]
 
 
+def int4_moe_reference(x, counts: list, weight_packed, weight_scale, bias=None, act: str = "a16") -> dict:
+    """float64 reference of int4_moe: {(first row, end row): that expert's output} for every expert
+    with rows (x sorted by expert, counts[e] rows each, as int4_moe takes them)."""
+    out, start = {}, 0
+    for e, rows in enumerate(counts):
+        if rows:
+            ref = int4_linear_reference(x[start:start + rows], weight_packed[e], weight_scale[e], act=act)
+            out[(start, start + rows)] = ref if bias is None else ref + bias[e].double()
+        start += rows
+    return out
+
+
 def relative_error(y, ref) -> float:
     """||y - ref|| / ||ref|| in float64 (Frobenius)."""
     ref = ref.double().cpu()
@@ -3435,6 +3447,16 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
     return y.reshape(*x.shape[:-1], n)
 
 
+def _int8_rows(x2, kp: int, consts: dict):
+    """Per-token int8 activations of x2 [M, K] by int8_rows_kernel: (x_q [M, kp] int8, s_x [M] fp32)."""
+    import torch
+    (m, k), kern = x2.shape, _TRITON_KERNELS or _triton_kernels()
+    xa = torch.empty(m, kp, device=x2.device, dtype=torch.int8)
+    sx = torch.empty(m, device=x2.device, dtype=torch.float32)
+    kern["int8_rows"][(m,)](x2, xa, sx, k, kp, x2.stride(0), kp, **consts)
+    return xa, sx
+
+
 def _int4_launch(plan: _Int4Plan, x2, wp, weight_scale, planar):
     """int4_linear's kernels for one plan: x2 [M, K], wp / weight_scale contiguous along K -> y [M, N]."""
     import torch
@@ -3460,11 +3482,8 @@ def _int4_launch(plan: _Int4Plan, x2, wp, weight_scale, planar):
             kern["int4_codes"][grid](wp, weight_scale, codes, n, k, wp.shape[1], plan.kw, wp.stride(0),
                                      weight_scale.stride(0), **consts)
         wp = codes
-    elif plan.mode == 1:
-        kp = plan.k_padded   # x_q in the GEMM's K order, padded to whole K steps
-        xa = torch.empty(m, kp, device=device, dtype=torch.int8)
-        sx = torch.empty(m, device=device, dtype=torch.float32)
-        kern["int8_rows"][(m,)](x2, xa, sx, k, kp, x2.stride(0), kp, **plan.quant_consts)
+    elif plan.mode == 1:   # x_q in the GEMM's K order, padded to whole K steps
+        xa, sx = _int8_rows(x2, plan.k_padded, plan.quant_consts)
     if plan.kernel == "cublas":
         torch.mm(xa, wp.T, out=y)
     else:
@@ -3473,6 +3492,13 @@ def _int4_launch(plan: _Int4Plan, x2, wp, weight_scale, planar):
         kern[plan.kernel][plan.grid](xa, sx, wp, weight_scale, y, part, count, m, n, k, plan.kw,
                                      xa.stride(0), wp.stride(0), weight_scale.stride(0), n, **plan.gemm_consts)
     return y
+
+
+def _moe_chunk(k: int, groups: int) -> int | None:
+    """Inputs int4_moe's kernel unpacks per step for K inputs in `groups` scale groups (one group,
+    or 64 per channel), or None for a layout it does not take."""
+    chunk = 64 if groups == 1 else k // groups
+    return chunk if chunk in (32, 64, 128) and k % chunk == 0 else None
 
 
 def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str = "a8", tiles: tuple | None = None):
@@ -3485,9 +3511,9 @@ def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str =
     import torch
     (r, k), (experts, n, _), groups = x.shape, weight_packed.shape, weight_scale.shape[-1]
     assert len(counts) == experts and sum(counts) == r, f"counts {counts} do not cover {r} rows of {experts} experts"
-    group = 0 if groups == 1 else k // groups
-    chunk = 64 if group == 0 else group
-    assert chunk in (32, 64, 128) and k % chunk == 0, f"K={k} with {groups} scale groups: not a layout int4_moe takes"
+    chunk = _moe_chunk(k, groups)
+    assert chunk, f"K={k} with {groups} scale groups: not a layout int4_moe takes"
+    group = 0 if groups == 1 else chunk
     y = torch.empty(r, n, device=x.device, dtype=x.dtype)
     if r == 0:
         return y
@@ -3501,11 +3527,7 @@ def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str =
         start += c
     blk = torch.tensor(blocks, dtype=torch.int32).to(x.device, non_blocking=True)
     kern = _TRITON_KERNELS or _triton_kernels()
-    xa = sx = x
-    if act == "a8":
-        xa = torch.empty(r, k, device=x.device, dtype=torch.int8)
-        sx = torch.empty(r, device=x.device, dtype=torch.float32)
-        kern["int8_rows"][(r,)](x, xa, sx, k, k, x.stride(0), k, PERM_KW=1, **_row_quant_consts(k))
+    xa, sx = _int8_rows(x, k, dict(_row_quant_consts(k), PERM_KW=1)) if act == "a8" else (x, x)
     kern["int4_moe"][(len(blocks), -(-n // block_n))](
         xa, sx, weight_packed, weight_scale, weight_packed if bias is None else bias, y, blk, n, k, xa.stride(0),
         weight_packed.stride(0), weight_packed.stride(1), weight_scale.stride(0), weight_scale.stride(1),
@@ -4382,8 +4404,8 @@ def _linearized_moe_blocks(model) -> list:
 def fuse_gate_up(expert) -> bool:
     """Give an expert whose gate_proj and up_proj are int4 kernel modules of one scheme a single
     module `gate_up` with both weights stacked along N (GPT-OSS's own gate_up shape: one GEMM with
-    N = 5760 instead of two with 2880, one activation quantization) and drop the two. The tensors
-    are moved, not copied: no memory is added."""
+    N = 5760 instead of two with 2880, one activation quantization) and drop the two: once done, no
+    memory is added (one expert's copy while it runs)."""
     import torch
     gate, up = expert.gate_proj, expert.up_proj
     act = int4_kernel_mode(gate)
@@ -4411,10 +4433,9 @@ def stack_experts(block) -> bool:
         return False
     parts = {"gate_up": [x.gate_up for x in experts], "down": [x.down_proj for x in experts]}
     for mods in parts.values():
-        k = mods[0].weight_packed.shape[1] * 8
         groups = {m.weight_scale.shape[-1] for m in mods}
-        chunk = 64 if groups == {1} else k // min(groups)
-        if len(groups) != 1 or chunk not in (32, 64, 128) or k % chunk or len({m.bias is None for m in mods}) != 1:
+        if len(groups) != 1 or not _moe_chunk(mods[0].weight_packed.shape[1] * 8, groups.pop()) \
+                or len({m.bias is None for m in mods}) != 1:
             return False
     for name, mods in parts.items():
         for t in ("weight_packed", "weight_scale", "bias"):

@@ -3,7 +3,7 @@
 BF16 path for the same experts (torch._grouped_mm), side by side in one process, and int4_moe's
 tile alternatives: gpt-oss-20b's 32 experts, gate_up (2880 -> 5760) and down (2880 -> 2880),
 tokens routed top-4 at random, at several prompt lengths. CUDA events around each call (the host
-builds the row-block table per call, so no CUDA graph), median of 20 after 3 warm-ups. Every
+builds the row-block table per call, so no CUDA graph), median of 20 after 5 warm-ups. Every
 int4 timing comes with its worst per-expert relative error against float64.
 
   python bench/bench_moe.py [--tokens 1,128,2048] [--sweep] [--out res.json]
@@ -15,25 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import compress_gptoss as c  # noqa: E402
+from bench_hessian_matmul import median_us  # noqa: E402  (CUDA events, warm-up, median)
 
 SWEEP = [(64, 64, 4, None), (64, 128, 4, None), (64, 128, 8, None), (128, 64, 8, None), (128, 128, 8, None),
          (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 3), (32, 128, 4, None)]
-
-
-def timed(fn, reps=20):
-    import torch
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def main():
@@ -60,20 +45,16 @@ def main():
             x = torch.randn(sum(counts), k, generator=g).to(torch.bfloat16).cuda()
             offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32).cuda()
             try:
-                bf16 = timed(lambda: torch._grouped_mm(x, dense, offs=offs))
+                bf16 = median_us(lambda: torch._grouped_mm(x, dense, offs=offs), iters=20)
             except Exception as e:   # an older torch, or a GPU without it: the int4 timings still count
                 print(f"torch._grouped_mm: {e}", flush=True)
                 bf16 = float("nan")
             row = {"proj": name, "tokens": t, "rows": sum(counts), "max_rows": max(counts), "bf16_grouped_mm_us": bf16}
             for tiles in [None] + (SWEEP if a.sweep else []):
                 y = c.int4_moe(x, counts, wp, ws, bias, "a8", tiles)
-                err, start = 0.0, 0
-                for e, rows in enumerate(counts):
-                    if rows:
-                        ref = c.int4_linear_reference(x[start:start + rows], wp[e], ws[e], act="a8") + bias[e].double()
-                        err = max(err, c.relative_error(y[start:start + rows], ref))
-                    start += rows
-                us = timed(lambda: c.int4_moe(x, counts, wp, ws, bias, "a8", tiles))
+                err = max(c.relative_error(y[lo:hi], ref)
+                          for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, bias, act="a8").items())
+                us = median_us(lambda: c.int4_moe(x, counts, wp, ws, bias, "a8", tiles), iters=20)
                 row[str(tiles or "default")] = {"us": us, "err": err, "x_bf16": bf16 / us}
                 print(f"{name} T={t} rows={sum(counts)} (max {max(counts)}/expert) int4_moe {tiles or 'default'}: "
                       f"{us:.1f} us ({bf16 / us:.2f} x grouped_mm bf16 {bf16:.1f} us), max rel err {err:.2e}", flush=True)

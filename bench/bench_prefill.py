@@ -94,17 +94,9 @@ def check_calls(q: Path, lengths: list) -> dict:
 
     def checked_moe(x, counts, weight_packed, weight_scale, bias=None, act="a8"):
         y = moe_kernel(x, counts, weight_packed, weight_scale, bias, act)
-        start = 0
-        for e, rows in enumerate(counts):
-            if rows:
-                xs = x[start:start + rows]
-                ref = cg.int4_linear_reference(xs, weight_packed[e], weight_scale[e], act=act)
-                if bias is not None:
-                    ref = ref + bias[e].double()
-                key = f"int4_moe N={weight_packed.shape[1]} K={x.shape[-1]}"
-                errors.setdefault(key, []).append((cg.relative_error(y[start:start + rows], ref),
-                                                   cg.relative_error(ref.to(y.dtype), ref)))
-            start += rows
+        key = f"int4_moe N={weight_packed.shape[1]} K={x.shape[-1]}"
+        for (lo, hi), ref in cg.int4_moe_reference(x, counts, weight_packed, weight_scale, bias, act=act).items():
+            errors.setdefault(key, []).append((cg.relative_error(y[lo:hi], ref), cg.relative_error(ref.to(y.dtype), ref)))
         return y
     model = cg.load_quantized_model(q)
     cg.attach_int4_kernels(model)
