@@ -3116,15 +3116,17 @@ def _triton_kernels():
                    0, BLOCK_M, BLOCK_N, 1, False)
 
     @triton.jit
-    def int4_moe_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, blk_ptr, N, K, stride_xm, stride_we, stride_wn,
-                        stride_se, stride_sn, stride_be, stride_ym, A8: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        GROUP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def int4_moe_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, blk_ptr, q_ptr, e0, N, K, stride_xm, stride_we,
+                        stride_wn, stride_se, stride_sn, stride_be, stride_ym, A8: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, CODES: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Every routed expert of a MoE layer in one launch (int4_moe). A program takes rows [r0, r1)
         of the expert-sorted input, all routed to expert e (blk_ptr: (e, r0, r1) per row block), and
         BLOCK_N outputs of that expert, whose int4 weights it unpacks in registers CHUNK inputs at a
-        time. A8: int8 x with per-row scales sx, int8 dots; else fp16/bf16 x against the exact
-        integer codes. GROUP: inputs per weight scale, 0 = per channel. The bias is added before the
-        one rounding to y's dtype."""
+        time, or with CODES reads them unpacked by int4_codes_kernel (q_ptr: experts e0, e0 + 1, ...
+        as [N, K] codes each), plain tiles that Triton pipelines into the tensor cores. A8: int8 x
+        with per-row scales sx, int8 dots; else fp16/bf16 x against the exact integer codes. GROUP:
+        inputs per weight scale, 0 = per channel. The bias is added before the one rounding to y."""
         pid_b, pid_n = tl.program_id(0), tl.program_id(1)
         e = tl.load(blk_ptr + 3 * pid_b).to(tl.int64)
         r0 = tl.load(blk_ptr + 3 * pid_b + 1)
@@ -3138,12 +3140,16 @@ def _triton_kernels():
         shifts = tl.arange(0, 8) * 4
         x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
         w_rows = w_ptr + e * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn
+        q_rows = q_ptr + (e - e0) * N * K + offs_n.to(tl.int64)[:, None] * K
         s_rows = ws_ptr + e * stride_se + offs_n * stride_sn
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, CHUNK):
             a = tl.load(x_rows + k0 + offs_k[None, :], mask=m_mask[:, None], other=0)
-            words = tl.load(w_rows + k0 // 8 + offs_w[None, :], mask=n_mask[:, None], other=0)
-            q = tl.reshape(((words[:, :, None] >> shifts[None, None, :]) & 15) - 8, [BLOCK_N, CHUNK])
+            if CODES:
+                q = tl.load(q_rows + k0 + offs_k[None, :], mask=n_mask[:, None], other=0)
+            else:
+                words = tl.load(w_rows + k0 // 8 + offs_w[None, :], mask=n_mask[:, None], other=0)
+                q = tl.reshape(((words[:, :, None] >> shifts[None, None, :]) & 15) - 8, [BLOCK_N, CHUNK])
             if A8:
                 d = tl.dot(a, tl.trans(q.to(tl.int8)), out_dtype=tl.int32).to(tl.float32)
             else:
@@ -3501,38 +3507,70 @@ def _moe_chunk(k: int, groups: int) -> int | None:
     return chunk if chunk in (32, 64, 128) and k % chunk == 0 else None
 
 
-def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str = "a8", tiles: tuple | None = None):
+# int4_moe unpacks the weights once per call when the routed experts average this many rows: at
+# 2.5 rows (16 tokens of 20b) it already beats the unpack per row block, at 1 row (decode) it loses
+MOE_CODES_ROWS = 2           # (bench_moe.py, run 52)
+MOE_CODES_BYTES = 1 << 30    # ... into at most this much scratch at a time (experts in batches)
+
+
+def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str = "a8", tiles: tuple | None = None,
+             codes: bool | None = None):
     """Every routed expert of a MoE layer in one kernel launch (plus one for A8's activations).
     x [R, K]: rows sorted by expert, counts[e] rows for expert e in expert order; weight_packed
     [E, N, K/8] int32 (pack-quantized, symmetric), weight_scale [E, N, G] (G = 1: per channel),
     bias [E, N] or None -> y [R, N] in x's dtype. One launch instead of ~4 per routed expert:
     a per-expert loop is bound by Triton's ~30 us of CPU per launch (bench/RESULTS.md, run 44).
-    tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the default (bench/bench_moe.py)."""
+    codes: unpack the experts' weights once per call (one more launch per MOE_CODES_BYTES of codes)
+    instead of once per row block in registers; None: when the routed experts average at least
+    MOE_CODES_ROWS rows (prefill). tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the
+    default (bench/bench_moe.py)."""
     import torch
-    (r, k), (experts, n, _), groups = x.shape, weight_packed.shape, weight_scale.shape[-1]
+    (r, k), (experts, n, kw), groups = x.shape, weight_packed.shape, weight_scale.shape[-1]
     assert len(counts) == experts and sum(counts) == r, f"counts {counts} do not cover {r} rows of {experts} experts"
     chunk = _moe_chunk(k, groups)
     assert chunk, f"K={k} with {groups} scale groups: not a layout int4_moe takes"
-    group = 0 if groups == 1 else chunk
     y = torch.empty(r, n, device=x.device, dtype=x.dtype)
     if r == 0:
         return y
     x = x if x.stride(-1) == 1 else x.contiguous()
-    most = max(counts)   # 128 x 128 tiles pay off once experts have many rows (bench_moe.py, run 48)
-    block_m, block_n, warps, stages = tiles or ((128, 128, 8, None) if most > 128 else
-                                                (16 if most <= 16 else 32 if most <= 32 else 64, 64, 4, None))
-    blocks, start = [], 0
-    for e, c in enumerate(counts):
-        blocks += [(e, b, min(b + block_m, start + c)) for b in range(start, start + c, block_m)]
-        start += c
-    blk = torch.tensor(blocks, dtype=torch.int32).to(x.device, non_blocking=True)
+    routed = [e for e, c in enumerate(counts) if c]
+    if codes is None:
+        codes = r >= MOE_CODES_ROWS * len(routed)
+    most = max(counts)   # tiles from bench_moe.py's sweeps (runs 48, 52)
+    block_m, block_n, warps, stages = tiles or (
+        ((128, 64, 4, 4) if most > 128 else (32, 64, 4, 4)) if codes else
+        (128, 128, 8, None) if most > 128 else (16 if most <= 16 else 32 if most <= 32 else 64, 64, 4, None))
+    codes_dtype = torch.int8 if act == "a8" else x.dtype
+    # experts [e0, e1) whose codes fit the scratch together (all of them without codes)
+    per_expert = n * k * codes_dtype.itemsize
+    step = max(1, MOE_CODES_BYTES // per_expert) if codes else experts
+    batches = [(e0, min(e0 + step, routed[-1] + 1)) for e0 in range(routed[0], routed[-1] + 1, step)]
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    blocks = [[(e, b, min(b + block_m, starts[e + 1])) for e in range(e0, e1)
+               for b in range(starts[e], starts[e + 1], block_m)] for e0, e1 in batches]
+    blk = torch.tensor(sum(blocks, []), dtype=torch.int32).to(x.device, non_blocking=True)
     kern = _TRITON_KERNELS or _triton_kernels()
     xa, sx = _int8_rows(x, k, dict(_row_quant_consts(k), PERM_KW=1)) if act == "a8" else (x, x)
-    kern["int4_moe"][(len(blocks), -(-n // block_n))](
-        xa, sx, weight_packed, weight_scale, weight_packed if bias is None else bias, y, blk, n, k, xa.stride(0),
-        weight_packed.stride(0), weight_packed.stride(1), weight_scale.stride(0), weight_scale.stride(1),
-        0 if bias is None else bias.stride(0), y.stride(0), A8=act == "a8", HAS_BIAS=bias is not None, GROUP=group,
-        CHUNK=chunk, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **({"num_stages": stages} if stages else {}))
+    done = 0
+    for (e0, e1), bl in zip(batches, blocks):
+        if not bl:
+            continue
+        q = weight_packed   # unused without codes
+        if codes:   # the batch's weights as one [(e1 - e0) * N, K] layer for int4_codes_kernel
+            rows = (e1 - e0) * n
+            q = _codes_workspace(x.device, codes_dtype, rows * k)
+            kern["int4_codes"][(-(-rows // 32), -(-k // 512))](
+                weight_packed[e0:e1].view(rows, kw), weight_scale, q, rows, k, kw, k, kw, 0,
+                GROUP=0, SCALED=False, BLOCK_N=32, BLOCK_W=64)
+        kern["int4_moe"][(len(bl), -(-n // block_n))](
+            xa, sx, weight_packed, weight_scale, weight_packed if bias is None else bias, y, blk[done:], q, e0, n,
+            k, xa.stride(0), weight_packed.stride(0), weight_packed.stride(1), weight_scale.stride(0),
+            weight_scale.stride(1), 0 if bias is None else bias.stride(0), y.stride(0), A8=act == "a8",
+            HAS_BIAS=bias is not None, GROUP=0 if groups == 1 else chunk, CHUNK=chunk, CODES=codes,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **({"num_stages": stages} if stages else {}))
+        done += len(bl)
     return y
 
 

@@ -246,9 +246,12 @@ def bf16_activations_a8():
 def moe_all_experts_in_one_launch():
     """int4_moe: rows sorted by expert, counts with an empty expert, one row, and experts longer
     than a row block (20 rows: blocks of 16 and 4; 70 rows: blocks of 64), group scales and per
-    channel, A8 and A16, bias; each expert's rows against float64 with that expert's weights."""
+    channel, A8 and A16, bias, the weights unpacked in registers or once per call (codes, with a
+    scratch of two experts' int8 codes: batches of 2 experts for A8, 1 for A16); each expert's rows
+    against float64 with that expert's weights."""
     worst = 0.0
     k, n = 192, 40
+    c.MOE_CODES_BYTES = 2 * n * k
     for counts in ([5, 0, 20, 1], [70, 3, 0, 9]):
         for group in (64, 32, None):
             layers = [random_int4_layer(n, k, group, seed=10 + e) for e in range(len(counts))]
@@ -256,12 +259,15 @@ def moe_all_experts_in_one_launch():
             ws = torch.stack([s for _, s in layers])
             bias = torch.randn(len(counts), n, generator=torch.Generator().manual_seed(15)).to(torch.float16)
             x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(16)).to(torch.float16)
-            for act, tiles in (("a8", None), ("a16", None), ("a8", (128, 128, 8, None))):   # the > 128-row tiles
-                y = c.int4_moe(x, counts, wp, ws, bias, act=act, tiles=tiles)
+            for act, tiles, codes in (("a8", None, False), ("a16", None, False),
+                                      ("a8", (128, 128, 8, None), False),   # the > 128-row tiles
+                                      ("a8", None, True), ("a16", None, True)):
+                c._CODES_WORKSPACE.clear()   # no codes left by an earlier call to read by mistake
+                y = c.int4_moe(x, counts, wp, ws, bias, act=act, tiles=tiles, codes=codes)
                 assert y.shape == (sum(counts), n) and y.dtype == torch.float16
                 for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, bias, act=act).items():
                     err = c.relative_error(y[lo:hi], ref)
-                    assert err <= TOL, (counts, group, act, lo, err)
+                    assert err <= TOL, (counts, group, act, codes, lo, err)
                     worst = max(worst, err)
     return worst
 
@@ -482,12 +488,18 @@ def test_codes_kernels_compile_for_gpus_without_a_gpu(cc):
 
 @pytest.mark.parametrize("cc", [80, 90])
 def test_moe_kernel_compiles_for_gpus_without_a_gpu(cc):
-    """int4_moe's kernel lowered for sm_80 / sm_90: an int8 tensor-core MMA for A8, both row blocks."""
-    for a8, group, bm, xdt in ((True, 64, 16, "*i8"), (True, 0, 64, "*i8"), (False, 32, 64, "*bf16")):
-        consts = {"A8": a8, "HAS_BIAS": True, "GROUP": group, "CHUNK": group or 64, "BLOCK_M": bm, "BLOCK_N": 64}
-        ptx = lowered_ptx("int4_moe", consts, xdt, cc, 4, 2, ws_dtype="*bf16",
-                          ptrs={"b_ptr": "*bf16", "y_ptr": "*bf16", "blk_ptr": "*i32"})
+    """int4_moe's kernel lowered for sm_80 / sm_90: an int8 tensor-core MMA for A8, both row blocks;
+    reading codes (plain tiles from memory), the 128 x 128 tiles take Hopper's wgmma."""
+    for a8, group, bm, xdt, codes in ((True, 64, 16, "*i8", False), (True, 0, 64, "*i8", False),
+                                      (False, 32, 64, "*bf16", False), (True, 64, 128, "*i8", True),
+                                      (False, 0, 128, "*bf16", True)):
+        consts = {"A8": a8, "HAS_BIAS": True, "GROUP": group, "CHUNK": group or 64, "CODES": codes, "BLOCK_M": bm,
+                  "BLOCK_N": 128 if codes else 64}
+        ptx = lowered_ptx("int4_moe", consts, xdt, cc, 8 if codes else 4, 3 if codes else 2, ws_dtype="*bf16",
+                          ptrs={"b_ptr": "*bf16", "y_ptr": "*bf16", "blk_ptr": "*i32", "q_ptr": "*i8" if a8 else xdt})
         assert (".s8.s8" in ptx) == a8, consts
+        if codes:
+            assert ("wgmma" in ptx) == (cc == 90), consts
 
 
 def test_eager_decode_calls_fuse_the_activation_quantization():
@@ -549,8 +561,8 @@ if __name__ == "__main__":  # the interpreter child: python tests/test_kernels.p
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_moe_kernel_on_the_gpu(dtype):
     """int4_moe compiled for the GPU at GPT-OSS's K = 2880, A8 and A16 (bf16 A16 is a bf16 dot,
-    which the interpreter computes wrongly), against float64 per expert; output rounding allows
-    ~2e-4 (fp16) / ~1.7e-3 (bf16)."""
+    which the interpreter computes wrongly), in registers and on codes, against float64 per
+    expert; output rounding allows ~2e-4 (fp16) / ~1.7e-3 (bf16)."""
     tol = 1e-3 if dtype == torch.float16 else 2.5e-3
     k, n, counts = 2880, 192, [40, 0, 3, 190, 1]   # 190 rows: the 128 x 128 tiles
     for group in (64, None):
@@ -560,7 +572,8 @@ def test_moe_kernel_on_the_gpu(dtype):
         bias = torch.randn(len(counts), n, generator=torch.Generator().manual_seed(21)).to(dtype).cuda()
         x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(22)).to(dtype).cuda()
         for act in ("a8", "a16"):
-            y = c.int4_moe(x, counts, wp, ws, bias, act=act)
-            for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, bias, act=act).items():
-                err = c.relative_error(y[lo:hi], ref)
-                assert err <= tol, (dtype, group, act, lo, err)
+            for codes in (False, True):
+                y = c.int4_moe(x, counts, wp, ws, bias, act=act, codes=codes)
+                for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, bias, act=act).items():
+                    err = c.relative_error(y[lo:hi], ref)
+                    assert err <= tol, (dtype, group, act, codes, lo, err)
