@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """int4_moe (every routed expert of a GPT-OSS MoE layer in one launch) against transformers'
-BF16 path for the same experts (torch._grouped_mm), side by side in one process, and int4_moe's
-tile alternatives: gpt-oss-20b's 32 experts, gate_up (2880 -> 5760) and down (2880 -> 2880),
-tokens routed top-4 at random, at several prompt lengths. CUDA events around each call (the host
-builds the row-block table per call, so no CUDA graph), median of 20 after 5 warm-ups. Every
-int4 timing comes with its worst per-expert relative error against float64.
+BF16 path for the same experts (torch._grouped_mm), side by side in one process: its two ways
+of reading the weights (unpacked in registers per row block, or unpacked once per call into
+codes) and tile alternatives. gpt-oss-20b's 32 experts (--experts 128: 120b's), gate_up
+(2880 -> 5760) and down (2880 -> 2880), group 64, tokens routed top-4 at random, at several
+prompt lengths. CUDA events around 5 calls back to back (the host builds the row-block table per
+call, so no CUDA graph; back to back, the host's work of one call overlaps the GPU's of the one
+before, as in a model's forward), median of 20 after 5 warm-ups, per call. Every int4 timing
+comes with its worst per-expert relative error against float64.
 
-  python bench/bench_moe.py [--tokens 1,128,2048] [--sweep] [--out res.json]
+  python bench/bench_moe.py [--tokens 1,128,2048] [--experts 32] [--acts a8,a16] [--sweep] [--out res.json]
 """
 import argparse
 import json
@@ -19,6 +22,16 @@ from bench_hessian_matmul import median_us  # noqa: E402  (CUDA events, warm-up,
 
 SWEEP = [(64, 64, 4, None), (64, 128, 4, None), (64, 128, 8, None), (128, 64, 8, None), (128, 128, 8, None),
          (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 3), (32, 128, 4, None)]
+CODES_SWEEP = [(128, 128, 8, 4), (128, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (64, 64, 4, 3),
+               (32, 64, 4, 4)]
+BACK_TO_BACK = 5
+
+
+def per_call_us(fn) -> float:
+    def calls():
+        for _ in range(BACK_TO_BACK):
+            fn()
+    return median_us(calls, iters=20) / BACK_TO_BACK
 
 
 def main():
@@ -26,6 +39,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="1,128,2048")
     ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--acts", default="a8", help="a8 and/or a16")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--out")
     a = ap.parse_args()
@@ -45,19 +59,25 @@ def main():
             x = torch.randn(sum(counts), k, generator=g).to(torch.bfloat16).cuda()
             offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32).cuda()
             try:
-                bf16 = median_us(lambda: torch._grouped_mm(x, dense, offs=offs), iters=20)
+                bf16 = per_call_us(lambda: torch._grouped_mm(x, dense, offs=offs))
             except Exception as e:   # an older torch, or a GPU without it: the int4 timings still count
                 print(f"torch._grouped_mm: {e}", flush=True)
                 bf16 = float("nan")
             row = {"proj": name, "tokens": t, "rows": sum(counts), "max_rows": max(counts), "bf16_grouped_mm_us": bf16}
-            for tiles in [None] + (SWEEP if a.sweep else []):
-                y = c.int4_moe(x, counts, wp, ws, bias, "a8", tiles)
-                err = max(c.relative_error(y[lo:hi], ref)
-                          for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, bias, act="a8").items())
-                us = median_us(lambda: c.int4_moe(x, counts, wp, ws, bias, "a8", tiles), iters=20)
-                row[str(tiles or "default")] = {"us": us, "err": err, "x_bf16": bf16 / us}
-                print(f"{name} T={t} rows={sum(counts)} (max {max(counts)}/expert) int4_moe {tiles or 'default'}: "
-                      f"{us:.1f} us ({bf16 / us:.2f} x grouped_mm bf16 {bf16:.1f} us), max rel err {err:.2e}", flush=True)
+            for act in a.acts.split(","):
+                refs = c.int4_moe_reference(x, counts, wp, ws, bias, act=act)
+                variants = [(None, None), (None, False), (None, True)] + (
+                    [(tiles, False) for tiles in SWEEP] + [(tiles, True) for tiles in CODES_SWEEP] if a.sweep else [])
+                for tiles, codes in variants:
+                    label = f"{act} {'default' if codes is None else 'codes' if codes else 'registers'} {tiles or ''}"
+                    y = c.int4_moe(x, counts, wp, ws, bias, act, tiles, codes)
+                    err = max(c.relative_error(y[lo:hi], ref) for (lo, hi), ref in refs.items())
+                    us = per_call_us(lambda: c.int4_moe(x, counts, wp, ws, bias, act, tiles, codes))
+                    row[label.strip()] = {"us": us, "err": err, "x_bf16": bf16 / us}
+                    print(f"{name} T={t} rows={sum(counts)} (max {max(counts)}/expert) int4_moe {label}: "
+                          f"{us:.1f} us ({bf16 / us:.2f} x grouped_mm bf16 {bf16:.1f} us), max rel err {err:.2e}",
+                          flush=True)
+                del refs
             res.append(row)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))

@@ -3,7 +3,7 @@
 real layer dimensions, against the dense decompression and the BF16 source (one process each
 for build, dequantize and quantize; one verify-runtime process times the three models).
 
-  python bench/bench_prefill.py --layers 2 --prefill 128,512,2048 [--scheme w4a8|w4a16] [--out res.json]
+  python bench/bench_prefill.py --layers 2 --prefill 128,512,2048 [--scheme w4a8|w4a16] [--experts 128] [--out res.json]
   python bench/bench_prefill.py --small ...      # the same steps at tiny dimensions (a CPU smoke run)
   python bench/bench_prefill.py --before OLD.py  # also verify-runtime with another copy of compress_gptoss.py,
                                                  # then the new code again: before / now in one run
@@ -185,6 +185,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--scheme", default="w4a8", choices=["w4a8", "w4a16"],
                     help="experts and attention (w4a16 is made --symmetric: the kernels take symmetric int4)")
+    ap.add_argument("--experts", type=int, default=32, help="experts per layer (128: gpt-oss-120b's)")
     ap.add_argument("--small", action="store_true", help="tiny dimensions (smoke run on a CPU)")
     ap.add_argument("--work", default="/tmp/gptoss-prefill")
     ap.add_argument("--before", type=Path, help="a copy of compress_gptoss.py to time too, between two runs of this one")
@@ -196,8 +197,8 @@ def main():
     import tiny_gptoss
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    dims = {} if a.small else GPTOSS_20B_LAYER
-    tag = f"{'tiny' if a.small else '20b'}-{a.layers}L"
+    dims = {} if a.small else {**GPTOSS_20B_LAYER, "experts": a.experts}
+    tag = f"{'tiny' if a.small else '20b' if a.experts == 32 else f'{a.experts}x'}-{a.layers}L"
     src = work / f"{tag}-mxfp4"
     res = {"layers": a.layers, "dims": dims or "tiny", "scheme": a.scheme}
     t0 = time.perf_counter()

@@ -3,7 +3,8 @@
 # time). Usage on the GPU box, from the repo root:  OUT=/some/dir bash bench/run_h200.sh [steps]
 # steps: any of env tests decode qqq w4a8 large eager floors e2e marginal hessian hquality quantize prefill moe (default: env tests decode w4a8 e2e).
 # qqq needs QQQ's source at $QQQ_SRC (no network there); quantize and prefill need llmcompressor importable.
-# Figures land in $OUT as JSON. prefill: PLAYERS, PSCHEME, PREFILL, BEFORE, PPROFILE, PCHECK (see bench/bench_prefill.py).
+# Figures land in $OUT as JSON. prefill: PLAYERS, PSCHEME, PEXPERTS, PREFILL, BEFORE, PPROFILE, PCHECK (see bench/bench_prefill.py);
+# moe: MOE_TOKENS, MOE_EXPERTS, MOE_ACTS, SWEEP (see bench/bench_moe.py).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gptoss-out}
@@ -92,12 +93,14 @@ if has quantize; then
     ${COMPARE:+--compare} ${QBATCH:+--compare-batch $QBATCH} ${QMEM:+--max-cpu-memory $QMEM} ${QPROFILE:+--profile $OUT/quantize.prof} --out "$OUT/quantize_scale.json" 2>&1 | tail -60
 fi
 if has prefill; then
-  step "a whole ${PSCHEME:-w4a8} checkpoint at gpt-oss-20b dims (${PLAYERS:-2} layers): prefill and decode, kernels vs dense vs BF16"
+  step "a whole ${PSCHEME:-w4a8} checkpoint at gpt-oss dims, ${PEXPERTS:-32} experts (${PLAYERS:-2} layers): prefill and decode, kernels vs dense vs BF16"
+  rm -f /tmp/gptoss-prefill/*.log   # only this step's logs go to $OUT
   python3 bench/bench_prefill.py --layers ${PLAYERS:-2} --scheme ${PSCHEME:-w4a8} --prefill ${PREFILL:-128,512,2048} ${BEFORE:+--before $BEFORE} ${PPROFILE:+--profile $PPROFILE} ${PCHECK:+--check $PCHECK} \
-    --out "$OUT/prefill_${PSCHEME:-w4a8}.json" 2>&1 | tee "$OUT/prefill_${PSCHEME:-w4a8}.log" | tail -60
+    --experts ${PEXPERTS:-32} --out "$OUT/prefill_${PSCHEME:-w4a8}_${PEXPERTS:-32}.json" 2>&1 | tee "$OUT/prefill_${PSCHEME:-w4a8}_${PEXPERTS:-32}.log" | tail -60
   cp /tmp/gptoss-prefill/*.log "$OUT/" 2>/dev/null
 fi
 if has moe; then
-  step "int4_moe (all routed experts in one launch) vs torch._grouped_mm BF16, 20b's 32 experts${SWEEP:+, with the tile sweep}"
-  python3 bench/bench_moe.py ${SWEEP:+--sweep} --out "$OUT/moe.json" 2>&1 | tail -70
+  step "int4_moe (all routed experts in one launch) vs torch._grouped_mm BF16, ${MOE_EXPERTS:-32} experts${SWEEP:+, with the tile sweep}"
+  python3 bench/bench_moe.py ${SWEEP:+--sweep} ${MOE_TOKENS:+--tokens $MOE_TOKENS} ${MOE_EXPERTS:+--experts $MOE_EXPERTS} \
+    ${MOE_ACTS:+--acts $MOE_ACTS} --out "$OUT/moe${MOE_EXPERTS:+_$MOE_EXPERTS}${MOE_ACTS:+_${MOE_ACTS/,/_}}.json" 2>&1 | tail -400
 fi
