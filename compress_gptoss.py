@@ -3123,10 +3123,14 @@ def _triton_kernels():
         """Every routed expert of a MoE layer in one launch (int4_moe). A program takes rows [r0, r1)
         of the expert-sorted input, all routed to expert e (blk_ptr: (e, r0, r1) per row block), and
         BLOCK_N outputs of that expert, whose int4 weights it unpacks in registers CHUNK inputs at a
-        time, or with CODES reads them unpacked by int4_codes_kernel (q_ptr: experts e0, e0 + 1, ...
-        as [N, K] codes each), plain tiles that Triton pipelines into the tensor cores. A8: int8 x
-        with per-row scales sx, int8 dots; else fp16/bf16 x against the exact integer codes. GROUP:
-        inputs per weight scale, 0 = per channel. The bias is added before the one rounding to y."""
+        time (int4_k_order's shuffles; the next chunk's words are loaded before this one is
+        computed), or with CODES reads them unpacked by int4_codes_kernel (q_ptr: experts e0,
+        e0 + 1, ... as [N, K] codes each), plain tiles that Triton pipelines into the tensor cores.
+        The weights are the MMA's left operand: an expert often has a few rows, and BLOCK_N fills
+        the MMA's M where BLOCK_M could not (bench_moe.py, run 55: 2-2.6 x at 16-512 tokens with
+        the shuffles and the prefetch). A8: int8 x with per-row scales sx, int8 dots; else
+        fp16/bf16 x against the exact integer codes. GROUP: inputs per weight scale, 0 = per
+        channel. The bias is added before the one rounding to y."""
         pid_b, pid_n = tl.program_id(0), tl.program_id(1)
         e = tl.load(blk_ptr + 3 * pid_b).to(tl.int64)
         r0 = tl.load(blk_ptr + 3 * pid_b + 1)
@@ -3137,29 +3141,31 @@ def _triton_kernels():
         n_mask = offs_n < N
         offs_k = tl.arange(0, CHUNK)
         offs_w = tl.arange(0, CHUNK // 8)
-        shifts = tl.arange(0, 8) * 4
-        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+        x_tile = x_ptr + rows.to(tl.int64)[None, :] * stride_xm + offs_k[:, None]    # [CHUNK, BLOCK_M]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32 if (A8 and GROUP == 0) else tl.float32)
         w_rows = w_ptr + e * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn
         q_rows = q_ptr + (e - e0) * N * K + offs_n.to(tl.int64)[:, None] * K
         s_rows = ws_ptr + e * stride_se + offs_n * stride_sn
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if not CODES:
+            words_next = tl.load(w_rows + offs_w[None, :], mask=n_mask[:, None], other=0)
         for k0 in range(0, K, CHUNK):
-            a = tl.load(x_rows + k0 + offs_k[None, :], mask=m_mask[:, None], other=0)
+            a = tl.load(x_tile + k0, mask=m_mask[None, :], other=0)
             if CODES:
                 q = tl.load(q_rows + k0 + offs_k[None, :], mask=n_mask[:, None], other=0)
             else:
-                words = tl.load(w_rows + k0 // 8 + offs_w[None, :], mask=n_mask[:, None], other=0)
-                q = tl.reshape(((words[:, :, None] >> shifts[None, None, :]) & 15) - 8, [BLOCK_N, CHUNK])
+                words = words_next
+                nxt = (k0 + CHUNK) // 8 + offs_w
+                words_next = tl.load(w_rows + nxt[None, :], mask=n_mask[:, None] & (nxt < K // 8)[None, :], other=0)
+                q = int4_k_order(words)
             if A8:
-                d = tl.dot(a, tl.trans(q.to(tl.int8)), out_dtype=tl.int32).to(tl.float32)
+                d = weight_dot(q.to(tl.int8), a, True, tl.int32)
             else:
-                d = tl.dot(a, tl.trans(q.to(a.dtype)), out_dtype=tl.float32)
+                d = weight_dot(q.to(a.dtype), a, True, tl.float32)
             if GROUP == 0:
                 acc += d
             else:
-                acc += d * tl.load(s_rows + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if GROUP == 0:
-            acc = acc * tl.load(s_rows, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                acc = add_scaled(acc, d, tl.load(s_rows + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32), True)
+        acc = channel_scaled(acc, ws_ptr + e * stride_se, offs_n, n_mask, stride_sn, True, GROUP == 0)
         if A8:
             acc = acc * tl.load(sx_ptr + rows, mask=m_mask, other=0.0)[:, None]
         if HAS_BIAS:
@@ -3507,9 +3513,9 @@ def _moe_chunk(k: int, groups: int) -> int | None:
     return chunk if chunk in (32, 64, 128) and k % chunk == 0 else None
 
 
-# int4_moe unpacks the weights once per call when the routed experts average this many rows: at
-# 2.5 rows (16 tokens of 20b) it already beats the unpack per row block, at 1 row (decode) it loses
-MOE_CODES_ROWS = 2           # (bench_moe.py, run 52)
+# int4_moe unpacks the weights once per call when the routed experts average this many rows: even
+# at 1024 tokens of 20b (128 rows) the in-register unpack costs the same, at 2048 it is 1.2 x slower
+MOE_CODES_ROWS = 128         # (bench_moe.py, run 56)
 MOE_CODES_BYTES = 1 << 30    # ... into at most this much scratch at a time (experts in batches)
 
 
@@ -3522,7 +3528,7 @@ def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str =
     a per-expert loop is bound by Triton's ~30 us of CPU per launch (bench/RESULTS.md, run 44).
     codes: unpack the experts' weights once per call (one more launch per MOE_CODES_BYTES of codes)
     instead of once per row block in registers; None: when the routed experts average at least
-    MOE_CODES_ROWS rows (prefill). tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the
+    MOE_CODES_ROWS rows (long prompts: 2048 tokens of gpt-oss-20b). tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the
     default (bench/bench_moe.py)."""
     import torch
     (r, k), (experts, n, kw), groups = x.shape, weight_packed.shape, weight_scale.shape[-1]
@@ -3536,10 +3542,11 @@ def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str =
     routed = [e for e, c in enumerate(counts) if c]
     if codes is None:
         codes = r >= MOE_CODES_ROWS * len(routed)
-    most = max(counts)   # tiles from bench_moe.py's sweeps (runs 48, 52)
+    most = max(counts)   # tiles from bench_moe.py's sweeps (runs 52, 55, 56)
     block_m, block_n, warps, stages = tiles or (
         ((128, 64, 4, 4) if most > 128 else (32, 64, 4, 4)) if codes else
-        (128, 128, 8, None) if most > 128 else (16 if most <= 16 else 32 if most <= 32 else 64, 64, 4, None))
+        (16, 128, 4, None) if most <= 16 else (32, 128, 4, None) if most <= 32 else
+        (64, 128, 8, None) if most <= 128 else (128, 64, 4, None))
     codes_dtype = torch.int8 if act == "a8" else x.dtype
     # experts [e0, e1) whose codes fit the scratch together (all of them without codes)
     per_expert = n * k * codes_dtype.itemsize
