@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import compress_gptoss as c  # noqa: E402
 from bench_hessian_matmul import median_us  # noqa: E402  (CUDA events, warm-up, median)
 
-SWEEP = [(64, 64, 4, None), (64, 128, 4, None), (64, 128, 8, None), (128, 64, 8, None), (128, 128, 8, None),
-         (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 3), (32, 128, 4, None)]
+# (BLOCK_M, BLOCK_N, warps, stages); the defaults are in int4_moe
+SWEEP = [(16, 128, 4, None), (32, 128, 4, None), (64, 128, 4, None), (64, 128, 8, None), (128, 64, 4, None),
+         (128, 128, 8, None), (16, 64, 4, None), (64, 64, 4, None)]
 CODES_SWEEP = [(128, 128, 8, 4), (128, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (64, 64, 4, 3),
                (32, 64, 4, 4)]
 BACK_TO_BACK = 5
@@ -40,7 +41,8 @@ def main():
     ap.add_argument("--tokens", default="1,128,2048")
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--acts", default="a8", help="a8 and/or a16")
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", nargs="?", const="both", choices=["both", "registers", "codes"],
+                    help="time tile / unpack alternatives of one path or both")
     ap.add_argument("--out")
     a = ap.parse_args()
     g, gd = torch.Generator().manual_seed(0), torch.Generator(device="cuda").manual_seed(0)
@@ -67,7 +69,8 @@ def main():
             for act in a.acts.split(","):
                 refs = c.int4_moe_reference(x, counts, wp, ws, bias, act=act)
                 variants = [(None, None), (None, False), (None, True)] + (
-                    [(tiles, False) for tiles in SWEEP] + [(tiles, True) for tiles in CODES_SWEEP] if a.sweep else [])
+                    [(tiles, False) for tiles in SWEEP if a.sweep in ("both", "registers")] +
+                    [(tiles, True) for tiles in CODES_SWEEP if a.sweep in ("both", "codes")])
                 for tiles, codes in variants:
                     label = f"{act} {'default' if codes is None else 'codes' if codes else 'registers'} {tiles or ''}"
                     y = c.int4_moe(x, counts, wp, ws, bias, act, tiles, codes)

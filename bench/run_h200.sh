@@ -4,7 +4,7 @@
 # steps: any of env tests decode qqq w4a8 large eager floors e2e marginal hessian hquality quantize prefill moe (default: env tests decode w4a8 e2e).
 # qqq needs QQQ's source at $QQQ_SRC (no network there); quantize and prefill need llmcompressor importable.
 # Figures land in $OUT as JSON. prefill: PLAYERS, PSCHEME, PEXPERTS, PREFILL, BEFORE, PPROFILE, PCHECK (see bench/bench_prefill.py);
-# moe: MOE_TOKENS, MOE_EXPERTS, MOE_ACTS, SWEEP (see bench/bench_moe.py).
+# moe: MOE_TOKENS, MOE_EXPERTS, MOE_ACTS, SWEEP=both|registers|codes (see bench/bench_moe.py).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gptoss-out}
@@ -101,6 +101,6 @@ if has prefill; then
 fi
 if has moe; then
   step "int4_moe (all routed experts in one launch) vs torch._grouped_mm BF16, ${MOE_EXPERTS:-32} experts${SWEEP:+, with the tile sweep}"
-  python3 bench/bench_moe.py ${SWEEP:+--sweep} ${MOE_TOKENS:+--tokens $MOE_TOKENS} ${MOE_EXPERTS:+--experts $MOE_EXPERTS} \
+  python3 bench/bench_moe.py ${SWEEP:+--sweep $SWEEP} ${MOE_TOKENS:+--tokens $MOE_TOKENS} ${MOE_EXPERTS:+--experts $MOE_EXPERTS} \
     ${MOE_ACTS:+--acts $MOE_ACTS} --out "$OUT/moe${MOE_EXPERTS:+_$MOE_EXPERTS}${MOE_ACTS:+_${MOE_ACTS/,/_}}.json" 2>&1 | tail -400
 fi
