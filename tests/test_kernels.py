@@ -273,6 +273,26 @@ def moe_all_experts_in_one_launch():
 
 
 @case
+def moe_codes_only_for_long_prompts():
+    """int4_moe's default unpacks into the codes scratch only when the routed experts average
+    MOE_CODES_ROWS rows (a long prompt), not for a few rows per expert (decode, short prompts);
+    both give the float64 result."""
+    k, n = 64, 16
+    layers = [random_int4_layer(n, k, 32, seed=30 + e) for e in range(3)]
+    wp, ws = torch.stack([w for w, _ in layers]), torch.stack([s for _, s in layers])
+    worst = 0.0
+    for counts, codes in (([3, 0, 1], False), ([c.MOE_CODES_ROWS, 0, c.MOE_CODES_ROWS + 1], True)):
+        c._CODES_WORKSPACE.clear()
+        x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(31)).to(torch.float16)
+        y = c.int4_moe(x, counts, wp, ws, act="a8")
+        assert bool(c._CODES_WORKSPACE) == codes, (counts, list(c._CODES_WORKSPACE))
+        for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, act="a8").items():
+            worst = max(worst, c.relative_error(y[lo:hi], ref))
+    assert worst <= TOL, worst
+    return worst
+
+
+@case
 def rejects_what_it_cannot_run():
     wp, ws = random_int4_layer(8, 320, 20)   # group 20: not a multiple of 8 (a packed word)
     try:
