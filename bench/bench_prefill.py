@@ -13,11 +13,11 @@ for build, dequantize and quantize; one verify-runtime process times the three m
                                                  # against its float64 reference (int4_linear_reference)
 
 Builds random MXFP4 codes with gpt-oss-20b's dimensions (hidden 2880, 32 experts, top-4, 64 heads,
-vocab 201088) and `--layers` layers, runs the real `dequantize`, then `quantize --algo rtn` (RTN: no
-Hessians, so quantizing costs seconds; the kernels' speed does not depend on how the codes were
-chosen), then `verify-runtime --model --prefill-tokens` on the result. The experts run as
-llmcompressor's linearized MoE (a Python loop over experts, three Linear each: gate, up, down), so
-at T prompt tokens each expert's Linear sees M of about T x 4 / 32 rows; the BF16 source runs
+vocab 201088; --experts 128: 120b's) and `--layers` layers, runs the real `dequantize`, then
+`quantize --algo rtn` (RTN: no Hessians, so quantizing costs seconds; the kernels' speed does not
+depend on how the codes were chosen), then `verify-runtime --model --prefill-tokens` on the result.
+In the kernels model each layer's experts run stacked, two int4_moe launches per layer (gate_up,
+down), each routed expert getting about T x 4 / E of T prompt tokens; the BF16 source runs
 transformers' own GptOssExperts (grouped_mm by default).
 """
 import argparse
