@@ -3526,10 +3526,10 @@ def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str =
     [E, N, K/8] int32 (pack-quantized, symmetric), weight_scale [E, N, G] (G = 1: per channel),
     bias [E, N] or None -> y [R, N] in x's dtype. One launch instead of ~4 per routed expert:
     a per-expert loop is bound by Triton's ~30 us of CPU per launch (bench/RESULTS.md, run 44).
-    codes: unpack the experts' weights once per call (one more launch per MOE_CODES_BYTES of codes)
-    instead of once per row block in registers; None: when the routed experts average at least
-    MOE_CODES_ROWS rows (long prompts: 2048 tokens of gpt-oss-20b). tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the
-    default (bench/bench_moe.py)."""
+    codes: unpack the experts' weights once per call (one more launch per MOE_CODES_BYTES of codes;
+    weight_packed contiguous) instead of once per row block in registers; None: when the routed
+    experts average at least MOE_CODES_ROWS rows (long prompts: from ~1024 tokens of gpt-oss-20b).
+    tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the default (bench/bench_moe.py)."""
     import torch
     (r, k), (experts, n, kw), groups = x.shape, weight_packed.shape, weight_scale.shape[-1]
     assert len(counts) == experts and sum(counts) == r, f"counts {counts} do not cover {r} rows of {experts} experts"
