@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import re
@@ -3337,6 +3338,13 @@ def _row_quant_consts(k: int) -> dict:
                 enable_fp_fusion=False)
 
 
+def _codes_launch(n: int, kp: int, codes_dtype, scaled: bool = False, group: int = 0) -> tuple:
+    """int4_codes_kernel's (grid, constexprs, output dtype) for n weight rows unpacked to kp codes
+    each; scaled: q * scale with `group` inputs per scale (0: per channel)."""
+    return (-(-n // 32), -(-kp // 512)), dict(GROUP=group if scaled else 0, SCALED=scaled, BLOCK_N=32,
+                                               BLOCK_W=64), codes_dtype
+
+
 def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int4Plan:
     import torch
     assert act in ("a8", "a16"), act
@@ -3350,16 +3358,14 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
                                       cfg.split_stores) if cfg.split_k > 1 else (None, None))
     quant = _row_quant_consts(k)
     chunk = 64 if per_channel else group
-    def codes_launch(kp, scaled, codes_dtype):   # int4_codes_kernel's grid, constexprs and output dtype
-        return ((-(-n // 32), -(-kp // 512)), dict(GROUP=group if scaled and not per_channel else 0, SCALED=scaled,
-                                                   BLOCK_N=32, BLOCK_W=64), codes_dtype)
     if cfg.dequant and dtype != torch.float16:   # bf16 keeps 8 significant bits: q * scale (11) would round
         cfg = replace(cfg, dequant=False)        # and A8's x_q * s_x too; the int codes stay exact
     if cfg.codes and cfg.dequant and (per_channel or group in (32, 64, 128, 256, 512)):
         # weights q * scale and (A8) x_q * s_x, both in x's dtype, multiplied by cuBLAS: at large M
         # this beats both Triton GEMMs when there are group scales (bench/RESULTS.md, run 25)
         return _Int4Plan(cfg, 1 if act == "a8" else 0, k, (), None, None, dict(quant, PERM_KW=1), {}, k,
-                         "cublas", codes=codes_launch(k, True, dtype), xq_dtype=dtype)
+                         "cublas", codes=_codes_launch(n, k, dtype, scaled=True, group=0 if per_channel else group),
+                         xq_dtype=dtype)
     if cfg.codes and (per_channel or group in (32, 64, 128)):
         block_k = group if not per_channel else cfg.k_per_iter
         kp = -(-k // block_k) * block_k
@@ -3368,7 +3374,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
             dict(A8=act == "a8", GROUP=0 if per_channel else group, EVEN_K=act == "a8" or k % block_k == 0,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-            kp, "int4_codes_gemm", codes=codes_launch(kp, False, torch.int8 if act == "a8" else dtype),
+            kp, "int4_codes_gemm", codes=_codes_launch(n, kp, torch.int8 if act == "a8" else dtype),
             xq_dtype=torch.int8)
     if cfg.codes:
         cfg = replace(cfg, codes=False, dequant=False, grouped=True)   # a group size the codes kernels do not take
@@ -3552,9 +3558,7 @@ def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str =
     per_expert = n * k * codes_dtype.itemsize
     step = max(1, MOE_CODES_BYTES // per_expert) if codes else experts
     batches = [(e0, min(e0 + step, routed[-1] + 1)) for e0 in range(routed[0], routed[-1] + 1, step)]
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
+    starts = list(itertools.accumulate(counts, initial=0))
     blocks = [[(e, b, min(b + block_m, starts[e + 1])) for e in range(e0, e1)
                for b in range(starts[e], starts[e + 1], block_m)] for e0, e1 in batches]
     blk = torch.tensor(sum(blocks, []), dtype=torch.int32).to(x.device, non_blocking=True)
@@ -3568,9 +3572,9 @@ def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str =
         if codes:   # the batch's weights as one [(e1 - e0) * N, K] layer for int4_codes_kernel
             rows = (e1 - e0) * n
             q = _codes_workspace(x.device, codes_dtype, rows * k)
-            kern["int4_codes"][(-(-rows // 32), -(-k // 512))](
-                weight_packed[e0:e1].view(rows, kw), weight_scale, q, rows, k, kw, k, kw, 0,
-                GROUP=0, SCALED=False, BLOCK_N=32, BLOCK_W=64)
+            grid, consts, _ = _codes_launch(rows, k, codes_dtype)
+            kern["int4_codes"][grid](weight_packed[e0:e1].view(rows, kw), weight_scale, q, rows, k, kw, k, kw, 0,
+                                     **consts)
         kern["int4_moe"][(len(bl), -(-n // block_n))](
             xa, sx, weight_packed, weight_scale, weight_packed if bias is None else bias, y, blk[done:], q, e0, n,
             k, xa.stride(0), weight_packed.stride(0), weight_packed.stride(1), weight_scale.stride(0),
