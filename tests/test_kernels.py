@@ -251,24 +251,27 @@ def moe_all_experts_in_one_launch():
     against float64 with that expert's weights."""
     worst = 0.0
     k, n = 192, 40
-    c.MOE_CODES_BYTES = 2 * n * k
-    for counts in ([5, 0, 20, 1], [70, 3, 0, 9]):
-        for group in (64, 32, None):
-            layers = [random_int4_layer(n, k, group, seed=10 + e) for e in range(len(counts))]
-            wp = torch.stack([w for w, _ in layers])
-            ws = torch.stack([s for _, s in layers])
-            bias = torch.randn(len(counts), n, generator=torch.Generator().manual_seed(15)).to(torch.float16)
-            x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(16)).to(torch.float16)
-            for act, tiles, codes in (("a8", None, False), ("a16", None, False),
-                                      ("a8", (128, 128, 8, None), False),   # the > 128-row tiles
-                                      ("a8", None, True), ("a16", None, True)):
-                c._CODES_WORKSPACE.clear()   # no codes left by an earlier call to read by mistake
-                y = c.int4_moe(x, counts, wp, ws, bias, act=act, tiles=tiles, codes=codes)
-                assert y.shape == (sum(counts), n) and y.dtype == torch.float16
-                for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, bias, act=act).items():
-                    err = c.relative_error(y[lo:hi], ref)
-                    assert err <= TOL, (counts, group, act, codes, lo, err)
-                    worst = max(worst, err)
+    scratch, c.MOE_CODES_BYTES = c.MOE_CODES_BYTES, 2 * n * k
+    try:
+        for counts in ([5, 0, 20, 1], [70, 3, 0, 9]):
+            for group in (64, 32, None):
+                layers = [random_int4_layer(n, k, group, seed=10 + e) for e in range(len(counts))]
+                wp = torch.stack([w for w, _ in layers])
+                ws = torch.stack([s for _, s in layers])
+                bias = torch.randn(len(counts), n, generator=torch.Generator().manual_seed(15)).to(torch.float16)
+                x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(16)).to(torch.float16)
+                for act, tiles, codes in (("a8", None, False), ("a16", None, False),
+                                          ("a8", (128, 128, 8, None), False),   # 128-row tiles
+                                          ("a8", None, True), ("a16", None, True)):
+                    c._CODES_WORKSPACE.clear()   # no codes left by an earlier call to read by mistake
+                    y = c.int4_moe(x, counts, wp, ws, bias, act=act, tiles=tiles, codes=codes)
+                    assert y.shape == (sum(counts), n) and y.dtype == torch.float16
+                    for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, bias, act=act).items():
+                        err = c.relative_error(y[lo:hi], ref)
+                        assert err <= TOL, (counts, group, act, codes, lo, err)
+                        worst = max(worst, err)
+    finally:
+        c.MOE_CODES_BYTES = scratch
     return worst
 
 
@@ -584,7 +587,7 @@ def test_moe_kernel_on_the_gpu(dtype):
     which the interpreter computes wrongly), in registers and on codes, against float64 per
     expert; output rounding allows ~2e-4 (fp16) / ~1.7e-3 (bf16)."""
     tol = 1e-3 if dtype == torch.float16 else 2.5e-3
-    k, n, counts = 2880, 192, [40, 0, 3, 190, 1]   # 190 rows: the 128 x 128 tiles
+    k, n, counts = 2880, 192, [40, 0, 3, 190, 1]   # 190 rows: the 128-row tiles
     for group in (64, None):
         layers = [random_int4_layer(n, k, group, dtype=dtype, seed=20 + e) for e in range(len(counts))]
         wp = torch.stack([w for w, _ in layers]).cuda()
