@@ -3116,7 +3116,9 @@ def _triton_kernels():
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
                    0, BLOCK_M, BLOCK_N, 1, False)
 
-    @triton.jit
+    # e0 and the row-block table's offset change from call to call (the first routed expert, the
+    # scratch batch): specialized (== 1, % 16), each new value compiled a variant mid-generation
+    @triton.jit(do_not_specialize=["blk_ptr", "e0"])
     def int4_moe_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, blk_ptr, q_ptr, e0, N, K, stride_xm, stride_we,
                         stride_wn, stride_se, stride_sn, stride_be, stride_ym, A8: tl.constexpr,
                         HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, CODES: tl.constexpr,

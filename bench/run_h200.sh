@@ -23,7 +23,7 @@ fi
 if has tests; then
   step "GPU tests"
   python3 -m pytest -q -p no:cacheprovider tests/test_dequantize.py -k "gpu or triton or fast_path or random_codes" 2>&1 | tail -5
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "cuda_graph or on_the_gpu" 2>&1 | tail -5
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "cuda_graph or on_the_gpu or decode_steps" 2>&1 | tail -5
 fi
 if has decode; then
   step "MXFP4 decode, one 120b gate_up"

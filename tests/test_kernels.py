@@ -600,3 +600,33 @@ def test_moe_kernel_on_the_gpu(dtype):
                 for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, bias, act=act).items():
                     err = c.relative_error(y[lo:hi], ref)
                     assert err <= tol, (dtype, group, act, codes, lo, err)
+
+
+def compiled_variants(kernel) -> int:
+    """Kernels Triton holds in memory for this JIT function (every device), across its versions."""
+    caches = getattr(kernel, "device_caches", None)
+    if caches is not None:
+        return sum(len(entry[0]) for entry in caches.values())
+    return sum(len(v) for v in kernel.cache.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_moe_decode_steps_compile_one_kernel():
+    """Decode routes each token to different experts: the first routed expert (e0) and the row-block
+    table's offset change from step to step and must not pick a new compiled variant (Triton
+    specializes integers == 1 or % 16 == 0), or generation stalls on a compile at random steps."""
+    k, n, experts = 2880, 128, 20
+    layers = [random_int4_layer(n, k, 64, dtype=torch.bfloat16, seed=40 + e) for e in range(experts)]
+    wp = torch.stack([w for w, _ in layers]).cuda()
+    ws = torch.stack([s for _, s in layers]).cuda()
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(41)).to(torch.bfloat16).cuda()
+    kern = c._triton_kernels()["int4_moe"]
+    seen = []
+    for first, second in ((0, 3), (1, 2), (5, 9), (16, 19), (7, 16)):   # e0 = 0, 1, 5, 16, 7
+        counts = [0] * experts
+        counts[first] = counts[second] = 1
+        y = c.int4_moe(x, counts, wp, ws, act="a8")
+        for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, act="a8").items():
+            assert c.relative_error(y[lo:hi], ref) <= 2.5e-3
+        seen.append(compiled_variants(kern))
+    assert seen[1:] == seen[:1] * 4, f"int4_moe compiled {seen[-1] - seen[0]} more variants across decode steps"
