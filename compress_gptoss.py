@@ -2849,6 +2849,30 @@ def _triton_kernels():
         return tl.interleave(even, odd) - 8
 
     @triton.jit
+    def row_scales(x_ptr, offs_m, m_mask, stride_xm, K, FUSE_CHUNKS, BLOCK_M):
+        """A8 inside a GEMM (a few rows per program, so re-reading them per program is cheap and
+        saves int8_rows_kernel's launch): the rows' (127 / absmax, s_x = absmax / 127), the same
+        arithmetic as int8_row. Unrolled: the row loads go out together, one memory latency."""
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for i in tl.static_range(FUSE_CHUNKS):
+            kq = i * 256 + tl.arange(0, 256)
+            xv = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + kq[None, :],
+                         mask=m_mask[:, None] & (kq[None, :] < K), other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(xv.to(tl.float32)), axis=1))
+        amax = tl.maximum(amax, 1e-8)  # INT8_ABSMAX_FLOOR
+        return tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), amax), amax / 127.0
+
+    @triton.jit
+    def quantized(a, inv, W_LHS):
+        """x chunk a (a [K, M] tile if W_LHS, else [M, K]) -> int8 x_q with the rows' 127 / absmax:
+        round half to even, as int8_rows_kernel (launch with enable_fp_fusion=False: no FMA here)."""
+        if W_LHS:
+            v = a.to(tl.float32) * inv[None, :]
+        else:
+            v = a.to(tl.float32) * inv[:, None]
+        return ((v + 12582912.0) - 12582912.0).to(tl.int8)
+
+    @triton.jit
     def int4_gemm_grouped_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
                                  stride_xm, stride_wn, stride_sn, stride_ym,
                                  A8: tl.constexpr, FUSE: tl.constexpr, FUSE_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
@@ -2893,16 +2917,8 @@ def _triton_kernels():
                               mask=n_mask[:, None] & ((c_lo * (CHUNK // 8) + offs_w)[None, :] < w_lim),
                               other=-2004318072)    # 0x88888888: q = 0
             sc_next = tl.load(ws_ptr + offs_n * stride_sn + tl.minimum(c_lo, n_chunks - 1), mask=n_mask, other=0.0)
-        if FUSE:   # unrolled: the row loads go out together, one memory latency instead of FUSE_CHUNKS in a row
-            amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for i in tl.static_range(FUSE_CHUNKS):
-                kq = i * 256 + tl.arange(0, 256)
-                xv = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + kq[None, :],
-                             mask=m_mask[:, None] & (kq[None, :] < K), other=0.0)
-                amax = tl.maximum(amax, tl.max(tl.abs(xv.to(tl.float32)), axis=1))
-            amax = tl.maximum(amax, 1e-8)  # INT8_ABSMAX_FLOOR
-            inv = tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), amax)
-            s_x = amax / 127.0
+        if FUSE:
+            inv, s_x = row_scales(x_ptr, offs_m, m_mask, stride_xm, K, FUSE_CHUNKS, BLOCK_M)
         elif A8:
             s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
         for c0 in range(c_lo, c_hi, 1 if PREFETCH else CHUNKS):
@@ -2928,11 +2944,7 @@ def _triton_kernels():
                     k_ok = ((c * CHUNK + offs_k) < k_lim)[None, :]
                 a = tl.load(x_tile + c * CHUNK, mask=x_ok & k_ok, other=0)
                 if FUSE:
-                    if W_LHS:
-                        v = a.to(tl.float32) * inv[None, :]
-                    else:
-                        v = a.to(tl.float32) * inv[:, None]
-                    a = ((v + 12582912.0) - 12582912.0).to(tl.int8)   # round half to even, as int8_rows_kernel
+                    a = quantized(a, inv, W_LHS)
                 q = int4_k_order(wt)
                 if A8:
                     d = weight_dot(q.to(tl.int8), a, W_LHS, tl.int32)
@@ -3122,7 +3134,7 @@ def _triton_kernels():
     def int4_moe_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, blk_ptr, q_ptr, e0, N, K, stride_xm, stride_we,
                         stride_wn, stride_se, stride_sn, stride_be, stride_ym, A8: tl.constexpr,
                         HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, CODES: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        FUSE: tl.constexpr, FUSE_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Every routed expert of a MoE layer in one launch (int4_moe). A program takes rows [r0, r1)
         of the expert-sorted input, all routed to expert e (blk_ptr: (e, r0, r1) per row block), and
         BLOCK_N outputs of that expert, whose int4 weights it unpacks in registers CHUNK inputs at a
@@ -3131,7 +3143,8 @@ def _triton_kernels():
         e0 + 1, ... as [N, K] codes each), plain tiles that Triton pipelines into the tensor cores.
         The weights are the MMA's left operand: an expert often has a few rows, and BLOCK_N fills
         the MMA's M where BLOCK_M could not (bench_moe.py, run 55: 2-2.6 x at 16-512 tokens with
-        the shuffles and the prefetch). A8: int8 x with per-row scales sx, int8 dots; else
+        the shuffles and the prefetch). A8: int8 x with per-row scales sx, int8 dots (FUSE: x is
+        fp16/bf16, each program quantizes its rows itself, row_scales; decode); else
         fp16/bf16 x against the exact integer codes. GROUP: inputs per weight scale, 0 = per
         channel. The bias is added before the one rounding to y."""
         pid_b, pid_n = tl.program_id(0), tl.program_id(1)
@@ -3151,8 +3164,14 @@ def _triton_kernels():
         s_rows = ws_ptr + e * stride_se + offs_n * stride_sn
         if not CODES:
             words_next = tl.load(w_rows + offs_w[None, :], mask=n_mask[:, None], other=0)
+        if FUSE:
+            inv, s_x = row_scales(x_ptr, rows, m_mask, stride_xm, K, FUSE_CHUNKS, BLOCK_M)
+        elif A8:
+            s_x = tl.load(sx_ptr + rows, mask=m_mask, other=0.0)
         for k0 in range(0, K, CHUNK):
             a = tl.load(x_tile + k0, mask=m_mask[None, :], other=0)
+            if FUSE:
+                a = quantized(a, inv, True)
             if CODES:
                 q = tl.load(q_rows + k0 + offs_k[None, :], mask=n_mask[:, None], other=0)
             else:
@@ -3170,7 +3189,7 @@ def _triton_kernels():
                 acc = add_scaled(acc, d, tl.load(s_rows + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32), True)
         acc = channel_scaled(acc, ws_ptr + e * stride_se, offs_n, n_mask, stride_sn, True, GROUP == 0)
         if A8:
-            acc = acc * tl.load(sx_ptr + rows, mask=m_mask, other=0.0)[:, None]
+            acc = acc * s_x[:, None]
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -3199,8 +3218,8 @@ def _triton_kernels():
 
     # the kernels call these by name at compile time (the first launch), from the module's globals
     globals().update(as_codes=as_codes, int8_row=int8_row, codes_block=codes_block, gemm_tile=gemm_tile,
-                     store_tile=store_tile, int4_k_order=int4_k_order, weight_dot=weight_dot, add_scaled=add_scaled,
-                     channel_scaled=channel_scaled)
+                     store_tile=store_tile, int4_k_order=int4_k_order, row_scales=row_scales, quantized=quantized,
+                     weight_dot=weight_dot, add_scaled=add_scaled, channel_scaled=channel_scaled)
     _TRITON_KERNELS = {"int8_rows": int8_rows_kernel, "int4_gemm": int4_gemm_kernel,
                        "int4_gemm_grouped": int4_gemm_grouped_kernel, "int4_gemm_planar": int4_gemm_planar_kernel,
                        "int4_codes": int4_codes_kernel, "int4_prologue": int4_prologue_kernel,
@@ -3525,11 +3544,14 @@ def _moe_chunk(k: int, groups: int) -> int | None:
 # at 1024 tokens of 20b (128 rows) the in-register unpack costs the same, at 2048 it is 1.2 x slower
 MOE_CODES_ROWS = 128         # (bench_moe.py, run 56)
 MOE_CODES_BYTES = 1 << 30    # ... into at most this much scratch at a time (experts in batches)
+# at up to this many rows (8 tokens of top-4) A8 is quantized inside int4_moe's kernel: such a call is
+MOE_FUSE_ROWS = 32           # host-bound; one launch less took it from 124 to 84 us (+6-17 us GPU; run 62)
 
 
 def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str = "a8", tiles: tuple | None = None,
-             codes: bool | None = None):
-    """Every routed expert of a MoE layer in one kernel launch (plus one for A8's activations).
+             codes: bool | None = None, fuse: bool | None = None):
+    """Every routed expert of a MoE layer in one kernel launch (plus one for A8's activations,
+    unless fused).
     x [R, K]: rows sorted by expert, counts[e] rows for expert e in expert order; weight_packed
     [E, N, K/8] int32 (pack-quantized, symmetric), weight_scale [E, N, G] (G = 1: per channel),
     bias [E, N] or None -> y [R, N] in x's dtype. One launch instead of ~4 per routed expert:
@@ -3537,6 +3559,8 @@ def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str =
     codes: unpack the experts' weights once per call (one more launch per MOE_CODES_BYTES of codes;
     weight_packed contiguous) instead of once per row block in registers; None: when the routed
     experts average at least MOE_CODES_ROWS rows (long prompts: from ~1024 tokens of gpt-oss-20b).
+    fuse (A8, in registers): the kernel quantizes the activations itself, one launch instead of two;
+    None: at up to MOE_FUSE_ROWS rows (decode, where a call is bound by the host's launches).
     tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the default (bench/bench_moe.py)."""
     import torch
     (r, k), (experts, n, kw), groups = x.shape, weight_packed.shape, weight_scale.shape[-1]
@@ -3550,10 +3574,11 @@ def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str =
     routed = [e for e, c in enumerate(counts) if c]
     if codes is None:
         codes = r >= MOE_CODES_ROWS * len(routed)
-    most = max(counts)   # tiles from bench_moe.py's sweeps (runs 52, 55, 56)
+    fuse = act == "a8" and not codes and (r <= MOE_FUSE_ROWS if fuse is None else fuse)
+    most = max(counts)   # tiles from bench_moe.py's sweeps (runs 52, 55, 56) and bench_launch.py's (61)
     block_m, block_n, warps, stages = tiles or (
         ((128, 64, 4, 4) if most > 128 else (32, 64, 4, 4)) if codes else
-        (16, 128, 4, None) if most <= 16 else (32, 128, 4, None) if most <= 32 else
+        (16, 64, 4, None) if most <= 4 else (16, 128, 4, None) if most <= 16 else (32, 128, 4, None) if most <= 32 else
         (64, 128, 8, None) if most <= 128 else (128, 64, 4, None))
     codes_dtype = torch.int8 if act == "a8" else x.dtype
     # experts [e0, e1) whose codes fit the scratch together (all of them without codes)
@@ -3565,7 +3590,7 @@ def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str =
                for b in range(starts[e], starts[e + 1], block_m)] for e0, e1 in batches]
     blk = torch.tensor(sum(blocks, []), dtype=torch.int32).to(x.device, non_blocking=True)
     kern = _TRITON_KERNELS or _triton_kernels()
-    xa, sx = _int8_rows(x, k, dict(_row_quant_consts(k), PERM_KW=1)) if act == "a8" else (x, x)
+    xa, sx = _int8_rows(x, k, dict(_row_quant_consts(k), PERM_KW=1)) if act == "a8" and not fuse else (x, x)
     done = 0
     for (e0, e1), bl in zip(batches, blocks):
         if not bl:
@@ -3581,8 +3606,9 @@ def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str =
             xa, sx, weight_packed, weight_scale, weight_packed if bias is None else bias, y, blk[done:], q, e0, n,
             k, xa.stride(0), weight_packed.stride(0), weight_packed.stride(1), weight_scale.stride(0),
             weight_scale.stride(1), 0 if bias is None else bias.stride(0), y.stride(0), A8=act == "a8",
-            HAS_BIAS=bias is not None, GROUP=0 if groups == 1 else chunk, CHUNK=chunk, CODES=codes,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **({"num_stages": stages} if stages else {}))
+            HAS_BIAS=bias is not None, GROUP=0 if groups == 1 else chunk, CHUNK=chunk, CODES=codes, FUSE=fuse,
+            FUSE_CHUNKS=-(-k // 256) if fuse else 1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+            **({"num_stages": stages} if stages else {}), **({"enable_fp_fusion": False} if fuse else {}))
         done += len(bl)
     return y
 

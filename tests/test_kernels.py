@@ -247,8 +247,9 @@ def moe_all_experts_in_one_launch():
     """int4_moe: rows sorted by expert, counts with an empty expert, one row, and experts longer
     than a row block (20 rows: blocks of 16 and 4; 70 rows: blocks of 64), group scales and per
     channel, A8 and A16, bias, the weights unpacked in registers or once per call (codes, with a
-    scratch of two experts' int8 codes: batches of 2 experts for A8, 1 for A16); each expert's rows
-    against float64 with that expert's weights."""
+    scratch of two experts' int8 codes: batches of 2 experts for A8, 1 for A16), A8 quantized by
+    int8_rows_kernel or inside the MoE kernel (bit for bit the same y); each expert's rows against
+    float64 with that expert's weights."""
     worst = 0.0
     k, n = 192, 40
     scratch, c.MOE_CODES_BYTES = c.MOE_CODES_BYTES, 2 * n * k
@@ -260,12 +261,18 @@ def moe_all_experts_in_one_launch():
                 ws = torch.stack([s for _, s in layers])
                 bias = torch.randn(len(counts), n, generator=torch.Generator().manual_seed(15)).to(torch.float16)
                 x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(16)).to(torch.float16)
-                for act, tiles, codes in (("a8", None, False), ("a16", None, False),
-                                          ("a8", (128, 128, 8, None), False),   # 128-row tiles
-                                          ("a8", None, True), ("a16", None, True)):
+                unfused = None
+                for act, tiles, codes, fuse in (("a8", None, False, False), ("a8", None, False, True),
+                                                ("a16", None, False, None),
+                                                ("a8", (128, 128, 8, None), False, None),   # 128-row tiles
+                                                ("a8", None, True, None), ("a16", None, True, None)):
                     c._CODES_WORKSPACE.clear()   # no codes left by an earlier call to read by mistake
-                    y = c.int4_moe(x, counts, wp, ws, bias, act=act, tiles=tiles, codes=codes)
+                    y = c.int4_moe(x, counts, wp, ws, bias, act=act, tiles=tiles, codes=codes, fuse=fuse)
                     assert y.shape == (sum(counts), n) and y.dtype == torch.float16
+                    if fuse is False:
+                        unfused = y
+                    elif fuse:   # quantized in the kernel: the same x_q and s_x as int8_rows_kernel's
+                        assert torch.equal(y, unfused), (counts, group)
                     for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, bias, act=act).items():
                         err = c.relative_error(y[lo:hi], ref)
                         assert err <= TOL, (counts, group, act, codes, lo, err)
@@ -511,13 +518,14 @@ def test_codes_kernels_compile_for_gpus_without_a_gpu(cc):
 
 @pytest.mark.parametrize("cc", [80, 90])
 def test_moe_kernel_compiles_for_gpus_without_a_gpu(cc):
-    """int4_moe's kernel lowered for sm_80 / sm_90: an int8 tensor-core MMA for A8, both row blocks;
+    """int4_moe's kernel lowered for sm_80 / sm_90: an int8 tensor-core MMA for A8 (also quantizing
+    bf16 x itself), both row blocks;
     reading codes (plain tiles from memory), the 128 x 128 tiles take Hopper's wgmma."""
-    for a8, group, bm, xdt, codes in ((True, 64, 16, "*i8", False), (True, 0, 64, "*i8", False),
-                                      (False, 32, 16, "*bf16", False), (True, 64, 128, "*i8", True),
-                                      (False, 0, 128, "*bf16", True)):
-        consts = {"A8": a8, "HAS_BIAS": True, "GROUP": group, "CHUNK": group or 64, "CODES": codes, "BLOCK_M": bm,
-                  "BLOCK_N": 128}
+    for a8, group, bm, xdt, codes, fuse in ((True, 64, 16, "*i8", False, False), (True, 0, 64, "*i8", False, False),
+                                            (True, 64, 16, "*bf16", False, True), (False, 32, 16, "*bf16", False, False),
+                                            (True, 64, 128, "*i8", True, False), (False, 0, 128, "*bf16", True, False)):
+        consts = {"A8": a8, "HAS_BIAS": True, "GROUP": group, "CHUNK": group or 64, "CODES": codes, "FUSE": fuse,
+                  "FUSE_CHUNKS": 12 if fuse else 1, "BLOCK_M": bm, "BLOCK_N": 128}
         ptx = lowered_ptx("int4_moe", consts, xdt, cc, 8 if codes else 4, 3 if codes else 2, ws_dtype="*bf16",
                           ptrs={"b_ptr": "*bf16", "y_ptr": "*bf16", "blk_ptr": "*i32", "q_ptr": "*i8" if a8 else xdt})
         assert (".s8.s8" in ptx) == a8, consts
@@ -594,12 +602,15 @@ def test_moe_kernel_on_the_gpu(dtype):
         ws = torch.stack([s for _, s in layers]).cuda()
         bias = torch.randn(len(counts), n, generator=torch.Generator().manual_seed(21)).to(dtype).cuda()
         x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(22)).to(dtype).cuda()
-        for act in ("a8", "a16"):
-            for codes in (False, True):
-                y = c.int4_moe(x, counts, wp, ws, bias, act=act, codes=codes)
-                for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, bias, act=act).items():
-                    err = c.relative_error(y[lo:hi], ref)
-                    assert err <= tol, (dtype, group, act, codes, lo, err)
+        for act, codes, fuse in (("a8", False, False), ("a8", False, True), ("a8", True, None), ("a16", False, None),
+                                 ("a16", True, None)):
+            y = c.int4_moe(x, counts, wp, ws, bias, act=act, codes=codes, fuse=fuse)
+            for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, bias, act=act).items():
+                err = c.relative_error(y[lo:hi], ref)
+                assert err <= tol, (dtype, group, act, codes, fuse, lo, err)
+            # fused (x quantized in the kernel, its absmax over 12 row chunks at K = 2880) is not bit for bit
+            # the unfused y on the GPU (it is under the interpreter): it compiles without FMA contraction, for
+            # the exact rounding of x_q, so its fp32 rescale rounds twice where the other's rounds once
 
 
 def compiled_variants(kernel) -> int:
