@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one device call (the lease is short; a fresh machine each
 # time). Usage on the GPU box, from the repo root:  OUT=/some/dir bash bench/run_h200.sh [steps]
-# steps: any of env tests decode qqq w4a8 large eager floors e2e marginal hessian hquality quantize prefill moe (default: env tests decode w4a8 e2e).
+# steps: any of env tests decode qqq w4a8 large eager floors e2e marginal hessian hquality quantize prefill moe launch (default: env tests decode w4a8 e2e).
 # qqq needs QQQ's source at $QQQ_SRC (no network there); quantize and prefill need llmcompressor importable.
 # Figures land in $OUT as JSON. prefill: PLAYERS, PSCHEME, PEXPERTS, PREFILL, BEFORE, PPROFILE, PCHECK (see bench/bench_prefill.py);
 # moe: MOE_TOKENS, MOE_EXPERTS, MOE_ACTS, SWEEP=both|registers|codes (see bench/bench_moe.py).
@@ -103,4 +103,8 @@ if has moe; then
   step "int4_moe (all routed experts in one launch) vs torch._grouped_mm BF16, ${MOE_EXPERTS:-32} experts${SWEEP:+, with the tile sweep}"
   python3 bench/bench_moe.py ${SWEEP:+--sweep $SWEEP} ${MOE_TOKENS:+--tokens $MOE_TOKENS} ${MOE_EXPERTS:+--experts $MOE_EXPERTS} \
     ${MOE_ACTS:+--acts $MOE_ACTS} --out "$OUT/moe${MOE_EXPERTS:+_$MOE_EXPERTS}${MOE_ACTS:+_${MOE_ACTS/,/_}}.json" 2>&1 | tail -400
+fi
+if has launch; then
+  step "int4_moe at decode: host cost per call and per launch; the kernel's GPU time over tiles vs grouped_mm"
+  python3 bench/bench_launch.py --out "$OUT/launch.json" 2>&1 | tail -40
 fi
