@@ -4591,7 +4591,7 @@ def _time_prefill(model, tokens: int, device, reps: int = 3) -> float:
     return tokens / sorted(times)[len(times) // 2]
 
 
-DECODE_REPS = 3   # one 32-token generation's speed moved up to 45 % between runs (bench/RESULTS.md, run 62)
+DECODE_REPS = 3   # one generation is one sample: a stall inside it (a compile, before e4effd8) set the figure
 
 
 def _run_model(model, prompts, device, new_tokens: int, prefill: tuple = ()) -> dict:
