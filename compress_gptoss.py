@@ -3578,8 +3578,8 @@ def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str =
     most = max(counts)   # tiles from bench_moe.py's sweeps (runs 52, 55, 56) and bench_launch.py's (61)
     block_m, block_n, warps, stages = tiles or (
         ((128, 64, 4, 4) if most > 128 else (32, 64, 4, 4)) if codes else
-        (16, 64, 4, None) if most <= 4 else (16, 128, 4, None) if most <= 16 else (32, 128, 4, None) if most <= 32 else
-        (64, 128, 8, None) if most <= 128 else (128, 64, 4, None))
+        (16, 64, 4, None) if most <= 4 else (16, 128, 4, None) if most <= 16 else
+        (32, 128, 4, None) if most <= 32 else (64, 128, 8, None) if most <= 128 else (128, 64, 4, None))
     codes_dtype = torch.int8 if act == "a8" else x.dtype
     # experts [e0, e1) whose codes fit the scratch together (all of them without codes)
     per_expert = n * k * codes_dtype.itemsize
@@ -4615,7 +4615,7 @@ def _run_model(model, prompts, device, new_tokens: int, prefill: tuple = ()) -> 
             if device != "cpu":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            runs.append((gen.shape[1] - ids.shape[1]) / dt if dt > 0 else float("inf"))
+            runs.append((gen.shape[1] - ids.shape[1]) / max(dt, 1e-9))
         out["prefill_tokens_per_s"] = {str(t): _time_prefill(model, t, device) for t in prefill}
     out["decode_tokens_per_s_runs"] = runs
     out["tokens_per_s"] = sorted(runs)[len(runs) // 2]
