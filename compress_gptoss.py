@@ -3544,8 +3544,8 @@ def _moe_chunk(k: int, groups: int) -> int | None:
 # at 1024 tokens of 20b (128 rows) the in-register unpack costs the same, at 2048 it is 1.2 x slower
 MOE_CODES_ROWS = 128         # (bench_moe.py, run 56)
 MOE_CODES_BYTES = 1 << 30    # ... into at most this much scratch at a time (experts in batches)
-# at up to this many rows (8 tokens of top-4) A8 is quantized inside int4_moe's kernel: such a call is
-MOE_FUSE_ROWS = 32           # host-bound; one launch less took it from 124 to 84 us (+6-17 us GPU; run 62)
+# at up to this many rows (4 tokens of top-4, as measured) A8 is quantized inside int4_moe's kernel:
+MOE_FUSE_ROWS = 16           # one launch less, 124 -> 84 us of host per call for 6-17 us more GPU (run 62)
 
 
 def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str = "a8", tiles: tuple | None = None,
