@@ -74,7 +74,8 @@ def main() -> int:
         lambda: c.int4_moe(x, counts, wp, ws, None, "a8", fuse=True), a.calls)
     assert torch.equal(c.int4_moe(x, counts, wp, ws, None, "a8", fuse=True),
                        c.int4_moe(x, counts, wp, ws, None, "a8", fuse=False)), "fused x_q differs"
-    xa, sx = c._int8_rows(x, k, dict(c._row_quant_consts(k), PERM_KW=1))
+    quant = dict(c._row_quant_consts(k), PERM_KW=1)   # int8_rows_kernel's launch constants for K
+    xa, sx = c._int8_rows(x, k, quant)
     y = torch.empty(4, n, device=dev, dtype=x.dtype)
     blk = torch.tensor([(e, i, i + 1) for i, e in enumerate((3, 9, 17, 30))], dtype=torch.int32, device=dev)
     margs = (xa, sx, wp, ws, wp, y, blk, wp, 0, n, k, xa.stride(0), wp.stride(0), wp.stride(1), ws.stride(0),
@@ -102,21 +103,22 @@ def main() -> int:
             cnt = torch.bincount(flat, minlength=experts)
             offs = cnt.cumsum(0).to(torch.int32).to(dev)
             bf = c._time_graph_us(lambda i: torch._grouped_mm(xr, dense, offs=offs), 1, 200)
-            xa, sx = c._int8_rows(xr, k, dict(c._row_quant_consts(k), PERM_KW=1))
+            xa, sx = c._int8_rows(xr, k, quant)
             yy = torch.empty(len(rows_e), nn, device=dev, dtype=torch.bfloat16)
             starts = [0] + cnt.cumsum(0).tolist()
             table = [(e, b, min(b + 16, starts[e + 1])) for e in range(experts) for b in range(starts[e], starts[e + 1], 16)]
             blk_t = torch.tensor(table, dtype=torch.int32, device=dev)
             ref = c.int4_moe(xr, cnt.tolist(), wpn, wsn, None, "a8", fuse=False)
-            consts = dict(c._row_quant_consts(k), PERM_KW=1)
 
-            def moe(i, fuse, fma=None):   # the default tile (16, 64, 4): int8_rows + kernel, or the kernel on bf16 x
-                xq, sq = (xr, xr) if fuse else c._int8_rows(xr, k, consts)
-                kern["int4_moe"][(len(table), -(-nn // 64))](
+            def kernel(xq, sq, bn=64, warps=4, fuse=False, fma=None):   # int4_moe's kernel alone, this table
+                kern["int4_moe"][(len(table), -(-nn // bn))](
                     xq, sq, wpn, wsn, wpn, yy, blk_t, wpn, 0, nn, k, xq.stride(0), wpn.stride(0), wpn.stride(1),
-                    wsn.stride(0), wsn.stride(1), 0, yy.stride(0), **dict(mkw, BLOCK_N=64, FUSE=fuse,
+                    wsn.stride(0), wsn.stride(1), 0, yy.stride(0), **dict(mkw, BLOCK_N=bn, num_warps=warps, FUSE=fuse,
                     FUSE_CHUNKS=-(-k // 256) if fuse else 1), enable_fp_fusion=not fuse if fma is None else fma)
                 return yy
+
+            def moe(i, fuse, fma=None):   # the default tile (16, 64, 4): int8_rows + kernel, or the kernel on bf16 x
+                return kernel(xr, xr, fuse=True) if fuse else kernel(*c._int8_rows(xr, k, quant), fma=fma)
             y_fused = moe(0, True).clone()
             print(f"fused == unfused: {torch.equal(y_fused, moe(0, False))}; fused == unfused compiled without FMA "
                   f"contraction: {torch.equal(y_fused, moe(0, False, fma=False))}", flush=True)
@@ -130,14 +132,8 @@ def main() -> int:
                       flush=True)
             for bn in (32, 64, 128):
                 for warps in (2, 4):
-                    kw = dict(mkw, BLOCK_N=bn, num_warps=warps)
-                    g2 = (len(table), -(-nn // bn))
-
-                    def launch(i, kw=kw, g2=g2):
-                        kern["int4_moe"][g2](xa, sx, wpn, wsn, wpn, yy, blk_t, wpn, 0, nn, k, xa.stride(0),
-                                             wpn.stride(0), wpn.stride(1), wsn.stride(0), wsn.stride(1), 0,
-                                             yy.stride(0), **kw)
-                        return yy
+                    def launch(i, bn=bn, warps=warps):
+                        return kernel(xa, sx, bn, warps)
                     us = c._time_graph_us(launch, 1, 200)
                     same = torch.equal(launch(0), ref) or c.relative_error(launch(0), ref.double())
                     gpu.append({"proj": name, "tokens": tokens, "rows": len(rows_e), "block_n": bn, "warps": warps,
