@@ -4623,6 +4623,11 @@ def _run_model(model, prompts, device, new_tokens: int, prefill: tuple = ()) -> 
     return out
 
 
+def _speeds(run: dict) -> dict:
+    """The timings of one _run_model result, as verify_model reports them for each model."""
+    return {key: run[key] for key in ("tokens_per_s", "decode_tokens_per_s_runs", "prefill_tokens_per_s")}
+
+
 def compare_logits(ref: list, test: list) -> dict:
     """KL(ref || test) per position (nats: mean, median, max) and top-1 agreement, over all prompts.
     The median beside the mean: a near-tie in a router flips an expert choice at one position, and
@@ -4684,8 +4689,7 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
     with kernel_activation_rule():
         d = _run_model(dense, prompts, device, new_tokens, prefill)
     free(dense)
-    rep["dense"] = {"tokens_per_s": d["tokens_per_s"], "decode_tokens_per_s_runs": d["decode_tokens_per_s_runs"],
-                    "prefill_tokens_per_s": d["prefill_tokens_per_s"], "generated": d["generated"]}
+    rep["dense"] = dict(_speeds(d), generated=d["generated"])
     kernels_here = device != "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
     if not kernels_here:
         rep["mode"] = ("dense fallback: no CUDA GPU, so the checkpoint ran decompressed by compressed-tensors; "
@@ -4697,8 +4701,7 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
         k = _run_model(quant, prompts, device, new_tokens, prefill)
         free(quant)
         rep["mode"] = "built-in int4 kernels vs the dense decompression of the same checkpoint"
-        rep["quantized"] = {"tokens_per_s": k["tokens_per_s"], "decode_tokens_per_s_runs": k["decode_tokens_per_s_runs"],
-                            "prefill_tokens_per_s": k["prefill_tokens_per_s"], "generated": k["generated"]}
+        rep["quantized"] = dict(_speeds(k), generated=k["generated"])
         rep["agreement"] = compare_logits(d["logits"], k["logits"])
         rep["same_greedy_tokens"] = sum(a == b for a, b in zip(d["generated"], k["generated"]))
     src = bf16_source or (read_json(path / "config.json", "not a model folder").get("gptoss_compressor") or {}).get("source")
@@ -4707,9 +4710,7 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).to(device)
         s = _run_model(model, prompts, device, new_tokens, prefill)
         free(model)
-        rep["bf16_source"] = {"path": src, "tokens_per_s": s["tokens_per_s"],
-                              "decode_tokens_per_s_runs": s["decode_tokens_per_s_runs"],
-                              "prefill_tokens_per_s": s["prefill_tokens_per_s"]}
+        rep["bf16_source"] = dict(_speeds(s), path=src)
     else:
         rep["bf16_source"] = {"path": src, "skipped": "not found (--bf16 DIR)"}
     return rep
