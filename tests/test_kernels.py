@@ -36,6 +36,13 @@ def random_int4_layer(n, k, group, dtype=torch.float16, seed=0):
     return c.pack_int4(q), scale
 
 
+def random_moe_layers(experts, n, k, group, dtype=torch.float16, seed=0):
+    """int4_moe's stacked (weight_packed [E, N, K/8], weight_scale [E, N, G]): expert e is
+    random_int4_layer with seed + e."""
+    layers = [random_int4_layer(n, k, group, dtype=dtype, seed=seed + e) for e in range(experts)]
+    return torch.stack([w for w, _ in layers]), torch.stack([s for _, s in layers])
+
+
 # ---- run in the interpreter child ----
 
 REFERENCE_SHAPES = [  # (m, n, k, group, act)
@@ -256,9 +263,7 @@ def moe_all_experts_in_one_launch():
     try:
         for counts in ([5, 0, 20, 1], [70, 3, 0, 9]):
             for group in (64, 32, None):
-                layers = [random_int4_layer(n, k, group, seed=10 + e) for e in range(len(counts))]
-                wp = torch.stack([w for w, _ in layers])
-                ws = torch.stack([s for _, s in layers])
+                wp, ws = random_moe_layers(len(counts), n, k, group, seed=10)
                 bias = torch.randn(len(counts), n, generator=torch.Generator().manual_seed(15)).to(torch.float16)
                 x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(16)).to(torch.float16)
                 unfused = None
@@ -288,8 +293,7 @@ def moe_codes_only_for_long_prompts():
     MOE_CODES_ROWS rows (a long prompt), not for a few rows per expert (decode, short prompts);
     both give the float64 result."""
     k, n = 64, 16
-    layers = [random_int4_layer(n, k, 32, seed=30 + e) for e in range(3)]
-    wp, ws = torch.stack([w for w, _ in layers]), torch.stack([s for _, s in layers])
+    wp, ws = random_moe_layers(3, n, k, 32, seed=30)
     worst = 0.0
     for counts, codes in (([3, 0, 1], False), ([c.MOE_CODES_ROWS, 0, c.MOE_CODES_ROWS + 1], True)):
         c._CODES_WORKSPACE.clear()
@@ -597,9 +601,7 @@ def test_moe_kernel_on_the_gpu(dtype):
     tol = 1e-3 if dtype == torch.float16 else 2.5e-3
     k, n, counts = 2880, 192, [40, 0, 3, 190, 1]   # 190 rows: the 128-row tiles
     for group in (64, None):
-        layers = [random_int4_layer(n, k, group, dtype=dtype, seed=20 + e) for e in range(len(counts))]
-        wp = torch.stack([w for w, _ in layers]).cuda()
-        ws = torch.stack([s for _, s in layers]).cuda()
+        wp, ws = (t.cuda() for t in random_moe_layers(len(counts), n, k, group, dtype=dtype, seed=20))
         bias = torch.randn(len(counts), n, generator=torch.Generator().manual_seed(21)).to(dtype).cuda()
         x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(22)).to(dtype).cuda()
         for act, codes, fuse in (("a8", False, False), ("a8", False, True), ("a8", True, None), ("a16", False, None),
@@ -627,9 +629,7 @@ def test_moe_decode_steps_compile_one_kernel():
     table's offset change from step to step and must not pick a new compiled variant (Triton
     specializes integers == 1 or % 16 == 0), or generation stalls on a compile at random steps."""
     k, n, experts = 2880, 128, 20
-    layers = [random_int4_layer(n, k, 64, dtype=torch.bfloat16, seed=40 + e) for e in range(experts)]
-    wp = torch.stack([w for w, _ in layers]).cuda()
-    ws = torch.stack([s for _, s in layers]).cuda()
+    wp, ws = (t.cuda() for t in random_moe_layers(experts, n, k, 64, dtype=torch.bfloat16, seed=40))
     x = torch.randn(2, k, generator=torch.Generator().manual_seed(41)).to(torch.bfloat16).cuda()
     kern = c._triton_kernels()["int4_moe"]
     seen = []
