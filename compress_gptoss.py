@@ -3130,11 +3130,12 @@ def _triton_kernels():
 
     # e0 and the row-block table's offset change from call to call (the first routed expert, the
     # scratch batch): specialized (== 1, % 16), each new value compiled a variant mid-generation
-    @triton.jit(do_not_specialize=["blk_ptr", "e0"])
-    def int4_moe_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, blk_ptr, q_ptr, e0, N, K, stride_xm, stride_we,
+    @triton.jit(do_not_specialize=["blk_ptr", "e0", "R"])
+    def int4_moe_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, blk_ptr, q_ptr, e0, R, N, K, stride_xm, stride_we,
                         stride_wn, stride_se, stride_sn, stride_be, stride_ym, A8: tl.constexpr,
                         HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, CODES: tl.constexpr,
-                        FUSE: tl.constexpr, FUSE_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        FUSE: tl.constexpr, FUSE_CHUNKS: tl.constexpr, ROW_EXPERTS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Every routed expert of a MoE layer in one launch (int4_moe). A program takes rows [r0, r1)
         of the expert-sorted input, all routed to expert e (blk_ptr: (e, r0, r1) per row block), and
         BLOCK_N outputs of that expert, whose int4 weights it unpacks in registers CHUNK inputs at a
@@ -3146,13 +3147,22 @@ def _triton_kernels():
         the shuffles and the prefetch). A8: int8 x with per-row scales sx, int8 dots (FUSE: x is
         fp16/bf16, each program quantizes its rows itself, row_scales; decode); else
         fp16/bf16 x against the exact integer codes. GROUP: inputs per weight scale, 0 = per
-        channel. The bias is added before the one rounding to y."""
+        channel. The bias is added before the one rounding to y.
+        ROW_EXPERTS (R <= BLOCK_M rows, decode): blk_ptr is instead each sorted row's expert, read on
+        the GPU: program b takes row b's expert if b is its first row, else it exits; no host table."""
         pid_b, pid_n = tl.program_id(0), tl.program_id(1)
-        e = tl.load(blk_ptr + 3 * pid_b).to(tl.int64)
-        r0 = tl.load(blk_ptr + 3 * pid_b + 1)
-        r1 = tl.load(blk_ptr + 3 * pid_b + 2)
-        rows = r0 + tl.arange(0, BLOCK_M)
-        m_mask = rows < r1
+        if ROW_EXPERTS:
+            e = tl.load(blk_ptr + pid_b).to(tl.int64)
+            if tl.load(blk_ptr + pid_b - 1, mask=pid_b > 0, other=-1) == e:
+                return
+            rows = pid_b + tl.arange(0, BLOCK_M)
+            m_mask = tl.load(blk_ptr + rows, mask=rows < R, other=-1) == e
+        else:
+            e = tl.load(blk_ptr + 3 * pid_b).to(tl.int64)
+            r0 = tl.load(blk_ptr + 3 * pid_b + 1)
+            r1 = tl.load(blk_ptr + 3 * pid_b + 2)
+            rows = r0 + tl.arange(0, BLOCK_M)
+            m_mask = rows < r1
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         offs_k = tl.arange(0, CHUNK)
@@ -3546,13 +3556,18 @@ MOE_CODES_ROWS = 128         # (bench_moe.py, run 56)
 MOE_CODES_BYTES = 1 << 30    # ... into at most this much scratch at a time (experts in batches)
 # at up to this many rows (4 tokens of top-4, as measured) A8 is quantized inside int4_moe's kernel:
 MOE_FUSE_ROWS = 16           # one launch less, 124 -> 84 us of host per call for 6-17 us more GPU (run 62)
+# at up to this many rows (one row block) routed_experts_forward hands int4_moe the rows' experts as a
+# GPU tensor instead of counts: no host sync per MoE layer, and the call can be CUDA-graph captured
+MOE_DEVICE_ROUTING_ROWS = 16
 
 
-def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str = "a8", tiles: tuple | None = None,
-             codes: bool | None = None, fuse: bool | None = None):
+def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act: str = "a8",
+             tiles: tuple | None = None, codes: bool | None = None, fuse: bool | None = None, row_experts=None):
     """Every routed expert of a MoE layer in one kernel launch (plus one for A8's activations,
     unless fused).
-    x [R, K]: rows sorted by expert, counts[e] rows for expert e in expert order; weight_packed
+    x [R, K]: rows sorted by expert, counts[e] rows for expert e in expert order; or counts None
+    and row_experts [R] (on x's device, sorted) the expert of each row, for R <= MOE_DEVICE_ROUTING_ROWS:
+    nothing is read back to the host, so the call never waits on the GPU. weight_packed
     [E, N, K/8] int32 (pack-quantized, symmetric), weight_scale [E, N, G] (G = 1: per channel),
     bias [E, N] or None -> y [R, N] in x's dtype. One launch instead of ~4 per routed expert:
     a per-expert loop is bound by Triton's ~30 us of CPU per launch (bench/RESULTS.md, run 44).
@@ -3564,13 +3579,16 @@ def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str =
     tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the default (bench/bench_moe.py)."""
     import torch
     (r, k), (experts, n, kw), groups = x.shape, weight_packed.shape, weight_scale.shape[-1]
-    assert len(counts) == experts and sum(counts) == r, f"counts {counts} do not cover {r} rows of {experts} experts"
     chunk = _moe_chunk(k, groups)
     assert chunk, f"K={k} with {groups} scale groups: not a layout int4_moe takes"
     y = torch.empty(r, n, device=x.device, dtype=x.dtype)
     if r == 0:
         return y
     x = x if x.stride(-1) == 1 else x.contiguous()
+    if counts is None:
+        return _int4_moe_device_routed(x, row_experts, weight_packed, weight_scale, bias, act, y, chunk, groups,
+                                       tiles, fuse)
+    assert len(counts) == experts and sum(counts) == r, f"counts {counts} do not cover {r} rows of {experts} experts"
     routed = [e for e, c in enumerate(counts) if c]
     if codes is None:
         codes = r >= MOE_CODES_ROWS * len(routed)
@@ -3602,15 +3620,40 @@ def int4_moe(x, counts: list, weight_packed, weight_scale, bias=None, act: str =
             grid, consts, _ = _codes_launch(rows, k, codes_dtype)
             kern["int4_codes"][grid](weight_packed[e0:e1].view(rows, kw), weight_scale, q, rows, k, kw, k, kw, 0,
                                      **consts)
-        kern["int4_moe"][(len(bl), -(-n // block_n))](
-            xa, sx, weight_packed, weight_scale, weight_packed if bias is None else bias, y, blk[done:], q, e0, n,
-            k, xa.stride(0), weight_packed.stride(0), weight_packed.stride(1), weight_scale.stride(0),
-            weight_scale.stride(1), 0 if bias is None else bias.stride(0), y.stride(0), A8=act == "a8",
-            HAS_BIAS=bias is not None, GROUP=0 if groups == 1 else chunk, CHUNK=chunk, CODES=codes, FUSE=fuse,
-            FUSE_CHUNKS=-(-k // 256) if fuse else 1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-            **({"num_stages": stages} if stages else {}), **({"enable_fp_fusion": False} if fuse else {}))
+        _launch_int4_moe(kern, (len(bl), -(-n // block_n)), xa, sx, weight_packed, weight_scale, bias, y, blk[done:],
+                         q, e0, act, chunk, groups, codes, fuse, False, (block_m, block_n, warps, stages))
         done += len(bl)
     return y
+
+
+def _int4_moe_device_routed(x, row_experts, weight_packed, weight_scale, bias, act, y, chunk, groups, tiles, fuse):
+    """int4_moe from each row's expert on the GPU: one program per row (and BLOCK_N outputs); a row
+    that is not its expert's first exits at once, the first takes all of its expert's rows."""
+    r, n = y.shape
+    assert r <= MOE_DEVICE_ROUTING_ROWS and row_experts.shape == (r,) and row_experts.device == x.device, \
+        f"row_experts {tuple(row_experts.shape)} on {row_experts.device}: needs one per row of x, at most {MOE_DEVICE_ROUTING_ROWS}"
+    block_m, block_n, warps, stages = tiles or ((16, 64, 4, None) if r <= 4 else (16, 128, 4, None))
+    assert block_m >= r, f"{r} rows need a row block of at least {r}, not {block_m}"
+    fuse = act == "a8" and (r <= MOE_FUSE_ROWS if fuse is None else fuse)
+    xa, sx = _int8_rows(x, x.shape[1], dict(_row_quant_consts(x.shape[1]), PERM_KW=1)) if act == "a8" and not fuse \
+        else (x, x)
+    _launch_int4_moe(_TRITON_KERNELS or _triton_kernels(), (r, -(-n // block_n)), xa, sx, weight_packed, weight_scale,
+                     bias, y, row_experts, weight_packed, 0, act, chunk, groups, False, fuse, True,
+                     (block_m, block_n, warps, stages))
+    return y
+
+
+def _launch_int4_moe(kern, grid, xa, sx, weight_packed, weight_scale, bias, y, blk, q, e0, act, chunk, groups, codes,
+                     fuse, row_experts, tiles):
+    block_m, block_n, warps, stages = tiles
+    kern["int4_moe"][grid](
+        xa, sx, weight_packed, weight_scale, weight_packed if bias is None else bias, y, blk, q, e0, y.shape[0],
+        y.shape[1], xa.shape[1], xa.stride(0), weight_packed.stride(0), weight_packed.stride(1),
+        weight_scale.stride(0), weight_scale.stride(1), 0 if bias is None else bias.stride(0), y.stride(0),
+        A8=act == "a8", HAS_BIAS=bias is not None, GROUP=0 if groups == 1 else chunk, CHUNK=chunk, CODES=codes,
+        FUSE=fuse, FUSE_CHUNKS=-(-xa.shape[1] // 256) if fuse else 1, ROW_EXPERTS=row_experts, BLOCK_M=block_m,
+        BLOCK_N=block_n, num_warps=warps, **({"num_stages": stages} if stages else {}),
+        **({"enable_fp_fusion": False} if fuse else {}))
 
 
 # ---- runtime backends: QQQ and the built-in one ----
@@ -4527,7 +4570,8 @@ def stack_experts(block) -> bool:
 def routed_experts_forward(block, hidden_states, top_k_index, top_k_weights):
     """The MoE experts of a linearized block for the int4 kernels: the same sum as llmcompressor's
     LinearExperts2D.forward (its output is the reference of verify-runtime --model), computed with
-    one sort of the token -> expert assignments and one host sync per call. Stacked blocks
+    one sort of the token -> expert assignments and one host sync per call (none at up to
+    MOE_DEVICE_ROUTING_ROWS routed rows into stacked experts: decode). Stacked blocks
     (stack_experts) run each projection for all experts in one int4_moe launch; others visit only
     the experts that got tokens, one GEMM for gate and up. Written by hand because llmcompressor's
     loop syncs twice per expert and visits all of them (32 in gpt-oss-20b, 128 in 120b), so at
@@ -4535,15 +4579,18 @@ def routed_experts_forward(block, hidden_states, top_k_index, top_k_weights):
     import torch
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    row_experts, order = torch.sort(flat, stable=True)
     tokens = order // k
-    counts = torch.bincount(flat, minlength=block.num_experts).tolist()
     x = hidden_states[tokens]
     act = getattr(block, "int4_act", None)
+    on_gpu = act and len(flat) <= MOE_DEVICE_ROUTING_ROWS
+    counts = None if on_gpu else torch.bincount(flat, minlength=block.num_experts).tolist()
     if act:
-        h = int4_moe(x, counts, block.gate_up_weight_packed, block.gate_up_weight_scale, block.gate_up_bias, act)
+        routing = dict(row_experts=row_experts) if on_gpu else {}
+        h = int4_moe(x, counts, block.gate_up_weight_packed, block.gate_up_weight_scale, block.gate_up_bias, act,
+                     **routing)
         y = int4_moe(block._apply_gate(h), counts, block.down_weight_packed, block.down_weight_scale,
-                     block.down_bias, act)
+                     block.down_bias, act, **routing)
     else:
         y, start = torch.empty_like(x), 0
         for e, n in enumerate(counts):

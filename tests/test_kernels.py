@@ -288,6 +288,32 @@ def moe_all_experts_in_one_launch():
 
 
 @case
+def moe_rows_routed_on_the_device():
+    """int4_moe from each row's expert as a tensor (decode: nothing read back to the host) instead
+    of counts: an expert with several rows, one row, a gap of unrouted experts, and all 16 rows of
+    one row block on one expert; A8 fused and unfused, A16; bit for bit the y of the host table
+    with the same tile, and the float64 result per expert."""
+    worst = 0.0
+    k, n = 128, 40
+    for counts in ([1, 0, 2, 0, 0, 1], [0, 16, 0], [3, 1, 5, 0, 2, 0, 1, 4]):
+        row_experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        for group in (64, None):
+            wp, ws = random_moe_layers(len(counts), n, k, group, seed=50)
+            bias = torch.randn(len(counts), n, generator=torch.Generator().manual_seed(51)).to(torch.float16)
+            x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(52)).to(torch.float16)
+            for act, fuse in (("a8", True), ("a8", False), ("a16", None)):
+                tiles = (16, 64, 4, None)
+                y = c.int4_moe(x, None, wp, ws, bias, act=act, tiles=tiles, fuse=fuse, row_experts=row_experts)
+                assert torch.equal(y, c.int4_moe(x, counts, wp, ws, bias, act=act, tiles=tiles, fuse=fuse)), \
+                    (counts, group, act, fuse)
+                for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, bias, act=act).items():
+                    err = c.relative_error(y[lo:hi], ref)
+                    assert err <= TOL, (counts, group, act, lo, err)
+                    worst = max(worst, err)
+    return worst
+
+
+@case
 def moe_codes_only_for_long_prompts():
     """int4_moe's default unpacks into the codes scratch only when the routed experts average
     MOE_CODES_ROWS rows (a long prompt), not for a few rows per expert (decode, short prompts);
@@ -523,15 +549,18 @@ def test_codes_kernels_compile_for_gpus_without_a_gpu(cc):
 @pytest.mark.parametrize("cc", [80, 90])
 def test_moe_kernel_compiles_for_gpus_without_a_gpu(cc):
     """int4_moe's kernel lowered for sm_80 / sm_90: an int8 tensor-core MMA for A8 (also quantizing
-    bf16 x itself), both row blocks;
+    bf16 x itself), both row blocks, the rows' experts read on the GPU (decode: an early exit);
     reading codes (plain tiles from memory), the 128 x 128 tiles take Hopper's wgmma."""
-    for a8, group, bm, xdt, codes, fuse in ((True, 64, 16, "*i8", False, False), (True, 0, 64, "*i8", False, False),
-                                            (True, 64, 16, "*bf16", False, True), (False, 32, 16, "*bf16", False, False),
-                                            (True, 64, 128, "*i8", True, False), (False, 0, 128, "*bf16", True, False)):
+    for a8, group, bm, xdt, codes, fuse, routed in (
+            (True, 64, 16, "*i8", False, False, False), (True, 0, 64, "*i8", False, False, False),
+            (True, 64, 16, "*bf16", False, True, False), (False, 32, 16, "*bf16", False, False, False),
+            (True, 64, 16, "*bf16", False, True, True), (False, 64, 16, "*bf16", False, False, True),
+            (True, 64, 128, "*i8", True, False, False), (False, 0, 128, "*bf16", True, False, False)):
         consts = {"A8": a8, "HAS_BIAS": True, "GROUP": group, "CHUNK": group or 64, "CODES": codes, "FUSE": fuse,
-                  "FUSE_CHUNKS": 12 if fuse else 1, "BLOCK_M": bm, "BLOCK_N": 128}
+                  "FUSE_CHUNKS": 12 if fuse else 1, "ROW_EXPERTS": routed, "BLOCK_M": bm, "BLOCK_N": 128}
         ptx = lowered_ptx("int4_moe", consts, xdt, cc, 8 if codes else 4, 3 if codes else 2, ws_dtype="*bf16",
-                          ptrs={"b_ptr": "*bf16", "y_ptr": "*bf16", "blk_ptr": "*i32", "q_ptr": "*i8" if a8 else xdt})
+                          ptrs={"b_ptr": "*bf16", "y_ptr": "*bf16", "blk_ptr": "*i64" if routed else "*i32",
+                                "q_ptr": "*i8" if a8 else xdt})
         assert (".s8.s8" in ptx) == a8, consts
         if codes:
             assert ("wgmma" in ptx) == (cc == 90), consts
@@ -585,6 +614,60 @@ def test_float64_reference_is_the_dequantized_matmul():
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(15)).to(torch.float16)
     w = c.unpack_int4_packed(wp, 64).double() * ws.double().repeat_interleave(32, 1)
     assert torch.allclose(c.int4_linear_reference(x, wp, ws, "a16"), x.double() @ w.T)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_moe_decode_routing_stays_on_the_gpu():
+    """A decode step's MoE (routed_experts_forward: sort, both int4_moe calls, the weighted sum)
+    never waits on the GPU (torch's sync debug mode raises on any host sync), so it can be captured
+    in a CUDA graph once and replayed with another token routed to other experts; each step
+    against the float64 reference of the same quantized math, expert by expert."""
+    import types
+    dev, k, n, experts, top = torch.device("cuda"), 2880, 256, 32, 4
+    gate_up = [t.cuda() for t in random_moe_layers(experts, 2 * n, k, 64, dtype=torch.bfloat16, seed=60)]
+    down = [t.cuda() for t in random_moe_layers(experts, k, n, 64, dtype=torch.bfloat16, seed=61)]
+    block = types.SimpleNamespace(
+        num_experts=experts, int4_act="a8", gate_up_weight_packed=gate_up[0], gate_up_weight_scale=gate_up[1],
+        gate_up_bias=None, down_weight_packed=down[0], down_weight_scale=down[1], down_bias=None,
+        _apply_gate=lambda g: torch.nn.functional.silu(g[:, :n]) * g[:, n:])   # a GLU, as gpt-oss's
+    gen = torch.Generator(device=dev).manual_seed(62)
+
+    def routing():
+        return (torch.rand(1, experts, generator=gen, device=dev).topk(top, -1).indices,
+                torch.rand(1, top, generator=gen, device=dev).to(torch.bfloat16))
+
+    def reference(h, idx, wts):
+        out = 0
+        for j, e in enumerate(idx[0].tolist()):
+            one = [int(i == e) for i in range(experts)]
+            g = c.int4_moe_reference(h, one, *gate_up, act="a8")[(0, 1)].to(torch.bfloat16).to(dev)
+            out = out + wts[0, j].double().cpu() * c.int4_moe_reference(block._apply_gate(g), one, *down, act="a8")[(0, 1)]
+        return out
+
+    h, (idx, wts) = torch.randn(1, k, generator=gen, device=dev).to(torch.bfloat16), routing()
+    c.routed_experts_forward(block, h, idx, wts)   # compiled outside the sync check and the capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = c.routed_experts_forward(block, h, idx, wts)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    err = c.relative_error(y, reference(h, idx, wts))   # bf16 roundings: gate_up's y, the sum of 4 experts
+    assert err <= 1e-2, err   # (the 4 weights paired with the wrong experts: 0.17 in the interpreter)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = c.routed_experts_forward(block, h, idx, wts)
+    for step in range(3):   # new token, new experts, the same buffers
+        h.copy_(torch.randn(1, k, generator=gen, device=dev))
+        new_idx, new_wts = routing()
+        idx.copy_(new_idx)
+        wts.copy_(new_wts)
+        graph.replay()
+        torch.cuda.synchronize()
+        err = c.relative_error(y_graph, reference(h, idx, wts))
+        assert err <= 1e-2, (step, err)
 
 
 if __name__ == "__main__":  # the interpreter child: python tests/test_kernels.py CASE...
