@@ -72,16 +72,21 @@ def main() -> int:
         lambda: c.int4_moe(x, counts, wp, ws, None, "a8", fuse=False), a.calls)
     rows["int4_moe call (A8, 1 token: moe kernel quantizing x itself + table)"] = per_call_us(
         lambda: c.int4_moe(x, counts, wp, ws, None, "a8", fuse=True), a.calls)
+    row_experts = torch.tensor([3, 9, 17, 30], device=dev)
+    rows["int4_moe call (A8, 1 token: moe kernel quantizing x itself, rows' experts on the GPU, no table)"] = \
+        per_call_us(lambda: c.int4_moe(x, None, wp, ws, None, "a8", row_experts=row_experts), a.calls)
+    assert torch.equal(c.int4_moe(x, None, wp, ws, None, "a8", row_experts=row_experts),
+                       c.int4_moe(x, counts, wp, ws, None, "a8", fuse=True)), "device-routed y differs"
     assert torch.equal(c.int4_moe(x, counts, wp, ws, None, "a8", fuse=True),
                        c.int4_moe(x, counts, wp, ws, None, "a8", fuse=False)), "fused x_q differs"
     quant = dict(c._row_quant_consts(k), PERM_KW=1)   # int8_rows_kernel's launch constants for K
     xa, sx = c._int8_rows(x, k, quant)
     y = torch.empty(4, n, device=dev, dtype=x.dtype)
     blk = torch.tensor([(e, i, i + 1) for i, e in enumerate((3, 9, 17, 30))], dtype=torch.int32, device=dev)
-    margs = (xa, sx, wp, ws, wp, y, blk, wp, 0, n, k, xa.stride(0), wp.stride(0), wp.stride(1), ws.stride(0),
+    margs = (xa, sx, wp, ws, wp, y, blk, wp, 0, 4, n, k, xa.stride(0), wp.stride(0), wp.stride(1), ws.stride(0),
              ws.stride(1), 0, y.stride(0))
-    mkw = dict(A8=True, HAS_BIAS=False, GROUP=64, CHUNK=64, CODES=False, FUSE=False, FUSE_CHUNKS=1, BLOCK_M=16,
-               BLOCK_N=128, num_warps=4)
+    mkw = dict(A8=True, HAS_BIAS=False, GROUP=64, CHUNK=64, CODES=False, FUSE=False, FUSE_CHUNKS=1, ROW_EXPERTS=False,
+               BLOCK_M=16, BLOCK_N=128, num_warps=4)
     grid = (4, -(-n // 128))
     run, args = direct(kern["int4_moe"], grid, *margs, **mkw)
     rows["int4_moe kernel, JIT"] = per_call_us(lambda: kern["int4_moe"][grid](*margs, **mkw), a.calls)
@@ -112,7 +117,7 @@ def main() -> int:
 
             def kernel(xq, sq, bn=64, warps=4, fuse=False, fma=None):   # int4_moe's kernel alone, this table
                 kern["int4_moe"][(len(table), -(-nn // bn))](
-                    xq, sq, wpn, wsn, wpn, yy, blk_t, wpn, 0, nn, k, xq.stride(0), wpn.stride(0), wpn.stride(1),
+                    xq, sq, wpn, wsn, wpn, yy, blk_t, wpn, 0, len(rows_e), nn, k, xq.stride(0), wpn.stride(0), wpn.stride(1),
                     wsn.stride(0), wsn.stride(1), 0, yy.stride(0), **dict(mkw, BLOCK_N=bn, num_warps=warps, FUSE=fuse,
                     FUSE_CHUNKS=-(-k // 256) if fuse else 1), enable_fp_fusion=not fuse if fma is None else fma)
                 return yy

@@ -9,6 +9,8 @@ for build, dequantize and quantize; one verify-runtime process times the three m
                                                  # then the new code again: before / now in one run
   python bench/bench_prefill.py --profile 1,2048 # then, in this process: the kernels model and the BF16
                                                  # source under torch.profiler, one forward per length
+  python bench/bench_prefill.py --graph 32,64    # then, in this process: decode 64 tokens into a StaticCache,
+                                                 # eagerly and as CUDA-graph replays, kernels model and BF16
   python bench/bench_prefill.py --check 1,128    # then: every int4_linear call of one forward per length
                                                  # against its float64 reference (int4_linear_reference)
 
@@ -178,6 +180,85 @@ def profile(q: Path, bf16: Path, lengths: list, rows: int) -> dict:
     return out
 
 
+def graph_decode(q: Path, bf16: Path, prompt: int, new: int) -> dict:
+    """Greedy decode into a StaticCache of the kernels model and of the BF16 source: eagerly, then
+    with each step one CUDA-graph replay (captured once; warm-up steps on a side stream first, as
+    torch.cuda.graphs asks). Eager decode is bound by the host (--profile: the GPU is busy ~28 % of
+    a 1-token forward), a graph replay is not: the gap is what launches cost. Tokens/s over `new`
+    steps after the warm-up, and how many graph tokens equal the eager ones."""
+    import torch
+    from transformers import AutoModelForCausalLM, StaticCache
+    sys.path.insert(0, str(ROOT))
+    import compress_gptoss as cg
+    dev = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: eager only, a smoke run
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    out, warm = {}, 3
+    for who in ("kernels", "bf16"):
+        if who == "kernels":
+            model = cg.load_quantized_model(q)
+            cg.attach_int4_kernels(model)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16)
+        model.to(dev).eval()
+        ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)).to(dev)
+        runs = {}
+        for mode in ("eager", "graph") if dev == "cuda" else ("eager",):
+            cache = StaticCache(config=model.config, max_cache_len=prompt + warm + new + 1)
+            tokens = []
+            with torch.no_grad():
+                logits = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device=dev)).logits
+                tok, pos = logits[:, -1:].argmax(-1), torch.tensor([prompt], device=dev)
+
+                def step():
+                    nxt = model(tok, past_key_values=cache, cache_position=pos).logits[:, -1:].argmax(-1)
+                    tok.copy_(nxt)
+                    pos.add_(1)
+                try:
+                    if mode == "graph":
+                        side = torch.cuda.Stream()
+                        side.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(side):
+                            for _ in range(warm):
+                                step()
+                                tokens.append(tok.clone())
+                        torch.cuda.current_stream().wait_stream(side)
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph):
+                            step()
+                        run = graph.replay
+                    else:
+                        for _ in range(warm):
+                            step()
+                            tokens.append(tok.clone())
+                        run = step
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(new):
+                        run()
+                        tokens.append(tok.clone())
+                    sync()
+                    took = time.perf_counter() - t0
+                except Exception as e:   # a sync inside the capture: report it, keep the other runs
+                    runs[mode] = {"failed": f"{type(e).__name__}: {str(e)[:300]}"}
+                    print(f"\n== graph decode {who} {mode}: FAILED {runs[mode]['failed']}", flush=True)
+                    continue
+            runs[mode] = {"tokens_per_s": new / took, "tokens": torch.cat(tokens, 1)[0].tolist()}
+        for mode, r in runs.items():
+            if "tokens" in r and "tokens" in runs["eager"]:
+                r["same_tokens_as_eager"] = sum(a == b for a, b in zip(r["tokens"], runs["eager"]["tokens"]))
+            print(f"\n== graph decode {who} {mode}: {r.get('tokens_per_s', 0):.1f} tokens/s over {new} steps "
+                  f"(prompt {prompt}), tokens as eager {r.get('same_tokens_as_eager', '-')}/{warm + new}", flush=True)
+        out[who] = runs
+        model = None   # (not del: step() closes over it)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    for mode in ("eager", "graph"):
+        k, b = (out[w].get(mode, {}).get("tokens_per_s") for w in ("kernels", "bf16"))
+        if k and b:
+            print(f"== graph decode {mode}: kernels / BF16 = {k / b:.2f}")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=2)
@@ -192,6 +273,8 @@ def main():
     ap.add_argument("--profile", help="prompt lengths to profile (torch.profiler) after the timed runs, e.g. 1,2048")
     ap.add_argument("--rows", type=int, default=20, help="--profile: table rows")
     ap.add_argument("--check", help="prompt lengths at which to check every kernel call against float64, e.g. 1,128")
+    ap.add_argument("--graph", help="PROMPT,NEW: then decode NEW tokens into a StaticCache, eager and as CUDA-graph "
+                                    "replays, both models, e.g. 32,64")
     ap.add_argument("--out")
     a = ap.parse_args()
     import tiny_gptoss
@@ -227,6 +310,10 @@ def main():
     print(f"\nbuild {res['build_s']:.0f} s, dequantize {res['dequantize_s']:.0f} s, quantize {res['quantize_s']:.0f} s")
     if a.check:
         res["check"] = check_calls(q, [int(t) for t in a.check.split(",")])
+        if a.out:
+            Path(a.out).write_text(json.dumps(res, indent=2))
+    if a.graph:
+        res["graph_decode"] = graph_decode(q, bf16, *map(int, a.graph.split(",")))
         if a.out:
             Path(a.out).write_text(json.dumps(res, indent=2))
     if a.profile:

@@ -3,7 +3,7 @@
 # time). Usage on the GPU box, from the repo root:  OUT=/some/dir bash bench/run_h200.sh [steps]
 # steps: any of env tests decode qqq w4a8 large eager floors e2e marginal hessian hquality quantize prefill moe launch (default: env tests decode w4a8 e2e).
 # qqq needs QQQ's source at $QQQ_SRC (no network there); quantize and prefill need llmcompressor importable.
-# Figures land in $OUT as JSON. prefill: PLAYERS, PSCHEME, PEXPERTS, PREFILL, BEFORE, PPROFILE, PCHECK (see bench/bench_prefill.py);
+# Figures land in $OUT as JSON. prefill: PLAYERS, PSCHEME, PEXPERTS, PREFILL, BEFORE, PPROFILE, PCHECK, PGRAPH (bench/bench_prefill.py);
 # moe: MOE_TOKENS, MOE_EXPERTS, MOE_ACTS, SWEEP=both|registers|codes (see bench/bench_moe.py).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -23,7 +23,7 @@ fi
 if has tests; then
   step "GPU tests"
   python3 -m pytest -q -p no:cacheprovider tests/test_dequantize.py -k "gpu or triton or fast_path or random_codes" 2>&1 | tail -5
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "cuda_graph or on_the_gpu or decode_steps" 2>&1 | tail -5
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "cuda_graph or on_the_gpu or decode_steps or stays_on_the_gpu" 2>&1 | tail -5
 fi
 if has decode; then
   step "MXFP4 decode, one 120b gate_up"
@@ -96,7 +96,7 @@ if has prefill; then
   step "a whole ${PSCHEME:-w4a8} checkpoint at gpt-oss dims, ${PEXPERTS:-32} experts (${PLAYERS:-2} layers): prefill and decode, kernels vs dense vs BF16"
   rm -f /tmp/gptoss-prefill/*.log   # only this step's logs go to $OUT
   python3 bench/bench_prefill.py --layers ${PLAYERS:-2} --scheme ${PSCHEME:-w4a8} --prefill ${PREFILL:-128,512,2048} ${BEFORE:+--before $BEFORE} ${PPROFILE:+--profile $PPROFILE} ${PCHECK:+--check $PCHECK} \
-    --experts ${PEXPERTS:-32} --out "$OUT/prefill_${PSCHEME:-w4a8}_${PEXPERTS:-32}.json" 2>&1 | tee "$OUT/prefill_${PSCHEME:-w4a8}_${PEXPERTS:-32}.log" | tail -60
+    ${PGRAPH:+--graph $PGRAPH} --experts ${PEXPERTS:-32} --out "$OUT/prefill_${PSCHEME:-w4a8}_${PEXPERTS:-32}.json" 2>&1 | tee "$OUT/prefill_${PSCHEME:-w4a8}_${PEXPERTS:-32}.log" | tail -60
   cp /tmp/gptoss-prefill/*.log "$OUT/" 2>/dev/null
 fi
 if has moe; then
