@@ -180,6 +180,18 @@ def profile(q: Path, bf16: Path, lengths: list, rows: int) -> dict:
     return out
 
 
+def capture_safe_eager_mask(dtype=None, **kw):
+    """transformers' eager_mask (masking_utils) without its one capture hazard: it builds the mask's 0
+    with torch.tensor(0.0, device=cuda), a copy from host memory that a CUDA-graph capture rejects
+    (run 65); registered for "eager" (AttentionMaskInterface) in graph_decode. Same values."""
+    import torch
+    from transformers.masking_utils import sdpa_mask
+    kw.pop("allow_is_causal_skip", None)
+    mask = sdpa_mask(allow_is_causal_skip=False, **kw)
+    return None if mask is None else torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device),
+                                                 torch.finfo(dtype).min)
+
+
 def graph_decode(q: Path, bf16: Path, prompt: int, new: int) -> dict:
     """Greedy decode into a StaticCache of the kernels model and of the BF16 source: eagerly, then
     with each step one CUDA-graph replay (captured once; warm-up steps on a side stream first, as
@@ -188,8 +200,10 @@ def graph_decode(q: Path, bf16: Path, prompt: int, new: int) -> dict:
     steps after the warm-up, and how many graph tokens equal the eager ones."""
     import torch
     from transformers import AutoModelForCausalLM, StaticCache
+    from transformers.masking_utils import AttentionMaskInterface
     sys.path.insert(0, str(ROOT))
     import compress_gptoss as cg
+    AttentionMaskInterface.register("eager", capture_safe_eager_mask)   # both models, both modes
     dev = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: eager only, a smoke run
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     out, warm = {}, 3
