@@ -9,7 +9,7 @@ for build, dequantize and quantize; one verify-runtime process times the three m
                                                  # then the new code again: before / now in one run
   python bench/bench_prefill.py --profile 1,2048 # then, in this process: the kernels model and the BF16
                                                  # source under torch.profiler, one forward per length
-  python bench/bench_prefill.py --graph 32,64    # then, in this process: decode 64 tokens into a StaticCache,
+  python bench/bench_prefill.py --graph 8,20     # then, in this process: decode 20 tokens into a StaticCache,
                                                  # eagerly and as CUDA-graph replays, kernels model and BF16
   python bench/bench_prefill.py --check 1,128    # then: every int4_linear call of one forward per length
                                                  # against its float64 reference (int4_linear_reference)
@@ -29,6 +29,7 @@ import pstats
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -214,6 +215,11 @@ def graph_decode(q: Path, bf16: Path, prompt: int, new: int) -> dict:
         else:
             model = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16)
         model.to(dev).eval()
+        window = getattr(model.config, "sliding_window", None)
+        if window and prompt + warm + new + 1 > window:   # a full sliding layer rolls: torch.tensor([-1], device=...)
+            raise SystemExit(f"--graph: prompt + {warm} + new tokens must fit the sliding window ({window}): "
+                             f"once full, the static cache rolls with a host-built index and a host-side length "
+                             f"(masks' kv_offset), which a graph replay neither captures nor follows")
         ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)).to(dev)
         runs = {}
         for mode in ("eager", "graph") if dev == "cuda" else ("eager",):
@@ -253,7 +259,8 @@ def graph_decode(q: Path, bf16: Path, prompt: int, new: int) -> dict:
                     sync()
                     took = time.perf_counter() - t0
                 except Exception as e:   # a sync inside the capture: report it, keep the other runs
-                    runs[mode] = {"failed": f"{type(e).__name__}: {str(e)[:300]}"}
+                    where = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_tb(e.__traceback__)]
+                    runs[mode] = {"failed": f"{type(e).__name__}: {str(e)[:200]} at {' < '.join(where[::-1][:6])}"}
                     print(f"\n== graph decode {who} {mode}: FAILED {runs[mode]['failed']}", flush=True)
                     continue
             runs[mode] = {"tokens_per_s": new / took, "tokens": torch.cat(tokens, 1)[0].tolist()}
@@ -288,7 +295,7 @@ def main():
     ap.add_argument("--rows", type=int, default=20, help="--profile: table rows")
     ap.add_argument("--check", help="prompt lengths at which to check every kernel call against float64, e.g. 1,128")
     ap.add_argument("--graph", help="PROMPT,NEW: then decode NEW tokens into a StaticCache, eager and as CUDA-graph "
-                                    "replays, both models, e.g. 32,64")
+                                    "replays, both models, e.g. 8,20 (all within the sliding window: 32 here)")
     ap.add_argument("--out")
     a = ap.parse_args()
     import tiny_gptoss
