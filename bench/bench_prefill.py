@@ -198,7 +198,10 @@ def graph_decode(q: Path, bf16: Path, prompt: int, new: int) -> dict:
     with each step one CUDA-graph replay (captured once; warm-up steps on a side stream first, as
     torch.cuda.graphs asks). Eager decode is bound by the host (--profile: the GPU is busy ~28 % of
     a 1-token forward), a graph replay is not: the gap is what launches cost. Tokens/s over `new`
-    steps after the warm-up, and how many graph tokens equal the eager ones."""
+    steps after the warm-up. The graph run is fed the eager run's tokens (teacher forcing: this
+    random model's logits are near ties, so one rounding apart would send free-running tokens
+    elsewhere, run 67) and its logits are compared with the eager ones step by step. Both modes do
+    the same two copies per step (a token in or out, the logits out)."""
     import torch
     from transformers import AutoModelForCausalLM, StaticCache
     from transformers.masking_utils import AttentionMaskInterface
@@ -221,41 +224,44 @@ def graph_decode(q: Path, bf16: Path, prompt: int, new: int) -> dict:
                              f"once full, the static cache rolls with a host-built index and a host-side length "
                              f"(masks' kv_offset), which a graph replay neither captures nor follows")
         ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)).to(dev)
-        runs = {}
+        runs, fed, ref = {}, [], []
         for mode in ("eager", "graph") if dev == "cuda" else ("eager",):
             cache = StaticCache(config=model.config, max_cache_len=prompt + warm + new + 1)
-            tokens = []
+            logits = []
             with torch.no_grad():
-                logits = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device=dev)).logits
-                tok, pos = logits[:, -1:].argmax(-1), torch.tensor([prompt], device=dev)
+                last = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device=dev)).logits[:, -1]
+                tok, pos = last.argmax(-1, keepdim=True), torch.tensor([prompt], device=dev)
 
                 def step():
-                    nxt = model(tok, past_key_values=cache, cache_position=pos).logits[:, -1:].argmax(-1)
-                    tok.copy_(nxt)
+                    last.copy_(model(tok, past_key_values=cache, cache_position=pos).logits[:, -1])
+                    tok.copy_(last.argmax(-1, keepdim=True))
                     pos.add_(1)
+
+                def steps(run, first, count):
+                    for i in range(first, first + count):
+                        if mode == "eager":
+                            fed.append(tok.clone())
+                        else:
+                            tok.copy_(fed[i])
+                        run()
+                        logits.append(last.clone())
                 try:
                     if mode == "graph":
                         side = torch.cuda.Stream()
                         side.wait_stream(torch.cuda.current_stream())
                         with torch.cuda.stream(side):
-                            for _ in range(warm):
-                                step()
-                                tokens.append(tok.clone())
+                            steps(step, 0, warm)
                         torch.cuda.current_stream().wait_stream(side)
                         graph = torch.cuda.CUDAGraph()
                         with torch.cuda.graph(graph):
                             step()
                         run = graph.replay
                     else:
-                        for _ in range(warm):
-                            step()
-                            tokens.append(tok.clone())
+                        steps(step, 0, warm)
                         run = step
                     sync()
                     t0 = time.perf_counter()
-                    for _ in range(new):
-                        run()
-                        tokens.append(tok.clone())
+                    steps(run, warm, new)
                     sync()
                     took = time.perf_counter() - t0
                 except Exception as e:   # a sync inside the capture: report it, keep the other runs
@@ -263,12 +269,17 @@ def graph_decode(q: Path, bf16: Path, prompt: int, new: int) -> dict:
                     runs[mode] = {"failed": f"{type(e).__name__}: {str(e)[:200]} at {' < '.join(where[::-1][:6])}"}
                     print(f"\n== graph decode {who} {mode}: FAILED {runs[mode]['failed']}", flush=True)
                     continue
-            runs[mode] = {"tokens_per_s": new / took, "tokens": torch.cat(tokens, 1)[0].tolist()}
-        for mode, r in runs.items():
-            if "tokens" in r and "tokens" in runs["eager"]:
-                r["same_tokens_as_eager"] = sum(a == b for a, b in zip(r["tokens"], runs["eager"]["tokens"]))
-            print(f"\n== graph decode {who} {mode}: {r.get('tokens_per_s', 0):.1f} tokens/s over {new} steps "
-                  f"(prompt {prompt}), tokens as eager {r.get('same_tokens_as_eager', '-')}/{warm + new}", flush=True)
+            r = runs[mode] = {"tokens_per_s": new / took}
+            if mode == "eager":
+                ref = logits
+                r["tokens"] = [int(t) for t in torch.cat(fed, 1)[0].tolist()]
+            else:   # against the eager logits of the same step and the same tokens fed
+                rel = [float((g.double() - e.double()).norm() / e.double().norm()) for g, e in zip(logits, ref)]
+                r["logits_rel_err_max"] = max(rel)
+                r["same_argmax"] = sum(int(g.argmax()) == int(e.argmax()) for g, e in zip(logits, ref))
+            print(f"\n== graph decode {who} {mode}: {r['tokens_per_s']:.1f} tokens/s over {new} steps (prompt {prompt})"
+                  + (f"; logits vs eager, same tokens fed: max rel. difference {r['logits_rel_err_max']:.1e}, "
+                     f"same argmax {r['same_argmax']}/{warm + new}" if mode == "graph" else ""), flush=True)
         out[who] = runs
         model = None   # (not del: step() closes over it)
         if dev == "cuda":
