@@ -204,6 +204,7 @@ def graph_decode(q: Path, bf16: Path, prompt: int, new: int) -> dict:
     the same two copies per step (a token in or out, the logits out)."""
     import torch
     from transformers import AutoModelForCausalLM, StaticCache
+    from transformers.cache_utils import StaticSlidingWindowLayer
     from transformers.masking_utils import AttentionMaskInterface
     sys.path.insert(0, str(ROOT))
     import compress_gptoss as cg
@@ -227,6 +228,9 @@ def graph_decode(q: Path, bf16: Path, prompt: int, new: int) -> dict:
         runs, fed, ref = {}, [], []
         for mode in ("eager", "graph") if dev == "cuda" else ("eager",):
             cache = StaticCache(config=model.config, max_cache_len=prompt + warm + new + 1)
+            for layer in cache.layers:   # a sliding layer gives its length (the masks' q_offset) as a host int,
+                if isinstance(layer, StaticSlidingWindowLayer):   # which a graph freezes (run 68): within the
+                    layer.get_seq_length = lambda layer=layer: layer.cumulative_length   # window, its GPU twin
             logits = []
             with torch.no_grad():
                 last = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device=dev)).logits[:, -1]
