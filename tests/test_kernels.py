@@ -584,7 +584,7 @@ def test_eager_decode_calls_fuse_the_activation_quantization():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("m", [16, 32])
+@pytest.mark.parametrize("m", [1, 16, 32])
 def test_cuda_graph_captured_after_eager_calls(m):
     """The usual order, eager calls then a CUDA-graph capture: eager A8 calls at M <= 32 take the
     fused one-launch plan, the capture the two-launch one, planned inside the capture; both give
