@@ -3593,11 +3593,7 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
     if codes is None:
         codes = r >= MOE_CODES_ROWS * len(routed)
     fuse = act == "a8" and not codes and (r <= MOE_FUSE_ROWS if fuse is None else fuse)
-    most = max(counts)   # tiles from bench_moe.py's sweeps (runs 52, 55, 56) and bench_launch.py's (61)
-    block_m, block_n, warps, stages = tiles or (
-        ((128, 64, 4, 4) if most > 128 else (32, 64, 4, 4)) if codes else
-        (16, 64, 4, None) if most <= 4 else (16, 128, 4, None) if most <= 16 else
-        (32, 128, 4, None) if most <= 32 else (64, 128, 8, None) if most <= 128 else (128, 64, 4, None))
+    block_m, block_n, warps, stages = tiles or _moe_tiles(max(counts), codes)
     codes_dtype = torch.int8 if act == "a8" else x.dtype
     # experts [e0, e1) whose codes fit the scratch together (all of them without codes)
     per_expert = n * k * codes_dtype.itemsize
@@ -3626,13 +3622,22 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
     return y
 
 
+def _moe_tiles(most: int, codes: bool) -> tuple:
+    """int4_moe's (BLOCK_M, BLOCK_N, num_warps, num_stages) when the busiest routed expert has `most`
+    rows: from bench_moe.py's sweeps (runs 52, 55, 56) and bench_launch.py's (61)."""
+    if codes:
+        return (128, 64, 4, 4) if most > 128 else (32, 64, 4, 4)
+    return ((16, 64, 4, None) if most <= 4 else (16, 128, 4, None) if most <= 16 else
+            (32, 128, 4, None) if most <= 32 else (64, 128, 8, None) if most <= 128 else (128, 64, 4, None))
+
+
 def _int4_moe_device_routed(x, row_experts, weight_packed, weight_scale, bias, act, y, chunk, groups, tiles, fuse):
     """int4_moe from each row's expert on the GPU: one program per row (and BLOCK_N outputs); a row
     that is not its expert's first exits at once, the first takes all of its expert's rows."""
     r, n = y.shape
     assert r <= MOE_DEVICE_ROUTING_ROWS and row_experts.shape == (r,) and row_experts.device == x.device, \
         f"row_experts {tuple(row_experts.shape)} on {row_experts.device}: needs one per row of x, at most {MOE_DEVICE_ROUTING_ROWS}"
-    block_m, block_n, warps, stages = tiles or ((16, 64, 4, None) if r <= 4 else (16, 128, 4, None))
+    block_m, block_n, warps, stages = tiles or _moe_tiles(r, False)   # r bounds every expert's rows
     assert block_m >= r, f"{r} rows need a row block of at least {r}, not {block_m}"
     fuse = act == "a8" and (r <= MOE_FUSE_ROWS if fuse is None else fuse)
     xa, sx = _int8_rows(x, x.shape[1], dict(_row_quant_consts(x.shape[1]), PERM_KW=1)) if act == "a8" and not fuse \
@@ -3645,6 +3650,7 @@ def _int4_moe_device_routed(x, row_experts, weight_packed, weight_scale, bias, a
 
 def _launch_int4_moe(kern, grid, xa, sx, weight_packed, weight_scale, bias, y, blk, q, e0, act, chunk, groups, codes,
                      fuse, row_experts, tiles):
+    """One launch of int4_moe_kernel over `grid` (row blocks or rows, N blocks) with these tiles."""
     block_m, block_n, warps, stages = tiles
     kern["int4_moe"][grid](
         xa, sx, weight_packed, weight_scale, weight_packed if bias is None else bias, y, blk, q, e0, y.shape[0],
