@@ -292,7 +292,8 @@ def moe_rows_routed_on_the_device():
     """int4_moe from each row's expert as a tensor (decode: nothing read back to the host) instead
     of counts: an expert with several rows, one row, a gap of unrouted experts, and all 16 rows of
     one row block on one expert; A8 fused and unfused, A16; bit for bit the y of the host table
-    with the same tile, and the float64 result per expert."""
+    with the same tile, and the float64 result per expert; the first program alone writes only its
+    expert's rows (fails if the kernel's row mask ignores the expert)."""
     worst = 0.0
     k, n = 128, 40
     for counts in ([1, 0, 2, 0, 0, 1], [0, 16, 0], [3, 1, 5, 0, 2, 0, 1, 4]):
@@ -310,6 +311,13 @@ def moe_rows_routed_on_the_device():
                     err = c.relative_error(y[lo:hi], ref)
                     assert err <= TOL, (counts, group, act, lo, err)
                     worst = max(worst, err)
+            # program 0 alone writes its expert's rows and no others (the interpreter runs programs in
+            # order, so a later expert's program would overwrite a wrong write above and hide it)
+            first = next(n for n in counts if n)
+            y = torch.full((sum(counts), n), float("nan"), dtype=torch.float16)
+            c._launch_int4_moe(c._triton_kernels(), (1, 1), x, x, wp, ws, None, y, row_experts, wp, 0, "a16",
+                               c._moe_chunk(k, ws.shape[-1]), ws.shape[-1], False, False, True, (16, 64, 4, None))
+            assert not y[:first].isnan().any() and y[first:].isnan().all(), (counts, group)
     return worst
 
 
