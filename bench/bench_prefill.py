@@ -130,25 +130,30 @@ def x_dtype(model) -> str:
     return str(next(model.parameters()).dtype).replace("torch.", "")
 
 
+def load_model(who: str, q: Path, bf16: Path):
+    """The kernels model (the quantized checkpoint through the built-in kernels) or the BF16 source."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    sys.path.insert(0, str(ROOT))
+    import compress_gptoss as cg
+    if who == "bf16":
+        return AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16)
+    model = cg.load_quantized_model(q)
+    cg.attach_int4_kernels(model)
+    return model
+
+
 def profile(q: Path, bf16: Path, lengths: list, rows: int) -> dict:
     """One forward per length of the kernels model and of the BF16 source: wall time (no profiler),
     then under torch.profiler the GPU's busy time (sum of kernel times) and the top ops. Wall much
     above busy = the host (Python, launches) is what the forward waits on."""
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    from transformers import AutoModelForCausalLM
-    sys.path.insert(0, str(ROOT))
-    import compress_gptoss as cg
     out, dev = {}, "cuda" if torch.cuda.is_available() else "cpu"   # cpu: a smoke run (TRITON_INTERPRET=1)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
     for who in ("kernels", "bf16"):
-        if who == "kernels":
-            model = cg.load_quantized_model(q)
-            cg.attach_int4_kernels(model)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16)
-        model.to(dev).eval()
+        model = load_model(who, q, bf16).to(dev).eval()
         for t in lengths:
             ids = torch.randint(0, model.config.vocab_size, (1, t), device=dev)
             with torch.no_grad():
@@ -203,22 +208,15 @@ def graph_decode(q: Path, bf16: Path, prompt: int, new: int) -> dict:
     elsewhere, run 67) and its logits are compared with the eager ones step by step. Both modes do
     the same two copies per step (a token in or out, the logits out)."""
     import torch
-    from transformers import AutoModelForCausalLM, StaticCache
+    from transformers import StaticCache
     from transformers.cache_utils import StaticSlidingWindowLayer
     from transformers.masking_utils import AttentionMaskInterface
-    sys.path.insert(0, str(ROOT))
-    import compress_gptoss as cg
     AttentionMaskInterface.register("eager", capture_safe_eager_mask)   # both models, both modes
     dev = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: eager only, a smoke run
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     out, warm = {}, 3
     for who in ("kernels", "bf16"):
-        if who == "kernels":
-            model = cg.load_quantized_model(q)
-            cg.attach_int4_kernels(model)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16)
-        model.to(dev).eval()
+        model = load_model(who, q, bf16).to(dev).eval()
         window = getattr(model.config, "sliding_window", None)
         if window and prompt + warm + new + 1 > window:   # a full sliding layer rolls: torch.tensor([-1], device=...)
             raise SystemExit(f"--graph: prompt + {warm} + new tokens must fit the sliding window ({window}): "
