@@ -3128,8 +3128,8 @@ def _triton_kernels():
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
                    0, BLOCK_M, BLOCK_N, 1, False)
 
-    # e0 and the row-block table's offset change from call to call (the first routed expert, the
-    # scratch batch): specialized (== 1, % 16), each new value compiled a variant mid-generation
+    # e0, the row-block table's offset and R change from call to call (the first routed expert, the
+    # scratch batch, the rows): specialized (== 1, % 16), each new value compiled a variant mid-generation
     @triton.jit(do_not_specialize=["blk_ptr", "e0", "R"])
     def int4_moe_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, blk_ptr, q_ptr, e0, R, N, K, stride_xm, stride_we,
                         stride_wn, stride_se, stride_sn, stride_be, stride_ym, A8: tl.constexpr,
@@ -3586,14 +3586,25 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
         return y
     x = x if x.stride(-1) == 1 else x.contiguous()
     if counts is None:
-        return _int4_moe_device_routed(x, row_experts, weight_packed, weight_scale, bias, act, y, chunk, groups,
-                                       tiles, fuse)
-    assert len(counts) == experts and sum(counts) == r, f"counts {counts} do not cover {r} rows of {experts} experts"
-    routed = [e for e, c in enumerate(counts) if c]
-    if codes is None:
-        codes = r >= MOE_CODES_ROWS * len(routed)
+        assert r <= MOE_DEVICE_ROUTING_ROWS and row_experts is not None and row_experts.shape == (r,) \
+            and row_experts.device == x.device, f"row_experts: needs one per row of x on {x.device}, at most " \
+            f"{MOE_DEVICE_ROUTING_ROWS} rows"
+        codes, most = False, r   # r bounds every expert's rows
+    else:
+        assert len(counts) == experts and sum(counts) == r, f"counts {counts} do not cover {r} rows of {experts} experts"
+        routed = [e for e, c in enumerate(counts) if c]
+        if codes is None:
+            codes = r >= MOE_CODES_ROWS * len(routed)
+        most = max(counts)
     fuse = act == "a8" and not codes and (r <= MOE_FUSE_ROWS if fuse is None else fuse)
-    block_m, block_n, warps, stages = tiles or _moe_tiles(max(counts), codes)
+    block_m, block_n, warps, stages = tiles or _moe_tiles(most, codes)
+    kern = _TRITON_KERNELS or _triton_kernels()
+    xa, sx = _int8_rows(x, k, dict(_row_quant_consts(k), PERM_KW=1)) if act == "a8" and not fuse else (x, x)
+    if counts is None:   # one program per row: a row that is not its expert's first exits at once
+        assert block_m >= r, f"{r} rows need a row block of at least {r}, not {block_m}"
+        _launch_int4_moe(kern, (r, -(-n // block_n)), xa, sx, weight_packed, weight_scale, bias, y, row_experts,
+                         weight_packed, 0, act, chunk, groups, False, fuse, True, (block_m, block_n, warps, stages))
+        return y
     codes_dtype = torch.int8 if act == "a8" else x.dtype
     # experts [e0, e1) whose codes fit the scratch together (all of them without codes)
     per_expert = n * k * codes_dtype.itemsize
@@ -3603,8 +3614,6 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
     blocks = [[(e, b, min(b + block_m, starts[e + 1])) for e in range(e0, e1)
                for b in range(starts[e], starts[e + 1], block_m)] for e0, e1 in batches]
     blk = torch.tensor(sum(blocks, []), dtype=torch.int32).to(x.device, non_blocking=True)
-    kern = _TRITON_KERNELS or _triton_kernels()
-    xa, sx = _int8_rows(x, k, dict(_row_quant_consts(k), PERM_KW=1)) if act == "a8" and not fuse else (x, x)
     done = 0
     for (e0, e1), bl in zip(batches, blocks):
         if not bl:
@@ -3629,23 +3638,6 @@ def _moe_tiles(most: int, codes: bool) -> tuple:
         return (128, 64, 4, 4) if most > 128 else (32, 64, 4, 4)
     return ((16, 64, 4, None) if most <= 4 else (16, 128, 4, None) if most <= 16 else
             (32, 128, 4, None) if most <= 32 else (64, 128, 8, None) if most <= 128 else (128, 64, 4, None))
-
-
-def _int4_moe_device_routed(x, row_experts, weight_packed, weight_scale, bias, act, y, chunk, groups, tiles, fuse):
-    """int4_moe from each row's expert on the GPU: one program per row (and BLOCK_N outputs); a row
-    that is not its expert's first exits at once, the first takes all of its expert's rows."""
-    r, n = y.shape
-    assert r <= MOE_DEVICE_ROUTING_ROWS and row_experts.shape == (r,) and row_experts.device == x.device, \
-        f"row_experts {tuple(row_experts.shape)} on {row_experts.device}: needs one per row of x, at most {MOE_DEVICE_ROUTING_ROWS}"
-    block_m, block_n, warps, stages = tiles or _moe_tiles(r, False)   # r bounds every expert's rows
-    assert block_m >= r, f"{r} rows need a row block of at least {r}, not {block_m}"
-    fuse = act == "a8" and (r <= MOE_FUSE_ROWS if fuse is None else fuse)
-    xa, sx = _int8_rows(x, x.shape[1], dict(_row_quant_consts(x.shape[1]), PERM_KW=1)) if act == "a8" and not fuse \
-        else (x, x)
-    _launch_int4_moe(_TRITON_KERNELS or _triton_kernels(), (r, -(-n // block_n)), xa, sx, weight_packed, weight_scale,
-                     bias, y, row_experts, weight_packed, 0, act, chunk, groups, False, fuse, True,
-                     (block_m, block_n, warps, stages))
-    return y
 
 
 def _launch_int4_moe(kern, grid, xa, sx, weight_packed, weight_scale, bias, y, blk, q, e0, act, chunk, groups, codes,
@@ -4591,12 +4583,11 @@ def routed_experts_forward(block, hidden_states, top_k_index, top_k_weights):
     act = getattr(block, "int4_act", None)
     on_gpu = act and len(flat) <= MOE_DEVICE_ROUTING_ROWS
     counts = None if on_gpu else torch.bincount(flat, minlength=block.num_experts).tolist()
-    if act:
-        routing = dict(row_experts=row_experts) if on_gpu else {}
+    if act:   # (row_experts is read only without counts)
         h = int4_moe(x, counts, block.gate_up_weight_packed, block.gate_up_weight_scale, block.gate_up_bias, act,
-                     **routing)
+                     row_experts=row_experts)
         y = int4_moe(block._apply_gate(h), counts, block.down_weight_packed, block.down_weight_scale,
-                     block.down_bias, act, **routing)
+                     block.down_bias, act, row_experts=row_experts)
     else:
         y, start = torch.empty_like(x), 0
         for e, n in enumerate(counts):

@@ -313,7 +313,7 @@ def moe_rows_routed_on_the_device():
                     worst = max(worst, err)
             # program 0 alone writes its expert's rows and no others (the interpreter runs programs in
             # order, so a later expert's program would overwrite a wrong write above and hide it)
-            first = next(n for n in counts if n)
+            first = next(rows for rows in counts if rows)
             y = torch.full((sum(counts), n), float("nan"), dtype=torch.float16)
             c._launch_int4_moe(c._triton_kernels(), (1, 1), x, x, wp, ws, None, y, row_experts, wp, 0, "a16",
                                c._moe_chunk(k, ws.shape[-1]), ws.shape[-1], False, False, True, (16, 64, 4, None))
