@@ -2852,14 +2852,16 @@ def _triton_kernels():
     def row_scales(x_ptr, offs_m, m_mask, stride_xm, K, FUSE_CHUNKS, BLOCK_M):
         """A8 inside a GEMM (a few rows per program, so re-reading them per program is cheap and
         saves int8_rows_kernel's launch): the rows' (127 / absmax, s_x = absmax / 127), the same
-        arithmetic as int8_row. Unrolled: the row loads go out together, one memory latency."""
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        arithmetic as int8_row. Unrolled: the row loads go out together, one memory latency; the chunks
+        are maxed element-wise and reduced across the threads once (a reduction per chunk put 12
+        barriers before the first weight was used)."""
+        amax = tl.zeros([BLOCK_M, 256], dtype=tl.float32)
         for i in tl.static_range(FUSE_CHUNKS):
             kq = i * 256 + tl.arange(0, 256)
             xv = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + kq[None, :],
                          mask=m_mask[:, None] & (kq[None, :] < K), other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(xv.to(tl.float32)), axis=1))
-        amax = tl.maximum(amax, 1e-8)  # INT8_ABSMAX_FLOOR
+            amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
+        amax = tl.maximum(tl.max(amax, axis=1), 1e-8)  # INT8_ABSMAX_FLOOR
         return tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), amax), amax / 127.0
 
     @triton.jit
@@ -3039,6 +3041,108 @@ def _triton_kernels():
                    pid_k, BLOCK_M, BLOCK_N, SPLIT_K, SPLIT_STORES)
 
     @triton.jit
+    def gemv_tile(x_row, inv, w_rows, n_mask, s_rows, w_lo, w_hi, K, A8: tl.constexpr, FUSE: tl.constexpr,
+                  X_PERM: tl.constexpr, GROUP_W: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_W: tl.constexpr):
+        """One row of activations (x_row) against the packed words [w_lo, w_hi) of BLOCK_N weight
+        columns (w_rows, s_rows: their row pointers) on the CUDA cores -> [BLOCK_N], fp32 (int32
+        for A8 per channel, GROUP_W 0; else GROUP_W words per scale, BLOCK_W a multiple of it).
+        Nibble j of word w is input 8w + j, so nibble j of a word tile meets one activation per
+        word: a shift, a mask and a multiply-add per weight, no shuffles and no tensor-core operand
+        layout (an MMA would compute 16 rows to use one). The tile is [BLOCK_N, groups, words of a
+        group] (per channel [BLOCK_N, 1, BLOCK_W]) and every tensor of the loop has that shape, so
+        Triton gives them one layout, and a group's scale is one load and one multiply (a 2-D
+        word tile needed both per word: o_proj 13.3 -> 9.1 us; per channel [BLOCK_N, BLOCK_W / 8, 8]
+        was 1-2 us slower than this, runs 70-71). q = u - 8 is one subtraction per word:
+        sum_j q_j x_j = sum_j u_j x_j - 8 sum_j x_j. A8: the products summed in int32, the integers
+        an int8 MMA gives. X_PERM: x is int8_rows_kernel's x_q stored with PERM_KW = BLOCK_W (nibble
+        j's activations contiguous); FUSE: x fp16/bf16 quantized here with the row's inv
+        (row_scales). PREFETCH: the next step's words load before this one's math."""
+        GW: tl.constexpr = GROUP_W if GROUP_W else BLOCK_W
+        offs = tl.arange(0, BLOCK_W // GW)[:, None] * GW + tl.arange(0, GW)[None, :]    # [groups, GW]
+        acc = tl.zeros([BLOCK_N, BLOCK_W // GW, GW] if GROUP_W == 0 else [BLOCK_N, BLOCK_W // GW],
+                       dtype=tl.int32 if (A8 and GROUP_W == 0) else tl.float32)
+        w_tile = w_rows[:, None, None]
+        if PREFETCH:
+            nxt = w_lo + offs
+            wt_next = tl.load(w_tile + nxt[None], mask=n_mask[:, None, None] & (nxt < w_hi)[None], other=0)
+        for w0 in range(w_lo, w_hi, BLOCK_W):
+            w0 = tl.multiple_of(w0, BLOCK_W)   # splits start on whole steps: vector loads of words and x_q
+            words = w0 + offs
+            w_ok = words < w_hi
+            if PREFETCH:
+                wt = wt_next
+                nxt = words + BLOCK_W
+                wt_next = tl.load(w_tile + nxt[None], mask=n_mask[:, None, None] & (nxt < w_hi)[None], other=0)
+            else:
+                wt = tl.load(w_tile + words[None], mask=n_mask[:, None, None] & w_ok[None], other=0)
+            t = tl.zeros([BLOCK_N, BLOCK_W // GW, GW], dtype=tl.int32 if A8 else tl.float32)
+            xs = tl.zeros([1, BLOCK_W // GW, GW], dtype=tl.int32 if A8 else tl.float32)
+            for j in tl.static_range(8):
+                if X_PERM:   # x_q is padded to whole steps: only other splits' words are masked
+                    kk = w0 * 8 + j * BLOCK_W + offs
+                    k_ok = w_ok
+                else:
+                    kk = words * 8 + j
+                    k_ok = w_ok & (kk < K)
+                a = tl.load(x_row + kk[None], mask=k_ok[None], other=0)
+                if FUSE:
+                    a = quantized(a, inv, False)
+                a = a.to(tl.int32 if A8 else tl.float32)
+                u = (wt >> (4 * j)) & 0xF
+                if A8:
+                    t += u * a
+                else:
+                    t += u.to(tl.float32) * a
+                xs += a
+            t -= 8 * xs
+            if GROUP_W == 0:
+                acc += t
+            else:
+                g = w0 // GW + tl.arange(0, BLOCK_W // GW)
+                sc = tl.load(s_rows[:, None] + g[None, :], mask=n_mask[:, None] & (g * GW < w_hi)[None, :], other=0.0)
+                acc += tl.sum(t, axis=2).to(tl.float32) * sc.to(tl.float32)
+        if GROUP_W == 0:
+            y = tl.sum(tl.sum(acc, axis=2), axis=1)
+        else:
+            y = tl.sum(acc, axis=1)
+        return y
+
+    @triton.jit
+    def int4_gemv_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
+                         stride_xm, stride_wn, stride_sn, stride_ym,
+                         A8: tl.constexpr, FUSE: tl.constexpr, FUSE_CHUNKS: tl.constexpr, GROUP_W: tl.constexpr,
+                         PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                         W_ALIGN: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_STORES: tl.constexpr):
+        """M = 1 (decode): y = x @ dequant(W).T by gemv_tile, no tensor cores. Program (n block, s)
+        takes the s-th share of the K steps of BLOCK_W words; store_tile sums the shares. A8: x_q
+        from int8_rows_kernel (PERM_KW = BLOCK_W), or with FUSE quantized here (row_scales).
+        W_ALIGN: 4 when every weight row starts on 16 bytes (K % 32 == 0, every GPT-OSS layer), else 1:
+        with it Triton knows the words' rows and split bounds are whole 16 bytes (vector loads)."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        offs_m = tl.arange(0, 1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        per_split = tl.cdiv(tl.cdiv(KW_ALL, BLOCK_W), SPLIT_K) * BLOCK_W
+        w_lo = pid_k * per_split
+        w_hi = tl.minimum(KW_ALL // W_ALIGN * W_ALIGN, w_lo + per_split)
+        inv = tl.full([1], 1.0, tl.float32)
+        if FUSE:
+            inv, s_x = row_scales(x_ptr, offs_m, m_mask, stride_xm, K, FUSE_CHUNKS, 1)
+        elif A8:
+            s_x = tl.load(sx_ptr + offs_m)
+        w_rows = w_ptr + offs_n.to(tl.int64) * (stride_wn // W_ALIGN) * W_ALIGN
+        acc = gemv_tile(x_ptr, inv, w_rows, n_mask, ws_ptr + offs_n * stride_sn, w_lo, w_hi, K, A8, FUSE,
+                        A8 and not FUSE, GROUP_W, PREFETCH, BLOCK_N, BLOCK_W).to(tl.float32)[None, :]
+        if GROUP_W == 0:
+            acc = acc * tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if A8:
+            acc = acc * s_x[:, None]
+        store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, 0, pid_n,
+                   pid_k, 1, BLOCK_N, SPLIT_K, SPLIT_STORES)
+
+    @triton.jit
     def codes_block(w_ptr, ws_ptr, q_ptr, pid_n, pid_w, N, K, KW_ALL, KP, stride_wn, stride_sn, GROUP, SCALED,
                     BLOCK_N, BLOCK_W):
         """pack-quantized words -> [N, KP] in K order, zero past K, block (pid_n, pid_w) of
@@ -3206,6 +3310,45 @@ def _triton_kernels():
                  mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
+    def int4_moe_gemv_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, count_ptr, e_ptr, R, N, K,
+                             stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_ym,
+                             A8: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_W: tl.constexpr, FUSE: tl.constexpr,
+                             FUSE_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                             W_ALIGN: tl.constexpr, SPLIT_K: tl.constexpr):
+        """int4_moe at decode, rows' experts on the GPU (e_ptr): program (row, n block, s) runs
+        gemv_tile for that row against BLOCK_N columns of its expert over the s-th share of K;
+        store_tile sums the shares (a row per program, so two rows of one expert read its weights
+        twice, the second time mostly from L2). A8, FUSE, GROUP_W, W_ALIGN as in int4_gemv_kernel;
+        the first share carries the bias, so y is rounded once."""
+        row, pid_n, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        e = tl.load(e_ptr + row).to(tl.int64)
+        offs_m = row + tl.arange(0, 1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        inv = tl.full([1], 1.0, tl.float32)
+        if FUSE:
+            inv, s_x = row_scales(x_ptr, offs_m, offs_m >= 0, stride_xm, K, FUSE_CHUNKS, 1)
+        elif A8:
+            s_x = tl.load(sx_ptr + offs_m)
+        w_rows = (w_ptr + e * (stride_we // W_ALIGN) * W_ALIGN
+                  + offs_n.to(tl.int64) * (stride_wn // W_ALIGN) * W_ALIGN)
+        s_rows = ws_ptr + e * stride_se + offs_n * stride_sn
+        per_split = tl.cdiv(tl.cdiv(K // 8, BLOCK_W), SPLIT_K) * BLOCK_W
+        w_lo = pid_k * per_split
+        w_hi = tl.minimum(K // 8 // W_ALIGN * W_ALIGN, w_lo + per_split)
+        acc = gemv_tile(x_ptr + row * stride_xm, inv, w_rows, n_mask, s_rows, w_lo, w_hi, K, A8, FUSE, A8 and not FUSE,
+                        GROUP_W, True, BLOCK_N, BLOCK_W).to(tl.float32)[None, :]
+        if GROUP_W == 0:
+            acc = acc * tl.load(s_rows, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if A8:
+            acc = acc * s_x[:, None]
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + e * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            acc += tl.where(pid_k == 0, bias, 0.0)
+        store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, offs_m >= 0, n_mask, R, N, stride_ym, row, pid_n,
+                   pid_k, 1, BLOCK_N, SPLIT_K, False)
+
+    @triton.jit
     def int4_read_floor_kernel(w_ptr, out_ptr, N, KW_ALL, stride_wn, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
         """Benchmark floor, not a GEMM: reads the int4 words with an M <= 16 GEMM's grid and only
         xors them (so the loads stay): what streaming the weights alone costs at this grid."""
@@ -3228,12 +3371,14 @@ def _triton_kernels():
 
     # the kernels call these by name at compile time (the first launch), from the module's globals
     globals().update(as_codes=as_codes, int8_row=int8_row, codes_block=codes_block, gemm_tile=gemm_tile,
-                     store_tile=store_tile, int4_k_order=int4_k_order, row_scales=row_scales, quantized=quantized,
-                     weight_dot=weight_dot, add_scaled=add_scaled, channel_scaled=channel_scaled)
+                     store_tile=store_tile, int4_k_order=int4_k_order, gemv_tile=gemv_tile, row_scales=row_scales,
+                     quantized=quantized, weight_dot=weight_dot, add_scaled=add_scaled, channel_scaled=channel_scaled)
     _TRITON_KERNELS = {"int8_rows": int8_rows_kernel, "int4_gemm": int4_gemm_kernel,
                        "int4_gemm_grouped": int4_gemm_grouped_kernel, "int4_gemm_planar": int4_gemm_planar_kernel,
+                       "int4_gemv": int4_gemv_kernel,
                        "int4_codes": int4_codes_kernel, "int4_prologue": int4_prologue_kernel,
                        "int4_codes_gemm": int4_codes_gemm_kernel, "int4_moe": int4_moe_kernel,
+                       "int4_moe_gemv": int4_moe_gemv_kernel,
                        "int4_read_floor": int4_read_floor_kernel, "null": null_kernel}
     return _TRITON_KERNELS
 
@@ -3257,10 +3402,11 @@ class Int4GemmConfig:
     split_stores: bool = False  # split-K shares summed from per-split slices, not float atomics (store_tile)
     codes: bool = False    # large M: int4 -> int8 / fp16 codes in a scratch buffer, then int4_codes_gemm_kernel
     dequant: bool = False  # codes: the weights q * scale (and A8's x_q * s_x) in x's dtype, then cuBLAS
+    gemv: bool = False     # M = 1 (decode): int4_gemv_kernel, multiply-adds on the CUDA cores (block_m 1)
 
     def label(self) -> str:
         kernel = ("CD" if self.codes and self.dequant else "C" if self.codes else "") + ("P" if self.planar else "") \
-            + ("GP" if self.prefetch else "G" if self.grouped else "")
+            + ("V" if self.gemv else "") + ("GP" if self.prefetch else "G" if self.grouped else "")
         return (kernel + f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
                 + (f"x{self.split_k}" if self.split_k > 1 else "") + ("S" if self.split_stores and self.split_k > 1 else "")
                 + ("F" if self.fuse_act_quant else "") + ("" if self.w_lhs else "R"))
@@ -3268,7 +3414,8 @@ class Int4GemmConfig:
 
 def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool = False,
                      act: str = "a8", bf16: bool = False, eager: bool = False) -> Int4GemmConfig:
-    """Picked from sweeps on an H200 (bench/RESULTS.md, runs 6-8 and 24-26). At M <= 16 the GEMM
+    """Picked from sweeps on an H200 (bench/RESULTS.md, runs 6-8, 24-26 and 70-71). At M = 1 (decode) the
+    GEMV on the CUDA cores (a tensor-core MMA would compute 16 rows to use one). At M <= 16 the GEMM
     streams int4 weights: split-K until there are ~5 programs per SM, each prefetching its next
     group (latency, not bandwidth, is what the sweep rewarded; num_stages 1). Above M = 64 the
     weights are unpacked once per call instead of once per row block (codes): per-channel W4A8 to
@@ -3285,6 +3432,9 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool =
             split *= 2
         return split
     C = Int4GemmConfig
+    if m == 1:   # runs 70-71: 64 x 256 split 8 per channel, 32 x 256 split 4 with groups, k/v-sized N: 512 split 8
+        bn, kpi, split = ((32 if per_channel else 16), 512, 8) if n < 1024 else (64, 256, 8) if per_channel else (32, 256, 4)
+        return C(1, bn, kpi, eager and act == "a8", 4, 1, split_k=min(split, -(-k // kpi)), gemv=True, prefetch=True)
     if m <= 16:
         return C(16, 64, 64, eager and act == "a8", 4, 1, split_k=split_for(-(-n // 64), 5 * sms, 16), grouped=True,
                  prefetch=True)
@@ -3420,6 +3570,21 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
             kp, "int4_gemm_planar")
     if cfg.planar:
         cfg = replace(cfg, planar=False, grouped=True)   # a group size the planar kernel does not take
+    if cfg.gemv and not (per_channel or group in (32, 64, 128)):   # a group size the GEMV's tile does not take
+        cfg = Int4GemmConfig(16, 64, 64, cfg.fuse_act_quant, 4, 1, split_k=cfg.split_k, grouped=True, prefetch=True)
+    if cfg.gemv:
+        assert m == 1, f"the GEMV config {cfg.label()} takes one row, not {m}"
+        bw = max(cfg.k_per_iter // 8, 1 if per_channel else group // 8)   # whole scale groups per step
+        fuse, kp = act == "a8" and cfg.fuse_act_quant, -(-k // (8 * bw)) * 8 * bw
+        return _Int4Plan(
+            cfg, 0 if act == "a16" else 2 if fuse else 1, -(-k // 8), (-(-n // cfg.block_n), cfg.split_k), part, count,
+            dict(_row_quant_consts(kp), PERM_KW=bw),   # x_q zero-filled up to whole steps of BLOCK_W words
+            dict(A8=act == "a8", FUSE=fuse, FUSE_CHUNKS=-(-k // 256) if fuse else 1, GROUP_W=0 if per_channel else group // 8,
+                 PREFETCH=cfg.prefetch, BLOCK_N=cfg.block_n, BLOCK_W=bw,
+                 W_ALIGN=4 if k % 32 == 0 else 1, SPLIT_K=cfg.split_k,
+                 SPLIT_STORES=cfg.split_stores, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                 enable_fp_fusion=False),   # fused quantization: x * inv and + 1.5 * 2^23 round separately
+            kp, "int4_gemv")
     if cfg.grouped and chunk in (32, 64, 128):
         fuse = act == "a8" and cfg.fuse_act_quant and m <= cfg.block_m
         return _Int4Plan(
@@ -3559,10 +3724,14 @@ MOE_FUSE_ROWS = 16           # one launch less, 124 -> 84 us of host per call fo
 # at up to this many rows (one row block) routed_experts_forward hands int4_moe the rows' experts as a
 # GPU tensor instead of counts: no host sync per MoE layer, and the call can be CUDA-graph captured
 MOE_DEVICE_ROUTING_ROWS = 16
+# ... and at up to this many (one token of top-4) int4_moe_gemv_kernel, a row per program on the CUDA cores
+MOE_GEMV_ROWS = 4
+MOE_GEMV_TILE = (32, 32, 4, 1)   # (BLOCK_N, BLOCK_W words per step, num_warps, SPLIT_K): run 72, split-K lost
 
 
 def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act: str = "a8",
-             tiles: tuple | None = None, codes: bool | None = None, fuse: bool | None = None, row_experts=None):
+             tiles: tuple | None = None, codes: bool | None = None, fuse: bool | None = None, row_experts=None,
+             gemv: bool | None = None):
     """Every routed expert of a MoE layer in one kernel launch (plus one for A8's activations,
     unless fused).
     x [R, K]: rows sorted by expert, counts[e] rows for expert e in expert order; or counts None
@@ -3576,7 +3745,10 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
     experts average at least MOE_CODES_ROWS rows (long prompts: from ~1024 tokens of gpt-oss-20b).
     fuse (A8, in registers): the kernel quantizes the activations itself, one launch instead of two;
     None: at up to MOE_FUSE_ROWS rows (decode, where a call is bound by the host's launches).
-    tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the default (bench/bench_moe.py)."""
+    gemv (row_experts only): int4_moe_gemv_kernel, a row per program without tensor cores; None: at
+    up to MOE_GEMV_ROWS rows.
+    tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the default (bench/bench_moe.py); with
+    gemv (BLOCK_N, BLOCK_W, num_warps, SPLIT_K) instead of MOE_GEMV_TILE."""
     import torch
     (r, k), (experts, n, kw), groups = x.shape, weight_packed.shape, weight_scale.shape[-1]
     chunk = _moe_chunk(k, groups)
@@ -3590,6 +3762,7 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
             and row_experts.device == x.device, f"row_experts: needs one per row of x on {x.device}, at most " \
             f"{MOE_DEVICE_ROUTING_ROWS} rows"
         codes, most = False, r   # r bounds every expert's rows
+        gemv = r <= MOE_GEMV_ROWS if gemv is None else gemv
     else:
         assert len(counts) == experts and sum(counts) == r, f"counts {counts} do not cover {r} rows of {experts} experts"
         routed = [e for e, c in enumerate(counts) if c]
@@ -3597,8 +3770,11 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
             codes = r >= MOE_CODES_ROWS * len(routed)
         most = max(counts)
     fuse = act == "a8" and not codes and (r <= MOE_FUSE_ROWS if fuse is None else fuse)
-    block_m, block_n, warps, stages = tiles or _moe_tiles(most, codes)
     kern = _TRITON_KERNELS or _triton_kernels()
+    if counts is None and gemv:
+        return _int4_moe_gemv(kern, x, y, weight_packed, weight_scale, bias, row_experts, act, groups, chunk, fuse,
+                              tiles or MOE_GEMV_TILE)
+    block_m, block_n, warps, stages = tiles or _moe_tiles(most, codes)
     xa, sx = _int8_rows(x, k, dict(_row_quant_consts(k), PERM_KW=1)) if act == "a8" and not fuse else (x, x)
     if counts is None:   # one program per row: a row that is not its expert's first exits at once
         assert block_m >= r, f"{r} rows need a row block of at least {r}, not {block_m}"
@@ -3628,6 +3804,27 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
         _launch_int4_moe(kern, (len(bl), -(-n // block_n)), xa, sx, weight_packed, weight_scale, bias, y, blk[done:],
                          q, e0, act, chunk, groups, codes, fuse, False, (block_m, block_n, warps, stages))
         done += len(bl)
+    return y
+
+
+def _int4_moe_gemv(kern, x, y, weight_packed, weight_scale, bias, row_experts, act, groups, chunk, fuse, tiles):
+    """int4_moe's decode path: int4_moe_gemv_kernel over (rows, N blocks, K shares), x_q first unless fused."""
+    (r, k), n = x.shape, y.shape[1]
+    block_n, block_w, warps, split = tiles
+    block_w = max(block_w, chunk // 8) if groups > 1 else block_w   # whole scale groups per step
+    xa = sx = x
+    if act == "a8" and not fuse:   # x_q with each step's nibble-j activations contiguous, zero-padded
+        kp = -(-k // (8 * block_w)) * 8 * block_w
+        xa, sx = _int8_rows(x, kp, dict(_row_quant_consts(kp), PERM_KW=block_w))
+    tiles_n = -(-n // block_n)
+    part, count = _split_k_workspace(x.device, r * n, r * tiles_n) if split > 1 else (y, y)
+    kern["int4_moe_gemv"][(r, tiles_n, split)](
+        xa, sx, weight_packed, weight_scale, weight_packed if bias is None else bias, y, part, count, row_experts, r, n, k,
+        xa.stride(0), weight_packed.stride(0), weight_packed.stride(1), weight_scale.stride(0), weight_scale.stride(1),
+        0 if bias is None else bias.stride(0), y.stride(0), A8=act == "a8", HAS_BIAS=bias is not None,
+        GROUP_W=0 if groups == 1 else chunk // 8, FUSE=fuse, FUSE_CHUNKS=-(-k // 256) if fuse else 1, BLOCK_N=block_n,
+        BLOCK_W=block_w, W_ALIGN=4 if k % 32 == 0 else 1, SPLIT_K=split, num_warps=warps, num_stages=1,
+        **({"enable_fp_fusion": False} if fuse else {}))
     return y
 
 
@@ -3793,7 +3990,7 @@ def _cuda_gpus() -> list[dict]:
 # a fresh worker takes the remaining ones.
 
 BENCH_BACKENDS = ("fp16", "w4a8", "w4a16", "qqq", "qqq-gemm")
-SWEEP_M = (16, 1024)   # --sweep over several cases times these M only (a few minutes on an H200)
+SWEEP_M = (16, 1024)   # --sweep over several cases times these M only (a few minutes on an H200), or --sweep-m
 BENCH_L2_FACTOR = 3
 BENCH_MAX_COPIES = 128
 BENCH_CHECKS = [  # (M, N, K, group, act, dtype): odd sizes, every group kind, both dtypes
@@ -3804,11 +4001,12 @@ BENCH_CHECKS = [  # (M, N, K, group, act, dtype): odd sizes, every group kind, b
 ]
 
 
-def bench_cases(shapes: str | None, m: int, k: int, n: int) -> list[dict]:
+def bench_cases(shapes: str | None, m: int | None, k: int, n: int) -> list[dict]:
+    """--shapes gpt-oss: every GPT-OSS Linear at GPT_OSS_BENCH_M, or at M = m alone when m is given."""
     if shapes == "gpt-oss":
         return [{"shape": name, "M": mm, "K": kk, "N": nn}
-                for name, kk, nn in GPT_OSS_SHAPES for mm in GPT_OSS_BENCH_M]
-    return [{"shape": f"{k}->{n}", "M": m, "K": k, "N": n}]
+                for name, kk, nn in GPT_OSS_SHAPES for mm in (GPT_OSS_BENCH_M if m is None else (m,))]
+    return [{"shape": f"{k}->{n}", "M": 16 if m is None else m, "K": k, "N": n}]
 
 
 def backend_label(backend: str, group) -> str:
@@ -3818,10 +4016,20 @@ def backend_label(backend: str, group) -> str:
 
 
 def sweep_configs(m: int) -> list[Int4GemmConfig]:
-    """Alternatives timed by --sweep (graph timing) next to int4_gemm_config's pick: the planar
-    kernel over tile, split-K, prefetch and pipelining, and the one-dot-per-group kernel (grouped=True;
-    at M <= 16 only run 7's runners-up, its full grid is in bench/RESULTS.md)."""
+    """Alternatives timed by --sweep (graph timing) next to int4_gemm_config's pick: at M = 1 the
+    GEMV's tiles and the tensor-core kernel; else the planar kernel over tile, split-K, prefetch and
+    pipelining, and the one-dot-per-group kernel (grouped=True; at M <= 16 only run 7's runners-up,
+    its full grid is in bench/RESULTS.md)."""
     C = Int4GemmConfig
+    if m == 1:   # the GEMV (CUDA cores) around run 70's winners; Triton's own pipelining; the tensor-core kernel
+        return [C(1, bn, kpi, False, 4, 1, split_k=sk, gemv=True, prefetch=True)
+                for bn in (32, 64) for kpi in (256, 512) for sk in (4, 8)] + \
+               [C(1, 16, 512, False, 4, 1, split_k=8, gemv=True, prefetch=True),
+                C(1, 128, 256, False, 8, 1, split_k=8, gemv=True, prefetch=True),
+                C(1, 64, 256, False, 4, 3, split_k=8, gemv=True),
+                C(1, 32, 256, False, 4, 3, split_k=4, gemv=True),
+                C(1, 64, 256, True, 4, 1, split_k=8, gemv=True, prefetch=True),
+                C(16, 64, 64, False, 4, 1, split_k=16, grouped=True, prefetch=True)]
     if m <= 16:
         return [C(16, bn, 256, False, 4, st, split_k=sk, planar=True, prefetch=pre)
                 for bn in (32, 64, 128) for sk in (4, 8, 16) for pre, st in ((True, 1), (False, 3))] + \
@@ -4059,7 +4267,7 @@ def _run_bench_workers(jobs: list[dict], iters: int, graph: bool, job_timeout_s:
 
 
 def run_runtime_bench(cases: list[dict], backends: list[str], group, iters: int = 200, graph: bool = True,
-                      sweep: bool = False, check: bool = True) -> dict:
+                      sweep: bool = False, check: bool = True, sweep_m: tuple = SWEEP_M) -> dict:
     """Correctness checks on tricky shapes, then every backend on every case; returns a report
     dict (JSON-able): env, checks, results (one row per case x backend), sweep, summary."""
     report = {"env": runtime_environment(), "settings": {
@@ -4078,9 +4286,10 @@ def run_runtime_bench(cases: list[dict], backends: list[str], group, iters: int 
                          "label": backend_label(b, group), **cs})
     if sweep and ({"w4a8", "w4a16"} & set(backends)):
         for ci, cs in enumerate(cases):
-            if len(cases) > 1 and cs["M"] not in SWEEP_M:
+            if len(cases) > 1 and cs["M"] not in sweep_m:
                 continue
-            for b in ["w4a8" if "w4a8" in backends else "w4a16"]:   # A16 runs the same tiles
+            # A16 runs the tensor-core kernels' tiles as A8 does; the GEMV's math differs (fp32 vs int32)
+            for b in [b for b in ("w4a8", "w4a16") if b in backends][:2 if cs["M"] == 1 else 1]:
                 for si, cfg in enumerate([int4_gemm_config(cs["M"], cs["N"], cs["K"], per_channel=group is None,
                                                             act=b[2:])]
                                          + sweep_configs(cs["M"])):
@@ -4433,11 +4642,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for b in skipped:
         log(f"bench: skipping {b}: " + (qqq_status()[1] if b.startswith("qqq") else triton_status()[1]))
     backends = [b for b in backends if b not in skipped]
+    try:
+        sweep_m = tuple(int(v) for v in args.sweep_m.split(",")) if args.sweep_m else SWEEP_M
+    except ValueError:
+        raise UserError(f"--sweep-m: expected M values separated by commas (e.g. 1,16), got {args.sweep_m!r}")
     cases = bench_cases(args.shapes, args.M, args.K, args.N)
     log(f"bench: {len(cases)} case(s) x {len(backends)} backend(s), group {args.group}, {args.iters} iters"
         + (", + config sweep" if args.sweep else ""))
     report = run_runtime_bench(cases, backends, group, iters=args.iters, graph=not args.no_graph,
-                               sweep=args.sweep, check=not args.no_check)
+                               sweep=args.sweep, check=not args.no_check,
+                               sweep_m=sweep_m)
     report["settings"]["skipped_backends"] = {b: (qqq_status()[1] if b.startswith("qqq") else triton_status()[1])
                                               for b in skipped}
     report["settings"]["command"] = " ".join(sys.argv)
@@ -5241,12 +5455,12 @@ dense path only and says so.""")
     v.add_argument("--require-w4a8", action="store_true",
                    help="exit 3 unless a W4A8 GEMM (QQQ or built-in Triton) runs and passes its self-test here")
     v.add_argument("--bench", action="store_true", help="time FP16 vs W4A8/W4A16 GEMMs (needs a GPU)")
-    v.add_argument("--M", type=int, default=16, help="--bench: tokens (default: %(default)s)")
+    v.add_argument("--M", type=int, help="--bench: tokens (default: 16; with --shapes: 1,16,64,256,1024)")
     v.add_argument("--K", type=int, default=4096, help="--bench: in features (default: %(default)s)")
     v.add_argument("--N", type=int, default=4096, help="--bench: out features (default: %(default)s)")
     v.add_argument("--iters", type=int, default=200, help="--bench: timed calls per case (default: %(default)s)")
     v.add_argument("--shapes", choices=["gpt-oss"],
-                   help="--bench: every GPT-OSS Linear shape at M=1,16,64,256,1024 instead of --M/--K/--N")
+                   help="--bench: every GPT-OSS Linear shape (at --M, else at M=1,16,64,256,1024) instead of --K/--N")
     v.add_argument("--group", default="64", choices=["32", "64", "128", "channel"],
                    help="--bench: scale group of the built-in kernels (default: %(default)s; QQQ is per channel)")
     v.add_argument("--backends", default=",".join(BENCH_BACKENDS),
@@ -5254,6 +5468,7 @@ dense path only and says so.""")
     v.add_argument("--no-graph", action="store_true", help="--bench: eager timing only")
     v.add_argument("--no-check", action="store_true", help="--bench: skip the correctness checks")
     v.add_argument("--sweep", action="store_true", help="--bench: also time alternative W4A8 kernel configs")
+    v.add_argument("--sweep-m", metavar="M,M", help="--sweep with --shapes gpt-oss: at these M (default: 16,1024)")
     v.add_argument("--out", metavar="FILE", help="--bench: write the full report as JSON here")
     v.add_argument("--model", metavar="DIR",
                    help="a W4A16/W4A8 checkpoint made by quantize: its int4 Linear layers through the built-in "

@@ -103,7 +103,8 @@ def every_config_bucket():
                                 (1024, False)):
             cfg = c.int4_gemm_config(m_bucket, 33 if m_bucket < 1024 else 4096, 320, per_channel=group is None,
                                      act="a8", eager=eager)
-            err = c.relative_error(c.int4_linear(x, wp, ws, act="a8", config=cfg), ref)
+            rows = 1 if cfg.gemv else 7   # the M = 1 GEMV takes one row
+            err = c.relative_error(c.int4_linear(x[:rows], wp, ws, act="a8", config=cfg), ref[:rows])
             assert err <= TOL, (cfg.label(), err)
             worst = max(worst, err)
     return worst
@@ -185,6 +186,34 @@ def planar_kernel_every_switch():
                                (C(16, 16, 256, False, split_k=4, planar=True, w_lhs=False), planar),
                                (C(32, 16, 256, False, planar=True), None)):
                 worst = max(worst, twice_within_tol(x, wp, ws, act, cfg, ref, planar=given))
+    return worst
+
+
+@case
+def gemv_kernel_every_switch():
+    """int4_gemv_kernel (M = 1 on the CUDA cores): A8 with x_q from int8_rows_kernel or quantized
+    inside, A16; fp16 and bf16 x; group 32 / 64 / 128 and per channel; 2, 4 and 8 words per
+    step; split-K with atomics, with slices, and with more splits than steps; prefetch on and off;
+    K = 2880 (GPT-OSS) and K = 36 (rows not on 16 bytes, a padded last word)."""
+    C = c.Int4GemmConfig
+    worst = 0.0
+    configs = (C(1, 16, 256, False, 4, 1, split_k=3, gemv=True, prefetch=True),
+               C(1, 32, 512, True, 4, 1, split_k=2, gemv=True, split_stores=True),
+               C(1, 16, 128, True, 2, 1, split_k=1, gemv=True, prefetch=True),
+               C(1, 16, 128, False, 4, 1, split_k=16, gemv=True))
+    for n, k, group in ((13, 2880, 64), (21, 640, 32), (19, 512, 128), (40, 320, None), (9, 36, None)):
+        wp, ws = random_int4_layer(n, k, group, seed=n)
+        for dtype, tol in ((torch.float16, TOL), (torch.bfloat16, 5e-3)):   # bf16: see bf16_activations_a8
+            x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+            for act in ("a8", "a16"):
+                ref = c.int4_linear_reference(x, wp, ws.to(dtype), act=act)
+                for cfg in configs if dtype == torch.float16 and k < 2880 else configs[:2]:
+                    y1 = c.int4_linear(x, wp, ws.to(dtype), act=act, config=cfg)
+                    y2 = c.int4_linear(x, wp, ws.to(dtype), act=act, config=cfg)
+                    err = c.relative_error(y1, ref)
+                    assert err <= tol and c.relative_error(y2, ref) <= tol, (n, k, group, dtype, act, cfg.label(), err)
+                    assert torch.equal(y1, y2) or cfg.split_k > 1 and not cfg.split_stores, cfg.label()
+                    worst = max(worst, err)
     return worst
 
 
@@ -304,7 +333,8 @@ def moe_rows_routed_on_the_device():
             x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(52)).to(torch.float16)
             for act, fuse in (("a8", True), ("a8", False), ("a16", None)):
                 tiles = (16, 64, 4, None)
-                y = c.int4_moe(x, None, wp, ws, bias, act=act, tiles=tiles, fuse=fuse, row_experts=row_experts)
+                y = c.int4_moe(x, None, wp, ws, bias, act=act, tiles=tiles, fuse=fuse, row_experts=row_experts,
+                               gemv=False)
                 assert torch.equal(y, c.int4_moe(x, counts, wp, ws, bias, act=act, tiles=tiles, fuse=fuse)), \
                     (counts, group, act, fuse)
                 for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, bias, act=act).items():
@@ -318,6 +348,29 @@ def moe_rows_routed_on_the_device():
             c._launch_int4_moe(c._triton_kernels(), (1, 1), x, x, wp, ws, None, y, row_experts, wp, 0, "a16",
                                c._moe_chunk(k, ws.shape[-1]), ws.shape[-1], False, False, True, (16, 64, 4, None))
             assert not y[:first].isnan().any() and y[first:].isnan().all(), (counts, group)
+    return worst
+
+
+@case
+def moe_decode_gemv():
+    """int4_moe's decode path on the CUDA cores (int4_moe_gemv_kernel, a row per program): the
+    default at one token (4 rows); rows of four experts and of one expert twice, group 32 / 64 /
+    128 and per channel (K = 2880 once), A8 fused and unfused, A16, with a bias: each expert's rows
+    against float64; split-K with the bias added once, and a share with no steps."""
+    worst = 0.0
+    for counts, k, group in (([1, 0, 1, 1, 0, 1], 2880, 64), ([0, 2, 0, 1], 256, 32), ([1, 0, 0], 512, 128),
+                             ([0, 1, 1, 0, 2], 320, None)):
+        row_experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        wp, ws = random_moe_layers(len(counts), 24, k, group, seed=60)
+        bias = torch.randn(len(counts), 24, generator=torch.Generator().manual_seed(61)).to(torch.float16)
+        x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(62)).to(torch.float16)
+        for act, fuse in (("a8", None), ("a8", False), ("a16", None)):
+            y = c.int4_moe(x, None, wp, ws, bias, act=act, fuse=fuse, row_experts=row_experts,
+                           tiles=None if k == 2880 else (16, 16, 2, 3))   # 3 shares of 2-5 steps: one empty
+            for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, bias, act=act).items():
+                err = c.relative_error(y[lo:hi], ref)
+                assert err <= TOL, (counts, group, act, fuse, lo, err)
+                worst = max(worst, err)
     return worst
 
 
@@ -449,10 +502,11 @@ def test_activation_quantization_reference():
 
 
 def lowered_ptx(kernel: str, consts: dict, x_dtype: str, cc: int, warps: int, stages: int,
-                ws_dtype: str = "*fp16", ptrs: dict | None = None) -> str:
+                ws_dtype: str = "*fp16", ptrs: dict | None = None, aligned: bool = False) -> str:
     """PTX of one kernel lowered for sm_<cc> with triton's bundled ptxas (no GPU needed): the
     interpreter does not catch what only the GPU compiler rejects (dot shapes, layouts). Skips
-    where this triton's compiler API differs."""
+    where this triton's compiler API differs. aligned: every pointer on 16 bytes, as Triton
+    specializes a launch on torch's allocations."""
     triton = pytest.importorskip("triton")
     try:
         from triton.backends.compiler import GPUTarget
@@ -466,7 +520,9 @@ def lowered_ptx(kernel: str, consts: dict, x_dtype: str, cc: int, warps: int, st
            **(ptrs or {})}
     sig = {n: "constexpr" if n in consts else ptr.get(n, "i32") for n in names}
     try:
-        src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+        src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()},
+                        **({"attrs": {(names.index(n),): [["tt.divisibility", 16]] for n in names
+                                      if sig[n].startswith("*")}} if aligned else {}))
     except TypeError as e:
         pytest.skip(f"triton {triton.__version__}: other ASTSource signature ({e})")
     return triton.compile(src, target=GPUTarget("cuda", cc, 32),
@@ -534,6 +590,28 @@ def test_planar_kernel_compiles_for_gpus_without_a_gpu(cc):
                   "BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "SPLIT_K": split, "SPLIT_STORES": split > 1 and a8}
         ptx = lowered_ptx("int4_gemm_planar", consts, xdt, cc, warps, 3)
         assert (".s8.s8" in ptx) == a8, (consts, "int8 MMA expected exactly for A8")
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_gemv_kernel_compiles_for_gpus_without_a_gpu(cc):
+    """The M = 1 kernel lowered for sm_80 / sm_90: no MMA (CUDA cores), and at K % 32 == 0 (W_ALIGN 4)
+    the weights load as 16-byte vectors; at W_ALIGN 1 Triton cannot know that and loads words one by one."""
+    configs = [  # (A8, FUSE, GROUP_W, PREFETCH, BLOCK_N, BLOCK_W, W_ALIGN, SPLIT_K, SPLIT_STORES, warps, x)
+        (True, False, 8, True, 32, 32, 4, 4, False, 4, "*i8"), (True, True, 8, True, 32, 32, 4, 4, False, 4, "*bf16"),
+        (False, False, 4, True, 64, 32, 4, 2, True, 4, "*fp16"), (True, False, 0, False, 16, 64, 4, 8, False, 4, "*i8"),
+        (False, False, 0, True, 32, 32, 1, 1, False, 2, "*bf16")]
+    for a8, fuse, gw, pre, bn, bw, align, split, stores, warps, xdt in (configs if cc == 90 else configs[:2]):
+        consts = {"A8": a8, "FUSE": fuse, "FUSE_CHUNKS": 12 if fuse else 1, "GROUP_W": gw, "PREFETCH": pre,
+                  "BLOCK_N": bn, "BLOCK_W": bw, "W_ALIGN": align, "SPLIT_K": split, "SPLIT_STORES": stores}
+        ptx = lowered_ptx("int4_gemv", consts, xdt, cc, warps, 1, ws_dtype="*bf16", aligned=True)
+        assert "mma" not in ptx, consts
+        assert ("ld.global.v4.b32" in ptx) == (align == 4), (consts, "16-byte weight loads expected exactly at W_ALIGN 4")
+    for a8, fuse, gw in ((True, True, 8), (False, False, 0)):   # int4_moe's decode kernel on the same tile
+        consts = {"A8": a8, "HAS_BIAS": True, "GROUP_W": gw, "FUSE": fuse, "FUSE_CHUNKS": 12 if fuse else 1,
+                  "BLOCK_N": 64, "BLOCK_W": 32, "W_ALIGN": 4, "SPLIT_K": 4}
+        ptx = lowered_ptx("int4_moe_gemv", consts, "*bf16", cc, 4, 1, ws_dtype="*bf16",
+                          ptrs={"b_ptr": "*bf16", "e_ptr": "*i64"}, aligned=True)
+        assert "mma" not in ptx and "ld.global.v4.b32" in ptx, consts
 
 
 @pytest.mark.parametrize("cc", [80, 90])
@@ -625,12 +703,15 @@ def test_float64_reference_is_the_dequantized_matmul():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_moe_decode_routing_stays_on_the_gpu():
+@pytest.mark.parametrize("gemv_rows", [c.MOE_GEMV_ROWS, 0], ids=["gemv", "tensor_cores"])
+def test_moe_decode_routing_stays_on_the_gpu(gemv_rows, monkeypatch):
     """A decode step's MoE (routed_experts_forward: sort, both int4_moe calls, the weighted sum)
     never waits on the GPU (torch's sync debug mode raises on any host sync), so it can be captured
     in a CUDA graph once and replayed with another token routed to other experts; each step
-    against the float64 reference of the same quantized math, expert by expert."""
+    against the float64 reference of the same quantized math, expert by expert. Both decode
+    kernels: the GEMV (the default at one token) and the tensor-core one."""
     import types
+    monkeypatch.setattr(c, "MOE_GEMV_ROWS", gemv_rows)
     dev, k, n, experts, top = torch.device("cuda"), 2880, 256, 32, 4
     gate_up = [t.cuda() for t in random_moe_layers(experts, 2 * n, k, 64, dtype=torch.bfloat16, seed=60)]
     down = [t.cuda() for t in random_moe_layers(experts, k, n, 64, dtype=torch.bfloat16, seed=61)]

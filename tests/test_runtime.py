@@ -60,11 +60,13 @@ def test_bench_needs_a_gpu():
 
 
 def test_bench_cases_cover_gpt_oss_shapes():
-    cases = c.bench_cases("gpt-oss", 16, 4096, 4096)
+    cases = c.bench_cases("gpt-oss", None, 4096, 4096)   # --M unset
     assert len(cases) == 25
     assert {(x["K"], x["N"]) for x in cases} == {(2880, 4096), (2880, 512), (4096, 2880), (2880, 5760), (2880, 2880)}
     assert {x["M"] for x in cases} == {1, 16, 64, 256, 1024}
     assert c.bench_cases(None, 16, 4096, 4096) == [{"shape": "4096->4096", "M": 16, "K": 4096, "N": 4096}]
+    assert {x["M"] for x in c.bench_cases("gpt-oss", 1, 0, 0)} == {1} and len(c.bench_cases("gpt-oss", 1, 0, 0)) == 5
+    assert c.bench_cases(None, None, 4096, 4096)[0]["M"] == 16   # --M unset
 
 
 def test_bench_report_survives_failing_workers():
