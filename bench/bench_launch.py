@@ -6,7 +6,8 @@ and for int4_moe's kernel at one token (4 routed experts, gate_up), beside a who
 and torch ops. Host microseconds per call, 2000 calls back to back, then until the GPU is done.
 Then the GPU time alone (CUDA graph, the row-block table fixed) of int4_moe's kernel at 1 and 4
 tokens: int8_rows + kernel vs the kernel quantizing x itself (fused), and the kernel over tiles
-(BLOCK_N, warps), beside torch._grouped_mm BF16 on the same experts.
+(BLOCK_N, warps), beside torch._grouped_mm BF16 on the same experts; and the whole device-routed
+int4_moe call (a decode step's) with tensor cores against the GEMV (int4_moe_gemv_kernel) over its tiles.
 
   python bench/bench_launch.py --out res.json
 """
@@ -19,6 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import compress_gptoss as c  # noqa: E402
+
+
+MOE_GEMV_TILES = [(32, 32, 4, 1), (32, 32, 4, 2), (32, 32, 4, 8), (64, 32, 4, 4), (64, 32, 4, 8), (16, 32, 4, 4),
+                  (32, 64, 4, 4), (16, 64, 4, 8)]   # (BLOCK_N, BLOCK_W, warps, SPLIT_K)
 
 
 def per_call_us(fn, calls: int) -> dict:
@@ -74,8 +79,10 @@ def main() -> int:
         lambda: c.int4_moe(x, counts, wp, ws, None, "a8", fuse=True), a.calls)
     row_experts = torch.tensor([3, 9, 17, 30], device=dev)
     rows["int4_moe call (A8, 1 token: moe kernel quantizing x itself, rows' experts on the GPU, no table)"] = \
+        per_call_us(lambda: c.int4_moe(x, None, wp, ws, None, "a8", row_experts=row_experts, gemv=False), a.calls)
+    rows["int4_moe call (A8, 1 token: GEMV kernel quantizing x itself, rows' experts on the GPU; the default)"] = \
         per_call_us(lambda: c.int4_moe(x, None, wp, ws, None, "a8", row_experts=row_experts), a.calls)
-    assert torch.equal(c.int4_moe(x, None, wp, ws, None, "a8", row_experts=row_experts),
+    assert torch.equal(c.int4_moe(x, None, wp, ws, None, "a8", row_experts=row_experts, gemv=False),
                        c.int4_moe(x, counts, wp, ws, None, "a8", fuse=True)), "device-routed y differs"
     assert torch.equal(c.int4_moe(x, counts, wp, ws, None, "a8", fuse=True),
                        c.int4_moe(x, counts, wp, ws, None, "a8", fuse=False)), "fused x_q differs"
@@ -134,6 +141,20 @@ def main() -> int:
                             "fused": fuse, "us": us, "bf16_grouped_mm_us": bf, "same_as_int4_moe": same})
                 print(f"GPU {name} {tokens} token(s): {'kernel quantizing x itself' if fuse else 'int8_rows + kernel'}"
                       f" (16, 64, 4) {us:6.1f} us, grouped_mm bf16 {bf:6.1f} us ({bf / us:.2f} x), same y: {same}",
+                      flush=True)
+            # the whole device-routed call (what a decode step runs), tensor cores vs the GEMV and its tiles
+            row_e = flat.to(dev)
+            for gemv, tiles in [(False, None), (True, None)] + [(True, t) for t in MOE_GEMV_TILES]:
+                def call(i, gemv=gemv, tiles=tiles):
+                    return c.int4_moe(xr, None, wpn, wsn, None, "a8", row_experts=row_e, gemv=gemv, tiles=tiles)
+                us = c._time_graph_us(call, 1, 200)
+                err = c.relative_error(call(0), ref.double())
+                label = ("GEMV " + ("default " + str(c.MOE_GEMV_TILE) if tiles is None else str(tiles))
+                         if gemv else "tensor cores (16-row tile)")
+                gpu.append({"proj": name, "tokens": tokens, "rows": len(rows_e), "call": "int4_moe row_experts",
+                            "gemv": gemv, "tiles": tiles, "us": us, "bf16_grouped_mm_us": bf, "rel_err_vs_int4_moe": err})
+                print(f"GPU {name} {tokens} token(s) ({len(rows_e)} rows): int4_moe, rows' experts on the GPU, {label}"
+                      f" {us:6.1f} us, grouped_mm bf16 {bf:6.1f} us ({bf / us:.2f} x), rel. diff to the table path {err:.1e}",
                       flush=True)
             for bn in (32, 64, 128):
                 for warps in (2, 4):

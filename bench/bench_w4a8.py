@@ -10,9 +10,10 @@ error against float64 beside every timing. QQQ runs in its own worker processes.
   python bench/bench_w4a8.py --out bench/h200.json                 # all GPT-OSS shapes, group 64
   python bench/bench_w4a8.py --group 32 --sweep --out bench/h200-g32.json
   python bench/bench_w4a8.py --M 16 --K 4096 --N 4096               # one shape (the seed's default)
+  python bench/bench_w4a8.py --M 1 --sweep --sweep-m 1               # every shape at M = 1, + the M = 1 sweep
 
 Every option of `verify-runtime --bench` works here (see `compress_gptoss.py verify-runtime -h`);
-without --M/--K/--N/--shapes it runs --shapes gpt-oss. Exit 3 without a GPU.
+without --K/--N/--shapes it runs --shapes gpt-oss (at --M if given). Exit 3 without a GPU.
 """
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ import compress_gptoss  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    if not any(a.split("=")[0] in ("--shapes", "--M", "--K", "--N") for a in argv):
+    if not any(a.split("=")[0] in ("--shapes", "--K", "--N") for a in argv):   # --M alone: every shape at M
         argv = ["--shapes", "gpt-oss"] + argv
     return compress_gptoss.main(["verify-runtime", "--bench"] + argv)
 
