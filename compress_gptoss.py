@@ -3414,7 +3414,7 @@ class Int4GemmConfig:
 
 def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool = False,
                      act: str = "a8", bf16: bool = False, eager: bool = False) -> Int4GemmConfig:
-    """Picked from sweeps on an H200 (bench/RESULTS.md, runs 6-8, 24-26 and 70-71). At M = 1 (decode) the
+    """Picked from sweeps on an H200 (bench/RESULTS.md, runs 6-8, 24-26 and 70-73). At M = 1 (decode) the
     GEMV on the CUDA cores (a tensor-core MMA would compute 16 rows to use one). At M <= 16 the GEMM
     streams int4 weights: split-K until there are ~5 programs per SM, each prefetching its next
     group (latency, not bandwidth, is what the sweep rewarded; num_stages 1). Above M = 64 the
@@ -3432,7 +3432,7 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool =
             split *= 2
         return split
     C = Int4GemmConfig
-    if m == 1:   # runs 70-71: 64 x 256 split 8 per channel, 32 x 256 split 4 with groups, k/v-sized N: 512 split 8
+    if m == 1:   # runs 70-72: 64 x 256 split 8 per channel, 32 x 256 split 4 with groups, k/v-sized N: 512 split 8
         bn, kpi, split = ((32 if per_channel else 16), 512, 8) if n < 1024 else (64, 256, 8) if per_channel else (32, 256, 4)
         return C(1, bn, kpi, eager and act == "a8", 4, 1, split_k=min(split, -(-k // kpi)), gemv=True, prefetch=True)
     if m <= 16:
@@ -3726,7 +3726,7 @@ MOE_FUSE_ROWS = 16           # one launch less, 124 -> 84 us of host per call fo
 MOE_DEVICE_ROUTING_ROWS = 16
 # ... and at up to this many (one token of top-4) int4_moe_gemv_kernel, a row per program on the CUDA cores
 MOE_GEMV_ROWS = 4
-MOE_GEMV_TILE = (32, 32, 4, 1)   # (BLOCK_N, BLOCK_W words per step, num_warps, SPLIT_K): run 72, split-K lost
+MOE_GEMV_TILE = (32, 32, 4, 1)   # (BLOCK_N, BLOCK_W words per step, num_warps, SPLIT_K): run 73, split-K no faster
 
 
 def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act: str = "a8",
