@@ -214,7 +214,12 @@ def gemv_kernel_every_switch():
                     assert err <= tol and c.relative_error(y2, ref) <= tol, (n, k, group, dtype, act, cfg.label(), err)
                     assert torch.equal(y1, y2) or cfg.split_k > 1 and not cfg.split_stores, cfg.label()
                     worst = max(worst, err)
-    return worst
+    wp, ws = random_int4_layer(21, 320, 40, seed=3)   # groups of 40: no GEMV tile, M = 1 falls back
+    x = torch.randn(1, 320, generator=torch.Generator().manual_seed(3)).to(torch.float16)
+    err = c.relative_error(c.int4_linear(x, wp, ws, act="a8"), c.int4_linear_reference(x, wp, ws, act="a8"))
+    assert err <= TOL and c._cached_int4_plan((1, 21, 320, 8, "a8", torch.float16, torch.device("cpu"), None,
+                                               False)).kernel == "int4_gemm", err
+    return max(worst, err)
 
 
 @case
