@@ -3041,24 +3041,37 @@ def _triton_kernels():
                    pid_k, BLOCK_M, BLOCK_N, SPLIT_K, SPLIT_STORES)
 
     @triton.jit
-    def gemv_tile(x_row, inv, w_rows, n_mask, s_rows, w_lo, w_hi, K, A8: tl.constexpr, FUSE: tl.constexpr,
-                  X_PERM: tl.constexpr, GROUP_W: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_W: tl.constexpr):
-        """One row of activations (x_row) against the packed words [w_lo, w_hi) of BLOCK_N weight
-        columns (w_rows, s_rows: their row pointers) on the CUDA cores -> [BLOCK_N], fp32 (int32
-        for A8 per channel, GROUP_W 0; else GROUP_W words per scale, BLOCK_W a multiple of it).
-        Nibble j of word w is input 8w + j, so nibble j of a word tile meets one activation per
-        word: a shift, a mask and a multiply-add per weight, no shuffles and no tensor-core operand
-        layout (an MMA would compute 16 rows to use one). The tile is [BLOCK_N, groups, words of a
+    def gemv_tile(x_row, sx_row, w_rows, s_rows, n_mask, KW, pid_k, K, A8: tl.constexpr, FUSE: tl.constexpr,
+                  FUSE_CHUNKS: tl.constexpr, GROUP_W: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_W: tl.constexpr, W_ALIGN: tl.constexpr, SPLIT_K: tl.constexpr):
+        """One row of activations (x_row; A8's s_x at sx_row) against share pid_k of SPLIT_K of the KW
+        packed words of BLOCK_N weight columns (w_rows, s_rows: their row pointers) on the CUDA cores
+        -> the [1, BLOCK_N] fp32 share of y, every scale applied (GROUP_W words per scale, BLOCK_W a
+        multiple of it; 0: per channel). W_ALIGN: 4 when every weight row starts on 16 bytes
+        (K % 32 == 0, every GPT-OSS layer), else 1: with it Triton knows the words' rows and the
+        share bounds are whole 16 bytes (vector loads). Nibble j of word w is input 8w + j, so
+        nibble j of a word tile meets one activation per word: a shift, a mask and a multiply-add
+        per weight, no shuffles and no tensor-core operand layout (an MMA would compute 16 rows to
+        use one). The tile is [BLOCK_N, groups, words of a
         group] (per channel [BLOCK_N, 1, BLOCK_W]) and every tensor of the loop has that shape, so
         Triton gives them one layout, and a group's scale is one load and one multiply (a 2-D
         word tile needed both per word: o_proj 13.3 -> 9.1 us; per channel [BLOCK_N, BLOCK_W / 8, 8]
         was 1-2 us slower than this, runs 70-71). q = u - 8 is one subtraction per word:
         sum_j q_j x_j = sum_j u_j x_j - 8 sum_j x_j. A8: the products summed in int32, the integers
-        an int8 MMA gives. X_PERM: x is int8_rows_kernel's x_q stored with PERM_KW = BLOCK_W (nibble
-        j's activations contiguous); FUSE: x fp16/bf16 quantized here with the row's inv
-        (row_scales). PREFETCH: the next step's words load before this one's math."""
+        an int8 MMA gives, x_q being int8_rows_kernel's stored with PERM_KW = BLOCK_W (nibble j's
+        activations contiguous), or with FUSE the fp16/bf16 row quantized here (row_scales).
+        PREFETCH: the next step's words load before this one's math."""
+        X_PERM: tl.constexpr = A8 and not FUSE
         GW: tl.constexpr = GROUP_W if GROUP_W else BLOCK_W
+        per_split = tl.cdiv(tl.cdiv(KW, BLOCK_W), SPLIT_K) * BLOCK_W
+        w_lo = pid_k * per_split
+        w_hi = tl.minimum(KW // W_ALIGN * W_ALIGN, w_lo + per_split)
+        one = tl.arange(0, 1)
+        inv = tl.full([1], 1.0, tl.float32)
+        if FUSE:
+            inv, s_x = row_scales(x_row, one, one == 0, 0, K, FUSE_CHUNKS, 1)
+        elif A8:
+            s_x = tl.load(sx_row + one)
         offs = tl.arange(0, BLOCK_W // GW)[:, None] * GW + tl.arange(0, GW)[None, :]    # [groups, GW]
         acc = tl.zeros([BLOCK_N, BLOCK_W // GW, GW] if GROUP_W == 0 else [BLOCK_N, BLOCK_W // GW],
                        dtype=tl.int32 if (A8 and GROUP_W == 0) else tl.float32)
@@ -3103,9 +3116,13 @@ def _triton_kernels():
                 sc = tl.load(s_rows[:, None] + g[None, :], mask=n_mask[:, None] & (g * GW < w_hi)[None, :], other=0.0)
                 acc += tl.sum(t, axis=2).to(tl.float32) * sc.to(tl.float32)
         if GROUP_W == 0:
-            y = tl.sum(tl.sum(acc, axis=2), axis=1)
+            y = tl.sum(tl.sum(acc, axis=2), axis=1).to(tl.float32)
+            y = y * tl.load(s_rows, mask=n_mask, other=0.0).to(tl.float32)
         else:
             y = tl.sum(acc, axis=1)
+        y = y[None, :]
+        if A8:
+            y = y * s_x[:, None]
         return y
 
     @triton.jit
@@ -3116,30 +3133,15 @@ def _triton_kernels():
                          W_ALIGN: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_STORES: tl.constexpr):
         """M = 1 (decode): y = x @ dequant(W).T by gemv_tile, no tensor cores. Program (n block, s)
         takes the s-th share of the K steps of BLOCK_W words; store_tile sums the shares. A8: x_q
-        from int8_rows_kernel (PERM_KW = BLOCK_W), or with FUSE quantized here (row_scales).
-        W_ALIGN: 4 when every weight row starts on 16 bytes (K % 32 == 0, every GPT-OSS layer), else 1:
-        with it Triton knows the words' rows and split bounds are whole 16 bytes (vector loads)."""
+        from int8_rows_kernel (PERM_KW = BLOCK_W), or with FUSE quantized here (row_scales)."""
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         offs_m = tl.arange(0, 1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_mask = offs_m < M
         n_mask = offs_n < N
-        per_split = tl.cdiv(tl.cdiv(KW_ALL, BLOCK_W), SPLIT_K) * BLOCK_W
-        w_lo = pid_k * per_split
-        w_hi = tl.minimum(KW_ALL // W_ALIGN * W_ALIGN, w_lo + per_split)
-        inv = tl.full([1], 1.0, tl.float32)
-        if FUSE:
-            inv, s_x = row_scales(x_ptr, offs_m, m_mask, stride_xm, K, FUSE_CHUNKS, 1)
-        elif A8:
-            s_x = tl.load(sx_ptr + offs_m)
         w_rows = w_ptr + offs_n.to(tl.int64) * (stride_wn // W_ALIGN) * W_ALIGN
-        acc = gemv_tile(x_ptr, inv, w_rows, n_mask, ws_ptr + offs_n * stride_sn, w_lo, w_hi, K, A8, FUSE,
-                        A8 and not FUSE, GROUP_W, PREFETCH, BLOCK_N, BLOCK_W).to(tl.float32)[None, :]
-        if GROUP_W == 0:
-            acc = acc * tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if A8:
-            acc = acc * s_x[:, None]
-        store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, 0, pid_n,
+        acc = gemv_tile(x_ptr, sx_ptr, w_rows, ws_ptr + offs_n * stride_sn, n_mask, KW_ALL, pid_k, K, A8, FUSE,
+                        FUSE_CHUNKS, GROUP_W, PREFETCH, BLOCK_N, BLOCK_W, W_ALIGN, SPLIT_K)
+        store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, offs_m < M, n_mask, M, N, stride_ym, 0, pid_n,
                    pid_k, 1, BLOCK_N, SPLIT_K, SPLIT_STORES)
 
     @triton.jit
@@ -3318,30 +3320,18 @@ def _triton_kernels():
         """int4_moe at decode, rows' experts on the GPU (e_ptr): program (row, n block, s) runs
         gemv_tile for that row against BLOCK_N columns of its expert over the s-th share of K;
         store_tile sums the shares (a row per program, so two rows of one expert read its weights
-        twice, the second time mostly from L2). A8, FUSE, GROUP_W, W_ALIGN as in int4_gemv_kernel;
-        the first share carries the bias, so y is rounded once."""
+        twice, the second time mostly from L2). A8, FUSE, GROUP_W, W_ALIGN as in gemv_tile; the
+        first share carries the bias, so y is rounded once."""
         row, pid_n, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         e = tl.load(e_ptr + row).to(tl.int64)
         offs_m = row + tl.arange(0, 1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        inv = tl.full([1], 1.0, tl.float32)
-        if FUSE:
-            inv, s_x = row_scales(x_ptr, offs_m, offs_m >= 0, stride_xm, K, FUSE_CHUNKS, 1)
-        elif A8:
-            s_x = tl.load(sx_ptr + offs_m)
         w_rows = (w_ptr + e * (stride_we // W_ALIGN) * W_ALIGN
                   + offs_n.to(tl.int64) * (stride_wn // W_ALIGN) * W_ALIGN)
-        s_rows = ws_ptr + e * stride_se + offs_n * stride_sn
-        per_split = tl.cdiv(tl.cdiv(K // 8, BLOCK_W), SPLIT_K) * BLOCK_W
-        w_lo = pid_k * per_split
-        w_hi = tl.minimum(K // 8 // W_ALIGN * W_ALIGN, w_lo + per_split)
-        acc = gemv_tile(x_ptr + row * stride_xm, inv, w_rows, n_mask, s_rows, w_lo, w_hi, K, A8, FUSE, A8 and not FUSE,
-                        GROUP_W, True, BLOCK_N, BLOCK_W).to(tl.float32)[None, :]
-        if GROUP_W == 0:
-            acc = acc * tl.load(s_rows, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if A8:
-            acc = acc * s_x[:, None]
+        acc = gemv_tile(x_ptr + row * stride_xm, sx_ptr + row, w_rows, ws_ptr + e * stride_se + offs_n * stride_sn,
+                        n_mask, K // 8, pid_k, K, A8, FUSE, FUSE_CHUNKS, GROUP_W, True, BLOCK_N, BLOCK_W, W_ALIGN,
+                        SPLIT_K)
         if HAS_BIAS:
             bias = tl.load(b_ptr + e * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             acc += tl.where(pid_k == 0, bias, 0.0)
