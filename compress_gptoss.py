@@ -4530,7 +4530,8 @@ def prefill_lengths(text: str) -> tuple:
 def cmd_verify_runtime(args: argparse.Namespace) -> int:
     if args.model:
         with _stdout_to_stderr():   # library loggers (loguru) write to stdout; stdout is the report's
-            rep = verify_model(Path(args.model), args.bf16, args.new_tokens, prefill=args.prefill_tokens)
+            rep = verify_model(Path(args.model), args.bf16, args.new_tokens, prefill=args.prefill_tokens,
+                               graph=not args.no_graph)
         print(json.dumps(rep, indent=2) if args.json else _format_model_report(rep))
         return 0
     if args.bench:
@@ -4842,9 +4843,10 @@ def _time_prefill(model, tokens: int, device, reps: int = 3) -> float:
 DECODE_REPS = 3   # one generation is one sample: a stall inside it (a compile, before e4effd8) set the figure
 
 
-def _run_model(model, prompts, device, new_tokens: int, prefill: tuple = ()) -> dict:
+def _run_model(model, prompts, device, new_tokens: int, prefill: tuple = (), graph: bool = False) -> dict:
     """Next-token logits on every prompt position, greedy generation speed (the median of
-    DECODE_REPS generations), and the prefill speed at each length in `prefill`."""
+    DECODE_REPS generations), the prefill speed at each length in `prefill`, and (graph) the speed
+    of decoding as CUDA-graph replays."""
     import torch
     out = {"logits": []}
     with torch.no_grad():
@@ -4868,12 +4870,115 @@ def _run_model(model, prompts, device, new_tokens: int, prefill: tuple = ()) -> 
     out["decode_tokens_per_s_runs"] = runs
     out["tokens_per_s"] = sorted(runs)[len(runs) // 2]
     out["generated"] = gen[0, ids.shape[1]:].tolist()
+    if graph:
+        out["graph_decode"] = _graph_decode(model, ids, new_tokens, out["generated"])
     return out
 
 
 def _speeds(run: dict) -> dict:
     """The timings of one _run_model result, as verify_model reports them for each model."""
-    return {key: run[key] for key in ("tokens_per_s", "decode_tokens_per_s_runs", "prefill_tokens_per_s")}
+    return {key: run[key] for key in ("tokens_per_s", "decode_tokens_per_s_runs", "prefill_tokens_per_s", "graph_decode")
+            if key in run}
+
+
+GRAPH_WARMUP_STEPS = 3   # eager decode steps (on a side stream) before the capture, as torch.cuda.graphs asks
+
+
+def _capture_safe_eager_mask(dtype=None, **kw):
+    """transformers' eager_mask (masking_utils) without its one capture hazard: it builds the mask's
+    0 with torch.tensor(0.0, device=cuda), a copy from host memory that a CUDA-graph capture rejects
+    (run 65). Same values. Written by hand: transformers has no capture-safe eager mask."""
+    import torch
+    from transformers.masking_utils import sdpa_mask
+    kw.pop("allow_is_causal_skip", None)
+    mask = sdpa_mask(allow_is_causal_skip=False, **kw)
+    return None if mask is None else torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device),
+                                                 torch.finfo(dtype).min)
+
+
+def static_cache_decode(model, ids, new_tokens: int, graph: bool = False, feed: list | None = None) -> dict:
+    """Greedy decode of one sequence into a StaticCache: GRAPH_WARMUP_STEPS steps, then `new_tokens`
+    timed steps, each a plain forward or (graph) one replay of a CUDA graph of the step, captured once
+    after the warm-up. A replay launches nothing from Python. Eager decode at batch 1 is bound by the
+    host (a 1-token forward kept the GPU busy 20-29 % of its time, runs 60 and 65), and serving
+    engines decode from graphs for that reason. `feed`: the token ids to give each step instead of
+    the model's own choice (two runs' logits compared step by step on the same inputs).
+    Returns tokens/s over the timed steps, the token chosen after the prompt and after every step,
+    the tokens fed, and every step's last-position logits (float32, CPU)."""
+    import torch
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticSlidingWindowLayer
+    from transformers.masking_utils import AttentionMaskInterface
+    prompt, steps, device = ids.shape[1], GRAPH_WARMUP_STEPS + new_tokens, ids.device
+    window = getattr(model.config, "sliding_window", None)
+    if window and prompt + steps + 1 > window:   # a full sliding layer rolls with a host-built index
+        raise UserError(f"graph decode: a {prompt}-token prompt + {GRAPH_WARMUP_STEPS} warm-up + {new_tokens} new "
+                        f"tokens exceed the sliding window ({window}), past which transformers' static cache "
+                        f"rolls with host-side indices that a CUDA graph cannot follow; ask for fewer --new-tokens")
+    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 1)
+    for layer in cache.layers:   # a sliding layer gives its length (the masks' offset) as a host int, which a
+        if isinstance(layer, StaticSlidingWindowLayer):   # graph would freeze (run 68); within the window
+            layer.get_seq_length = lambda layer=layer: layer.cumulative_length   # its count is the same value
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    masks = AttentionMaskInterface._global_mapping   # swapped back in `finally`: other models keep theirs
+    eager_mask, masks["eager"] = masks["eager"], _capture_safe_eager_mask
+    fed, chosen, logits = [], [], []
+    try:
+        with torch.no_grad():
+            last = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device=device)).logits[:, -1]
+            tok, pos = last.argmax(-1, keepdim=True), torch.tensor([prompt], device=device)
+            chosen.append(tok.clone())
+
+            def step():   # all in place, so that a replay reads and writes the captured tensors
+                last.copy_(model(tok, past_key_values=cache, cache_position=pos).logits[:, -1])
+                tok.copy_(last.argmax(-1, keepdim=True))
+                pos.add_(1)
+
+            def run_steps(run, first, count):   # no host sync inside: clones stay on the device
+                for i in range(first, first + count):
+                    if feed is not None:
+                        tok.fill_(feed[i])
+                    fed.append(tok.clone())
+                    run()
+                    chosen.append(tok.clone())
+                    logits.append(last.clone())
+            run = step
+            if graph:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    run_steps(step, 0, GRAPH_WARMUP_STEPS)
+                torch.cuda.current_stream().wait_stream(side)
+                captured = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(captured):
+                    step()
+                run = captured.replay
+            else:
+                run_steps(step, 0, GRAPH_WARMUP_STEPS)
+            sync()
+            t0 = time.perf_counter()
+            run_steps(run, GRAPH_WARMUP_STEPS, new_tokens)
+            sync()
+            took = time.perf_counter() - t0
+    finally:
+        masks["eager"] = eager_mask
+    return {"tokens_per_s": new_tokens / max(took, 1e-9), "steps": steps,
+            "tokens": [int(t) for t in chosen], "fed": [int(t) for t in fed],
+            "logits": [x.float().cpu() for x in logits]}
+
+
+def _graph_decode(model, ids, new_tokens: int, generated: list) -> dict:
+    """static_cache_decode as CUDA-graph replays, for verify_model: tokens/s, and how many of the
+    greedy tokens generate() chose it chose too. A capture that fails is reported, not raised: the
+    rest of the report stands."""
+    try:
+        r = static_cache_decode(model, ids, new_tokens, graph=True)
+    except UserError as e:
+        return {"skipped": str(e)}
+    except Exception as e:   # e.g. a host sync inside the capture (a transformers version that adds one)
+        return {"failed": f"{type(e).__name__}: {str(e)[:300]}"}
+    same = sum(a == b for a, b in zip(r["tokens"], generated))
+    return {"tokens_per_s": r["tokens_per_s"], "same_tokens_as_generate": same, "compared": len(generated)}
 
 
 def compare_logits(ref: list, test: list) -> dict:
@@ -4914,9 +5019,10 @@ def kernel_activation_rule():
 
 
 def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, device: str | None = None,
-                 prefill: tuple = ()) -> dict:
+                 prefill: tuple = (), graph: bool = True) -> dict:
     """The built-in kernels on a quantized checkpoint vs its dense decompression (and the BF16
-    source's speed: decode, and prefill at each prompt length in `prefill`). Without a CUDA GPU:
+    source's speed: decode, and prefill at each prompt length in `prefill`; on a GPU, with `graph`,
+    decode as CUDA-graph replays too, for the kernels and the BF16 source). Without a CUDA GPU:
     the dense fallback only, and the report says so."""
     import gc
     import torch
@@ -4927,6 +5033,9 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
     prompts, prompt_kind = _prompt_ids(path)
     rep = {"model": str(path), "device": device, "prompts": prompt_kind, "new_tokens": new_tokens,
            "prefill_tokens": list(prefill)}
+    graph = graph and device == "cuda"
+    if not graph:
+        rep["graph_decode"] = "off (--no-graph)" if device == "cuda" else "skipped: a CUDA graph needs a CUDA GPU"
 
     def free(m):
         del m
@@ -4946,7 +5055,7 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
         quant = loader(path, decompress=False)
         rep["kernels"] = attach_int4_kernels(quant)
         quant.to(device)
-        k = _run_model(quant, prompts, device, new_tokens, prefill)
+        k = _run_model(quant, prompts, device, new_tokens, prefill, graph)
         free(quant)
         rep["mode"] = "built-in int4 kernels vs the dense decompression of the same checkpoint"
         rep["quantized"] = dict(_speeds(k), generated=k["generated"])
@@ -4956,7 +5065,7 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
     if src and Path(src).is_dir():
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).to(device)
-        s = _run_model(model, prompts, device, new_tokens, prefill)
+        s = _run_model(model, prompts, device, new_tokens, prefill, graph)
         free(model)
         rep["bf16_source"] = dict(_speeds(s), path=src)
     else:
@@ -4986,10 +5095,25 @@ def _format_model_report(rep: dict) -> str:
                      f"{rep['same_greedy_tokens']}/{rep['new_tokens']}")
     lines.append(f"decode          {speeds(lambda r: r.get('tokens_per_s'), True)} (greedy, batch 1, {rep['new_tokens']} "
                  f"new tokens, median of {DECODE_REPS} generations)")
+    if "graph_decode" in rep:   # why there is none
+        lines.append(f"decode graph    {rep['graph_decode']}")
+    else:
+        runs = {"kernels": rep.get("quantized", {}), "BF16 source": src}
+        lines.append("decode graph    " + ", ".join(f"{who} {_format_graph_run(r.get('graph_decode'))}" for who, r in runs.items())
+                     + f" (StaticCache, each token one CUDA-graph replay, {rep['new_tokens']} steps after "
+                     f"{GRAPH_WARMUP_STEPS}; the dense decompression is not captured)")
     for t in rep.get("prefill_tokens", []):
         lines.append(f"prefill {t:<7} {speeds(lambda r: r.get('prefill_tokens_per_s', {}).get(str(t)))} "
                      f"(one forward over {t} prompt tokens, batch 1)")
     return "\n".join(lines)
+
+
+def _format_graph_run(g: dict | None) -> str:
+    if not g:
+        return "-"
+    if "tokens_per_s" not in g:
+        return g.get("skipped") or f"failed ({g['failed']})"
+    return f"{g['tokens_per_s']:.1f} tokens/s (greedy tokens as generate's {g['same_tokens_as_generate']}/{g['compared']})"
 
 
 # ---- install-kernel (QQQ) ----
@@ -5439,7 +5563,10 @@ launch overhead included) and in a CUDA graph (GPU time only), the speedup over 
 and beside every timing the relative error against float64 math on the same quantized values.
 Each backend runs in a worker process, so a CUDA fault is reported as that case's error.
 --bench needs a CUDA GPU: without one it says so and exits 3. --model without a GPU runs the
-dense path only and says so.""")
+dense path only and says so. On a GPU, --model also times decode with each token one CUDA-graph
+replay into a static cache (how serving engines decode; HF generate() launches every kernel from
+Python, which at batch 1 sets the speed): prompt + new tokens must fit the sliding window (128 in
+gpt-oss). --no-graph skips it.""")
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.add_argument("--require-gpu", action="store_true", help="exit 3 unless a CUDA GPU works")
     v.add_argument("--require-w4a8", action="store_true",
@@ -5455,7 +5582,8 @@ dense path only and says so.""")
                    help="--bench: scale group of the built-in kernels (default: %(default)s; QQQ is per channel)")
     v.add_argument("--backends", default=",".join(BENCH_BACKENDS),
                    help="--bench: comma list from %(default)s (absent ones are skipped and said)")
-    v.add_argument("--no-graph", action="store_true", help="--bench: eager timing only")
+    v.add_argument("--no-graph", action="store_true",
+                   help="--bench: eager timing only; --model: no decode as CUDA-graph replays")
     v.add_argument("--no-check", action="store_true", help="--bench: skip the correctness checks")
     v.add_argument("--sweep", action="store_true", help="--bench: also time alternative W4A8 kernel configs")
     v.add_argument("--sweep-m", metavar="M,M", help="--sweep with --shapes gpt-oss: at these M (default: 16,1024)")

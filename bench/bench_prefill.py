@@ -9,7 +9,7 @@ for build, dequantize and quantize; one verify-runtime process times the three m
                                                  # then the new code again: before / now in one run
   python bench/bench_prefill.py --profile 1,2048 # then, in this process: the kernels model and the BF16
                                                  # source under torch.profiler, one forward per length
-  python bench/bench_prefill.py --graph 8,20     # then, in this process: decode 20 tokens into a StaticCache,
+  python bench/bench_prefill.py --graph 8,64     # then, in this process: decode 64 tokens into a StaticCache,
                                                  # eagerly and as CUDA-graph replays, kernels model and BF16
   python bench/bench_prefill.py --check 1,128    # then: every int4_linear call of one forward per length
                                                  # against its float64 reference (int4_linear_reference)
@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 GPTOSS_20B_LAYER = dict(hidden=2880, intermediate=2880, experts=32, top_k=4, heads=64, kv_heads=8,
                         head_dim=64, vocab=201088)
+GPTOSS_WINDOW = 128   # gpt-oss's sliding_window; the tiny fixture's config has 32 (set here since run 76)
 
 
 def cli(*args, log: Path, script: Path = ROOT / "compress_gptoss.py") -> tuple:
@@ -68,6 +69,10 @@ def report(rep: dict, title: str, new_tokens: int) -> None:
     print("| tokens/s | kernels | dense decompressed | BF16 source | kernels / BF16 | kernels / dense |")
     print("|---|---|---|---|---|---|")
     row(f"decode ({new_tokens} new)", lambda r: r.get("tokens_per_s"))
+    row("decode, CUDA graph", lambda r: (r.get("graph_decode") or {}).get("tokens_per_s"))
+    for who, r in runs.items():
+        if "graph_decode" in r:
+            print(f"{who} graph decode: {r['graph_decode']}")
     for t in rep["prefill_tokens"]:
         row(f"prefill {t}", lambda r, t=t: r.get("prefill_tokens_per_s", {}).get(str(t)))
 
@@ -186,95 +191,38 @@ def profile(q: Path, bf16: Path, lengths: list, rows: int) -> dict:
     return out
 
 
-def capture_safe_eager_mask(dtype=None, **kw):
-    """transformers' eager_mask (masking_utils) without its one capture hazard: it builds the mask's 0
-    with torch.tensor(0.0, device=cuda), a copy from host memory that a CUDA-graph capture rejects
-    (run 65); registered for "eager" (AttentionMaskInterface) in graph_decode. Same values."""
-    import torch
-    from transformers.masking_utils import sdpa_mask
-    kw.pop("allow_is_causal_skip", None)
-    mask = sdpa_mask(allow_is_causal_skip=False, **kw)
-    return None if mask is None else torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device),
-                                                 torch.finfo(dtype).min)
-
-
 def graph_decode(q: Path, bf16: Path, prompt: int, new: int) -> dict:
-    """Greedy decode into a StaticCache of the kernels model and of the BF16 source: eagerly, then
-    with each step one CUDA-graph replay (captured once; warm-up steps on a side stream first, as
-    torch.cuda.graphs asks). Eager decode is bound by the host (--profile: the GPU is busy ~28 % of
-    a 1-token forward), a graph replay is not: the gap is what launches cost. Tokens/s over `new`
-    steps after the warm-up. The graph run is fed the eager run's tokens (teacher forcing: this
-    random model's logits are near ties, so one rounding apart would send free-running tokens
-    elsewhere, run 67) and its logits are compared with the eager ones step by step. Both modes do
-    the same two copies per step (a token in or out, the logits out)."""
+    """Greedy decode into a StaticCache of the kernels model and of the BF16 source, eagerly and as
+    CUDA-graph replays (compress_gptoss.static_cache_decode, which verify-runtime --model runs too).
+    Eager decode is bound by the host (--profile: the GPU is busy ~28 % of a 1-token forward), a
+    graph replay is not: the gap is what launches cost. The graph run is fed the eager run's tokens
+    (teacher forcing: this random model's logits are near ties, so one rounding apart would send
+    free-running tokens elsewhere, run 67) and its logits are compared with the eager ones step by
+    step. Both modes do the same two copies per step (a token in or out, the logits out)."""
     import torch
-    from transformers import StaticCache
-    from transformers.cache_utils import StaticSlidingWindowLayer
-    from transformers.masking_utils import AttentionMaskInterface
-    AttentionMaskInterface.register("eager", capture_safe_eager_mask)   # both models, both modes
+    sys.path.insert(0, str(ROOT))
+    import compress_gptoss as cg
     dev = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: eager only, a smoke run
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    out, warm = {}, 3
+    out, warm = {}, cg.GRAPH_WARMUP_STEPS
     for who in ("kernels", "bf16"):
         model = load_model(who, q, bf16).to(dev).eval()
-        window = getattr(model.config, "sliding_window", None)
-        if window and prompt + warm + new + 1 > window:   # a full sliding layer rolls: torch.tensor([-1], device=...)
-            raise SystemExit(f"--graph: prompt + {warm} + new tokens must fit the sliding window ({window}): "
-                             f"once full, the static cache rolls with a host-built index and a host-side length "
-                             f"(masks' kv_offset), which a graph replay neither captures nor follows")
         ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)).to(dev)
-        runs, fed, ref = {}, [], []
+        runs = {}
         for mode in ("eager", "graph") if dev == "cuda" else ("eager",):
-            cache = StaticCache(config=model.config, max_cache_len=prompt + warm + new + 1)
-            for layer in cache.layers:   # a sliding layer gives its length (the masks' q_offset) as a host int,
-                if isinstance(layer, StaticSlidingWindowLayer):   # which a graph freezes (run 68): within the
-                    layer.get_seq_length = lambda layer=layer: layer.cumulative_length   # window, its GPU twin
-            logits = []
-            with torch.no_grad():
-                last = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device=dev)).logits[:, -1]
-                tok, pos = last.argmax(-1, keepdim=True), torch.tensor([prompt], device=dev)
-
-                def step():
-                    last.copy_(model(tok, past_key_values=cache, cache_position=pos).logits[:, -1])
-                    tok.copy_(last.argmax(-1, keepdim=True))
-                    pos.add_(1)
-
-                def steps(run, first, count):
-                    for i in range(first, first + count):
-                        if mode == "eager":
-                            fed.append(tok.clone())
-                        else:
-                            tok.copy_(fed[i])
-                        run()
-                        logits.append(last.clone())
-                try:
-                    if mode == "graph":
-                        side = torch.cuda.Stream()
-                        side.wait_stream(torch.cuda.current_stream())
-                        with torch.cuda.stream(side):
-                            steps(step, 0, warm)
-                        torch.cuda.current_stream().wait_stream(side)
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph):
-                            step()
-                        run = graph.replay
-                    else:
-                        steps(step, 0, warm)
-                        run = step
-                    sync()
-                    t0 = time.perf_counter()
-                    steps(run, warm, new)
-                    sync()
-                    took = time.perf_counter() - t0
-                except Exception as e:   # a sync inside the capture: report it, keep the other runs
-                    where = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_tb(e.__traceback__)]
-                    runs[mode] = {"failed": f"{type(e).__name__}: {str(e)[:200]} at {' < '.join(where[::-1][:6])}"}
-                    print(f"\n== graph decode {who} {mode}: FAILED {runs[mode]['failed']}", flush=True)
-                    continue
-            r = runs[mode] = {"tokens_per_s": new / took}
+            try:
+                r = cg.static_cache_decode(model, ids, new, graph=mode == "graph",
+                                           feed=runs["eager"]["fed"] if mode == "graph" else None)
+            except cg.UserError as e:
+                raise SystemExit(f"--graph: {e}")
+            except Exception as e:   # a sync inside the capture: report it, keep the other runs
+                where = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_tb(e.__traceback__)]
+                runs[mode] = {"failed": f"{type(e).__name__}: {str(e)[:200]} at {' < '.join(where[::-1][:6])}"}
+                print(f"\n== graph decode {who} {mode}: FAILED {runs[mode]['failed']}", flush=True)
+                continue
+            logits = r.pop("logits")
+            runs[mode] = r
             if mode == "eager":
                 ref = logits
-                r["tokens"] = [int(t) for t in torch.cat(fed, 1)[0].tolist()]
             else:   # against the eager logits of the same step and the same tokens fed
                 rel = [float((g.double() - e.double()).norm() / e.double().norm()) for g, e in zip(logits, ref)]
                 r["logits_rel_err"], r["logits_rel_err_max"] = rel, max(rel)
@@ -283,7 +231,7 @@ def graph_decode(q: Path, bf16: Path, prompt: int, new: int) -> dict:
                   + (f"; logits vs eager, same tokens fed: max rel. difference {r['logits_rel_err_max']:.1e}, "
                      f"same argmax {r['same_argmax']}/{warm + new}" if mode == "graph" else ""), flush=True)
         out[who] = runs
-        model = None   # (not del: step() closes over it)
+        model = None
         if dev == "cuda":
             torch.cuda.empty_cache()
     for mode in ("eager", "graph"):
@@ -308,7 +256,8 @@ def main():
     ap.add_argument("--rows", type=int, default=20, help="--profile: table rows")
     ap.add_argument("--check", help="prompt lengths at which to check every kernel call against float64, e.g. 1,128")
     ap.add_argument("--graph", help="PROMPT,NEW: then decode NEW tokens into a StaticCache, eager and as CUDA-graph "
-                                    "replays, both models, e.g. 8,20 (all within the sliding window: 32 here)")
+                                    "replays, both models, e.g. 8,64 (all within the sliding window: 128 at gpt-oss dims, "
+                                    "32 with --small)")
     ap.add_argument("--out")
     a = ap.parse_args()
     import tiny_gptoss
@@ -322,6 +271,9 @@ def main():
     if not (src / "config.json").exists():
         tiny_gptoss.build_random(src, tiny_gptoss.TinySpec(**{**tiny_gptoss.asdict(tiny_gptoss.TinySpec()), **dims,
                                                             "layers": a.layers, "train_steps": 0}))
+        if dims:
+            cfg = json.loads((src / "config.json").read_text())
+            (src / "config.json").write_text(json.dumps({**cfg, "sliding_window": GPTOSS_WINDOW}, indent=2))
     res["build_s"] = time.perf_counter() - t0
     bf16, q = work / f"{tag}-bf16", work / f"{tag}-{a.scheme}"
     res["dequantize_s"], _ = cli("dequantize", "--src", src, "--dst", bf16, "--overwrite", log=work / "dequantize.log")

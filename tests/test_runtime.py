@@ -196,6 +196,7 @@ def test_verify_model_without_gpu_runs_the_dense_fallback(w4a8_checkpoint):
     assert "kernels" not in rep and rep["dense"]["tokens_per_s"] > 0
     assert rep["bf16_source"].get("tokens_per_s")   # the source quantize recorded
     assert rep["prefill_tokens"] == [16, 48]
+    assert rep["graph_decode"] == "skipped: a CUDA graph needs a CUDA GPU"
     for run in (rep["dense"], rep["bf16_source"]):
         assert sorted(run["prefill_tokens_per_s"]) == ["16", "48"] and min(run["prefill_tokens_per_s"].values()) > 0
         decode = run["decode_tokens_per_s_runs"]   # one generation's speed is noisy: the median of 3
@@ -209,6 +210,7 @@ def test_verify_model_report_has_a_prefill_line_per_length(w4a8_checkpoint):
     lines = r.stdout.splitlines()
     assert [ln.split()[:2] for ln in lines if ln.startswith("prefill")] == [["prefill", "8"], ["prefill", "24"]]
     assert any(ln.startswith("decode ") and "tokens/s" in ln for ln in lines)
+    assert "decode graph    skipped: a CUDA graph needs a CUDA GPU" in lines
 
 
 def test_prefill_tokens_rejects_a_bad_list():
