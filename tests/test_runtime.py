@@ -69,13 +69,17 @@ def test_bench_cases_cover_gpt_oss_shapes():
     assert c.bench_cases(None, None, 4096, 4096)[0]["M"] == 16   # --M unset
 
 
-def test_bench_report_survives_failing_workers():
-    """Without CUDA every case fails inside its worker: each row says why, the report is whole."""
-    rep = c.run_runtime_bench(c.bench_cases(None, 4, 256, 128), ["fp16", "w4a8"], 64, iters=3, check=False)
+@pytest.mark.parametrize("dtype,tol", [("fp16", "1e-3"), ("bf16", "5e-3")])
+def test_bench_report_survives_failing_workers(dtype, tol):
+    """Without CUDA every case fails inside its worker: each row says why, the report is whole.
+    --dtype bf16: the baseline is bf16 nn.Linear and the error bound bf16's."""
+    rep = c.run_runtime_bench(c.bench_cases(None, 4, 256, 128), ["fp16", "w4a8"], 64, iters=3, check=False,
+                              dtype=dtype)
     assert [r["backend"] for r in rep["results"]] == ["fp16", "w4a8"]
-    assert all("error" in r for r in rep["results"])
+    assert all("error" in r for r in rep["results"]) and {r["dtype"] for r in rep["results"]} == {dtype}
     text = c.format_bench_report(rep)
-    assert "fp16 nn.Linear" in text and "built-in W4A8 g64" in text
+    assert f"{dtype} nn.Linear" in text and "built-in W4A8 g64" in text and f"speedup vs {dtype} nn.Linear" in text
+    assert rep["summary"][f"builtin_err<={tol}"] == "0/1"
     json.dumps(rep)
 
 
