@@ -55,6 +55,7 @@ class TinySpec:
     kv_heads: int = 2
     head_dim: int = 32
     vocab: int = 1024
+    window: int = 32           # sliding_window of every other layer (gpt-oss: 128)
     train_steps: int = 300     # 0 = random weights (scale benchmarks)
     seq_len: int = 64
     seed: int = 0
@@ -149,7 +150,7 @@ def gptoss_config(spec: TinySpec, tokenizer):
         num_hidden_layers=spec.layers, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_local_experts=spec.experts, num_experts_per_tok=spec.top_k,
         num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim,
-        vocab_size=spec.vocab, max_position_embeddings=4096, sliding_window=32,
+        vocab_size=spec.vocab, max_position_embeddings=4096, sliding_window=spec.window,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         router_aux_loss_coef=0.0, tie_word_embeddings=False,
     )
