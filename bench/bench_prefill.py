@@ -11,6 +11,7 @@ for build, dequantize and quantize; one verify-runtime process times the three m
                                                  # source under torch.profiler, one forward per length
   python bench/bench_prefill.py --graph 8,64     # then, in this process: decode 64 tokens into a StaticCache,
                                                  # eagerly and as CUDA-graph replays, kernels model and BF16
+  python bench/bench_prefill.py --layers 24 --drop-source  # the MXFP4 source deleted once dequantized (disk)
   python bench/bench_prefill.py --check 1,128    # then: every int4_linear call of one forward per length
                                                  # against its float64 reference (int4_linear_reference)
 
@@ -26,6 +27,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import shutil
 import subprocess
 import sys
 import time
@@ -190,46 +192,118 @@ def profile(q: Path, bf16: Path, lengths: list, rows: int) -> dict:
     return out
 
 
-def graph_decode(q: Path, bf16: Path, prompt: int, new: int) -> dict:
+def route_rings(model, steps: int):
+    """Forward hooks on every router that write each one-token step's top-k experts and the gap between
+    the k-th and (k+1)-th router logit into device rings, at a device counter: capture-safe (no host
+    sync, no Python list), so a CUDA graph replays the writes (compress_gptoss.router_recorder appends
+    to a Python list, which a replay would not redo). Returns ({layer: (experts, gaps, counter)}, handles)."""
+    import torch
+    rings, handles = {}, []
+    for name, m in model.named_modules():
+        if not name.endswith("mlp.router"):
+            continue
+        dev = next(m.parameters()).device
+        ring = (torch.zeros(steps, m.top_k, dtype=torch.long, device=dev), torch.zeros(steps, device=dev),
+                torch.zeros(1, dtype=torch.long, device=dev))
+
+        def hook(mod, inp, out, ring=ring):
+            logits = out[0]
+            if logits.shape[0] != 1:   # the prompt's forward
+                return
+            experts, gaps, at = ring
+            top = logits.float().topk(mod.top_k + 1, dim=-1)
+            row = at.clamp(max=experts.shape[0] - 1)
+            # the router's own choice (out[2]): a top-k of our own could break an exact tie otherwise (runs 84-85 did)
+            experts.index_copy_(0, row, out[2].reshape(1, -1).sort(-1).values)
+            gaps.index_copy_(0, row, top.values[:, mod.top_k - 1] - top.values[:, mod.top_k])
+            at.add_(1)
+        rings[name] = ring
+        handles.append(m.register_forward_hook(hook))
+    return rings, handles
+
+
+def route_flips(eager: dict, graph: dict, rel: list) -> dict:
+    """Where the graph run's experts differ from the eager run's (same tokens fed): per step, the
+    layers that flipped and the eager top-k gap there, beside the median gap over all steps and layers."""
+    import torch
+    flips, all_gaps = [], torch.cat([g.cpu() for _, g, _ in eager.values()])
+    for layer, (e_idx, e_gap, _) in eager.items():
+        g_idx = graph[layer][0]
+        for step in (e_idx.cpu() != g_idx.cpu()).any(-1).nonzero().flatten().tolist():
+            flips.append({"step": step, "layer": layer, "gap": float(e_gap[step]), "logits_rel_err": rel[step]})
+    return {"flips": flips, "gap_median": float(all_gaps.median()), "gap_min": float(all_gaps.min()),
+            "steps_over_0.1": [i for i, r in enumerate(rel) if r > 0.1]}
+
+
+def eager_and_graph(cg, model, who: str, ids, new: int, routes: bool, dev: str, repeats: int = 1) -> dict:
+    """One prompt through static_cache_decode eagerly, then as graph replays fed the eager tokens;
+    with repeats, again (eager, graph, ...), every run fed the same tokens and compared step by step
+    with the first eager run: which mode a one-step jump belongs to, and whether it comes back."""
+    warm, prompt = cg.GRAPH_WARMUP_STEPS, ids.shape[1]
+    runs, rings = {}, {}
+    modes = ("eager", "graph") if dev == "cuda" else ("eager",)
+    for i, mode in enumerate(m for _ in range(repeats) for m in modes):
+        name = mode if i < len(modes) else f"{mode} {i // len(modes) + 1}"
+        if routes:
+            rings[name], handles = route_rings(model, warm + new)
+        try:
+            r = cg.static_cache_decode(model, ids, new, graph=mode == "graph", feed=runs["eager"]["fed"] if i else None)
+        except cg.UserError as e:
+            raise SystemExit(f"--graph: {e}")
+        except Exception as e:   # a sync inside the capture: report it, keep the other runs
+            where = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_tb(e.__traceback__)]
+            runs[name] = {"failed": f"{type(e).__name__}: {str(e)[:200]} at {' < '.join(where[::-1][:6])}"}
+            print(f"\n== graph decode {who} {name}: FAILED {runs[name]['failed']}", flush=True)
+            continue
+        finally:
+            for h in handles if routes else ():
+                h.remove()
+        logits = r.pop("logits")
+        runs[name] = r
+        if i == 0:
+            ref = logits
+        else:   # against the first eager run's logits of the same step and the same tokens fed
+            rel = [float((g.double() - e.double()).norm() / e.double().norm()) for g, e in zip(logits, ref)]
+            r["logits_rel_err"], r["logits_rel_err_max"] = rel, max(rel)
+            r["same_argmax"] = sum(int(g.argmax()) == int(e.argmax()) for g, e in zip(logits, ref))
+        print(f"\n== graph decode {who} {name}: {r['tokens_per_s']:.1f} tokens/s over {new} steps (prompt {prompt})"
+              + (f"; logits vs eager, same tokens fed: max rel. difference {r['logits_rel_err_max']:.1e}, "
+                 f"same argmax {r['same_argmax']}/{warm + new}, steps > 0.1: "
+                 f"{[j for j, x in enumerate(rel) if x > 0.1]}" if i else ""), flush=True)
+        if routes and i:
+            r["routes"] = fl = route_flips(rings["eager"], rings[name], rel)
+            print(f"== routes {who} {name}: vs eager, experts differ at (step, layer, eager top-k gap): "
+                  f"{[(f['step'], f['layer'].split('.')[-3], round(f['gap'], 4)) for f in fl['flips']]}; "
+                  f"top-k gap over all steps and layers: median {fl['gap_median']:.3g}, min {fl['gap_min']:.3g}",
+                  flush=True)
+    return runs
+
+
+def graph_decode(q: Path, bf16: Path, prompt: int, new: int, routes: bool = False, seeds: tuple = (0,),
+                 repeats: int = 1) -> dict:
     """Greedy decode into a StaticCache of the kernels model and of the BF16 source, eagerly and as
     CUDA-graph replays (compress_gptoss.static_cache_decode, which verify-runtime --model runs too).
     Eager decode is bound by the host (--profile: the GPU is busy ~28 % of a 1-token forward), a
     graph replay is not: the gap is what launches cost. The graph run is fed the eager run's tokens
     (teacher forcing: this random model's logits are near ties, so one rounding apart would send
     free-running tokens elsewhere, run 67) and its logits are compared with the eager ones step by
-    step. Both modes do the same two copies per step (a token in or out, the logits out)."""
+    step. Both modes do the same two copies per step (a token in or out, the logits out).
+    routes: also record every router's experts per step in both modes (route_rings; its hooks add
+    to the timed steps) and list where the graph's experts differ from the eager run's. seeds: one
+    random prompt each; repeats: the kernels model's eager and graph runs per prompt (eager_and_graph)."""
     import torch
     sys.path.insert(0, str(ROOT))
     import compress_gptoss as cg
     dev = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: eager only, a smoke run
-    out, warm = {}, cg.GRAPH_WARMUP_STEPS
+    out = {}
     for who in ("kernels", "bf16"):
         model = load_model(who, q, bf16).to(dev).eval()
-        ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)).to(dev)
-        runs = {}
-        for mode in ("eager", "graph") if dev == "cuda" else ("eager",):
-            try:
-                r = cg.static_cache_decode(model, ids, new, graph=mode == "graph",
-                                           feed=runs["eager"]["fed"] if mode == "graph" else None)
-            except cg.UserError as e:
-                raise SystemExit(f"--graph: {e}")
-            except Exception as e:   # a sync inside the capture: report it, keep the other runs
-                where = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_tb(e.__traceback__)]
-                runs[mode] = {"failed": f"{type(e).__name__}: {str(e)[:200]} at {' < '.join(where[::-1][:6])}"}
-                print(f"\n== graph decode {who} {mode}: FAILED {runs[mode]['failed']}", flush=True)
-                continue
-            logits = r.pop("logits")
-            runs[mode] = r
-            if mode == "eager":
-                ref = logits
-            else:   # against the eager logits of the same step and the same tokens fed
-                rel = [float((g.double() - e.double()).norm() / e.double().norm()) for g, e in zip(logits, ref)]
-                r["logits_rel_err"], r["logits_rel_err_max"] = rel, max(rel)
-                r["same_argmax"] = sum(int(g.argmax()) == int(e.argmax()) for g, e in zip(logits, ref))
-            print(f"\n== graph decode {who} {mode}: {r['tokens_per_s']:.1f} tokens/s over {new} steps (prompt {prompt})"
-                  + (f"; logits vs eager, same tokens fed: max rel. difference {r['logits_rel_err_max']:.1e}, "
-                     f"same argmax {r['same_argmax']}/{warm + new}" if mode == "graph" else ""), flush=True)
-        out[who] = runs
+        for seed in seeds:   # a prompt per seed; the first seed's runs under `who`, the others' beside them
+            ids = torch.randint(0, model.config.vocab_size, (1, prompt),
+                                generator=torch.Generator().manual_seed(seed)).to(dev)
+            label = who if seed == seeds[0] else f"{who} seed {seed}"
+            out[label] = eager_and_graph(cg, model, label, ids, new, routes, dev,
+                                         repeats if who == "kernels" else 1)
         model = None
         if dev == "cuda":
             torch.cuda.empty_cache()
@@ -257,6 +331,14 @@ def main():
     ap.add_argument("--graph", help="PROMPT,NEW: then decode NEW tokens into a StaticCache, eager and as CUDA-graph "
                                     "replays, both models, e.g. 8,64 (all within the sliding window: 128 at gpt-oss dims, "
                                     "32 with --small)")
+    ap.add_argument("--drop-source", action="store_true",
+                    help="delete the random MXFP4 checkpoint once dequantized (24 layers at 20b dims: 13 + 42 + 12 GB "
+                         "do not fit a 64 GB disk together, 42 + 12 do)")
+    ap.add_argument("--seeds", default="0", help="--graph: one random prompt per seed, e.g. 0,1,2,3")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="--graph: run the kernels model's eager and graph decode this many times per prompt")
+    ap.add_argument("--routes", action="store_true",
+                    help="--graph: also record every router's experts per step and show where graph and eager differ")
     ap.add_argument("--out")
     a = ap.parse_args()
     import tiny_gptoss
@@ -273,6 +355,8 @@ def main():
     res["build_s"] = time.perf_counter() - t0
     bf16, q = work / f"{tag}-bf16", work / f"{tag}-{a.scheme}"
     res["dequantize_s"], _ = cli("dequantize", "--src", src, "--dst", bf16, "--overwrite", log=work / "dequantize.log")
+    if a.drop_source:
+        shutil.rmtree(src)
     calib = tiny_gptoss.corpus_jsonl(work / "calib.jsonl", "train", 8)
     flags = ["--symmetric"] if a.scheme == "w4a16" else []
     res["quantize_s"], _ = cli("quantize", "--model-in", bf16, "--algo", "rtn", "--experts", a.scheme, "--mw", a.scheme,
@@ -295,7 +379,8 @@ def main():
         if a.out:
             Path(a.out).write_text(json.dumps(res, indent=2))
     if a.graph:
-        res["graph_decode"] = graph_decode(q, bf16, *map(int, a.graph.split(",")))
+        res["graph_decode"] = graph_decode(q, bf16, *map(int, a.graph.split(",")), routes=a.routes,
+                                           seeds=tuple(int(x) for x in a.seeds.split(",")), repeats=a.repeats)
         if a.out:
             Path(a.out).write_text(json.dumps(res, indent=2))
     if a.profile:
