@@ -3384,12 +3384,13 @@ class Int4GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
-    split_k: int = 1       # programs sharing one output tile along K (atomics + last-arriver fixup)
+    split_k: int = 1       # programs sharing one output tile along K, summed by the last to arrive (store_tile)
     w_lhs: bool = True     # weights as the dot's left operand (y^T = W x^T), see the kernel
     grouped: bool = False  # int4_gemm_grouped_kernel (one dot per scale group) instead of int4_gemm_kernel
     prefetch: bool = False  # grouped/planar: next group's (chunk's) weights loaded before this one is computed
     planar: bool = False   # int4_gemm_planar_kernel on weights re-laid out by int4_planar (load time)
-    split_stores: bool = False  # split-K shares summed from per-split slices, not float atomics (store_tile)
+    split_stores: bool = True   # split-K shares in per-split slices summed in split order: the same bits every
+                                # call; False: fp32 atomics, whose order varies (greedy tokens could differ, run 85)
     codes: bool = False    # large M: int4 -> int8 / fp16 codes in a scratch buffer, then int4_codes_gemm_kernel
     dequant: bool = False  # codes: the weights q * scale (and A8's x_q * s_x) in x's dtype, then cuBLAS
     gemv: bool = False     # M = 1 (decode): int4_gemv_kernel, multiply-adds on the CUDA cores (block_m 1)
@@ -3601,7 +3602,8 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
              FUSE_ROWS=fuse_rows if mode == 2 else 2,                     # constexprs fixed when unused:
              QBLOCK_K=max(256, 4096 // fuse_rows) if mode == 2 else 256,  # one compile per config
-             GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, SPLIT_STORES=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+             GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, SPLIT_STORES=cfg.split_stores, num_warps=cfg.num_warps,
+             num_stages=cfg.num_stages,
              enable_fp_fusion=False),  # x * inv + 1.5 * 2^23 must round twice: no FMA contraction
         -(-k // (8 * kw)) * 8 * kw, "int4_gemm")
 
@@ -4809,7 +4811,11 @@ def routed_experts_forward(block, hidden_states, top_k_index, top_k_weights):
             y[start:start + n] = expert.down_proj(block._apply_gate(h))
             start += n
     weighted = y * top_k_weights.reshape(-1)[order, None]
-    return torch.zeros_like(hidden_states).index_add_(0, tokens, weighted.to(hidden_states.dtype))
+    # back to (token, slot) order, then each token's k rows summed in slot order in fp32 (or wider):
+    # index_add_ added them with atomics in bf16, in an order that varied from call to call (run 85)
+    by_slot = torch.empty_like(weighted).index_copy_(0, order, weighted)
+    acc = torch.promote_types(weighted.dtype, torch.float32)
+    return by_slot.view(-1, k, by_slot.shape[-1]).sum(1, dtype=acc).to(hidden_states.dtype)
 
 
 def _prompt_ids(path: Path, n_random: int = 16):
