@@ -4207,8 +4207,11 @@ def _run_bench_workers(jobs: list[dict], iters: int, graph: bool, job_timeout_s:
     import subprocess
     import threading
     results, pending = {}, list(jobs)
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
-            f"import compress_gptoss as c; sys.exit(c._bench_worker())")
+    # this very file, not whatever `compress_gptoss` the worker's sys.path finds first: an older copy
+    # run for a before/after comparison would otherwise time the checkout's kernels (run 86 did)
+    code = (f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('compress_gptoss', "
+            f"{str(Path(__file__).resolve())!r}); c = importlib.util.module_from_spec(spec); "
+            f"sys.modules['compress_gptoss'] = c; spec.loader.exec_module(c); sys.exit(c._bench_worker())")
     while pending:
         proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)

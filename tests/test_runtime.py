@@ -83,6 +83,22 @@ def test_bench_report_survives_failing_workers(dtype, tol):
     json.dumps(rep)
 
 
+def test_bench_workers_run_the_callers_file(tmp_path, monkeypatch):
+    """A copy of compress_gptoss.py elsewhere (a before/after comparison) runs its workers from
+    itself, not from the `compress_gptoss` that the worker's sys.path would find first."""
+    import importlib.util
+    copy = tmp_path / "compress_gptoss_before.py"
+    copy.write_text(Path(c.__file__).read_text() + "\n\ndef _bench_worker():   # answers with its own file\n"
+                    "    print('@@start ' + json.dumps({'id': 'who'}), flush=True)\n"
+                    "    print('@@bench ' + json.dumps({'id': 'who', 'error': __file__}), flush=True)\n    return 0\n")
+    spec = importlib.util.spec_from_file_location("compress_gptoss_before", copy)
+    before = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "compress_gptoss_before", before)   # dataclasses look their module up
+    spec.loader.exec_module(before)
+    res = before._run_bench_workers([{"id": "who", "label": "which file", "M": 1, "K": 8, "N": 8}], iters=1, graph=False)
+    assert res["who"]["error"] == str(copy), res
+
+
 def test_runtime_detection_helpers(monkeypatch):
     triton_ok = c.triton_status()[0]
     assert c.has_w4a8_runtime() == (triton_ok or c.qqq_status()[0])
