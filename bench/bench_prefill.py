@@ -222,17 +222,15 @@ def route_rings(model, steps: int):
     return rings, handles
 
 
-def route_flips(eager: dict, graph: dict, rel: list) -> dict:
-    """Where the graph run's experts differ from the eager run's (same tokens fed): per step, the
-    layers that flipped and the eager top-k gap there, beside the median gap over all steps and layers."""
+def route_flips(first: dict, other: dict, rel: list) -> dict:
+    """Where another run's experts differ from the first run's (same tokens fed): per step, the
+    layers that flipped and the first run's top-k gap there, beside the median gap over all steps and layers."""
     import torch
-    flips, all_gaps = [], torch.cat([g.cpu() for _, g, _ in eager.values()])
-    for layer, (e_idx, e_gap, _) in eager.items():
-        g_idx = graph[layer][0]
-        for step in (e_idx.cpu() != g_idx.cpu()).any(-1).nonzero().flatten().tolist():
-            flips.append({"step": step, "layer": layer, "gap": float(e_gap[step]), "logits_rel_err": rel[step]})
-    return {"flips": flips, "gap_median": float(all_gaps.median()), "gap_min": float(all_gaps.min()),
-            "steps_over_0.1": [i for i, r in enumerate(rel) if r > 0.1]}
+    flips, all_gaps = [], torch.cat([g.cpu() for _, g, _ in first.values()])
+    for layer, (f_idx, f_gap, _) in first.items():
+        for step in (f_idx.cpu() != other[layer][0].cpu()).any(-1).nonzero().flatten().tolist():
+            flips.append({"step": step, "layer": layer, "gap": float(f_gap[step]), "logits_rel_err": rel[step]})
+    return {"flips": flips, "gap_median": float(all_gaps.median()), "gap_min": float(all_gaps.min())}
 
 
 def eager_and_graph(cg, model, who: str, ids, new: int, routes: bool, dev: str, repeats: int = 1) -> dict:
@@ -266,10 +264,11 @@ def eager_and_graph(cg, model, who: str, ids, new: int, routes: bool, dev: str, 
             rel = [float((g.double() - e.double()).norm() / e.double().norm()) for g, e in zip(logits, ref)]
             r["logits_rel_err"], r["logits_rel_err_max"] = rel, max(rel)
             r["same_argmax"] = sum(int(g.argmax()) == int(e.argmax()) for g, e in zip(logits, ref))
+            r["steps_over_0.1"] = [j for j, x in enumerate(rel) if x > 0.1]
         print(f"\n== graph decode {who} {name}: {r['tokens_per_s']:.1f} tokens/s over {new} steps (prompt {prompt})"
               + (f"; logits vs eager, same tokens fed: max rel. difference {r['logits_rel_err_max']:.1e}, "
-                 f"same argmax {r['same_argmax']}/{warm + new}, steps > 0.1: "
-                 f"{[j for j, x in enumerate(rel) if x > 0.1]}" if i else ""), flush=True)
+                 f"same argmax {r['same_argmax']}/{warm + new}, steps > 0.1: {r['steps_over_0.1']}" if i else ""),
+              flush=True)
         if routes and i:
             r["routes"] = fl = route_flips(rings["eager"], rings[name], rel)
             print(f"== routes {who} {name}: vs eager, experts differ at (step, layer, eager top-k gap): "
