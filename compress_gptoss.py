@@ -2666,9 +2666,9 @@ def _triton_kernels():
             if arrived == SPLIT_K - 1:
                 tl.debug_barrier()
                 zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                if SPLIT_STORES:
+                if SPLIT_STORES:   # unrolled: every slice's load in flight at once, still summed in split order
                     total = zero
-                    for s in range(SPLIT_K):
+                    for s in tl.static_range(SPLIT_K):
                         total += tl.load(p_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")  # L2, not L1
                 else:
                     total = tl.atomic_add(p_ptrs, zero, mask=mask, sem="relaxed")  # read at L2, not L1
@@ -3319,9 +3319,9 @@ def _triton_kernels():
                              W_ALIGN: tl.constexpr, SPLIT_K: tl.constexpr):
         """int4_moe at decode, rows' experts on the GPU (e_ptr): program (row, n block, s) runs
         gemv_tile for that row against BLOCK_N columns of its expert over the s-th share of K;
-        store_tile sums the shares (a row per program, so two rows of one expert read its weights
-        twice, the second time mostly from L2). A8, FUSE, GROUP_W, W_ALIGN as in gemv_tile; the
-        first share carries the bias, so y is rounded once."""
+        store_tile sums the shares in split order (a row per program, so two rows of one expert read
+        its weights twice, the second time mostly from L2). A8, FUSE, GROUP_W, W_ALIGN as in
+        gemv_tile; the first share carries the bias, so y is rounded once."""
         row, pid_n, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         e = tl.load(e_ptr + row).to(tl.int64)
         offs_m = row + tl.arange(0, 1)
@@ -3336,7 +3336,7 @@ def _triton_kernels():
             bias = tl.load(b_ptr + e * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             acc += tl.where(pid_k == 0, bias, 0.0)
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, offs_m >= 0, n_mask, R, N, stride_ym, row, pid_n,
-                   pid_k, 1, BLOCK_N, SPLIT_K, False)
+                   pid_k, 1, BLOCK_N, SPLIT_K, True)
 
     @triton.jit
     def int4_read_floor_kernel(w_ptr, out_ptr, N, KW_ALL, stride_wn, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -3809,7 +3809,7 @@ def _int4_moe_gemv(kern, x, y, weight_packed, weight_scale, bias, row_experts, a
         kp = -(-k // (8 * block_w)) * 8 * block_w
         xa, sx = _int8_rows(x, kp, dict(_row_quant_consts(kp), PERM_KW=block_w))
     tiles_n = -(-n // block_n)
-    part, count = _split_k_workspace(x.device, r * n, r * tiles_n) if split > 1 else (y, y)
+    part, count = _split_k_workspace(x.device, split * r * n, r * tiles_n, True) if split > 1 else (y, y)
     kern["int4_moe_gemv"][(r, tiles_n, split)](
         xa, sx, weight_packed, weight_scale, weight_packed if bias is None else bias, y, part, count, row_experts, r, n, k,
         xa.stride(0), weight_packed.stride(0), weight_packed.stride(1), weight_scale.stride(0), weight_scale.stride(1),

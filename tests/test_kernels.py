@@ -7,6 +7,7 @@ in ONE child process (`python tests/test_kernels.py CASE...`) started with the v
 test reads its case's outcome. Shapes stay tiny: the interpreter runs every program in numpy."""
 import json
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -718,6 +719,33 @@ def test_default_configs_sum_split_k_in_a_fixed_order():
     assert split > 100, split   # the rule still splits: the check above is not vacuous
     plan = c._int4_plan(16, 5760, 2880, 45, "a8", torch.float16, torch.device("cpu"), None)
     assert plan.gemm_consts["SPLIT_K"] > 1 and plan.gemm_consts["SPLIT_STORES"], plan.gemm_consts
+
+
+
+def test_default_kernels_add_no_floats_atomically():
+    """The PTX of the decode kernels as their default plans launch them (M = 1 GEMV, M = 16 grouped
+    GEMM, int4_moe's decode GEMV with a split) has no float atomic add: the order of a float sum
+    would then depend on which program came first. The same M = 16 plan with split_stores=False
+    has one, so the pattern finds what it looks for."""
+    float_atomic = re.compile(r"\b(?:atom|red)\.[a-z0-9.]*add\.f32")
+    ptxs = {}
+    for m in (1, 16):
+        plan = c._int4_plan(m, 5760, 2880, 45, "a8", torch.float16, torch.device("cpu"), None)
+        assert plan.cfg.split_k > 1, plan.cfg.label()
+        consts = {k: v for k, v in plan.gemm_consts.items() if k not in ("num_warps", "num_stages", "enable_fp_fusion")}
+        xdt = "*fp16" if consts.get("FUSE") else "*i8"
+        ptxs[plan.kernel] = lowered_ptx(plan.kernel, consts, xdt, 90, plan.cfg.num_warps, plan.cfg.num_stages,
+                                        aligned=True)
+        if m == 16:
+            atomics = lowered_ptx(plan.kernel, {**consts, "SPLIT_STORES": False}, xdt, 90, plan.cfg.num_warps,
+                                  plan.cfg.num_stages, aligned=True)
+            assert float_atomic.search(atomics), "fp32 atomics expected with split_stores=False"
+    consts = {"A8": True, "HAS_BIAS": True, "GROUP_W": 8, "FUSE": False, "FUSE_CHUNKS": 1, "BLOCK_N": 64,
+              "BLOCK_W": 32, "W_ALIGN": 4, "SPLIT_K": 4}
+    ptxs["int4_moe_gemv"] = lowered_ptx("int4_moe_gemv", consts, "*i8", 90, 4, 1, ws_dtype="*bf16",
+                                        ptrs={"b_ptr": "*bf16", "e_ptr": "*i64", "y_ptr": "*bf16"}, aligned=True)
+    for kernel, ptx in ptxs.items():
+        assert not float_atomic.search(ptx), (kernel, float_atomic.search(ptx).group(0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -52,12 +52,30 @@ def test_bench_needs_a_gpu():
     r = run_cli("verify-runtime", "--bench", "--shapes", "gpt-oss")
     assert r.returncode == 3
     assert "needs a CUDA GPU" in r.stderr and r.stdout == ""
-    for script in ("bench_w4a8.py", "bench_large_m.py", "bench_int4_eager.py"):
+    for script in ("bench_w4a8.py", "bench_large_m.py", "bench_int4_eager.py", "bench_split_k.py"):
         r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--out", "unused.json"],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 3 and "needs a CUDA GPU" in r.stderr, (script, r.stderr[-500:])
         assert not Path("unused.json").exists()
 
+
+
+def test_split_k_bench_pairs_each_default_with_its_atomics():
+    """bench_split_k.py times, for every GPT-OSS shape at M = 1 and 16 (both split K by default), the
+    default config against the very same config with fp32 atomics, each variant once per round."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_split_k", ROOT / "bench" / "bench_split_k.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    jobs = bench.jobs_for_round(c, 1, [1, 16], ["a8"], 64, "fp16")
+    cases = {(j["shape"], j["M"]) for j in jobs}
+    assert len(cases) == 2 * len(c.GPT_OSS_SHAPES)
+    for shape, m in cases:
+        by = {j["variant"]: j for j in jobs if (j["shape"], j["M"]) == (shape, m)}
+        default = c.int4_gemm_config(m, by["linear"]["N"], by["linear"]["K"]).__dict__
+        assert by["a8 slices"]["config"] == default and default["split_k"] > 1, (shape, m)
+        assert by["a8 atomics"]["config"] == {**default, "split_stores": False}, (shape, m)
+        assert len(by) == len([j for j in jobs if (j["shape"], j["M"]) == (shape, m)])   # each once
 
 def test_bench_cases_cover_gpt_oss_shapes():
     cases = c.bench_cases("gpt-oss", None, 4096, 4096)   # --M unset
