@@ -3406,9 +3406,13 @@ class Int4GemmConfig:
 def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool = False,
                      act: str = "a8", bf16: bool = False, eager: bool = False) -> Int4GemmConfig:
     """Picked from sweeps on an H200 (bench/RESULTS.md, runs 6-8, 24-26 and 70-73). At M = 1 (decode) the
-    GEMV on the CUDA cores (a tensor-core MMA would compute 16 rows to use one). At M <= 16 the GEMM
-    streams int4 weights: split-K until there are ~5 programs per SM, each prefetching its next
-    group (latency, not bandwidth, is what the sweep rewarded; num_stages 1). Above M = 64 the
+    GEMV on the CUDA cores (a tensor-core MMA would compute 16 rows to use one). Up to M = 64 the
+    GEMM streams int4 weights (at M <= 16 each program prefetching its next group: latency, not
+    bandwidth, is what the sweeps rewarded) with K split among programs. With fp32 atomics ~5
+    programs per SM won (run 7); with the shares summed from slices in split order, long splits
+    cost more than they hide, so (run 87) M <= 16 splits until the programs fill the SMs and no
+    share has more than 8 groups of 64, M = 17-32 until ~2.5 programs per SM, M = 33-64 as M <= 16
+    with 12 groups. Above M = 64 the
     weights are unpacked once per call instead of once per row block (codes): per-channel W4A8 to
     int8 for an int8 GEMM on plain tiles; with fp16 x everything else to q * scale for cuBLAS (a
     per-group rescale of int32 dots costs more than the int8 MMA saves, and cuBLAS's fp16 GEMM
@@ -3422,17 +3426,22 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool =
         while tiles * split < want and split < most and chunks >= 2 * split:
             split *= 2
         return split
+
+    def split_to_share(groups):   # the power-of-two split that leaves no share more than `groups` groups of 64
+        return 1 << (-(-k // (64 * groups)) - 1).bit_length()
     C = Int4GemmConfig
     if m == 1:   # runs 70-72: 64 x 256 split 8 per channel, 32 x 256 split 4 with groups, k/v-sized N: 512 split 8
         bn, kpi, split = ((32 if per_channel else 16), 512, 8) if n < 1024 else (64, 256, 8) if per_channel else (32, 256, 4)
         return C(1, bn, kpi, eager and act == "a8", 4, 1, split_k=min(split, -(-k // kpi)), gemv=True, prefetch=True)
     if m <= 16:
-        return C(16, 64, 64, eager and act == "a8", 4, 1, split_k=split_for(-(-n // 64), 5 * sms, 16), grouped=True,
-                 prefetch=True)
+        split = max(split_for(-(-n // 64), sms, 16), min(16, split_to_share(8)))
+        return C(16, 64, 64, eager and act == "a8", 4, 1, split_k=split, grouped=True, prefetch=True)
     if m <= 64:
         bm, bn = (32, 64) if m <= 32 else (64, 64)
-        return C(bm, bn, 64, eager and act == "a8" and m <= 32, 4, 4,
-                 split_k=split_for(-(-m // bm) * -(-n // bn), sms, 8), grouped=True)
+        tiles = -(-m // bm) * -(-n // bn)
+        split = (split_for(tiles, 5 * sms // 2, 16) if m <= 32
+                 else max(split_for(tiles, sms, 8), min(8, split_to_share(12))))
+        return C(bm, bn, 64, eager and act == "a8" and m <= 32, 4, 4, split_k=split, grouped=True)
     if per_channel and (act == "a8" or bf16):   # BLOCK_K: 128 int8, 64 bf16 (the same shared memory)
         kpi = 128 if act == "a8" else 64
         return C(128, 128, kpi, False, 8, 3, codes=True) if m >= 512 and n >= 2048 else C(64, 64, kpi, False, 4, 4, codes=True)
