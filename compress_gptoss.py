@@ -3433,9 +3433,10 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool =
     if m == 1:   # runs 70-72: 64 x 256 split 8 per channel, 32 x 256 split 4 with groups, k/v-sized N: 512 split 8
         bn, kpi, split = ((32 if per_channel else 16), 512, 8) if n < 1024 else (64, 256, 8) if per_channel else (32, 256, 4)
         return C(1, bn, kpi, eager and act == "a8", 4, 1, split_k=min(split, -(-k // kpi)), gemv=True, prefetch=True)
-    if m <= 16:
-        split = max(split_for(-(-n // 64), sms, 16), min(16, split_to_share(8)))
-        return C(16, 64, 64, eager and act == "a8", 4, 1, split_k=split, grouped=True, prefetch=True)
+    if m <= 16:   # k/v_proj-sized N on 32-wide tiles (run 88: 4 % faster with groups, 14 % per channel)
+        bn = 32 if n < 1024 else 64
+        split = max(split_for(-(-n // bn), sms, 16), min(16, split_to_share(8)))
+        return C(16, bn, 64, eager and act == "a8", 4, 1, split_k=split, grouped=True, prefetch=True)
     if m <= 64:
         bm, bn = (32, 64) if m <= 32 else (64, 64)
         tiles = -(-m // bm) * -(-n // bn)

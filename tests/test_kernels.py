@@ -724,19 +724,19 @@ def test_default_configs_sum_split_k_in_a_fixed_order():
 
 def test_default_kernels_add_no_floats_atomically():
     """The PTX of the decode kernels as their default plans launch them (M = 1 GEMV, M = 16 grouped
-    GEMM, int4_moe's decode GEMV with a split) has no float atomic add: the order of a float sum
-    would then depend on which program came first. The same M = 16 plan with split_stores=False
-    has one, so the pattern finds what it looks for."""
+    GEMM on 64- and 32-wide tiles, eager and in a graph, int4_moe's decode GEMV with a split) has
+    no float atomic add: the order of a float sum would then depend on which program came first.
+    The same M = 16 plan with split_stores=False has one, so the pattern finds what it looks for."""
     float_atomic = re.compile(r"\b(?:atom|red)\.[a-z0-9.]*add\.f32")
     ptxs = {}
-    for m in (1, 16):
-        plan = c._int4_plan(m, 5760, 2880, 45, "a8", torch.float16, torch.device("cpu"), None)
+    for m, n, eager in ((1, 5760, False), (16, 5760, False), (16, 512, False), (16, 512, True)):
+        plan = c._int4_plan(m, n, 2880, 45, "a8", torch.float16, torch.device("cpu"), None, eager)
         assert plan.cfg.split_k > 1, plan.cfg.label()
         consts = {k: v for k, v in plan.gemm_consts.items() if k not in ("num_warps", "num_stages", "enable_fp_fusion")}
         xdt = "*fp16" if consts.get("FUSE") else "*i8"
-        ptxs[plan.kernel] = lowered_ptx(plan.kernel, consts, xdt, 90, plan.cfg.num_warps, plan.cfg.num_stages,
-                                        aligned=True)
-        if m == 16:
+        ptxs[plan.cfg.label()] = lowered_ptx(plan.kernel, consts, xdt, 90, plan.cfg.num_warps, plan.cfg.num_stages,
+                                             aligned=True)
+        if (m, n) == (16, 5760):
             atomics = lowered_ptx(plan.kernel, {**consts, "SPLIT_STORES": False}, xdt, 90, plan.cfg.num_warps,
                                   plan.cfg.num_stages, aligned=True)
             assert float_atomic.search(atomics), "fp32 atomics expected with split_stores=False"
