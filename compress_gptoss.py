@@ -3405,14 +3405,14 @@ class Int4GemmConfig:
 
 def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool = False,
                      act: str = "a8", bf16: bool = False, eager: bool = False) -> Int4GemmConfig:
-    """Picked from sweeps on an H200 (bench/RESULTS.md, runs 6-8, 24-26 and 70-73). At M = 1 (decode) the
-    GEMV on the CUDA cores (a tensor-core MMA would compute 16 rows to use one). Up to M = 64 the
-    GEMM streams int4 weights (at M <= 16 each program prefetching its next group: latency, not
-    bandwidth, is what the sweeps rewarded) with K split among programs. With fp32 atomics ~5
-    programs per SM won (run 7); with the shares summed from slices in split order, long splits
-    cost more than they hide, so (run 87) M <= 16 splits until the programs fill the SMs and no
-    share has more than 8 groups of 64, M = 17-32 until ~2.5 programs per SM, M = 33-64 as M <= 16
-    with 12 groups. Above M = 64 the
+    """Picked from sweeps on an H200 (bench/RESULTS.md, runs 6-8, 24-26, 70-73 and 87-89). At M = 1
+    (decode) the GEMV on the CUDA cores (a tensor-core MMA would compute 16 rows to use one). Up to
+    M = 64 the GEMM streams int4 weights (at M <= 16 each program prefetching its next group:
+    latency, not bandwidth, is what the sweeps rewarded) with K split among programs. With fp32
+    atomics ~5 programs per SM won (run 7); with the shares summed from slices in split order, long
+    splits cost more than they hide, so (run 87) M <= 16 splits until the programs fill the SMs and
+    no share has more than 8 groups of 64, M = 17-32 until ~2.5 programs per SM, M = 33-64 as
+    M <= 16 with 12 groups. Above M = 64 the
     weights are unpacked once per call instead of once per row block (codes): per-channel W4A8 to
     int8 for an int8 GEMM on plain tiles; with fp16 x everything else to q * scale for cuBLAS (a
     per-group rescale of int32 dots costs more than the int8 MMA saves, and cuBLAS's fp16 GEMM
