@@ -66,7 +66,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     ap.add_argument("--M", default="1,16,64", help="row counts (default 1,16,64: the M whose default configs split K)")
     ap.add_argument("--act", default="a8", help="a8, a16 or a8,a16 (default a8)")
-    ap.add_argument("--group", default="64", help="32, 64, 128 or channel (default 64)")
+    ap.add_argument("--group", default="64", choices=("32", "64", "128", "channel"), help="default 64")
     ap.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=200)
@@ -74,12 +74,17 @@ def main(argv=None) -> int:
                     help="the compress_gptoss.py whose kernels are timed (default: this checkout's)")
     ap.add_argument("--out", type=Path, help="write every row and the medians as JSON")
     args = ap.parse_args(argv)
+    acts = args.act.split(",")
+    if not set(acts) <= {"a8", "a16"} or not all(x.strip().isdigit() and int(x) > 0 for x in args.M.split(",")):
+        ap.error(f"--act takes a8 and/or a16, --M positive row counts, comma-separated (got {args.act!r}, {args.M!r})")
+    if not args.impl.is_file():
+        ap.error(f"--impl {args.impl}: no such file")
     c = load_impl(args.impl.resolve())
     import torch
     if not torch.cuda.is_available():
         print("bench_split_k: needs a CUDA GPU", file=sys.stderr)
         return 3
-    ms, acts = [int(x) for x in args.M.split(",")], args.act.split(",")
+    ms = [int(x) for x in args.M.split(",")]
     group = None if args.group == "channel" else int(args.group)
     rows = []
     for rnd in range(args.rounds):
