@@ -94,14 +94,15 @@ def batched_input_and_bias():
 @case
 def every_config_bucket():
     """The configs int4_gemm_config picks for each M bucket (at M <= 32 for a graph and for eager
-    calls), forced onto a small input, with group scales and per channel."""
+    calls; at M <= 16 N = 33 takes the 32-wide tiles), forced onto a small input, with group scales
+    and per channel."""
     worst = 0.0
     for group in (64, None):
         wp, ws = random_int4_layer(33, 320, group)
         x = torch.randn(7, 320, generator=torch.Generator().manual_seed(11)).to(torch.float16)
         ref = c.int4_linear_reference(x, wp, ws, act="a8")
-        for m_bucket, eager in ((1, False), (1, True), (32, False), (32, True), (64, False), (128, False),
-                                (1024, False)):
+        for m_bucket, eager in ((1, False), (1, True), (16, False), (16, True), (32, False), (32, True), (64, False),
+                                (128, False), (1024, False)):
             cfg = c.int4_gemm_config(m_bucket, 33 if m_bucket < 1024 else 4096, 320, per_channel=group is None,
                                      act="a8", eager=eager)
             rows = 1 if cfg.gemv else 7   # the M = 1 GEMV takes one row
