@@ -13,7 +13,6 @@ variants' order flips every round, and every figure is a median over rounds. Nee
   python bench/bench_split_k.py --impl OLD.py ...   # the kernels of another copy of compress_gptoss.py
 """
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -21,15 +20,6 @@ from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_impl(path: Path):
-    """compress_gptoss from `path`, under its own name, so its bench workers load that file too."""
-    spec = importlib.util.spec_from_file_location("compress_gptoss", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["compress_gptoss"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def variants(c, m: int, n: int, k: int, group, act: str, dtype: str) -> dict:
@@ -79,7 +69,8 @@ def main(argv=None) -> int:
         ap.error(f"--act takes a8 and/or a16, --M positive row counts, comma-separated (got {args.act!r}, {args.M!r})")
     if not args.impl.is_file():
         ap.error(f"--impl {args.impl}: no such file")
-    c = load_impl(args.impl.resolve())
+    from bench_large_m import load_module   # this folder is on sys.path: the script's own
+    c = load_module(str(args.impl.resolve()), "compress_gptoss_timed")   # its bench workers load that file
     import torch
     if not torch.cuda.is_available():
         print("bench_split_k: needs a CUDA GPU", file=sys.stderr)
