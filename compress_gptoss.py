@@ -2566,6 +2566,7 @@ def triton_status() -> tuple[bool, str]:
 
 
 _TRITON_KERNELS = None
+_PDL_IN_TRITON = [False]   # set by _triton_kernels: this triton has gdc_wait / gdc_launch_dependents
 
 
 def _triton_kernels():
@@ -2577,6 +2578,11 @@ def _triton_kernels():
     import importlib
     triton = importlib.import_module("triton")
     globals()["tl"] = importlib.import_module("triton.language")
+    try:   # programmatic dependent launch (sm_90+)
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+        _PDL_IN_TRITON[0] = True
+    except ImportError:   # an older triton: plans never set PDL, so no kernel compiles these calls
+        gdc_launch_dependents = gdc_wait = None
 
     @triton.jit
     def as_codes(v, a, xq_ptr):
@@ -2625,8 +2631,11 @@ def _triton_kernels():
 
     @triton.jit
     def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, KP, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                         ONE_PASS: tl.constexpr, PERM_KW: tl.constexpr):
-        """One program per token (int8_row)."""
+                         ONE_PASS: tl.constexpr, PERM_KW: tl.constexpr, PDL: tl.constexpr = False):
+        """One program per token (int8_row). PDL: the GEMM launched after it with programmatic
+        dependent launch may start now (it waits for these rows before reading them)."""
+        if PDL:
+            gdc_launch_dependents()
         int8_row(x_ptr, xq_ptr, sx_ptr, tl.program_id(0).to(tl.int64), K, KP, stride_xm, stride_qm, BLOCK_K,
                  ONE_PASS, PERM_KW)
 
@@ -2881,7 +2890,7 @@ def _triton_kernels():
                                  CHUNKS: tl.constexpr, PREFETCH: tl.constexpr,
                                  PER_CHANNEL: tl.constexpr, W_LHS: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-                                 SPLIT_K: tl.constexpr, SPLIT_STORES: tl.constexpr):
+                                 SPLIT_K: tl.constexpr, SPLIT_STORES: tl.constexpr, PDL: tl.constexpr = False):
         """y = x @ dequant(W).T, one tensor-core dot per scale group (int4_k_order): int8 x int8
         -> int32 for A8, fp16/bf16 x exact integers -> fp32 for A16; the group's scale multiplies
         the dot's result in fp32 (per channel: once, after the K loop).
@@ -2890,7 +2899,9 @@ def _triton_kernels():
         few rows: cheap, and it saves a launch).
         PREFETCH: the next group's words and scales are loaded before this group is computed
         (register double buffer), so DRAM latency overlaps the unpack; else CHUNKS groups per
-        iteration. SPLIT_K: program (tile, s) takes the s-th share of the groups; store_tile sums them."""
+        iteration. SPLIT_K: program (tile, s) takes the s-th share of the groups; store_tile sums them.
+        PDL (launched with programmatic dependent launch): the first group's weights load while the
+        kernel before (A8: int8_rows_kernel) still runs; x, s_x and every store wait for it."""
         pid_k = tl.program_id(1)
         pid_m, pid_n = gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -2919,6 +2930,8 @@ def _triton_kernels():
                               mask=n_mask[:, None] & ((c_lo * (CHUNK // 8) + offs_w)[None, :] < w_lim),
                               other=-2004318072)    # 0x88888888: q = 0
             sc_next = tl.load(ws_ptr + offs_n * stride_sn + tl.minimum(c_lo, n_chunks - 1), mask=n_mask, other=0.0)
+        if PDL:
+            gdc_wait()
         if FUSE:
             inv, s_x = row_scales(x_ptr, offs_m, m_mask, stride_xm, K, FUSE_CHUNKS, BLOCK_M)
         elif A8:
@@ -3043,7 +3056,7 @@ def _triton_kernels():
     @triton.jit
     def gemv_tile(x_row, sx_row, w_rows, s_rows, n_mask, KW, pid_k, K, A8: tl.constexpr, FUSE: tl.constexpr,
                   FUSE_CHUNKS: tl.constexpr, GROUP_W: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_W: tl.constexpr, W_ALIGN: tl.constexpr, SPLIT_K: tl.constexpr):
+                  BLOCK_W: tl.constexpr, W_ALIGN: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
         """One row of activations (x_row; A8's s_x at sx_row) against share pid_k of SPLIT_K of the KW
         packed words of BLOCK_N weight columns (w_rows, s_rows: their row pointers) on the CUDA cores
         -> the [1, BLOCK_N] fp32 share of y, every scale applied (GROUP_W words per scale, BLOCK_W a
@@ -3060,7 +3073,8 @@ def _triton_kernels():
         sum_j q_j x_j = sum_j u_j x_j - 8 sum_j x_j. A8: the products summed in int32, the integers
         an int8 MMA gives, x_q being int8_rows_kernel's stored with PERM_KW = BLOCK_W (nibble j's
         activations contiguous), or with FUSE the fp16/bf16 row quantized here (row_scales).
-        PREFETCH: the next step's words load before this one's math."""
+        PREFETCH: the next step's words load before this one's math, the first step's before PDL's
+        wait for the kernel before (as in int4_gemm_grouped_kernel)."""
         X_PERM: tl.constexpr = A8 and not FUSE
         GW: tl.constexpr = GROUP_W if GROUP_W else BLOCK_W
         per_split = tl.cdiv(tl.cdiv(KW, BLOCK_W), SPLIT_K) * BLOCK_W
@@ -3068,10 +3082,6 @@ def _triton_kernels():
         w_hi = tl.minimum(KW // W_ALIGN * W_ALIGN, w_lo + per_split)
         one = tl.arange(0, 1)
         inv = tl.full([1], 1.0, tl.float32)
-        if FUSE:
-            inv, s_x = row_scales(x_row, one, one == 0, 0, K, FUSE_CHUNKS, 1)
-        elif A8:
-            s_x = tl.load(sx_row + one)
         offs = tl.arange(0, BLOCK_W // GW)[:, None] * GW + tl.arange(0, GW)[None, :]    # [groups, GW]
         acc = tl.zeros([BLOCK_N, BLOCK_W // GW, GW] if GROUP_W == 0 else [BLOCK_N, BLOCK_W // GW],
                        dtype=tl.int32 if (A8 and GROUP_W == 0) else tl.float32)
@@ -3079,6 +3089,12 @@ def _triton_kernels():
         if PREFETCH:
             nxt = w_lo + offs
             wt_next = tl.load(w_tile + nxt[None], mask=n_mask[:, None, None] & (nxt < w_hi)[None], other=0)
+        if PDL:
+            gdc_wait()
+        if FUSE:
+            inv, s_x = row_scales(x_row, one, one == 0, 0, K, FUSE_CHUNKS, 1)
+        elif A8:
+            s_x = tl.load(sx_row + one)
         for w0 in range(w_lo, w_hi, BLOCK_W):
             w0 = tl.multiple_of(w0, BLOCK_W)   # splits start on whole steps: vector loads of words and x_q
             words = w0 + offs
@@ -3130,7 +3146,8 @@ def _triton_kernels():
                          stride_xm, stride_wn, stride_sn, stride_ym,
                          A8: tl.constexpr, FUSE: tl.constexpr, FUSE_CHUNKS: tl.constexpr, GROUP_W: tl.constexpr,
                          PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                         W_ALIGN: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_STORES: tl.constexpr):
+                         W_ALIGN: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_STORES: tl.constexpr,
+                         PDL: tl.constexpr = False):
         """M = 1 (decode): y = x @ dequant(W).T by gemv_tile, no tensor cores. Program (n block, s)
         takes the s-th share of the K steps of BLOCK_W words; store_tile sums the shares. A8: x_q
         from int8_rows_kernel (PERM_KW = BLOCK_W), or with FUSE quantized here (row_scales)."""
@@ -3140,7 +3157,7 @@ def _triton_kernels():
         n_mask = offs_n < N
         w_rows = w_ptr + offs_n.to(tl.int64) * (stride_wn // W_ALIGN) * W_ALIGN
         acc = gemv_tile(x_ptr, sx_ptr, w_rows, ws_ptr + offs_n * stride_sn, n_mask, KW_ALL, pid_k, K, A8, FUSE,
-                        FUSE_CHUNKS, GROUP_W, PREFETCH, BLOCK_N, BLOCK_W, W_ALIGN, SPLIT_K)
+                        FUSE_CHUNKS, GROUP_W, PREFETCH, BLOCK_N, BLOCK_W, W_ALIGN, SPLIT_K, PDL)
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, offs_m < M, n_mask, M, N, stride_ym, 0, pid_n,
                    pid_k, 1, BLOCK_N, SPLIT_K, SPLIT_STORES)
 
@@ -3331,7 +3348,7 @@ def _triton_kernels():
                   + offs_n.to(tl.int64) * (stride_wn // W_ALIGN) * W_ALIGN)
         acc = gemv_tile(x_ptr + row * stride_xm, sx_ptr + row, w_rows, ws_ptr + e * stride_se + offs_n * stride_sn,
                         n_mask, K // 8, pid_k, K, A8, FUSE, FUSE_CHUNKS, GROUP_W, True, BLOCK_N, BLOCK_W, W_ALIGN,
-                        SPLIT_K)
+                        SPLIT_K, False)
         if HAS_BIAS:
             bias = tl.load(b_ptr + e * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             acc += tl.where(pid_k == 0, bias, 0.0)
@@ -3362,7 +3379,8 @@ def _triton_kernels():
     # the kernels call these by name at compile time (the first launch), from the module's globals
     globals().update(as_codes=as_codes, int8_row=int8_row, codes_block=codes_block, gemm_tile=gemm_tile,
                      store_tile=store_tile, int4_k_order=int4_k_order, gemv_tile=gemv_tile, row_scales=row_scales,
-                     quantized=quantized, weight_dot=weight_dot, add_scaled=add_scaled, channel_scaled=channel_scaled)
+                     quantized=quantized, weight_dot=weight_dot, add_scaled=add_scaled, channel_scaled=channel_scaled,
+                     gdc_wait=gdc_wait, gdc_launch_dependents=gdc_launch_dependents)
     _TRITON_KERNELS = {"int8_rows": int8_rows_kernel, "int4_gemm": int4_gemm_kernel,
                        "int4_gemm_grouped": int4_gemm_grouped_kernel, "int4_gemm_planar": int4_gemm_planar_kernel,
                        "int4_gemv": int4_gemv_kernel,
@@ -3394,13 +3412,15 @@ class Int4GemmConfig:
     codes: bool = False    # large M: int4 -> int8 / fp16 codes in a scratch buffer, then int4_codes_gemm_kernel
     dequant: bool = False  # codes: the weights q * scale (and A8's x_q * s_x) in x's dtype, then cuBLAS
     gemv: bool = False     # M = 1 (decode): int4_gemv_kernel, multiply-adds on the CUDA cores (block_m 1)
+    pdl: bool = True       # grouped / GEMV on sm_90+: programmatic dependent launch, the weights' first loads
+                           # overlap the kernel before (A8: the activation quantization)
 
     def label(self) -> str:
         kernel = ("CD" if self.codes and self.dequant else "C" if self.codes else "") + ("P" if self.planar else "") \
             + ("V" if self.gemv else "") + ("GP" if self.prefetch else "G" if self.grouped else "")
         return (kernel + f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
                 + (f"x{self.split_k}" if self.split_k > 1 else "") + ("S" if self.split_stores and self.split_k > 1 else "")
-                + ("F" if self.fuse_act_quant else "") + ("" if self.w_lhs else "R"))
+                + ("F" if self.fuse_act_quant else "") + ("" if self.w_lhs else "R") + ("" if self.pdl else "-noPDL"))
 
 
 def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool = False,
@@ -3455,6 +3475,7 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool =
 
 _SPLIT_K_WORKSPACE: dict = {}
 _SM_COUNT: dict = {}
+_PDL_SUPPORTED: dict = {}
 
 
 def _split_k_workspace(device, elems: int, tiles: int, stores: bool = False):
@@ -3470,6 +3491,20 @@ def _split_k_workspace(device, elems: int, tiles: int, stores: bool = False):
         count = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
         _SPLIT_K_WORKSPACE[key] = (part, count)
     return part, count
+
+
+def _pdl_supported(device) -> bool:
+    """Programmatic dependent launch: compute capability 9.0+, CUDA 12.3+ (captured into CUDA graphs
+    as programmatic edges), a triton with gdc_wait; never in the interpreter."""
+    key = str(device)
+    if key not in _PDL_SUPPORTED:
+        import os
+        import torch
+        cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+        _PDL_SUPPORTED[key] = (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+                               and cuda >= (12, 3) and torch.cuda.get_device_capability(device)[0] >= 9
+                               and bool(_triton_kernels()) and _PDL_IN_TRITON[0])
+    return _PDL_SUPPORTED[key]
 
 
 def _sm_count(device) -> int:
@@ -3577,26 +3612,28 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
         assert m == 1, f"the GEMV config {cfg.label()} takes one row, not {m}"
         bw = max(cfg.k_per_iter // 8, 1 if per_channel else group // 8)   # whole scale groups per step
         fuse, kp = act == "a8" and cfg.fuse_act_quant, -(-k // (8 * bw)) * 8 * bw
+        pdl = _pdl_consts(cfg, device)
         return _Int4Plan(
             cfg, 0 if act == "a16" else 2 if fuse else 1, -(-k // 8), (-(-n // cfg.block_n), cfg.split_k), part, count,
-            dict(_row_quant_consts(kp), PERM_KW=bw),   # x_q zero-filled up to whole steps of BLOCK_W words
+            dict(_row_quant_consts(kp), PERM_KW=bw, PDL=bool(pdl)),   # x_q zero-filled up to whole steps of BLOCK_W words
             dict(A8=act == "a8", FUSE=fuse, FUSE_CHUNKS=-(-k // 256) if fuse else 1, GROUP_W=0 if per_channel else group // 8,
                  PREFETCH=cfg.prefetch, BLOCK_N=cfg.block_n, BLOCK_W=bw,
                  W_ALIGN=4 if k % 32 == 0 else 1, SPLIT_K=cfg.split_k,
                  SPLIT_STORES=cfg.split_stores, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                 enable_fp_fusion=False),   # fused quantization: x * inv and + 1.5 * 2^23 round separately
+                 enable_fp_fusion=False, **pdl),   # fused quantization: x * inv and + 1.5 * 2^23 round separately
             kp, "int4_gemv")
     if cfg.grouped and chunk in (32, 64, 128):
         fuse = act == "a8" and cfg.fuse_act_quant and m <= cfg.block_m
+        pdl = _pdl_consts(cfg, device)
         return _Int4Plan(
             cfg, 0 if act == "a16" else 2 if fuse else 1, -(-k // 8), (tiles, cfg.split_k), part, count,
-            dict(quant, PERM_KW=1),
+            dict(quant, PERM_KW=1, PDL=bool(pdl)),
             dict(A8=act == "a8", FUSE=fuse, FUSE_CHUNKS=-(-k // 256) if fuse else 1,   # one compile per K
                  CHUNK=chunk, CHUNKS=max(1, cfg.k_per_iter // chunk),
                  PREFETCH=cfg.prefetch, PER_CHANNEL=per_channel,
                  W_LHS=cfg.w_lhs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
                  SPLIT_K=cfg.split_k, SPLIT_STORES=cfg.split_stores, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                 enable_fp_fusion=False),   # fused quantization: x * inv and + 1.5 * 2^23 round separately
+                 enable_fp_fusion=False, **pdl),   # fused quantization: x * inv and + 1.5 * 2^23 round separately
             k, "int4_gemm_grouped")
     if cfg.grouped:
         cfg = replace(cfg, grouped=False)   # group size with no interleave tree (not 32/64/128): v1
@@ -3616,6 +3653,11 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
              num_stages=cfg.num_stages,
              enable_fp_fusion=False),  # x * inv + 1.5 * 2^23 must round twice: no FMA contraction
         -(-k // (8 * kw)) * 8 * kw, "int4_gemm")
+
+
+def _pdl_consts(cfg: Int4GemmConfig, device) -> dict:
+    """The GEMM's PDL constexpr and launch option, {} when it launches plainly."""
+    return dict(PDL=True, launch_pdl=True) if cfg.pdl and _pdl_supported(device) else {}
 
 
 def _cached_int4_plan(key) -> _Int4Plan:

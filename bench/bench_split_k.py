@@ -2,7 +2,8 @@
 """What summing split-K shares in a fixed order costs: the built-in kernels' default configs (per-split
 slices, summed in split order: the same bits every call) against the same configs with fp32 atomics
 (split_stores=False: fewer stores, an order that varies), side by side on the GPT-OSS shapes at the
-M whose configs split K. Also the default with half and with twice its split, and fp16/bf16
+M whose configs split K. Also the default with half and with twice its split, the default launched
+plainly instead of with programmatic dependent launch (sm_90+: "no PDL"), and fp16/bf16
 nn.Linear for scale.
 
 Graph timing in verify-runtime --bench's worker processes (same weights copies, same medians); the
@@ -32,6 +33,8 @@ def variants(c, m: int, n: int, k: int, group, act: str, dtype: str) -> dict:
         out["slices split/2"] = replace(base, split_k=base.split_k // 2, split_stores=True)
     if base.split_k <= 8 and -(-k // 64) >= 4 * base.split_k:   # every share still two groups or more
         out["slices split*2"] = replace(base, split_k=base.split_k * 2, split_stores=True)
+    if base.pdl and (base.grouped or base.gemv):   # the kernels that take PDL (ignored where unsupported)
+        out["slices no PDL"] = replace(base, pdl=False)
     return out
 
 
@@ -97,14 +100,16 @@ def main(argv=None) -> int:
             line[name + " rel_err"] = max((r["rel_err"] for r in ok), default=None)
             if len(ok) < len(rs):
                 line[name + " error"] = next(r["error"] for r in rs if "error" in r)
+        ratios = []
         for act in acts:
-            s, a = line.get(f"{act} slices"), line.get(f"{act} atomics")
-            if s and a:
-                line[f"{act} slices/atomics"] = s / a
+            for twin, ratio in (("atomics", "slices/atomics"), ("slices no PDL", "PDL/plain")):
+                s, t = line.get(f"{act} slices"), line.get(f"{act} {twin}")
+                if s and t:
+                    line[f"{act} {ratio}"] = s / t
+                    ratios.append(f"  {act} {ratio} {s / t:.3f}")
         table.append(line)
         cells = "  ".join(f"{name} {line[name]:.2f}" if line[name] is not None else f"{name} {line.get(name + ' error')}"
-                          for name in by) + "".join(f"  {act} slices/atomics {line[f'{act} slices/atomics']:.3f}"
-                                                    for act in acts if f"{act} slices/atomics" in line)
+                          for name in by) + "".join(ratios)
         print(f"{shape:<16} M={m:<4} {cells}")
     if args.out:
         args.out.write_text(json.dumps({"impl": str(args.impl), "group": args.group, "dtype": args.dtype,

@@ -5,6 +5,7 @@ TRITON_INTERPRET must be set before triton is first imported (triton.language's 
 tl.max, tl.cdiv, are decided then) and compressed-tensors imports triton, so the kernel cases run
 in ONE child process (`python tests/test_kernels.py CASE...`) started with the variable set; each
 test reads its case's outcome. Shapes stay tiny: the interpreter runs every program in numpy."""
+import inspect
 import json
 import os
 import re
@@ -524,6 +525,8 @@ def lowered_ptx(kernel: str, consts: dict, x_dtype: str, cc: int, warps: int, st
         pytest.skip(f"triton {triton.__version__} has no ASTSource/GPUTarget: {e}")
     kern = c._triton_kernels()[kernel]
     names = list(kern.arg_names)
+    consts = {**{p.name: p.default for p in kern.params   # constexprs left out take their defaults (PDL off)
+                 if p.is_constexpr and p.default is not inspect.Parameter.empty}, **consts}
     ptr = {"x_ptr": x_dtype, "sx_ptr": "*fp32", "w_ptr": "*i32", "q_ptr": x_dtype, "ws_ptr": ws_dtype,
            "y_ptr": "*bf16" if x_dtype == "*bf16" else "*fp16", "part_ptr": "*fp32", "count_ptr": "*i32",
            **(ptrs or {})}
@@ -749,6 +752,30 @@ def test_default_kernels_add_no_floats_atomically():
         assert not float_atomic.search(ptx), (kernel, float_atomic.search(ptx).group(0))
 
 
+def test_pdl_kernels_load_weights_before_the_wait_and_store_after_it():
+    """Programmatic dependent launch (sm_90+): the GEMM may start while the kernel before it (A8:
+    int8_rows_kernel, which lets it, griddepcontrol.launch_dependents) still runs. Its PTX must
+    wait (griddepcontrol.wait) before its first store, and after loading its first weights where
+    the config prefetches (M <= 16). Without PDL (the plans on a CPU device, the interpreter) no
+    griddepcontrol at all."""
+    for m, n, groups in ((1, 5760, 45), (1, 512, 1), (16, 5760, 45), (16, 512, 1), (64, 2880, 45)):
+        plan = c._int4_plan(m, n, 2880, groups, "a8", torch.float16, torch.device("cpu"), None)
+        assert "PDL" not in plan.gemm_consts and not plan.quant_consts["PDL"], plan.cfg.label()
+        consts = {k: v for k, v in plan.gemm_consts.items() if k not in ("num_warps", "num_stages", "enable_fp_fusion")}
+        plain = lowered_ptx(plan.kernel, consts, "*i8", 90, plan.cfg.num_warps, plan.cfg.num_stages, aligned=True)
+        assert "griddepcontrol" not in plain
+        ptx = lowered_ptx(plan.kernel, {**consts, "PDL": True}, "*i8", 90, plan.cfg.num_warps, plan.cfg.num_stages,
+                          aligned=True)
+        body = ptx[ptx.index(".entry"):]
+        assert body.count("griddepcontrol.wait") == 1, plan.cfg.label()
+        before, after = body.split("griddepcontrol.wait")
+        assert "st.global" not in before and "st.global" in after, plan.cfg.label()
+        assert ("ld.global" in before) == plan.cfg.prefetch, plan.cfg.label()   # M > 32 loads nothing early
+    rows = lowered_ptx("int8_rows", dict(BLOCK_K=4096, ONE_PASS=True, PERM_KW=1, PDL=True), "*fp16", 90, 4, 1,
+                       ptrs={"xq_ptr": "*i8"}, aligned=True)
+    assert "griddepcontrol.launch_dependents" in rows
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m", [1, 16, 64])
 def test_default_plans_give_the_same_bits_every_call(m):
@@ -780,6 +807,41 @@ def test_default_plans_give_the_same_bits_every_call(m):
         assert all(torch.equal(e, eager[0]) for e in eager), (m, groups, act, "eager")
         assert all(torch.equal(r, replays[0]) for r in replays), (m, groups, act, "graph")
         assert c.relative_error(eager[0], c.int4_linear_reference(x, wp, ws, act=act)) <= TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pdl_gives_the_same_bits_as_plain_launches():
+    """On sm_90+ the default M <= 64 plans launch with programmatic dependent launch. Each graph
+    replay first writes new activations into x (a copy kernel), then runs int4_linear: a GEMM that
+    read x or x_q before its wait would see the last replay's values. Every replay must equal the
+    same config launched plainly, bit for bit, and the float64 reference."""
+    from dataclasses import replace
+    dev = torch.device("cuda")
+    if not c._pdl_supported(dev):
+        pytest.skip("no programmatic dependent launch here (needs compute capability 9.0+, CUDA 12.3+)")
+    gen = torch.Generator(device=dev).manual_seed(7)
+    for m, groups, act in ((1, 45, "a8"), (16, 45, "a8"), (16, 1, "a8"), (16, 45, "a16"), (64, 45, "a8")):
+        q, ws = c._random_int4_weights(4096, 2880, 2880 // groups, gen, dev)
+        wp = c.pack_int4(q)
+        cfg = c.int4_gemm_config(m, 4096, 2880, c._sm_count(dev), per_channel=groups == 1, act=act)
+        plan = c._int4_plan(m, 4096, 2880, groups, act, torch.float16, dev, cfg)
+        assert plan.gemm_consts.get("launch_pdl") and plan.quant_consts["PDL"], cfg.label()
+        srcs = [torch.randn(m, 2880, generator=gen, device=dev).half() for _ in range(6)]
+        src_buf, x = srcs[0].clone(), torch.empty_like(srcs[0])
+        c.int4_linear(src_buf, wp, ws, act=act, config=cfg)   # compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            x.copy_(src_buf)
+            y = c.int4_linear(x, wp, ws, act=act, config=cfg)
+        for src in srcs:
+            src_buf.copy_(src)
+            graph.replay()
+            plain = c.int4_linear(src, wp, ws, act=act, config=replace(cfg, pdl=False))
+            torch.cuda.synchronize()
+            assert torch.equal(y, plain), (m, groups, act)
+            assert c.relative_error(y, c.int4_linear_reference(src, wp, ws, act=act)) <= TOL
+            x_eager = src.clone()
+            assert torch.equal(c.int4_linear(x_eager, wp, ws, act=act, config=cfg), plain), (m, groups, act, "eager")
 
 
 def test_float64_reference_is_the_dequantized_matmul():

@@ -62,7 +62,8 @@ def test_bench_needs_a_gpu():
 
 def test_split_k_bench_pairs_each_default_with_its_atomics():
     """bench_split_k.py times, for every GPT-OSS shape at M = 1 and 16 (both split K by default), the
-    default config against the very same config with fp32 atomics, each variant once per round."""
+    default config against the very same config with fp32 atomics, and against itself launched
+    without programmatic dependent launch, each variant once per round."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_split_k", ROOT / "bench" / "bench_split_k.py")
     bench = importlib.util.module_from_spec(spec)
@@ -75,6 +76,7 @@ def test_split_k_bench_pairs_each_default_with_its_atomics():
         default = c.int4_gemm_config(m, by["linear"]["N"], by["linear"]["K"]).__dict__
         assert by["a8 slices"]["config"] == default and default["split_k"] > 1, (shape, m)
         assert by["a8 atomics"]["config"] == {**default, "split_stores": False}, (shape, m)
+        assert by["a8 slices no PDL"]["config"] == {**default, "pdl": False} and default["pdl"], (shape, m)
         assert len(by) == len([j for j in jobs if (j["shape"], j["M"]) == (shape, m)])   # each once
 
 def test_bench_cases_cover_gpt_oss_shapes():
