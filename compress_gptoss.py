@@ -3612,7 +3612,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
         assert m == 1, f"the GEMV config {cfg.label()} takes one row, not {m}"
         bw = max(cfg.k_per_iter // 8, 1 if per_channel else group // 8)   # whole scale groups per step
         fuse, kp = act == "a8" and cfg.fuse_act_quant, -(-k // (8 * bw)) * 8 * bw
-        pdl = _pdl_consts(cfg, device)
+        pdl = _pdl_consts(cfg, device, fuse)
         return _Int4Plan(
             cfg, 0 if act == "a16" else 2 if fuse else 1, -(-k // 8), (-(-n // cfg.block_n), cfg.split_k), part, count,
             dict(_row_quant_consts(kp), PERM_KW=bw, PDL=bool(pdl)),   # x_q zero-filled up to whole steps of BLOCK_W words
@@ -3624,7 +3624,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
             kp, "int4_gemv")
     if cfg.grouped and chunk in (32, 64, 128):
         fuse = act == "a8" and cfg.fuse_act_quant and m <= cfg.block_m
-        pdl = _pdl_consts(cfg, device)
+        pdl = _pdl_consts(cfg, device, fuse)
         return _Int4Plan(
             cfg, 0 if act == "a16" else 2 if fuse else 1, -(-k // 8), (tiles, cfg.split_k), part, count,
             dict(quant, PERM_KW=1, PDL=bool(pdl)),
@@ -3655,9 +3655,11 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
         -(-k // (8 * kw)) * 8 * kw, "int4_gemm")
 
 
-def _pdl_consts(cfg: Int4GemmConfig, device) -> dict:
-    """The GEMM's PDL constexpr and launch option, {} when it launches plainly."""
-    return dict(PDL=True, launch_pdl=True) if cfg.pdl and _pdl_supported(device) else {}
+def _pdl_consts(cfg: Int4GemmConfig, device, fuse: bool) -> dict:
+    """The GEMM's PDL constexpr and launch option, {} when it launches plainly. Not with the
+    activation quantization fused in (eager calls): that kernel ran 0-10 us slower with PDL in a
+    graph (run 91), and an eager call's time is the host's either way."""
+    return dict(PDL=True, launch_pdl=True) if cfg.pdl and not fuse and _pdl_supported(device) else {}
 
 
 def _cached_int4_plan(key) -> _Int4Plan:

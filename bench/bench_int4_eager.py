@@ -9,7 +9,8 @@ under cProfile and prints the functions with the most own time.
 Then, on every GPT-OSS shape at M = 1, 16, 32 and 64, W4A8 with the activation quantization in its
 own launch (what a CUDA graph gets) vs fused into the GEMM (one launch, what an eager call gets at
 M <= 32) vs config=None (the rule itself): eager time per call (host clock, until the GPU is done)
-and CUDA-graph time, side by side, each with its error against float64.
+and CUDA-graph time, side by side, each with its error against float64; each launched plainly too
+("no PDL": without programmatic dependent launch, which the defaults use on sm_90+).
 
   python bench/bench_int4_eager.py --out bench/raw/runN/eager.json
 """
@@ -32,6 +33,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--before", help="an older compress_gptoss.py whose fused kernel is timed too")
+    ap.add_argument("--M", default="1,16,32,64", help="row counts of the side-by-side part (default 1,16,32,64)")
+    ap.add_argument("--skip-profile", action="store_true", help="only the side-by-side part")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import torch
@@ -47,7 +50,7 @@ def main() -> int:
     wpc = c.pack_int4(qc)
     lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.float16)
     report = {"env": c.runtime_environment(), "shape": "experts.gate_up 2880 -> 5760", "calls": args.calls, "cases": []}
-    for m in (16, 1024):
+    for m in () if args.skip_profile else (16, 1024):
         x = torch.randn(m, k, generator=gen, device=dev).half()
         cases = {"fp16 nn.Linear": lambda: lin(x),
                  "W4A8 g64": lambda: c.int4_linear(x, wp, ws, act="a8"),
@@ -78,13 +81,13 @@ def main() -> int:
             if label != "fp16 nn.Linear":
                 print("\n".join(buf.getvalue().splitlines()[6:22]), flush=True)
     before = load_module(args.before, "compress_gptoss_before") if args.before else None
-    report["fused"] = fused_vs_two_launches(torch, dev, args.calls, before)
+    report["fused"] = fused_vs_two_launches(torch, dev, args.calls, before, [int(v) for v in args.M.split(",")])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     return 0
 
 
-def fused_vs_two_launches(torch, dev, calls: int, before=None) -> list:
+def fused_vs_two_launches(torch, dev, calls: int, before=None, ms=(1, 16, 32, 64)) -> list:
     """Eager times interleaved (round r times every variant once, 7 rounds, median): the host
     clock on a shared machine drifts, so variants are compared within the same seconds."""
     from dataclasses import replace
@@ -113,7 +116,7 @@ def fused_vs_two_launches(torch, dev, calls: int, before=None) -> list:
                 for _ in range(c._bench_copies(n * k * 2))]
         layers = {g: c._random_int4_weights(n, k, None if g == "channel" else 64, gen, dev) for g in ("g64", "channel")}
         layers = {g: (c.pack_int4(q), ws) for g, (q, ws) in layers.items()}
-        for m in (1, 16, 32, 64):
+        for m in ms:
             x = torch.randn(m, k, generator=gen, device=dev).half()
             fns, graphs, cases = {"fp16 nn.Linear": lambda: lins[0](x)}, {}, {}
             with torch.no_grad():
@@ -123,7 +126,8 @@ def fused_vs_two_launches(torch, dev, calls: int, before=None) -> list:
                     ref = c.int4_linear_reference(x, wp, ws, act="a8")
                     two = c.int4_gemm_config(m, n, k, per_channel=g == "channel", act="a8")
                     variants = [("two launches", c, two), ("fused", c, replace(two, fuse_act_quant=True)),
-                                ("default", c, None)]
+                                ("default", c, None), ("two launches no PDL", c, replace(two, pdl=False)),
+                                ("fused no PDL", c, replace(two, fuse_act_quant=True, pdl=False))]
                     if before is not None:
                         old = before.int4_gemm_config(m, n, k, per_channel=g == "channel", act="a8")
                         variants.append(("fused before", before, replace(old, fuse_act_quant=True)))

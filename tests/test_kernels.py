@@ -752,7 +752,7 @@ def test_default_kernels_add_no_floats_atomically():
         assert not float_atomic.search(ptx), (kernel, float_atomic.search(ptx).group(0))
 
 
-def test_pdl_kernels_load_weights_before_the_wait_and_store_after_it():
+def test_pdl_kernels_load_weights_before_the_wait_and_store_after_it(monkeypatch):
     """Programmatic dependent launch (sm_90+): the GEMM may start while the kernel before it (A8:
     int8_rows_kernel, which lets it, griddepcontrol.launch_dependents) still runs. Its PTX must
     wait (griddepcontrol.wait) before its first store, and after loading its first weights where
@@ -771,6 +771,14 @@ def test_pdl_kernels_load_weights_before_the_wait_and_store_after_it():
         before, after = body.split("griddepcontrol.wait")
         assert "st.global" not in before and "st.global" in after, plan.cfg.label()
         assert ("ld.global" in before) == plan.cfg.prefetch, plan.cfg.label()   # M > 32 loads nothing early
+    # where PDL is supported, every default plan takes it but those with the quantization fused in
+    # (eager calls: slower with PDL, run 91); the cache entry stands for an sm_90 GPU's answer
+    monkeypatch.setitem(c._PDL_SUPPORTED, "cpu", True)
+    for m, n, eager in ((1, 5760, False), (1, 5760, True), (16, 512, False), (16, 512, True), (64, 2880, False)):
+        plan = c._int4_plan(m, n, 2880, 45, "a8", torch.float16, torch.device("cpu"), None, eager)
+        fused = plan.gemm_consts["FUSE"]
+        assert fused == eager and bool(plan.gemm_consts.get("launch_pdl")) != fused, plan.cfg.label()
+        assert plan.quant_consts["PDL"] != fused and plan.gemm_consts.get("PDL", False) != fused, plan.cfg.label()
     rows = lowered_ptx("int8_rows", dict(BLOCK_K=4096, ONE_PASS=True, PERM_KW=1, PDL=True), "*fp16", 90, 4, 1,
                        ptrs={"xq_ptr": "*i8"}, aligned=True)
     assert "griddepcontrol.launch_dependents" in rows
