@@ -3968,7 +3968,9 @@ def builtin_w4a8_status() -> tuple[bool, str]:
     best = max(g["capability"] for g in gpu)
     if best < (8, 0):
         return False, f"triton {detail} installed; needs compute capability >= 8.0 (best GPU here: {best[0]}.{best[1]})"
-    return True, f"triton {detail}, tensor cores of cc {best[0]}.{best[1]}"
+    import torch
+    pdl = ", programmatic dependent launch" if _pdl_supported(torch.device("cuda")) else ""
+    return True, f"triton {detail}, tensor cores of cc {best[0]}.{best[1]}{pdl}"
 
 
 def has_w4a8_runtime() -> bool:

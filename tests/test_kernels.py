@@ -852,6 +852,20 @@ def test_pdl_gives_the_same_bits_as_plain_launches():
             assert torch.equal(c.int4_linear(x_eager, wp, ws, act=act, config=cfg), plain), (m, groups, act, "eager")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_verify_runtime_reports_the_builtin_backend_on_the_gpu():
+    """verify-runtime --json --require-w4a8 on a GPU: the built-in backend runs, its self-test
+    passes, and the detail says whether the kernels use programmatic dependent launch (sm_90+)."""
+    from conftest import run_cli
+    r = run_cli("verify-runtime", "--json", "--require-w4a8")
+    assert r.returncode == 0, r.stdout + r.stderr
+    env = json.loads(r.stdout)
+    builtin = env["backends"]["builtin_triton"]
+    assert builtin["runnable"] and env["builtin_selftest"]["ok"], builtin
+    hopper = torch.cuda.get_device_capability()[0] >= 9 and c._pdl_supported(torch.device("cuda"))
+    assert ("programmatic dependent launch" in builtin["detail"]) == hopper, builtin["detail"]
+
+
 def test_float64_reference_is_the_dequantized_matmul():
     wp, ws = random_int4_layer(5, 64, 32)
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(15)).to(torch.float16)

@@ -11,3 +11,6 @@ timeout 420 python3 bench/bench_int4_eager.py --M 1,16 --skip-profile --calls 14
 echo "=== done ($(date -u +%T))"
 # then (run91e.log), after PDL was dropped for the fused plans (eager calls): tests/test_kernels.py's GPU tests,
 #   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "pdl or same_bits or cuda_graph or on_the_gpu or decode_steps or stays_on_the_gpu"
+# and (run91f.log), after verify-runtime started naming PDL in the built-in backend's line:
+#   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "verify_runtime_reports or pdl"
+#   python3 compress_gptoss.py verify-runtime | grep -i built-in
