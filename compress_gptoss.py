@@ -2585,21 +2585,18 @@ def _triton_kernels():
         gdc_launch_dependents = gdc_wait = None
 
     @triton.jit
-    def as_codes(v, a, xq_ptr, EXACT):
+    def as_codes(v, a, xq_ptr):
         """Rounded x_q (floats with integer values in [-127, 127], row absmax a) as xq_ptr's
         type: int8, or for a float type the fake-quantized x_q * a / 127 rounded once to it
-        (what compressed-tensors' own forward computes; dequantized-weight GEMMs take it), or
-        with EXACT x_q itself (exact in fp16 / bf16: int4_moe_kernel's DEQ)."""
+        (what compressed-tensors' own forward computes; dequantized-weight GEMMs take it)."""
         if xq_ptr.dtype.element_ty == tl.int8:
             out = v.to(tl.int32).to(tl.int8)
-        elif EXACT:
-            out = v.to(xq_ptr.dtype.element_ty)
         else:
             out = (v * (a / 127.0)).to(xq_ptr.dtype.element_ty)
         return out
 
     @triton.jit
-    def int8_row(x_ptr, xq_ptr, sx_ptr, row, K, KP, stride_xm, stride_qm, BLOCK_K, ONE_PASS, PERM_KW, EXACT):
+    def int8_row(x_ptr, xq_ptr, sx_ptr, row, K, KP, stride_xm, stride_qm, BLOCK_K, ONE_PASS, PERM_KW):
         """One token: absmax, then x_q = round_half_even(x * (127 / amax)).
         ONE_PASS (BLOCK_K >= K): the row is loaded once and stays in registers. x_q is written in
         the GEMM's K order: within each step of 8 * PERM_KW inputs, input 8w + j goes to j * PERM_KW
@@ -2614,7 +2611,7 @@ def _triton_kernels():
             v = (v + 12582912.0) - 12582912.0  # round half to even: 1.5 * 2^23 (|v| <= 127 * (1 + ulp))
             r = offs % (8 * PERM_KW)
             dst = offs - r + (r % 8) * PERM_KW + r // 8
-            tl.store(xq_ptr + row * stride_qm + dst, as_codes(v, a, xq_ptr, EXACT), mask=offs < KP)
+            tl.store(xq_ptr + row * stride_qm + dst, as_codes(v, a, xq_ptr), mask=offs < KP)
         else:
             amax = tl.zeros([BLOCK_K], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -2629,19 +2626,18 @@ def _triton_kernels():
                 kk = k0 + offs
                 r = kk % (8 * PERM_KW)
                 dst = kk - r + (r % 8) * PERM_KW + r // 8
-                tl.store(xq_ptr + row * stride_qm + dst, as_codes(v, a, xq_ptr, EXACT), mask=kk < KP)
+                tl.store(xq_ptr + row * stride_qm + dst, as_codes(v, a, xq_ptr), mask=kk < KP)
         tl.store(sx_ptr + row, a / 127.0)
 
     @triton.jit
     def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, KP, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                         ONE_PASS: tl.constexpr, PERM_KW: tl.constexpr, PDL: tl.constexpr = False,
-                         EXACT: tl.constexpr = False):
-        """One program per token (int8_row; EXACT: as_codes'). PDL: the GEMM launched after it with
-        programmatic dependent launch may start now (it waits for these rows before reading them)."""
+                         ONE_PASS: tl.constexpr, PERM_KW: tl.constexpr, PDL: tl.constexpr = False):
+        """One program per token (int8_row). PDL: the GEMM launched after it with programmatic
+        dependent launch may start now (it waits for these rows before reading them)."""
         if PDL:
             gdc_launch_dependents()
         int8_row(x_ptr, xq_ptr, sx_ptr, tl.program_id(0).to(tl.int64), K, KP, stride_xm, stride_qm, BLOCK_K,
-                 ONE_PASS, PERM_KW, EXACT)
+                 ONE_PASS, PERM_KW)
 
     @triton.jit
     def gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M):
@@ -3208,7 +3204,7 @@ def _triton_kernels():
         passes overlap instead of running one after the other."""
         pid = tl.program_id(0)
         if pid < M:
-            int8_row(x_ptr, xq_ptr, sx_ptr, pid.to(tl.int64), K, KPX, stride_xm, KPX, BLOCK_K, ONE_PASS, 1, False)
+            int8_row(x_ptr, xq_ptr, sx_ptr, pid.to(tl.int64), K, KPX, stride_xm, KPX, BLOCK_K, ONE_PASS, 1)
         else:
             b = pid - M
             codes_block(w_ptr, ws_ptr, q_ptr, b // W_BLOCKS, b % W_BLOCKS, N, K, KW_ALL, KP, stride_wn, stride_sn,
@@ -3262,7 +3258,7 @@ def _triton_kernels():
                         stride_wn, stride_se, stride_sn, stride_be, stride_ym, A8: tl.constexpr,
                         HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, CODES: tl.constexpr,
                         FUSE: tl.constexpr, FUSE_CHUNKS: tl.constexpr, ROW_EXPERTS: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DEQ: tl.constexpr = False):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Every routed expert of a MoE layer in one launch (int4_moe). A program takes rows [r0, r1)
         of the expert-sorted input, all routed to expert e (blk_ptr: (e, r0, r1) per row block), and
         BLOCK_N outputs of that expert, whose int4 weights it unpacks in registers CHUNK inputs at a
@@ -3275,10 +3271,6 @@ def _triton_kernels():
         fp16/bf16, each program quantizes its rows itself, row_scales; decode); else
         fp16/bf16 x against the exact integer codes. GROUP: inputs per weight scale, 0 = per
         channel. The bias is added before the one rounding to y.
-        DEQ (group scales): each chunk's weights become q * scale in fp16 in registers (exact for
-        bf16 scales in fp16's normal range, int4_moe checks) against fp16 x, or A8's x_q as exact
-        fp16 integers: one fp32 accumulator over K, which Triton keeps in flight across chunks
-        (async wgmma), where an int32 dot per group must be waited for before its rescale.
         ROW_EXPERTS (R <= BLOCK_M rows, decode): blk_ptr is instead each sorted row's expert, read on
         the GPU: program b takes row b's expert if b is its first row, else it exits; no host table."""
         pid_b, pid_n = tl.program_id(0), tl.program_id(1)
@@ -3320,19 +3312,14 @@ def _triton_kernels():
                 nxt = (k0 + CHUNK) // 8 + offs_w
                 words_next = tl.load(w_rows + nxt[None, :], mask=n_mask[:, None] & (nxt < K // 8)[None, :], other=0)
                 q = int4_k_order(words)
-            if DEQ:
-                w = q.to(tl.float32) * tl.load(s_rows + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-                acc = tl.dot(w.to(tl.float16), a, acc)
+            if A8:
+                d = weight_dot(q.to(tl.int8), a, True, tl.int32)
             else:
-                if A8:
-                    d = weight_dot(q.to(tl.int8), a, True, tl.int32)
-                else:
-                    d = weight_dot(q.to(a.dtype), a, True, tl.float32)
-                if GROUP == 0:
-                    acc += d
-                else:
-                    acc = add_scaled(acc, d, tl.load(s_rows + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32),
-                                     True)
+                d = weight_dot(q.to(a.dtype), a, True, tl.float32)
+            if GROUP == 0:
+                acc += d
+            else:
+                acc = add_scaled(acc, d, tl.load(s_rows + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32), True)
         acc = channel_scaled(acc, ws_ptr + e * stride_se, offs_n, n_mask, stride_sn, True, GROUP == 0)
         if A8:
             acc = acc * s_x[:, None]
@@ -3720,12 +3707,11 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
     return y.reshape(*x.shape[:-1], n)
 
 
-def _int8_rows(x2, kp: int, consts: dict, dtype=None):
-    """Per-token int8 activations of x2 [M, K] by int8_rows_kernel: (x_q [M, kp] int8, or in `dtype`
-    (with consts' EXACT the integers themselves), s_x [M] fp32)."""
+def _int8_rows(x2, kp: int, consts: dict):
+    """Per-token int8 activations of x2 [M, K] by int8_rows_kernel: (x_q [M, kp] int8, s_x [M] fp32)."""
     import torch
     (m, k), kern = x2.shape, _TRITON_KERNELS or _triton_kernels()
-    xa = torch.empty(m, kp, device=x2.device, dtype=dtype or torch.int8)
+    xa = torch.empty(m, kp, device=x2.device, dtype=torch.int8)
     sx = torch.empty(m, device=x2.device, dtype=torch.float32)
     kern["int8_rows"][(m,)](x2, xa, sx, k, kp, x2.stride(0), kp, **consts)
     return xa, sx
@@ -3787,26 +3773,11 @@ MOE_DEVICE_ROUTING_ROWS = 16
 # ... and at up to this many (one token of top-4) int4_moe_gemv_kernel, a row per program on the CUDA cores
 MOE_GEMV_ROWS = 4
 MOE_GEMV_TILE = (32, 32, 4, 1)   # (BLOCK_N, BLOCK_W words per step, num_warps, SPLIT_K): run 73, split-K no faster
-# from this many rows of the busiest expert, group-scaled weights become q * scale in fp16 (int4_moe_kernel's DEQ)
-MOE_DEQ_ROWS = 33
-
-
-def scales_fit_fp16(weight_scale) -> bool:
-    """q * scale is exact in fp16 for every int4 q (-8..7): bf16 scales (8 significant bits, q's 3
-    more fit fp16's 11), each zero or in fp16's normal range up to 65504 / 8. One reduction and a
-    sync per tensor, remembered on it (until it is modified in place)."""
-    seen = weight_scale.__dict__.get("_gptoss_fp16_fit")
-    if seen is None or seen[0] != weight_scale._version:
-        import torch
-        s = weight_scale.float().abs()
-        fit = weight_scale.dtype == torch.bfloat16 and bool(((s == 0) | ((s >= 2.0 ** -14) & (s <= 8188.0))).all())
-        seen = weight_scale.__dict__["_gptoss_fp16_fit"] = (weight_scale._version, fit)
-    return seen[1]
 
 
 def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act: str = "a8",
              tiles: tuple | None = None, codes: bool | None = None, fuse: bool | None = None, row_experts=None,
-             gemv: bool | None = None, dequant: bool | None = None):
+             gemv: bool | None = None):
     """Every routed expert of a MoE layer in one kernel launch (plus one for A8's activations,
     unless fused).
     x [R, K]: rows sorted by expert, counts[e] rows for expert e in expert order; or counts None
@@ -3822,9 +3793,6 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
     None: at up to MOE_FUSE_ROWS rows (decode, where a call is bound by the host's launches).
     gemv (row_experts only): int4_moe_gemv_kernel, a row per program without tensor cores; None: at
     up to MOE_GEMV_ROWS rows.
-    dequant (group scales, counts given, not fused; A8, or A16 with fp16 x): fp16 MMAs on q * scale
-    (int4_moe_kernel's DEQ) instead of a rescaled int8 / integer dot per group; only where
-    scales_fit_fp16 (else the integer dots); None: from MOE_DEQ_ROWS rows of the busiest expert.
     tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the default (bench/bench_moe.py); with
     gemv (BLOCK_N, BLOCK_W, num_warps, SPLIT_K) instead of MOE_GEMV_TILE."""
     import torch
@@ -3848,24 +3816,16 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
             codes = r >= MOE_CODES_ROWS * len(routed)
         most = max(counts)
     fuse = act == "a8" and not codes and (r <= MOE_FUSE_ROWS if fuse is None else fuse)
-    can_dequant = (groups > 1 and counts is not None and not fuse and (act == "a8" or x.dtype == torch.float16)
-                   and scales_fit_fp16(weight_scale))
-    if dequant is None:
-        dequant = can_dequant and most >= MOE_DEQ_ROWS
-    elif dequant and not can_dequant:
-        raise ValueError("int4_moe(dequant=True) needs group scales that fit fp16 (scales_fit_fp16), counts, an "
-                         "unfused call, and A8 or fp16 x")
     kern = _TRITON_KERNELS or _triton_kernels()
     if counts is None and gemv:
         return _int4_moe_gemv(kern, x, y, weight_packed, weight_scale, bias, row_experts, act, groups, chunk, fuse,
                               tiles or MOE_GEMV_TILE)
     block_m, block_n, warps, stages = tiles or _moe_tiles(most, codes)
-    xa, sx = (_int8_rows(x, k, dict(_row_quant_consts(k), PERM_KW=1, EXACT=dequant),
-                         torch.float16 if dequant else torch.int8) if act == "a8" and not fuse else (x, x))
+    xa, sx = _int8_rows(x, k, dict(_row_quant_consts(k), PERM_KW=1)) if act == "a8" and not fuse else (x, x)
     if counts is None:   # one program per row: a row that is not its expert's first exits at once
         assert block_m >= r, f"{r} rows need a row block of at least {r}, not {block_m}"
         _launch_int4_moe(kern, (r, -(-n // block_n)), xa, sx, weight_packed, weight_scale, bias, y, row_experts,
-                         weight_packed, 0, act, chunk, groups, False, fuse, True, (block_m, block_n, warps, stages), False)
+                         weight_packed, 0, act, chunk, groups, False, fuse, True, (block_m, block_n, warps, stages))
         return y
     codes_dtype = torch.int8 if act == "a8" else x.dtype
     # experts [e0, e1) whose codes fit the scratch together (all of them without codes)
@@ -3888,7 +3848,7 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
             kern["int4_codes"][grid](weight_packed[e0:e1].view(rows, kw), weight_scale, q, rows, k, kw, k, kw, 0,
                                      **consts)
         _launch_int4_moe(kern, (len(bl), -(-n // block_n)), xa, sx, weight_packed, weight_scale, bias, y, blk[done:],
-                         q, e0, act, chunk, groups, codes, fuse, False, (block_m, block_n, warps, stages), dequant)
+                         q, e0, act, chunk, groups, codes, fuse, False, (block_m, block_n, warps, stages))
         done += len(bl)
     return y
 
@@ -3924,7 +3884,7 @@ def _moe_tiles(most: int, codes: bool) -> tuple:
 
 
 def _launch_int4_moe(kern, grid, xa, sx, weight_packed, weight_scale, bias, y, blk, q, e0, act, chunk, groups, codes,
-                     fuse, row_experts, tiles, dequant):
+                     fuse, row_experts, tiles):
     """One launch of int4_moe_kernel over `grid` (row blocks or rows, N blocks) with these tiles."""
     block_m, block_n, warps, stages = tiles
     kern["int4_moe"][grid](
@@ -3933,7 +3893,7 @@ def _launch_int4_moe(kern, grid, xa, sx, weight_packed, weight_scale, bias, y, b
         weight_scale.stride(0), weight_scale.stride(1), 0 if bias is None else bias.stride(0), y.stride(0),
         A8=act == "a8", HAS_BIAS=bias is not None, GROUP=0 if groups == 1 else chunk, CHUNK=chunk, CODES=codes,
         FUSE=fuse, FUSE_CHUNKS=-(-xa.shape[1] // 256) if fuse else 1, ROW_EXPERTS=row_experts, BLOCK_M=block_m,
-        BLOCK_N=block_n, DEQ=dequant, num_warps=warps, **({"num_stages": stages} if stages else {}),
+        BLOCK_N=block_n, num_warps=warps, **({"num_stages": stages} if stages else {}),
         **({"enable_fp_fusion": False} if fuse else {}))
 
 

@@ -2,8 +2,7 @@
 """int4_moe (every routed expert of a GPT-OSS MoE layer in one launch) against transformers'
 BF16 path for the same experts (torch._grouped_mm), side by side in one process: its two ways
 of reading the weights (unpacked in registers per row block, or unpacked once per call into
-codes), each with A8's group-scaled int8 dots and with the weights as q * scale in fp16
-(`dequant`, int4_moe_kernel's DEQ), and tile alternatives. gpt-oss-20b's 32 experts (--experts 128: 120b's), gate_up
+codes) and tile alternatives. gpt-oss-20b's 32 experts (--experts 128: 120b's), gate_up
 (2880 -> 5760) and down (2880 -> 2880), group 64, tokens routed top-4 at random, at several
 prompt lengths. CUDA events around 5 calls back to back (the host builds the row-block table per
 call, so no CUDA graph; back to back, the host's work of one call overlaps the GPU's of the one
@@ -69,16 +68,14 @@ def main():
             row = {"proj": name, "tokens": t, "rows": sum(counts), "max_rows": max(counts), "bf16_grouped_mm_us": bf16}
             for act in a.acts.split(","):
                 refs = c.int4_moe_reference(x, counts, wp, ws, bias, act=act)
-                deq = [False, True] if act == "a8" and c.scales_fit_fp16(ws) else [False]
-                variants = [(None, None, None)] + [(None, codes, d) for codes in (False, True) for d in deq] + (
-                    [(tiles, False, d) for tiles in SWEEP if a.sweep in ("both", "registers") for d in deq] +
-                    [(tiles, True, d) for tiles in CODES_SWEEP if a.sweep in ("both", "codes") for d in deq])
-                for tiles, codes, d in variants:
-                    label = (f"{act} {'default' if codes is None else 'codes' if codes else 'registers'}"
-                             f"{' dequant' if d else ''} {tiles or ''}")
-                    y = c.int4_moe(x, counts, wp, ws, bias, act, tiles, codes, dequant=d)
+                variants = [(None, None), (None, False), (None, True)] + (
+                    [(tiles, False) for tiles in SWEEP if a.sweep in ("both", "registers")] +
+                    [(tiles, True) for tiles in CODES_SWEEP if a.sweep in ("both", "codes")])
+                for tiles, codes in variants:
+                    label = f"{act} {'default' if codes is None else 'codes' if codes else 'registers'} {tiles or ''}"
+                    y = c.int4_moe(x, counts, wp, ws, bias, act, tiles, codes)
                     err = max(c.relative_error(y[lo:hi], ref) for (lo, hi), ref in refs.items())
-                    us = per_call_us(lambda: c.int4_moe(x, counts, wp, ws, bias, act, tiles, codes, dequant=d))
+                    us = per_call_us(lambda: c.int4_moe(x, counts, wp, ws, bias, act, tiles, codes))
                     row[label.strip()] = {"us": us, "err": err, "x_bf16": bf16 / us}
                     print(f"{name} T={t} rows={sum(counts)} (max {max(counts)}/expert) int4_moe {label}: "
                           f"{us:.1f} us ({bf16 / us:.2f} x grouped_mm bf16 {bf16:.1f} us), max rel err {err:.2e}",
