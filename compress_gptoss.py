@@ -2566,7 +2566,6 @@ def triton_status() -> tuple[bool, str]:
 
 
 _TRITON_KERNELS = None
-_PDL_IN_TRITON = [False]   # set by _triton_kernels: this triton has gdc_wait / gdc_launch_dependents
 
 
 def _triton_kernels():
@@ -2580,8 +2579,7 @@ def _triton_kernels():
     globals()["tl"] = importlib.import_module("triton.language")
     try:   # programmatic dependent launch (sm_90+)
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-        _PDL_IN_TRITON[0] = True
-    except ImportError:   # an older triton: plans never set PDL, so no kernel compiles these calls
+    except ImportError:   # an older triton: _pdl_supported says no, so no kernel compiles these calls
         gdc_launch_dependents = gdc_wait = None
 
     @triton.jit
@@ -3503,7 +3501,7 @@ def _pdl_supported(device) -> bool:
         cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
         _PDL_SUPPORTED[key] = (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
                                and cuda >= (12, 3) and torch.cuda.get_device_capability(device)[0] >= 9
-                               and bool(_triton_kernels()) and _PDL_IN_TRITON[0])
+                               and _triton_kernels() is not None and globals()["gdc_wait"] is not None)
     return _PDL_SUPPORTED[key]
 
 

@@ -726,6 +726,13 @@ def test_default_configs_sum_split_k_in_a_fixed_order():
 
 
 
+def plan_ptx(plan, x_dtype: str = "*i8", **consts) -> str:
+    """sm_90 PTX of a plan's GEMM with its constexprs (launch options left out), consts overriding."""
+    launch = ("num_warps", "num_stages", "enable_fp_fusion", "launch_pdl")
+    return lowered_ptx(plan.kernel, {**{k: v for k, v in plan.gemm_consts.items() if k not in launch}, **consts},
+                       x_dtype, 90, plan.cfg.num_warps, plan.cfg.num_stages, aligned=True)
+
+
 def test_default_kernels_add_no_floats_atomically():
     """The PTX of the decode kernels as their default plans launch them (M = 1 GEMV, M = 16 grouped
     GEMM on 64- and 32-wide tiles, eager and in a graph, int4_moe's decode GEMV with a split) has
@@ -736,13 +743,10 @@ def test_default_kernels_add_no_floats_atomically():
     for m, n, eager in ((1, 5760, False), (16, 5760, False), (16, 512, False), (16, 512, True)):
         plan = c._int4_plan(m, n, 2880, 45, "a8", torch.float16, torch.device("cpu"), None, eager)
         assert plan.cfg.split_k > 1, plan.cfg.label()
-        consts = {k: v for k, v in plan.gemm_consts.items() if k not in ("num_warps", "num_stages", "enable_fp_fusion")}
-        xdt = "*fp16" if consts.get("FUSE") else "*i8"
-        ptxs[plan.cfg.label()] = lowered_ptx(plan.kernel, consts, xdt, 90, plan.cfg.num_warps, plan.cfg.num_stages,
-                                             aligned=True)
+        xdt = "*fp16" if plan.gemm_consts.get("FUSE") else "*i8"
+        ptxs[plan.cfg.label()] = plan_ptx(plan, xdt)
         if (m, n) == (16, 5760):
-            atomics = lowered_ptx(plan.kernel, {**consts, "SPLIT_STORES": False}, xdt, 90, plan.cfg.num_warps,
-                                  plan.cfg.num_stages, aligned=True)
+            atomics = plan_ptx(plan, xdt, SPLIT_STORES=False)
             assert float_atomic.search(atomics), "fp32 atomics expected with split_stores=False"
     consts = {"A8": True, "HAS_BIAS": True, "GROUP_W": 8, "FUSE": False, "FUSE_CHUNKS": 1, "BLOCK_N": 64,
               "BLOCK_W": 32, "W_ALIGN": 4, "SPLIT_K": 4}
@@ -761,11 +765,8 @@ def test_pdl_kernels_load_weights_before_the_wait_and_store_after_it(monkeypatch
     for m, n, groups in ((1, 5760, 45), (1, 512, 1), (16, 5760, 45), (16, 512, 1), (64, 2880, 45)):
         plan = c._int4_plan(m, n, 2880, groups, "a8", torch.float16, torch.device("cpu"), None)
         assert "PDL" not in plan.gemm_consts and not plan.quant_consts["PDL"], plan.cfg.label()
-        consts = {k: v for k, v in plan.gemm_consts.items() if k not in ("num_warps", "num_stages", "enable_fp_fusion")}
-        plain = lowered_ptx(plan.kernel, consts, "*i8", 90, plan.cfg.num_warps, plan.cfg.num_stages, aligned=True)
-        assert "griddepcontrol" not in plain
-        ptx = lowered_ptx(plan.kernel, {**consts, "PDL": True}, "*i8", 90, plan.cfg.num_warps, plan.cfg.num_stages,
-                          aligned=True)
+        assert "griddepcontrol" not in plan_ptx(plan)
+        ptx = plan_ptx(plan, PDL=True)
         body = ptx[ptx.index(".entry"):]
         assert body.count("griddepcontrol.wait") == 1, plan.cfg.label()
         before, after = body.split("griddepcontrol.wait")
