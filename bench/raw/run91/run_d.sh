@@ -14,3 +14,5 @@ echo "=== done ($(date -u +%T))"
 # and (run91f.log), after verify-runtime started naming PDL in the built-in backend's line:
 #   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "verify_runtime_reports or pdl"
 #   python3 compress_gptoss.py verify-runtime | grep -i built-in
+# and (run91h.log), after the review tidy 82f7a2b (PDL availability read from the bound gdc_wait):
+#   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "pdl or verify_runtime_reports or same_bits"
