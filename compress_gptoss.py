@@ -1542,6 +1542,9 @@ def init_distributed() -> tuple[int, int]:
         import compressed_tensors.offload.load as ct_load
         ct_load._get_device_memory = lambda: {}
     log(f"joined {world} processes ({dist.get_backend()})", every_rank=True)
+    log("note: on 2 H200s (bench/RESULTS.md, run 92) 2 processes were slower than one for GPT-OSS: "
+        "compressed-tensors shares the weights with the other ranks one tensor at a time (15 GB loaded in "
+        "90 s, 7 s in one process); only the calibration passes were faster (1.4-2.4x)")
     return rank, world
 
 

@@ -9,6 +9,9 @@ peak host RSS of the process tree (psutil), peak GPU memory in use (nvidia-smi),
 the disk used by the offload folder. Prints the per-layer figures and the projection to 36 layers
 (120b) and 24 layers (20b) with the arithmetic.
 
+--compare-nproc N runs the default quantize again under torchrun with N processes (one GPU each)
+and compares its wall time, pass times and int4 codes with the one-process run.
+
 --compare runs quantize three times on the same checkpoint: "plain" (--no-share-hessians
 --propagate-all-experts --fp32-hessian-matmul: llmcompressor 0.14 as it comes), "fp32_matmul"
 (shared Hessians and routed propagation, fp32 Hessian matmuls) and "defaults", and prints each
@@ -68,13 +71,14 @@ def run_sampled(cmd: list, offload: Path | None = None) -> dict:
             "peak_gpu_mib": peak["gpu_mib"], "peak_offload_bytes": peak["offload"], "log_tail": log[-4000:],
             "passes": pass_times(log),
             "layers": re.findall(r"\] (step \d+/\d+ .* done .*)", log),
-            "budget": re.findall(r"\] (RAM budget .*|weights: .* in RAM, .*)", log)}
+            "budget": re.findall(r"\] (RAM budget .*|weights: .* in RAM, .*)", log),
+            "ranks": [line for line in log.splitlines() if "calibrated on" in line or "] joined " in line],
+            "log_lines": [line for line in log.splitlines() if line.startswith("[gptoss ")]}   # ours, with times
 
 
 def code_agreement(dir_a: Path, dir_b: Path) -> dict:
     """Share of equal int4 codes over every *.weight_packed tensor (8 nibbles per int32) of two
     quantize outputs, and the largest relative difference of their weight_scale tensors."""
-    import torch
     from safetensors import safe_open
 
     def tensors(d):
@@ -140,6 +144,9 @@ def main():
                     help="quantize three times: plain llmcompressor, defaults with fp32 Hessian matmuls, defaults")
     ap.add_argument("--compare-batch", type=int, metavar="N",
                     help="quantize twice: defaults (one sample per forward), then --calib-batch-size N")
+    ap.add_argument("--compare-nproc", type=int, metavar="N",
+                    help="after the defaults, the same quantize under torchrun --nproc_per_node N (a GPU each): "
+                         "wall time and int4 codes against the one-process run")
     ap.add_argument("--profile", metavar="FILE",
                     help="run the default quantize under cProfile: stats to FILE, the top functions to stdout")
     ap.add_argument("--out")
@@ -180,6 +187,15 @@ def main():
             print(f"\n== cProfile of quantize, top 35 by {key}")
             pstats.Stats(a.profile).sort_stats(key).print_stats(35)
     res["output_bytes"] = dir_size(out)
+    nproc = f"quantize_nproc{a.compare_nproc}" if a.compare_nproc else None
+    if nproc:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.compare_nproc)]
+        res[nproc] = run_sampled(torchrun + quantize[1:] + ["--output-dir", str(work / nproc)], offload=offload)
+        if not res["quantize"]["rc"] and not res[nproc]["rc"]:
+            res[f"codes_{nproc}_vs_defaults"] = code_agreement(work / nproc, out)
+            r = res[f"codes_{nproc}_vs_defaults"]
+            print(f"\nint4 codes equal, {a.compare_nproc} processes vs 1: {r['codes_equal']:.4%}; "
+                  f"scales: max relative difference {r['scale_max_rel']:.2e}")
     batched = f"quantize_batch{a.compare_batch}"
     if a.compare_batch and not res["quantize"]["rc"] and not res[batched]["rc"]:
         res["codes_batch_vs_defaults"] = code_agreement(work / batched, out)
@@ -190,7 +206,7 @@ def main():
         print("\nint4 codes equal, fp32 Hessian matmuls vs defaults: "
               f"{res['codes_fp32_matmul_vs_defaults']['codes_equal']:.4%}; scales: max relative difference "
               f"{res['codes_fp32_matmul_vs_defaults']['scale_max_rel']:.2e}")
-    for k in ["dequantize", *variants, "quantize"]:
+    for k in ["dequantize", *variants, "quantize", *([nproc] if nproc else [])]:
         r = res[k]
         print(f"\n== {k}: rc {r['rc']}, wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss']/2**30:.1f} GiB, "
               f"peak GPU {r['peak_gpu_mib']/1024:.1f} GiB, offload {r['peak_offload_bytes']/2**30:.1f} GiB")
@@ -209,6 +225,14 @@ def main():
         for step in p["passes"]:
             if d["passes"].get(step):
                 print(f"  {step}: {p['passes'][step]} s / {d['passes'][step]} s = {p['passes'][step] / d['passes'][step]:.2f}x")
+    if nproc and not res[nproc]["rc"] and not d["rc"]:
+        p = res[nproc]
+        print(f"\n1 process / {a.compare_nproc}: wall {d['wall_s']:.0f} s / {p['wall_s']:.0f} s = {d['wall_s'] / p['wall_s']:.2f}x")
+        for step in d["passes"]:
+            if p["passes"].get(step):
+                print(f"  {step}: {d['passes'][step]} s / {p['passes'][step]} s = {d['passes'][step] / p['passes'][step]:.2f}x")
+        for line in p["ranks"]:
+            print("   " + line)
     q = res["quantize"]
     if not q["rc"]:
         per_layer = q["wall_s"] / a.layers   # an upper bound: load, save and the embeddings are included

@@ -333,6 +333,7 @@ def test_torchrun_splits_calibration_and_matches_one_process(gptq_w4a16, tiny_bf
         for rank in (0, 1):
             assert re.search(rf"rank {rank}/2\] calibrated on 8 of 16 samples", r.stderr), r.stderr[-3000:]
         assert "rank 1/2] done; rank 0 writes" in r.stderr
+        assert r.stderr.count("2 processes were slower than one") == 1, r.stderr[-3000:]   # rank 0 says it once
     out = outs[0]
     cg.load_quantized_model(out)
     one, two, again = tensors(gptq_w4a16), tensors(out), tensors(outs[1])
