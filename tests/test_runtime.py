@@ -52,7 +52,7 @@ def test_bench_needs_a_gpu():
     r = run_cli("verify-runtime", "--bench", "--shapes", "gpt-oss")
     assert r.returncode == 3
     assert "needs a CUDA GPU" in r.stderr and r.stdout == ""
-    for script in ("bench_w4a8.py", "bench_large_m.py", "bench_int4_eager.py", "bench_split_k.py"):
+    for script in ("bench_w4a8.py", "bench_large_m.py", "bench_int4_eager.py", "bench_split_k.py", "bench_group_rescale.py"):
         r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--out", "unused.json"],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 3 and "needs a CUDA GPU" in r.stderr, (script, r.stderr[-500:])
