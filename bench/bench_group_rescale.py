@@ -17,13 +17,13 @@ error against float64 on the same integers.
   python bench/bench_group_rescale.py --out bench/raw/runN/group_rescale.json [--before OLD.py]
 """
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import compress_gptoss as c  # noqa: E402
+from bench_large_m import load_module  # noqa: E402  (the bench folder is on sys.path: the script's own)
 
 SHAPES = {"q_proj": (2880, 4096), "k/v_proj": (2880, 512), "o_proj": (4096, 2880),
           "experts.gate_up": (2880, 5760), "experts.down": (2880, 2880)}
@@ -80,11 +80,7 @@ def main() -> int:
         print("bench_group_rescale: needs a CUDA GPU", file=sys.stderr)
         return 3
     dev = torch.device("cuda")
-    before = None
-    if args.before:
-        spec = importlib.util.spec_from_file_location("compress_gptoss_before", args.before)
-        before = sys.modules["compress_gptoss_before"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(before)
+    before = load_module(args.before, "compress_gptoss_before") if args.before else None
     kern = c._triton_kernels()["int4_codes_gemm"]
     proto = tma_kernel()
     gen = torch.Generator(device=dev).manual_seed(0)

@@ -725,7 +725,6 @@ def test_default_configs_sum_split_k_in_a_fixed_order():
     assert plan.gemm_consts["SPLIT_K"] > 1 and plan.gemm_consts["SPLIT_STORES"], plan.gemm_consts
 
 
-
 def plan_ptx(plan, x_dtype: str = "*i8", **consts) -> str:
     """sm_90 PTX of a plan's GEMM with its constexprs (launch options left out), consts overriding."""
     launch = ("num_warps", "num_stages", "enable_fp_fusion", "launch_pdl")
