@@ -123,6 +123,147 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+# ---- Output folders: the tool removes only what it wrote.
+# Every folder the tool writes (dequantize's --dst, quantize's output, its temp, BF16-copy and offload
+# folders, the quality pass's logits spill) holds MARKER_NAME, which lists the files the tool writes
+# there. --overwrite and the clean-up of dead runs remove a folder only when it has the marker and
+# nothing but those files, and never a folder that holds the source, the working directory or home.
+
+MARKER_NAME = ".gptoss-compressor.json"
+
+
+def write_marker(folder: Path, command: str, files=(), **extra) -> None:
+    write_json_atomic(folder / MARKER_NAME, {"tool": "gptoss-compressor", "version": __version__,
+                                             "command": command,
+                                             "files": sorted(set(files)), **extra})
+
+
+def read_marker(folder: Path) -> dict | None:
+    try:
+        m = json.loads((folder / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("tool") == "gptoss-compressor" else None
+
+
+def protected_reason(path: Path, sources=()) -> str | None:
+    """Why `path` may never be an output folder that the tool fills or replaces (None: it may)."""
+    p = path.resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if p == Path(p.anchor):
+        return "a filesystem root"
+    if p == home or p in home.parents:
+        return "your home directory" if p == home else "a folder holding your home directory"
+    if p == cwd or p in cwd.parents:
+        return "the current directory" if p == cwd else "a folder holding the current directory"
+    for s in sources:
+        s = Path(s).resolve()
+        if p == s:
+            return "the source model's folder"
+        if p in s.parents:
+            return f"a folder holding the source model {s}"
+        if s in p.parents:
+            return f"inside the source model's folder {s}"
+    return None
+
+
+def foreign_entries(folder: Path, marker: dict | None) -> list[str]:
+    """Entries of a folder that the tool did not write there (everything, without a marker)."""
+    ours = set(marker.get("files", [])) | {MARKER_NAME} if marker else set()
+    return sorted(e.name for e in os.scandir(folder)
+                  if e.name not in ours and not (marker and e.name.endswith((".partial", ".tmp"))))
+
+
+def check_output_folder(path: Path, flag: str, sources=(), overwrite: bool = False, resume: bool | None = None) -> str:
+    """Refuse, in one line, an output folder the tool may not fill; read nothing, write nothing.
+    Returns 'new' (absent), 'empty', 'ours' (an earlier output of this tool) or 'resume'.
+    resume: None where the command has no --resume, else whether it was given."""
+    reason = protected_reason(path, sources)
+    if reason:
+        raise UserError(f"{flag} {path} is {reason}: give a new folder, e.g. {flag} ./my-model-out")
+    if not path.exists():
+        check_creatable(path, flag)
+        return "new"
+    if not path.is_dir():
+        raise UserError(f"{flag} {path} is a file: give a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {flag} {path}: no write permission there; give a folder you can write")
+    if not any(os.scandir(path)):
+        return "empty"
+    marker = read_marker(path)
+    if resume:
+        return "resume"
+    if not overwrite:
+        finish = "--resume to finish it, " if resume is not None and marker and not marker.get("complete") else ""
+        raise UserError(f"{flag} {path} is not empty: pass {finish}--overwrite to replace an earlier output of "
+                        f"this tool, or give another folder")
+    foreign = foreign_entries(path, marker)
+    if foreign:
+        why = f"no {MARKER_NAME}: not written by this tool" if marker is None else "this tool did not write them"
+        raise UserError(f"{flag} {path} holds {len(foreign)} entries --overwrite would delete ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}; {why}): move them or give another folder")
+    return "ours"
+
+
+def check_creatable(path: Path, flag: str) -> None:
+    """The nearest existing folder above `path` is a writable folder (nothing is created here)."""
+    probe = path.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot write to {flag} {path}: {probe} is a file, so the folder cannot be created; "
+                        f"give another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {flag} {path}: {probe} is not writable; give a folder you can write")
+
+
+def remove_tool_folder(path: Path) -> int:
+    """rmtree a folder the tool wrote (marker, nothing foreign, not protected); bytes freed. Anything
+    else is left alone: a caller that must replace such a folder checks it first (check_output_folder)."""
+    if not path.is_dir() or path.is_symlink() or protected_reason(path):
+        return 0
+    marker = read_marker(path)
+    if marker is None or foreign_entries(path, marker):
+        return 0
+    freed = folder_bytes(path)
+    shutil.rmtree(path, ignore_errors=True)
+    return freed
+
+
+def folder_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # someone else's process: alive
+        return True
+    return True
+
+
+def remove_dead_runs(folder: Path, prefix: str) -> int:
+    """Temp folders `<prefix><pid>...` of runs that died (SIGKILL, power loss) in `folder`: removed when
+    the process is gone and the folder holds the tool's marker; bytes freed."""
+    freed = 0
+    if not folder.is_dir():
+        return 0
+    for e in os.scandir(folder):
+        m = re.fullmatch(re.escape(prefix) + r"(\d+)(-.*)?", e.name)
+        if m and e.is_dir(follow_symlinks=False) and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            freed += remove_tool_folder(Path(e.path))
+    return freed
+
+
 SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64",
                       "uint8": "U8", "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64",
                       "bool": "BOOL"}
@@ -542,6 +683,9 @@ def pick_device(requested: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {requested}: no CUDA GPU is visible to torch; use --device cpu")
+    if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {requested}: torch sees {torch.cuda.device_count()} GPUs (cuda:0 to "
+                        f"cuda:{torch.cuda.device_count() - 1})")
     return requested
 
 
@@ -611,24 +755,37 @@ def convert_shard(src: SourceModel, plan: ShardPlan, out_path: Path, dtype, devi
     return report
 
 
-def prepare_destination(dst: Path, src: Path, overwrite: bool, resume: bool) -> None:
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise UserError(f"--dst {dst} is the source folder or inside it: pick another folder")
-    if dst.exists() and not dst.is_dir():
-        raise UserError(f"--dst {dst} is a file: pick a folder")
-    if dst.exists() and any(dst.iterdir()):
-        if resume:
-            return
-        if not overwrite:
-            raise UserError(f"--dst {dst} is not empty: pass --overwrite to replace it or --resume to finish it")
-        shutil.rmtree(dst)
+def dequantize_fingerprint(src: SourceModel, dtype_name: str) -> dict:
+    """What a --resume or a reuse must match: the same source files and the same output dtype."""
+    return {"source": str(src.path.resolve()), "shards": source_fingerprint(src), "dtype": dtype_name}
+
+
+def dequantize_files(src: SourceModel, dtype_name: str) -> list[str]:
+    """Every file dequantize may write into its output folder (the marker lists them)."""
+    import torch
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    side = [p.name for p in src.path.iterdir() if p.is_file() and not p.name.endswith(".safetensors")
+            and p.name not in COPY_SKIP and not p.name.startswith(".")]
+    return [p.name for p in plan_output(src, dtype)] + side + [SINGLE_SHARD_NAME, INDEX_NAME, "config.json",
+                                                               PROGRESS_NAME, BF16_OF_NAME]
+
+
+def start_dequantize_folder(dst: Path, src: SourceModel, dtype_name: str) -> bool:
+    """Create (or claim an empty) output folder and mark it as this tool's; True if it was created."""
+    created = not dst.exists()
     try:
         dst.mkdir(parents=True, exist_ok=True)
-        probe = dst / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        write_marker(dst, "dequantize", dequantize_files(src, dtype_name),
+                     fingerprint=dequantize_fingerprint(src, dtype_name), complete=False)
     except OSError as e:
-        raise UserError(f"cannot write to --dst {dst} ({e.strerror}): pick a writable folder")
+        raise UserError(f"cannot write to --dst {dst} ({e.strerror}): give a writable folder")
+    return created
+
+
+def drop_if_unused(folder: Path, created: bool) -> None:
+    """A refused or failed run leaves no empty output folder behind (only the marker inside)."""
+    if created and folder.is_dir() and {e.name for e in os.scandir(folder)} <= {MARKER_NAME}:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def dequantize_stream(src: SourceModel, dst: Path, dtype_name: str, device: str,
@@ -638,7 +795,7 @@ def dequantize_stream(src: SourceModel, dst: Path, dtype_name: str, device: str,
     from tqdm import tqdm
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     plans = plan_output(src, dtype)
-    fingerprint = {"source": str(src.path.resolve()), "shards": source_fingerprint(src), "dtype": dtype_name}
+    fingerprint = dequantize_fingerprint(src, dtype_name)
     progress_path = dst / PROGRESS_NAME
     done = {}
     if resume and progress_path.exists():
@@ -686,10 +843,12 @@ def dequantize_stream(src: SourceModel, dst: Path, dtype_name: str, device: str,
                     rep = convert_shard(src, plan, dst / (plan.name + ".partial"), dtype, device, overflow_mode, bar)
                     finished(i, plan, rep)
         except OSError as e:
-            for p in dst.glob("*.partial"):
-                p.unlink()
-            raise UserError(f"writing into {dst} failed ({e.strerror}); the output needs "
-                            f"{human_bytes(sum(p.nbytes for p in todo))} more: free space and rerun with --resume")
+            for p in todo:
+                (dst / (p.name + ".partial")).unlink(missing_ok=True)
+            left = [p for p in todo if p.name not in done]
+            raise UserError(f"writing into {dst} failed ({e.strerror}); {len(left)} shards "
+                            f"({human_bytes(sum(p.nbytes for p in left))}) are still to write, "
+                            f"{human_bytes(shutil.disk_usage(dst).free)} free there: free space and rerun with --resume")
     return report, {s.name: p.name for p in plans for s in p.specs}
 
 
@@ -738,6 +897,9 @@ def finish_output(src_dir: Path, dst: Path, config: dict, dtype_name: str, weigh
     log(f"copied {len(copied)} side files: {', '.join(copied)}")
     write_json_atomic(dst / "config.json", output_config(config, {"bf16": "bfloat16", "fp16": "float16"}[dtype_name]))
     (dst / PROGRESS_NAME).unlink(missing_ok=True)
+    marker = read_marker(dst) or {}
+    write_marker(dst, "dequantize", set(marker.get("files", [])) | {p.name for p in dst.iterdir()},
+                 fingerprint=marker.get("fingerprint"), complete=True)
 
 
 def dequantize_with_transformers(src: SourceModel, dst: Path, dtype_name: str, device_map: str,
@@ -783,18 +945,43 @@ def dequantize_with_transformers(src: SourceModel, dst: Path, dtype_name: str, d
 def cmd_dequantize(args: argparse.Namespace) -> int:
     t0 = time.time()
     src_dir = resolve_model_dir(args.src, "--src")
-    src = inspect_source(src_dir)
     dst = Path(args.dst).expanduser()
-    prepare_destination(dst, src_dir, args.overwrite, args.resume)
+    state = check_output_folder(dst, "--dst", [src_dir], args.overwrite, args.resume)
+    src = inspect_source(src_dir)
+    device = pick_device(args.device) if args.method == "stream" else None
+    if args.offload_folder:
+        check_creatable(Path(args.offload_folder).expanduser(), "--offload-folder")
+    if state == "resume":
+        marker = read_marker(dst)
+        if marker is None and not (dst / PROGRESS_NAME).exists():
+            raise UserError(f"--resume: {dst} was not started by dequantize (no {MARKER_NAME} or {PROGRESS_NAME}): "
+                            f"give a new --dst")
+        if marker and marker.get("complete") and (dst / "config.json").exists():
+            if marker.get("fingerprint") != dequantize_fingerprint(src, args.dtype):
+                raise UserError(f"--resume: {dst} is a finished output of another source or --dtype: give a new "
+                                f"--dst, or --overwrite to replace it")
+            log(f"--resume: {dst} is already complete; nothing to do")
+            print(dst)
+            return 0
+    elif state == "ours":
+        freed = remove_tool_folder(dst)
+        log(f"--overwrite: removed the earlier output {dst} ({human_bytes(freed)})")
+    created = start_dequantize_folder(dst, src, args.dtype) if state != "resume" or not read_marker(dst) else False
+    try:
+        return dequantize_into(args, src, dst, device, t0)
+    except BaseException:
+        drop_if_unused(dst, created)
+        raise
+
+
+def dequantize_into(args: argparse.Namespace, src: SourceModel, dst: Path, device: str | None, t0: float) -> int:
+    src_dir = src.path
     if args.method == "transformers":
         log(f"dequantize --method transformers: whole model in memory (device_map={args.device_map})")
         weight_map = dequantize_with_transformers(src, dst, args.dtype, args.device_map,
                                                   args.offload_folder, args.max_gpu_memory)
         report = RangeReport()
     else:
-        device = pick_device(args.device)
-        if args.workers < 1:
-            raise UserError(f"--workers {args.workers}: give 1 or more")
         report, weight_map = dequantize_stream(src, dst, args.dtype, device, args.fp16_overflow, args.resume,
                                                args.workers)
     finish_output(src_dir, dst, src.config, args.dtype, weight_map)
@@ -5423,6 +5610,91 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+# ---- Argument types: argparse turns their ArgumentTypeError into one `error:` line (exit 2), so a
+# bad value is refused before any file is read or written.
+
+def int_at_least(low: int, unit: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v}: give {low} or more" + (f" {unit}" if unit else ""))
+        return v
+    return parse
+
+
+def fraction(low_inclusive: bool):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+        if not ((0 <= v if low_inclusive else 0 < v) and v < 1):
+            raise argparse.ArgumentTypeError(f"{v}: give a fraction {'from 0' if low_inclusive else 'above 0'} and below 1")
+        return v
+    return parse
+
+
+def group_size_arg(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    if v != -1 and (v < 16 or v & (v - 1)):
+        raise argparse.ArgumentTypeError(f"{v}: give a power of two of 16 or more (32, 64, 128) or -1 for per channel")
+    return v
+
+
+def mask_arg(text: str) -> str:
+    m = re.fullmatch(r"(\d+):(\d+)", text.strip())
+    if not m or not 0 < int(m.group(1)) < int(m.group(2)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give N:M with 0 < N < M, e.g. 2:4")
+    return f"{int(m.group(1))}:{int(m.group(2))}"
+
+
+def pattern_arg(text: str) -> str:
+    """A module name, or 're:REGEX' (the regex must compile)."""
+    body = text[3:] if text.startswith("re:") else None
+    try:
+        if body is not None:
+            re.compile(body)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a valid regex ({e})")
+    return text
+
+
+def regex_arg(text: str) -> str:
+    try:
+        re.compile(text[3:] if text.startswith("re:") else text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a valid regex ({e})")
+    return text
+
+
+def device_arg(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto, cpu, cuda or cuda:N")
+    return text
+
+
+def size_arg(text: str) -> str:
+    """A size like 48GB or 1.5GiB, checked here and kept as written (accelerate reads it too)."""
+    try:
+        if parse_size(text, "") <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a size above 0")
+    except UserError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write it like 48GB, 1.5GiB or 800MB")
+    return text
+
+
+def int_list_arg(text: str) -> str:
+    if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text) or any(int(t) < 1 for t in text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers of 1 or more, comma-separated")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = OneLineErrorParser(prog="compress_gptoss.py", formatter_class=fmt, epilog=EXAMPLES,
@@ -5453,11 +5725,11 @@ so values that would overflow are counted and refused unless --fp16-overflow say
     d.add_argument("--method", choices=["stream", "transformers"], default="stream",
                    help="stream: shard by shard (default); transformers: load the whole model with "
                         "Mxfp4Config(dequantize=True), for comparison (needs the model's size in RAM)")
-    d.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+    d.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda[:N]",
                    help="where the MXFP4 decode runs (stream method; default: GPU if present)")
     d.add_argument("--fp16-overflow", choices=["error", "clamp", "inf"], default="error",
                    help="with --dtype fp16, values beyond +-65504: stop (default), saturate, or write inf")
-    d.add_argument("--workers", type=int, default=1, metavar="N",
+    d.add_argument("--workers", type=int_at_least(1, "worker processes"), default=1, metavar="N",
                    help="convert N shards at once in separate processes; with GPUs, worker k uses GPU "
                         "k %% count (default: %(default)s)")
     d.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
@@ -5466,7 +5738,7 @@ so values that would overflow are counted and refused unless --fp16-overflow say
     d.add_argument("--device-map", choices=["auto", "sequential", "cpu-only"], default="sequential",
                    help="--method transformers: accelerate placement (default: %(default)s)")
     d.add_argument("--offload-folder", metavar="DIR", help="--method transformers: spill weights to disk here")
-    d.add_argument("--max-gpu-memory", metavar="SIZE", help="--method transformers: per-GPU cap, e.g. 20GiB")
+    d.add_argument("--max-gpu-memory", type=size_arg, metavar="SIZE", help="--method transformers: per-GPU cap, e.g. 20GiB")
     d.set_defaults(func=cmd_dequantize)
 
     q = sub.add_parser("quantize", formatter_class=fmt, help="GPTQ/AWQ compression through LLM Compressor",
@@ -5504,22 +5776,22 @@ RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
     q.add_argument("--auto-detect-experts", action="store_true",
                    help="find the expert modules from the module names (experts/expert/moe) instead of the "
                         "GPT-OSS default regex")
-    q.add_argument("--experts-regex", metavar="REGEX",
+    q.add_argument("--experts-regex", type=regex_arg, metavar="REGEX",
                    help=f"modules of the experts group (default: {DEFAULT_EXPERTS_REGEX.replace('%', '%%')})")
     q.add_argument("--with-sparse", action="store_true",
                    help="prune with SparseGPT (N:M, --mask) before quantizing; the mask is kept through GPTQ")
-    q.add_argument("--sparsity", type=float, default=0.5, metavar="RATIO", help="SparseGPT sparsity (default: %(default)s)")
-    q.add_argument("--mask", default="2:4", metavar="N:M", help="SparseGPT mask structure (default: %(default)s)")
-    q.add_argument("--group-size", type=int, default=128, metavar="SIZE",
+    q.add_argument("--sparsity", type=fraction(False), default=0.5, metavar="RATIO", help="SparseGPT sparsity (default: %(default)s)")
+    q.add_argument("--mask", default="2:4", type=mask_arg, metavar="N:M", help="SparseGPT mask structure (default: %(default)s)")
+    q.add_argument("--group-size", type=group_size_arg, default=128, metavar="SIZE",
                    help="int4 group size; a module whose inputs it does not divide gets the largest of 64/32/16 "
                         "that does (GPT-OSS: 2880 -> 64); -1 = per channel (default: %(default)s)")
-    q.add_argument("--block-size", type=int, default=128, metavar="SIZE",
+    q.add_argument("--block-size", type=int_at_least(1, "columns"), default=128, metavar="SIZE",
                    help="GPTQ/SparseGPT columns per block update (default: %(default)s)")
-    q.add_argument("--dampening-frac", type=float, default=0.01, metavar="FRAC",
+    q.add_argument("--dampening-frac", type=fraction(True), default=0.01, metavar="FRAC",
                    help="GPTQ/SparseGPT Hessian dampening, fraction of its mean diagonal (default: %(default)s)")
     q.add_argument("--symmetric", action="store_true",
                    help="symmetric int4 for W4A16 (W8A8 and W4A8 weights are always symmetric)")
-    q.add_argument("--awq-grid", type=int, default=20, metavar="N",
+    q.add_argument("--awq-grid", type=int_at_least(1, "grid points"), default=20, metavar="N",
                    help="AWQ: scale ratios tried per mapping (llmcompressor's n_grid); fewer is faster (default: %(default)s)")
     q.add_argument("--no-sequential-update", action="store_true",
                    help="calibrate every layer on the unquantized model's activations in one pass (llmcompressor "
@@ -5527,14 +5799,14 @@ RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
     q.add_argument("--offload-hessians", action="store_true",
                    help="keep SparseGPT's Hessians on the CPU between uses (GPTQ in llmcompressor 0.14 holds "
                         "the current layer's only)")
-    q.add_argument("--calib-batch-size", type=int, default=1, metavar="N",
+    q.add_argument("--calib-batch-size", type=int_at_least(1, "samples"), default=1, metavar="N",
                    help="calibration samples per forward pass (llmcompressor's batch_size; default: %(default)s). "
                         "A forward through a linearized GPT-OSS layer calls every expert's three Linear through "
                         "Python hooks, a fixed cost per call that batching divides (H200, one 120b layer at "
                         "256 x 2048 tokens: 54 s -> 26 s with 8); costs GPU memory for N samples' activations, and for samples of "
                         "unequal length tokens: each batch is cut to its shortest sample (the log says how many "
                         "are kept). Best with long equal-length samples, e.g. 2048-token chunks")
-    q.add_argument("--seed", type=int, default=0, metavar="N",
+    q.add_argument("--seed", type=int_at_least(0, ""), default=0, metavar="N",
                    help="seed of the calibration order (llmcompressor shuffles the samples): the same command "
                         "gives the same output (default: %(default)s)")
     q.add_argument("--routed-experts-only", action="store_true",
@@ -5557,14 +5829,14 @@ RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
                    help='local calibration file, {"text": ...} or {"messages": [...]} per line (overrides --dataset)')
     q.add_argument("--eval-jsonl", metavar="FILE",
                    help="held-out texts for quality.json (default: the calibration texts not used for calibration)")
-    q.add_argument("--num-calibration-samples", type=int, default=256, metavar="N",
+    q.add_argument("--num-calibration-samples", type=int_at_least(1, "samples"), default=256, metavar="N",
                    help="calibration samples (default: %(default)s)")
-    q.add_argument("--max-seq-length", type=int, default=2048, metavar="LEN",
+    q.add_argument("--max-seq-length", type=int_at_least(2, "tokens"), default=2048, metavar="LEN",
                    help="tokens per calibration sample (default: %(default)s)")
     q.add_argument("--output-dir", metavar="DIR",
                    help="output folder (default: <model>[-2of4]-<EXPERTALGO>-<MWALGO>-experts-<spec>-mw-<spec>)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    q.add_argument("--extra-ignore", action="append", default=[], metavar="PATTERN",
+    q.add_argument("--extra-ignore", action="append", default=[], type=pattern_arg, metavar="PATTERN",
                    help="module name or 're:REGEX' left unquantized, on top of router/embeddings/lm_head (repeatable)")
     q.add_argument("--dry-run", action="store_true",
                    help="print the resolved plan (modules per group, group sizes, recipe, output dir); read no weight")
@@ -5577,7 +5849,7 @@ RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
                    help="sequential/auto: weights up to --max-cpu-memory in RAM, the rest on disk in "
                         "--offload-folder, each layer onloaded (to the GPU, if any) in turn; cpu-only: the same "
                         "without a GPU (default: %(default)s)")
-    q.add_argument("--max-cpu-memory", metavar="SIZE",
+    q.add_argument("--max-cpu-memory", type=size_arg, metavar="SIZE",
                    help="RAM for the weights not being worked on, e.g. 48GB (compressed-tensors' "
                         "device_map='auto_offload' with max_memory={'cpu': SIZE}); one layer's work (its weights, "
                         "GPTQ Hessians, calibration activations) comes on top. Default: available RAM minus "
@@ -5642,10 +5914,10 @@ gpt-oss). --no-graph skips it.""")
     v.add_argument("--require-w4a8", action="store_true",
                    help="exit 3 unless a W4A8 GEMM (QQQ or built-in Triton) runs and passes its self-test here")
     v.add_argument("--bench", action="store_true", help="time FP16 vs W4A8/W4A16 GEMMs (needs a GPU)")
-    v.add_argument("--M", type=int, help="--bench: tokens (default: 16; with --shapes: 1,16,64,256,1024)")
-    v.add_argument("--K", type=int, default=4096, help="--bench: in features (default: %(default)s)")
-    v.add_argument("--N", type=int, default=4096, help="--bench: out features (default: %(default)s)")
-    v.add_argument("--iters", type=int, default=200, help="--bench: timed calls per case (default: %(default)s)")
+    v.add_argument("--M", type=int_at_least(1, "tokens"), help="--bench: tokens (default: 16; with --shapes: 1,16,64,256,1024)")
+    v.add_argument("--K", type=int_at_least(1, "features"), default=4096, help="--bench: in features (default: %(default)s)")
+    v.add_argument("--N", type=int_at_least(1, "features"), default=4096, help="--bench: out features (default: %(default)s)")
+    v.add_argument("--iters", type=int_at_least(1, "calls"), default=200, help="--bench: timed calls per case (default: %(default)s)")
     v.add_argument("--shapes", choices=["gpt-oss"],
                    help="--bench: every GPT-OSS Linear shape (at --M, else at M=1,16,64,256,1024) instead of --K/--N")
     v.add_argument("--group", default="64", choices=["32", "64", "128", "channel"],
@@ -5659,7 +5931,7 @@ gpt-oss). --no-graph skips it.""")
                    help="--bench: eager timing only; --model: no decode as CUDA-graph replays")
     v.add_argument("--no-check", action="store_true", help="--bench: skip the correctness checks")
     v.add_argument("--sweep", action="store_true", help="--bench: also time alternative W4A8 kernel configs")
-    v.add_argument("--sweep-m", metavar="M,M", help="--sweep with --shapes gpt-oss: at these M (default: 16,1024)")
+    v.add_argument("--sweep-m", type=int_list_arg, metavar="M,M", help="--sweep with --shapes gpt-oss: at these M (default: 16,1024)")
     v.add_argument("--out", metavar="FILE", help="--bench: write the full report as JSON here")
     v.add_argument("--model", metavar="DIR",
                    help="a W4A16/W4A8 checkpoint made by quantize: its int4 Linear layers through the built-in "
@@ -5667,7 +5939,7 @@ gpt-oss). --no-graph skips it.""")
                         "the dense fallback only")
     v.add_argument("--bf16", metavar="DIR", help="--model: the BF16 source for the tokens/s comparison "
                                                  "(default: the source recorded by quantize)")
-    v.add_argument("--new-tokens", type=int, default=16, help="--model: greedy tokens to generate (default: %(default)s)")
+    v.add_argument("--new-tokens", type=int_at_least(1, "tokens"), default=16, help="--model: greedy tokens to generate (default: %(default)s)")
     v.add_argument("--prefill-tokens", type=prefill_lengths, default=(256,), metavar="N[,N...]",
                    help="--model: also time one forward over a prompt of N random tokens (prefill), each N; "
                         "0 = skip (default: 256)")
