@@ -59,6 +59,12 @@ def torchrun_world() -> tuple[int, int]:
     return int(os.environ["RANK"]), world
 
 
+def brief(e: BaseException, limit: int = 200) -> str:
+    """A library's error as part of one line: its first line, cut at a word with '...' if long."""
+    text = (str(e).strip().splitlines() or [""])[0].strip() or type(e).__name__
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0].rstrip(".,;:") + " ..."
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -168,7 +174,10 @@ def protected_reason(path: Path, sources=()) -> str | None:
 
 
 def foreign_entries(folder: Path, marker: dict | None) -> list[str]:
-    """Entries of a folder that the tool did not write there (everything, without a marker)."""
+    """Entries of a folder that the tool did not write there (everything, without a marker). A scratch
+    folder (a temp folder the tool created under a name of its own) is the tool's whole."""
+    if marker and marker.get("scratch"):
+        return []
     ours = set(marker.get("files", [])) | {MARKER_NAME} if marker else set()
     return sorted(e.name for e in os.scandir(folder)
                   if e.name not in ours and not (marker and e.name.endswith((".partial", ".tmp"))))
@@ -195,7 +204,7 @@ def check_output_folder(path: Path, flag: str, sources=(), overwrite: bool = Fal
         return "resume"
     if not overwrite:
         finish = "--resume to finish it, " if resume is not None and marker and not marker.get("complete") else ""
-        raise UserError(f"{flag} {path} is not empty: pass {finish}--overwrite to replace an earlier output of "
+        raise UserError(f"{flag} {path} already exists: pass {finish}--overwrite to replace an earlier output of "
                         f"this tool, or give another folder")
     foreign = foreign_entries(path, marker)
     if foreign:
@@ -537,7 +546,7 @@ def resolve_model_dir(src: str, flag: str) -> Path:
     try:
         return Path(snapshot_download(src, allow_patterns=HUB_ALLOW, ignore_patterns=HUB_IGNORE))
     except Exception as e:  # offline, 404, gated, auth: all end the same way for the user
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        reason = brief(e)
         raise UserError(f"cannot fetch {src} from the Hugging Face Hub ({type(e).__name__}: {reason}): "
                         f"download it where the Hub is reachable and pass the local folder to {flag}")
 
@@ -562,7 +571,7 @@ def open_safetensors(path: Path):
     except FileNotFoundError:
         raise UserError(f"shard {path} is missing: re-download the model")
     except Exception as e:
-        raise UserError(f"shard {path} is truncated or corrupt ({str(e).splitlines()[0][:120]}): re-download it")
+        raise UserError(f"shard {path} is truncated or corrupt ({brief(e)}): re-download it")
 
 
 def inspect_source(path: Path) -> SourceModel:
@@ -1187,14 +1196,8 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
         if algo == "awq" and spec != "W4A16":
             raise UserError(f"{who}: AWQ supports W4A16 (weight-only int4) only, not {spec}: "
                             f"use --{who}-algo gptq for {spec}")
-    if args.group_size != -1 and args.group_size <= 0:
-        raise UserError(f"--group-size {args.group_size}: pass a positive size (128, 64, ...) or -1 for per channel")
-    if args.calib_batch_size < 1:
-        raise UserError(f"--calib-batch-size {args.calib_batch_size}: pass 1 or more samples per forward")
-    if args.with_sparse and not re.fullmatch(r"\d+:\d+", args.mask or ""):
-        raise UserError(f"--mask {args.mask}: use N:M, e.g. 2:4")
-    if not 0 < args.sparsity < 1:
-        raise UserError(f"--sparsity {args.sparsity}: pass a ratio between 0 and 1")
+    if args.eval_only and (args.dry_run or args.no_eval):
+        raise UserError("--eval-only runs the quality pass alone: drop --dry-run / --no-eval")
     exp_spec = check_w4a8(exp_spec, "experts", args)
     mw_spec = check_w4a8(mw_spec, "mw", args)
 
@@ -1202,7 +1205,7 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
         model = skeleton_model(config)
     except Exception as e:  # unknown model_type, broken config: the user's model folder, not our bug
         raise UserError(f"{model_dir}/config.json: transformers cannot build this model "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+                        f"({type(e).__name__}: {brief(e)})")
     import torch
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     total_params = sum(p.numel() for p in model.parameters())
@@ -1410,7 +1413,7 @@ def row_to_text(row, tokenizer, where: str) -> str:
         try:
             return tokenizer.apply_chat_template(row["messages"], tokenize=False)
         except Exception as e:
-            raise UserError(f"{where}: the chat template cannot render these messages ({str(e).splitlines()[0][:120]})")
+            raise UserError(f"{where}: the chat template cannot render these messages ({brief(e)})")
     if isinstance(row, dict) and isinstance(row.get("instruction"), str):   # open_platypus / alpaca style
         return f"### Instruction:\n{row['instruction']}\n\n### Response:\n{row.get('output', '')}"
     keys = list(row) if isinstance(row, dict) else type(row).__name__
@@ -1431,7 +1434,7 @@ def load_hub_texts(name: str, tokenizer, limit: int) -> list[str]:
         # streamed: only the rows we use are fetched (ultrachat_200k is ~1 GB whole)
         rows = list(itertools.islice(datasets.load_dataset(repo, split=split, streaming=True), limit))
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        reason = brief(e)
         raise UserError(f"cannot load --dataset {name} ({repo}) from the Hugging Face Hub ({reason}): "
                         f"offline? pass --calib-jsonl FILE with {{\"text\": ...}} or {{\"messages\": [...]}} lines")
     texts = [row_to_text(row, tokenizer, f"--dataset {name} row {i}") for i, row in enumerate(rows)]
@@ -1907,7 +1910,7 @@ def remove_offload(folder: Path, created: bool) -> None:
     """The offload folder is useless after the run (its files are named by object ids): ours goes,
     a folder the user gave keeps everything but compressed-tensors' files."""
     if created:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_tool_folder(folder)
     elif folder.exists():
         for e in os.scandir(folder):
             if e.name.startswith("ct_disk_cache"):
@@ -1994,33 +1997,33 @@ SAVE_SHARD_SIZE = "5GB"   # quantize's output shards (the saver holds one in RAM
 BF16_OF_NAME = ".gptoss-bf16-of.json"   # in a kept BF16 copy: the MXFP4 source it was made from
 
 
+def check_bf16_copy_folder(model_dir: Path, bf16_dir: Path) -> None:
+    """MXFP4 input: the BF16 copy's folder is absent, empty, or an earlier copy of this tool's."""
+    if bf16_dir.exists() and any(os.scandir(bf16_dir)):
+        check_output_folder(bf16_dir, "the BF16 copy", [model_dir], overwrite=True)
+
+
 def dequantize_persistent(model_dir: Path, bf16_dir: Path) -> Path:
     """MXFP4 input: the streaming dequantize (section 3) into a folder that outlives a failed run.
 
     A complete copy of the same source (same shard sizes) is reused as it is; a partial one is
-    finished with dequantize's --resume machinery; anything else in the folder is replaced."""
+    finished with dequantize's --resume machinery; an earlier copy of another source is replaced
+    (check_bf16_copy_folder has made sure that it is the tool's)."""
     src = inspect_source(model_dir)
     made_of = {"source": str(model_dir.resolve()), "shards": source_fingerprint(src)}
     marker = bf16_dir / BF16_OF_NAME
-    if (bf16_dir / "config.json").exists():
-        if marker.exists() and read_json(marker, "") == made_of:
-            size = sum(p.stat().st_size for p in bf16_dir.glob("*.safetensors"))
-            log(f"reusing the BF16 copy {bf16_dir} from a previous run ({human_bytes(size)}, complete)")
-            return bf16_dir
-        log(f"{bf16_dir} holds another model: replacing it")
-        shutil.rmtree(bf16_dir)
-    resume = (bf16_dir / PROGRESS_NAME).exists()
+    if (bf16_dir / "config.json").exists() and marker.exists() and read_json(marker, "") == made_of:
+        size = sum(p.stat().st_size for p in bf16_dir.glob("*.safetensors"))
+        log(f"reusing the BF16 copy {bf16_dir} from a previous run ({human_bytes(size)}, complete)")
+        return bf16_dir
+    state = read_json(bf16_dir / PROGRESS_NAME, "") if (bf16_dir / PROGRESS_NAME).exists() else {}
+    resume = {k: state.get("fingerprint", {}).get(k) for k in made_of} == made_of
     if resume:
-        state = read_json(bf16_dir / PROGRESS_NAME, "")
-        if state.get("fingerprint", {}).get("source") != made_of["source"] or \
-                state.get("fingerprint", {}).get("shards") != made_of["shards"]:
-            shutil.rmtree(bf16_dir)
-            resume = False
-        else:
-            log(f"resuming the BF16 copy {bf16_dir}: {len(state.get('done', {}))} shards done by a previous run")
-    if not resume and bf16_dir.exists():
-        shutil.rmtree(bf16_dir)
-    bf16_dir.mkdir(parents=True, exist_ok=True)
+        log(f"resuming the BF16 copy {bf16_dir}: {len(state.get('done', {}))} shards done by a previous run")
+    elif bf16_dir.exists() and any(os.scandir(bf16_dir)):
+        check_bf16_copy_folder(model_dir, bf16_dir)
+        log(f"{bf16_dir} holds a BF16 copy of another model: replacing it ({human_bytes(remove_tool_folder(bf16_dir))})")
+    start_dequantize_folder(bf16_dir, src, "bf16")
     log(f"{model_dir} is MXFP4: dequantizing it to BF16 in {bf16_dir} first (kept until quantize succeeds, "
         f"reused by a rerun of the same command)")
     _, weight_map = dequantize_stream(src, bf16_dir, "bf16", pick_device("auto"), "error", resume)
@@ -2161,6 +2164,97 @@ def sparsity_report(tmp: Path, plan: QuantizePlan) -> dict:
             "global_sparsity": zeros / max(total, 1), "per_module_min": per}
 
 
+# ---- where a quantize run writes, and what a dead run left behind
+
+def quantize_bf16_dir(out: Path) -> Path:
+    return out.parent / f"{out.name}.bf16"
+
+
+def check_offload_folder(flag_value: str | None, out: Path, model_dir: Path) -> None:
+    """--offload-folder is the user's (only compressed-tensors' files are removed from it); the default
+    <output>.offload is the tool's own, so a folder of that name that is not ours stops the run."""
+    if flag_value:
+        folder = Path(flag_value).expanduser()
+        reason = protected_reason(folder, [model_dir]) if folder.resolve() != Path.cwd().resolve() else None
+        if reason and "home" not in reason:
+            raise UserError(f"--offload-folder {folder} is {reason}: give a folder of its own")
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--offload-folder {folder} is a file: give a folder")
+        check_creatable(folder if folder.exists() else folder.parent, "--offload-folder")
+        return
+    folder = out.parent / f"{out.name}.offload"
+    if folder.exists() and any(os.scandir(folder)):
+        check_output_folder(folder, "the offload folder", [model_dir], overwrite=True)
+
+
+def remove_dead_quantize_runs(out: Path, offload_dir: Path, offload_ours: bool) -> None:
+    """A killed quantize leaves its temp output (.NAME.partial-PID, a whole model) and the quality pass's
+    logits (.eval-logits-PID-*); the next run into the same place removes them and says so."""
+    freed = remove_dead_runs(out.parent, f".{out.name}.partial-") + remove_dead_runs(out.parent, ".eval-logits-")
+    if offload_dir.is_dir():
+        freed += remove_dead_runs(offload_dir, ".eval-logits-")
+    if offload_ours and offload_dir.is_dir():
+        freed += remove_tool_folder(offload_dir)
+    if freed:
+        log(f"removed what a killed run left beside {out}: {human_bytes(freed)} freed")
+
+
+def eval_spill_bytes(plan: QuantizePlan, heldout: list, args) -> int:
+    """The quality pass keeps the source's logits (BF16) of every held-out text on disk."""
+    vocab = int(plan.config.get("vocab_size") or 0)
+    return len(heldout) * min(args.max_seq_length, 512) * vocab * 2
+
+
+def disk_full(e: BaseException) -> bool:
+    """ENOSPC as the libraries report it: OSError, safetensors' bare Exception, torch's enforce failure."""
+    import errno
+    text = str(e)
+    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text \
+        or ("inline_container" in text and "enforce fail" in text)
+
+
+def place_output(tmp: Path, out: Path, model_dir: Path) -> None:
+    """Rename the finished temp folder into place; an earlier output of this tool is replaced only after
+    the new one is whole, and only if nothing foreign appeared in it meanwhile."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    try:
+        check_output_folder(out, "--output-dir", [model_dir], overwrite=True)
+    except UserError as e:
+        kept = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(tmp, kept)
+        raise UserError(f"the new output is saved in {kept}, not in {out}: {e}")
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, old)
+    os.replace(tmp, out)
+    if not any(os.scandir(old)):
+        old.rmdir()
+    else:
+        remove_tool_folder(old)
+
+
+def quantize_eval_only(args, plan: QuantizePlan, model_dir: Path, tokenizer, heldout: list) -> int:
+    """--eval-only: the quality pass of a finished output again (after it failed, or with other texts)."""
+    out = plan.output_dir
+    src_dir = dequantize_persistent(model_dir, quantize_bf16_dir(out)) if plan.is_mxfp4 else model_dir
+    budget = memory_budget(plan, args, out)
+    check_disk_space([(budget.offload_dir if budget.disk_bytes else out, eval_spill_bytes(plan, heldout, args),
+                       "the quality pass's source logits")])
+    quality = evaluate_quality(src_dir, out, plan, heldout, tokenizer, min(args.max_seq_length, 512),
+                               budget if budget.disk_bytes else None)
+    write_json_atomic(out / "quality.json", quality)
+    (out / "README.md").write_text(model_card(plan, args, quality))
+    marker = read_marker(out) or {}
+    write_marker(out, "quantize", set(marker.get("files", [])) | {"quality.json", "README.md"},
+                 source=marker.get("source"))
+    print_quality_table(quality)
+    if plan.is_mxfp4 and not args.keep_bf16:
+        remove_tool_folder(quantize_bf16_dir(out))
+    print(out)
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.time()
     if not args.verbose:
@@ -2170,19 +2264,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model_in, "--model-in")
     plan = make_plan(args, model_dir)
     out = plan.output_dir
-    if out.exists() and not args.dry_run:
-        if not args.overwrite:
-            raise UserError(f"output dir {out} already exists: pass --overwrite to replace it or --output-dir DIR")
-        if out.resolve() == model_dir.resolve() or out.resolve() in model_dir.resolve().parents:
-            raise UserError(f"output dir {out} is the input model's folder: pick another --output-dir")
+    if args.eval_only:
+        marker = read_marker(out) if out.is_dir() else None
+        if not marker or marker.get("command") != "quantize" or not (out / "config.json").exists():
+            raise UserError(f"--eval-only: {out} is not a finished output of quantize: run the command without "
+                            f"--eval-only first")
+    elif not args.dry_run:
+        check_output_folder(out, "--output-dir", [model_dir], args.overwrite)
+        check_creatable(out.parent, "--output-dir")
+        if plan.is_mxfp4:
+            check_bf16_copy_folder(model_dir, quantize_bf16_dir(out))
+        check_offload_folder(args.offload_folder, out, model_dir)
     for g in plan.groups:
         sizes = ", ".join(f"{v} x {k}" for k, v in g.group_size_summary().items()) or "-"
         log(f"{g.name}: {len(g.modules)} Linear -> {g.algo.upper()} {g.scheme} ({sizes})"
             + ("" if g.modules else "  [empty group: nothing matches]"))
-    for name, inf, req, used in plan.adjusted[:6]:
-        log(f"group size {req} does not divide {name}'s {inf} inputs: {'per channel' if used is None else f'g{used}'}")
-    if len(plan.adjusted) > 6:
-        log(f"... and {len(plan.adjusted) - 6} more modules with an adjusted group size (see --dry-run)")
+    adjusted: dict = {}
+    for name, inf, req, used in plan.adjusted:
+        adjusted.setdefault((req, inf, used), []).append(name)
+    for (req, inf, used), names in adjusted.items():
+        log(f"group size {req} does not divide {inf} inputs: {len(names)} modules use "
+            f"{'per channel' if used is None else f'g{used}'} (--dry-run lists them)")
 
     from transformers import AutoTokenizer
     try:
@@ -2203,10 +2305,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             print(f"calibration: {len(calib)} texts from {args.calib_jsonl or args.dataset}, held out for quality: {len(heldout)}")
         return 0
 
-    bf16_dir = out.parent / f"{out.name}.bf16"
+    bf16_dir = quantize_bf16_dir(out)
+    if args.eval_only:
+        return quantize_eval_only(args, plan, model_dir, tokenizer, heldout)
     budget = memory_budget(plan, args, out)
+    if torchrun_world()[0] == 0:
+        remove_dead_quantize_runs(out, budget.offload_dir, args.offload_folder is None)
     needs = [(budget.offload_dir, budget.disk_bytes, "offloaded weights"),
              (out, estimated_output_bytes(plan), "the output")]
+    if not args.no_eval:
+        needs.append((budget.offload_dir if budget.disk_bytes else out, eval_spill_bytes(plan, heldout, args),
+                      "the quality pass's source logits"))
     if plan.is_mxfp4:
         have = sum(p.stat().st_size for p in bf16_dir.glob("*.safetensors")) if bf16_dir.exists() else 0
         needs.append((bf16_dir, max(budget.model_bytes - have, 0), "the BF16 copy"))
@@ -2214,10 +2323,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     rank, world = init_distributed()
     pid = on_rank0(os.getpid)                        # the temp folders are rank 0's, shared by all ranks
     tmp = out.parent / f".{out.name}.partial-{pid}"
-    offload_ours = args.offload_folder is None or not budget.offload_dir.exists()
+    offload_ours = args.offload_folder is None
+    out.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         remove_offload(budget.offload_dir, False)    # compressed-tensors' files of a killed run
-    out.parent.mkdir(parents=True, exist_ok=True)
+        if offload_ours:
+            budget.offload_dir.mkdir(parents=True, exist_ok=True)
+            write_marker(budget.offload_dir, "quantize", scratch=True)
+    eval_error = None
     import signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))   # run the cleanup below
     try:
@@ -2265,17 +2378,26 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         log(f"oneshot done in {time.time() - t0:.1f} s; saving to {out}; {offload_report(model, budget.offload_dir)}")
         if rank == 0:
             tmp.mkdir(parents=True)
-        # on every rank: it gathers, rank 0 writes. 5 GB shards: a shard is assembled in RAM before it is
-        # written, and transformers' 50 GB default would undo the RAM budget (H200 run 10: 11.4 GB peak
-        # for a 5.8 GB output saved as one shard)
-        model.save_pretrained(str(tmp), save_compressed=True, max_shard_size=SAVE_SHARD_SIZE)
-        del model
-        if leave_distributed():
-            log(f"done; rank 0 writes {out}", every_rank=True)
-            return 0
-        remove_offload(budget.offload_dir, False)          # the quality pass below needs the space
-        tokenizer.save_pretrained(str(tmp))
-        copy_side_files(src_dir, tmp)                      # the source's tokenizer / template / generation config win
+            write_marker(tmp, "quantize", scratch=True)
+        try:
+            # on every rank: it gathers, rank 0 writes. 5 GB shards: a shard is assembled in RAM before it is
+            # written, and transformers' 50 GB default would undo the RAM budget (11.4 GB peak on an H200
+            # for a 5.8 GB output saved as one shard)
+            model.save_pretrained(str(tmp), save_compressed=True, max_shard_size=SAVE_SHARD_SIZE)
+            del model
+            if leave_distributed():
+                log(f"done; rank 0 writes {out}", every_rank=True)
+                return 0
+            remove_offload(budget.offload_dir, False)          # the quality pass below needs the space
+            tokenizer.save_pretrained(str(tmp))
+            copy_side_files(src_dir, tmp)                      # the source's tokenizer / template / generation config win
+        except Exception as e:
+            if disk_full(e):
+                raise UserError(f"the disk filled up while saving into {tmp.parent} "
+                                f"({human_bytes(shutil.disk_usage(tmp.parent).free)} free now; the output needs "
+                                f"~{human_bytes(estimated_output_bytes(plan))}): free space and rerun the same "
+                                f"command; nothing was kept", exit_code=1)
+            raise
         sparsity = None
         extra = {"version": __version__, "source": str(model_dir.resolve()),
                  "groups": {g.name: {"algo": g.algo, "scheme": g.scheme, "modules": len(g.modules),
@@ -2304,14 +2426,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             write_output_config(tmp, plan, sparsity, extra)
         quality = None
         if not args.no_eval:
-            quality = evaluate_quality(src_dir, tmp, plan, heldout, tokenizer, min(args.max_seq_length, 512),
-                                       budget if budget.disk_bytes else None)
-            write_json_atomic(tmp / "quality.json", quality)
-            print_quality_table(quality)
+            try:
+                quality = evaluate_quality(src_dir, tmp, plan, heldout, tokenizer, min(args.max_seq_length, 512),
+                                           budget if budget.disk_bytes else None)
+                write_json_atomic(tmp / "quality.json", quality)
+                print_quality_table(quality)
+            except Exception as e:   # the model is saved: keep it, and say how to redo the evaluation alone
+                eval_error = e
         (tmp / "README.md").write_text(model_card(plan, args, quality))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        write_marker(tmp, "quantize", [e.name for e in os.scandir(tmp)], source=str(model_dir.resolve()))
+        place_output(tmp, out, model_dir)
     except BaseException as e:
         if isinstance(e, UserError):
             raise
@@ -2326,13 +2450,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise
     finally:
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tool_folder(tmp)
             remove_offload(budget.offload_dir, offload_ours)
+    if eval_error is not None:
+        reason = brief(eval_error)
+        raise UserError(f"the quantized model is saved in {out}, but the quality evaluation failed "
+                        f"({type(eval_error).__name__}: {reason}): rerun the same command with --eval-only to "
+                        f"write quality.json" + (f" (the BF16 copy {bf16_dir} is kept for it)" if plan.is_mxfp4 else ""),
+                        exit_code=1)
     if plan.is_mxfp4:
         if args.keep_bf16:
             log(f"--keep-bf16: the BF16 copy stays in {bf16_dir} (pass it as --model-in to skip the dequantize)")
         else:
-            shutil.rmtree(bf16_dir, ignore_errors=True)
+            remove_tool_folder(bf16_dir)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     log(f"wrote {out}: {human_bytes(size)} of safetensors in {time.time() - t0:.1f} s, "
         f"peak RSS {human_bytes(peak_rss_bytes())}")
@@ -2542,8 +2672,11 @@ def evaluate_quality(src_dir: Path, q_dir: Path, plan, texts: list[str], tokeniz
         log("quality: no held-out text left (pass more calibration texts or --eval-jsonl); skipped the metrics")
     spill_root = budget.offload_dir if budget is not None else Path(q_dir).parent
     spill_root.mkdir(parents=True, exist_ok=True)
-    spill = Path(tempfile.mkdtemp(prefix=".eval-logits-", dir=spill_root))
+    spill = Path(tempfile.mkdtemp(prefix=f".eval-logits-{os.getpid()}-", dir=spill_root))
+    write_marker(spill, "quantize", scratch=True)
     try:
+        if os.environ.get("_GPTOSS_TEST_FAIL_EVAL"):          # fault injection for the keep-the-model test
+            raise RuntimeError("evaluation failure injected by _GPTOSS_TEST_FAIL_EVAL")
         ids_all = []
         for t in texts:
             ids = tokenizer(t, return_tensors="pt", truncation=True, max_length=max_len)["input_ids"]
@@ -2558,7 +2691,7 @@ def evaluate_quality(src_dir: Path, q_dir: Path, plan, texts: list[str], tokeniz
             h.remove()
         del ref
         gc.collect()
-        spilled = sum(p.stat().st_size for p in spill.iterdir())
+        spilled = sum(p.stat().st_size for p in spill.glob("*.pt"))
         qm = load_quantized_model(q_dir, decompress=True,
                                   offload_dir=None if budget is None else budget.offload_dir / "quantized")
         rec_q, h_q = router_recorder(qm)
@@ -2579,7 +2712,7 @@ def evaluate_quality(src_dir: Path, q_dir: Path, plan, texts: list[str], tokeniz
         del qm
         gc.collect()
     finally:
-        shutil.rmtree(spill, ignore_errors=True)
+        remove_tool_folder(spill)
     log(f"quality: source then output, one at a time; {human_bytes(spilled)} of source logits were on disk"
         + (f"; weights beyond {human_bytes(budget.cpu_bytes)} read from disk" if budget is not None else ""))
     same = None
@@ -5841,6 +5974,9 @@ RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
     q.add_argument("--dry-run", action="store_true",
                    help="print the resolved plan (modules per group, group sizes, recipe, output dir); read no weight")
     q.add_argument("--no-eval", action="store_true", help="skip the reload + quality.json step")
+    q.add_argument("--eval-only", action="store_true",
+                   help="only the quality pass, on the finished output of the same command (after an evaluation "
+                        "that failed, or with other --eval-jsonl texts): rewrites quality.json and README.md")
     q.add_argument("--try-install-qqq", action="store_true",
                    help="W4A8 without a runtime: offer to install the QQQ kernels (install-kernel)")
     q.add_argument("--yes", action="store_true", help="answer yes to the install question")
@@ -5971,7 +6107,9 @@ def main(argv: list[str] | None = None) -> int:
               f"here ({e}); install requirements.txt (pip install -r requirements.txt)", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("error: interrupted; --resume continues where it stopped (dequantize)", file=sys.stderr)
+        again = {"dequantize": "; rerun it with --resume to continue where it stopped",
+                 "quantize": "; rerun the same command to start it again (a BF16 copy of an MXFP4 input is reused)"}
+        print(f"error: interrupted{again.get(args.cmd, '')}", file=sys.stderr)
         return 130
 
 

@@ -398,7 +398,10 @@ def bad(args, tmp_path, capsys, env=None, monkeypatch=None):
     out = tmp_path / "out"
     for k, v in (env or {}).items():
         monkeypatch.setenv(k, v)
-    rc = cg.main(["quantize", *map(str, args), *([] if "--output-dir" in args else ["--output-dir", str(out)])])
+    try:
+        rc = cg.main(["quantize", *map(str, args), *([] if "--output-dir" in args else ["--output-dir", str(out)])])
+    except SystemExit as e:    # argparse refuses a bad value itself, before main() runs
+        rc = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0
     assert not out.exists() and not list(tmp_path.glob(".out.*")), "something was half-written"
@@ -411,8 +414,8 @@ def bad(args, tmp_path, capsys, env=None, monkeypatch=None):
     (["--experts", "w3a7"], r"--experts w3a7: unknown scheme"),
     (["--mw-type", "int8", "--mw-scheme", "w4a16"], r"--mw-type int8 does not go with --mw-scheme w4a16"),
     (["--algo", "smoothquant"], r"--algo smoothquant: unknown algorithm"),
-    (["--group-size", "0"], r"--group-size 0: pass a positive size"),
-    (["--calib-batch-size", "0"], r"--calib-batch-size 0: pass 1 or more samples per forward"),
+    (["--group-size", "0"], r"--group-size: 0: give a power of two"),
+    (["--calib-batch-size", "0"], r"--calib-batch-size: 0: give 1 or more samples"),
 ])
 def test_bad_recipe(flags, message, tiny_bf16, calib_jsonl, tmp_path, capsys):
     errors, _ = bad(["--model-in", tiny_bf16, "--calib-jsonl", calib_jsonl, *flags], tmp_path, capsys)
