@@ -14,7 +14,7 @@ This times, GEMM only, on int8 x_q and int8 codes already in memory, in one proc
 CUDA-graph time per call (as verify-runtime --bench); the GEMM-only rows come with their relative
 error against float64 on the same integers.
 
-  python bench/bench_group_rescale.py --out bench/raw/runN/group_rescale.json [--before OLD.py]
+  python bench/bench_group_rescale.py --out results/group_rescale.json [--before OLD.py]
 """
 import argparse
 import json

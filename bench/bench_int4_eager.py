@@ -12,7 +12,7 @@ M <= 32) vs config=None (the rule itself): eager time per call (host clock, unti
 and CUDA-graph time, side by side, each with its error against float64; each launched plainly too
 ("no PDL": without programmatic dependent launch, which the defaults use on sm_90+).
 
-  python bench/bench_int4_eager.py --out bench/raw/runN/eager.json
+  python bench/bench_int4_eager.py --out results/eager.json
 """
 import argparse
 import cProfile

@@ -12,7 +12,7 @@ cycled over copies totalling 3x L2, as `verify-runtime --bench`) of:
   a8_planar the planar kernel (int4_planar weights, made before timing) at its --config, rows included
 and the speedups over fp16 that each floor allows (fp16 / floor). Needs a CUDA GPU and triton.
 
-  python bench/bench_kernel_floors.py --out bench/raw/floors.json
+  python bench/bench_kernel_floors.py --out results/floors.json
 """
 import argparse
 import json

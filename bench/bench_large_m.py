@@ -9,7 +9,7 @@ compress_gptoss.py) that version's default kernel is timed in the same process t
 CUDA-graph time per call (weights cycled over 3x L2, as `verify-runtime --bench`), median; every
 built-in timing comes with its relative error against float64 on the same quantized values.
 
-  python bench/bench_large_m.py --out bench/raw/runN/large_m.json [--before .ab/compress_gptoss.py]
+  python bench/bench_large_m.py --out results/large_m.json [--before .ab/compress_gptoss.py]
 """
 import argparse
 import importlib.util

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Every quantize recipe on the tiny GPT-OSS (CPU): wall time, peak RSS, and quality beside RTN.
 
-  python bench/bench_recipes.py [--samples 32 --seq-len 128] [--out bench/raw/recipes.json]
+  python bench/bench_recipes.py [--samples 32 --seq-len 128] [--out recipes.json]
 
 Runs `compress_gptoss.py quantize` as a subprocess per recipe on the trained tiny fixture
 (tests/tiny_gptoss.py, dequantized once), with one shared calibration file and one held-out file,
