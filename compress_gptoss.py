@@ -2213,6 +2213,15 @@ def disk_full(e: BaseException) -> bool:
         or ("inline_container" in text and "enforce fail" in text)
 
 
+def make_temp_output(out: Path) -> str:
+    """The folder a quantize run saves into before the rename: beside the output (same file system),
+    hidden, named by the process so that a later run knows when it is a dead run's leftover."""
+    import tempfile
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    write_marker(tmp, "quantize", scratch=True)
+    return str(tmp)
+
+
 def place_output(tmp: Path, out: Path, model_dir: Path) -> None:
     """Rename the finished temp folder into place; an earlier output of this tool is replaced only after
     the new one is whole, and only if nothing foreign appeared in it meanwhile."""
@@ -2321,8 +2330,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         needs.append((bf16_dir, max(budget.model_bytes - have, 0), "the BF16 copy"))
     check_disk_space(needs)                          # before the process group: all ranks fail alike
     rank, world = init_distributed()
-    pid = on_rank0(os.getpid)                        # the temp folders are rank 0's, shared by all ranks
-    tmp = out.parent / f".{out.name}.partial-{pid}"
+    tmp = None                                       # the temp output: rank 0's, shared by all ranks
     offload_ours = args.offload_folder is None
     out.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -2376,9 +2384,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                     moe_calibrate_all_experts=not args.routed_experts_only, **batching)
         log(f"calibrated on {share.get('samples', '?')} of {len(ds)} samples", every_rank=world > 1)
         log(f"oneshot done in {time.time() - t0:.1f} s; saving to {out}; {offload_report(model, budget.offload_dir)}")
-        if rank == 0:
-            tmp.mkdir(parents=True)
-            write_marker(tmp, "quantize", scratch=True)
+        tmp = Path(on_rank0(make_temp_output, out))
         try:
             # on every rank: it gathers, rank 0 writes. 5 GB shards: a shard is assembled in RAM before it is
             # written, and transformers' 50 GB default would undo the RAM budget (11.4 GB peak on an H200
@@ -2450,7 +2456,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise
     finally:
         if rank == 0:
-            remove_tool_folder(tmp)
+            if tmp is not None:
+                remove_tool_folder(tmp)
             remove_offload(budget.offload_dir, offload_ours)
     if eval_error is not None:
         reason = brief(eval_error)
