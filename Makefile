@@ -92,10 +92,14 @@ help: ## list the targets
 	@echo "  DATASET CALIB_JSONL NUM_SAMPLES SEQ_LEN GROUP_SIZE GPUS OVERWRITE=1 QUANT_ARGS (see README)."
 
 $(VENV)/.installed: requirements.txt
+	@echo "venv: creating $(VENV) (first time: ~2 minutes, torch is the big one)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	@echo "venv: [1/2] $(TORCH_SPEC)"
 	$(PY) -m pip install -q '$(TORCH_SPEC)'
+	@echo "venv: [2/2] requirements.txt (transformers, llmcompressor, compressed-tensors, ...)"
 	$(PY) -m pip install -q -r requirements.txt
+	@echo "venv: ready ($$($(PY) -m pip list 2>/dev/null | tail -n +3 | wc -l) packages)"
 	touch $@
 
 venv: $(VENV)/.installed ## create .venv and install requirements.txt

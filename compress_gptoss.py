@@ -21,11 +21,13 @@ import argparse
 import functools
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -1873,6 +1875,10 @@ def memory_budget(plan: QuantizePlan, args, out: Path) -> MemoryBudget:
         cpu, default = max(available - work, 0), True
     offload = Path(args.offload_folder).expanduser() if args.offload_folder else out.parent / f"{out.name}.offload"
     b = MemoryBudget(cpu, 2 * plan.total_params, layer, work, offload, default)
+    if default and not b.disk_bytes:      # the usual small-model case: one short line, no budget arithmetic
+        log(f"RAM: the whole model ({human_bytes(b.model_bytes)}) and one layer's work ({human_bytes(work)}) fit in "
+            f"the {human_bytes(available)} available; nothing goes to disk")
+        return b
     log(f"RAM budget for weights {human_bytes(cpu)} ({'default: available ' + human_bytes(available) + ' - ' if default else '--max-cpu-memory; '}"
         f"{human_bytes(work)} for one layer's work: weights {human_bytes(layer)} x 2, Hessians "
         f"{human_bytes(plan.layer_hessian_bytes)}, activations {human_bytes(activations)}); "
@@ -1934,6 +1940,8 @@ def offload_report(model, offload_dir: Path) -> str:
     links = written = written_bytes = 0
     if offload_dir.exists():
         for e in os.scandir(offload_dir):
+            if e.name == MARKER_NAME:
+                continue
             if e.is_symlink():
                 links += 1
             elif e.is_file():
@@ -2268,6 +2276,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.time()
     if not args.verbose:
         os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
+        # torch.fx warns once per traced layer that is_fx_tracing changed meaning: not the user's concern
+        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     if args.device_map == "cpu-only":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""          # before torch initializes CUDA
     model_dir = resolve_model_dir(args.model_in, "--model-in")
@@ -2389,7 +2399,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             # on every rank: it gathers, rank 0 writes. 5 GB shards: a shard is assembled in RAM before it is
             # written, and transformers' 50 GB default would undo the RAM budget (11.4 GB peak on an H200
             # for a 5.8 GB output saved as one shard)
-            model.save_pretrained(str(tmp), save_compressed=True, max_shard_size=SAVE_SHARD_SIZE)
+            with warnings.catch_warnings():   # transformers warns of its 50 GB default shard, which we do not use
+                warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+                model.save_pretrained(str(tmp), save_compressed=True, max_shard_size=SAVE_SHARD_SIZE)
             del model
             if leave_distributed():
                 log(f"done; rank 0 writes {out}", every_rank=True)
