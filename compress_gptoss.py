@@ -305,7 +305,7 @@ def e2m1_codes(scaled):
     (an original's code 8) encodes back to code 8.
     """
     import torch
-    mag = scaled.abs()
+    mag = scaled.abs().contiguous()            # bucketize copies a strided input, with a warning
     mids = torch.tensor(_E2M1_MIDPOINTS, dtype=mag.dtype, device=mag.device)
     code = torch.bucketize(mag, mids, right=False)             # midpoints strictly below |x|
     for tie in _E2M1_TIES_UP:

@@ -231,6 +231,7 @@ def test_gptq_beats_rtn_on_a_finetune(quantized, tiny_finetuned):
         assert r.returncode == 0, r.stderr[-3000:]
     g, r = quality(runs["gptq"][1]), quality(runs["rtn"][1])
     assert g["perplexity"]["source"] == pytest.approx(r["perplexity"]["source"], rel=1e-6)
+    print(f"KL GPTQ-MXFP4 {g['kl_mean']:.5f}, RTN-MXFP4 {r['kl_mean']:.5f}: ratio {g['kl_mean'] / r['kl_mean']:.3f}")
     assert g["kl_mean"] <= 0.7 * r["kl_mean"], (g["kl_mean"], r["kl_mean"])
     out = runs["gptq"][1]
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
@@ -265,3 +266,26 @@ def test_mxfp4_dry_run_and_other_models(tiny_bf16, tiny_llama, calib_jsonl, tmp_
     assert "\nmw " not in printed
     errors, _ = bad(["--model-in", tiny_llama, "--calib-jsonl", calib_jsonl, "--experts", "mxfp4"], tmp_path, capsys)
     assert len(errors) == 1 and "OpenAI's MXFP4 layout is GPT-OSS's" in errors[0]
+
+
+# ---------------------------------------------------------------- the bench starts here too
+
+
+def test_bench_runs_at_tiny_dims_and_rejects_bad_args(tmp_path):
+    import subprocess
+    import sys
+    bench = [sys.executable, str(cg.Path(__file__).resolve().parent.parent / "bench" / "bench_mxfp4_export.py")]
+    out = tmp_path / "bench.json"
+    r = subprocess.run(bench + ["--device", "cpu", "--experts", "2", "--hidden", "64", "--intermediate", "96",
+                                "--iters", "1", "--gptq", "--tokens", "64", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert json.loads(r.stdout) == res and res["values"] == 2 * (64 * 192 + 96 * 64)
+    assert res["rules"]["values_equal_where_same_scale"] and 0 < res["rules"]["same_scale_fraction"] <= 1
+    assert {"ours", "ct_rtn", "gptq"} <= set(res)
+    r = subprocess.run(bench + ["--hidden", "33"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "multiple of 32" in r.stderr and "Traceback" not in r.stderr
+    if not torch.cuda.is_available():
+        r = subprocess.run(bench + ["--device", "cuda"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 3 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
