@@ -283,15 +283,14 @@ _E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _E2M1_TIES_UP = (0.75, 1.75, 3.5)
 
 
-def mxfp4_shared_exponents(values):
-    """values [..., G, 32] float32 -> E8M0 bytes [..., G] uint8 by the OCP rule.
+def mxfp4_scale_bytes(amax):
+    """Blocks' largest magnitudes [..., G] (float32) -> E8M0 bytes [..., G] uint8 by the OCP rule.
 
     floor(log2(amax)) comes from frexp's exponent (exact, no log2 rounding). An all-zero block gets
     byte 0 (the smallest scale), as compressed-tensors and the fixture's encoder write it; exponents
     below E8M0's -127 are clamped there (the elements then still fit: amax < 2^-125 gives < 4).
     """
     import torch
-    amax = values.abs().amax(-1)
     _, e = torch.frexp(amax)                                     # amax = m * 2^e, m in [0.5, 1)
     shared = (e - 1 - E2M1_EMAX).clamp(-E8M0_BIAS, E8M0_BIAS)
     shared = torch.where(amax == 0, -E8M0_BIAS, shared)
@@ -307,7 +306,7 @@ def e2m1_codes(scaled):
     import torch
     mag = scaled.abs().contiguous()            # bucketize copies a strided input, with a warning
     mids = torch.tensor(_E2M1_MIDPOINTS, dtype=mag.dtype, device=mag.device)
-    code = torch.bucketize(mag, mids, right=False)             # midpoints strictly below |x|
+    code = torch.bucketize(mag, mids, right=False, out_int32=True)   # midpoints strictly below |x|
     for tie in _E2M1_TIES_UP:
         code += mag == tie
     return (code | (torch.signbit(scaled).to(code.dtype) << 3)).to(torch.uint8)
@@ -318,15 +317,16 @@ def encode_mxfp4_blocks(values):
 
     The inverse of decode_mxfp4_blocks by the OCP MX rule: decode(encode(x)) is x rounded to MXFP4,
     and encode(decode(b, s)) gives back the same values for any MXFP4 input, and the same bytes where
-    the input's scales follow the OCP rule (a block whose largest code is 3, as a round-up encoder
-    writes, comes back with its scale one lower and its codes doubled: the same values).
+    the input's scales follow the OCP rule (a block whose largest value is 3 x its scale, as a
+    round-up encoder writes, comes back with the scale halved and each code for twice its value).
     """
     import torch
     assert values.shape[-1] % MXFP4_BLOCK == 0, f"MXFP4 needs a multiple of 32 inputs, got {values.shape}"
     v = values.float().contiguous().reshape(*values.shape[:-1], -1, MXFP4_BLOCK)
-    if not bool(torch.isfinite(v).all()):
+    amax = v.abs().amax(-1)
+    if not bool(torch.isfinite(amax).all()):                   # amax is inf / NaN if any value is
         raise ValueError("inf or NaN in the weights: MXFP4 cannot encode them")
-    scales = mxfp4_shared_exponents(v)
+    scales = mxfp4_scale_bytes(amax)
     scaled = torch.ldexp(v, (E8M0_BIAS - scales.to(torch.int32)).unsqueeze(-1))   # exact: a power of 2
     codes = e2m1_codes(scaled)
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)        # low nibble first, as OpenAI stores them
@@ -2356,7 +2356,10 @@ def rtn_mxfp4_encoder(device: str):
     """encode(name, handle, e0, e1) -> (blocks, scales) of experts e0:e1, by the OCP rule on `device`."""
     def encode(name, handle, e0, e1):
         w = handle.get_slice(name)[e0:e1].to(device, non_blocking=True)       # [e, in, out]
-        blocks, scales = encode_mxfp4_blocks(w.transpose(1, 2))
+        try:
+            blocks, scales = encode_mxfp4_blocks(w.transpose(1, 2))
+        except ValueError as e:
+            raise UserError(f"{name} (experts {e0}-{e1 - 1}): {e}; check the fine-tune that wrote it")
         return blocks.cpu(), scales.cpu()
     return encode
 
@@ -2473,8 +2476,9 @@ def quantize_mxfp4_rtn(args, plan: QuantizePlan, model_dir: Path, tokenizer, hel
         src_dir = dequantize_persistent(model_dir, bf16_dir) if plan.is_mxfp4 else model_dir
         check_checkpoint_complete(src_dir, plan.config)
         tmp.mkdir(parents=True)
-        log(f"experts: MXFP4 by the OCP rule on {device}, streaming shard by shard: no calibration, and the "
-            f"model is never loaded whole (RAM: a few experts at a time, so 120b fits a small machine)")
+        log(f"experts: MXFP4 by the OCP rule on {device}, streaming shard by shard: no calibration, the model is "
+            f"never loaded whole (RAM holds <= {DECODE_CHUNK_BLOCKS >> 20}M blocks of experts at a time, so 120b needs "
+            f"no more RAM than 20b)")
         write_mxfp4_checkpoint(src_dir, tmp, rtn_mxfp4_encoder(device), f"RTN, OCP rule, {device}")
         tokenizer.save_pretrained(str(tmp))
         copy_side_files(src_dir, tmp)
@@ -2768,6 +2772,9 @@ def evaluate_quality(src_dir: Path, q_dir: Path, plan, texts: list[str], tokeniz
         gc.collect()
         spilled = sum(p.stat().st_size for p in spill.iterdir())
         if (read_json(Path(q_dir) / "config.json", "").get("quantization_config") or {}).get("quant_method") == "mxfp4":
+            if budget is not None:
+                log("quality: the MXFP4 output is loaded whole (transformers' Mxfp4Config(dequantize=True), "
+                    "BF16 in RAM): only the source keeps weights beyond the budget on disk")
             qm = load_mxfp4_model(q_dir)
         else:
             qm = load_quantized_model(q_dir, decompress=True,

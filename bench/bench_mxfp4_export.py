@@ -84,10 +84,6 @@ def ct_rtn(weights, args, compressor, scheme):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    # llmcompressor logs to stdout: everything but the JSON goes to stderr
-    sys.stdout.flush()
-    json_out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
     try:
         import torch
         from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
@@ -99,6 +95,10 @@ def main(argv=None) -> int:
     device = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         needs("a CUDA GPU for --device cuda (none is visible to torch); run with --device cpu")
+    # llmcompressor logs to stdout: from here on everything but the JSON goes to stderr
+    sys.stdout.flush()
+    json_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     g = torch.Generator(device=device).manual_seed(0)
     E, H, I = a.experts, a.hidden, a.intermediate
     # transformers' layout [E, in, out], weights like a trained gpt-oss expert (std ~0.02)

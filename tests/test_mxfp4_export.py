@@ -271,21 +271,43 @@ def test_mxfp4_dry_run_and_other_models(tiny_bf16, tiny_llama, calib_jsonl, tmp_
 # ---------------------------------------------------------------- the bench starts here too
 
 
-def test_bench_runs_at_tiny_dims_and_rejects_bad_args(tmp_path):
+def test_bench_runs_at_tiny_dims_and_rejects_bad_args(tmp_path, capsys):
+    import importlib.util
     import subprocess
     import sys
-    bench = [sys.executable, str(cg.Path(__file__).resolve().parent.parent / "bench" / "bench_mxfp4_export.py")]
+    path = cg.Path(__file__).resolve().parent.parent / "bench" / "bench_mxfp4_export.py"
     out = tmp_path / "bench.json"
-    r = subprocess.run(bench + ["--device", "cpu", "--experts", "2", "--hidden", "64", "--intermediate", "96",
-                                "--iters", "1", "--gptq", "--tokens", "64", "--out", str(out)],
+    r = subprocess.run([sys.executable, str(path), "--device", "cpu", "--experts", "2", "--hidden", "64",
+                        "--intermediate", "96", "--iters", "1", "--gptq", "--tokens", "64", "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert json.loads(r.stdout) == res and res["values"] == 2 * (64 * 192 + 96 * 64)
     assert res["rules"]["values_equal_where_same_scale"] and 0 < res["rules"]["same_scale_fraction"] <= 1
     assert {"ours", "ct_rtn", "gptq"} <= set(res)
-    r = subprocess.run(bench + ["--hidden", "33"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "multiple of 32" in r.stderr and "Traceback" not in r.stderr
+    spec = importlib.util.spec_from_file_location("bench_mxfp4_export", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bad_runs = [(["--hidden", "33"], 2, "multiple of 32"), (["--experts", "0"], 2, "give 1 or more")]
     if not torch.cuda.is_available():
-        r = subprocess.run(bench + ["--device", "cuda"], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 3 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+        bad_runs.append((["--device", "cuda"], 3, "needs a CUDA GPU"))
+    for argv, code, message in bad_runs:
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == code and message in capsys.readouterr().err, argv
+
+
+def test_nan_in_the_experts_is_one_line(tiny_bf16, calib_jsonl, tmp_path, capsys):
+    import shutil
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken-bf16"
+    shutil.copytree(tiny_bf16, broken)
+    shard = next(f for f in sorted(broken.glob("*.safetensors"))
+                 if any(k.endswith("gate_up_proj") for k in load_file(str(f))))
+    t = load_file(str(shard))
+    name = next(k for k in t if k.endswith("gate_up_proj"))
+    t[name][1, 0, 0] = float("nan")
+    save_file(t, str(shard), metadata={"format": "pt"})
+    errors, err = bad(["--model-in", broken, "--calib-jsonl", calib_jsonl, "--experts", "mxfp4", "--algo", "rtn",
+                       "--no-eval"], tmp_path, capsys)
+    assert len(errors) == 1 and f"{name} (experts 0-3): inf or NaN" in errors[0], err
