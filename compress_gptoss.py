@@ -5,9 +5,10 @@ check a W4A8 GEMM runtime.
 
 Map of this file (sections in the order data flows):
   1. Common helpers ........ errors, logging, model-folder files, a streaming safetensors writer
-  2. MXFP4 codec ........... decode_mxfp4_blocks (CPU / CUDA), FP16 range accounting
+  2. MXFP4 codec ........... decode_mxfp4_blocks (CPU / CUDA), its inverse encode_mxfp4_blocks (OCP rule), FP16 range
   3. dequantize ............ source resolution + checks, shard plan, streaming conversion, resume
-  4. quantize .............. recipes per scheme, calibration data, the llmcompressor run (or torchrun)
+  4. quantize .............. recipes per scheme, calibration data, the llmcompressor run (or torchrun),
+                             MXFP4 experts back in OpenAI's layout (--experts mxfp4)
   5. Loader + quality ...... load a quantized GPT-OSS folder, quality.json
   6. Kernels + runtime ..... install-kernel, verify-runtime, built-in int4 GEMM
   7. CLI .................. argparse, one subparser per subcommand
