@@ -5,9 +5,10 @@ check a W4A8 GEMM runtime.
 
 Map of this file (sections in the order data flows):
   1. Common helpers ........ errors, logging, model-folder files, a streaming safetensors writer
-  2. MXFP4 codec ........... decode_mxfp4_blocks (CPU / CUDA), FP16 range accounting
+  2. MXFP4 codec ........... decode_mxfp4_blocks (CPU / CUDA), its inverse encode_mxfp4_blocks (OCP rule), FP16 range
   3. dequantize ............ source resolution + checks, shard plan, streaming conversion, resume
-  4. quantize .............. recipes per scheme, calibration data, the llmcompressor run (or torchrun)
+  4. quantize .............. recipes per scheme, calibration data, the llmcompressor run (or torchrun),
+                             MXFP4 experts back in OpenAI's layout (--experts mxfp4)
   5. Loader + quality ...... load a quantized GPT-OSS folder, quality.json
   6. Kernels + runtime ..... install-kernel, verify-runtime, built-in int4 GEMM
   7. CLI .................. argparse, one subparser per subcommand
@@ -421,6 +422,68 @@ def decode_mxfp4_blocks(blocks, scales):
     vals = vals.view(*blocks.shape[:-1], 32)
     vals = torch.ldexp(vals, (scales.to(torch.int32) - 127).unsqueeze(-1))
     return vals.view(*blocks.shape[:-2], blocks.shape[-2] * 32)
+
+
+# The OCP MX rule (OCP Microscaling Formats v1.0, section 6.3): a block's shared scale is
+# 2^(floor(log2(amax)) - 2), 2 being the exponent of E2M1's largest value 6 = 1.5 x 2^2; the
+# elements then round to the nearest E2M1 value, ties to even, saturating at +-6.
+E2M1_EMAX = 2
+E8M0_BIAS = 127
+MXFP4_BLOCK = 32
+# Midpoints between consecutive E2M1 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6; at the ones in
+# _E2M1_TIES_UP the upper neighbour has the even code (round half to even), at the others the lower.
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_E2M1_TIES_UP = (0.75, 1.75, 3.5)
+
+
+def mxfp4_scale_bytes(amax):
+    """Blocks' largest magnitudes [..., G] (float32) -> E8M0 bytes [..., G] uint8 by the OCP rule.
+
+    floor(log2(amax)) comes from frexp's exponent (exact, no log2 rounding). An all-zero block gets
+    byte 0 (the smallest scale), as compressed-tensors and the fixture's encoder write it; exponents
+    below E8M0's -127 are clamped there (the elements then still fit: amax < 2^-125 gives < 4).
+    """
+    import torch
+    _, e = torch.frexp(amax)                                     # amax = m * 2^e, m in [0.5, 1)
+    shared = (e - 1 - E2M1_EMAX).clamp(-E8M0_BIAS, E8M0_BIAS)
+    shared = torch.where(amax == 0, -E8M0_BIAS, shared)
+    return (shared + E8M0_BIAS).to(torch.uint8)
+
+
+def e2m1_codes(scaled):
+    """float32 values already divided by their block scale -> E2M1 codes 0..15 (uint8, sign in bit 3).
+
+    Round to nearest, ties to even, |x| > 6 saturates to 6; the sign of zero is kept, so a -0.0
+    (an original's code 8) encodes back to code 8.
+    """
+    import torch
+    mag = scaled.abs().contiguous()            # bucketize copies a strided input, with a warning
+    mids = torch.tensor(_E2M1_MIDPOINTS, dtype=mag.dtype, device=mag.device)
+    code = torch.bucketize(mag, mids, right=False, out_int32=True)   # midpoints strictly below |x|
+    for tie in _E2M1_TIES_UP:
+        code += mag == tie
+    return (code | (torch.signbit(scaled).to(code.dtype) << 3)).to(torch.uint8)
+
+
+def encode_mxfp4_blocks(values):
+    """values [..., K] (any float dtype, K % 32 == 0) -> (blocks [..., K/32, 16], scales [..., K/32]) uint8.
+
+    The inverse of decode_mxfp4_blocks by the OCP MX rule: decode(encode(x)) is x rounded to MXFP4,
+    and encode(decode(b, s)) gives back the same values for any MXFP4 input, and the same bytes where
+    the input's scales follow the OCP rule (a block whose largest value is 3 x its scale, as a
+    round-up encoder writes, comes back with the scale halved and each code for twice its value).
+    """
+    import torch
+    assert values.shape[-1] % MXFP4_BLOCK == 0, f"MXFP4 needs a multiple of 32 inputs, got {values.shape}"
+    v = values.float().contiguous().reshape(*values.shape[:-1], -1, MXFP4_BLOCK)
+    amax = v.abs().amax(-1)
+    if not bool(torch.isfinite(amax).all()):                   # amax is inf / NaN if any value is
+        raise ValueError("inf or NaN in the weights: MXFP4 cannot encode them")
+    scales = mxfp4_scale_bytes(amax)
+    scaled = torch.ldexp(v, (E8M0_BIAS - scales.to(torch.int32)).unsqueeze(-1))   # exact: a power of 2
+    codes = e2m1_codes(scaled)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)        # low nibble first, as OpenAI stores them
+    return blocks.contiguous(), scales
 
 
 def _mxfp4_triton_kernel():
@@ -1134,6 +1197,7 @@ class QuantizePlan:
     sparse: str | None = None
     layer_params: int = 0                               # params of the largest decoder layer
     layer_hessian_bytes: int = 0                        # GPTQ/SparseGPT Hessians of that layer (fp32 in x in)
+    mxfp4: bool = False                                 # experts written in OpenAI's MXFP4 layout (--experts mxfp4)
 
     def group(self, name: str) -> GroupPlan:
         return next(g for g in self.groups if g.name == name)
@@ -1192,7 +1256,10 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
             raise UserError(f"--{flag.replace('_', '-')} {v}: unknown algorithm, use {', '.join(ALGOS)}")
     exp_algo = (args.experts_algo or args.algo).lower()
     mw_algo = (args.mw_algo or args.algo).lower()
-    exp_spec = resolve_spec(args.experts_type, args.experts_scheme, args.experts, "experts")
+    mxfp4 = experts_mxfp4_requested(args)
+    if mxfp4:
+        check_mxfp4_flags(args, config, exp_algo)
+    exp_spec = MXFP4_SPEC if mxfp4 else resolve_spec(args.experts_type, args.experts_scheme, args.experts, "experts")
     mw_spec = resolve_spec(args.mw_type, args.mw_scheme, args.mw, "mw")
     for who, algo, spec in (("experts", exp_algo, exp_spec), ("mw", mw_algo, mw_spec)):
         if algo == "awq" and spec != "W4A16":
@@ -1229,7 +1296,15 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
         if matches_any(name, ignore):
             continue
         g = groups[0] if matches_any(name, [experts_regex]) else groups[1]
+        if mxfp4 and g is groups[1]:
+            continue                            # OpenAI's layout: only the experts are quantized
         g.modules[name] = (m.out_features, m.in_features)
+        if g.scheme == MXFP4_SPEC:
+            if m.in_features % MXFP4_BLOCK:
+                raise UserError(f"--experts mxfp4: {name} has {m.in_features} inputs, not a multiple of "
+                                f"MXFP4's {MXFP4_BLOCK}-value blocks")
+            g.group_sizes[name] = MXFP4_BLOCK
+            continue
         if g.scheme == "W8A8":
             g.group_sizes[name] = None          # int8 weights: one scale per output channel
             continue
@@ -1239,8 +1314,12 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
             adjusted.append((name, m.in_features, args.group_size, gs))
     if not any(g.modules for g in groups):
         raise UserError(f"{model_dir}: no Linear module left to quantize (all ignored by {ignore})")
+    if mxfp4:
+        groups = groups[:1]
     if args.output_dir:
         out = Path(args.output_dir).expanduser()
+    elif mxfp4:
+        out = Path(mxfp4_output_name(model_dir, exp_algo))
     else:
         out = Path(output_name(model_dir, args, exp_spec, mw_spec, exp_algo, mw_algo))
     per_layer: dict = {}
@@ -1252,7 +1331,8 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
     hessians = sum(4 * i * i for g in groups if g.algo == "gptq" for n, (_, i) in g.modules.items()
                    if layer is not None and f".layers.{layer}." in n)
     return QuantizePlan(model_dir, config, is_mxfp4, groups, ignore, out, total_params, adjusted,
-                        args.mask if args.with_sparse else None, max(per_layer.values(), default=0), hessians)
+                        args.mask if args.with_sparse else None, max(per_layer.values(), default=0), hessians,
+                        mxfp4)
 
 
 def compact_targets(names: list[str], universe: list[str]) -> list[str]:
@@ -1278,6 +1358,9 @@ def scheme_args(scheme: str, group_size: int | None, symmetric: bool) -> dict:
     if group_size is not None:
         w["group_size"] = group_size
     act = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}
+    if scheme == MXFP4_SPEC:        # compressed-tensors' own preset: E2M1 values, E8M0 scales, blocks of 32
+        from compressed_tensors.quantization.quant_scheme import MXFP4A16
+        return {"weights": MXFP4A16["weights"].model_dump()}
     if scheme == "W4A16":
         return {"weights": w}
     if scheme == "W8A8":
@@ -2092,6 +2175,12 @@ def print_plan(plan: QuantizePlan, modifiers: list, args) -> None:
         print(f"  ... {len(plan.adjusted) - 20} more modules adjusted")
     if plan.sparse:
         print(f"sparsity:   SparseGPT {plan.sparse} ({args.sparsity:.0%}) before quantization, mask kept by GPTQ")
+    if plan.mxfp4:
+        print(f"experts:  MXFP4 in OpenAI's layout (blocks of {MXFP4_BLOCK}, E8M0 scales); everything else as in "
+              f"the source; config quantization_config {json.dumps(MXFP4_QUANTIZATION_CONFIG)}")
+        if plan.group("experts").algo == "rtn":
+            print("recipe:   none (RTN streams the weights shard by shard by the OCP rule; no LLM Compressor run)")
+            return
     print("recipe:")
     print(recipe_yaml(modifiers))
 
@@ -2107,6 +2196,8 @@ def model_card(plan: QuantizePlan, args, quality: dict | None) -> str:
              f"mean KL {quality['kl_mean']:.5f}, top-1 agreement {quality['top1_agreement']:.3f}"
              + (f", same experts {quality['same_experts']:.3f}" if quality.get('same_experts') is not None else "")
              + ". Full numbers in `quality.json`.\n")
+    if plan.mxfp4:
+        return mxfp4_model_card(plan, args, q)
     return f"""---
 base_model: {plan.model_dir.resolve().name}
 library_name: transformers
@@ -2140,8 +2231,10 @@ model = load_quantized_model("{plan.output_dir.name}", decompress=True)   # or d
 
 def write_output_config(tmp: Path, plan: QuantizePlan, sparsity: dict | None, extra: dict) -> None:
     """config.json: every field of the source config, plus llmcompressor's quantization_config."""
-    saved = read_json(tmp / "config.json", "save_pretrained wrote no config.json")
-    qc = saved.get("quantization_config") or {}
+    if plan.mxfp4:
+        qc = json.loads(json.dumps(MXFP4_QUANTIZATION_CONFIG))
+    else:
+        qc = read_json(tmp / "config.json", "save_pretrained wrote no config.json").get("quantization_config") or {}
     if sparsity:
         # compressed-tensors 0.19 writes sparsity_config {} ("removed for now"): record the 2:4
         # structure in its SparsityCompressionConfig schema ourselves.
@@ -2219,6 +2312,32 @@ def disk_full(e: BaseException) -> bool:
     text = str(e)
     return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text \
         or ("inline_container" in text and "enforce fail" in text)
+
+
+def finish_quantize_output(tmp: Path, plan: QuantizePlan, args, model_dir: Path, src_dir: Path, heldout: list,
+                           tokenizer, budget: MemoryBudget | None) -> Exception | None:
+    """The quality pass, the model card, the marker, then the rename into place. A failed quality pass
+    does not cost the saved model: its error is returned, for raise_eval_failure once the model is in place."""
+    quality = eval_error = None
+    if not args.no_eval:
+        try:
+            quality = evaluate_quality(src_dir, tmp, plan, heldout, tokenizer, min(args.max_seq_length, 512), budget)
+            write_json_atomic(tmp / "quality.json", quality)
+            print_quality_table(quality)
+        except Exception as e:
+            eval_error = e
+    (tmp / "README.md").write_text(model_card(plan, args, quality))
+    write_marker(tmp, "quantize", [e.name for e in os.scandir(tmp)], source=str(model_dir.resolve()))
+    place_output(tmp, plan.output_dir, model_dir)
+    return eval_error
+
+
+def raise_eval_failure(eval_error: Exception | None, plan: QuantizePlan) -> None:
+    if eval_error is not None:
+        bf16 = f" (the BF16 copy {quantize_bf16_dir(plan.output_dir)} is kept for it)" if plan.is_mxfp4 else ""
+        raise UserError(f"the quantized model is saved in {plan.output_dir}, but the quality evaluation failed "
+                        f"({type(eval_error).__name__}: {brief(eval_error)}): rerun the same command with "
+                        f"--eval-only to write quality.json{bf16}", exit_code=1)
 
 
 def make_temp_output(out: Path) -> str:
@@ -2323,10 +2442,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if texts:
             print(f"calibration: {len(calib)} texts from {args.calib_jsonl or args.dataset}, held out for quality: {len(heldout)}")
         return 0
-
-    bf16_dir = quantize_bf16_dir(out)
     if args.eval_only:
         return quantize_eval_only(args, plan, model_dir, tokenizer, heldout)
+    if plan.mxfp4 and plan.group("experts").algo == "rtn":
+        return quantize_mxfp4_rtn(args, plan, model_dir, tokenizer, heldout)
+
+    bf16_dir = quantize_bf16_dir(out)
     budget = memory_budget(plan, args, out)
     if torchrun_world()[0] == 0:
         remove_dead_quantize_runs(out, budget.offload_dir, args.offload_folder is None)
@@ -2399,9 +2520,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             # on every rank: it gathers, rank 0 writes. 5 GB shards: a shard is assembled in RAM before it is
             # written, and transformers' 50 GB default would undo the RAM budget (11.4 GB peak on an H200
             # for a 5.8 GB output saved as one shard)
-            with warnings.catch_warnings():   # transformers warns of its 50 GB default shard, which we do not use
-                warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
-                model.save_pretrained(str(tmp), save_compressed=True, max_shard_size=SAVE_SHARD_SIZE)
+            if plan.mxfp4:       # OpenAI's layout, written here (one process: torchrun is refused for it)
+                write_mxfp4_checkpoint(src_dir, tmp, gptq_mxfp4_encoder(model),
+                                       "GPTQ, LLM Compressor's MXFP4A16, mapped exactly")
+                (tmp / "recipe.yaml").write_text(recipe_yaml(modifiers))
+            else:
+                with warnings.catch_warnings():   # transformers warns of its 50 GB default shard, which we do not use
+                    warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+                    model.save_pretrained(str(tmp), save_compressed=True, max_shard_size=SAVE_SHARD_SIZE)
             del model
             if leave_distributed():
                 log(f"done; rank 0 writes {out}", every_rank=True)
@@ -2442,18 +2568,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 log(f"WARNING: the {plan.sparse} pattern did not survive in every module: see config.json")
             extra["sparsity"] = {k: v for k, v in rep.items() if k != "per_module_min"}
             write_output_config(tmp, plan, sparsity, extra)
-        quality = None
-        if not args.no_eval:
-            try:
-                quality = evaluate_quality(src_dir, tmp, plan, heldout, tokenizer, min(args.max_seq_length, 512),
-                                           budget if budget.disk_bytes else None)
-                write_json_atomic(tmp / "quality.json", quality)
-                print_quality_table(quality)
-            except Exception as e:   # the model is saved: keep it, and say how to redo the evaluation alone
-                eval_error = e
-        (tmp / "README.md").write_text(model_card(plan, args, quality))
-        write_marker(tmp, "quantize", [e.name for e in os.scandir(tmp)], source=str(model_dir.resolve()))
-        place_output(tmp, out, model_dir)
+        eval_error = finish_quantize_output(tmp, plan, args, model_dir, src_dir, heldout, tokenizer,
+                                            budget if budget.disk_bytes else None)
     except BaseException as e:
         if isinstance(e, UserError):
             raise
@@ -2471,12 +2587,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             if tmp is not None:
                 remove_tool_folder(tmp)
             remove_offload(budget.offload_dir, offload_ours)
-    if eval_error is not None:
-        reason = brief(eval_error)
-        raise UserError(f"the quantized model is saved in {out}, but the quality evaluation failed "
-                        f"({type(eval_error).__name__}: {reason}): rerun the same command with --eval-only to "
-                        f"write quality.json" + (f" (the BF16 copy {bf16_dir} is kept for it)" if plan.is_mxfp4 else ""),
-                        exit_code=1)
+    raise_eval_failure(eval_error, plan)
     if plan.is_mxfp4:
         if args.keep_bf16:
             log(f"--keep-bf16: the BF16 copy stays in {bf16_dir} (pass it as --model-in to skip the dequantize)")
@@ -2487,6 +2598,292 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"peak RSS {human_bytes(peak_rss_bytes())}")
     print(out)
     return 0
+
+
+# ---- MXFP4 experts in OpenAI's own layout (`--experts mxfp4`)
+# The output is what openai/gpt-oss-* ship: each fused expert tensor as <proj>_blocks / <proj>_scales
+# (section 2's codec), every other tensor as in the source, quantization_config
+# {"quant_method": "mxfp4", "modules_to_not_convert": [...]}. RTN needs no model: it streams the
+# source shard by shard. GPTQ runs llmcompressor's MXFP4A16 scheme on the linearized experts, and
+# its result (code x 2^k per value) is mapped exactly onto E2M1 codes + E8M0 bytes, or refused.
+
+MXFP4_SPEC = "MXFP4A16"
+MXFP4_QUANTIZATION_CONFIG = {"quant_method": "mxfp4",
+                             "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                        "model.embed_tokens", "lm_head"]}   # as openai/gpt-oss-* have it
+FUSED_EXPERTS_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
+MXFP4_ENGINES = ("vLLM, SGLang, transformers, TensorRT-LLM and llama.cpp (through its convert_hf_to_gguf.py), "
+                 "as for OpenAI's own gpt-oss checkpoints")
+
+
+class RecordGiven(argparse.Action):
+    """Stores the value and sets args.<dest>_given, so a command can tell a flag given as its
+    default value from the default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest + "_given", True)
+
+
+def experts_mxfp4_requested(args) -> bool:
+    return any((v or "").lower().startswith("mxfp4") for v in (args.experts, args.experts_type))
+
+
+def check_mxfp4_flags(args, config: dict, algo: str) -> None:
+    """--experts mxfp4: refuse, before any work, every flag OpenAI's layout cannot honour."""
+    def refuse(what: str, why: str):
+        raise UserError(f"--experts mxfp4 {what}: {why}")
+    if config.get("model_type") != "gpt_oss":
+        refuse(f"on model_type {config.get('model_type')!r}", "OpenAI's MXFP4 layout is GPT-OSS's; "
+               "use --experts w4a16 for other models")
+    for flag, value, ok in (("--experts", args.experts, ("mxfp4", "mxfp4a16")),
+                            ("--experts-type", args.experts_type, ("mxfp4",)),
+                            ("--experts-scheme", args.experts_scheme, ("w4a16", "mxfp4a16"))):
+        if value and value.lower() not in ok:
+            refuse(f"with {flag} {value}", "MXFP4 experts are weight-only (OpenAI's layout has no activation "
+                   "scales); use --experts mxfp4 alone")
+    if algo not in ("rtn", "gptq"):
+        refuse(f"--algo {algo}", "MXFP4 experts are written with --algo rtn (the OCP rounding rule) or "
+               "--algo gptq (llmcompressor's MXFP4A16); AWQ is not offered for them")
+    if getattr(args, "group_size_given", False) and args.group_size != MXFP4_BLOCK:
+        refuse(f"--group-size {args.group_size}", f"an MXFP4 block is {MXFP4_BLOCK} values by definition; "
+               f"drop --group-size")
+    mw = [f for f, v in (("--mw", args.mw), ("--mw-type", args.mw_type), ("--mw-scheme", args.mw_scheme),
+                         ("--mw-algo", args.mw_algo)) if v]
+    if mw:
+        refuse(f"with {mw[0]}", "no engine loads OpenAI's MXFP4 experts next to compressed-tensors "
+               "attention (a checkpoint has one quantization_config), so attention, router, embeddings "
+               "and lm_head stay as in the source, as in OpenAI's files; drop " + mw[0])
+    for flag, given in (("--with-sparse", args.with_sparse), ("--experts-regex", args.experts_regex),
+                        ("--auto-detect-experts", args.auto_detect_experts), ("--extra-ignore", args.extra_ignore)):
+        if given:
+            refuse(f"with {flag}", "OpenAI's layout fixes what is MXFP4 (every expert, densely) and what "
+                   f"is not; drop {flag}")
+    if torchrun_world()[1] > 1:
+        refuse("under torchrun", "it runs in one process; start it with python, not torchrun")
+    pick_device(args.device)
+
+
+def mxfp4_output_name(model_dir: Path, algo: str) -> str:
+    base = re.sub(r"[-_](bf16|fp16|fp32|mxfp4|dequantized)$", "", model_dir.resolve().name, flags=re.I)
+    return f"{base}-{algo.upper()}-experts-mxfp4"
+
+
+def plan_mxfp4_output(src_dir: Path) -> tuple[list[ShardPlan], list[str]]:
+    """One output shard per source shard (same name): a fused expert tensor [E, in, out] becomes
+    <name>_blocks [E, out, in/32, 16] + <name>_scales [E, out, in/32] (uint8), the rest is copied.
+    Returns the shard plans and the fused expert tensors' names."""
+    import torch
+    st_to_torch = {v: getattr(torch, k) for k, v in SAFETENSORS_DTYPES.items()}
+    plans, experts = [], []
+    for f in checkpoint_files(src_dir):
+        plan = ShardPlan(f.name, [], {})
+        with open_safetensors(f) as h:
+            for name in sorted(h.keys()):
+                sl = h.get_slice(name)
+                shape, dtype = tuple(sl.get_shape()), st_to_torch[sl.get_dtype()]
+                if FUSED_EXPERTS_RE.match(name):
+                    E, K, N = shape
+                    if K % MXFP4_BLOCK:
+                        raise UserError(f"{name} {list(shape)}: {K} inputs are not a multiple of MXFP4's "
+                                        f"{MXFP4_BLOCK}-value blocks")
+                    plan.specs += [TensorSpec(name + "_blocks", torch.uint8, (E, N, K // MXFP4_BLOCK, 16)),
+                                   TensorSpec(name + "_scales", torch.uint8, (E, N, K // MXFP4_BLOCK))]
+                    plan.sources[name] = ("experts", f.name)
+                    experts.append(name)
+                else:
+                    plan.specs.append(TensorSpec(name, dtype, shape))
+                    plan.sources[name] = ("plain", f.name)
+        plans.append(plan)
+    if not experts:
+        raise UserError(f"{src_dir} holds no fused expert tensor (model.layers.N.mlp.experts.gate_up_proj / "
+                        f"down_proj, transformers' GPT-OSS layout): nothing to write as MXFP4")
+    return plans, experts
+
+
+def rtn_mxfp4_encoder(device: str):
+    """encode(name, handle, e0, e1) -> (blocks, scales) of experts e0:e1, by the OCP rule on `device`."""
+    def encode(name, handle, e0, e1):
+        w = handle.get_slice(name)[e0:e1].to(device, non_blocking=True)       # [e, in, out]
+        try:
+            blocks, scales = encode_mxfp4_blocks(w.transpose(1, 2))
+        except ValueError as e:
+            raise UserError(f"{name} (experts {e0}-{e1 - 1}): {e}; check the fine-tune that wrote it")
+        return blocks.cpu(), scales.cpu()
+    return encode
+
+
+def mxfp4_from_fake_quantized(weight, weight_scale, name: str):
+    """One Linear after llmcompressor's MXFP4A16 GPTQ -> (blocks [out, in/32, 16], E8M0 bytes [out, in/32]).
+
+    llmcompressor leaves weight = E2M1 value x scale (already rounded, in the weight's dtype) and
+    weight_scale = 2^(s-127) as a float per block of 32 inputs (compressed-tensors 0.19 rounds it to a
+    power of two before GPTQ; its compressor stores floor(log2) + 127). Both are checked here: a scale
+    that is not a power of two in E8M0's range, or a value that is not an E2M1 code times its scale,
+    stops the run instead of being rounded again.
+    """
+    import torch
+    out_f, in_f = weight.shape
+    s = weight_scale.float().reshape(out_f, in_f // MXFP4_BLOCK)
+    mant, exp = torch.frexp(s)
+    e8m0 = exp - 1 + E8M0_BIAS
+    bad = (mant != 0.5) | (e8m0 < 0) | (e8m0 > 254)
+    if bool(bad.any()):
+        raise RuntimeError(f"{name}: {int(bad.sum())} of llmcompressor's MXFP4 scales are not powers of two in "
+                           f"E8M0's range (first {float(s[bad][0])}): not writable as OpenAI's MXFP4")
+    scaled = torch.ldexp(weight.float().reshape(out_f, -1, MXFP4_BLOCK), (E8M0_BIAS - e8m0).unsqueeze(-1))
+    codes = e2m1_codes(scaled)
+    fp4 = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    off = fp4[codes.long()] != scaled
+    if bool(off.any()):
+        raise RuntimeError(f"{name}: {int(off.sum())} GPTQ values are not an E2M1 value times their block's "
+                           f"scale (first {float(scaled[off][0])} x scale): not writable as OpenAI's MXFP4")
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous(), e8m0.to(torch.uint8)
+
+
+def gptq_mxfp4_encoder(model):
+    """encode(name, handle, e0, e1) -> (blocks, scales) of experts e0:e1, read from the model's
+    linearized experts (gate_proj / up_proj interleaved back into gate_up_proj's rows, as
+    llmcompressor's GptOssLinearExperts split them: gate = even columns, up = odd)."""
+    import torch
+
+    def encode(name, handle, e0, e1):
+        prefix, proj = name.rsplit(".", 1)
+        blocks, scales = [], []
+        for e in range(e0, e1):
+            parts = ["gate_proj", "up_proj"] if proj == "gate_up_proj" else ["down_proj"]
+            got = []
+            for part in parts:
+                m = model.get_submodule(f"{prefix}.{e}.{part}")
+                got.append(mxfp4_from_fake_quantized(m.weight.detach().cpu(), m.weight_scale.detach().cpu(),
+                                                     f"{prefix}.{e}.{part}"))
+            if len(got) == 2:   # rows 2j / 2j+1 of gate_up_proj are gate_j / up_j
+                got = [tuple(torch.stack([g, u], dim=1).flatten(0, 1) for g, u in zip(*got))]
+            blocks.append(got[0][0])
+            scales.append(got[0][1])
+        return torch.stack(blocks), torch.stack(scales)
+    return encode
+
+
+def write_mxfp4_checkpoint(src_dir: Path, dst: Path, encode, label: str) -> None:
+    """Every shard of src_dir into dst in OpenAI's layout, tensor by tensor (RAM: one chunk of experts
+    + one tensor's scales), then the index. encode(name, handle, e0, e1) gives the fused expert
+    tensor `name`'s blocks and scales for experts e0:e1."""
+    plans, experts = plan_mxfp4_output(src_dir)
+    weight_map = {}
+    t0 = time.time()
+    for plan in plans:
+        specs = {s.name: s for s in plan.specs}
+        writer = SafetensorsStreamWriter(dst / plan.name, plan.specs, metadata={"format": "pt"})
+        try:
+            with open_safetensors(src_dir / plan.name) as h:
+                for name, (kind, _) in sorted(plan.sources.items()):
+                    sl = h.get_slice(name)
+                    shape = sl.get_shape()
+                    if kind == "plain":
+                        writer.begin(name)
+                        step = max(1, PLAIN_CHUNK_BYTES * max(1, shape[0]) // max(1, specs[name].nbytes)) if shape else 1
+                        for r0 in range(0, shape[0], step) if shape else [None]:
+                            writer.write(sl[r0:r0 + step] if shape else h.get_tensor(name))
+                        continue
+                    E, K, N = shape
+                    step = max(1, DECODE_CHUNK_BLOCKS // (N * (K // MXFP4_BLOCK)))
+                    writer.begin(name + "_blocks")
+                    scales = []
+                    for e0 in range(0, E, step):
+                        blocks, s = encode(name, h, e0, min(E, e0 + step))
+                        writer.write(blocks)
+                        scales.append(s)
+                        sample_anon_rss()
+                    writer.begin(name + "_scales")
+                    for s in scales:
+                        writer.write(s)
+            writer.close()
+        finally:
+            writer.abort()
+        weight_map.update({s.name: plan.name for s in plan.specs})
+    log(f"experts: {len(experts)} fused tensors written as MXFP4 ({label}) in {time.time() - t0:.1f} s, "
+        f"{len(weight_map) - 2 * len(experts)} other tensors copied unchanged, {len(plans)} shards; "
+        f"peak RSS {human_bytes(peak_rss_bytes())} (anonymous {human_bytes(sample_anon_rss())})")
+    total = sum((dst / s).stat().st_size for s in set(weight_map.values()))
+    write_json_atomic(dst / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def quantize_mxfp4_rtn(args, plan: QuantizePlan, model_dir: Path, tokenizer, heldout: list[str]) -> int:
+    """`quantize --experts mxfp4 --algo rtn`: no calibration, no model in memory; shard by shard."""
+    t0 = time.time()
+    out = plan.output_dir
+    device = pick_device(args.device)
+    bf16_dir = quantize_bf16_dir(out)
+    remove_dead_quantize_runs(out, out.parent / f"{out.name}.offload", False)
+    needs = [(out, estimated_output_bytes(plan), "the output")]
+    if not args.no_eval:
+        needs.append((out, eval_spill_bytes(plan, heldout, args), "the quality pass's source logits"))
+    if plan.is_mxfp4:
+        needs.append((bf16_dir, 2 * plan.total_params, "the BF16 copy"))
+    check_disk_space(needs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    try:
+        src_dir = dequantize_persistent(model_dir, bf16_dir) if plan.is_mxfp4 else model_dir
+        check_checkpoint_complete(src_dir, plan.config)
+        tmp = Path(make_temp_output(out))
+        log(f"experts: MXFP4 by the OCP rule on {device}, streaming shard by shard: no calibration, the model is "
+            f"never loaded whole (RAM holds <= {DECODE_CHUNK_BLOCKS >> 20}M blocks of experts at a time, so 120b needs "
+            f"no more RAM than 20b)")
+        write_mxfp4_checkpoint(src_dir, tmp, rtn_mxfp4_encoder(device), f"RTN, OCP rule, {device}")
+        tokenizer.save_pretrained(str(tmp))
+        copy_side_files(src_dir, tmp)
+        write_output_config(tmp, plan, None, {"version": __version__, "source": str(model_dir.resolve()), "groups": {
+            "experts": {"algo": "rtn", "scheme": MXFP4_SPEC, "modules": len(plan.group("experts").modules),
+                        "scale_rule": "OCP MX: 2^(floor(log2(amax)) - 2), E2M1 round half to even, saturating"}}})
+        eval_error = finish_quantize_output(tmp, plan, args, model_dir, src_dir, heldout, tokenizer, None)
+    finally:
+        if tmp is not None:
+            remove_tool_folder(tmp)
+    raise_eval_failure(eval_error, plan)
+    if plan.is_mxfp4 and not args.keep_bf16:
+        remove_tool_folder(bf16_dir)
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    log(f"wrote {out}: {human_bytes(size)} of safetensors in {time.time() - t0:.1f} s, "
+        f"peak RSS {human_bytes(peak_rss_bytes())}")
+    print(out)
+    return 0
+
+
+def mxfp4_model_card(plan: QuantizePlan, args, quality_md: str) -> str:
+    g = plan.group("experts")
+    how = ("RTN by the OCP MX rule (shared scale 2^(floor(log2(amax)) - 2) per block of 32, E2M1 round "
+           "half to even): an unmodified gpt-oss comes back with the same values" if g.algo == "rtn" else
+           f"GPTQ through LLM Compressor's MXFP4A16 scheme, calibrated on {args.calib_jsonl or args.dataset} "
+           f"({args.num_calibration_samples} samples x {args.max_seq_length} tokens); recipe in `recipe.yaml`")
+    return f"""---
+base_model: {plan.model_dir.resolve().name}
+library_name: transformers
+tags: [mxfp4, gpt-oss, gptoss-compressor]
+---
+# {plan.output_dir.name}
+
+Made with gptoss-compressor {__version__} (`compress_gptoss.py quantize --experts mxfp4 --algo {g.algo}`)
+from `{plan.model_dir.resolve().name}`. The experts' weights ({len(g.modules)} Linear of {plan.config.get('num_hidden_layers')} layers x
+{plan.config.get('num_local_experts')} experts) are MXFP4 in OpenAI's own layout (`mlp.experts.gate_up_proj_blocks` / `_scales`, `mlp.experts.down_proj_blocks` / `_scales`);
+attention, router, embeddings, lm_head and the expert biases are as in the source, and config.json
+carries OpenAI's `quantization_config` (`quant_method: mxfp4`).
+
+Experts: {how}.
+{quality_md}
+## Loading
+
+Every engine that loads openai/gpt-oss-* loads this folder the same way: {MXFP4_ENGINES}.
+Checked by gptoss-compressor's tests: transformers (`Mxfp4Config(dequantize=True)`). In transformers:
+
+```python
+from transformers import AutoModelForCausalLM, Mxfp4Config
+model = AutoModelForCausalLM.from_pretrained("{plan.output_dir.name}", dtype="auto")   # MXFP4 kernels (GPU)
+model = AutoModelForCausalLM.from_pretrained("{plan.output_dir.name}",                  # anywhere, as BF16
+                                             quantization_config=Mxfp4Config(dequantize=True))
+```
+"""
 
 
 ##### 5. Loader + quality #####
@@ -2627,6 +3024,15 @@ def load_reference_model(path: Path, budget: MemoryBudget | None = None):
                                                     **offloaded_load_kwargs(budget)).eval()
 
 
+def load_mxfp4_model(path: Path):
+    """An MXFP4 checkpoint in OpenAI's layout as transformers loads it anywhere: Mxfp4Config(dequantize=True)
+    decodes the experts to BF16 with its own decoder (convert_moe_packed_tensors), whole, on CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+    return AutoModelForCausalLM.from_pretrained(str(path), quantization_config=Mxfp4Config(dequantize=True),
+                                                dtype=torch.bfloat16, device_map="cpu").eval()
+
+
 def router_recorder(model):
     """Hooks that record each MoE router's chosen experts per token: {layer name: [indices]}."""
     import torch
@@ -2659,6 +3065,9 @@ def quantized_fraction(path: Path, plan) -> dict:
     def stored_bits(name):
         if name + ".weight_packed" in keys:
             return 4
+        fused = re.sub(r"\.\d+\.(gate|up)_proj$", ".gate_up_proj", re.sub(r"\.\d+\.down_proj$", ".down_proj", name))
+        if keys.get(fused + "_blocks", ("",))[0] == "U8" and fused + "_scales" in keys:
+            return 4                                    # MXFP4, OpenAI's layout
         if keys.get(name + ".weight", ("",))[0] == "I8" and name + ".weight_scale" in keys:
             return 8
         return None
@@ -2711,8 +3120,14 @@ def evaluate_quality(src_dir: Path, q_dir: Path, plan, texts: list[str], tokeniz
         del ref
         gc.collect()
         spilled = sum(p.stat().st_size for p in spill.glob("*.pt"))
-        qm = load_quantized_model(q_dir, decompress=True,
-                                  offload_dir=None if budget is None else budget.offload_dir / "quantized")
+        if (read_json(Path(q_dir) / "config.json", "").get("quantization_config") or {}).get("quant_method") == "mxfp4":
+            if budget is not None:
+                log("quality: the MXFP4 output is loaded whole (transformers' Mxfp4Config(dequantize=True), "
+                    "BF16 in RAM): only the source keeps weights beyond the budget on disk")
+            qm = load_mxfp4_model(q_dir)
+        else:
+            qm = load_quantized_model(q_dir, decompress=True,
+                                      offload_dir=None if budget is None else budget.offload_dir / "quantized")
         rec_q, h_q = router_recorder(qm)
         nll_ref = nll_q = kl = agree = 0.0
         tokens = 0
@@ -5910,7 +6325,10 @@ examples:
       --calib-batch-size 8                                   # big GPU, equal-length samples: 2x faster
 
 support matrix: AWQ W4A16; GPTQ W4A16, W8A8, W4A8 (needs a W4A8 runtime: QQQ or triton);
-RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.""")
+RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
+--experts mxfp4 (OpenAI's own MXFP4 layout, what vLLM/SGLang/transformers/llama.cpp/TensorRT-LLM load
+for gpt-oss): RTN (OCP rule, streamed shard by shard, no calibration) or GPTQ (LLM Compressor's
+MXFP4A16); attention, router, embeddings and lm_head stay as in the source (--mw is refused).""")
     q.add_argument("--model-in", default="gpt-oss-120b-bf16", metavar="PATH|HUB_ID",
                    help="BF16/FP16 model folder (from `dequantize`), an MXFP4 GPT-OSS folder (dequantized on "
                         "the fly), or a Hub id (default: %(default)s)")
@@ -5919,11 +6337,13 @@ RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
     q.add_argument("--experts-algo", type=str.lower, metavar="gptq|awq|rtn", help="algorithm of the experts")
     q.add_argument("--mw-algo", type=str.lower, metavar="gptq|awq|rtn",
                    help="algorithm of the model weights (attention q/k/v/o, other Linear)")
-    q.add_argument("--experts-type", metavar="int4|int8", help="experts weight type (int4: w4a16|w4a8, int8: w8a8)")
+    q.add_argument("--experts-type", metavar="int4|int8|mxfp4",
+                   help="experts weight type (int4: w4a16|w4a8, int8: w8a8, mxfp4: OpenAI's layout, weight-only)")
     q.add_argument("--experts-scheme", metavar="w4a16|w4a8|w8a8", help="experts scheme (default w4a16)")
     q.add_argument("--mw-type", metavar="int4|int8", help="model weights type")
     q.add_argument("--mw-scheme", metavar="w4a16|w4a8|w8a8", help="model weights scheme (default w4a16)")
-    q.add_argument("--experts", metavar="SPEC", help="shortcut for the experts: int4|w4a16|w4a8|int8|w8a8")
+    q.add_argument("--experts", metavar="SPEC", help="shortcut for the experts: int4|w4a16|w4a8|int8|w8a8, or mxfp4 "
+                                                     "(OpenAI's own MXFP4 layout, --algo rtn or gptq; the rest stays as in the source)")
     q.add_argument("--mw", metavar="SPEC", help="shortcut for the model weights: int4|w4a16|w4a8|int8|w8a8")
     q.add_argument("--auto-detect-experts", action="store_true",
                    help="find the expert modules from the module names (experts/expert/moe) instead of the "
@@ -5934,7 +6354,7 @@ RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
                    help="prune with SparseGPT (N:M, --mask) before quantizing; the mask is kept through GPTQ")
     q.add_argument("--sparsity", type=fraction(False), default=0.5, metavar="RATIO", help="SparseGPT sparsity (default: %(default)s)")
     q.add_argument("--mask", default="2:4", type=mask_arg, metavar="N:M", help="SparseGPT mask structure (default: %(default)s)")
-    q.add_argument("--group-size", type=group_size_arg, default=128, metavar="SIZE",
+    q.add_argument("--group-size", type=group_size_arg, default=128, metavar="SIZE", action=RecordGiven,
                    help="int4 group size; a module whose inputs it does not divide gets the largest of 64/32/16 "
                         "that does (GPT-OSS: 2880 -> 64); -1 = per channel (default: %(default)s)")
     q.add_argument("--block-size", type=int_at_least(1, "columns"), default=128, metavar="SIZE",
@@ -6016,6 +6436,8 @@ RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
     q.add_argument("--keep-bf16", action="store_true",
                    help="MXFP4 input: keep the BF16 copy (<output-dir>.bf16) after success; it is always kept "
                         "after a failed or killed run and reused by a rerun of the same command")
+    q.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                   help="--experts mxfp4 --algo rtn: where the MXFP4 encode runs (default: GPU if present)")
     q.add_argument("--verbose", action="store_true", help="show llmcompressor's INFO log")
     q.set_defaults(func=cmd_quantize)
 
