@@ -2332,12 +2332,25 @@ def finish_quantize_output(tmp: Path, plan: QuantizePlan, args, model_dir: Path,
     return eval_error
 
 
-def raise_eval_failure(eval_error: Exception | None, plan: QuantizePlan) -> None:
+def end_quantize(plan: QuantizePlan, args, eval_error: Exception | None, t0: float) -> int:
+    """After the output is in place: a failed quality pass is the one error left to report (the BF16 copy of
+    an MXFP4 input stays for its --eval-only rerun), else the BF16 copy goes unless --keep-bf16."""
+    out, bf16_dir = plan.output_dir, quantize_bf16_dir(plan.output_dir)
     if eval_error is not None:
-        bf16 = f" (the BF16 copy {quantize_bf16_dir(plan.output_dir)} is kept for it)" if plan.is_mxfp4 else ""
-        raise UserError(f"the quantized model is saved in {plan.output_dir}, but the quality evaluation failed "
+        bf16 = f" (the BF16 copy {bf16_dir} is kept for it)" if plan.is_mxfp4 else ""
+        raise UserError(f"the quantized model is saved in {out}, but the quality evaluation failed "
                         f"({type(eval_error).__name__}: {brief(eval_error)}): rerun the same command with "
                         f"--eval-only to write quality.json{bf16}", exit_code=1)
+    if plan.is_mxfp4:
+        if args.keep_bf16:
+            log(f"--keep-bf16: the BF16 copy stays in {bf16_dir} (pass it as --model-in to skip the dequantize)")
+        else:
+            remove_tool_folder(bf16_dir)
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    log(f"wrote {out}: {human_bytes(size)} of safetensors in {time.time() - t0:.1f} s, "
+        f"peak RSS {human_bytes(peak_rss_bytes())}")
+    print(out)
+    return 0
 
 
 def make_temp_output(out: Path) -> str:
@@ -2587,17 +2600,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             if tmp is not None:
                 remove_tool_folder(tmp)
             remove_offload(budget.offload_dir, offload_ours)
-    raise_eval_failure(eval_error, plan)
-    if plan.is_mxfp4:
-        if args.keep_bf16:
-            log(f"--keep-bf16: the BF16 copy stays in {bf16_dir} (pass it as --model-in to skip the dequantize)")
-        else:
-            remove_tool_folder(bf16_dir)
-    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    log(f"wrote {out}: {human_bytes(size)} of safetensors in {time.time() - t0:.1f} s, "
-        f"peak RSS {human_bytes(peak_rss_bytes())}")
-    print(out)
-    return 0
+    return end_quantize(plan, args, eval_error, t0)
 
 
 # ---- MXFP4 experts in OpenAI's own layout (`--experts mxfp4`)
@@ -2841,14 +2844,7 @@ def quantize_mxfp4_rtn(args, plan: QuantizePlan, model_dir: Path, tokenizer, hel
     finally:
         if tmp is not None:
             remove_tool_folder(tmp)
-    raise_eval_failure(eval_error, plan)
-    if plan.is_mxfp4 and not args.keep_bf16:
-        remove_tool_folder(bf16_dir)
-    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    log(f"wrote {out}: {human_bytes(size)} of safetensors in {time.time() - t0:.1f} s, "
-        f"peak RSS {human_bytes(peak_rss_bytes())}")
-    print(out)
-    return 0
+    return end_quantize(plan, args, eval_error, t0)
 
 
 def mxfp4_model_card(plan: QuantizePlan, args, quality_md: str) -> str:
