@@ -1735,7 +1735,7 @@ def batched_expert_calibration(model, g: GpuMemoryPlan, fp32_matmul: bool, stats
     import torch
     import torch.nn.functional as F
     from compressed_tensors.utils import get_execution_device, getattr_chain, patch_attr
-    import llmcompressor.modeling.moe.context as moe_context
+    import llmcompressor.modeling.moe.linear_experts as linear_experts
     import llmcompressor.modifiers.gptq.base as gptq_base
     from llmcompressor.modeling.moe.gpt_oss import GptOssLinearExperts
     from llmcompressor.modifiers.gptq.helpers import make_empty_hessian
@@ -1886,7 +1886,7 @@ def batched_expert_calibration(model, g: GpuMemoryPlan, fp32_matmul: bool, stats
         stats["calls"] += 1
         stats["layers"].add(id(self))
         with torch.no_grad():
-            if moe_context._CALIBRATE_ALL_EXPERTS and not HooksMixin._HOOKS_DISABLED:
+            if linear_experts.get_calibrate_all_experts_flag() and not HooksMixin._HOOKS_DISABLED:
                 accumulate(self, gptq, hidden_states)
             return routed(self, hidden_states, top_k_index, top_k_weights)
 
@@ -2476,6 +2476,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                         moe_calibrate_all_experts=not args.routed_experts_only, **batching)
             except torch.OutOfMemoryError as e:
                 raise gpu_out_of_memory_error(gpu_plan, e) from None
+        if torch.cuda.is_available():
+            log(f"GPU memory: peak {human_bytes(torch.cuda.max_memory_allocated())} allocated "
+                f"(torch.cuda.max_memory_allocated; expected ~{human_bytes(gpu_plan.peak)})")
         if batched:
             log(f"experts: batched calibration in {len(batched_stats['layers'])} MoE layers ({batched_stats['calls']} "
                 f"forwards)" + (f"; {len(batched_stats['fallback'])} MoE layers kept llmcompressor's per-expert "
