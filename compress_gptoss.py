@@ -1526,6 +1526,10 @@ def routed_propagation():
 # benches): the Hessians must not depend on it (tests/test_quantize.py)
 EXPERT_CHUNKS_ENV = "GPTOSS_EXPERT_CHUNKS"
 GPU_PLAN_SHARE = 0.9     # of the budget: the rest for the CUDA caching allocator's fragmentation
+# "linear" computes the batched path's gate/up with F.linear per expert (the calls llmcompressor's
+# modules make) instead of batched matmuls: an experiment switch for whether the GPU's int4 codes
+# move with the batched GEMMs' rounding (bench/RESULTS.md, batched expert calibration)
+GATE_UP_ENV = "GPTOSS_GATE_UP"
 
 
 @dataclass(frozen=True)
@@ -1633,7 +1637,7 @@ def plan_gpu_memory(plan: QuantizePlan, args, budget: int | None, source: str, b
     smallest = (min(16, tokens), 1, False) if d and batched else options[-1]
     if usable is not None:
         fits = [o for o in options if fixed + chunk_bytes(*o) <= usable]
-        need = fixed + max(chunk_bytes(*smallest), per_module)
+        need = max(fixed + chunk_bytes(*smallest), weights + hessians + per_module)
         if not fits or need > usable:
             floor = int(need / GPU_PLAN_SHARE) + 1
             what = (f"layer weights {human_bytes(weights)}, GPTQ Hessians {human_bytes(hessians)}, activations of "
@@ -1645,6 +1649,10 @@ def plan_gpu_memory(plan: QuantizePlan, args, budget: int | None, source: str, b
                             f"--max-seq-length / --calib-batch-size, or run on the CPU (--device-map cpu-only)")
         tc, ec, cache = fits[0]
         solve = max(1, min((usable - weights - hessians) // max(per_module, 1), 3 * d["E"] if d else same_shape))
+        if weights + hessians + solve * per_module > usable:
+            raise UserError(f"{source} {human_bytes(budget)} is too small for one layer of this model: its GPTQ solve "
+                            f"needs ~{human_bytes(int((weights + hessians + per_module) / GPU_PLAN_SHARE))}: "
+                            f"pass a larger --max-gpu-memory")
     else:
         tc, ec, cache = options[0]
         solve = None
@@ -1653,7 +1661,7 @@ def plan_gpu_memory(plan: QuantizePlan, args, budget: int | None, source: str, b
              "expert chunk" if batched and d else "expert calls": chunk}
     if solve:
         parts["GPTQ solve"] = solve * per_module
-    peak = fixed + max(chunk, solve * per_module if solve else 0)
+    peak = max(fixed + chunk, weights + hessians + (solve * per_module if solve else 0))   # calibrating, solving
     return GpuMemoryPlan(budget, source, min(tc, tokens), min(ec, d["E"]) if d else 1, cache, solve, peak, parts)
 
 
@@ -1828,8 +1836,15 @@ def batched_expert_calibration(model, g: GpuMemoryPlan, fp32_matmul: bool, stats
             wg, wu = chunk_of(w, "gate", e0, e1), chunk_of(w, "up", e0, e1)
             bg, bu = chunk_of(w, "gate_b", e0, e1).unsqueeze(1), chunk_of(w, "up_b", e0, e1).unsqueeze(1)
             for t0 in range(0, x.shape[0], g.token_chunk):
-                xc = x[t0:t0 + g.token_chunk].expand(e1 - e0, -1, -1)
-                act = swiglu_(torch.baddbmm(bg, xc, wg.transpose(1, 2)), torch.baddbmm(bu, xc, wu.transpose(1, 2)), moe)
+                if os.environ.get(GATE_UP_ENV) == "linear":
+                    xt = x[t0:t0 + g.token_chunk]
+                    gate = torch.stack([F.linear(xt, wg[i], bg[i, 0]) for i in range(e1 - e0)])
+                    up = torch.stack([F.linear(xt, wu[i], bu[i, 0]) for i in range(e1 - e0)])
+                    act = swiglu_(gate, up, moe)
+                    del gate, up
+                else:
+                    xc = x[t0:t0 + g.token_chunk].expand(e1 - e0, -1, -1)
+                    act = swiglu_(torch.baddbmm(bg, xc, wg.transpose(1, 2)), torch.baddbmm(bu, xc, wu.transpose(1, 2)), moe)
                 add_hessians(down[e0:e1], act)
                 del act
         gptq._num_samples[down0] += 1             # llmcompressor counts a 2-D input as one sample
