@@ -7,8 +7,9 @@ Map of this file (sections in the order data flows):
   1. Common helpers ........ errors, logging, model-folder files, a streaming safetensors writer
   2. MXFP4 codec ........... decode_mxfp4_blocks (CPU / CUDA), its inverse encode_mxfp4_blocks (OCP rule), FP16 range
   3. dequantize ............ source resolution + checks, shard plan, streaming conversion, resume
-  4. quantize .............. recipes per scheme, calibration data, the llmcompressor run (or torchrun),
-                             MXFP4 experts back in OpenAI's layout (--experts mxfp4)
+  4. quantize .............. recipes per scheme, calibration data, GPU memory plan, batched expert
+                             calibration, the llmcompressor run (or torchrun), MXFP4 experts back in
+                             OpenAI's layout (--experts mxfp4)
   5. Loader + quality ...... load a quantized GPT-OSS folder, quality.json
   6. Kernels + runtime ..... install-kernel, verify-runtime, built-in int4 GEMM
   7. CLI .................. argparse, one subparser per subcommand
@@ -1417,7 +1418,7 @@ def generic_awq_mappings(model, awq_modules: set[str]):
     return keep
 
 
-def build_modifiers(plan: QuantizePlan, args, model=None) -> list:
+def build_modifiers(plan: QuantizePlan, args, model=None, solve_batch: int | None = None) -> list:
     """The llmcompressor recipe: [SparseGPT] [AWQ smoothing] [RTN/AWQ rounding] [GPTQ]."""
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
@@ -1445,7 +1446,9 @@ def build_modifiers(plan: QuantizePlan, args, model=None) -> list:
         mods.append(GPTQModifier(config_groups=config_groups(gptq, universe, args.symmetric),
                                  block_size=args.block_size, dampening_frac=args.dampening_frac,
                                  # activation ordering permutes columns: keep the 2:4 mask aligned
-                                 actorder=None if plan.sparse else "static"))
+                                 actorder=None if plan.sparse else "static",
+                                 # modules per batched solve: sized to the GPU budget, else 75% of free memory
+                                 batched_quantization=solve_batch or "auto"))
     return mods
 
 
@@ -1791,6 +1794,405 @@ def routed_propagation():
         with HooksMixin.disable_hooks(keep), patch_attr(moe_context, "_CALIBRATE_ALL_EXPERTS", False):
             yield
     return patch_attr(sequential, "HooksMixin", types.SimpleNamespace(disable_hooks=disable_hooks))
+
+
+# ---- GPU memory: --max-gpu-memory sizes the expert chunks and the GPTQ solve batches
+
+# "TOKENS,EXPERTS" forces the batched expert chunks (tests on CPU, where no GPU budget sizes them;
+# benches): the Hessians must not depend on it (tests/test_quantize.py)
+EXPERT_CHUNKS_ENV = "GPTOSS_EXPERT_CHUNKS"
+GPU_PLAN_SHARE = 0.9     # of the budget: the rest for the CUDA caching allocator's fragmentation
+# "linear" computes the batched path's gate/up with F.linear per expert (the calls llmcompressor's
+# modules make) instead of batched matmuls: an experiment switch for whether the GPU's int4 codes
+# move with the batched GEMMs' rounding (bench/RESULTS.md, batched expert calibration)
+GATE_UP_ENV = "GPTOSS_GATE_UP"
+
+
+@dataclass(frozen=True)
+class GpuMemoryPlan:
+    """What one decoder layer's work holds on the GPU, and the chunks that keep it within `budget`."""
+    budget: int | None            # bytes; None: no GPU and no --max-gpu-memory
+    source: str                   # where the budget comes from (for the log)
+    token_chunk: int              # tokens per batched expert GEMM
+    expert_chunk: int             # experts per batched expert GEMM
+    cache_weights: bool           # the layer's expert weights stacked once per pass (else per chunk)
+    solve_batch: int | None       # GPTQ modules solved together (llmcompressor's batched_quantization)
+    peak: int                     # expected peak of the chosen chunks
+    parts: dict                   # name -> bytes of that peak
+
+
+def moe_dims(config: dict) -> dict | None:
+    """GPT-OSS-like MoE dimensions from a config.json, or None for a model without routed experts."""
+    e = config.get("num_local_experts") or config.get("num_experts")
+    if not e:
+        return None
+    h = int(config["hidden_size"])
+    heads = int(config.get("num_attention_heads") or 1)
+    return {"H": h, "I": int(config.get("intermediate_size") or h), "E": int(e),
+            "K": int(config.get("num_experts_per_tok") or config.get("experts_per_token") or 1),
+            "heads": heads, "O": heads * int(config.get("head_dim") or h // heads)}
+
+
+def gptq_solve_bytes(out_f: int, in_f: int, block: int) -> int:
+    """One module in llmcompressor 0.14's batched GPTQ solve: its max_batch_size estimate (Hessian,
+    3 weights, 4 blocks; or the activation-order gathers), plus the stacked normalized Hessian copy
+    prepare_batch makes before quantize_weight takes it."""
+    w, h = out_f * in_f, in_f * in_f
+    return 4 * (max(h + 3 * w + 4 * out_f * block, 3 * h + 2 * w) + h)
+
+
+def expert_calibration_mode(plan: QuantizePlan, args) -> tuple[bool, str | None]:
+    """(batched, why not): the batched expert calibration replaces what llmcompressor's per-expert
+    GPTQ hooks did; any other way of calibrating the experts keeps llmcompressor's modules."""
+    reasons = [(args.per_expert_calibration, "--per-expert-calibration"),
+               (plan.config.get("model_type") != "gpt_oss", "not a GPT-OSS model"),
+               (plan.group("experts").algo != "gptq" or not plan.group("experts").modules, "experts are not GPTQ"),
+               (bool(plan.sparse), "SparseGPT (--with-sparse) hooks the experts"),
+               (args.routed_experts_only, "--routed-experts-only"),
+               (args.no_share_hessians, "--no-share-hessians"),
+               (torchrun_world()[1] > 1, "several processes")]
+    why = [text for hit, text in reasons if hit]
+    return not why, ", ".join(why) or None
+
+
+def plan_gpu_memory(plan: QuantizePlan, args, budget: int | None, source: str, batched: bool) -> GpuMemoryPlan:
+    """Chunk sizes for one layer's calibration within `budget`; UserError when even the smallest
+    chunks (1 expert x 16 tokens, 1 module per GPTQ solve) cannot fit.
+
+    Fixed per layer: its BF16 weights (the sequential pipeline onloads the whole layer), its GPTQ
+    Hessians (fp32 in x in; with shared Hessians E down_proj + gate/up + q/k/v + o_proj), one
+    forward's activations (hidden states, eager attention scores + fp32 softmax, routed rows); the
+    head's logits when larger. On top, the larger of: the expert chunk (stacked weights, gate / up /
+    activation of Ec experts x Tc tokens in BF16) while calibrating, or the GPTQ solve batch after."""
+    cfg = plan.config
+    d = moe_dims(cfg)
+    seq, batch = args.max_seq_length, args.calib_batch_size
+    tokens = seq * batch
+    hidden = int(cfg.get("hidden_size") or 0)
+    heads = int(cfg.get("num_attention_heads") or 0)
+    vocab = int(cfg.get("vocab_size") or 0)
+    weights = 2 * plan.layer_params
+    if d and batched:
+        hessians = 4 * (d["E"] * d["I"] ** 2 + 2 * d["H"] ** 2 + d["O"] ** 2)
+    else:
+        hessians = plan.layer_hessian_bytes
+    acts = 2 * tokens * hidden * 8 + batch * heads * seq * (seq + 1) * 12
+    if d:
+        acts += 2 * tokens * d["K"] * (2 * d["H"] + 4 * d["I"]) + 2 * tokens * d["K"] * d["H"]
+    acts = max(acts, 2 * tokens * vocab * 3)      # the last subgraph: lm_head's logits (+ an fp32 copy)
+    fixed = weights + hessians + acts
+    in_f = max([i for g in plan.groups if g.algo == "gptq" for _, i in g.modules.values()], default=0)
+    out_f = max([o for g in plan.groups if g.algo == "gptq" for o, _ in g.modules.values()], default=0)
+    per_module = gptq_solve_bytes(out_f, in_f, args.block_size) if in_f else 0
+    same_shape = max([sum(1 for s in g.modules.values() if s == (out_f, in_f)) for g in plan.groups] + [1])
+    usable = None if budget is None else int(budget * GPU_PLAN_SHARE)
+
+    on_gpu = torch_cuda()
+
+    def chunk_bytes(tc: int, ec: int, cache: bool) -> int:
+        if not d:
+            return 0
+        if not batched:            # llmcompressor's loop: one expert's gate, up, cat, activation at a time
+            return 2 * tokens * (6 * d["I"] + d["H"])
+        stacked = (d["E"] if cache else ec) * 2 * (3 * d["I"] * d["H"] + 2 * d["I"] + d["H"])
+        # gate, up, sigmoid in BF16 (+ the expanded input), + an fp32 copy for the CPU's fp32 product
+        return stacked + 2 * ec * tc * (3 * d["I"] + d["H"]) + (0 if on_gpu else 4 * ec * tc * d["I"])
+
+    forced = os.environ.get(EXPERT_CHUNKS_ENV)
+    if forced and d and batched:
+        tc, ec = (int(x) for x in forced.split(","))
+        options = [(tc, ec, True), (tc, ec, False)]
+    elif d and batched:
+        tcs = sorted({tokens} | {t for t in (2 ** k for k in range(4, 20)) if t < tokens}, reverse=True)
+        ecs = sorted({d["E"]} | {e for e in (2 ** k for k in range(0, 12)) if e < d["E"]}, reverse=True)
+        options = [(tc, ec, cache) for cache in (True, False) for tc in tcs for ec in ecs]
+        # bigger GEMMs are faster up to ~64k rows; then keeping the stacked weights, then long token chunks
+        options.sort(key=lambda o: (min(o[0] * o[1], 65536), o[2], o[0]), reverse=True)
+    else:
+        options = [(tokens, 1, False)]
+    smallest = (min(16, tokens), 1, False) if d and batched else options[-1]
+    if usable is not None:
+        fits = [o for o in options if fixed + chunk_bytes(*o) <= usable]
+        need = max(fixed + chunk_bytes(*smallest), weights + hessians + per_module)
+        if not fits or need > usable:
+            floor = int(need / GPU_PLAN_SHARE) + 1
+            what = (f"layer weights {human_bytes(weights)}, GPTQ Hessians {human_bytes(hessians)}, activations of "
+                    f"{batch} x {seq} tokens {human_bytes(acts)}, smallest expert chunk / GPTQ solve "
+                    f"{human_bytes(max(chunk_bytes(*smallest), per_module))}")
+            fix = ("pass a larger --max-gpu-memory" if source == "--max-gpu-memory" else "free GPU memory")
+            raise UserError(f"{source} {human_bytes(budget)} is too small for one layer of this model: even the "
+                            f"smallest chunks need ~{human_bytes(floor)} on the GPU ({what}): {fix}, or lower "
+                            f"--max-seq-length / --calib-batch-size, or run on the CPU (--device-map cpu-only)")
+        tc, ec, cache = fits[0]
+        solve = max(1, min((usable - weights - hessians) // max(per_module, 1), 3 * d["E"] if d else same_shape))
+    else:
+        tc, ec, cache = options[0]
+        solve = None
+    chunk = chunk_bytes(tc, ec, cache)
+    parts = {"layer weights": weights, "GPTQ Hessians": hessians, "activations": acts,
+             "expert chunk" if batched and d else "expert calls": chunk}
+    if solve:
+        parts["GPTQ solve"] = solve * per_module
+    peak = max(fixed + chunk, weights + hessians + (solve * per_module if solve else 0))   # calibrating, solving
+    return GpuMemoryPlan(budget, source, min(tc, tokens), min(ec, d["E"]) if d else 1, cache, solve, peak, parts)
+
+
+def torch_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def gpu_memory_budget(args) -> tuple[int | None, str]:
+    """(bytes, where from): --max-gpu-memory, else what the GPU has free now, else (None, 'no GPU')."""
+    if args.max_gpu_memory:
+        size = parse_size(args.max_gpu_memory, "--max-gpu-memory")
+        if size <= 0:
+            raise UserError(f"--max-gpu-memory {args.max_gpu_memory}: pass a positive size, e.g. 22GiB")
+        return size, "--max-gpu-memory"
+    if args.device_map == "cpu-only" or not torch_cuda():
+        return None, "no GPU"
+    import torch
+    return torch.cuda.mem_get_info()[0], "free GPU memory"
+
+
+def log_gpu_memory_plan(g: GpuMemoryPlan, batched: bool) -> None:
+    parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in g.parts.items())
+    how = (f"batched expert calibration in chunks of {g.expert_chunk} experts x {g.token_chunk} tokens"
+           f"{' (stacked expert weights kept per layer)' if g.cache_weights else ''}" if batched
+           else "per-expert calibration (llmcompressor's hooked Linear modules)")
+    solve = f"GPTQ solves {g.solve_batch} modules at a time" if g.solve_batch else "GPTQ solve batches: llmcompressor's"
+    if g.budget is None:
+        log(f"GPU memory: no GPU; {how}; {solve}")
+        return
+    log(f"GPU memory: budget {human_bytes(g.budget)} ({g.source}); {how}; {solve}; expected peak "
+        f"~{human_bytes(g.peak)} per layer ({parts})")
+
+
+def limit_gpu_memory(g: GpuMemoryPlan) -> None:
+    """--max-gpu-memory on a GPU: the caching allocator refuses to grow beyond it (torch raises
+    OutOfMemoryError, which quantize turns into one line), so the bound holds even where the
+    estimate is off."""
+    import torch
+    if g.source == "--max-gpu-memory" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, g.budget / total))
+
+
+def gpu_out_of_memory_error(g: GpuMemoryPlan, error: BaseException) -> UserError:
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    if g.source == "--max-gpu-memory":
+        fix = f"--max-gpu-memory {human_bytes(g.budget)} was too tight for this run: pass a smaller one"
+    else:
+        fix = (f"{human_bytes(g.budget or 0)} was free at the start and the run needed more (another process?): "
+               f"pass --max-gpu-memory below what stays free")
+    return UserError(f"the GPU ran out of memory during calibration ({first}): {fix} (smaller chunks), or "
+                     f"lower --calib-batch-size / --max-seq-length")
+
+
+# ---- batched expert calibration: what llmcompressor's 3E hooked expert Linear modules did, as tensor math
+
+
+def batched_expert_calibration(model, g: GpuMemoryPlan, fp32_matmul: bool, stats: dict):
+    """Context in which llmcompressor's linearized GPT-OSS experts (GptOssLinearExperts) compute
+    what their 3E hooked Linear modules did, on the stacked expert weights [E, ...]:
+
+    - calibration pass (hooks on, all experts): gate and up of Ec experts x Tc tokens as two
+      batched matmuls (bias folded in: baddbmm, as F.linear), GPT-OSS' clamped SwiGLU in place,
+      and the E down_proj Hessians accumulated with one batched product per chunk into one
+      [E, I, I] fp32 tensor (BF16 products, fp32 sums in 512-token parts on a GPU, as
+      tensor_core_hessians; fp32 on CPU or with --fp32-hessian-matmul). gate/up of all experts read
+      the layer input: their shared Hessian goes through llmcompressor's (patched) accumulate_hessian
+      once. The entries land in the GPTQ modifier's _hessians/_num_samples under each expert
+      module, so llmcompressor's own batched GPTQ solve, qparams and saving run unchanged.
+    - the MoE output (both passes): the routed rows only, sorted by expert, one grouped GEMM per
+      projection (torch's grouped_mm on a GPU; on CPU F.linear per expert, bitwise llmcompressor's),
+      summed per token in ascending expert order like llmcompressor's index_add_ loop.
+    A MoE module whose expert Linear carry any hook but GPTQ's Hessian hook, or are not all GPTQ
+    targets, keeps llmcompressor's forward. Written by hand: llmcompressor 0.14 calibrates experts
+    only through per-expert module calls (H200: ~150 ms of Python per MoE forward, RESULTS.md).
+    """
+    import contextlib
+    import torch
+    import torch.nn.functional as F
+    from compressed_tensors.utils import get_execution_device, getattr_chain, patch_attr
+    import llmcompressor.modeling.moe.linear_experts as linear_experts
+    import llmcompressor.modifiers.gptq.base as gptq_base
+    from llmcompressor.modeling.moe.gpt_oss import GptOssLinearExperts
+    from llmcompressor.modifiers.gptq.helpers import make_empty_hessian
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+    original_forward = GptOssLinearExperts.forward
+    original_start = gptq_base.GPTQModifier.on_calibration_start
+    original_compress = gptq_base.GPTQModifier.compress_modules
+    modifiers: list = []
+    weights: dict = {}            # "moe", "hooks_off", "refs", "stacked": the current layer's expert weights
+    down_hessians: dict = {}      # id(MoE module) -> its experts' down_proj Hessians [E, I, I] being accumulated
+    eligible: dict = {}           # id(MoE module) -> GPTQ modifier, or None (llmcompressor's forward)
+    stats.update(layers=set(), calls=0, fallback=set())
+
+    def on_calibration_start(self, *a, **k):
+        modifiers.append(self)
+        return original_start(self, *a, **k)
+
+    def compress_modules(self):
+        weights.clear()           # GPTQ is about to write the weights: restack for the next pass
+        down_hessians.clear()     # prepare_batch pops the views: the [E, I, I] tensor goes with the last
+        return original_compress(self)
+
+    def gptq_of(moe):
+        key = id(moe)
+        if key not in eligible:
+            eligible[key] = None
+            linears = [lin for ex in list(moe)[:moe.num_experts] for lin in (ex.gate_proj, ex.up_proj, ex.down_proj)]
+            if len(modifiers) == 1 and all(
+                    lin in modifiers[0]._module_names and getattr_chain(lin, "quantization_scheme.weights", None)
+                    is not None and len(lin._forward_hooks) == 1 and not lin._forward_pre_hooks
+                    and not getattr(lin, "quantization_enabled", False) for lin in linears) \
+                    and not any(ex._forward_hooks or ex._forward_pre_hooks for ex in list(moe)[:moe.num_experts]):
+                eligible[key] = modifiers[0]
+            else:
+                stats["fallback"].add(key)
+        return eligible[key]
+
+    def layer_weights(moe):
+        hooks_off = HooksMixin._HOOKS_DISABLED
+        if weights.get("moe") is not moe or weights.get("hooks_off") != hooks_off:
+            weights.clear()
+            experts = list(moe)[:moe.num_experts]
+            refs = {p: [getattr(getattr(ex, f"{p}_proj"), "weight") for ex in experts] for p in ("gate", "up", "down")}
+            refs |= {f"{p}_b": [getattr(getattr(ex, f"{p}_proj"), "bias") for ex in experts] for p in ("gate", "up", "down")}
+            weights.update(moe=moe, hooks_off=hooks_off, refs=refs,
+                           stacked={k: torch.stack(v) for k, v in refs.items()} if g.cache_weights else None)
+        return weights
+
+    def chunk_of(w, name, e0, e1):
+        if w["stacked"] is not None:
+            return w["stacked"][name][e0:e1]
+        return torch.stack(w["refs"][name][e0:e1])
+
+    def swiglu_(gate, up, moe):
+        # GptOssLinearExperts._apply_gate in place (same ops, same order: bitwise), without its
+        # cat/chunk copies: (up.clamp(-l, l) + 1) * gate.clamp(max=l) * sigmoid(gate * alpha)
+        gate.clamp_(max=moe.limit)
+        sig = torch.sigmoid_(gate * moe.alpha)
+        return up.clamp_(min=-moe.limit, max=moe.limit).add_(1).mul_(gate).mul_(sig)
+
+    def add_hessians(h, a):
+        """h [Ec, I, I] fp32 += 2 a^T a per expert, a [Ec, Tc, I] BF16."""
+        if a.is_cuda and a.dtype == torch.bfloat16 and not fp32_matmul:
+            for part in a.split(HESSIAN_CHUNK_TOKENS, dim=1):
+                torch.baddbmm(h, part.transpose(1, 2), part, alpha=2, out_dtype=torch.float32, out=h)
+        else:
+            af = a.float()
+            h.baddbmm_(af.transpose(1, 2), af, alpha=2)
+
+    def accumulate(moe, gptq, x):
+        experts = list(moe)[:moe.num_experts]
+        gate0, down0 = experts[0].gate_proj, experts[0].down_proj
+        if down0 not in gptq._num_samples:        # the first forward of this layer's calibration pass
+            device = get_execution_device(gate0)
+            shared, count = make_empty_hessian(gate0, device=device), torch.zeros((), device=device)
+            inner = down0.weight.shape[1]
+            down = torch.zeros(len(experts), inner, inner, device=device)
+            down_count = torch.zeros((), device=device)
+            for e, ex in enumerate(experts):
+                for lin in (ex.gate_proj, ex.up_proj):
+                    gptq._hessians[lin], gptq._num_samples[lin] = shared, count
+                gptq._hessians[ex.down_proj], gptq._num_samples[ex.down_proj] = down[e], down_count
+            down_hessians[id(moe)] = down
+        # gate/up of every expert read x: one Hessian, through the (patched) per-module function
+        gptq_base.accumulate_hessian(x, gate0, gptq._hessians[gate0], gptq._num_samples[gate0])
+        down, w = down_hessians[id(moe)], layer_weights(moe)
+        n = len(experts)
+        for e0 in range(0, n, g.expert_chunk):
+            e1 = min(e0 + g.expert_chunk, n)
+            wg, wu = chunk_of(w, "gate", e0, e1), chunk_of(w, "up", e0, e1)
+            bg, bu = chunk_of(w, "gate_b", e0, e1).unsqueeze(1), chunk_of(w, "up_b", e0, e1).unsqueeze(1)
+            for t0 in range(0, x.shape[0], g.token_chunk):
+                if os.environ.get(GATE_UP_ENV) == "linear":
+                    xt = x[t0:t0 + g.token_chunk]
+                    gate = torch.stack([F.linear(xt, wg[i], bg[i, 0]) for i in range(e1 - e0)])
+                    up = torch.stack([F.linear(xt, wu[i], bu[i, 0]) for i in range(e1 - e0)])
+                    act = swiglu_(gate, up, moe)
+                    del gate, up
+                else:
+                    xc = x[t0:t0 + g.token_chunk].expand(e1 - e0, -1, -1)
+                    act = swiglu_(torch.baddbmm(bg, xc, wg.transpose(1, 2)), torch.baddbmm(bu, xc, wu.transpose(1, 2)), moe)
+                add_hessians(down[e0:e1], act)
+                del act
+        gptq._num_samples[down0] += 1             # llmcompressor counts a 2-D input as one sample
+
+    def routed(moe, x, top_k_index, top_k_weights):
+        """The routed experts' weighted sum per token: what llmcompressor's loop returns."""
+        w = layer_weights(moe)
+        n_tok, k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)                  # rows by expert, then token
+        counts = torch.bincount(flat, minlength=moe.num_experts).tolist()   # the one host sync
+        rows = x[order // k]
+        y = torch.empty(rows.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+        starts = [0] + list(itertools.accumulate(counts))
+        grouped = x.is_cuda and (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm"))
+        e_chunk = g.expert_chunk if grouped else 1
+        for e0 in range(0, moe.num_experts, e_chunk):
+            e1 = min(e0 + e_chunk, moe.num_experts)
+            r0, r1 = starts[e0], starts[e1]
+            if r0 == r1:
+                continue
+            seg = rows[r0:r1]
+            if grouped:
+                offs = torch.tensor(starts[e0 + 1:e1 + 1], dtype=torch.int32, device=x.device) - r0
+                expert_of_row = torch.repeat_interleave(torch.arange(e1 - e0, device=x.device),
+                                                        torch.tensor(counts[e0:e1], device=x.device))
+                mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+                def lin(inp, name):
+                    out = mm(inp, chunk_of(w, name, e0, e1).transpose(1, 2), offs=offs)
+                    return out.add_(chunk_of(w, f"{name}_b", e0, e1)[expert_of_row])
+                act = swiglu_(lin(seg, "gate"), lin(seg, "up"), moe)
+                y[r0:r1] = lin(act, "down")
+            else:
+                refs = w["refs"]
+                act = swiglu_(F.linear(seg, refs["gate"][e0], refs["gate_b"][e0]),
+                              F.linear(seg, refs["up"][e0], refs["up_b"][e0]), moe)
+                y[r0:r1] = F.linear(act, refs["down"][e0], refs["down_b"][e0])
+        y = (y * top_k_weights.reshape(-1)[order, None]).to(x.dtype)
+        # llmcompressor adds each expert's rows with index_add_ in expert order, rounding to BF16 at
+        # each add: the same sums, slot j holding each token's j-th smallest expert
+        slot = torch.argsort(torch.argsort(top_k_index, dim=1, stable=True), dim=1).reshape(-1)[order]
+        per_slot = torch.zeros(n_tok, k, x.shape[1], dtype=x.dtype, device=x.device)
+        per_slot[order // k, slot] = y
+        out = torch.zeros_like(x)
+        for j in range(k):
+            out += per_slot[:, j]
+        return out
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        gptq = gptq_of(self)
+        if gptq is None:
+            return original_forward(self, hidden_states, top_k_index, top_k_weights)
+        stats["calls"] += 1
+        stats["layers"].add(id(self))
+        with torch.no_grad():
+            if linear_experts.get_calibrate_all_experts_flag() and not HooksMixin._HOOKS_DISABLED:
+                accumulate(self, gptq, hidden_states)
+            return routed(self, hidden_states, top_k_index, top_k_weights)
+
+    @contextlib.contextmanager
+    def context():
+        with contextlib.ExitStack() as stack:
+            for m in model.modules():
+                if isinstance(m, GptOssLinearExperts):
+                    # compressed-tensors' offload wrapper calls the forward it saw at load time
+                    name = "_original_forward_func" if hasattr(m, "_original_forward_func") else "forward"
+                    stack.enter_context(patch_attr(m, name, forward if name != "forward" else forward.__get__(m)))
+            stack.enter_context(patch_attr(gptq_base.GPTQModifier, "on_calibration_start", on_calibration_start))
+            stack.enter_context(patch_attr(gptq_base.GPTQModifier, "compress_modules", compress_modules))
+            try:
+                yield
+            finally:
+                weights.clear()
+                down_hessians.clear()
+    return context()
 
 
 # ---- several processes: `torchrun --nproc_per_node N compress_gptoss.py quantize ...`
@@ -2426,6 +2828,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if plan.is_mxfp4:
             check_bf16_copy_folder(model_dir, quantize_bf16_dir(out))
         check_offload_folder(args.offload_folder, out, model_dir)
+    batched, why_not = expert_calibration_mode(plan, args)
+    gpu_plan = plan_gpu_memory(plan, args, *gpu_memory_budget(args), batched)
     for g in plan.groups:
         sizes = ", ".join(f"{v} x {k}" for k, v in g.group_size_summary().items()) or "-"
         log(f"{g.name}: {len(g.modules)} Linear -> {g.algo.upper()} {g.scheme} ({sizes})"
@@ -2436,6 +2840,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     for (req, inf, used), names in adjusted.items():
         log(f"group size {req} does not divide {inf} inputs: {len(names)} modules use "
             f"{'per channel' if used is None else f'g{used}'} (--dry-run lists them)")
+    log_gpu_memory_plan(gpu_plan, batched)
+    if why_not and moe_dims(plan.config):
+        log(f"expert calibration: per expert ({why_not})")
 
     from transformers import AutoTokenizer
     try:
@@ -2492,7 +2899,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         log(f"calibration: {len(ds)} samples (<= {args.max_seq_length} tokens) from "
             f"{args.calib_jsonl or args.dataset}; {len(heldout)} held-out texts for quality.json")
         model = load_model_for_quantization(src_dir, budget)
-        modifiers = build_modifiers(plan, args, model)
+        modifiers = build_modifiers(plan, args, model, solve_batch=gpu_plan.solve_batch)
         if args.offload_hessians and not plan.sparse:
             log("--offload-hessians: llmcompressor 0.14's GPTQ keeps Hessians of the current layer only; "
                 "the flag applies to SparseGPT (--with-sparse)")
@@ -2514,6 +2921,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 stack.enter_context(tensor_core_hessians())
             if not args.propagate_all_experts:
                 stack.enter_context(routed_propagation())
+            batched_stats: dict = {}
+            if batched:
+                stack.enter_context(batched_expert_calibration(model, gpu_plan, args.fp32_hessian_matmul, batched_stats))
+            limit_gpu_memory(gpu_plan)
             part = rank_share(ds)
             batching = {}
             if args.calib_batch_size > 1:   # longest first, so a batch's samples are of similar length
@@ -2522,10 +2933,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 log(f"calibration batches of {args.calib_batch_size} samples, longest first: {kept} of {given} "
                     f"tokens kept ({kept / given:.1%}; llmcompressor cuts each batch to its shortest sample)",
                     every_rank=world > 1)
-            oneshot(model=model, processor=tokenizer, dataset=part, recipe=modifiers,
-                    num_calibration_samples=len(part), max_seq_length=args.max_seq_length,
-                    pipeline="basic" if args.no_sequential_update else "sequential",
-                    moe_calibrate_all_experts=not args.routed_experts_only, **batching)
+            try:
+                oneshot(model=model, processor=tokenizer, dataset=part, recipe=modifiers,
+                        num_calibration_samples=len(part), max_seq_length=args.max_seq_length,
+                        pipeline="basic" if args.no_sequential_update else "sequential",
+                        moe_calibrate_all_experts=not args.routed_experts_only, **batching)
+            except torch.OutOfMemoryError as e:
+                raise gpu_out_of_memory_error(gpu_plan, e) from None
+        if torch.cuda.is_available():
+            log(f"GPU memory: peak {human_bytes(torch.cuda.max_memory_allocated())} allocated "
+                f"(torch.cuda.max_memory_allocated; expected ~{human_bytes(gpu_plan.peak)})")
+        if batched:
+            log(f"experts: batched calibration in {len(batched_stats['layers'])} MoE layers ({batched_stats['calls']} "
+                f"forwards)" + (f"; {len(batched_stats['fallback'])} MoE layers kept llmcompressor's per-expert "
+                                f"modules (other hooks on their experts)" if batched_stats["fallback"] else ""))
         log(f"calibrated on {share.get('samples', '?')} of {len(ds)} samples", every_rank=world > 1)
         log(f"oneshot done in {time.time() - t0:.1f} s; saving to {out}; {offload_report(model, budget.offload_dir)}")
         tmp = Path(on_rank0(make_temp_output, out))
@@ -2566,7 +2987,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                  "all_experts": not args.routed_experts_only, "processes": world,
                                  "shared_hessians": not args.no_share_hessians,
                                  "hessian_matmul": "fp32" if args.fp32_hessian_matmul else "bf16 products, fp32 sums",
-                                 "propagation": "all experts" if args.propagate_all_experts else "routed experts"}}
+                                 "propagation": "all experts" if args.propagate_all_experts else "routed experts",
+                                 "expert_calibration": "batched" if batched else "per expert"}}
         write_output_config(tmp, plan, None, extra)
         if plan.sparse:
             rep = sparsity_report(tmp, plan)
@@ -6387,6 +6809,14 @@ MXFP4A16); attention, router, embeddings and lm_head stay as in the source (--mw
                    help="GPTQ: accumulate Hessians with fp32 matmuls, like plain llmcompressor (default for "
                         "BF16 inputs: tensor-core matmuls of the exact BF16 products, fp32 sums in 512-token "
                         "chunks; within 3e-7 of the fp32 Hessian on an H200, 7x faster)")
+    q.add_argument("--per-expert-calibration", action="store_true",
+                   help="calibrate GPT-OSS experts through llmcompressor's per-expert Linear modules and hooks, "
+                        "like before (default: batched tensor math on the stacked expert weights, the same "
+                        "Hessians within 1e-6; for comparison)")
+    q.add_argument("--max-gpu-memory", metavar="SIZE",
+                   help="GPU memory quantize may use, e.g. 22GiB on a 24 GB card: expert chunks and GPTQ solve "
+                        "batches are sized to it, the expected peak is logged, and the allocator is capped there. "
+                        "Default: what the GPU has free at the start")
     q.add_argument("--propagate-all-experts", action="store_true",
                    help="run every expert on every token in the propagation pass too, like plain llmcompressor "
                         "(default: all experts while calibrating, routed experts only while propagating)")

@@ -12,11 +12,15 @@ the disk used by the offload folder. Prints the per-layer figures and the projec
 --compare-nproc N runs the default quantize again under torchrun with N processes (one GPU each)
 and compares its wall time, pass times and int4 codes with the one-process run.
 
---compare runs quantize three times on the same checkpoint: "plain" (--no-share-hessians
---propagate-all-experts --fp32-hessian-matmul: llmcompressor 0.14 as it comes), "fp32_matmul"
-(shared Hessians and routed propagation, fp32 Hessian matmuls) and "defaults", and prints each
-one's wall time and its per-layer Calibrating / Propagating times read from llmcompressor's
-progress bars.
+--compare runs quantize on the same checkpoint as "llmcompressor" (--per-expert-calibration
+--no-share-hessians --propagate-all-experts --fp32-hessian-matmul: llmcompressor 0.14 as it comes),
+"per_expert" (--per-expert-calibration: shared Hessians, tensor-core Hessian matmuls and routed
+propagation through llmcompressor's hooked expert modules, the default before the batched path),
+the defaults (batched expert calibration) and, with --cap SIZE, the defaults under
+--max-gpu-memory SIZE ("capped"; 22GiB stands for a 24 GB card). It prints a table: wall time,
+the decoder layer's step (calibration + GPTQ solve) and passes, peak GPU memory allocated
+(torch.cuda.max_memory_allocated, from quantize's log) and the share of int4 codes equal to the
+llmcompressor run's. --out FILE writes all of it as JSON.
 """
 import argparse
 import json
@@ -71,6 +75,9 @@ def run_sampled(cmd: list, offload: Path | None = None) -> dict:
             "peak_gpu_mib": peak["gpu_mib"], "peak_offload_bytes": peak["offload"], "log_tail": log[-4000:],
             "passes": pass_times(log),
             "layers": re.findall(r"\] (step \d+/\d+ .* done .*)", log),
+            "steps_s": [int(x) for x in re.findall(r"\] step \d+/\d+ \(.*?\) done in (\d+) s", log)],
+            "gpu_allocated_bytes": gpu_bytes(log),
+            "gpu_plan": re.findall(r"\] (GPU memory: budget .*)", log),
             "budget": re.findall(r"\] (RAM budget .*|weights: .* in RAM, .*)", log),
             "ranks": [line for line in log.splitlines() if "calibrated on" in line or "] joined " in line],
             "log_lines": [line for line in log.splitlines() if line.startswith("[gptoss ")]}   # ours, with times
@@ -100,6 +107,12 @@ def code_agreement(dir_a: Path, dir_b: Path) -> dict:
             x, y = ta[k].double(), tb[k].double()
             scale_rel = max(scale_rel, float(((x - y).abs() / y.abs().clamp_min(1e-30)).max()))
     return {"codes_equal": equal / total, "codes": total, "scale_max_rel": scale_rel}
+
+
+def gpu_bytes(log: str) -> float | None:
+    """quantize's 'GPU memory: peak 19.8 GB allocated' line, in bytes (None without a GPU)."""
+    m = re.search(r"GPU memory: peak ([\d.]+) (B|KB|MB|GB|TB) allocated", log)
+    return float(m.group(1)) * 1000 ** ["B", "KB", "MB", "GB", "TB"].index(m.group(2)) if m else None
 
 
 def seconds(hms: str) -> int:
@@ -133,6 +146,28 @@ def long_calibration_jsonl(path: Path, samples: int, seq_len: int) -> Path:
     return path
 
 
+def compare_table(res: dict, work: Path, out: Path, variants: list) -> None:
+    """--compare: one row per run, codes against the llmcompressor run's."""
+    ref = work / "quantize_llmcompressor"
+    rows = [(k, work / k) for k in variants if k != "quantize_capped"] + [("quantize", out)] + \
+        [(k, work / k) for k in variants if k == "quantize_capped"]
+    print("\n| run | rc | wall s | decoder-layer step s | Calibrating / Propagating s | peak GPU allocated GiB "
+          "| int4 codes equal to llmcompressor's | scales max rel. diff. |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k, folder in rows:
+        r = res[k]
+        if not r["rc"] and not res["quantize_llmcompressor"]["rc"]:
+            r["codes_vs_llmcompressor"] = code_agreement(folder, ref) if folder != ref else None
+        c = r.get("codes_vs_llmcompressor")
+        layer = [v for s, v in r["passes"].items() if not s.startswith("1/")]
+        gib = r["gpu_allocated_bytes"] / 2 ** 30 if r["gpu_allocated_bytes"] else float("nan")
+        codes = "(reference)" if folder == ref else f"{c['codes_equal']:.4%}" if c else "-"
+        scales = f"{c['scale_max_rel']:.1e}" if c else ""
+        name = k.replace("quantize_", "") if k != "quantize" else "batched (default)"
+        print(f"| {name} | {r['rc']} | {r['wall_s']:.1f} | {r['steps_s'][1:] or '-'} "
+              f"| {' / '.join(map(str, layer)) or '-'} | {gib:.1f} | {codes} | {scales} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=1)
@@ -141,7 +176,9 @@ def main():
     ap.add_argument("--work", default="/tmp/gptoss-bench")
     ap.add_argument("--max-cpu-memory", help="pass to quantize (RAM budget for weights, e.g. 4GB)")
     ap.add_argument("--compare", action="store_true",
-                    help="quantize three times: plain llmcompressor, defaults with fp32 Hessian matmuls, defaults")
+                    help="quantize as llmcompressor comes, per-expert calibration (the old default) and the batched "
+                         "default (+ --cap): times, peak GPU memory, int4 codes equal")
+    ap.add_argument("--cap", metavar="SIZE", help="with --compare: the defaults again under --max-gpu-memory SIZE")
     ap.add_argument("--compare-batch", type=int, metavar="N",
                     help="quantize twice: defaults (one sample per forward), then --calib-batch-size N")
     ap.add_argument("--compare-nproc", type=int, metavar="N",
@@ -172,8 +209,11 @@ def main():
     if a.max_cpu_memory:
         quantize += ["--max-cpu-memory", a.max_cpu_memory]
         res["max_cpu_memory"] = a.max_cpu_memory
-    variants = {"quantize_plain": ["--no-share-hessians", "--propagate-all-experts", "--fp32-hessian-matmul"],
-                "quantize_fp32_matmul": ["--fp32-hessian-matmul"]} if a.compare else {}
+    variants = {"quantize_llmcompressor": ["--per-expert-calibration", "--no-share-hessians", "--propagate-all-experts",
+                                           "--fp32-hessian-matmul"],
+                "quantize_per_expert": ["--per-expert-calibration"]} if a.compare else {}
+    if a.compare and a.cap:
+        variants["quantize_capped"] = ["--max-gpu-memory", a.cap]
     if a.compare_batch:
         variants[f"quantize_batch{a.compare_batch}"] = ["--calib-batch-size", str(a.compare_batch)]
     for k, flags in variants.items():
@@ -201,11 +241,8 @@ def main():
         res["codes_batch_vs_defaults"] = code_agreement(work / batched, out)
         print(f"\nint4 codes equal, batch {a.compare_batch} vs batch 1: {res['codes_batch_vs_defaults']['codes_equal']:.4%}; "
               f"scales: max relative difference {res['codes_batch_vs_defaults']['scale_max_rel']:.2e}")
-    if a.compare and not res["quantize"]["rc"] and not res["quantize_fp32_matmul"]["rc"]:
-        res["codes_fp32_matmul_vs_defaults"] = code_agreement(work / "quantize_fp32_matmul", out)
-        print("\nint4 codes equal, fp32 Hessian matmuls vs defaults: "
-              f"{res['codes_fp32_matmul_vs_defaults']['codes_equal']:.4%}; scales: max relative difference "
-              f"{res['codes_fp32_matmul_vs_defaults']['scale_max_rel']:.2e}")
+    if a.compare:
+        compare_table(res, work, out, list(variants))
     for k in ["dequantize", *variants, "quantize", *([nproc] if nproc else [])]:
         r = res[k]
         print(f"\n== {k}: rc {r['rc']}, wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss']/2**30:.1f} GiB, "

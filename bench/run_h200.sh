@@ -90,7 +90,7 @@ fi
 if has quantize; then
   step "quantize GPTQ W4A16, ${QLAYERS:-1} layer(s) at 120b dims"
   python3 bench/bench_quantize_scale.py --layers "${QLAYERS:-1}" --samples "${QSAMPLES:-64}" --seq-len "${QSEQ:-512}" \
-    ${COMPARE:+--compare} ${QBATCH:+--compare-batch $QBATCH} ${QMEM:+--max-cpu-memory $QMEM} ${QPROFILE:+--profile $OUT/quantize.prof} --out "$OUT/quantize_scale.json" 2>&1 | tail -60
+    ${COMPARE:+--compare} ${QCAP:+--cap $QCAP} ${QBATCH:+--compare-batch $QBATCH} ${QMEM:+--max-cpu-memory $QMEM} ${QPROFILE:+--profile $OUT/quantize.prof} --out "$OUT/quantize_scale.json" 2>&1 | tail -60
 fi
 if has prefill; then
   step "a whole ${PSCHEME:-w4a8} checkpoint at gpt-oss dims, ${PEXPERTS:-32} experts (${PLAYERS:-2} layers): prefill and decode, kernels vs dense vs BF16"

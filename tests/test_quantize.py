@@ -573,7 +573,8 @@ def quantize_in_process(out: Path, tiny_bf16, calib_jsonl, heldout_jsonl, *flags
 @pytest.fixture(scope="session")
 def shared_and_plain(tiny_bf16, calib_jsonl, heldout_jsonl, tmp_path_factory):
     """The same GPTQ W4A16 run twice, same calibration order: defaults (shared Hessians, routed
-    propagation) and plain llmcompressor (--no-share-hessians --propagate-all-experts)."""
+    propagation, batched expert calibration) and plain llmcompressor (--no-share-hessians
+    --propagate-all-experts: its per-expert hooked modules)."""
     root = tmp_path_factory.mktemp("share")
     shared = quantize_in_process(root / "shared", tiny_bf16, calib_jsonl, heldout_jsonl)
     plain = quantize_in_process(root / "plain", tiny_bf16, calib_jsonl, heldout_jsonl,
@@ -689,6 +690,59 @@ def test_shared_and_routed_give_the_same_checkpoint(shared_and_plain):
     qa, qb = quality(shared_out), quality(plain_out)
     assert qa["heldout_tokens"] == qb["heldout_tokens"] > 200
     assert abs(qa["kl_mean"] - qb["kl_mean"]) <= 0.02 * qb["kl_mean"], (qa["kl_mean"], qb["kl_mean"])
+
+
+def test_batched_expert_calibration_in_chunks_matches_per_expert(shared_and_plain, tiny_bf16, calib_jsonl,
+                                                               heldout_jsonl, tmp_path, monkeypatch):
+    """The batched expert calibration with odd chunks (7 tokens x 3 experts: the 32-token samples
+    and the 4 experts split unevenly; GPTOSS_EXPERT_CHUNKS, the CPU's chunk knob) against
+    llmcompressor's per-expert hooked modules (the plain run): layer-0 Hessians within 1e-6
+    relative (only the order of the fp32 sums differs), int4 codes >= 99.5% equal in layer 0,
+    KL within 2%. The unchunked batched run (shared_and_plain's defaults) is bitwise the plain
+    one: test_shared_hessians_equal_plain_ones. Layer 1 within 1e-2 / 90% (down_proj 80%), as
+    test_calibration_batches_give_the_same_hessians explains: its inputs went through layer 0's
+    solved weights, where a 1e-7 difference can flip a rounding."""
+    (shared, _), (plain, plain_out) = shared_and_plain
+    assert "experts: batched calibration in 2 MoE layers" in shared["stderr"]
+    assert "expert calibration: per expert (--no-share-hessians)" in plain["stderr"]
+    monkeypatch.setenv(cg.EXPERT_CHUNKS_ENV, "7,3")
+    chunked = quantize_in_process(tmp_path / "c", tiny_bf16, calib_jsonl, heldout_jsonl)
+    assert "batched expert calibration in chunks of 3 experts x 7 tokens" in chunked["stderr"]
+    assert set(chunked["hessians"]) == set(plain["hessians"])
+    differs = 0
+    for name, h in plain["hessians"].items():
+        rel = float((chunked["hessians"][name] - h).norm() / h.norm())
+        assert rel <= (1e-6 if name.startswith("model.layers.0.") else 1e-2), f"{name}: {rel:.2e}"
+        differs += not torch.equal(chunked["hessians"][name], h)
+    assert differs, "the chunks changed no sum: the knob did not reach the batched path"
+    a, b = tensors(tmp_path / "c"), tensors(plain_out)
+    codes = {k: float((nibbles(a[k]) == nibbles(b[k])).double().mean()) for k in a if k.endswith("weight_packed")}
+    assert min(v for k, v in codes.items() if k.startswith("model.layers.0.")) >= 0.995, codes
+    down = {k: v for k, v in codes.items() if ".down_proj." in k}
+    assert min(v for k, v in codes.items() if k not in down) >= 0.9 and min(down.values()) >= 0.8, codes
+    qa, qb = quality(tmp_path / "c"), quality(plain_out)
+    assert abs(qa["kl_mean"] - qb["kl_mean"]) <= 0.02 * qb["kl_mean"], (qa["kl_mean"], qb["kl_mean"])
+
+
+def test_per_expert_calibration_flag_and_gpu_memory_plan(tiny_bf16, calib_jsonl):
+    r = run_cli("quantize", "--model-in", tiny_bf16, "--calib-jsonl", calib_jsonl, "--dry-run",
+                "--per-expert-calibration", "--max-gpu-memory", "1GiB")
+    assert r.returncode == 0, r.stderr
+    assert "expert calibration: per expert (--per-expert-calibration)" in r.stderr
+    assert re.search(r"GPU memory: budget 1\.1 GB \(--max-gpu-memory\); per-expert calibration .*expected peak", r.stderr)
+
+
+@pytest.mark.parametrize("size, message", [
+    ("1KiB", r"--max-gpu-memory 1\.0 KB is too small for one layer of this model: even the smallest chunks need "
+             r"~[\d.]+ [KMG]B on the GPU \(layer weights .*\): pass a larger --max-gpu-memory"),
+    ("lots", r"--max-gpu-memory lots: not a size"),
+])
+def test_impossible_gpu_memory_is_one_line(size, message, tiny_bf16, calib_jsonl, tmp_path, capsys):
+    """Checked from the model's dimensions before any work, so also on a machine without a GPU."""
+    errors, err = bad(["--model-in", tiny_bf16, "--calib-jsonl", calib_jsonl, "--max-gpu-memory", size],
+                      tmp_path, capsys)
+    assert len(errors) == 1 and re.search(message, errors[0]), errors
+    assert not any("calibration:" in line for line in err), "work started before the check"
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
