@@ -486,7 +486,7 @@ def encode_mxfp4_blocks(values):
     return blocks.contiguous(), scales
 
 
-def _mxfp4_triton_kernel():
+def mxfp4_triton_kernel():
     """Fused decode + scale + transpose + bf16 cast: one pass, ~2.5 bytes moved per value.
 
     transformers' decoder makes several full-size temporaries (index tensors, the float copy, the
@@ -540,7 +540,7 @@ def decode_mxfp4_to(blocks, scales, dtype, config: tuple | None = None):
         K = G * 32
         out = torch.empty((E, K, O), dtype=dtype, device=blocks.device)
         if "kernel" not in _LUT_CACHE:
-            _LUT_CACHE["kernel"] = _mxfp4_triton_kernel()
+            _LUT_CACHE["kernel"] = mxfp4_triton_kernel()
         BO, BK, warps = config or MXFP4_KERNEL_CONFIG
         grid = ((O + BO - 1) // BO, (K + BK - 1) // BK, E)
         _LUT_CACHE["kernel"][grid](blocks.contiguous(), scales.contiguous(), out, O, K, BLOCK_O=BO, BLOCK_K=BK,
@@ -3211,6 +3211,24 @@ def print_quality_table(q: dict) -> None:
 # launch), then multiplied on plain tiles: a Triton GEMM on the exact integers for per-channel W4A8
 # and for bf16 x, or for every other fp16 case cuBLAS on q * scale and (A8) x_q * s_x rounded once
 # to fp16 (compressed-tensors' own fake-quant math; the prefill path vLLM's AWQ takes too).
+#
+# Public interface of the kernel library: what verify-runtime, the loader, tests and benches may call.
+# Every other name of this section that starts with `_` is internal and may change.
+#   layout + references  unpack_int4_packed, pack_int4, int4_planar, PLANAR_K, scale_group_size,
+#                        quantize_activations_int8, INT8_ABSMAX_FLOOR, int4_linear_reference,
+#                        int4_moe_reference, relative_error
+#   dense layers         int4_linear; Int4GemmConfig, int4_gemm_config (the config per M bucket);
+#                        int4_plan -> Int4Plan (what a call launches), cached_int4_plan and its cache
+#                        INT4_PLANS; int8_rows + row_quant_consts (A8's per-token int8 activations)
+#   MoE layers           int4_moe, moe_chunk, launch_int4_moe (one launch of int4_moe_kernel), MOE_*
+#   the kernels          triton_status, triton_kernels() (every kernel and @jit helper by name)
+#   device state         sm_count, pdl_supported (cached in PDL_SUPPORTED), SPLIT_K_WORKSPACE,
+#                        CODES_WORKSPACE (scratch reused by every call)
+#   runtimes             qqq_status, load_qqq_qlinear, builtin_w4a8_status, has_w4a8_runtime,
+#                        w4a8_runtime_message, cuda_gpus
+#   microbench           bench_cases, run_runtime_bench, format_bench_report, run_bench_workers (one
+#                        process per job, bench_worker in the child), bench_one, random_int4_weights,
+#                        bench_copies, time_graph_us
 
 QQQ_REPO = "https://github.com/HandH1998/QQQ"
 QQQ_COMMIT = "54c5c99037200f3b42b94877dcc932989e458409"
@@ -3321,7 +3339,7 @@ def triton_status() -> tuple[bool, str]:
 _TRITON_KERNELS = None
 
 
-def _triton_kernels():
+def triton_kernels():
     """Compile-on-first-use kernels. `tl` is bound as a module global (not a local) on purpose:
     Triton resolves names in a kernel body through the module's globals, not closures."""
     global _TRITON_KERNELS
@@ -3332,7 +3350,7 @@ def _triton_kernels():
     globals()["tl"] = importlib.import_module("triton.language")
     try:   # programmatic dependent launch (sm_90+)
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    except ImportError:   # an older triton: _pdl_supported says no, so no kernel compiles these calls
+    except ImportError:   # an older triton: pdl_supported says no, so no kernel compiles these calls
         gdc_launch_dependents = gdc_wait = None
 
     @triton.jit
@@ -4224,9 +4242,9 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool =
     return C(64, 128, 64, False, 4, 4, codes=True)
 
 
-_SPLIT_K_WORKSPACE: dict = {}
+SPLIT_K_WORKSPACE: dict = {}
 _SM_COUNT: dict = {}
-_PDL_SUPPORTED: dict = {}
+PDL_SUPPORTED: dict = {}
 
 
 def _split_k_workspace(device, elems: int, tiles: int, stores: bool = False):
@@ -4236,29 +4254,29 @@ def _split_k_workspace(device, elems: int, tiles: int, stores: bool = False):
     kind: calls on one stream are ordered; concurrent streams would need their own."""
     import torch
     key = (str(device), stores)
-    part, count = _SPLIT_K_WORKSPACE.get(key, (None, None))
+    part, count = SPLIT_K_WORKSPACE.get(key, (None, None))
     if part is None or part.numel() < elems or count.numel() < tiles:
         part = torch.zeros(max(elems, 1 << 20), device=device, dtype=torch.float32)
         count = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
-        _SPLIT_K_WORKSPACE[key] = (part, count)
+        SPLIT_K_WORKSPACE[key] = (part, count)
     return part, count
 
 
-def _pdl_supported(device) -> bool:
+def pdl_supported(device) -> bool:
     """Programmatic dependent launch: compute capability 9.0+, CUDA 12.3+ (captured into CUDA graphs
     as programmatic edges), a triton with gdc_wait; never in the interpreter."""
     key = str(device)
-    if key not in _PDL_SUPPORTED:
+    if key not in PDL_SUPPORTED:
         import os
         import torch
         cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
-        _PDL_SUPPORTED[key] = (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+        PDL_SUPPORTED[key] = (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
                                and cuda >= (12, 3) and torch.cuda.get_device_capability(device)[0] >= 9
-                               and _triton_kernels() is not None and globals()["gdc_wait"] is not None)
-    return _PDL_SUPPORTED[key]
+                               and triton_kernels() is not None and globals()["gdc_wait"] is not None)
+    return PDL_SUPPORTED[key]
 
 
-def _sm_count(device) -> int:
+def sm_count(device) -> int:
     key = str(device)
     if key not in _SM_COUNT:
         import torch
@@ -4268,7 +4286,7 @@ def _sm_count(device) -> int:
 
 
 @dataclass
-class _Int4Plan:
+class Int4Plan:
     """Everything int4_linear derives from (shapes, dtype, device, config), computed once: at
     M <= 16 the kernel takes a few microseconds, so per-call Python work shows in eager timings."""
     cfg: Int4GemmConfig
@@ -4285,21 +4303,21 @@ class _Int4Plan:
     xq_dtype: object = None      # codes plans, A8: x_q as int8, or x_q * s_x in this float dtype
 
 
-_INT4_PLANS: dict = {}
-_CODES_WORKSPACE: dict = {}
+INT4_PLANS: dict = {}
+CODES_WORKSPACE: dict = {}
 
 
 def _codes_workspace(device, dtype, elems: int):
     """The weight codes of int4_codes_kernel, rewritten by every call (one buffer per device and
     dtype, grown to the largest layer: 16.6 MB int8 for a GPT-OSS gate_up)."""
     import torch
-    buf = _CODES_WORKSPACE.get((str(device), dtype))
+    buf = CODES_WORKSPACE.get((str(device), dtype))
     if buf is None or buf.numel() < elems:
-        buf = _CODES_WORKSPACE[(str(device), dtype)] = torch.empty(elems, device=device, dtype=dtype)
+        buf = CODES_WORKSPACE[(str(device), dtype)] = torch.empty(elems, device=device, dtype=dtype)
     return buf
 
 
-def _row_quant_consts(k: int) -> dict:
+def row_quant_consts(k: int) -> dict:
     """int8_rows_kernel's launch constants for rows of k inputs (one pass while a row fits 8192)."""
     block = max(256, 1 << (k - 1).bit_length())
     return dict(BLOCK_K=min(block, 8192), ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
@@ -4313,31 +4331,31 @@ def _codes_launch(n: int, kp: int, codes_dtype, scaled: bool = False, group: int
                                                BLOCK_W=64), codes_dtype
 
 
-def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int4Plan:
+def int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> Int4Plan:
     import torch
     assert act in ("a8", "a16"), act
     assert dtype in (torch.float16, torch.bfloat16), f"x must be fp16/bf16, got {dtype}"
     assert k % groups == 0, f"K={k} is not divisible into {groups} scale groups"
     group, per_channel = k // groups, groups == 1
     assert per_channel or group % 8 == 0, f"group size {group}: the kernel needs a multiple of 8 (one packed word)"
-    cfg = config or int4_gemm_config(m, n, k, _sm_count(device), per_channel, act, dtype == torch.bfloat16, eager)
+    cfg = config or int4_gemm_config(m, n, k, sm_count(device), per_channel, act, dtype == torch.bfloat16, eager)
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
     part, count = (_split_k_workspace(device, m * n * (cfg.split_k if cfg.split_stores else 1), tiles,
                                       cfg.split_stores) if cfg.split_k > 1 else (None, None))
-    quant = _row_quant_consts(k)
+    quant = row_quant_consts(k)
     chunk = 64 if per_channel else group
     if cfg.dequant and dtype != torch.float16:   # bf16 keeps 8 significant bits: q * scale (11) would round
         cfg = replace(cfg, dequant=False)        # and A8's x_q * s_x too; the int codes stay exact
     if cfg.codes and cfg.dequant and (per_channel or group in (32, 64, 128, 256, 512)):
         # weights q * scale and (A8) x_q * s_x, both in x's dtype, multiplied by cuBLAS: at large M
         # this beats both Triton GEMMs when there are group scales (bench/RESULTS.md, run 25)
-        return _Int4Plan(cfg, 1 if act == "a8" else 0, k, (), None, None, dict(quant, PERM_KW=1), {}, k,
+        return Int4Plan(cfg, 1 if act == "a8" else 0, k, (), None, None, dict(quant, PERM_KW=1), {}, k,
                          "cublas", codes=_codes_launch(n, k, dtype, scaled=True, group=0 if per_channel else group),
                          xq_dtype=dtype)
     if cfg.codes and (per_channel or group in (32, 64, 128)):
         block_k = group if not per_channel else cfg.k_per_iter
         kp = -(-k // block_k) * block_k
-        return _Int4Plan(
+        return Int4Plan(
             cfg, 1 if act == "a8" else 0, kp, (tiles,), None, None, dict(quant, PERM_KW=1),
             dict(A8=act == "a8", GROUP=0 if per_channel else group, EVEN_K=act == "a8" or k % block_k == 0,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
@@ -4348,7 +4366,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
         cfg = replace(cfg, codes=False, dequant=False, grouped=True)   # a group size the codes kernels do not take
     if cfg.planar and (per_channel or group in (32, 64, 128)):
         kp = -(-k // PLANAR_K) * PLANAR_K
-        return _Int4Plan(
+        return Int4Plan(
             cfg, 0 if act == "a16" else 1, kp // 8, (tiles, cfg.split_k), part, count, dict(quant, PERM_KW=1),
             dict(A8=act == "a8", BF16=dtype == torch.bfloat16, GROUP=0 if per_channel else group,
                  X_PADDED=act == "a8", PREFETCH=cfg.prefetch, W_LHS=cfg.w_lhs, BLOCK_M=cfg.block_m,
@@ -4364,9 +4382,9 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
         bw = max(cfg.k_per_iter // 8, 1 if per_channel else group // 8)   # whole scale groups per step
         fuse, kp = act == "a8" and cfg.fuse_act_quant, -(-k // (8 * bw)) * 8 * bw
         pdl = _pdl_consts(cfg, device, fuse)
-        return _Int4Plan(
+        return Int4Plan(
             cfg, 0 if act == "a16" else 2 if fuse else 1, -(-k // 8), (-(-n // cfg.block_n), cfg.split_k), part, count,
-            dict(_row_quant_consts(kp), PERM_KW=bw, PDL=bool(pdl)),   # x_q zero-filled up to whole steps of BLOCK_W words
+            dict(row_quant_consts(kp), PERM_KW=bw, PDL=bool(pdl)),   # x_q zero-filled up to whole steps of BLOCK_W words
             dict(A8=act == "a8", FUSE=fuse, FUSE_CHUNKS=-(-k // 256) if fuse else 1, GROUP_W=0 if per_channel else group // 8,
                  PREFETCH=cfg.prefetch, BLOCK_N=cfg.block_n, BLOCK_W=bw,
                  W_ALIGN=4 if k % 32 == 0 else 1, SPLIT_K=cfg.split_k,
@@ -4376,7 +4394,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
     if cfg.grouped and chunk in (32, 64, 128):
         fuse = act == "a8" and cfg.fuse_act_quant and m <= cfg.block_m
         pdl = _pdl_consts(cfg, device, fuse)
-        return _Int4Plan(
+        return Int4Plan(
             cfg, 0 if act == "a16" else 2 if fuse else 1, -(-k // 8), (tiles, cfg.split_k), part, count,
             dict(quant, PERM_KW=1, PDL=bool(pdl)),
             dict(A8=act == "a8", FUSE=fuse, FUSE_CHUNKS=-(-k // 256) if fuse else 1,   # one compile per K
@@ -4392,7 +4410,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
     kw = max(32 if int8_dot else 16, cfg.k_per_iter // 8)
     fuse_rows = max(2, 1 << (m - 1).bit_length())
     mode = 0 if act == "a16" else 2 if cfg.fuse_act_quant and fuse_rows <= cfg.block_m else 1
-    return _Int4Plan(
+    return Int4Plan(
         cfg, mode, -(-k // 8), (tiles, cfg.split_k), part, count,
         dict(quant, PERM_KW=kw),
         dict(A_MODE=mode, GROUP=8 if per_channel else group, PER_CHANNEL=per_channel, INT8_DOT=int8_dot, KW=kw,
@@ -4410,14 +4428,14 @@ def _pdl_consts(cfg: Int4GemmConfig, device, fuse: bool) -> dict:
     """The GEMM's PDL constexpr and launch option, {} when it launches plainly. Not with the
     activation quantization fused in (eager calls): that kernel ran 0-10 us slower with PDL in a
     graph (run 91), and an eager call's time is the host's either way."""
-    return dict(PDL=True, launch_pdl=True) if cfg.pdl and not fuse and _pdl_supported(device) else {}
+    return dict(PDL=True, launch_pdl=True) if cfg.pdl and not fuse and pdl_supported(device) else {}
 
 
-def _cached_int4_plan(key) -> _Int4Plan:
-    """key: _int4_plan's arguments (m, n, k, groups, act, dtype, device, config, eager)."""
-    plan = _INT4_PLANS.get(key)
+def cached_int4_plan(key) -> Int4Plan:
+    """key: int4_plan's arguments (m, n, k, groups, act, dtype, device, config, eager)."""
+    plan = INT4_PLANS.get(key)
     if plan is None:
-        plan = _INT4_PLANS[key] = _int4_plan(*key)
+        plan = INT4_PLANS[key] = int4_plan(*key)
     return plan
 
 
@@ -4443,37 +4461,37 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
     eager = (config is None and act == "a8" and m <= 32 and device.type == "cuda"
              and not torch.cuda.is_current_stream_capturing())
     key = (m, n, k, weight_scale.shape[-1], act, x.dtype, device, config, eager)
-    first_call = key not in _INT4_PLANS
-    plan = _cached_int4_plan(key)
+    first_call = key not in INT4_PLANS
+    plan = cached_int4_plan(key)
     if m == 0:
         return torch.empty(*x.shape[:-1], n, device=device, dtype=x.dtype)
     wp = weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()
     if weight_scale.stride(-1) != 1 and weight_scale.shape[-1] != 1:   # the kernel walks groups with step 1
         weight_scale = weight_scale.contiguous()
     if eager and first_call:   # a graph captured later takes the two-launch plan: compile and load it now
-        _int4_launch(_cached_int4_plan(key[:-1] + (False,)), x2, wp, weight_scale, planar)
+        _int4_launch(cached_int4_plan(key[:-1] + (False,)), x2, wp, weight_scale, planar)
     y = _int4_launch(plan, x2, wp, weight_scale, planar)
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], n)
 
 
-def _int8_rows(x2, kp: int, consts: dict):
+def int8_rows(x2, kp: int, consts: dict):
     """Per-token int8 activations of x2 [M, K] by int8_rows_kernel: (x_q [M, kp] int8, s_x [M] fp32)."""
     import torch
-    (m, k), kern = x2.shape, _TRITON_KERNELS or _triton_kernels()
+    (m, k), kern = x2.shape, _TRITON_KERNELS or triton_kernels()
     xa = torch.empty(m, kp, device=x2.device, dtype=torch.int8)
     sx = torch.empty(m, device=x2.device, dtype=torch.float32)
     kern["int8_rows"][(m,)](x2, xa, sx, k, kp, x2.stride(0), kp, **consts)
     return xa, sx
 
 
-def _int4_launch(plan: _Int4Plan, x2, wp, weight_scale, planar):
+def _int4_launch(plan: Int4Plan, x2, wp, weight_scale, planar):
     """int4_linear's kernels for one plan: x2 [M, K], wp / weight_scale contiguous along K -> y [M, N]."""
     import torch
     (m, k), n, device = x2.shape, wp.shape[0], x2.device
     y = torch.empty(m, n, device=device, dtype=x2.dtype)
-    kern = _TRITON_KERNELS or _triton_kernels()
+    kern = _TRITON_KERNELS or triton_kernels()
     if plan.kernel == "int4_gemm_planar":
         wp = int4_planar(wp, k) if planar is None else planar
         assert wp.shape == (n, plan.kw) and wp.dtype == torch.int32, f"planar weights {tuple(wp.shape)} do not fit K={k}"
@@ -4494,7 +4512,7 @@ def _int4_launch(plan: _Int4Plan, x2, wp, weight_scale, planar):
                                      weight_scale.stride(0), **consts)
         wp = codes
     elif plan.mode == 1:   # x_q in the GEMM's K order, padded to whole K steps
-        xa, sx = _int8_rows(x2, plan.k_padded, plan.quant_consts)
+        xa, sx = int8_rows(x2, plan.k_padded, plan.quant_consts)
     if plan.kernel == "cublas":
         torch.mm(xa, wp.T, out=y)
     else:
@@ -4505,7 +4523,7 @@ def _int4_launch(plan: _Int4Plan, x2, wp, weight_scale, planar):
     return y
 
 
-def _moe_chunk(k: int, groups: int) -> int | None:
+def moe_chunk(k: int, groups: int) -> int | None:
     """Inputs int4_moe's kernel unpacks per step for K inputs in `groups` scale groups (one group,
     or 64 per channel), or None for a layout it does not take."""
     chunk = 64 if groups == 1 else k // groups
@@ -4548,7 +4566,7 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
     gemv (BLOCK_N, BLOCK_W, num_warps, SPLIT_K) instead of MOE_GEMV_TILE."""
     import torch
     (r, k), (experts, n, kw), groups = x.shape, weight_packed.shape, weight_scale.shape[-1]
-    chunk = _moe_chunk(k, groups)
+    chunk = moe_chunk(k, groups)
     assert chunk, f"K={k} with {groups} scale groups: not a layout int4_moe takes"
     y = torch.empty(r, n, device=x.device, dtype=x.dtype)
     if r == 0:
@@ -4567,15 +4585,15 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
             codes = r >= MOE_CODES_ROWS * len(routed)
         most = max(counts)
     fuse = act == "a8" and not codes and (r <= MOE_FUSE_ROWS if fuse is None else fuse)
-    kern = _TRITON_KERNELS or _triton_kernels()
+    kern = _TRITON_KERNELS or triton_kernels()
     if counts is None and gemv:
         return _int4_moe_gemv(kern, x, y, weight_packed, weight_scale, bias, row_experts, act, groups, chunk, fuse,
                               tiles or MOE_GEMV_TILE)
     block_m, block_n, warps, stages = tiles or _moe_tiles(most, codes)
-    xa, sx = _int8_rows(x, k, dict(_row_quant_consts(k), PERM_KW=1)) if act == "a8" and not fuse else (x, x)
+    xa, sx = int8_rows(x, k, dict(row_quant_consts(k), PERM_KW=1)) if act == "a8" and not fuse else (x, x)
     if counts is None:   # one program per row: a row that is not its expert's first exits at once
         assert block_m >= r, f"{r} rows need a row block of at least {r}, not {block_m}"
-        _launch_int4_moe(kern, (r, -(-n // block_n)), xa, sx, weight_packed, weight_scale, bias, y, row_experts,
+        launch_int4_moe(kern, (r, -(-n // block_n)), xa, sx, weight_packed, weight_scale, bias, y, row_experts,
                          weight_packed, 0, act, chunk, groups, False, fuse, True, (block_m, block_n, warps, stages))
         return y
     codes_dtype = torch.int8 if act == "a8" else x.dtype
@@ -4598,7 +4616,7 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
             grid, consts, _ = _codes_launch(rows, k, codes_dtype)
             kern["int4_codes"][grid](weight_packed[e0:e1].view(rows, kw), weight_scale, q, rows, k, kw, k, kw, 0,
                                      **consts)
-        _launch_int4_moe(kern, (len(bl), -(-n // block_n)), xa, sx, weight_packed, weight_scale, bias, y, blk[done:],
+        launch_int4_moe(kern, (len(bl), -(-n // block_n)), xa, sx, weight_packed, weight_scale, bias, y, blk[done:],
                          q, e0, act, chunk, groups, codes, fuse, False, (block_m, block_n, warps, stages))
         done += len(bl)
     return y
@@ -4612,7 +4630,7 @@ def _int4_moe_gemv(kern, x, y, weight_packed, weight_scale, bias, row_experts, a
     xa = sx = x
     if act == "a8" and not fuse:   # x_q with each step's nibble-j activations contiguous, zero-padded
         kp = -(-k // (8 * block_w)) * 8 * block_w
-        xa, sx = _int8_rows(x, kp, dict(_row_quant_consts(kp), PERM_KW=block_w))
+        xa, sx = int8_rows(x, kp, dict(row_quant_consts(kp), PERM_KW=block_w))
     tiles_n = -(-n // block_n)
     part, count = _split_k_workspace(x.device, split * r * n, r * tiles_n, True) if split > 1 else (y, y)
     kern["int4_moe_gemv"][(r, tiles_n, split)](
@@ -4634,7 +4652,7 @@ def _moe_tiles(most: int, codes: bool) -> tuple:
             (32, 128, 4, None) if most <= 32 else (64, 128, 8, None) if most <= 128 else (128, 64, 4, None))
 
 
-def _launch_int4_moe(kern, grid, xa, sx, weight_packed, weight_scale, bias, y, blk, q, e0, act, chunk, groups, codes,
+def launch_int4_moe(kern, grid, xa, sx, weight_packed, weight_scale, bias, y, blk, q, e0, act, chunk, groups, codes,
                      fuse, row_experts, tiles):
     """One launch of int4_moe_kernel over `grid` (row blocks or rows, N blocks) with these tiles."""
     block_m, block_n, warps, stages = tiles
@@ -4691,7 +4709,7 @@ def qqq_python_sources() -> list[Path]:
     return out
 
 
-def _load_qqq_qlinear():
+def load_qqq_qlinear():
     """QQQ's qlinear_marlin module (QuantLinear, mul) loaded from its file (see qqq_python_sources;
     also keeps QQQ/gptq/__init__, model code with transformers imports, from running). It imports
     the installed extension QQQ._CUDA."""
@@ -4713,14 +4731,14 @@ def builtin_w4a8_status() -> tuple[bool, str]:
     ok, detail = triton_status()
     if not ok:
         return False, detail
-    gpu = _cuda_gpus()
+    gpu = cuda_gpus()
     if not gpu:
         return False, f"triton {detail} installed; needs a CUDA GPU with compute capability >= 8.0 to run (none here)"
     best = max(g["capability"] for g in gpu)
     if best < (8, 0):
         return False, f"triton {detail} installed; needs compute capability >= 8.0 (best GPU here: {best[0]}.{best[1]})"
     import torch
-    pdl = ", programmatic dependent launch" if _pdl_supported(torch.device("cuda")) else ""
+    pdl = ", programmatic dependent launch" if pdl_supported(torch.device("cuda")) else ""
     return True, f"triton {detail}, tensor cores of cc {best[0]}.{best[1]}{pdl}"
 
 
@@ -4761,7 +4779,7 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-def _cuda_gpus() -> list[dict]:
+def cuda_gpus() -> list[dict]:
     """Visible CUDA GPUs (empty without torch CUDA or a device)."""
     try:
         import torch
@@ -4864,7 +4882,7 @@ def _time_eager_us(fn, copies: int, iters: int, warmup: int = 10) -> float:
     return statistics.median(a.elapsed_time(b) * 1e3 for a, b in ev)
 
 
-def _time_graph_us(fn, copies: int, iters: int) -> float:
+def time_graph_us(fn, copies: int, iters: int) -> float:
     """Median over replays of one CUDA graph holding max(copies, 20) calls, per call."""
     import statistics
     import torch
@@ -4895,13 +4913,13 @@ def _time_graph_us(fn, copies: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def _bench_copies(nbytes: int) -> int:
+def bench_copies(nbytes: int) -> int:
     import torch
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or 50 * 2**20
     return int(min(BENCH_MAX_COPIES, max(2, -(-BENCH_L2_FACTOR * l2 // max(nbytes, 1)))))
 
 
-def _random_int4_weights(n: int, k: int, group, gen, device, qmin: int = -8, dtype=None):
+def random_int4_weights(n: int, k: int, group, gen, device, qmin: int = -8, dtype=None):
     """q uniform in [qmin, 7] (QQQ per channel takes [-7, 7]), scales in [0.002, 0.022]."""
     import torch
     q = torch.randint(qmin, 8, (n, k), generator=gen, device=device, dtype=torch.int8)
@@ -4910,14 +4928,14 @@ def _random_int4_weights(n: int, k: int, group, gen, device, qmin: int = -8, dty
     return q, scale
 
 
-def _bench_one(job: dict, iters: int, graph: bool) -> dict:
+def bench_one(job: dict, iters: int, graph: bool) -> dict:
     """One (backend, M, K, N) measurement inside a worker process."""
     import torch
     dev = torch.device(job.get("device", "cuda"))   # "cpu" only for tests (interpreter, check_only)
     m, k, n, group, backend = job["M"], job["K"], job["N"], job["group"], job["backend"]
 
     def n_copies(nbytes):
-        return 1 if job.get("check_only") else _bench_copies(nbytes)
+        return 1 if job.get("check_only") else bench_copies(nbytes)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[job.get("dtype", "fp16")]
     gen = torch.Generator(device=dev).manual_seed(1234 + m + k + n)
     x = torch.randn(m, k, generator=gen, device=dev).to(dtype)
@@ -4937,7 +4955,7 @@ def _bench_one(job: dict, iters: int, graph: bool) -> dict:
             return layers[i](x)
     elif backend in ("w4a8", "w4a16"):
         act = backend[2:]
-        q, ws = _random_int4_weights(n, k, group, gen, dev)
+        q, ws = random_int4_weights(n, k, group, gen, dev)
         wp = pack_int4(q)
         copies = [(wp, ws)] + [(wp.clone(), ws.clone()) for _ in range(n_copies(wp.nbytes + ws.nbytes) - 1)]
         forced = Int4GemmConfig(**job["config"]) if job.get("config") else None   # None: as a user's call
@@ -4952,8 +4970,8 @@ def _bench_one(job: dict, iters: int, graph: bool) -> dict:
             return int4_linear(x, copies[i][0], copies[i][1], act=act, config=forced, planar=planar[i])
     elif backend in ("qqq", "qqq-gemm"):
         import copy
-        qmod = _load_qqq_qlinear()
-        q, s = _random_int4_weights(n, k, None, gen, dev, qmin=-7)
+        qmod = load_qqq_qlinear()
+        q, s = random_int4_weights(n, k, None, gen, dev, qmin=-7)
         lin = torch.nn.Linear(k, n, bias=False, dtype=torch.float16)
         with torch.no_grad():
             lin.weight.copy_((q.double() * s.double()).half().cpu())
@@ -4985,19 +5003,19 @@ def _bench_one(job: dict, iters: int, graph: bool) -> dict:
             if not job.get("graph_only"):
                 out["eager_us"] = _time_eager_us(fn, copies_n, iters)
             if graph:
-                out["graph_us"] = _time_graph_us(fn, copies_n, iters)
+                out["graph_us"] = time_graph_us(fn, copies_n, iters)
     out["copies"] = copies_n
     return out
 
 
-def _bench_worker() -> int:
+def bench_worker() -> int:
     """Worker process body: jobs as JSON on stdin, one `@@bench {json}` line per job on stdout."""
     spec = json.loads(sys.stdin.read())
     for job in spec["jobs"]:
         print("@@start " + json.dumps({"id": job["id"]}), flush=True)
         t0 = time.time()
         try:
-            res = _bench_one(job, spec["iters"], spec["graph"])
+            res = bench_one(job, spec["iters"], spec["graph"])
         except Exception as e:
             msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:400]
             res = {"error": msg}
@@ -5009,7 +5027,7 @@ def _bench_worker() -> int:
     return 0
 
 
-def _run_bench_workers(jobs: list[dict], iters: int, graph: bool, job_timeout_s: float = 60) -> dict:
+def run_bench_workers(jobs: list[dict], iters: int, graph: bool, job_timeout_s: float = 60) -> dict:
     """Runs jobs in worker processes; a dead or hung worker costs only its current job."""
     import subprocess
     import threading
@@ -5018,7 +5036,7 @@ def _run_bench_workers(jobs: list[dict], iters: int, graph: bool, job_timeout_s:
     # run for a before/after comparison would otherwise time the checkout's kernels (run 86 did)
     code = (f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('compress_gptoss', "
             f"{str(Path(__file__).resolve())!r}); c = importlib.util.module_from_spec(spec); "
-            f"sys.modules['compress_gptoss'] = c; spec.loader.exec_module(c); sys.exit(c._bench_worker())")
+            f"sys.modules['compress_gptoss'] = c; spec.loader.exec_module(c); sys.exit(c.bench_worker())")
     while pending:
         proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -5104,7 +5122,7 @@ def run_runtime_bench(cases: list[dict], backends: list[str], group, iters: int 
     results = {}
     for group_jobs in (builtin, risky):  # QQQ gets its own workers
         if group_jobs:
-            results.update(_run_bench_workers(group_jobs, iters, graph))
+            results.update(run_bench_workers(group_jobs, iters, graph))
     rows = [{**{k: j[k] for k in ("kind", "backend", "label", "M", "K", "N", "group")},
              "shape": j.get("shape"), "dtype": j.get("dtype", "fp16"), **results.get(j["id"], {"error": "not run"})}
             for j in jobs]
@@ -5266,7 +5284,7 @@ def runtime_environment() -> dict:
                         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
     except ImportError as e:
         env["torch"] = {"version": None, "error": str(e)}
-    env["gpus"] = _cuda_gpus()
+    env["gpus"] = cuda_gpus()
     for g in env["gpus"]:
         g["capability"] = list(g["capability"])
     env["driver"] = _nvidia_driver()
@@ -5286,7 +5304,7 @@ def cuda_sanity() -> list[dict]:
     """A 1024^3 fp16 matmul per visible GPU against float64 on the same device."""
     import torch
     out = []
-    for g in _cuda_gpus():
+    for g in cuda_gpus():
         dev = torch.device("cuda", g["index"])
         try:
             a = torch.randn(1024, 1024, device=dev, dtype=torch.float16)
@@ -5410,7 +5428,7 @@ def _builtin_selftest() -> dict:
     """The built-in kernels on one odd GPT-OSS-like shape per mode, in a worker process."""
     jobs = [{"id": f"self-{act}", "backend": f"w4{act}", "M": 7, "K": 2880, "N": 515, "group": 32,
              "check_only": True, "label": f"self-test {act}"} for act in ("a8", "a16")]
-    res = _run_bench_workers(jobs, iters=1, graph=False)
+    res = run_bench_workers(jobs, iters=1, graph=False)
     errs = {j["id"][5:]: res.get(j["id"], {}) for j in jobs}
     ok = all("rel_err" in r and r["rel_err"] <= 1e-3 for r in errs.values())
     return {"ok": ok, "detail": ", ".join(f"{a} " + (f"rel.err {r['rel_err']:.1e}" if "rel_err" in r else
@@ -5422,7 +5440,7 @@ def qqq_self_test() -> dict:
     """QQQ's GEMM and forward on one shape it supports, against float64, in a worker process."""
     jobs = [{"id": f"qqq-{b}", "backend": b, "M": 16, "K": 1024, "N": 512, "group": None, "check_only": True,
              "label": f"QQQ self-test {b}"} for b in ("qqq-gemm", "qqq")]
-    res = _run_bench_workers(jobs, iters=1, graph=False)
+    res = run_bench_workers(jobs, iters=1, graph=False)
     rs = [res.get(j["id"], {}) for j in jobs]
     ok = all("rel_err" in r and r["rel_err"] <= 2e-3 for r in rs)
     return {"ok": ok, "detail": ", ".join(f"{j['backend']} " + (f"rel.err {r['rel_err']:.1e}" if "rel_err" in r
@@ -5431,7 +5449,7 @@ def qqq_self_test() -> dict:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if not _cuda_gpus():
+    if not cuda_gpus():
         t = runtime_environment()["torch"]
         print(f"error: verify-runtime --bench needs a CUDA GPU; none is visible here (torch {t.get('version')}, "
               f"CUDA {t.get('cuda') or 'none'}). Nothing was timed.", file=sys.stderr)
@@ -5525,7 +5543,7 @@ def attach_int4_kernels(model) -> dict:
             return int4_linear(x, module.weight_packed, module.weight_scale, act=act, bias=module.bias)
         module.forward = forward
         counts["w4" + act] += 1
-    for block in _linearized_moe_blocks(model):
+    for block in linearized_moe_blocks(model):
         counts["fused_gate_up"] += sum(fuse_gate_up(block[e]) for e in range(block.num_experts))
         counts["stacked_moe"] += stack_experts(block)
 
@@ -5535,7 +5553,7 @@ def attach_int4_kernels(model) -> dict:
     return counts
 
 
-def _linearized_moe_blocks(model) -> list:
+def linearized_moe_blocks(model) -> list:
     from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
     return [m for m in model.modules() if isinstance(m, LinearExperts2D) and m.has_gate]
 
@@ -5573,7 +5591,7 @@ def stack_experts(block) -> bool:
     parts = {"gate_up": [x.gate_up for x in experts], "down": [x.down_proj for x in experts]}
     for mods in parts.values():
         groups = {m.weight_scale.shape[-1] for m in mods}
-        if len(groups) != 1 or not _moe_chunk(mods[0].weight_packed.shape[1] * 8, groups.pop()) \
+        if len(groups) != 1 or not moe_chunk(mods[0].weight_packed.shape[1] * 8, groups.pop()) \
                 or len({m.bias is None for m in mods}) != 1:
             return False
     for name, mods in parts.items():
@@ -5849,7 +5867,7 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
     loader = globals().get("load_quantized_model")
     if loader is None:
         raise UserError("--model needs load_quantized_model() from the loader section, which this build lacks")
-    device = device or ("cuda" if _cuda_gpus() else "cpu")
+    device = device or ("cuda" if cuda_gpus() else "cpu")
     prompts, prompt_kind = _prompt_ids(path)
     rep = {"model": str(path), "device": device, "prompts": prompt_kind, "new_tokens": new_tokens,
            "prefill_tokens": list(prefill)}
@@ -5985,7 +6003,7 @@ def cuda_arch_list() -> tuple[str | None, str]:
     """(TORCH_CUDA_ARCH_LIST to build for, where it came from)."""
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return os.environ["TORCH_CUDA_ARCH_LIST"], "TORCH_CUDA_ARCH_LIST from your environment"
-    caps = sorted({tuple(g["capability"]) for g in _cuda_gpus()})
+    caps = sorted({tuple(g["capability"]) for g in cuda_gpus()})
     if not caps:
         return None, "no GPU visible"
     return ";".join(f"{a}.{b}" for a, b in caps), "detected GPU(s)"
@@ -6026,7 +6044,7 @@ def qqq_install_blockers(source: str | None) -> list[str]:
     return problems
 
 
-def _qqq_source_tree(src: str) -> Path | None:
+def qqq_source_tree(src: str) -> Path | None:
     """A local QQQ source tree for src: the directory itself, or an archive (path or http(s) URL)
     unpacked once under the cache. None for what pip must fetch itself (git+...)."""
     import tarfile
@@ -6086,7 +6104,7 @@ def install_qqq(yes: bool, source: str | None = None) -> bool:
         arch, why = cuda_arch_list()
         env["TORCH_CUDA_ARCH_LIST"] = arch
         plan.append(f"arch        TORCH_CUDA_ARCH_LIST={arch} ({why}; RTX 3090 is 8.6)")
-    src_dir = None if is_wheel else _qqq_source_tree(src)   # kept: QQQ's Python layer is read from it
+    src_dir = None if is_wheel else qqq_source_tree(src)   # kept: QQQ's Python layer is read from it
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", str(src_dir or src)]
     plan.append("command     " + " ".join(cmd))
     plan.append("guarantee   --no-deps: no installed package changes version (checked after install)")
@@ -6128,7 +6146,7 @@ def install_qqq(yes: bool, source: str | None = None) -> bool:
     if not ok:
         log(f"install-kernel: QQQ does not import: {detail}")
         return False
-    if not _cuda_gpus():
+    if not cuda_gpus():
         log("install-kernel: QQQ imports; numeric self-test skipped: no CUDA GPU visible (run "
             "`verify-runtime` on the GPU machine)")
         return True
@@ -6141,7 +6159,7 @@ def cmd_install_kernel(args: argparse.Namespace) -> int:
     ok, detail = qqq_status()
     if ok and not args.force and not args.source:
         log(f"install-kernel: QQQ {detail} is already installed (--force reinstalls); self-testing it")
-        if not _cuda_gpus():
+        if not cuda_gpus():
             log("install-kernel: self-test skipped: no CUDA GPU visible")
             return 0
         st = qqq_self_test()
