@@ -3336,79 +3336,58 @@ def triton_status() -> tuple[bool, str]:
         return False, f"triton not importable ({type(e).__name__}: {e})"
 
 
-_TRITON_KERNELS = None
+_TRITON_KERNELS = None   # every jit function of the library by name (triton_kernels), built once
 
 
-def triton_kernels():
-    """Compile-on-first-use kernels. `tl` is bound as a module global (not a local) on purpose:
-    Triton resolves names in a kernel body through the module's globals, not closures."""
+def triton_kernels() -> dict:
+    """The library's Triton kernels by name ("int8_rows", "int4_gemm", "int4_gemm_grouped",
+    "int4_gemm_planar", "int4_gemv", "int4_codes", "int4_prologue", "int4_codes_gemm", "int4_moe",
+    "int4_moe_gemv", and the benchmark floors "int4_read_floor", "null"), and the @jit helpers they
+    call, by their own names. Defined on first use, so triton is imported only then; each kernel
+    compiles on its first launch for its constexprs."""
     global _TRITON_KERNELS
-    if _TRITON_KERNELS is not None:
-        return _TRITON_KERNELS
-    import importlib
-    triton = importlib.import_module("triton")
-    globals()["tl"] = importlib.import_module("triton.language")
+    if _TRITON_KERNELS is None:
+        lib = _jit_helpers()
+        for family in (_row_quant_kernels, _int4_gemm_kernel, _int4_gemm_grouped_kernel, _int4_gemm_planar_kernel,
+                       _int4_gemv_kernels, _int4_codes_kernels, _int4_moe_kernels, _bench_floor_kernels):
+            lib.update(family(lib))   # a family reads the helpers it calls from what came before
+        _TRITON_KERNELS = lib
+    return _TRITON_KERNELS
+
+
+def _jit(fn=None, **options):
+    """triton.jit for a kernel or helper defined inside a family builder below, where `tl` and the
+    helpers it calls are the builder's locals (its closure). Triton's interpreter
+    (TRITON_INTERPRET=1) re-runs a kernel's source against the function's globals and drops the
+    closure, so the function gets globals of its own holding exactly its closure and `tl`: nothing
+    is written into this module's globals, and the compiler resolves the same names as before."""
+    if fn is None:
+        return functools.partial(_jit, **options)
+    import builtins
+    import types
+    import triton
+    import triton.language as tl
+    scope = {"__builtins__": builtins, "__name__": __name__, "tl": tl,
+             **{name: cell.cell_contents for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ())}}
+    own = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__, own.__annotations__ = fn.__kwdefaults__, fn.__annotations__
+    own.__doc__, own.__qualname__, own.__module__ = fn.__doc__, fn.__qualname__, fn.__module__
+    return triton.jit(own, **options)
+
+
+def _jit_helpers() -> dict:
+    """The @jit helpers shared by the kernel families: tiles and their stores, the dots and their
+    scales, the int4 unpack in K order, A8's per-row quantization inside a GEMM; and triton's
+    programmatic-dependent-launch calls (None on a triton without them: pdl_supported says no, so
+    no kernel compiles a call to them)."""
+    import triton.language as tl
     try:   # programmatic dependent launch (sm_90+)
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    except ImportError:   # an older triton: pdl_supported says no, so no kernel compiles these calls
+    except ImportError:
         gdc_launch_dependents = gdc_wait = None
 
-    @triton.jit
-    def as_codes(v, a, xq_ptr):
-        """Rounded x_q (floats with integer values in [-127, 127], row absmax a) as xq_ptr's
-        type: int8, or for a float type the fake-quantized x_q * a / 127 rounded once to it
-        (what compressed-tensors' own forward computes; dequantized-weight GEMMs take it)."""
-        if xq_ptr.dtype.element_ty == tl.int8:
-            out = v.to(tl.int32).to(tl.int8)
-        else:
-            out = (v * (a / 127.0)).to(xq_ptr.dtype.element_ty)
-        return out
 
-    @triton.jit
-    def int8_row(x_ptr, xq_ptr, sx_ptr, row, K, KP, stride_xm, stride_qm, BLOCK_K, ONE_PASS, PERM_KW):
-        """One token: absmax, then x_q = round_half_even(x * (127 / amax)).
-        ONE_PASS (BLOCK_K >= K): the row is loaded once and stays in registers. x_q is written in
-        the GEMM's K order: within each step of 8 * PERM_KW inputs, input 8w + j goes to j * PERM_KW
-        + w, so the GEMM reads each of its 8 stride-8 operands as one contiguous run. Zeros fill
-        the row up to KP (whole K steps): the GEMM loads those without a mask."""
-        offs = tl.arange(0, BLOCK_K)
-        if ONE_PASS:
-            xv = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-            a = tl.maximum(tl.max(tl.abs(xv), axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
-            inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
-            v = xv * inv
-            v = (v + 12582912.0) - 12582912.0  # round half to even: 1.5 * 2^23 (|v| <= 127 * (1 + ulp))
-            r = offs % (8 * PERM_KW)
-            dst = offs - r + (r % 8) * PERM_KW + r // 8
-            tl.store(xq_ptr + row * stride_qm + dst, as_codes(v, a, xq_ptr), mask=offs < KP)
-        else:
-            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
-                amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
-            a = tl.maximum(tl.max(amax, axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
-            inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
-            for k0 in range(0, KP, BLOCK_K):
-                xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
-                v = xv.to(tl.float32) * inv
-                v = (v + 12582912.0) - 12582912.0
-                kk = k0 + offs
-                r = kk % (8 * PERM_KW)
-                dst = kk - r + (r % 8) * PERM_KW + r // 8
-                tl.store(xq_ptr + row * stride_qm + dst, as_codes(v, a, xq_ptr), mask=kk < KP)
-        tl.store(sx_ptr + row, a / 127.0)
-
-    @triton.jit
-    def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, KP, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                         ONE_PASS: tl.constexpr, PERM_KW: tl.constexpr, PDL: tl.constexpr = False):
-        """One program per token (int8_row). PDL: the GEMM launched after it with programmatic
-        dependent launch may start now (it waits for these rows before reading them)."""
-        if PDL:
-            gdc_launch_dependents()
-        int8_row(x_ptr, xq_ptr, sx_ptr, tl.program_id(0).to(tl.int64), K, KP, stride_xm, stride_qm, BLOCK_K,
-                 ONE_PASS, PERM_KW)
-
-    @triton.jit
+    @_jit
     def gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M):
         """(pid_m, pid_n) of this program's output tile: bands of GROUP_M row-blocks, so that the
         programs running together share their weight columns through L2."""
@@ -3419,7 +3398,7 @@ def triton_kernels():
         band_m = tl.minimum(num_pid_m - first_m, GROUP_M)
         return first_m + (pid % pids_in_band) % band_m, (pid % pids_in_band) // band_m
 
-    @triton.jit
+    @_jit
     def store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
                    pid_k, BLOCK_M, BLOCK_N, SPLIT_K, SPLIT_STORES):
         """y tile = acc (fp32). SPLIT_K > 1: add acc into the fp32 workspace part_ptr [M, N] with
@@ -3455,7 +3434,7 @@ def triton_kernels():
                 tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
                 tl.store(count_ptr + tile, 0)
 
-    @triton.jit
+    @_jit
     def weight_dot(w, a, W_LHS, OUT_DTYPE):
         """Weights w [BLOCK_N, K] against activations: a [K, BLOCK_M] -> a y^T tile (W_LHS), or
         a [BLOCK_M, K] -> a y tile."""
@@ -3465,7 +3444,7 @@ def triton_kernels():
             d = tl.dot(a, tl.trans(w), out_dtype=OUT_DTYPE)
         return d
 
-    @triton.jit
+    @_jit
     def add_scaled(acc, d, sc, W_LHS):
         """acc + d * sc in fp32, sc one scale per output column (dim 0 of a y^T tile, 1 of a y tile)."""
         if W_LHS:
@@ -3474,7 +3453,7 @@ def triton_kernels():
             acc += d.to(tl.float32) * sc[None, :]
         return acc
 
-    @triton.jit
+    @_jit
     def channel_scaled(acc, ws_ptr, offs_n, n_mask, stride_sn, W_LHS, PER_CHANNEL):
         """The K loop's accumulator as an fp32 y tile [BLOCK_M, BLOCK_N], times the weights'
         per-channel scale when PER_CHANNEL (the group scales are already in)."""
@@ -3485,7 +3464,117 @@ def triton_kernels():
             acc = acc * tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         return acc
 
-    @triton.jit
+    @_jit
+    def int4_k_order(wt):
+        """Packed words [BLOCK_N, CHUNK/8] -> the integers q in K order [BLOCK_N, CHUNK], with a
+        tree of tl.interleave (register shuffles, no shared memory): one dot per group, no
+        strided activation loads."""
+        even = tl.interleave(tl.interleave(wt & 0xF, (wt >> 16) & 0xF),
+                             tl.interleave((wt >> 8) & 0xF, (wt >> 24) & 0xF))      # nibbles 0 2 4 6
+        odd = tl.interleave(tl.interleave((wt >> 4) & 0xF, (wt >> 20) & 0xF),
+                            tl.interleave((wt >> 12) & 0xF, (wt >> 28) & 0xF))     # nibbles 1 3 5 7
+        return tl.interleave(even, odd) - 8
+
+    @_jit
+    def row_scales(x_ptr, offs_m, m_mask, stride_xm, K, FUSE_CHUNKS, BLOCK_M):
+        """A8 inside a GEMM (a few rows per program, so re-reading them per program is cheap and
+        saves int8_rows_kernel's launch): the rows' (127 / absmax, s_x = absmax / 127), the same
+        arithmetic as int8_row. Unrolled: the row loads go out together, one memory latency; the chunks
+        are maxed element-wise and reduced across the threads once (a reduction per chunk put 12
+        barriers before the first weight was used)."""
+        amax = tl.zeros([BLOCK_M, 256], dtype=tl.float32)
+        for i in tl.static_range(FUSE_CHUNKS):
+            kq = i * 256 + tl.arange(0, 256)
+            xv = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + kq[None, :],
+                         mask=m_mask[:, None] & (kq[None, :] < K), other=0.0)
+            amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
+        amax = tl.maximum(tl.max(amax, axis=1), 1e-8)  # INT8_ABSMAX_FLOOR
+        return tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), amax), amax / 127.0
+
+    @_jit
+    def quantized(a, inv, W_LHS):
+        """x chunk a (a [K, M] tile if W_LHS, else [M, K]) -> int8 x_q with the rows' 127 / absmax:
+        round half to even, as int8_rows_kernel (launch with enable_fp_fusion=False: no FMA here)."""
+        if W_LHS:
+            v = a.to(tl.float32) * inv[None, :]
+        else:
+            v = a.to(tl.float32) * inv[:, None]
+        return ((v + 12582912.0) - 12582912.0).to(tl.int8)
+
+    return dict(gdc_launch_dependents=gdc_launch_dependents, gdc_wait=gdc_wait, gemm_tile=gemm_tile,
+                store_tile=store_tile, weight_dot=weight_dot, add_scaled=add_scaled, channel_scaled=channel_scaled,
+                int4_k_order=int4_k_order, row_scales=row_scales, quantized=quantized)
+
+
+def _row_quant_kernels(lib: dict) -> dict:
+    """Per-token int8 activations (W4A8): int8_rows_kernel, and its row (int8_row) for the codes prologue."""
+    import triton.language as tl
+    gdc_launch_dependents = lib["gdc_launch_dependents"]
+
+    @_jit
+    def as_codes(v, a, xq_ptr):
+        """Rounded x_q (floats with integer values in [-127, 127], row absmax a) as xq_ptr's
+        type: int8, or for a float type the fake-quantized x_q * a / 127 rounded once to it
+        (what compressed-tensors' own forward computes; dequantized-weight GEMMs take it)."""
+        if xq_ptr.dtype.element_ty == tl.int8:
+            out = v.to(tl.int32).to(tl.int8)
+        else:
+            out = (v * (a / 127.0)).to(xq_ptr.dtype.element_ty)
+        return out
+
+    @_jit
+    def int8_row(x_ptr, xq_ptr, sx_ptr, row, K, KP, stride_xm, stride_qm, BLOCK_K, ONE_PASS, PERM_KW):
+        """One token: absmax, then x_q = round_half_even(x * (127 / amax)).
+        ONE_PASS (BLOCK_K >= K): the row is loaded once and stays in registers. x_q is written in
+        the GEMM's K order: within each step of 8 * PERM_KW inputs, input 8w + j goes to j * PERM_KW
+        + w, so the GEMM reads each of its 8 stride-8 operands as one contiguous run. Zeros fill
+        the row up to KP (whole K steps): the GEMM loads those without a mask."""
+        offs = tl.arange(0, BLOCK_K)
+        if ONE_PASS:
+            xv = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+            a = tl.maximum(tl.max(tl.abs(xv), axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
+            inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
+            v = xv * inv
+            v = (v + 12582912.0) - 12582912.0  # round half to even: 1.5 * 2^23 (|v| <= 127 * (1 + ulp))
+            r = offs % (8 * PERM_KW)
+            dst = offs - r + (r % 8) * PERM_KW + r // 8
+            tl.store(xq_ptr + row * stride_qm + dst, as_codes(v, a, xq_ptr), mask=offs < KP)
+        else:
+            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+                amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
+            a = tl.maximum(tl.max(amax, axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
+            inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
+            for k0 in range(0, KP, BLOCK_K):
+                xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+                v = xv.to(tl.float32) * inv
+                v = (v + 12582912.0) - 12582912.0
+                kk = k0 + offs
+                r = kk % (8 * PERM_KW)
+                dst = kk - r + (r % 8) * PERM_KW + r // 8
+                tl.store(xq_ptr + row * stride_qm + dst, as_codes(v, a, xq_ptr), mask=kk < KP)
+        tl.store(sx_ptr + row, a / 127.0)
+
+    @_jit
+    def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, KP, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
+                         ONE_PASS: tl.constexpr, PERM_KW: tl.constexpr, PDL: tl.constexpr = False):
+        """One program per token (int8_row). PDL: the GEMM launched after it with programmatic
+        dependent launch may start now (it waits for these rows before reading them)."""
+        if PDL:
+            gdc_launch_dependents()
+        int8_row(x_ptr, xq_ptr, sx_ptr, tl.program_id(0).to(tl.int64), K, KP, stride_xm, stride_qm, BLOCK_K,
+                 ONE_PASS, PERM_KW)
+
+    return {"int8_rows": int8_rows_kernel, "int8_row": int8_row}
+
+
+def _int4_gemm_kernel(lib: dict) -> dict:
+    """The first int4 GEMM: weights dequantized in registers, 8 dots per K step (any group size)."""
+    import triton.language as tl
+    gemm_tile, store_tile, channel_scaled = lib["gemm_tile"], lib["store_tile"], lib["channel_scaled"]
+
+    @_jit
     def int4_gemm_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
                          stride_xm, stride_wn, stride_sn, stride_ym,
                          A_MODE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
@@ -3615,44 +3704,17 @@ def triton_kernels():
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
                    pid_k, BLOCK_M, BLOCK_N, SPLIT_K, SPLIT_STORES)
 
-    @triton.jit
-    def int4_k_order(wt):
-        """Packed words [BLOCK_N, CHUNK/8] -> the integers q in K order [BLOCK_N, CHUNK], with a
-        tree of tl.interleave (register shuffles, no shared memory): one dot per group, no
-        strided activation loads."""
-        even = tl.interleave(tl.interleave(wt & 0xF, (wt >> 16) & 0xF),
-                             tl.interleave((wt >> 8) & 0xF, (wt >> 24) & 0xF))      # nibbles 0 2 4 6
-        odd = tl.interleave(tl.interleave((wt >> 4) & 0xF, (wt >> 20) & 0xF),
-                            tl.interleave((wt >> 12) & 0xF, (wt >> 28) & 0xF))     # nibbles 1 3 5 7
-        return tl.interleave(even, odd) - 8
+    return {"int4_gemm": int4_gemm_kernel}
 
-    @triton.jit
-    def row_scales(x_ptr, offs_m, m_mask, stride_xm, K, FUSE_CHUNKS, BLOCK_M):
-        """A8 inside a GEMM (a few rows per program, so re-reading them per program is cheap and
-        saves int8_rows_kernel's launch): the rows' (127 / absmax, s_x = absmax / 127), the same
-        arithmetic as int8_row. Unrolled: the row loads go out together, one memory latency; the chunks
-        are maxed element-wise and reduced across the threads once (a reduction per chunk put 12
-        barriers before the first weight was used)."""
-        amax = tl.zeros([BLOCK_M, 256], dtype=tl.float32)
-        for i in tl.static_range(FUSE_CHUNKS):
-            kq = i * 256 + tl.arange(0, 256)
-            xv = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + kq[None, :],
-                         mask=m_mask[:, None] & (kq[None, :] < K), other=0.0)
-            amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
-        amax = tl.maximum(tl.max(amax, axis=1), 1e-8)  # INT8_ABSMAX_FLOOR
-        return tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), amax), amax / 127.0
 
-    @triton.jit
-    def quantized(a, inv, W_LHS):
-        """x chunk a (a [K, M] tile if W_LHS, else [M, K]) -> int8 x_q with the rows' 127 / absmax:
-        round half to even, as int8_rows_kernel (launch with enable_fp_fusion=False: no FMA here)."""
-        if W_LHS:
-            v = a.to(tl.float32) * inv[None, :]
-        else:
-            v = a.to(tl.float32) * inv[:, None]
-        return ((v + 12582912.0) - 12582912.0).to(tl.int8)
+def _int4_gemm_grouped_kernel(lib: dict) -> dict:
+    """The int4 GEMM with one tensor-core dot per scale group (groups of 32 / 64 / 128, or per channel)."""
+    import triton.language as tl
+    (gdc_wait, gemm_tile, store_tile, weight_dot, add_scaled, channel_scaled, int4_k_order, row_scales, quantized) = (
+        lib["gdc_wait"], lib["gemm_tile"], lib["store_tile"], lib["weight_dot"], lib["add_scaled"],
+        lib["channel_scaled"], lib["int4_k_order"], lib["row_scales"], lib["quantized"])
 
-    @triton.jit
+    @_jit
     def int4_gemm_grouped_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
                                  stride_xm, stride_wn, stride_sn, stride_ym,
                                  A8: tl.constexpr, FUSE: tl.constexpr, FUSE_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
@@ -3744,7 +3806,16 @@ def triton_kernels():
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
                    pid_k, BLOCK_M, BLOCK_N, SPLIT_K, SPLIT_STORES)
 
-    @triton.jit
+    return {"int4_gemm_grouped": int4_gemm_grouped_kernel}
+
+
+def _int4_gemm_planar_kernel(lib: dict) -> dict:
+    """The int4 GEMM on weights re-laid out once by int4_planar (no shuffles in the K loop)."""
+    import triton.language as tl
+    (gemm_tile, store_tile, weight_dot, add_scaled, channel_scaled) = (
+        lib["gemm_tile"], lib["store_tile"], lib["weight_dot"], lib["add_scaled"], lib["channel_scaled"])
+
+    @_jit
     def int4_gemm_planar_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
                                 stride_xm, stride_wn, stride_sn, stride_ym,
                                 A8: tl.constexpr, BF16: tl.constexpr, GROUP: tl.constexpr,
@@ -3822,7 +3893,16 @@ def triton_kernels():
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
                    pid_k, BLOCK_M, BLOCK_N, SPLIT_K, SPLIT_STORES)
 
-    @triton.jit
+    return {"int4_gemm_planar": int4_gemm_planar_kernel}
+
+
+def _int4_gemv_kernels(lib: dict) -> dict:
+    """M = 1 on the CUDA cores: gemv_tile (also int4_moe_gemv_kernel's) and int4_gemv_kernel."""
+    import triton.language as tl
+    (gdc_wait, store_tile, row_scales, quantized) = (
+        lib["gdc_wait"], lib["store_tile"], lib["row_scales"], lib["quantized"])
+
+    @_jit
     def gemv_tile(x_row, sx_row, w_rows, s_rows, n_mask, KW, pid_k, K, A8: tl.constexpr, FUSE: tl.constexpr,
                   FUSE_CHUNKS: tl.constexpr, GROUP_W: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_W: tl.constexpr, W_ALIGN: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
@@ -3910,7 +3990,7 @@ def triton_kernels():
             y = y * s_x[:, None]
         return y
 
-    @triton.jit
+    @_jit
     def int4_gemv_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
                          stride_xm, stride_wn, stride_sn, stride_ym,
                          A8: tl.constexpr, FUSE: tl.constexpr, FUSE_CHUNKS: tl.constexpr, GROUP_W: tl.constexpr,
@@ -3930,7 +4010,18 @@ def triton_kernels():
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, offs_m < M, n_mask, M, N, stride_ym, 0, pid_n,
                    pid_k, 1, BLOCK_N, SPLIT_K, SPLIT_STORES)
 
-    @triton.jit
+    return {"int4_gemv": int4_gemv_kernel, "gemv_tile": gemv_tile}
+
+
+def _int4_codes_kernels(lib: dict) -> dict:
+    """Large M: the weights unpacked once per call (int4_codes_kernel, or with A8's activations in one
+    launch, int4_prologue_kernel), then int4_codes_gemm_kernel on plain tiles."""
+    import triton.language as tl
+    (int8_row, gemm_tile, store_tile, weight_dot, add_scaled, channel_scaled, int4_k_order) = (
+        lib["int8_row"], lib["gemm_tile"], lib["store_tile"], lib["weight_dot"], lib["add_scaled"],
+        lib["channel_scaled"], lib["int4_k_order"])
+
+    @_jit
     def codes_block(w_ptr, ws_ptr, q_ptr, pid_n, pid_w, N, K, KW_ALL, KP, stride_wn, stride_sn, GROUP, SCALED,
                     BLOCK_N, BLOCK_W):
         """pack-quantized words -> [N, KP] in K order, zero past K, block (pid_n, pid_w) of
@@ -3956,14 +4047,14 @@ def triton_kernels():
         tl.store(q_ptr + offs_n.to(tl.int64)[:, None] * KP + offs_k[None, :], q.to(q_ptr.dtype.element_ty),
                  mask=(offs_n < N)[:, None] & (offs_k < KP)[None, :])
 
-    @triton.jit
+    @_jit
     def int4_codes_kernel(w_ptr, ws_ptr, q_ptr, N, K, KW_ALL, KP, stride_wn, stride_sn, GROUP: tl.constexpr,
                           SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
         """One program per codes block (codes_block): the A16 path's only launch before its GEMM."""
         codes_block(w_ptr, ws_ptr, q_ptr, tl.program_id(0), tl.program_id(1), N, K, KW_ALL, KP, stride_wn,
                     stride_sn, GROUP, SCALED, BLOCK_N, BLOCK_W)
 
-    @triton.jit
+    @_jit
     def int4_prologue_kernel(x_ptr, xq_ptr, sx_ptr, w_ptr, ws_ptr, q_ptr, M, K, KPX, stride_xm, N, KW_ALL, KP,
                              stride_wn, stride_sn, W_BLOCKS, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
                              GROUP: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -3979,7 +4070,7 @@ def triton_kernels():
             codes_block(w_ptr, ws_ptr, q_ptr, b // W_BLOCKS, b % W_BLOCKS, N, K, KW_ALL, KP, stride_wn, stride_sn,
                         GROUP, SCALED, BLOCK_N, BLOCK_W)
 
-    @triton.jit
+    @_jit
     def int4_codes_gemm_kernel(x_ptr, sx_ptr, q_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KP,
                                stride_xm, stride_qn, stride_sn, stride_ym,
                                A8: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
@@ -4020,9 +4111,20 @@ def triton_kernels():
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
                    0, BLOCK_M, BLOCK_N, 1, False)
 
+    return {"int4_codes": int4_codes_kernel, "int4_prologue": int4_prologue_kernel,
+            "int4_codes_gemm": int4_codes_gemm_kernel}
+
+
+def _int4_moe_kernels(lib: dict) -> dict:
+    """Every routed expert of a MoE layer in one launch: int4_moe_kernel, and at decode int4_moe_gemv_kernel."""
+    import triton.language as tl
+    (store_tile, weight_dot, add_scaled, channel_scaled, int4_k_order, row_scales, quantized, gemv_tile) = (
+        lib["store_tile"], lib["weight_dot"], lib["add_scaled"], lib["channel_scaled"], lib["int4_k_order"],
+        lib["row_scales"], lib["quantized"], lib["gemv_tile"])
+
     # e0, the row-block table's offset and R change from call to call (the first routed expert, the
     # scratch batch, the rows): specialized (== 1, % 16), each new value compiled a variant mid-generation
-    @triton.jit(do_not_specialize=["blk_ptr", "e0", "R"])
+    @_jit(do_not_specialize=["blk_ptr", "e0", "R"])
     def int4_moe_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, blk_ptr, q_ptr, e0, R, N, K, stride_xm, stride_we,
                         stride_wn, stride_se, stride_sn, stride_be, stride_ym, A8: tl.constexpr,
                         HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, CODES: tl.constexpr,
@@ -4097,7 +4199,7 @@ def triton_kernels():
         tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
 
-    @triton.jit
+    @_jit
     def int4_moe_gemv_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, count_ptr, e_ptr, R, N, K,
                              stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_ym,
                              A8: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_W: tl.constexpr, FUSE: tl.constexpr,
@@ -4124,7 +4226,14 @@ def triton_kernels():
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, offs_m >= 0, n_mask, R, N, stride_ym, row, pid_n,
                    pid_k, 1, BLOCK_N, SPLIT_K, True)
 
-    @triton.jit
+    return {"int4_moe": int4_moe_kernel, "int4_moe_gemv": int4_moe_gemv_kernel}
+
+
+def _bench_floor_kernels(lib: dict) -> dict:
+    """Benchmark floors (bench/bench_kernel_floors.py, bench/bench_launch.py), not GEMMs."""
+    import triton.language as tl
+
+    @_jit
     def int4_read_floor_kernel(w_ptr, out_ptr, N, KW_ALL, stride_wn, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
         """Benchmark floor, not a GEMM: reads the int4 words with an M <= 16 GEMM's grid and only
         xors them (so the loads stay): what streaming the weights alone costs at this grid."""
@@ -4140,24 +4249,12 @@ def triton_kernels():
                            mask=(offs_n < N)[:, None] & (words < KW_ALL)[None, :], other=0)
         tl.store(out_ptr + pid_n * SPLIT_K + pid_k, tl.xor_sum(tl.xor_sum(acc, 1), 0))
 
-    @triton.jit
+    @_jit
     def null_kernel(out_ptr):
         """Benchmark floor: a launch that does nothing."""
         pass
 
-    # the kernels call these by name at compile time (the first launch), from the module's globals
-    globals().update(as_codes=as_codes, int8_row=int8_row, codes_block=codes_block, gemm_tile=gemm_tile,
-                     store_tile=store_tile, int4_k_order=int4_k_order, gemv_tile=gemv_tile, row_scales=row_scales,
-                     quantized=quantized, weight_dot=weight_dot, add_scaled=add_scaled, channel_scaled=channel_scaled,
-                     gdc_wait=gdc_wait, gdc_launch_dependents=gdc_launch_dependents)
-    _TRITON_KERNELS = {"int8_rows": int8_rows_kernel, "int4_gemm": int4_gemm_kernel,
-                       "int4_gemm_grouped": int4_gemm_grouped_kernel, "int4_gemm_planar": int4_gemm_planar_kernel,
-                       "int4_gemv": int4_gemv_kernel,
-                       "int4_codes": int4_codes_kernel, "int4_prologue": int4_prologue_kernel,
-                       "int4_codes_gemm": int4_codes_gemm_kernel, "int4_moe": int4_moe_kernel,
-                       "int4_moe_gemv": int4_moe_gemv_kernel,
-                       "int4_read_floor": int4_read_floor_kernel, "null": null_kernel}
-    return _TRITON_KERNELS
+    return {"int4_read_floor": int4_read_floor_kernel, "null": null_kernel}
 
 
 @dataclass(frozen=True)
@@ -4272,7 +4369,7 @@ def pdl_supported(device) -> bool:
         cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
         PDL_SUPPORTED[key] = (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
                                and cuda >= (12, 3) and torch.cuda.get_device_capability(device)[0] >= 9
-                               and triton_kernels() is not None and globals()["gdc_wait"] is not None)
+                               and triton_kernels()["gdc_wait"] is not None)
     return PDL_SUPPORTED[key]
 
 
