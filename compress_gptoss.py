@@ -125,8 +125,8 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Tokenizer, chat template, generation config, license, ...: every top-level file but weights."""
     copied = []
     for p in sorted(src.iterdir()):
-        if p.is_file() and not p.name.endswith(".safetensors") and p.name not in COPY_SKIP \
-                and not p.name.startswith("."):
+        if (p.is_file() and not p.name.endswith(".safetensors") and p.name not in COPY_SKIP
+                and not p.name.startswith(".")):
             shutil.copy2(p, dst / p.name)
             copied.append(p.name)
     return copied
@@ -2310,8 +2310,8 @@ def disk_full(e: BaseException) -> bool:
     """ENOSPC as the libraries report it: OSError, safetensors' bare Exception, torch's enforce failure."""
     import errno
     text = str(e)
-    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text \
-        or ("inline_container" in text and "enforce fail" in text)
+    return ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text
+            or ("inline_container" in text and "enforce fail" in text))
 
 
 def finish_quantize_output(tmp: Path, plan: QuantizePlan, args, model_dir: Path, src_dir: Path, heldout: list,
@@ -3918,7 +3918,7 @@ def _int4_gemv_kernels(lib: dict) -> dict:
         group] (per channel [BLOCK_N, 1, BLOCK_W]) and every tensor of the loop has that shape, so
         Triton gives them one layout, and a group's scale is one load and one multiply (a 2-D
         word tile needed both per word: o_proj 13.3 -> 9.1 us; per channel [BLOCK_N, BLOCK_W / 8, 8]
-        was 1-2 us slower than this, runs 70-71). q = u - 8 is one subtraction per word:
+        was 1-2 us slower than this, both on an H200). q = u - 8 is one subtraction per word:
         sum_j q_j x_j = sum_j u_j x_j - 8 sum_j x_j. A8: the products summed in int32, the integers
         an int8 MMA gives, x_q being int8_rows_kernel's stored with PERM_KW = BLOCK_W (nibble j's
         activations contiguous), or with FUSE the fp16/bf16 row quantized here (row_scales).
@@ -4137,8 +4137,8 @@ def _int4_moe_kernels(lib: dict) -> dict:
         computed), or with CODES reads them unpacked by int4_codes_kernel (q_ptr: experts e0,
         e0 + 1, ... as [N, K] codes each), plain tiles that Triton pipelines into the tensor cores.
         The weights are the MMA's left operand: an expert often has a few rows, and BLOCK_N fills
-        the MMA's M where BLOCK_M could not (bench_moe.py, run 55: 2-2.6 x at 16-512 tokens with
-        the shuffles and the prefetch). A8: int8 x with per-row scales sx, int8 dots (FUSE: x is
+        the MMA's M where BLOCK_M could not (bench_moe.py on an H200: 2-2.6 x faster at 16-512 tokens
+        with the shuffles and the prefetch). A8: int8 x with per-row scales sx, int8 dots (FUSE: x is
         fp16/bf16, each program quantizes its rows itself, row_scales; decode); else
         fp16/bf16 x against the exact integer codes. GROUP: inputs per weight scale, 0 = per
         channel. The bias is added before the one rounding to y.
@@ -4274,7 +4274,8 @@ class Int4GemmConfig:
     prefetch: bool = False  # grouped/planar: next group's (chunk's) weights loaded before this one is computed
     planar: bool = False   # int4_gemm_planar_kernel on weights re-laid out by int4_planar (load time)
     split_stores: bool = True   # split-K shares in per-split slices summed in split order: the same bits every
-                                # call; False: fp32 atomics, whose order varies (greedy tokens could differ, run 85)
+                                # call; False: fp32 atomics, whose order varies (a prompt decoded twice could
+                                # give other greedy tokens)
     codes: bool = False    # large M: int4 -> int8 / fp16 codes in a scratch buffer, then int4_codes_gemm_kernel
     dequant: bool = False  # codes: the weights q * scale (and A8's x_q * s_x) in x's dtype, then cuBLAS
     gemv: bool = False     # M = 1 (decode): int4_gemv_kernel, multiply-adds on the CUDA cores (block_m 1)
@@ -4282,8 +4283,8 @@ class Int4GemmConfig:
                            # overlap the kernel before (A8: the activation quantization)
 
     def label(self) -> str:
-        kernel = ("CD" if self.codes and self.dequant else "C" if self.codes else "") + ("P" if self.planar else "") \
-            + ("V" if self.gemv else "") + ("GP" if self.prefetch else "G" if self.grouped else "")
+        kernel = (("CD" if self.codes and self.dequant else "C" if self.codes else "") + ("P" if self.planar else "")
+                  + ("V" if self.gemv else "") + ("GP" if self.prefetch else "G" if self.grouped else ""))
         return (kernel + f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
                 + (f"x{self.split_k}" if self.split_k > 1 else "") + ("S" if self.split_stores and self.split_k > 1 else "")
                 + ("F" if self.fuse_act_quant else "") + ("" if self.w_lhs else "R") + ("" if self.pdl else "-noPDL"))
@@ -4291,12 +4292,12 @@ class Int4GemmConfig:
 
 def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool = False,
                      act: str = "a8", bf16: bool = False, eager: bool = False) -> Int4GemmConfig:
-    """Picked from sweeps on an H200 (bench/RESULTS.md, runs 6-8, 24-26, 70-73 and 87-89). At M = 1
+    """Picked from sweeps on an H200 (`verify-runtime --bench --sweep`, bench/bench_split_k.py). At M = 1
     (decode) the GEMV on the CUDA cores (a tensor-core MMA would compute 16 rows to use one). Up to
     M = 64 the GEMM streams int4 weights (at M <= 16 each program prefetching its next group:
     latency, not bandwidth, is what the sweeps rewarded) with K split among programs. With fp32
-    atomics ~5 programs per SM won (run 7); with the shares summed from slices in split order, long
-    splits cost more than they hide, so (run 87) M <= 16 splits until the programs fill the SMs and
+    atomics ~5 programs per SM won; with the shares summed from slices in split order, long
+    splits cost more than they hide, so M <= 16 splits until the programs fill the SMs and
     no share has more than 8 groups of 64, M = 17-32 until ~2.5 programs per SM, M = 33-64 as
     M <= 16 with 12 groups. Above M = 64 the
     weights are unpacked once per call instead of once per row block (codes): per-channel W4A8 to
@@ -4305,7 +4306,7 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool =
     beats Triton's); with bf16 x to the exact integers (bf16 would round q * scale).
     eager (a call outside CUDA-graph capture): at M <= 32 A8 quantizes the activations inside the
     GEMM, one launch instead of two: eager calls are bound by Triton's ~30 us of CPU per launch,
-    and the fused kernel's extra 0-11 us of GPU time hides under it (runs 36-37; at M = 64, +6-17 us,
+    and the fused kernel's extra 0-11 us of GPU time hides under it (at M = 64, +6-17 us,
     it would not); in a graph the launches are free and the separate quantization kernel is faster."""
     def split_for(tiles, want, most):
         chunks, split = -(-k // 64), 1
@@ -4316,10 +4317,10 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool =
     def split_to_share(groups):   # the power-of-two split that leaves no share more than `groups` groups of 64
         return 1 << (-(-k // (64 * groups)) - 1).bit_length()
     C = Int4GemmConfig
-    if m == 1:   # runs 70-72: 64 x 256 split 8 per channel, 32 x 256 split 4 with groups, k/v-sized N: 512 split 8
+    if m == 1:   # the sweep's winners: 64 x 256 split 8 per channel, 32 x 256 split 4 with groups, k/v-sized N: 512 split 8
         bn, kpi, split = ((32 if per_channel else 16), 512, 8) if n < 1024 else (64, 256, 8) if per_channel else (32, 256, 4)
         return C(1, bn, kpi, eager and act == "a8", 4, 1, split_k=min(split, -(-k // kpi)), gemv=True, prefetch=True)
-    if m <= 16:   # k/v_proj-sized N on 32-wide tiles (run 88: 4 % faster with groups, 14 % per channel)
+    if m <= 16:   # k/v_proj-sized N on 32-wide tiles (4 % faster with groups, 14 % per channel)
         bn = 32 if n < 1024 else 64
         split = max(split_for(-(-n // bn), sms, 16), min(16, split_to_share(8)))
         return C(16, bn, 64, eager and act == "a8", 4, 1, split_k=split, grouped=True, prefetch=True)
@@ -4334,7 +4335,7 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool =
         return C(128, 128, kpi, False, 8, 3, codes=True) if m >= 512 and n >= 2048 else C(64, 64, kpi, False, 4, 4, codes=True)
     if not bf16:
         return C(64, 64, 64, False, codes=True, dequant=True)
-    if n < 1024 and m <= 256:   # k/v_proj in bf16: the in-register kernel stays faster here (run 29)
+    if n < 1024 and m <= 256:   # k/v_proj in bf16: the in-register kernel stays faster here (as measured)
         return C(64, 128, 64, False, 4, 4, split_k=split_for(-(-m // 64) * -(-n // 128), sms, 8), grouped=True)
     return C(64, 128, 64, False, 4, 4, codes=True)
 
@@ -4445,7 +4446,8 @@ def int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> Int4P
         cfg = replace(cfg, dequant=False)        # and A8's x_q * s_x too; the int codes stay exact
     if cfg.codes and cfg.dequant and (per_channel or group in (32, 64, 128, 256, 512)):
         # weights q * scale and (A8) x_q * s_x, both in x's dtype, multiplied by cuBLAS: at large M
-        # this beats both Triton GEMMs when there are group scales (bench/RESULTS.md, run 25)
+        # this beats both Triton GEMMs when there are group scales (bench/RESULTS.md: a Triton fp16 GEMM on
+        # the same dequantized weights was 1.2-1.6 x slower)
         return Int4Plan(cfg, 1 if act == "a8" else 0, k, (), None, None, dict(quant, PERM_KW=1), {}, k,
                          "cublas", codes=_codes_launch(n, k, dtype, scaled=True, group=0 if per_channel else group),
                          xq_dtype=dtype)
@@ -4524,7 +4526,7 @@ def int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> Int4P
 def _pdl_consts(cfg: Int4GemmConfig, device, fuse: bool) -> dict:
     """The GEMM's PDL constexpr and launch option, {} when it launches plainly. Not with the
     activation quantization fused in (eager calls): that kernel ran 0-10 us slower with PDL in a
-    graph (run 91), and an eager call's time is the host's either way."""
+    graph (on an H200), and an eager call's time is the host's either way."""
     return dict(PDL=True, launch_pdl=True) if cfg.pdl and not fuse and pdl_supported(device) else {}
 
 
@@ -4551,8 +4553,8 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    assert weight_packed.dtype == torch.int32 and weight_packed.shape[1] == (k + 7) // 8, \
-        f"weight_packed {tuple(weight_packed.shape)} {weight_packed.dtype} does not match K={k}"
+    assert weight_packed.dtype == torch.int32 and weight_packed.shape[1] == (k + 7) // 8, (
+        f"weight_packed {tuple(weight_packed.shape)} {weight_packed.dtype} does not match K={k}")
     device = x.device
     # the default config depends on this only for A8 at M <= 32 (int4_gemm_config): ask only then
     eager = (config is None and act == "a8" and m <= 32 and device.type == "cuda"
@@ -4629,16 +4631,16 @@ def moe_chunk(k: int, groups: int) -> int | None:
 
 # int4_moe unpacks the weights once per call when the routed experts average this many rows: even
 # at 1024 tokens of 20b (128 rows) the in-register unpack costs the same, at 2048 it is 1.2 x slower
-MOE_CODES_ROWS = 128         # (bench_moe.py, run 56)
+MOE_CODES_ROWS = 128         # (bench_moe.py on an H200)
 MOE_CODES_BYTES = 1 << 30    # ... into at most this much scratch at a time (experts in batches)
 # at up to this many rows (4 tokens of top-4, as measured) A8 is quantized inside int4_moe's kernel:
-MOE_FUSE_ROWS = 16           # one launch less, 124 -> 84 us of host per call for 6-17 us more GPU (run 62)
+MOE_FUSE_ROWS = 16           # one launch less, 124 -> 84 us of host per call for 6-17 us more GPU (bench_launch.py)
 # at up to this many rows (one row block) routed_experts_forward hands int4_moe the rows' experts as a
 # GPU tensor instead of counts: no host sync per MoE layer, and the call can be CUDA-graph captured
 MOE_DEVICE_ROUTING_ROWS = 16
 # ... and at up to this many (one token of top-4) int4_moe_gemv_kernel, a row per program on the CUDA cores
 MOE_GEMV_ROWS = 4
-MOE_GEMV_TILE = (32, 32, 4, 1)   # (BLOCK_N, BLOCK_W words per step, num_warps, SPLIT_K): run 73, split-K no faster
+MOE_GEMV_TILE = (32, 32, 4, 1)   # (BLOCK_N, BLOCK_W words per step, num_warps, SPLIT_K): split-K no faster (H200)
 
 
 def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act: str = "a8",
@@ -4651,7 +4653,7 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
     nothing is read back to the host, so the call never waits on the GPU. weight_packed
     [E, N, K/8] int32 (pack-quantized, symmetric), weight_scale [E, N, G] (G = 1: per channel),
     bias [E, N] or None -> y [R, N] in x's dtype. One launch instead of ~4 per routed expert:
-    a per-expert loop is bound by Triton's ~30 us of CPU per launch (bench/RESULTS.md, run 44).
+    a per-expert loop is bound by Triton's ~30 us of CPU per launch (bench/RESULTS.md, bench_int4_eager.py).
     codes: unpack the experts' weights once per call (one more launch per MOE_CODES_BYTES of codes;
     weight_packed contiguous) instead of once per row block in registers; None: when the routed
     experts average at least MOE_CODES_ROWS rows (long prompts: from ~1024 tokens of gpt-oss-20b).
@@ -4670,9 +4672,9 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
         return y
     x = x if x.stride(-1) == 1 else x.contiguous()
     if counts is None:
-        assert r <= MOE_DEVICE_ROUTING_ROWS and row_experts is not None and row_experts.shape == (r,) \
-            and row_experts.device == x.device, f"row_experts: needs one per row of x on {x.device}, at most " \
-            f"{MOE_DEVICE_ROUTING_ROWS} rows"
+        assert (r <= MOE_DEVICE_ROUTING_ROWS and row_experts is not None and row_experts.shape == (r,)
+                and row_experts.device == x.device), (f"row_experts: needs one per row of x on {x.device}, at most "
+                                                      f"{MOE_DEVICE_ROUTING_ROWS} rows")
         codes, most = False, r   # r bounds every expert's rows
         gemv = r <= MOE_GEMV_ROWS if gemv is None else gemv
     else:
@@ -4742,7 +4744,7 @@ def _int4_moe_gemv(kern, x, y, weight_packed, weight_scale, bias, row_experts, a
 
 def _moe_tiles(most: int, codes: bool) -> tuple:
     """int4_moe's (BLOCK_M, BLOCK_N, num_warps, num_stages) when the busiest routed expert has `most`
-    rows: from bench_moe.py's sweeps (runs 52, 55, 56) and bench_launch.py's (61)."""
+    rows: from bench_moe.py's sweeps and bench_launch.py's on an H200."""
     if codes:
         return (128, 64, 4, 4) if most > 128 else (32, 64, 4, 4)
     return ((16, 64, 4, None) if most <= 4 else (16, 128, 4, None) if most <= 16 else
@@ -4900,7 +4902,7 @@ def cuda_gpus() -> list[dict]:
 # is 3x the L2 cache, so no backend is timed on L2-resident weights. Every timing comes with the
 # relative error of that backend's output against float64 math on the same quantized values.
 # Each backend runs in a worker process: a CUDA fault or a hang (QQQ on K=4096, N=2880, M=1024 did
-# both, runs 1 and 25) kills the worker (a watchdog for hangs), the case is reported as a crash, and
+# both on an H200) kills the worker (a watchdog for hangs), the case is reported as a crash, and
 # a fresh worker takes the remaining ones.
 
 BENCH_BACKENDS = ("fp16", "w4a8", "w4a16", "qqq", "qqq-gemm")
@@ -4932,36 +4934,36 @@ def backend_label(backend: str, group, dtype: str = "fp16") -> str:
 def sweep_configs(m: int) -> list[Int4GemmConfig]:
     """Alternatives timed by --sweep (graph timing) next to int4_gemm_config's pick: at M = 1 the
     GEMV's tiles and the tensor-core kernel; else the planar kernel over tile, split-K, prefetch and
-    pipelining, and the one-dot-per-group kernel (grouped=True; at M <= 16 only run 7's runners-up,
-    its full grid is in bench/RESULTS.md)."""
+    pipelining, and the one-dot-per-group kernel (grouped=True; at M <= 16 only the runners-up of
+    its full grid, swept when split-K still summed with fp32 atomics)."""
     C = Int4GemmConfig
-    if m == 1:   # the GEMV (CUDA cores) around run 70's winners; Triton's own pipelining; the tensor-core kernel
-        return [C(1, bn, kpi, False, 4, 1, split_k=sk, gemv=True, prefetch=True)
-                for bn in (32, 64) for kpi in (256, 512) for sk in (4, 8)] + \
-               [C(1, 16, 512, False, 4, 1, split_k=8, gemv=True, prefetch=True),
-                C(1, 128, 256, False, 8, 1, split_k=8, gemv=True, prefetch=True),
-                C(1, 64, 256, False, 4, 3, split_k=8, gemv=True),
-                C(1, 32, 256, False, 4, 3, split_k=4, gemv=True),
-                C(1, 64, 256, True, 4, 1, split_k=8, gemv=True, prefetch=True),
-                C(16, 64, 64, False, 4, 1, split_k=16, grouped=True, prefetch=True)]
+    if m == 1:   # the GEMV (CUDA cores) around its first sweep's winners; Triton's pipelining; the tensor-core kernel
+        return ([C(1, bn, kpi, False, 4, 1, split_k=sk, gemv=True, prefetch=True)
+                 for bn in (32, 64) for kpi in (256, 512) for sk in (4, 8)]
+                + [C(1, 16, 512, False, 4, 1, split_k=8, gemv=True, prefetch=True),
+                   C(1, 128, 256, False, 8, 1, split_k=8, gemv=True, prefetch=True),
+                   C(1, 64, 256, False, 4, 3, split_k=8, gemv=True),
+                   C(1, 32, 256, False, 4, 3, split_k=4, gemv=True),
+                   C(1, 64, 256, True, 4, 1, split_k=8, gemv=True, prefetch=True),
+                   C(16, 64, 64, False, 4, 1, split_k=16, grouped=True, prefetch=True)])
     if m <= 16:
-        return [C(16, bn, 256, False, 4, st, split_k=sk, planar=True, prefetch=pre)
-                for bn in (32, 64, 128) for sk in (4, 8, 16) for pre, st in ((True, 1), (False, 3))] + \
-               [C(16, bn, 256, False, 4, 3, split_k=sk, planar=True, split_stores=True)
-                for bn in (32, 64) for sk in (4, 8, 16)] + \
-               [C(16, bn, 64, False, 4, 1, split_k=sk, grouped=True, prefetch=True, split_stores=stores)
-                for bn, sk in ((32, 8), (32, 16), (64, 8), (64, 16), (128, 8)) for stores in (False, True)]
+        return ([C(16, bn, 256, False, 4, st, split_k=sk, planar=True, prefetch=pre)
+                 for bn in (32, 64, 128) for sk in (4, 8, 16) for pre, st in ((True, 1), (False, 3))]
+                + [C(16, bn, 256, False, 4, 3, split_k=sk, planar=True, split_stores=True)
+                   for bn in (32, 64) for sk in (4, 8, 16)]
+                + [C(16, bn, 64, False, 4, 1, split_k=sk, grouped=True, prefetch=True, split_stores=stores)
+                   for bn, sk in ((32, 8), (32, 16), (64, 8), (64, 16), (128, 8)) for stores in (False, True)])
     if m <= 64:
         return [C(bm, bn, kpi, False, 4, 4, split_k=sk, grouped=True)
                 for bm in (32, 64) for bn in (64, 128) for kpi in (64, 128) for sk in (1, 2, 4)]
-    return [C(bm, bn, kpi, False, w, st, codes=True)   # int8 GEMM on codes (per-channel W4A8's default)
-            for bm, bn, kpi, w, st in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
-                                       (128, 128, 256, 8, 3), (128, 128, 128, 8, 4), (64, 128, 128, 4, 4),
-                                       (128, 64, 128, 4, 4), (64, 64, 128, 4, 4))] + \
-           [C(64, 64, 64, False, codes=True, dequant=True),   # q * scale, cuBLAS (the others' default)
-            C(128, 128, 256, False, 8, 3, planar=True),       # run 8-21's best in-register kernels
-            C(128, 128, 64, False, 8, 3, grouped=True, prefetch=True),
-            C(128, 64, 64, False, 4, 3, grouped=True, prefetch=True, w_lhs=False)]
+    return ([C(bm, bn, kpi, False, w, st, codes=True)   # int8 GEMM on codes (per-channel W4A8's default)
+             for bm, bn, kpi, w, st in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                                        (128, 128, 256, 8, 3), (128, 128, 128, 8, 4), (64, 128, 128, 4, 4),
+                                        (128, 64, 128, 4, 4), (64, 64, 128, 4, 4))]
+            + [C(64, 64, 64, False, codes=True, dequant=True),   # q * scale, cuBLAS (the others' default)
+               C(128, 128, 256, False, 8, 3, planar=True),       # the best in-register kernels of earlier sweeps
+               C(128, 128, 64, False, 8, 3, grouped=True, prefetch=True),
+               C(128, 64, 64, False, 4, 3, grouped=True, prefetch=True, w_lhs=False)])
 
 
 def _time_eager_us(fn, copies: int, iters: int, warmup: int = 10) -> float:
@@ -5130,7 +5132,7 @@ def run_bench_workers(jobs: list[dict], iters: int, graph: bool, job_timeout_s: 
     import threading
     results, pending = {}, list(jobs)
     # this very file, not whatever `compress_gptoss` the worker's sys.path finds first: an older copy
-    # run for a before/after comparison would otherwise time the checkout's kernels (run 86 did)
+    # run for a before/after comparison would otherwise time the checkout's kernels instead of its own
     code = (f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('compress_gptoss', "
             f"{str(Path(__file__).resolve())!r}); c = importlib.util.module_from_spec(spec); "
             f"sys.modules['compress_gptoss'] = c; spec.loader.exec_module(c); sys.exit(c.bench_worker())")
@@ -5433,8 +5435,8 @@ def _format_environment(env: dict) -> str:
             lines.append(f"GPU {g['index']}           {g['name']}, compute capability {g['capability'][0]}."
                          f"{g['capability'][1]}, {g['memory_gb']} GB, {g['sms']} SMs")
     else:
-        why = "torch is a CPU-only build" if t.get("version") and not t.get("cuda") else \
-            "torch.cuda.is_available() is False"
+        why = ("torch is a CPU-only build" if t.get("version") and not t.get("cuda") else
+               "torch.cuda.is_available() is False")
         lines.append(f"GPUs            none: no CUDA GPU visible ({why})")
     nv = env["nvcc"]
     lines.append(f"nvcc            {nv['path'] + ' (release ' + str(nv['release']) + ')' if nv else '- (not found)'}")
@@ -5663,8 +5665,8 @@ def fuse_gate_up(expert) -> bool:
     import torch
     gate, up = expert.gate_proj, expert.up_proj
     act = int4_kernel_mode(gate)
-    if act is None or int4_kernel_mode(up) != act or gate.weight_scale.shape[-1] != up.weight_scale.shape[-1] \
-            or (gate.bias is None) != (up.bias is None):
+    if (act is None or int4_kernel_mode(up) != act or gate.weight_scale.shape[-1] != up.weight_scale.shape[-1]
+            or (gate.bias is None) != (up.bias is None)):
         return False
     fused = torch.nn.Module()
     fused.act = act
@@ -5688,8 +5690,8 @@ def stack_experts(block) -> bool:
     parts = {"gate_up": [x.gate_up for x in experts], "down": [x.down_proj for x in experts]}
     for mods in parts.values():
         groups = {m.weight_scale.shape[-1] for m in mods}
-        if len(groups) != 1 or not moe_chunk(mods[0].weight_packed.shape[1] * 8, groups.pop()) \
-                or len({m.bias is None for m in mods}) != 1:
+        if (len(groups) != 1 or not moe_chunk(mods[0].weight_packed.shape[1] * 8, groups.pop())
+                or len({m.bias is None for m in mods}) != 1):
             return False
     for name, mods in parts.items():
         for t in ("weight_packed", "weight_scale", "bias"):
@@ -5737,7 +5739,8 @@ def routed_experts_forward(block, hidden_states, top_k_index, top_k_weights):
             start += n
     weighted = y * top_k_weights.reshape(-1)[order, None]
     # back to (token, slot) order, then each token's k rows summed in slot order in fp32 (or wider):
-    # index_add_ added them with atomics in bf16, in an order that varied from call to call (run 85)
+    # index_add_ added them with atomics in bf16, in an order that varied from call to call (the same
+    # prompt decoded twice differed by a median 5.5-7.1e-3 in the logits)
     by_slot = torch.empty_like(weighted).index_copy_(0, order, weighted)
     acc = torch.promote_types(weighted.dtype, torch.float32)
     return by_slot.view(-1, k, by_slot.shape[-1]).sum(1, dtype=acc).to(hidden_states.dtype)
@@ -5821,8 +5824,8 @@ GRAPH_WARMUP_STEPS = 3   # eager decode steps (on a side stream) before the capt
 
 def _capture_safe_eager_mask(dtype=None, **kw):
     """transformers' eager_mask (masking_utils) without its one capture hazard: it builds the mask's
-    0 with torch.tensor(0.0, device=cuda), a copy from host memory that a CUDA-graph capture rejects
-    (run 65). Same values. Written by hand: transformers has no capture-safe eager mask."""
+    0 with torch.tensor(0.0, device=cuda), a copy from host memory that a CUDA-graph capture rejects.
+    Same values. Written by hand: transformers has no capture-safe eager mask."""
     import torch
     from transformers.masking_utils import sdpa_mask
     kw.pop("allow_is_causal_skip", None)
@@ -5835,7 +5838,7 @@ def static_cache_decode(model, ids, new_tokens: int, graph: bool = False, feed: 
     """Greedy decode of one sequence into a StaticCache: GRAPH_WARMUP_STEPS steps, then `new_tokens`
     timed steps, each a plain forward or (graph) one replay of a CUDA graph of the step, captured once
     after the warm-up. A replay launches nothing from Python. Eager decode at batch 1 is bound by the
-    host (a 1-token forward kept the GPU busy 20-29 % of its time, runs 60 and 65), and serving
+    host (a 1-token forward kept the GPU busy 20-29 % of its time on an H200), and serving
     engines decode from graphs for that reason. `feed`: the token ids to give each step instead of
     the model's own choice (two runs' logits compared step by step on the same inputs).
     Returns tokens/s over the timed steps, the token chosen after the prompt and after every step,
@@ -5852,7 +5855,7 @@ def static_cache_decode(model, ids, new_tokens: int, graph: bool = False, feed: 
                         f"rolls with host-side indices that a CUDA graph cannot follow; ask for fewer --new-tokens")
     cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 1)
     for layer in cache.layers:   # a sliding layer gives its length (the masks' offset) as a host int, which a
-        if isinstance(layer, StaticSlidingWindowLayer):   # graph would freeze (run 68); within the window
+        if isinstance(layer, StaticSlidingWindowLayer):   # graph would freeze; within the window
             layer.get_seq_length = lambda layer=layer: layer.cumulative_length   # its count is the same value
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     masks = AttentionMaskInterface._global_mapping   # swapped back in `finally`: other models keep theirs

@@ -8,7 +8,7 @@ This times, GEMM only, on int8 x_q and int8 codes already in memory, in one proc
     with --before PATH (an older compress_gptoss.py that has triton_kernels()) that version's kernel too;
   - a prototype of the same math whose operands come by TMA (host tensor descriptors), with and
     without the rescale. (Its warp-specialized form, tl.range(warp_specialize=True), never
-    finished its first launch on the H200, run 92a; it is in the kernel but not timed.)
+    finished its first launch on the H200; it is in the kernel but not timed.)
   - FP16 / BF16 torch.matmul, and int4_linear's whole call (A8, group 64): the default (for fp16 x:
     q * scale, then cuBLAS) and the codes GEMM path forced by config, now and --before.
 CUDA-graph time per call (as verify-runtime --bench); the GEMM-only rows come with their relative
@@ -135,7 +135,7 @@ def main() -> int:
                                        tile=f"{bm}x{bn}x{group} w{w} s{st}"), run, copies, ref if grp else ref_ch, y)
 
                 # TMA operands, no warp specialization (with warp_specialize=True the first launch
-                # never finished on the H200 in run 92a: not timed)
+                # never finished on the H200: not timed)
                 bm, bn, w, st = 128, 128, 8, 3
                 grid = (-(-m // bm) * -(-n // bn),)
                 xdesc = TensorDescriptor.from_tensor(xq, [bm, group])
