@@ -126,8 +126,8 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Tokenizer, chat template, generation config, license, ...: every top-level file but weights."""
     copied = []
     for p in sorted(src.iterdir()):
-        if p.is_file() and not p.name.endswith(".safetensors") and p.name not in COPY_SKIP \
-                and not p.name.startswith("."):
+        if (p.is_file() and not p.name.endswith(".safetensors") and p.name not in COPY_SKIP
+                and not p.name.startswith(".")):
             shutil.copy2(p, dst / p.name)
             copied.append(p.name)
     return copied
@@ -487,7 +487,7 @@ def encode_mxfp4_blocks(values):
     return blocks.contiguous(), scales
 
 
-def _mxfp4_triton_kernel():
+def mxfp4_triton_kernel():
     """Fused decode + scale + transpose + bf16 cast: one pass, ~2.5 bytes moved per value.
 
     transformers' decoder makes several full-size temporaries (index tensors, the float copy, the
@@ -541,7 +541,7 @@ def decode_mxfp4_to(blocks, scales, dtype, config: tuple | None = None):
         K = G * 32
         out = torch.empty((E, K, O), dtype=dtype, device=blocks.device)
         if "kernel" not in _LUT_CACHE:
-            _LUT_CACHE["kernel"] = _mxfp4_triton_kernel()
+            _LUT_CACHE["kernel"] = mxfp4_triton_kernel()
         BO, BK, warps = config or MXFP4_KERNEL_CONFIG
         grid = ((O + BO - 1) // BO, (K + BK - 1) // BK, E)
         _LUT_CACHE["kernel"][grid](blocks.contiguous(), scales.contiguous(), out, O, K, BLOCK_O=BO, BLOCK_K=BK,
@@ -2712,8 +2712,8 @@ def disk_full(e: BaseException) -> bool:
     """ENOSPC as the libraries report it: OSError, safetensors' bare Exception, torch's enforce failure."""
     import errno
     text = str(e)
-    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text \
-        or ("inline_container" in text and "enforce fail" in text)
+    return ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text
+            or ("inline_container" in text and "enforce fail" in text))
 
 
 def finish_quantize_output(tmp: Path, plan: QuantizePlan, args, model_dir: Path, src_dir: Path, heldout: list,
@@ -3633,6 +3633,24 @@ def print_quality_table(q: dict) -> None:
 # launch), then multiplied on plain tiles: a Triton GEMM on the exact integers for per-channel W4A8
 # and for bf16 x, or for every other fp16 case cuBLAS on q * scale and (A8) x_q * s_x rounded once
 # to fp16 (compressed-tensors' own fake-quant math; the prefill path vLLM's AWQ takes too).
+#
+# Public interface of the kernel library: what verify-runtime, the loader, tests and benches may call.
+# Every other name of this section that starts with `_` is internal and may change.
+#   layout + references  unpack_int4_packed, pack_int4, int4_planar, PLANAR_K, scale_group_size,
+#                        quantize_activations_int8, INT8_ABSMAX_FLOOR, int4_linear_reference,
+#                        int4_moe_reference, relative_error
+#   dense layers         int4_linear; Int4GemmConfig, int4_gemm_config (the config per M bucket);
+#                        int4_plan -> Int4Plan (what a call launches), cached_int4_plan and its cache
+#                        INT4_PLANS; int8_rows + row_quant_consts (A8's per-token int8 activations)
+#   MoE layers           int4_moe, moe_chunk, launch_int4_moe (one launch of int4_moe_kernel), MOE_*
+#   the kernels          triton_status, triton_kernels() (every kernel and @jit helper by name)
+#   device state         sm_count, pdl_supported (cached in PDL_SUPPORTED), SPLIT_K_WORKSPACE,
+#                        CODES_WORKSPACE (scratch reused by every call)
+#   runtimes             qqq_status, load_qqq_qlinear, builtin_w4a8_status, has_w4a8_runtime,
+#                        w4a8_runtime_message, cuda_gpus
+#   microbench           bench_cases, run_runtime_bench, format_bench_report, run_bench_workers (one
+#                        process per job, bench_worker in the child), bench_one, random_int4_weights,
+#                        bench_copies, time_graph_us
 
 QQQ_REPO = "https://github.com/HandH1998/QQQ"
 QQQ_COMMIT = "54c5c99037200f3b42b94877dcc932989e458409"
@@ -3740,79 +3758,58 @@ def triton_status() -> tuple[bool, str]:
         return False, f"triton not importable ({type(e).__name__}: {e})"
 
 
-_TRITON_KERNELS = None
+_TRITON_KERNELS = None   # every jit function of the library by name (triton_kernels), built once
 
 
-def _triton_kernels():
-    """Compile-on-first-use kernels. `tl` is bound as a module global (not a local) on purpose:
-    Triton resolves names in a kernel body through the module's globals, not closures."""
+def triton_kernels() -> dict:
+    """The library's Triton kernels by name ("int8_rows", "int4_gemm", "int4_gemm_grouped",
+    "int4_gemm_planar", "int4_gemv", "int4_codes", "int4_prologue", "int4_codes_gemm", "int4_moe",
+    "int4_moe_gemv", and the benchmark floors "int4_read_floor", "null"), and the @jit helpers they
+    call, by their own names. Defined on first use, so triton is imported only then; each kernel
+    compiles on its first launch for its constexprs."""
     global _TRITON_KERNELS
-    if _TRITON_KERNELS is not None:
-        return _TRITON_KERNELS
-    import importlib
-    triton = importlib.import_module("triton")
-    globals()["tl"] = importlib.import_module("triton.language")
+    if _TRITON_KERNELS is None:
+        lib = _jit_helpers()
+        for family in (_row_quant_kernels, _int4_gemm_kernel, _int4_gemm_grouped_kernel, _int4_gemm_planar_kernel,
+                       _int4_gemv_kernels, _int4_codes_kernels, _int4_moe_kernels, _bench_floor_kernels):
+            lib.update(family(lib))   # a family reads the helpers it calls from what came before
+        _TRITON_KERNELS = lib
+    return _TRITON_KERNELS
+
+
+def _jit(fn=None, **options):
+    """triton.jit for a kernel or helper defined inside a family builder below, where `tl` and the
+    helpers it calls are the builder's locals (its closure). Triton's interpreter
+    (TRITON_INTERPRET=1) re-runs a kernel's source against the function's globals and drops the
+    closure, so the function gets globals of its own holding exactly its closure and `tl`: nothing
+    is written into this module's globals, and the compiler resolves the same names as before."""
+    if fn is None:
+        return functools.partial(_jit, **options)
+    import builtins
+    import types
+    import triton
+    import triton.language as tl
+    scope = {"__builtins__": builtins, "__name__": __name__, "tl": tl,
+             **{name: cell.cell_contents for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ())}}
+    own = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__, own.__annotations__ = fn.__kwdefaults__, fn.__annotations__
+    own.__doc__, own.__qualname__, own.__module__ = fn.__doc__, fn.__qualname__, fn.__module__
+    return triton.jit(own, **options)
+
+
+def _jit_helpers() -> dict:
+    """The @jit helpers shared by the kernel families: tiles and their stores, the dots and their
+    scales, the int4 unpack in K order, A8's per-row quantization inside a GEMM; and triton's
+    programmatic-dependent-launch calls (None on a triton without them: pdl_supported says no, so
+    no kernel compiles a call to them)."""
+    import triton.language as tl
     try:   # programmatic dependent launch (sm_90+)
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    except ImportError:   # an older triton: _pdl_supported says no, so no kernel compiles these calls
+    except ImportError:
         gdc_launch_dependents = gdc_wait = None
 
-    @triton.jit
-    def as_codes(v, a, xq_ptr):
-        """Rounded x_q (floats with integer values in [-127, 127], row absmax a) as xq_ptr's
-        type: int8, or for a float type the fake-quantized x_q * a / 127 rounded once to it
-        (what compressed-tensors' own forward computes; dequantized-weight GEMMs take it)."""
-        if xq_ptr.dtype.element_ty == tl.int8:
-            out = v.to(tl.int32).to(tl.int8)
-        else:
-            out = (v * (a / 127.0)).to(xq_ptr.dtype.element_ty)
-        return out
 
-    @triton.jit
-    def int8_row(x_ptr, xq_ptr, sx_ptr, row, K, KP, stride_xm, stride_qm, BLOCK_K, ONE_PASS, PERM_KW):
-        """One token: absmax, then x_q = round_half_even(x * (127 / amax)).
-        ONE_PASS (BLOCK_K >= K): the row is loaded once and stays in registers. x_q is written in
-        the GEMM's K order: within each step of 8 * PERM_KW inputs, input 8w + j goes to j * PERM_KW
-        + w, so the GEMM reads each of its 8 stride-8 operands as one contiguous run. Zeros fill
-        the row up to KP (whole K steps): the GEMM loads those without a mask."""
-        offs = tl.arange(0, BLOCK_K)
-        if ONE_PASS:
-            xv = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-            a = tl.maximum(tl.max(tl.abs(xv), axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
-            inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
-            v = xv * inv
-            v = (v + 12582912.0) - 12582912.0  # round half to even: 1.5 * 2^23 (|v| <= 127 * (1 + ulp))
-            r = offs % (8 * PERM_KW)
-            dst = offs - r + (r % 8) * PERM_KW + r // 8
-            tl.store(xq_ptr + row * stride_qm + dst, as_codes(v, a, xq_ptr), mask=offs < KP)
-        else:
-            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
-                amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
-            a = tl.maximum(tl.max(amax, axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
-            inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
-            for k0 in range(0, KP, BLOCK_K):
-                xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
-                v = xv.to(tl.float32) * inv
-                v = (v + 12582912.0) - 12582912.0
-                kk = k0 + offs
-                r = kk % (8 * PERM_KW)
-                dst = kk - r + (r % 8) * PERM_KW + r // 8
-                tl.store(xq_ptr + row * stride_qm + dst, as_codes(v, a, xq_ptr), mask=kk < KP)
-        tl.store(sx_ptr + row, a / 127.0)
-
-    @triton.jit
-    def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, KP, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                         ONE_PASS: tl.constexpr, PERM_KW: tl.constexpr, PDL: tl.constexpr = False):
-        """One program per token (int8_row). PDL: the GEMM launched after it with programmatic
-        dependent launch may start now (it waits for these rows before reading them)."""
-        if PDL:
-            gdc_launch_dependents()
-        int8_row(x_ptr, xq_ptr, sx_ptr, tl.program_id(0).to(tl.int64), K, KP, stride_xm, stride_qm, BLOCK_K,
-                 ONE_PASS, PERM_KW)
-
-    @triton.jit
+    @_jit
     def gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M):
         """(pid_m, pid_n) of this program's output tile: bands of GROUP_M row-blocks, so that the
         programs running together share their weight columns through L2."""
@@ -3823,7 +3820,7 @@ def _triton_kernels():
         band_m = tl.minimum(num_pid_m - first_m, GROUP_M)
         return first_m + (pid % pids_in_band) % band_m, (pid % pids_in_band) // band_m
 
-    @triton.jit
+    @_jit
     def store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
                    pid_k, BLOCK_M, BLOCK_N, SPLIT_K, SPLIT_STORES):
         """y tile = acc (fp32). SPLIT_K > 1: add acc into the fp32 workspace part_ptr [M, N] with
@@ -3859,7 +3856,7 @@ def _triton_kernels():
                 tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
                 tl.store(count_ptr + tile, 0)
 
-    @triton.jit
+    @_jit
     def weight_dot(w, a, W_LHS, OUT_DTYPE):
         """Weights w [BLOCK_N, K] against activations: a [K, BLOCK_M] -> a y^T tile (W_LHS), or
         a [BLOCK_M, K] -> a y tile."""
@@ -3869,7 +3866,7 @@ def _triton_kernels():
             d = tl.dot(a, tl.trans(w), out_dtype=OUT_DTYPE)
         return d
 
-    @triton.jit
+    @_jit
     def add_scaled(acc, d, sc, W_LHS):
         """acc + d * sc in fp32, sc one scale per output column (dim 0 of a y^T tile, 1 of a y tile)."""
         if W_LHS:
@@ -3878,7 +3875,7 @@ def _triton_kernels():
             acc += d.to(tl.float32) * sc[None, :]
         return acc
 
-    @triton.jit
+    @_jit
     def channel_scaled(acc, ws_ptr, offs_n, n_mask, stride_sn, W_LHS, PER_CHANNEL):
         """The K loop's accumulator as an fp32 y tile [BLOCK_M, BLOCK_N], times the weights'
         per-channel scale when PER_CHANNEL (the group scales are already in)."""
@@ -3889,7 +3886,117 @@ def _triton_kernels():
             acc = acc * tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         return acc
 
-    @triton.jit
+    @_jit
+    def int4_k_order(wt):
+        """Packed words [BLOCK_N, CHUNK/8] -> the integers q in K order [BLOCK_N, CHUNK], with a
+        tree of tl.interleave (register shuffles, no shared memory): one dot per group, no
+        strided activation loads."""
+        even = tl.interleave(tl.interleave(wt & 0xF, (wt >> 16) & 0xF),
+                             tl.interleave((wt >> 8) & 0xF, (wt >> 24) & 0xF))      # nibbles 0 2 4 6
+        odd = tl.interleave(tl.interleave((wt >> 4) & 0xF, (wt >> 20) & 0xF),
+                            tl.interleave((wt >> 12) & 0xF, (wt >> 28) & 0xF))     # nibbles 1 3 5 7
+        return tl.interleave(even, odd) - 8
+
+    @_jit
+    def row_scales(x_ptr, offs_m, m_mask, stride_xm, K, FUSE_CHUNKS, BLOCK_M):
+        """A8 inside a GEMM (a few rows per program, so re-reading them per program is cheap and
+        saves int8_rows_kernel's launch): the rows' (127 / absmax, s_x = absmax / 127), the same
+        arithmetic as int8_row. Unrolled: the row loads go out together, one memory latency; the chunks
+        are maxed element-wise and reduced across the threads once (a reduction per chunk put 12
+        barriers before the first weight was used)."""
+        amax = tl.zeros([BLOCK_M, 256], dtype=tl.float32)
+        for i in tl.static_range(FUSE_CHUNKS):
+            kq = i * 256 + tl.arange(0, 256)
+            xv = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + kq[None, :],
+                         mask=m_mask[:, None] & (kq[None, :] < K), other=0.0)
+            amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
+        amax = tl.maximum(tl.max(amax, axis=1), 1e-8)  # INT8_ABSMAX_FLOOR
+        return tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), amax), amax / 127.0
+
+    @_jit
+    def quantized(a, inv, W_LHS):
+        """x chunk a (a [K, M] tile if W_LHS, else [M, K]) -> int8 x_q with the rows' 127 / absmax:
+        round half to even, as int8_rows_kernel (launch with enable_fp_fusion=False: no FMA here)."""
+        if W_LHS:
+            v = a.to(tl.float32) * inv[None, :]
+        else:
+            v = a.to(tl.float32) * inv[:, None]
+        return ((v + 12582912.0) - 12582912.0).to(tl.int8)
+
+    return dict(gdc_launch_dependents=gdc_launch_dependents, gdc_wait=gdc_wait, gemm_tile=gemm_tile,
+                store_tile=store_tile, weight_dot=weight_dot, add_scaled=add_scaled, channel_scaled=channel_scaled,
+                int4_k_order=int4_k_order, row_scales=row_scales, quantized=quantized)
+
+
+def _row_quant_kernels(lib: dict) -> dict:
+    """Per-token int8 activations (W4A8): int8_rows_kernel, and its row (int8_row) for the codes prologue."""
+    import triton.language as tl
+    gdc_launch_dependents = lib["gdc_launch_dependents"]
+
+    @_jit
+    def as_codes(v, a, xq_ptr):
+        """Rounded x_q (floats with integer values in [-127, 127], row absmax a) as xq_ptr's
+        type: int8, or for a float type the fake-quantized x_q * a / 127 rounded once to it
+        (what compressed-tensors' own forward computes; dequantized-weight GEMMs take it)."""
+        if xq_ptr.dtype.element_ty == tl.int8:
+            out = v.to(tl.int32).to(tl.int8)
+        else:
+            out = (v * (a / 127.0)).to(xq_ptr.dtype.element_ty)
+        return out
+
+    @_jit
+    def int8_row(x_ptr, xq_ptr, sx_ptr, row, K, KP, stride_xm, stride_qm, BLOCK_K, ONE_PASS, PERM_KW):
+        """One token: absmax, then x_q = round_half_even(x * (127 / amax)).
+        ONE_PASS (BLOCK_K >= K): the row is loaded once and stays in registers. x_q is written in
+        the GEMM's K order: within each step of 8 * PERM_KW inputs, input 8w + j goes to j * PERM_KW
+        + w, so the GEMM reads each of its 8 stride-8 operands as one contiguous run. Zeros fill
+        the row up to KP (whole K steps): the GEMM loads those without a mask."""
+        offs = tl.arange(0, BLOCK_K)
+        if ONE_PASS:
+            xv = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+            a = tl.maximum(tl.max(tl.abs(xv), axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
+            inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
+            v = xv * inv
+            v = (v + 12582912.0) - 12582912.0  # round half to even: 1.5 * 2^23 (|v| <= 127 * (1 + ulp))
+            r = offs % (8 * PERM_KW)
+            dst = offs - r + (r % 8) * PERM_KW + r // 8
+            tl.store(xq_ptr + row * stride_qm + dst, as_codes(v, a, xq_ptr), mask=offs < KP)
+        else:
+            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+                amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
+            a = tl.maximum(tl.max(amax, axis=0), 1e-8)  # INT8_ABSMAX_FLOOR
+            inv = tl.math.div_rn(tl.full([BLOCK_K], 127.0, tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32) + a)
+            for k0 in range(0, KP, BLOCK_K):
+                xv = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+                v = xv.to(tl.float32) * inv
+                v = (v + 12582912.0) - 12582912.0
+                kk = k0 + offs
+                r = kk % (8 * PERM_KW)
+                dst = kk - r + (r % 8) * PERM_KW + r // 8
+                tl.store(xq_ptr + row * stride_qm + dst, as_codes(v, a, xq_ptr), mask=kk < KP)
+        tl.store(sx_ptr + row, a / 127.0)
+
+    @_jit
+    def int8_rows_kernel(x_ptr, xq_ptr, sx_ptr, K, KP, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
+                         ONE_PASS: tl.constexpr, PERM_KW: tl.constexpr, PDL: tl.constexpr = False):
+        """One program per token (int8_row). PDL: the GEMM launched after it with programmatic
+        dependent launch may start now (it waits for these rows before reading them)."""
+        if PDL:
+            gdc_launch_dependents()
+        int8_row(x_ptr, xq_ptr, sx_ptr, tl.program_id(0).to(tl.int64), K, KP, stride_xm, stride_qm, BLOCK_K,
+                 ONE_PASS, PERM_KW)
+
+    return {"int8_rows": int8_rows_kernel, "int8_row": int8_row}
+
+
+def _int4_gemm_kernel(lib: dict) -> dict:
+    """The first int4 GEMM: weights dequantized in registers, 8 dots per K step (any group size)."""
+    import triton.language as tl
+    gemm_tile, store_tile, channel_scaled = lib["gemm_tile"], lib["store_tile"], lib["channel_scaled"]
+
+    @_jit
     def int4_gemm_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
                          stride_xm, stride_wn, stride_sn, stride_ym,
                          A_MODE: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
@@ -4019,44 +4126,17 @@ def _triton_kernels():
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
                    pid_k, BLOCK_M, BLOCK_N, SPLIT_K, SPLIT_STORES)
 
-    @triton.jit
-    def int4_k_order(wt):
-        """Packed words [BLOCK_N, CHUNK/8] -> the integers q in K order [BLOCK_N, CHUNK], with a
-        tree of tl.interleave (register shuffles, no shared memory): one dot per group, no
-        strided activation loads."""
-        even = tl.interleave(tl.interleave(wt & 0xF, (wt >> 16) & 0xF),
-                             tl.interleave((wt >> 8) & 0xF, (wt >> 24) & 0xF))      # nibbles 0 2 4 6
-        odd = tl.interleave(tl.interleave((wt >> 4) & 0xF, (wt >> 20) & 0xF),
-                            tl.interleave((wt >> 12) & 0xF, (wt >> 28) & 0xF))     # nibbles 1 3 5 7
-        return tl.interleave(even, odd) - 8
+    return {"int4_gemm": int4_gemm_kernel}
 
-    @triton.jit
-    def row_scales(x_ptr, offs_m, m_mask, stride_xm, K, FUSE_CHUNKS, BLOCK_M):
-        """A8 inside a GEMM (a few rows per program, so re-reading them per program is cheap and
-        saves int8_rows_kernel's launch): the rows' (127 / absmax, s_x = absmax / 127), the same
-        arithmetic as int8_row. Unrolled: the row loads go out together, one memory latency; the chunks
-        are maxed element-wise and reduced across the threads once (a reduction per chunk put 12
-        barriers before the first weight was used)."""
-        amax = tl.zeros([BLOCK_M, 256], dtype=tl.float32)
-        for i in tl.static_range(FUSE_CHUNKS):
-            kq = i * 256 + tl.arange(0, 256)
-            xv = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + kq[None, :],
-                         mask=m_mask[:, None] & (kq[None, :] < K), other=0.0)
-            amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
-        amax = tl.maximum(tl.max(amax, axis=1), 1e-8)  # INT8_ABSMAX_FLOOR
-        return tl.math.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), amax), amax / 127.0
 
-    @triton.jit
-    def quantized(a, inv, W_LHS):
-        """x chunk a (a [K, M] tile if W_LHS, else [M, K]) -> int8 x_q with the rows' 127 / absmax:
-        round half to even, as int8_rows_kernel (launch with enable_fp_fusion=False: no FMA here)."""
-        if W_LHS:
-            v = a.to(tl.float32) * inv[None, :]
-        else:
-            v = a.to(tl.float32) * inv[:, None]
-        return ((v + 12582912.0) - 12582912.0).to(tl.int8)
+def _int4_gemm_grouped_kernel(lib: dict) -> dict:
+    """The int4 GEMM with one tensor-core dot per scale group (groups of 32 / 64 / 128, or per channel)."""
+    import triton.language as tl
+    (gdc_wait, gemm_tile, store_tile, weight_dot, add_scaled, channel_scaled, int4_k_order, row_scales, quantized) = (
+        lib["gdc_wait"], lib["gemm_tile"], lib["store_tile"], lib["weight_dot"], lib["add_scaled"],
+        lib["channel_scaled"], lib["int4_k_order"], lib["row_scales"], lib["quantized"])
 
-    @triton.jit
+    @_jit
     def int4_gemm_grouped_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
                                  stride_xm, stride_wn, stride_sn, stride_ym,
                                  A8: tl.constexpr, FUSE: tl.constexpr, FUSE_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
@@ -4148,7 +4228,16 @@ def _triton_kernels():
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
                    pid_k, BLOCK_M, BLOCK_N, SPLIT_K, SPLIT_STORES)
 
-    @triton.jit
+    return {"int4_gemm_grouped": int4_gemm_grouped_kernel}
+
+
+def _int4_gemm_planar_kernel(lib: dict) -> dict:
+    """The int4 GEMM on weights re-laid out once by int4_planar (no shuffles in the K loop)."""
+    import triton.language as tl
+    (gemm_tile, store_tile, weight_dot, add_scaled, channel_scaled) = (
+        lib["gemm_tile"], lib["store_tile"], lib["weight_dot"], lib["add_scaled"], lib["channel_scaled"])
+
+    @_jit
     def int4_gemm_planar_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
                                 stride_xm, stride_wn, stride_sn, stride_ym,
                                 A8: tl.constexpr, BF16: tl.constexpr, GROUP: tl.constexpr,
@@ -4226,7 +4315,16 @@ def _triton_kernels():
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
                    pid_k, BLOCK_M, BLOCK_N, SPLIT_K, SPLIT_STORES)
 
-    @triton.jit
+    return {"int4_gemm_planar": int4_gemm_planar_kernel}
+
+
+def _int4_gemv_kernels(lib: dict) -> dict:
+    """M = 1 on the CUDA cores: gemv_tile (also int4_moe_gemv_kernel's) and int4_gemv_kernel."""
+    import triton.language as tl
+    (gdc_wait, store_tile, row_scales, quantized) = (
+        lib["gdc_wait"], lib["store_tile"], lib["row_scales"], lib["quantized"])
+
+    @_jit
     def gemv_tile(x_row, sx_row, w_rows, s_rows, n_mask, KW, pid_k, K, A8: tl.constexpr, FUSE: tl.constexpr,
                   FUSE_CHUNKS: tl.constexpr, GROUP_W: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_W: tl.constexpr, W_ALIGN: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
@@ -4242,7 +4340,7 @@ def _triton_kernels():
         group] (per channel [BLOCK_N, 1, BLOCK_W]) and every tensor of the loop has that shape, so
         Triton gives them one layout, and a group's scale is one load and one multiply (a 2-D
         word tile needed both per word: o_proj 13.3 -> 9.1 us; per channel [BLOCK_N, BLOCK_W / 8, 8]
-        was 1-2 us slower than this, runs 70-71). q = u - 8 is one subtraction per word:
+        was 1-2 us slower than this, both on an H200). q = u - 8 is one subtraction per word:
         sum_j q_j x_j = sum_j u_j x_j - 8 sum_j x_j. A8: the products summed in int32, the integers
         an int8 MMA gives, x_q being int8_rows_kernel's stored with PERM_KW = BLOCK_W (nibble j's
         activations contiguous), or with FUSE the fp16/bf16 row quantized here (row_scales).
@@ -4314,7 +4412,7 @@ def _triton_kernels():
             y = y * s_x[:, None]
         return y
 
-    @triton.jit
+    @_jit
     def int4_gemv_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW_ALL,
                          stride_xm, stride_wn, stride_sn, stride_ym,
                          A8: tl.constexpr, FUSE: tl.constexpr, FUSE_CHUNKS: tl.constexpr, GROUP_W: tl.constexpr,
@@ -4334,7 +4432,18 @@ def _triton_kernels():
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, offs_m < M, n_mask, M, N, stride_ym, 0, pid_n,
                    pid_k, 1, BLOCK_N, SPLIT_K, SPLIT_STORES)
 
-    @triton.jit
+    return {"int4_gemv": int4_gemv_kernel, "gemv_tile": gemv_tile}
+
+
+def _int4_codes_kernels(lib: dict) -> dict:
+    """Large M: the weights unpacked once per call (int4_codes_kernel, or with A8's activations in one
+    launch, int4_prologue_kernel), then int4_codes_gemm_kernel on plain tiles."""
+    import triton.language as tl
+    (int8_row, gemm_tile, store_tile, weight_dot, add_scaled, channel_scaled, int4_k_order) = (
+        lib["int8_row"], lib["gemm_tile"], lib["store_tile"], lib["weight_dot"], lib["add_scaled"],
+        lib["channel_scaled"], lib["int4_k_order"])
+
+    @_jit
     def codes_block(w_ptr, ws_ptr, q_ptr, pid_n, pid_w, N, K, KW_ALL, KP, stride_wn, stride_sn, GROUP, SCALED,
                     BLOCK_N, BLOCK_W):
         """pack-quantized words -> [N, KP] in K order, zero past K, block (pid_n, pid_w) of
@@ -4360,14 +4469,14 @@ def _triton_kernels():
         tl.store(q_ptr + offs_n.to(tl.int64)[:, None] * KP + offs_k[None, :], q.to(q_ptr.dtype.element_ty),
                  mask=(offs_n < N)[:, None] & (offs_k < KP)[None, :])
 
-    @triton.jit
+    @_jit
     def int4_codes_kernel(w_ptr, ws_ptr, q_ptr, N, K, KW_ALL, KP, stride_wn, stride_sn, GROUP: tl.constexpr,
                           SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
         """One program per codes block (codes_block): the A16 path's only launch before its GEMM."""
         codes_block(w_ptr, ws_ptr, q_ptr, tl.program_id(0), tl.program_id(1), N, K, KW_ALL, KP, stride_wn,
                     stride_sn, GROUP, SCALED, BLOCK_N, BLOCK_W)
 
-    @triton.jit
+    @_jit
     def int4_prologue_kernel(x_ptr, xq_ptr, sx_ptr, w_ptr, ws_ptr, q_ptr, M, K, KPX, stride_xm, N, KW_ALL, KP,
                              stride_wn, stride_sn, W_BLOCKS, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
                              GROUP: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -4383,7 +4492,7 @@ def _triton_kernels():
             codes_block(w_ptr, ws_ptr, q_ptr, b // W_BLOCKS, b % W_BLOCKS, N, K, KW_ALL, KP, stride_wn, stride_sn,
                         GROUP, SCALED, BLOCK_N, BLOCK_W)
 
-    @triton.jit
+    @_jit
     def int4_codes_gemm_kernel(x_ptr, sx_ptr, q_ptr, ws_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KP,
                                stride_xm, stride_qn, stride_sn, stride_ym,
                                A8: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
@@ -4424,9 +4533,20 @@ def _triton_kernels():
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_ym, pid_m, pid_n,
                    0, BLOCK_M, BLOCK_N, 1, False)
 
+    return {"int4_codes": int4_codes_kernel, "int4_prologue": int4_prologue_kernel,
+            "int4_codes_gemm": int4_codes_gemm_kernel}
+
+
+def _int4_moe_kernels(lib: dict) -> dict:
+    """Every routed expert of a MoE layer in one launch: int4_moe_kernel, and at decode int4_moe_gemv_kernel."""
+    import triton.language as tl
+    (store_tile, weight_dot, add_scaled, channel_scaled, int4_k_order, row_scales, quantized, gemv_tile) = (
+        lib["store_tile"], lib["weight_dot"], lib["add_scaled"], lib["channel_scaled"], lib["int4_k_order"],
+        lib["row_scales"], lib["quantized"], lib["gemv_tile"])
+
     # e0, the row-block table's offset and R change from call to call (the first routed expert, the
     # scratch batch, the rows): specialized (== 1, % 16), each new value compiled a variant mid-generation
-    @triton.jit(do_not_specialize=["blk_ptr", "e0", "R"])
+    @_jit(do_not_specialize=["blk_ptr", "e0", "R"])
     def int4_moe_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, blk_ptr, q_ptr, e0, R, N, K, stride_xm, stride_we,
                         stride_wn, stride_se, stride_sn, stride_be, stride_ym, A8: tl.constexpr,
                         HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, CODES: tl.constexpr,
@@ -4439,8 +4559,8 @@ def _triton_kernels():
         computed), or with CODES reads them unpacked by int4_codes_kernel (q_ptr: experts e0,
         e0 + 1, ... as [N, K] codes each), plain tiles that Triton pipelines into the tensor cores.
         The weights are the MMA's left operand: an expert often has a few rows, and BLOCK_N fills
-        the MMA's M where BLOCK_M could not (bench_moe.py, run 55: 2-2.6 x at 16-512 tokens with
-        the shuffles and the prefetch). A8: int8 x with per-row scales sx, int8 dots (FUSE: x is
+        the MMA's M where BLOCK_M could not (bench_moe.py on an H200: 2-2.6 x faster at 16-512 tokens
+        with the shuffles and the prefetch). A8: int8 x with per-row scales sx, int8 dots (FUSE: x is
         fp16/bf16, each program quantizes its rows itself, row_scales; decode); else
         fp16/bf16 x against the exact integer codes. GROUP: inputs per weight scale, 0 = per
         channel. The bias is added before the one rounding to y.
@@ -4501,7 +4621,7 @@ def _triton_kernels():
         tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
 
-    @triton.jit
+    @_jit
     def int4_moe_gemv_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, count_ptr, e_ptr, R, N, K,
                              stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_ym,
                              A8: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_W: tl.constexpr, FUSE: tl.constexpr,
@@ -4528,7 +4648,14 @@ def _triton_kernels():
         store_tile(acc, y_ptr, part_ptr, count_ptr, offs_m, offs_n, offs_m >= 0, n_mask, R, N, stride_ym, row, pid_n,
                    pid_k, 1, BLOCK_N, SPLIT_K, True)
 
-    @triton.jit
+    return {"int4_moe": int4_moe_kernel, "int4_moe_gemv": int4_moe_gemv_kernel}
+
+
+def _bench_floor_kernels(lib: dict) -> dict:
+    """Benchmark floors (bench/bench_kernel_floors.py, bench/bench_launch.py), not GEMMs."""
+    import triton.language as tl
+
+    @_jit
     def int4_read_floor_kernel(w_ptr, out_ptr, N, KW_ALL, stride_wn, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
         """Benchmark floor, not a GEMM: reads the int4 words with an M <= 16 GEMM's grid and only
         xors them (so the loads stay): what streaming the weights alone costs at this grid."""
@@ -4544,24 +4671,12 @@ def _triton_kernels():
                            mask=(offs_n < N)[:, None] & (words < KW_ALL)[None, :], other=0)
         tl.store(out_ptr + pid_n * SPLIT_K + pid_k, tl.xor_sum(tl.xor_sum(acc, 1), 0))
 
-    @triton.jit
+    @_jit
     def null_kernel(out_ptr):
         """Benchmark floor: a launch that does nothing."""
         pass
 
-    # the kernels call these by name at compile time (the first launch), from the module's globals
-    globals().update(as_codes=as_codes, int8_row=int8_row, codes_block=codes_block, gemm_tile=gemm_tile,
-                     store_tile=store_tile, int4_k_order=int4_k_order, gemv_tile=gemv_tile, row_scales=row_scales,
-                     quantized=quantized, weight_dot=weight_dot, add_scaled=add_scaled, channel_scaled=channel_scaled,
-                     gdc_wait=gdc_wait, gdc_launch_dependents=gdc_launch_dependents)
-    _TRITON_KERNELS = {"int8_rows": int8_rows_kernel, "int4_gemm": int4_gemm_kernel,
-                       "int4_gemm_grouped": int4_gemm_grouped_kernel, "int4_gemm_planar": int4_gemm_planar_kernel,
-                       "int4_gemv": int4_gemv_kernel,
-                       "int4_codes": int4_codes_kernel, "int4_prologue": int4_prologue_kernel,
-                       "int4_codes_gemm": int4_codes_gemm_kernel, "int4_moe": int4_moe_kernel,
-                       "int4_moe_gemv": int4_moe_gemv_kernel,
-                       "int4_read_floor": int4_read_floor_kernel, "null": null_kernel}
-    return _TRITON_KERNELS
+    return {"int4_read_floor": int4_read_floor_kernel, "null": null_kernel}
 
 
 @dataclass(frozen=True)
@@ -4581,7 +4696,8 @@ class Int4GemmConfig:
     prefetch: bool = False  # grouped/planar: next group's (chunk's) weights loaded before this one is computed
     planar: bool = False   # int4_gemm_planar_kernel on weights re-laid out by int4_planar (load time)
     split_stores: bool = True   # split-K shares in per-split slices summed in split order: the same bits every
-                                # call; False: fp32 atomics, whose order varies (greedy tokens could differ, run 85)
+                                # call; False: fp32 atomics, whose order varies (a prompt decoded twice could
+                                # give other greedy tokens)
     codes: bool = False    # large M: int4 -> int8 / fp16 codes in a scratch buffer, then int4_codes_gemm_kernel
     dequant: bool = False  # codes: the weights q * scale (and A8's x_q * s_x) in x's dtype, then cuBLAS
     gemv: bool = False     # M = 1 (decode): int4_gemv_kernel, multiply-adds on the CUDA cores (block_m 1)
@@ -4589,8 +4705,8 @@ class Int4GemmConfig:
                            # overlap the kernel before (A8: the activation quantization)
 
     def label(self) -> str:
-        kernel = ("CD" if self.codes and self.dequant else "C" if self.codes else "") + ("P" if self.planar else "") \
-            + ("V" if self.gemv else "") + ("GP" if self.prefetch else "G" if self.grouped else "")
+        kernel = (("CD" if self.codes and self.dequant else "C" if self.codes else "") + ("P" if self.planar else "")
+                  + ("V" if self.gemv else "") + ("GP" if self.prefetch else "G" if self.grouped else ""))
         return (kernel + f"m{self.block_m}n{self.block_n}k{self.k_per_iter}w{self.num_warps}s{self.num_stages}"
                 + (f"x{self.split_k}" if self.split_k > 1 else "") + ("S" if self.split_stores and self.split_k > 1 else "")
                 + ("F" if self.fuse_act_quant else "") + ("" if self.w_lhs else "R") + ("" if self.pdl else "-noPDL"))
@@ -4598,12 +4714,12 @@ class Int4GemmConfig:
 
 def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool = False,
                      act: str = "a8", bf16: bool = False, eager: bool = False) -> Int4GemmConfig:
-    """Picked from sweeps on an H200 (bench/RESULTS.md, runs 6-8, 24-26, 70-73 and 87-89). At M = 1
+    """Picked from sweeps on an H200 (`verify-runtime --bench --sweep`, bench/bench_split_k.py). At M = 1
     (decode) the GEMV on the CUDA cores (a tensor-core MMA would compute 16 rows to use one). Up to
     M = 64 the GEMM streams int4 weights (at M <= 16 each program prefetching its next group:
     latency, not bandwidth, is what the sweeps rewarded) with K split among programs. With fp32
-    atomics ~5 programs per SM won (run 7); with the shares summed from slices in split order, long
-    splits cost more than they hide, so (run 87) M <= 16 splits until the programs fill the SMs and
+    atomics ~5 programs per SM won; with the shares summed from slices in split order, long
+    splits cost more than they hide, so M <= 16 splits until the programs fill the SMs and
     no share has more than 8 groups of 64, M = 17-32 until ~2.5 programs per SM, M = 33-64 as
     M <= 16 with 12 groups. Above M = 64 the
     weights are unpacked once per call instead of once per row block (codes): per-channel W4A8 to
@@ -4612,7 +4728,7 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool =
     beats Triton's); with bf16 x to the exact integers (bf16 would round q * scale).
     eager (a call outside CUDA-graph capture): at M <= 32 A8 quantizes the activations inside the
     GEMM, one launch instead of two: eager calls are bound by Triton's ~30 us of CPU per launch,
-    and the fused kernel's extra 0-11 us of GPU time hides under it (runs 36-37; at M = 64, +6-17 us,
+    and the fused kernel's extra 0-11 us of GPU time hides under it (at M = 64, +6-17 us,
     it would not); in a graph the launches are free and the separate quantization kernel is faster."""
     def split_for(tiles, want, most):
         chunks, split = -(-k // 64), 1
@@ -4623,10 +4739,10 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool =
     def split_to_share(groups):   # the power-of-two split that leaves no share more than `groups` groups of 64
         return 1 << (-(-k // (64 * groups)) - 1).bit_length()
     C = Int4GemmConfig
-    if m == 1:   # runs 70-72: 64 x 256 split 8 per channel, 32 x 256 split 4 with groups, k/v-sized N: 512 split 8
+    if m == 1:   # the sweep's winners: 64 x 256 split 8 per channel, 32 x 256 split 4 with groups, k/v-sized N: 512 split 8
         bn, kpi, split = ((32 if per_channel else 16), 512, 8) if n < 1024 else (64, 256, 8) if per_channel else (32, 256, 4)
         return C(1, bn, kpi, eager and act == "a8", 4, 1, split_k=min(split, -(-k // kpi)), gemv=True, prefetch=True)
-    if m <= 16:   # k/v_proj-sized N on 32-wide tiles (run 88: 4 % faster with groups, 14 % per channel)
+    if m <= 16:   # k/v_proj-sized N on 32-wide tiles (4 % faster with groups, 14 % per channel)
         bn = 32 if n < 1024 else 64
         split = max(split_for(-(-n // bn), sms, 16), min(16, split_to_share(8)))
         return C(16, bn, 64, eager and act == "a8", 4, 1, split_k=split, grouped=True, prefetch=True)
@@ -4641,14 +4757,14 @@ def int4_gemm_config(m: int, n: int, k: int, sms: int = 132, per_channel: bool =
         return C(128, 128, kpi, False, 8, 3, codes=True) if m >= 512 and n >= 2048 else C(64, 64, kpi, False, 4, 4, codes=True)
     if not bf16:
         return C(64, 64, 64, False, codes=True, dequant=True)
-    if n < 1024 and m <= 256:   # k/v_proj in bf16: the in-register kernel stays faster here (run 29)
+    if n < 1024 and m <= 256:   # k/v_proj in bf16: the in-register kernel stays faster here (as measured)
         return C(64, 128, 64, False, 4, 4, split_k=split_for(-(-m // 64) * -(-n // 128), sms, 8), grouped=True)
     return C(64, 128, 64, False, 4, 4, codes=True)
 
 
-_SPLIT_K_WORKSPACE: dict = {}
+SPLIT_K_WORKSPACE: dict = {}
 _SM_COUNT: dict = {}
-_PDL_SUPPORTED: dict = {}
+PDL_SUPPORTED: dict = {}
 
 
 def _split_k_workspace(device, elems: int, tiles: int, stores: bool = False):
@@ -4658,29 +4774,29 @@ def _split_k_workspace(device, elems: int, tiles: int, stores: bool = False):
     kind: calls on one stream are ordered; concurrent streams would need their own."""
     import torch
     key = (str(device), stores)
-    part, count = _SPLIT_K_WORKSPACE.get(key, (None, None))
+    part, count = SPLIT_K_WORKSPACE.get(key, (None, None))
     if part is None or part.numel() < elems or count.numel() < tiles:
         part = torch.zeros(max(elems, 1 << 20), device=device, dtype=torch.float32)
         count = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
-        _SPLIT_K_WORKSPACE[key] = (part, count)
+        SPLIT_K_WORKSPACE[key] = (part, count)
     return part, count
 
 
-def _pdl_supported(device) -> bool:
+def pdl_supported(device) -> bool:
     """Programmatic dependent launch: compute capability 9.0+, CUDA 12.3+ (captured into CUDA graphs
     as programmatic edges), a triton with gdc_wait; never in the interpreter."""
     key = str(device)
-    if key not in _PDL_SUPPORTED:
+    if key not in PDL_SUPPORTED:
         import os
         import torch
         cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
-        _PDL_SUPPORTED[key] = (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+        PDL_SUPPORTED[key] = (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
                                and cuda >= (12, 3) and torch.cuda.get_device_capability(device)[0] >= 9
-                               and _triton_kernels() is not None and globals()["gdc_wait"] is not None)
-    return _PDL_SUPPORTED[key]
+                               and triton_kernels()["gdc_wait"] is not None)
+    return PDL_SUPPORTED[key]
 
 
-def _sm_count(device) -> int:
+def sm_count(device) -> int:
     key = str(device)
     if key not in _SM_COUNT:
         import torch
@@ -4690,7 +4806,7 @@ def _sm_count(device) -> int:
 
 
 @dataclass
-class _Int4Plan:
+class Int4Plan:
     """Everything int4_linear derives from (shapes, dtype, device, config), computed once: at
     M <= 16 the kernel takes a few microseconds, so per-call Python work shows in eager timings."""
     cfg: Int4GemmConfig
@@ -4707,21 +4823,21 @@ class _Int4Plan:
     xq_dtype: object = None      # codes plans, A8: x_q as int8, or x_q * s_x in this float dtype
 
 
-_INT4_PLANS: dict = {}
-_CODES_WORKSPACE: dict = {}
+INT4_PLANS: dict = {}
+CODES_WORKSPACE: dict = {}
 
 
 def _codes_workspace(device, dtype, elems: int):
     """The weight codes of int4_codes_kernel, rewritten by every call (one buffer per device and
     dtype, grown to the largest layer: 16.6 MB int8 for a GPT-OSS gate_up)."""
     import torch
-    buf = _CODES_WORKSPACE.get((str(device), dtype))
+    buf = CODES_WORKSPACE.get((str(device), dtype))
     if buf is None or buf.numel() < elems:
-        buf = _CODES_WORKSPACE[(str(device), dtype)] = torch.empty(elems, device=device, dtype=dtype)
+        buf = CODES_WORKSPACE[(str(device), dtype)] = torch.empty(elems, device=device, dtype=dtype)
     return buf
 
 
-def _row_quant_consts(k: int) -> dict:
+def row_quant_consts(k: int) -> dict:
     """int8_rows_kernel's launch constants for rows of k inputs (one pass while a row fits 8192)."""
     block = max(256, 1 << (k - 1).bit_length())
     return dict(BLOCK_K=min(block, 8192), ONE_PASS=block <= 8192, num_warps=4 if block <= 4096 else 8,
@@ -4735,31 +4851,32 @@ def _codes_launch(n: int, kp: int, codes_dtype, scaled: bool = False, group: int
                                                BLOCK_W=64), codes_dtype
 
 
-def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int4Plan:
+def int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> Int4Plan:
     import torch
     assert act in ("a8", "a16"), act
     assert dtype in (torch.float16, torch.bfloat16), f"x must be fp16/bf16, got {dtype}"
     assert k % groups == 0, f"K={k} is not divisible into {groups} scale groups"
     group, per_channel = k // groups, groups == 1
     assert per_channel or group % 8 == 0, f"group size {group}: the kernel needs a multiple of 8 (one packed word)"
-    cfg = config or int4_gemm_config(m, n, k, _sm_count(device), per_channel, act, dtype == torch.bfloat16, eager)
+    cfg = config or int4_gemm_config(m, n, k, sm_count(device), per_channel, act, dtype == torch.bfloat16, eager)
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
     part, count = (_split_k_workspace(device, m * n * (cfg.split_k if cfg.split_stores else 1), tiles,
                                       cfg.split_stores) if cfg.split_k > 1 else (None, None))
-    quant = _row_quant_consts(k)
+    quant = row_quant_consts(k)
     chunk = 64 if per_channel else group
     if cfg.dequant and dtype != torch.float16:   # bf16 keeps 8 significant bits: q * scale (11) would round
         cfg = replace(cfg, dequant=False)        # and A8's x_q * s_x too; the int codes stay exact
     if cfg.codes and cfg.dequant and (per_channel or group in (32, 64, 128, 256, 512)):
         # weights q * scale and (A8) x_q * s_x, both in x's dtype, multiplied by cuBLAS: at large M
-        # this beats both Triton GEMMs when there are group scales (bench/RESULTS.md, run 25)
-        return _Int4Plan(cfg, 1 if act == "a8" else 0, k, (), None, None, dict(quant, PERM_KW=1), {}, k,
+        # this beats both Triton GEMMs when there are group scales (bench/RESULTS.md: a Triton fp16 GEMM on
+        # the same dequantized weights was 1.2-1.6 x slower)
+        return Int4Plan(cfg, 1 if act == "a8" else 0, k, (), None, None, dict(quant, PERM_KW=1), {}, k,
                          "cublas", codes=_codes_launch(n, k, dtype, scaled=True, group=0 if per_channel else group),
                          xq_dtype=dtype)
     if cfg.codes and (per_channel or group in (32, 64, 128)):
         block_k = group if not per_channel else cfg.k_per_iter
         kp = -(-k // block_k) * block_k
-        return _Int4Plan(
+        return Int4Plan(
             cfg, 1 if act == "a8" else 0, kp, (tiles,), None, None, dict(quant, PERM_KW=1),
             dict(A8=act == "a8", GROUP=0 if per_channel else group, EVEN_K=act == "a8" or k % block_k == 0,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
@@ -4770,7 +4887,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
         cfg = replace(cfg, codes=False, dequant=False, grouped=True)   # a group size the codes kernels do not take
     if cfg.planar and (per_channel or group in (32, 64, 128)):
         kp = -(-k // PLANAR_K) * PLANAR_K
-        return _Int4Plan(
+        return Int4Plan(
             cfg, 0 if act == "a16" else 1, kp // 8, (tiles, cfg.split_k), part, count, dict(quant, PERM_KW=1),
             dict(A8=act == "a8", BF16=dtype == torch.bfloat16, GROUP=0 if per_channel else group,
                  X_PADDED=act == "a8", PREFETCH=cfg.prefetch, W_LHS=cfg.w_lhs, BLOCK_M=cfg.block_m,
@@ -4786,9 +4903,9 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
         bw = max(cfg.k_per_iter // 8, 1 if per_channel else group // 8)   # whole scale groups per step
         fuse, kp = act == "a8" and cfg.fuse_act_quant, -(-k // (8 * bw)) * 8 * bw
         pdl = _pdl_consts(cfg, device, fuse)
-        return _Int4Plan(
+        return Int4Plan(
             cfg, 0 if act == "a16" else 2 if fuse else 1, -(-k // 8), (-(-n // cfg.block_n), cfg.split_k), part, count,
-            dict(_row_quant_consts(kp), PERM_KW=bw, PDL=bool(pdl)),   # x_q zero-filled up to whole steps of BLOCK_W words
+            dict(row_quant_consts(kp), PERM_KW=bw, PDL=bool(pdl)),   # x_q zero-filled up to whole steps of BLOCK_W words
             dict(A8=act == "a8", FUSE=fuse, FUSE_CHUNKS=-(-k // 256) if fuse else 1, GROUP_W=0 if per_channel else group // 8,
                  PREFETCH=cfg.prefetch, BLOCK_N=cfg.block_n, BLOCK_W=bw,
                  W_ALIGN=4 if k % 32 == 0 else 1, SPLIT_K=cfg.split_k,
@@ -4798,7 +4915,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
     if cfg.grouped and chunk in (32, 64, 128):
         fuse = act == "a8" and cfg.fuse_act_quant and m <= cfg.block_m
         pdl = _pdl_consts(cfg, device, fuse)
-        return _Int4Plan(
+        return Int4Plan(
             cfg, 0 if act == "a16" else 2 if fuse else 1, -(-k // 8), (tiles, cfg.split_k), part, count,
             dict(quant, PERM_KW=1, PDL=bool(pdl)),
             dict(A8=act == "a8", FUSE=fuse, FUSE_CHUNKS=-(-k // 256) if fuse else 1,   # one compile per K
@@ -4814,7 +4931,7 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
     kw = max(32 if int8_dot else 16, cfg.k_per_iter // 8)
     fuse_rows = max(2, 1 << (m - 1).bit_length())
     mode = 0 if act == "a16" else 2 if cfg.fuse_act_quant and fuse_rows <= cfg.block_m else 1
-    return _Int4Plan(
+    return Int4Plan(
         cfg, mode, -(-k // 8), (tiles, cfg.split_k), part, count,
         dict(quant, PERM_KW=kw),
         dict(A_MODE=mode, GROUP=8 if per_channel else group, PER_CHANNEL=per_channel, INT8_DOT=int8_dot, KW=kw,
@@ -4831,15 +4948,15 @@ def _int4_plan(m, n, k, groups, act, dtype, device, config, eager=False) -> _Int
 def _pdl_consts(cfg: Int4GemmConfig, device, fuse: bool) -> dict:
     """The GEMM's PDL constexpr and launch option, {} when it launches plainly. Not with the
     activation quantization fused in (eager calls): that kernel ran 0-10 us slower with PDL in a
-    graph (run 91), and an eager call's time is the host's either way."""
-    return dict(PDL=True, launch_pdl=True) if cfg.pdl and not fuse and _pdl_supported(device) else {}
+    graph (on an H200), and an eager call's time is the host's either way."""
+    return dict(PDL=True, launch_pdl=True) if cfg.pdl and not fuse and pdl_supported(device) else {}
 
 
-def _cached_int4_plan(key) -> _Int4Plan:
-    """key: _int4_plan's arguments (m, n, k, groups, act, dtype, device, config, eager)."""
-    plan = _INT4_PLANS.get(key)
+def cached_int4_plan(key) -> Int4Plan:
+    """key: int4_plan's arguments (m, n, k, groups, act, dtype, device, config, eager)."""
+    plan = INT4_PLANS.get(key)
     if plan is None:
-        plan = _INT4_PLANS[key] = _int4_plan(*key)
+        plan = INT4_PLANS[key] = int4_plan(*key)
     return plan
 
 
@@ -4858,44 +4975,44 @@ def int4_linear(x, weight_packed, weight_scale, act: str = "a8", bias=None,
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    assert weight_packed.dtype == torch.int32 and weight_packed.shape[1] == (k + 7) // 8, \
-        f"weight_packed {tuple(weight_packed.shape)} {weight_packed.dtype} does not match K={k}"
+    assert weight_packed.dtype == torch.int32 and weight_packed.shape[1] == (k + 7) // 8, (
+        f"weight_packed {tuple(weight_packed.shape)} {weight_packed.dtype} does not match K={k}")
     device = x.device
     # the default config depends on this only for A8 at M <= 32 (int4_gemm_config): ask only then
     eager = (config is None and act == "a8" and m <= 32 and device.type == "cuda"
              and not torch.cuda.is_current_stream_capturing())
     key = (m, n, k, weight_scale.shape[-1], act, x.dtype, device, config, eager)
-    first_call = key not in _INT4_PLANS
-    plan = _cached_int4_plan(key)
+    first_call = key not in INT4_PLANS
+    plan = cached_int4_plan(key)
     if m == 0:
         return torch.empty(*x.shape[:-1], n, device=device, dtype=x.dtype)
     wp = weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()
     if weight_scale.stride(-1) != 1 and weight_scale.shape[-1] != 1:   # the kernel walks groups with step 1
         weight_scale = weight_scale.contiguous()
     if eager and first_call:   # a graph captured later takes the two-launch plan: compile and load it now
-        _int4_launch(_cached_int4_plan(key[:-1] + (False,)), x2, wp, weight_scale, planar)
+        _int4_launch(cached_int4_plan(key[:-1] + (False,)), x2, wp, weight_scale, planar)
     y = _int4_launch(plan, x2, wp, weight_scale, planar)
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], n)
 
 
-def _int8_rows(x2, kp: int, consts: dict):
+def int8_rows(x2, kp: int, consts: dict):
     """Per-token int8 activations of x2 [M, K] by int8_rows_kernel: (x_q [M, kp] int8, s_x [M] fp32)."""
     import torch
-    (m, k), kern = x2.shape, _TRITON_KERNELS or _triton_kernels()
+    (m, k), kern = x2.shape, _TRITON_KERNELS or triton_kernels()
     xa = torch.empty(m, kp, device=x2.device, dtype=torch.int8)
     sx = torch.empty(m, device=x2.device, dtype=torch.float32)
     kern["int8_rows"][(m,)](x2, xa, sx, k, kp, x2.stride(0), kp, **consts)
     return xa, sx
 
 
-def _int4_launch(plan: _Int4Plan, x2, wp, weight_scale, planar):
+def _int4_launch(plan: Int4Plan, x2, wp, weight_scale, planar):
     """int4_linear's kernels for one plan: x2 [M, K], wp / weight_scale contiguous along K -> y [M, N]."""
     import torch
     (m, k), n, device = x2.shape, wp.shape[0], x2.device
     y = torch.empty(m, n, device=device, dtype=x2.dtype)
-    kern = _TRITON_KERNELS or _triton_kernels()
+    kern = _TRITON_KERNELS or triton_kernels()
     if plan.kernel == "int4_gemm_planar":
         wp = int4_planar(wp, k) if planar is None else planar
         assert wp.shape == (n, plan.kw) and wp.dtype == torch.int32, f"planar weights {tuple(wp.shape)} do not fit K={k}"
@@ -4916,7 +5033,7 @@ def _int4_launch(plan: _Int4Plan, x2, wp, weight_scale, planar):
                                      weight_scale.stride(0), **consts)
         wp = codes
     elif plan.mode == 1:   # x_q in the GEMM's K order, padded to whole K steps
-        xa, sx = _int8_rows(x2, plan.k_padded, plan.quant_consts)
+        xa, sx = int8_rows(x2, plan.k_padded, plan.quant_consts)
     if plan.kernel == "cublas":
         torch.mm(xa, wp.T, out=y)
     else:
@@ -4927,7 +5044,7 @@ def _int4_launch(plan: _Int4Plan, x2, wp, weight_scale, planar):
     return y
 
 
-def _moe_chunk(k: int, groups: int) -> int | None:
+def moe_chunk(k: int, groups: int) -> int | None:
     """Inputs int4_moe's kernel unpacks per step for K inputs in `groups` scale groups (one group,
     or 64 per channel), or None for a layout it does not take."""
     chunk = 64 if groups == 1 else k // groups
@@ -4936,16 +5053,16 @@ def _moe_chunk(k: int, groups: int) -> int | None:
 
 # int4_moe unpacks the weights once per call when the routed experts average this many rows: even
 # at 1024 tokens of 20b (128 rows) the in-register unpack costs the same, at 2048 it is 1.2 x slower
-MOE_CODES_ROWS = 128         # (bench_moe.py, run 56)
+MOE_CODES_ROWS = 128         # (bench_moe.py on an H200)
 MOE_CODES_BYTES = 1 << 30    # ... into at most this much scratch at a time (experts in batches)
 # at up to this many rows (4 tokens of top-4, as measured) A8 is quantized inside int4_moe's kernel:
-MOE_FUSE_ROWS = 16           # one launch less, 124 -> 84 us of host per call for 6-17 us more GPU (run 62)
+MOE_FUSE_ROWS = 16           # one launch less, 124 -> 84 us of host per call for 6-17 us more GPU (bench_launch.py)
 # at up to this many rows (one row block) routed_experts_forward hands int4_moe the rows' experts as a
 # GPU tensor instead of counts: no host sync per MoE layer, and the call can be CUDA-graph captured
 MOE_DEVICE_ROUTING_ROWS = 16
 # ... and at up to this many (one token of top-4) int4_moe_gemv_kernel, a row per program on the CUDA cores
 MOE_GEMV_ROWS = 4
-MOE_GEMV_TILE = (32, 32, 4, 1)   # (BLOCK_N, BLOCK_W words per step, num_warps, SPLIT_K): run 73, split-K no faster
+MOE_GEMV_TILE = (32, 32, 4, 1)   # (BLOCK_N, BLOCK_W words per step, num_warps, SPLIT_K): split-K no faster (H200)
 
 
 def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act: str = "a8",
@@ -4958,7 +5075,7 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
     nothing is read back to the host, so the call never waits on the GPU. weight_packed
     [E, N, K/8] int32 (pack-quantized, symmetric), weight_scale [E, N, G] (G = 1: per channel),
     bias [E, N] or None -> y [R, N] in x's dtype. One launch instead of ~4 per routed expert:
-    a per-expert loop is bound by Triton's ~30 us of CPU per launch (bench/RESULTS.md, run 44).
+    a per-expert loop is bound by Triton's ~30 us of CPU per launch (bench/RESULTS.md, bench_int4_eager.py).
     codes: unpack the experts' weights once per call (one more launch per MOE_CODES_BYTES of codes;
     weight_packed contiguous) instead of once per row block in registers; None: when the routed
     experts average at least MOE_CODES_ROWS rows (long prompts: from ~1024 tokens of gpt-oss-20b).
@@ -4970,16 +5087,16 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
     gemv (BLOCK_N, BLOCK_W, num_warps, SPLIT_K) instead of MOE_GEMV_TILE."""
     import torch
     (r, k), (experts, n, kw), groups = x.shape, weight_packed.shape, weight_scale.shape[-1]
-    chunk = _moe_chunk(k, groups)
+    chunk = moe_chunk(k, groups)
     assert chunk, f"K={k} with {groups} scale groups: not a layout int4_moe takes"
     y = torch.empty(r, n, device=x.device, dtype=x.dtype)
     if r == 0:
         return y
     x = x if x.stride(-1) == 1 else x.contiguous()
     if counts is None:
-        assert r <= MOE_DEVICE_ROUTING_ROWS and row_experts is not None and row_experts.shape == (r,) \
-            and row_experts.device == x.device, f"row_experts: needs one per row of x on {x.device}, at most " \
-            f"{MOE_DEVICE_ROUTING_ROWS} rows"
+        assert (r <= MOE_DEVICE_ROUTING_ROWS and row_experts is not None and row_experts.shape == (r,)
+                and row_experts.device == x.device), (f"row_experts: needs one per row of x on {x.device}, at most "
+                                                      f"{MOE_DEVICE_ROUTING_ROWS} rows")
         codes, most = False, r   # r bounds every expert's rows
         gemv = r <= MOE_GEMV_ROWS if gemv is None else gemv
     else:
@@ -4989,15 +5106,15 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
             codes = r >= MOE_CODES_ROWS * len(routed)
         most = max(counts)
     fuse = act == "a8" and not codes and (r <= MOE_FUSE_ROWS if fuse is None else fuse)
-    kern = _TRITON_KERNELS or _triton_kernels()
+    kern = _TRITON_KERNELS or triton_kernels()
     if counts is None and gemv:
         return _int4_moe_gemv(kern, x, y, weight_packed, weight_scale, bias, row_experts, act, groups, chunk, fuse,
                               tiles or MOE_GEMV_TILE)
     block_m, block_n, warps, stages = tiles or _moe_tiles(most, codes)
-    xa, sx = _int8_rows(x, k, dict(_row_quant_consts(k), PERM_KW=1)) if act == "a8" and not fuse else (x, x)
+    xa, sx = int8_rows(x, k, dict(row_quant_consts(k), PERM_KW=1)) if act == "a8" and not fuse else (x, x)
     if counts is None:   # one program per row: a row that is not its expert's first exits at once
         assert block_m >= r, f"{r} rows need a row block of at least {r}, not {block_m}"
-        _launch_int4_moe(kern, (r, -(-n // block_n)), xa, sx, weight_packed, weight_scale, bias, y, row_experts,
+        launch_int4_moe(kern, (r, -(-n // block_n)), xa, sx, weight_packed, weight_scale, bias, y, row_experts,
                          weight_packed, 0, act, chunk, groups, False, fuse, True, (block_m, block_n, warps, stages))
         return y
     codes_dtype = torch.int8 if act == "a8" else x.dtype
@@ -5020,7 +5137,7 @@ def int4_moe(x, counts: list | None, weight_packed, weight_scale, bias=None, act
             grid, consts, _ = _codes_launch(rows, k, codes_dtype)
             kern["int4_codes"][grid](weight_packed[e0:e1].view(rows, kw), weight_scale, q, rows, k, kw, k, kw, 0,
                                      **consts)
-        _launch_int4_moe(kern, (len(bl), -(-n // block_n)), xa, sx, weight_packed, weight_scale, bias, y, blk[done:],
+        launch_int4_moe(kern, (len(bl), -(-n // block_n)), xa, sx, weight_packed, weight_scale, bias, y, blk[done:],
                          q, e0, act, chunk, groups, codes, fuse, False, (block_m, block_n, warps, stages))
         done += len(bl)
     return y
@@ -5034,7 +5151,7 @@ def _int4_moe_gemv(kern, x, y, weight_packed, weight_scale, bias, row_experts, a
     xa = sx = x
     if act == "a8" and not fuse:   # x_q with each step's nibble-j activations contiguous, zero-padded
         kp = -(-k // (8 * block_w)) * 8 * block_w
-        xa, sx = _int8_rows(x, kp, dict(_row_quant_consts(kp), PERM_KW=block_w))
+        xa, sx = int8_rows(x, kp, dict(row_quant_consts(kp), PERM_KW=block_w))
     tiles_n = -(-n // block_n)
     part, count = _split_k_workspace(x.device, split * r * n, r * tiles_n, True) if split > 1 else (y, y)
     kern["int4_moe_gemv"][(r, tiles_n, split)](
@@ -5049,14 +5166,14 @@ def _int4_moe_gemv(kern, x, y, weight_packed, weight_scale, bias, row_experts, a
 
 def _moe_tiles(most: int, codes: bool) -> tuple:
     """int4_moe's (BLOCK_M, BLOCK_N, num_warps, num_stages) when the busiest routed expert has `most`
-    rows: from bench_moe.py's sweeps (runs 52, 55, 56) and bench_launch.py's (61)."""
+    rows: from bench_moe.py's sweeps and bench_launch.py's on an H200."""
     if codes:
         return (128, 64, 4, 4) if most > 128 else (32, 64, 4, 4)
     return ((16, 64, 4, None) if most <= 4 else (16, 128, 4, None) if most <= 16 else
             (32, 128, 4, None) if most <= 32 else (64, 128, 8, None) if most <= 128 else (128, 64, 4, None))
 
 
-def _launch_int4_moe(kern, grid, xa, sx, weight_packed, weight_scale, bias, y, blk, q, e0, act, chunk, groups, codes,
+def launch_int4_moe(kern, grid, xa, sx, weight_packed, weight_scale, bias, y, blk, q, e0, act, chunk, groups, codes,
                      fuse, row_experts, tiles):
     """One launch of int4_moe_kernel over `grid` (row blocks or rows, N blocks) with these tiles."""
     block_m, block_n, warps, stages = tiles
@@ -5113,7 +5230,7 @@ def qqq_python_sources() -> list[Path]:
     return out
 
 
-def _load_qqq_qlinear():
+def load_qqq_qlinear():
     """QQQ's qlinear_marlin module (QuantLinear, mul) loaded from its file (see qqq_python_sources;
     also keeps QQQ/gptq/__init__, model code with transformers imports, from running). It imports
     the installed extension QQQ._CUDA."""
@@ -5135,14 +5252,14 @@ def builtin_w4a8_status() -> tuple[bool, str]:
     ok, detail = triton_status()
     if not ok:
         return False, detail
-    gpu = _cuda_gpus()
+    gpu = cuda_gpus()
     if not gpu:
         return False, f"triton {detail} installed; needs a CUDA GPU with compute capability >= 8.0 to run (none here)"
     best = max(g["capability"] for g in gpu)
     if best < (8, 0):
         return False, f"triton {detail} installed; needs compute capability >= 8.0 (best GPU here: {best[0]}.{best[1]})"
     import torch
-    pdl = ", programmatic dependent launch" if _pdl_supported(torch.device("cuda")) else ""
+    pdl = ", programmatic dependent launch" if pdl_supported(torch.device("cuda")) else ""
     return True, f"triton {detail}, tensor cores of cc {best[0]}.{best[1]}{pdl}"
 
 
@@ -5183,7 +5300,7 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-def _cuda_gpus() -> list[dict]:
+def cuda_gpus() -> list[dict]:
     """Visible CUDA GPUs (empty without torch CUDA or a device)."""
     try:
         import torch
@@ -5207,7 +5324,7 @@ def _cuda_gpus() -> list[dict]:
 # is 3x the L2 cache, so no backend is timed on L2-resident weights. Every timing comes with the
 # relative error of that backend's output against float64 math on the same quantized values.
 # Each backend runs in a worker process: a CUDA fault or a hang (QQQ on K=4096, N=2880, M=1024 did
-# both, runs 1 and 25) kills the worker (a watchdog for hangs), the case is reported as a crash, and
+# both on an H200) kills the worker (a watchdog for hangs), the case is reported as a crash, and
 # a fresh worker takes the remaining ones.
 
 BENCH_BACKENDS = ("fp16", "w4a8", "w4a16", "qqq", "qqq-gemm")
@@ -5239,36 +5356,36 @@ def backend_label(backend: str, group, dtype: str = "fp16") -> str:
 def sweep_configs(m: int) -> list[Int4GemmConfig]:
     """Alternatives timed by --sweep (graph timing) next to int4_gemm_config's pick: at M = 1 the
     GEMV's tiles and the tensor-core kernel; else the planar kernel over tile, split-K, prefetch and
-    pipelining, and the one-dot-per-group kernel (grouped=True; at M <= 16 only run 7's runners-up,
-    its full grid is in bench/RESULTS.md)."""
+    pipelining, and the one-dot-per-group kernel (grouped=True; at M <= 16 only the runners-up of
+    its full grid, swept when split-K still summed with fp32 atomics)."""
     C = Int4GemmConfig
-    if m == 1:   # the GEMV (CUDA cores) around run 70's winners; Triton's own pipelining; the tensor-core kernel
-        return [C(1, bn, kpi, False, 4, 1, split_k=sk, gemv=True, prefetch=True)
-                for bn in (32, 64) for kpi in (256, 512) for sk in (4, 8)] + \
-               [C(1, 16, 512, False, 4, 1, split_k=8, gemv=True, prefetch=True),
-                C(1, 128, 256, False, 8, 1, split_k=8, gemv=True, prefetch=True),
-                C(1, 64, 256, False, 4, 3, split_k=8, gemv=True),
-                C(1, 32, 256, False, 4, 3, split_k=4, gemv=True),
-                C(1, 64, 256, True, 4, 1, split_k=8, gemv=True, prefetch=True),
-                C(16, 64, 64, False, 4, 1, split_k=16, grouped=True, prefetch=True)]
+    if m == 1:   # the GEMV (CUDA cores) around its first sweep's winners; Triton's pipelining; the tensor-core kernel
+        return ([C(1, bn, kpi, False, 4, 1, split_k=sk, gemv=True, prefetch=True)
+                 for bn in (32, 64) for kpi in (256, 512) for sk in (4, 8)]
+                + [C(1, 16, 512, False, 4, 1, split_k=8, gemv=True, prefetch=True),
+                   C(1, 128, 256, False, 8, 1, split_k=8, gemv=True, prefetch=True),
+                   C(1, 64, 256, False, 4, 3, split_k=8, gemv=True),
+                   C(1, 32, 256, False, 4, 3, split_k=4, gemv=True),
+                   C(1, 64, 256, True, 4, 1, split_k=8, gemv=True, prefetch=True),
+                   C(16, 64, 64, False, 4, 1, split_k=16, grouped=True, prefetch=True)])
     if m <= 16:
-        return [C(16, bn, 256, False, 4, st, split_k=sk, planar=True, prefetch=pre)
-                for bn in (32, 64, 128) for sk in (4, 8, 16) for pre, st in ((True, 1), (False, 3))] + \
-               [C(16, bn, 256, False, 4, 3, split_k=sk, planar=True, split_stores=True)
-                for bn in (32, 64) for sk in (4, 8, 16)] + \
-               [C(16, bn, 64, False, 4, 1, split_k=sk, grouped=True, prefetch=True, split_stores=stores)
-                for bn, sk in ((32, 8), (32, 16), (64, 8), (64, 16), (128, 8)) for stores in (False, True)]
+        return ([C(16, bn, 256, False, 4, st, split_k=sk, planar=True, prefetch=pre)
+                 for bn in (32, 64, 128) for sk in (4, 8, 16) for pre, st in ((True, 1), (False, 3))]
+                + [C(16, bn, 256, False, 4, 3, split_k=sk, planar=True, split_stores=True)
+                   for bn in (32, 64) for sk in (4, 8, 16)]
+                + [C(16, bn, 64, False, 4, 1, split_k=sk, grouped=True, prefetch=True, split_stores=stores)
+                   for bn, sk in ((32, 8), (32, 16), (64, 8), (64, 16), (128, 8)) for stores in (False, True)])
     if m <= 64:
         return [C(bm, bn, kpi, False, 4, 4, split_k=sk, grouped=True)
                 for bm in (32, 64) for bn in (64, 128) for kpi in (64, 128) for sk in (1, 2, 4)]
-    return [C(bm, bn, kpi, False, w, st, codes=True)   # int8 GEMM on codes (per-channel W4A8's default)
-            for bm, bn, kpi, w, st in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
-                                       (128, 128, 256, 8, 3), (128, 128, 128, 8, 4), (64, 128, 128, 4, 4),
-                                       (128, 64, 128, 4, 4), (64, 64, 128, 4, 4))] + \
-           [C(64, 64, 64, False, codes=True, dequant=True),   # q * scale, cuBLAS (the others' default)
-            C(128, 128, 256, False, 8, 3, planar=True),       # run 8-21's best in-register kernels
-            C(128, 128, 64, False, 8, 3, grouped=True, prefetch=True),
-            C(128, 64, 64, False, 4, 3, grouped=True, prefetch=True, w_lhs=False)]
+    return ([C(bm, bn, kpi, False, w, st, codes=True)   # int8 GEMM on codes (per-channel W4A8's default)
+             for bm, bn, kpi, w, st in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                                        (128, 128, 256, 8, 3), (128, 128, 128, 8, 4), (64, 128, 128, 4, 4),
+                                        (128, 64, 128, 4, 4), (64, 64, 128, 4, 4))]
+            + [C(64, 64, 64, False, codes=True, dequant=True),   # q * scale, cuBLAS (the others' default)
+               C(128, 128, 256, False, 8, 3, planar=True),       # the best in-register kernels of earlier sweeps
+               C(128, 128, 64, False, 8, 3, grouped=True, prefetch=True),
+               C(128, 64, 64, False, 4, 3, grouped=True, prefetch=True, w_lhs=False)])
 
 
 def _time_eager_us(fn, copies: int, iters: int, warmup: int = 10) -> float:
@@ -5286,7 +5403,7 @@ def _time_eager_us(fn, copies: int, iters: int, warmup: int = 10) -> float:
     return statistics.median(a.elapsed_time(b) * 1e3 for a, b in ev)
 
 
-def _time_graph_us(fn, copies: int, iters: int) -> float:
+def time_graph_us(fn, copies: int, iters: int) -> float:
     """Median over replays of one CUDA graph holding max(copies, 20) calls, per call."""
     import statistics
     import torch
@@ -5317,13 +5434,13 @@ def _time_graph_us(fn, copies: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def _bench_copies(nbytes: int) -> int:
+def bench_copies(nbytes: int) -> int:
     import torch
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or 50 * 2**20
     return int(min(BENCH_MAX_COPIES, max(2, -(-BENCH_L2_FACTOR * l2 // max(nbytes, 1)))))
 
 
-def _random_int4_weights(n: int, k: int, group, gen, device, qmin: int = -8, dtype=None):
+def random_int4_weights(n: int, k: int, group, gen, device, qmin: int = -8, dtype=None):
     """q uniform in [qmin, 7] (QQQ per channel takes [-7, 7]), scales in [0.002, 0.022]."""
     import torch
     q = torch.randint(qmin, 8, (n, k), generator=gen, device=device, dtype=torch.int8)
@@ -5332,14 +5449,14 @@ def _random_int4_weights(n: int, k: int, group, gen, device, qmin: int = -8, dty
     return q, scale
 
 
-def _bench_one(job: dict, iters: int, graph: bool) -> dict:
+def bench_one(job: dict, iters: int, graph: bool) -> dict:
     """One (backend, M, K, N) measurement inside a worker process."""
     import torch
     dev = torch.device(job.get("device", "cuda"))   # "cpu" only for tests (interpreter, check_only)
     m, k, n, group, backend = job["M"], job["K"], job["N"], job["group"], job["backend"]
 
     def n_copies(nbytes):
-        return 1 if job.get("check_only") else _bench_copies(nbytes)
+        return 1 if job.get("check_only") else bench_copies(nbytes)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[job.get("dtype", "fp16")]
     gen = torch.Generator(device=dev).manual_seed(1234 + m + k + n)
     x = torch.randn(m, k, generator=gen, device=dev).to(dtype)
@@ -5359,7 +5476,7 @@ def _bench_one(job: dict, iters: int, graph: bool) -> dict:
             return layers[i](x)
     elif backend in ("w4a8", "w4a16"):
         act = backend[2:]
-        q, ws = _random_int4_weights(n, k, group, gen, dev)
+        q, ws = random_int4_weights(n, k, group, gen, dev)
         wp = pack_int4(q)
         copies = [(wp, ws)] + [(wp.clone(), ws.clone()) for _ in range(n_copies(wp.nbytes + ws.nbytes) - 1)]
         forced = Int4GemmConfig(**job["config"]) if job.get("config") else None   # None: as a user's call
@@ -5374,8 +5491,8 @@ def _bench_one(job: dict, iters: int, graph: bool) -> dict:
             return int4_linear(x, copies[i][0], copies[i][1], act=act, config=forced, planar=planar[i])
     elif backend in ("qqq", "qqq-gemm"):
         import copy
-        qmod = _load_qqq_qlinear()
-        q, s = _random_int4_weights(n, k, None, gen, dev, qmin=-7)
+        qmod = load_qqq_qlinear()
+        q, s = random_int4_weights(n, k, None, gen, dev, qmin=-7)
         lin = torch.nn.Linear(k, n, bias=False, dtype=torch.float16)
         with torch.no_grad():
             lin.weight.copy_((q.double() * s.double()).half().cpu())
@@ -5407,19 +5524,19 @@ def _bench_one(job: dict, iters: int, graph: bool) -> dict:
             if not job.get("graph_only"):
                 out["eager_us"] = _time_eager_us(fn, copies_n, iters)
             if graph:
-                out["graph_us"] = _time_graph_us(fn, copies_n, iters)
+                out["graph_us"] = time_graph_us(fn, copies_n, iters)
     out["copies"] = copies_n
     return out
 
 
-def _bench_worker() -> int:
+def bench_worker() -> int:
     """Worker process body: jobs as JSON on stdin, one `@@bench {json}` line per job on stdout."""
     spec = json.loads(sys.stdin.read())
     for job in spec["jobs"]:
         print("@@start " + json.dumps({"id": job["id"]}), flush=True)
         t0 = time.time()
         try:
-            res = _bench_one(job, spec["iters"], spec["graph"])
+            res = bench_one(job, spec["iters"], spec["graph"])
         except Exception as e:
             msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:400]
             res = {"error": msg}
@@ -5431,16 +5548,16 @@ def _bench_worker() -> int:
     return 0
 
 
-def _run_bench_workers(jobs: list[dict], iters: int, graph: bool, job_timeout_s: float = 60) -> dict:
+def run_bench_workers(jobs: list[dict], iters: int, graph: bool, job_timeout_s: float = 60) -> dict:
     """Runs jobs in worker processes; a dead or hung worker costs only its current job."""
     import subprocess
     import threading
     results, pending = {}, list(jobs)
     # this very file, not whatever `compress_gptoss` the worker's sys.path finds first: an older copy
-    # run for a before/after comparison would otherwise time the checkout's kernels (run 86 did)
+    # run for a before/after comparison would otherwise time the checkout's kernels instead of its own
     code = (f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('compress_gptoss', "
             f"{str(Path(__file__).resolve())!r}); c = importlib.util.module_from_spec(spec); "
-            f"sys.modules['compress_gptoss'] = c; spec.loader.exec_module(c); sys.exit(c._bench_worker())")
+            f"sys.modules['compress_gptoss'] = c; spec.loader.exec_module(c); sys.exit(c.bench_worker())")
     while pending:
         proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -5526,7 +5643,7 @@ def run_runtime_bench(cases: list[dict], backends: list[str], group, iters: int 
     results = {}
     for group_jobs in (builtin, risky):  # QQQ gets its own workers
         if group_jobs:
-            results.update(_run_bench_workers(group_jobs, iters, graph))
+            results.update(run_bench_workers(group_jobs, iters, graph))
     rows = [{**{k: j[k] for k in ("kind", "backend", "label", "M", "K", "N", "group")},
              "shape": j.get("shape"), "dtype": j.get("dtype", "fp16"), **results.get(j["id"], {"error": "not run"})}
             for j in jobs]
@@ -5688,7 +5805,7 @@ def runtime_environment() -> dict:
                         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
     except ImportError as e:
         env["torch"] = {"version": None, "error": str(e)}
-    env["gpus"] = _cuda_gpus()
+    env["gpus"] = cuda_gpus()
     for g in env["gpus"]:
         g["capability"] = list(g["capability"])
     env["driver"] = _nvidia_driver()
@@ -5708,7 +5825,7 @@ def cuda_sanity() -> list[dict]:
     """A 1024^3 fp16 matmul per visible GPU against float64 on the same device."""
     import torch
     out = []
-    for g in _cuda_gpus():
+    for g in cuda_gpus():
         dev = torch.device("cuda", g["index"])
         try:
             a = torch.randn(1024, 1024, device=dev, dtype=torch.float16)
@@ -5740,8 +5857,8 @@ def _format_environment(env: dict) -> str:
             lines.append(f"GPU {g['index']}           {g['name']}, compute capability {g['capability'][0]}."
                          f"{g['capability'][1]}, {g['memory_gb']} GB, {g['sms']} SMs")
     else:
-        why = "torch is a CPU-only build" if t.get("version") and not t.get("cuda") else \
-            "torch.cuda.is_available() is False"
+        why = ("torch is a CPU-only build" if t.get("version") and not t.get("cuda") else
+               "torch.cuda.is_available() is False")
         lines.append(f"GPUs            none: no CUDA GPU visible ({why})")
     nv = env["nvcc"]
     lines.append(f"nvcc            {nv['path'] + ' (release ' + str(nv['release']) + ')' if nv else '- (not found)'}")
@@ -5832,7 +5949,7 @@ def _builtin_selftest() -> dict:
     """The built-in kernels on one odd GPT-OSS-like shape per mode, in a worker process."""
     jobs = [{"id": f"self-{act}", "backend": f"w4{act}", "M": 7, "K": 2880, "N": 515, "group": 32,
              "check_only": True, "label": f"self-test {act}"} for act in ("a8", "a16")]
-    res = _run_bench_workers(jobs, iters=1, graph=False)
+    res = run_bench_workers(jobs, iters=1, graph=False)
     errs = {j["id"][5:]: res.get(j["id"], {}) for j in jobs}
     ok = all("rel_err" in r and r["rel_err"] <= 1e-3 for r in errs.values())
     return {"ok": ok, "detail": ", ".join(f"{a} " + (f"rel.err {r['rel_err']:.1e}" if "rel_err" in r else
@@ -5844,7 +5961,7 @@ def qqq_self_test() -> dict:
     """QQQ's GEMM and forward on one shape it supports, against float64, in a worker process."""
     jobs = [{"id": f"qqq-{b}", "backend": b, "M": 16, "K": 1024, "N": 512, "group": None, "check_only": True,
              "label": f"QQQ self-test {b}"} for b in ("qqq-gemm", "qqq")]
-    res = _run_bench_workers(jobs, iters=1, graph=False)
+    res = run_bench_workers(jobs, iters=1, graph=False)
     rs = [res.get(j["id"], {}) for j in jobs]
     ok = all("rel_err" in r and r["rel_err"] <= 2e-3 for r in rs)
     return {"ok": ok, "detail": ", ".join(f"{j['backend']} " + (f"rel.err {r['rel_err']:.1e}" if "rel_err" in r
@@ -5853,7 +5970,7 @@ def qqq_self_test() -> dict:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if not _cuda_gpus():
+    if not cuda_gpus():
         t = runtime_environment()["torch"]
         print(f"error: verify-runtime --bench needs a CUDA GPU; none is visible here (torch {t.get('version')}, "
               f"CUDA {t.get('cuda') or 'none'}). Nothing was timed.", file=sys.stderr)
@@ -5947,7 +6064,7 @@ def attach_int4_kernels(model) -> dict:
             return int4_linear(x, module.weight_packed, module.weight_scale, act=act, bias=module.bias)
         module.forward = forward
         counts["w4" + act] += 1
-    for block in _linearized_moe_blocks(model):
+    for block in linearized_moe_blocks(model):
         counts["fused_gate_up"] += sum(fuse_gate_up(block[e]) for e in range(block.num_experts))
         counts["stacked_moe"] += stack_experts(block)
 
@@ -5957,7 +6074,7 @@ def attach_int4_kernels(model) -> dict:
     return counts
 
 
-def _linearized_moe_blocks(model) -> list:
+def linearized_moe_blocks(model) -> list:
     from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
     return [m for m in model.modules() if isinstance(m, LinearExperts2D) and m.has_gate]
 
@@ -5970,8 +6087,8 @@ def fuse_gate_up(expert) -> bool:
     import torch
     gate, up = expert.gate_proj, expert.up_proj
     act = int4_kernel_mode(gate)
-    if act is None or int4_kernel_mode(up) != act or gate.weight_scale.shape[-1] != up.weight_scale.shape[-1] \
-            or (gate.bias is None) != (up.bias is None):
+    if (act is None or int4_kernel_mode(up) != act or gate.weight_scale.shape[-1] != up.weight_scale.shape[-1]
+            or (gate.bias is None) != (up.bias is None)):
         return False
     fused = torch.nn.Module()
     fused.act = act
@@ -5995,8 +6112,8 @@ def stack_experts(block) -> bool:
     parts = {"gate_up": [x.gate_up for x in experts], "down": [x.down_proj for x in experts]}
     for mods in parts.values():
         groups = {m.weight_scale.shape[-1] for m in mods}
-        if len(groups) != 1 or not _moe_chunk(mods[0].weight_packed.shape[1] * 8, groups.pop()) \
-                or len({m.bias is None for m in mods}) != 1:
+        if (len(groups) != 1 or not moe_chunk(mods[0].weight_packed.shape[1] * 8, groups.pop())
+                or len({m.bias is None for m in mods}) != 1):
             return False
     for name, mods in parts.items():
         for t in ("weight_packed", "weight_scale", "bias"):
@@ -6044,7 +6161,8 @@ def routed_experts_forward(block, hidden_states, top_k_index, top_k_weights):
             start += n
     weighted = y * top_k_weights.reshape(-1)[order, None]
     # back to (token, slot) order, then each token's k rows summed in slot order in fp32 (or wider):
-    # index_add_ added them with atomics in bf16, in an order that varied from call to call (run 85)
+    # index_add_ added them with atomics in bf16, in an order that varied from call to call (the same
+    # prompt decoded twice differed by a median 5.5-7.1e-3 in the logits)
     by_slot = torch.empty_like(weighted).index_copy_(0, order, weighted)
     acc = torch.promote_types(weighted.dtype, torch.float32)
     return by_slot.view(-1, k, by_slot.shape[-1]).sum(1, dtype=acc).to(hidden_states.dtype)
@@ -6128,8 +6246,8 @@ GRAPH_WARMUP_STEPS = 3   # eager decode steps (on a side stream) before the capt
 
 def _capture_safe_eager_mask(dtype=None, **kw):
     """transformers' eager_mask (masking_utils) without its one capture hazard: it builds the mask's
-    0 with torch.tensor(0.0, device=cuda), a copy from host memory that a CUDA-graph capture rejects
-    (run 65). Same values. Written by hand: transformers has no capture-safe eager mask."""
+    0 with torch.tensor(0.0, device=cuda), a copy from host memory that a CUDA-graph capture rejects.
+    Same values. Written by hand: transformers has no capture-safe eager mask."""
     import torch
     from transformers.masking_utils import sdpa_mask
     kw.pop("allow_is_causal_skip", None)
@@ -6142,7 +6260,7 @@ def static_cache_decode(model, ids, new_tokens: int, graph: bool = False, feed: 
     """Greedy decode of one sequence into a StaticCache: GRAPH_WARMUP_STEPS steps, then `new_tokens`
     timed steps, each a plain forward or (graph) one replay of a CUDA graph of the step, captured once
     after the warm-up. A replay launches nothing from Python. Eager decode at batch 1 is bound by the
-    host (a 1-token forward kept the GPU busy 20-29 % of its time, runs 60 and 65), and serving
+    host (a 1-token forward kept the GPU busy 20-29 % of its time on an H200), and serving
     engines decode from graphs for that reason. `feed`: the token ids to give each step instead of
     the model's own choice (two runs' logits compared step by step on the same inputs).
     Returns tokens/s over the timed steps, the token chosen after the prompt and after every step,
@@ -6159,7 +6277,7 @@ def static_cache_decode(model, ids, new_tokens: int, graph: bool = False, feed: 
                         f"rolls with host-side indices that a CUDA graph cannot follow; ask for fewer --new-tokens")
     cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 1)
     for layer in cache.layers:   # a sliding layer gives its length (the masks' offset) as a host int, which a
-        if isinstance(layer, StaticSlidingWindowLayer):   # graph would freeze (run 68); within the window
+        if isinstance(layer, StaticSlidingWindowLayer):   # graph would freeze; within the window
             layer.get_seq_length = lambda layer=layer: layer.cumulative_length   # its count is the same value
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     masks = AttentionMaskInterface._global_mapping   # swapped back in `finally`: other models keep theirs
@@ -6271,7 +6389,7 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
     loader = globals().get("load_quantized_model")
     if loader is None:
         raise UserError("--model needs load_quantized_model() from the loader section, which this build lacks")
-    device = device or ("cuda" if _cuda_gpus() else "cpu")
+    device = device or ("cuda" if cuda_gpus() else "cpu")
     prompts, prompt_kind = _prompt_ids(path)
     rep = {"model": str(path), "device": device, "prompts": prompt_kind, "new_tokens": new_tokens,
            "prefill_tokens": list(prefill)}
@@ -6407,7 +6525,7 @@ def cuda_arch_list() -> tuple[str | None, str]:
     """(TORCH_CUDA_ARCH_LIST to build for, where it came from)."""
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return os.environ["TORCH_CUDA_ARCH_LIST"], "TORCH_CUDA_ARCH_LIST from your environment"
-    caps = sorted({tuple(g["capability"]) for g in _cuda_gpus()})
+    caps = sorted({tuple(g["capability"]) for g in cuda_gpus()})
     if not caps:
         return None, "no GPU visible"
     return ";".join(f"{a}.{b}" for a, b in caps), "detected GPU(s)"
@@ -6448,7 +6566,7 @@ def qqq_install_blockers(source: str | None) -> list[str]:
     return problems
 
 
-def _qqq_source_tree(src: str) -> Path | None:
+def qqq_source_tree(src: str) -> Path | None:
     """A local QQQ source tree for src: the directory itself, or an archive (path or http(s) URL)
     unpacked once under the cache. None for what pip must fetch itself (git+...)."""
     import tarfile
@@ -6508,7 +6626,7 @@ def install_qqq(yes: bool, source: str | None = None) -> bool:
         arch, why = cuda_arch_list()
         env["TORCH_CUDA_ARCH_LIST"] = arch
         plan.append(f"arch        TORCH_CUDA_ARCH_LIST={arch} ({why}; RTX 3090 is 8.6)")
-    src_dir = None if is_wheel else _qqq_source_tree(src)   # kept: QQQ's Python layer is read from it
+    src_dir = None if is_wheel else qqq_source_tree(src)   # kept: QQQ's Python layer is read from it
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", str(src_dir or src)]
     plan.append("command     " + " ".join(cmd))
     plan.append("guarantee   --no-deps: no installed package changes version (checked after install)")
@@ -6550,7 +6668,7 @@ def install_qqq(yes: bool, source: str | None = None) -> bool:
     if not ok:
         log(f"install-kernel: QQQ does not import: {detail}")
         return False
-    if not _cuda_gpus():
+    if not cuda_gpus():
         log("install-kernel: QQQ imports; numeric self-test skipped: no CUDA GPU visible (run "
             "`verify-runtime` on the GPU machine)")
         return True
@@ -6563,7 +6681,7 @@ def cmd_install_kernel(args: argparse.Namespace) -> int:
     ok, detail = qqq_status()
     if ok and not args.force and not args.source:
         log(f"install-kernel: QQQ {detail} is already installed (--force reinstalls); self-testing it")
-        if not _cuda_gpus():
+        if not cuda_gpus():
             log("install-kernel: self-test skipped: no CUDA GPU visible")
             return 0
         st = qqq_self_test()

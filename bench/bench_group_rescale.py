@@ -5,10 +5,10 @@ The codes GEMM (int4_codes_gemm_kernel) with group scales waits for each group's
 turns it to fp32 and rescales it into the accumulator (wgmma.wait_group 0 in the sm_90 lowering).
 This times, GEMM only, on int8 x_q and int8 codes already in memory, in one process:
   - int4_codes_gemm_kernel with group 64 over a few tiles, and per channel (no rescale: the bound);
-    with --before PATH (an older compress_gptoss.py) that version's kernel too;
+    with --before PATH (an older compress_gptoss.py that has triton_kernels()) that version's kernel too;
   - a prototype of the same math whose operands come by TMA (host tensor descriptors), with and
     without the rescale. (Its warp-specialized form, tl.range(warp_specialize=True), never
-    finished its first launch on the H200, run 92a; it is in the kernel but not timed.)
+    finished its first launch on the H200; it is in the kernel but not timed.)
   - FP16 / BF16 torch.matmul, and int4_linear's whole call (A8, group 64): the default (for fp16 x:
     q * scale, then cuBLAS) and the codes GEMM path forced by config, now and --before.
 CUDA-graph time per call (as verify-runtime --bench); the GEMM-only rows come with their relative
@@ -70,7 +70,8 @@ def main() -> int:
     ap.add_argument("--M", default="256,1024")
     ap.add_argument("--dtype", default="fp16,bf16")
     ap.add_argument("--iters", type=int, default=100)
-    ap.add_argument("--before", help="an older compress_gptoss.py whose codes GEMM and default call are timed too")
+    ap.add_argument("--before", help="an older compress_gptoss.py (one with the public triton_kernels()) whose "
+                    "codes GEMM and default call are timed too")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import torch
@@ -81,14 +82,14 @@ def main() -> int:
         return 3
     dev = torch.device("cuda")
     before = load_module(args.before, "compress_gptoss_before") if args.before else None
-    kern = c._triton_kernels()["int4_codes_gemm"]
+    kern = c.triton_kernels()["int4_codes_gemm"]
     proto = tma_kernel()
     gen = torch.Generator(device=dev).manual_seed(0)
     rows = []
 
     def timed(row, fn, copies, ref=None, out=None):
         try:
-            row["us"] = round(c._time_graph_us(fn, copies, args.iters), 2)
+            row["us"] = round(c.time_graph_us(fn, copies, args.iters), 2)
             if ref is not None:
                 fn(0)
                 torch.cuda.synchronize()
@@ -102,12 +103,12 @@ def main() -> int:
         dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dname]
         for m in [int(v) for v in args.M.split(",")]:
             for shape, (k, n) in SHAPES.items():
-                group, copies = 64, c._bench_copies(n * k)
+                group, copies = 64, c.bench_copies(n * k)
                 xq = torch.randint(-127, 128, (m, k), generator=gen, device=dev, dtype=torch.int8)
                 sx = (torch.rand(m, generator=gen, device=dev) * 0.02 + 0.001)
                 qs, ws = [], []
                 for _ in range(copies):
-                    q, s = c._random_int4_weights(n, k, group, gen, dev, dtype=dt)
+                    q, s = c.random_int4_weights(n, k, group, gen, dev, dtype=dt)
                     qs.append(q.contiguous())
                     ws.append(s.contiguous())
                 s_ch = [s[:, :1].contiguous() for s in ws]
@@ -118,7 +119,7 @@ def main() -> int:
                 y = torch.empty(m, n, device=dev, dtype=dt)
                 base = dict(dtype=dname, M=m, shape=shape, K=k, N=n)
 
-                kernels = [("now", kern)] + ([("before", before._triton_kernels()["int4_codes_gemm"])] if before else [])
+                kernels = [("now", kern)] + ([("before", before.triton_kernels()["int4_codes_gemm"])] if before else [])
                 for when, kn in kernels:
                     tiles = ((64, 128, 4, 4), (128, 128, 8, 3)) + (((128, 256, 8, 3),) if when == "now" else ())
                     for bm, bn, w, st in tiles:
@@ -134,7 +135,7 @@ def main() -> int:
                                        tile=f"{bm}x{bn}x{group} w{w} s{st}"), run, copies, ref if grp else ref_ch, y)
 
                 # TMA operands, no warp specialization (with warp_specialize=True the first launch
-                # never finished on the H200 in run 92a: not timed)
+                # never finished on the H200: not timed)
                 bm, bn, w, st = 128, 128, 8, 3
                 grid = (-(-m // bm) * -(-n // bn),)
                 xdesc = TensorDescriptor.from_tensor(xq, [bm, group])
@@ -157,7 +158,7 @@ def main() -> int:
                 calls = [("now", c, None), ("now", c, C(64, 128, 64, False, 4, 4, codes=True)),
                          ("now", c, C(128, 128, 64, False, 8, 3, codes=True))] + ([("before", before, None)] if before else [])
                 for when, mod, cfg in calls:
-                    label = (cfg or mod.int4_gemm_config(m, n, k, c._sm_count(dev), False, "a8", dt == torch.bfloat16)).label()
+                    label = (cfg or mod.int4_gemm_config(m, n, k, c.sm_count(dev), False, "a8", dt == torch.bfloat16)).label()
                     timed(dict(base, kernel=f"int4_linear A8 g64, whole call ({when})", config=label,
                                default=cfg is None), lambda i, mod=mod, cfg=cfg: mod.int4_linear(x, packed[i], ws[i], act="a8", config=cfg),
                           copies)

@@ -44,9 +44,9 @@ def main() -> int:
     dev = torch.device("cuda")
     k, n = 2880, 5760   # experts.gate_up
     gen = torch.Generator(device=dev).manual_seed(0)
-    q, ws = c._random_int4_weights(n, k, 64, gen, dev)
+    q, ws = c.random_int4_weights(n, k, 64, gen, dev)
     wp = c.pack_int4(q)
-    qc, wsc = c._random_int4_weights(n, k, None, gen, dev)
+    qc, wsc = c.random_int4_weights(n, k, None, gen, dev)
     wpc = c.pack_int4(qc)
     lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.float16)
     report = {"env": c.runtime_environment(), "shape": "experts.gate_up 2880 -> 5760", "calls": args.calls, "cases": []}
@@ -113,16 +113,16 @@ def fused_vs_two_launches(torch, dev, calls: int, before=None, ms=(1, 16, 32, 64
     for name, k, n in c.GPT_OSS_SHAPES:
         gen = torch.Generator(device=dev).manual_seed(k + n)
         lins = [torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.float16)
-                for _ in range(c._bench_copies(n * k * 2))]
-        layers = {g: c._random_int4_weights(n, k, None if g == "channel" else 64, gen, dev) for g in ("g64", "channel")}
+                for _ in range(c.bench_copies(n * k * 2))]
+        layers = {g: c.random_int4_weights(n, k, None if g == "channel" else 64, gen, dev) for g in ("g64", "channel")}
         layers = {g: (c.pack_int4(q), ws) for g, (q, ws) in layers.items()}
         for m in ms:
             x = torch.randn(m, k, generator=gen, device=dev).half()
             fns, graphs, cases = {"fp16 nn.Linear": lambda: lins[0](x)}, {}, {}
             with torch.no_grad():
-                graphs["fp16 nn.Linear"] = c._time_graph_us(lambda i: lins[i](x), len(lins), 100)
+                graphs["fp16 nn.Linear"] = c.time_graph_us(lambda i: lins[i](x), len(lins), 100)
                 for g, (wp, ws) in layers.items():
-                    copies = [(wp, ws)] + [(wp.clone(), ws.clone()) for _ in range(c._bench_copies(wp.nbytes + ws.nbytes) - 1)]
+                    copies = [(wp, ws)] + [(wp.clone(), ws.clone()) for _ in range(c.bench_copies(wp.nbytes + ws.nbytes) - 1)]
                     ref = c.int4_linear_reference(x, wp, ws, act="a8")
                     two = c.int4_gemm_config(m, n, k, per_channel=g == "channel", act="a8")
                     variants = [("two launches", c, two), ("fused", c, replace(two, fuse_act_quant=True)),
@@ -136,7 +136,7 @@ def fused_vs_two_launches(torch, dev, calls: int, before=None, ms=(1, 16, 32, 64
                         fns[key] = lambda mod=mod, cfg=cfg, wp=wp, ws=ws: mod.int4_linear(x, wp, ws, act="a8", config=cfg)
                         cases[key] = {"group": g, "variant": label, "config": cfg.label() if cfg else "None",
                                       "rel_err": c.relative_error(fns[key](), ref)}
-                        graphs[key] = c._time_graph_us(
+                        graphs[key] = c.time_graph_us(
                             lambda i, mod=mod, cfg=cfg, copies=copies: mod.int4_linear(x, *copies[i], act="a8", config=cfg),
                             len(copies), 100)
                     del copies

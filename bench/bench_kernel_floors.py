@@ -27,12 +27,12 @@ import compress_gptoss as cg  # noqa: E402
 def timed(fn, copies: int) -> float:
     import torch
     with torch.no_grad():
-        return cg._time_graph_us(fn, copies, 200)
+        return cg.time_graph_us(fn, copies, 200)
 
 
 def read_floor_us(wps, n: int, kw: int) -> tuple[float, str]:
     import torch
-    kern = cg._triton_kernels()["int4_read_floor"]
+    kern = cg.triton_kernels()["int4_read_floor"]
     out = torch.empty(1 << 16, dtype=torch.int32, device="cuda")
     best = (float("inf"), "")
     for bn in (32, 64, 128):
@@ -60,7 +60,7 @@ def main() -> int:
     f = [int(v) for v in a.planar.split(",")]
     planar_cfg = cg.Int4GemmConfig(f[0], f[1], f[2], bool(f[3]), f[4], f[5], f[6], f[7], prefetch=bool(f[8]),
                                    w_lhs=bool(f[9]), planar=True)
-    kern = cg._triton_kernels()
+    kern = cg.triton_kernels()
     gen = torch.Generator(device="cuda").manual_seed(0)
     null_out = torch.empty(1, device="cuda")
     null_us = timed(lambda i: kern["null"][(1,)](null_out), 20)
@@ -69,20 +69,20 @@ def main() -> int:
     print(f"{'shape':<22}{'M':>4} {'fp16':>7} {'read':>7} {'GB/s':>6} {'rows':>6} {'a8':>7} {'planar':>7} "
           f"{'fp16/null':>9} {'fp16/read':>9} {'fp16/a8':>8} {'fp16/pl':>8}  read grid")
     for name, k, n in cg.GPT_OSS_SHAPES:
-        q, ws = cg._random_int4_weights(n, k, a.group, gen, "cuda")
+        q, ws = cg.random_int4_weights(n, k, a.group, gen, "cuda")
         wp = cg.pack_int4(q)
-        copies = cg._bench_copies(wp.nbytes + ws.nbytes)
+        copies = cg.bench_copies(wp.nbytes + ws.nbytes)
         wps = [wp] + [wp.clone() for _ in range(copies - 1)]
         wss = [ws] + [ws.clone() for _ in range(copies - 1)]
         planars = [cg.int4_planar(w, k) for w in wps]
         lin = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
-               for _ in range(cg._bench_copies(n * k * 2))]
+               for _ in range(cg.bench_copies(n * k * 2))]
         read_us, grid = read_floor_us(wps, n, wp.shape[1])
         for m in [int(v) for v in a.M.split(",")]:
             x = torch.randn(m, k, generator=gen, device="cuda").to(torch.float16)
             xq = torch.empty(m, -(-k // 256) * 256, dtype=torch.int8, device="cuda")
             sx = torch.empty(m, dtype=torch.float32, device="cuda")
-            plan = cg._int4_plan(m, n, k, ws.shape[1], "a8", torch.float16, x.device, planar_cfg)
+            plan = cg.int4_plan(m, n, k, ws.shape[1], "a8", torch.float16, x.device, planar_cfg)
             ref = cg.int4_linear_reference(x, wp, ws, act="a8")
             err = cg.relative_error(cg.int4_linear(x, wp, ws, act="a8", config=planar_cfg, planar=planars[0]), ref)
             r = {"shape": name, "K": k, "N": n, "M": m, "int4_bytes": wp.nbytes + ws.nbytes,

@@ -60,7 +60,7 @@ def main() -> int:
         try:
             with torch.no_grad():
                 err = c.relative_error(fn(0), ref) if ref is not None else None
-                us = c._time_graph_us(fn, copies, args.iters)
+                us = c.time_graph_us(fn, copies, args.iters)
         except Exception as e:   # a config the GPU cannot run (shared memory): say so, go on
             rows.append({**extra, "label": label, "error": f"{type(e).__name__}: {str(e)[:200]}"})
             print(f"  {label:<34} error {rows[-1]['error']}", flush=True)
@@ -77,16 +77,16 @@ def main() -> int:
             print(f"{name} M={m} K={k} N={n}", flush=True)
             lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=dt)
             lins = [lin] + [torch.nn.Linear(k, n, bias=False, device=dev, dtype=dt)
-                            for _ in range(c._bench_copies(n * k * 2) - 1)]
+                            for _ in range(c.bench_copies(n * k * 2) - 1)]
             fp16 = timed(f"{args.dtype} nn.Linear", lambda i: lins[i](x), len(lins), **base, group=None, act=None)["graph_us"]
             del lins, lin
             for g in args.groups.split(","):
                 group = None if g == "channel" else int(g)
                 if group and k % group:
                     continue
-                q, ws = c._random_int4_weights(n, k, group, gen, dev, dtype=dt)
+                q, ws = c.random_int4_weights(n, k, group, gen, dev, dtype=dt)
                 wp = c.pack_int4(q)
-                copies = [(wp, ws)] + [(wp.clone(), ws.clone()) for _ in range(c._bench_copies(wp.nbytes + ws.nbytes) - 1)]
+                copies = [(wp, ws)] + [(wp.clone(), ws.clone()) for _ in range(c.bench_copies(wp.nbytes + ws.nbytes) - 1)]
                 for act in args.acts.split(","):
                     ref = c.int4_linear_reference(x, wp, ws, act=act)
                     tag = dict(base, group=g, act=act)
@@ -102,7 +102,7 @@ def main() -> int:
                         rs.append(timed("codes " + cfg.label(), lambda i, cfg=cfg: c.int4_linear(x, *copies[i], act=act, config=cfg),
                                         len(copies), ref, **tag, config=cfg.label()))
                     # the codes launch alone, and cuBLAS on the same operands (ceilings, not runtimes)
-                    kern = c._triton_kernels()
+                    kern = c.triton_kernels()
                     kp = -(-k // 64) * 64
                     grid = (-(-n // 32), -(-kp // 512))
                     for scaled in () if args.defaults_only else (False, True):

@@ -55,7 +55,7 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    kern = c._triton_kernels()
+    kern = c.triton_kernels()
     dev, rows = torch.device("cuda"), {}
     out = torch.zeros(1, device=dev, dtype=torch.int32)
     run, args = direct(kern["null"], (1,), out)
@@ -65,7 +65,7 @@ def main() -> int:
 
     k, n, experts = 2880, 5760, 32
     gd = torch.Generator(device=dev).manual_seed(0)
-    layers = [c._random_int4_weights(n, k, 64, gd, dev, dtype=torch.bfloat16) for _ in range(experts)]
+    layers = [c.random_int4_weights(n, k, 64, gd, dev, dtype=torch.bfloat16) for _ in range(experts)]
     wp = torch.stack([c.pack_int4(q) for q, _ in layers])
     ws = torch.stack([s for _, s in layers])
     del layers
@@ -86,8 +86,8 @@ def main() -> int:
                        c.int4_moe(x, counts, wp, ws, None, "a8", fuse=True)), "device-routed y differs"
     assert torch.equal(c.int4_moe(x, counts, wp, ws, None, "a8", fuse=True),
                        c.int4_moe(x, counts, wp, ws, None, "a8", fuse=False)), "fused x_q differs"
-    quant = dict(c._row_quant_consts(k), PERM_KW=1)   # int8_rows_kernel's launch constants for K
-    xa, sx = c._int8_rows(x, k, quant)
+    quant = dict(c.row_quant_consts(k), PERM_KW=1)   # int8_rows_kernel's launch constants for K
+    xa, sx = c.int8_rows(x, k, quant)
     y = torch.empty(4, n, device=dev, dtype=x.dtype)
     blk = torch.tensor([(e, i, i + 1) for i, e in enumerate((3, 9, 17, 30))], dtype=torch.int32, device=dev)
     margs = (xa, sx, wp, ws, wp, y, blk, wp, 0, 4, n, k, xa.stride(0), wp.stride(0), wp.stride(1), ws.stride(0),
@@ -114,8 +114,8 @@ def main() -> int:
             xr = torch.randn(len(rows_e), k, device=dev).to(torch.bfloat16)
             cnt = torch.bincount(flat, minlength=experts)
             offs = cnt.cumsum(0).to(torch.int32).to(dev)
-            bf = c._time_graph_us(lambda i: torch._grouped_mm(xr, dense, offs=offs), 1, 200)
-            xa, sx = c._int8_rows(xr, k, quant)
+            bf = c.time_graph_us(lambda i: torch._grouped_mm(xr, dense, offs=offs), 1, 200)
+            xa, sx = c.int8_rows(xr, k, quant)
             yy = torch.empty(len(rows_e), nn, device=dev, dtype=torch.bfloat16)
             starts = [0] + cnt.cumsum(0).tolist()
             table = [(e, b, min(b + 16, starts[e + 1])) for e in range(experts) for b in range(starts[e], starts[e + 1], 16)]
@@ -130,12 +130,12 @@ def main() -> int:
                 return yy
 
             def moe(i, fuse, fma=None):   # the default tile (16, 64, 4): int8_rows + kernel, or the kernel on bf16 x
-                return kernel(xr, xr, fuse=True) if fuse else kernel(*c._int8_rows(xr, k, quant), fma=fma)
+                return kernel(xr, xr, fuse=True) if fuse else kernel(*c.int8_rows(xr, k, quant), fma=fma)
             y_fused = moe(0, True).clone()
             print(f"fused == unfused: {torch.equal(y_fused, moe(0, False))}; fused == unfused compiled without FMA "
                   f"contraction: {torch.equal(y_fused, moe(0, False, fma=False))}", flush=True)
             for fuse in (False, True):
-                us = c._time_graph_us(lambda i, fuse=fuse: moe(i, fuse), 1, 200)
+                us = c.time_graph_us(lambda i, fuse=fuse: moe(i, fuse), 1, 200)
                 same = torch.equal(moe(0, fuse), ref)
                 gpu.append({"proj": name, "tokens": tokens, "rows": len(rows_e), "block_n": 64, "warps": 4,
                             "fused": fuse, "us": us, "bf16_grouped_mm_us": bf, "same_as_int4_moe": same})
@@ -147,7 +147,7 @@ def main() -> int:
             for gemv, tiles in [(False, None), (True, None)] + [(True, t) for t in MOE_GEMV_TILES]:
                 def call(i, gemv=gemv, tiles=tiles):
                     return c.int4_moe(xr, None, wpn, wsn, None, "a8", row_experts=row_e, gemv=gemv, tiles=tiles)
-                us = c._time_graph_us(call, 1, 200)
+                us = c.time_graph_us(call, 1, 200)
                 err = c.relative_error(call(0), ref.double())
                 label = ("GEMV " + ("default " + str(c.MOE_GEMV_TILE) if tiles is None else str(tiles))
                          if gemv else "tensor cores (16-row tile)")
@@ -160,7 +160,7 @@ def main() -> int:
                 for warps in (2, 4):
                     def launch(i, bn=bn, warps=warps):
                         return kernel(xa, sx, bn, warps)
-                    us = c._time_graph_us(launch, 1, 200)
+                    us = c.time_graph_us(launch, 1, 200)
                     same = torch.equal(launch(0), ref) or c.relative_error(launch(0), ref.double())
                     gpu.append({"proj": name, "tokens": tokens, "rows": len(rows_e), "block_n": bn, "warps": warps,
                                 "us": us, "bf16_grouped_mm_us": bf, "same_as_int4_moe": same})

@@ -48,7 +48,7 @@ def main():
     g, gd = torch.Generator().manual_seed(0), torch.Generator(device="cuda").manual_seed(0)
     k, res = 2880, []
     for name, n in (("gate_up", 5760), ("down", 2880)):
-        layers = [c._random_int4_weights(n, k, 64, gd, "cuda", dtype=torch.bfloat16) for _ in range(a.experts)]
+        layers = [c.random_int4_weights(n, k, 64, gd, "cuda", dtype=torch.bfloat16) for _ in range(a.experts)]
         wp = torch.stack([c.pack_int4(q) for q, _ in layers])
         ws = torch.stack([s for _, s in layers])
         dense = torch.stack([(q.float() * s.float().repeat_interleave(64, 1)).to(torch.bfloat16).T

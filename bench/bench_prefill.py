@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 GPTOSS_20B_LAYER = dict(hidden=2880, intermediate=2880, experts=32, top_k=4, heads=64, kv_heads=8,
-                        head_dim=64, vocab=201088, window=128)   # window: since run 76 (before, the fixture's 32)
+                        head_dim=64, vocab=201088, window=128)   # window: GPT-OSS's 128 (not the fixture's 32)
 
 
 def cli(*args, log: Path, script: Path = ROOT / "compress_gptoss.py") -> tuple:
@@ -213,7 +213,7 @@ def route_rings(model, steps: int):
             experts, gaps, at = ring
             top = logits.float().topk(mod.top_k + 1, dim=-1)
             row = at.clamp(max=experts.shape[0] - 1)
-            # the router's own choice (out[2]): a top-k of our own could break an exact tie otherwise (runs 84-85 did)
+            # the router's own choice (out[2]): a top-k of our own could break an exact tie otherwise
             experts.index_copy_(0, row, out[2].reshape(1, -1).sort(-1).values)
             gaps.index_copy_(0, row, top.values[:, mod.top_k - 1] - top.values[:, mod.top_k])
             at.add_(1)
@@ -285,7 +285,7 @@ def graph_decode(q: Path, bf16: Path, prompt: int, new: int, routes: bool = Fals
     Eager decode is bound by the host (--profile: the GPU is busy ~28 % of a 1-token forward), a
     graph replay is not: the gap is what launches cost. The graph run is fed the eager run's tokens
     (teacher forcing: this random model's logits are near ties, so one rounding apart would send
-    free-running tokens elsewhere, run 67) and its logits are compared with the eager ones step by
+    free-running tokens elsewhere) and its logits are compared with the eager ones step by
     step. Both modes do the same two copies per step (a token in or out, the logits out).
     routes: also record every router's experts per step in both modes (route_rings; its hooks add
     to the timed steps) and list where the graph's experts differ from the eager run's. seeds: one

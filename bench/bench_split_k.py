@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     rows = []
     for rnd in range(args.rounds):
         jobs = jobs_for_round(c, rnd, ms, acts, group, args.dtype)
-        res = c._run_bench_workers(jobs, args.iters, graph=True)
+        res = c.run_bench_workers(jobs, args.iters, graph=True)
         rows += [{**{k: j[k] for k in ("shape", "M", "K", "N", "variant", "label")}, "round": rnd, **res[j["id"]]}
                  for j in jobs]
     medians = {}

@@ -301,7 +301,7 @@ blocks.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
 scales = torch.randint(0, 255, (E, O, G), generator=g, dtype=torch.uint8)
 scales.view(-1)[:255] = torch.arange(255, dtype=torch.uint8)
 out = torch.full((E, G * 32, O), float("nan"), dtype=torch.bfloat16)
-cg._mxfp4_triton_kernel()[(3, 1, E)](blocks, scales, out, O, G * 32, BLOCK_O=32, BLOCK_K=256)
+cg.mxfp4_triton_kernel()[(3, 1, E)](blocks, scales, out, O, G * 32, BLOCK_O=32, BLOCK_K=256)
 ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
 print(int((out.view(torch.int16) != ref.view(torch.int16)).sum()))
 """

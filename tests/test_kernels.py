@@ -137,9 +137,9 @@ def split_k_sums_and_leaves_workspace_clean():
             assert err <= TOL and c.relative_error(y2, ref) <= TOL, (act, cfg.label(), err)
             assert torch.equal(y1, y2) or not cfg.split_stores, cfg.label()   # slices: summed in one order
             worst = max(worst, err)
-    part, count = c._SPLIT_K_WORKSPACE[("cpu", False)]
+    part, count = c.SPLIT_K_WORKSPACE[("cpu", False)]
     assert not part.any() and not count.any()
-    assert not c._SPLIT_K_WORKSPACE[("cpu", True)][1].any()   # the slices' counters
+    assert not c.SPLIT_K_WORKSPACE[("cpu", True)][1].any()   # the slices' counters
     return worst
 
 
@@ -222,7 +222,7 @@ def gemv_kernel_every_switch():
     wp, ws = random_int4_layer(21, 320, 40, seed=3)   # groups of 40: no GEMV tile, M = 1 falls back
     x = torch.randn(1, 320, generator=torch.Generator().manual_seed(3)).to(torch.float16)
     err = c.relative_error(c.int4_linear(x, wp, ws, act="a8"), c.int4_linear_reference(x, wp, ws, act="a8"))
-    assert err <= TOL and c._cached_int4_plan((1, 21, 320, 8, "a8", torch.float16, torch.device("cpu"), None,
+    assert err <= TOL and c.cached_int4_plan((1, 21, 320, 8, "a8", torch.float16, torch.device("cpu"), None,
                                                False)).kernel == "int4_gemm", err
     return max(worst, err)
 
@@ -251,7 +251,7 @@ def codes_kernel_every_switch():
         xb, wsb = x.to(torch.bfloat16), ws.to(torch.bfloat16)
         ref = c.int4_linear_reference(xb, wp, wsb, act="a8")
         y = c.int4_linear(xb, wp, wsb, act="a8", config=C(32, 16, 64, False, codes=True, dequant=True))
-        plan = c._INT4_PLANS[(70, wp.shape[0], k, wsb.shape[1], "a8", torch.bfloat16, x.device,
+        plan = c.INT4_PLANS[(70, wp.shape[0], k, wsb.shape[1], "a8", torch.bfloat16, x.device,
                               C(32, 16, 64, False, codes=True, dequant=True), False)]
         assert plan.kernel == "int4_codes_gemm" and not plan.cfg.dequant, plan.kernel
         err = c.relative_error(y, ref)
@@ -267,7 +267,7 @@ def bench_job_check_only_on_cpu():
                                        ("w4a16", 32, "fp16", None), ("w4a8", None, "fp16", c.int4_gemm_config(1000, 37, 320))):
         job = {"backend": backend, "M": 3, "K": 320, "N": 37, "group": group, "dtype": dtype, "device": "cpu",
                "check_only": True, "config": cfg.__dict__ if cfg else None}
-        r = c._bench_one(job, 1, False)
+        r = c.bench_one(job, 1, False)
         assert r["rel_err"] <= TOL and r["copies"] == 1, (job, r)
         worst = max(worst, r["rel_err"])
     return worst
@@ -310,7 +310,7 @@ def moe_all_experts_in_one_launch():
                                                 ("a16", None, False, None),
                                                 ("a8", (128, 128, 8, None), False, None),   # 128-row tiles
                                                 ("a8", None, True, None), ("a16", None, True, None)):
-                    c._CODES_WORKSPACE.clear()   # no codes left by an earlier call to read by mistake
+                    c.CODES_WORKSPACE.clear()   # no codes left by an earlier call to read by mistake
                     y = c.int4_moe(x, counts, wp, ws, bias, act=act, tiles=tiles, codes=codes, fuse=fuse)
                     assert y.shape == (sum(counts), n) and y.dtype == torch.float16
                     if fuse is False:
@@ -355,8 +355,8 @@ def moe_rows_routed_on_the_device():
             # order, so a later expert's program would overwrite a wrong write above and hide it)
             first = next(rows for rows in counts if rows)
             y = torch.full((sum(counts), n), float("nan"), dtype=torch.float16)
-            c._launch_int4_moe(c._triton_kernels(), (1, 1), x, x, wp, ws, None, y, row_experts, wp, 0, "a16",
-                               c._moe_chunk(k, ws.shape[-1]), ws.shape[-1], False, False, True, (16, 64, 4, None))
+            c.launch_int4_moe(c.triton_kernels(), (1, 1), x, x, wp, ws, None, y, row_experts, wp, 0, "a16",
+                               c.moe_chunk(k, ws.shape[-1]), ws.shape[-1], False, False, True, (16, 64, 4, None))
             assert not y[:first].isnan().any() and y[first:].isnan().all(), (counts, group)
     return worst
 
@@ -393,10 +393,10 @@ def moe_codes_only_for_long_prompts():
     wp, ws = random_moe_layers(3, n, k, 32, seed=30)
     worst = 0.0
     for counts, codes in (([3, 0, 1], False), ([c.MOE_CODES_ROWS, 0, c.MOE_CODES_ROWS + 1], True)):
-        c._CODES_WORKSPACE.clear()
+        c.CODES_WORKSPACE.clear()
         x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(31)).to(torch.float16)
         y = c.int4_moe(x, counts, wp, ws, act="a8")
-        assert bool(c._CODES_WORKSPACE) == codes, (counts, list(c._CODES_WORKSPACE))
+        assert bool(c.CODES_WORKSPACE) == codes, (counts, list(c.CODES_WORKSPACE))
         for (lo, hi), ref in c.int4_moe_reference(x, counts, wp, ws, act="a8").items():
             worst = max(worst, c.relative_error(y[lo:hi], ref))
     assert worst <= TOL, worst
@@ -523,7 +523,7 @@ def lowered_ptx(kernel: str, consts: dict, x_dtype: str, cc: int, warps: int, st
         from triton.compiler import ASTSource
     except ImportError as e:
         pytest.skip(f"triton {triton.__version__} has no ASTSource/GPUTarget: {e}")
-    kern = c._triton_kernels()[kernel]
+    kern = c.triton_kernels()[kernel]
     names = list(kern.arg_names)
     consts = {**{p.name: p.default for p in kern.params   # constexprs left out take their defaults (PDL off)
                  if p.is_constexpr and p.default is not inspect.Parameter.empty}, **consts}
@@ -675,7 +675,7 @@ def test_eager_decode_calls_fuse_the_activation_quantization():
     for m in (33, 64, 65, 1024):
         assert pick(m, 5760, 2880, act="a8", eager=True) == pick(m, 5760, 2880, act="a8"), m
     for per_channel in (False, True):
-        plan = c._int4_plan(16, 5760, 2880, 1 if per_channel else 45, "a8", torch.float16, torch.device("cpu"),
+        plan = c.int4_plan(16, 5760, 2880, 1 if per_channel else 45, "a8", torch.float16, torch.device("cpu"),
                             None, eager=True)
         assert plan.kernel == "int4_gemm_grouped" and plan.gemm_consts["FUSE"] and plan.mode == 2, plan
         assert plan.gemm_consts["FUSE_CHUNKS"] == 12   # 2880 inputs in unrolled loads of 256
@@ -689,7 +689,7 @@ def test_cuda_graph_captured_after_eager_calls(m):
     the float64 result (the replay on new activations too)."""
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(3)
-    q, ws = c._random_int4_weights(5760, 2880, 64, gen, dev)
+    q, ws = c.random_int4_weights(5760, 2880, 64, gen, dev)
     wp = c.pack_int4(q)
     x = torch.randn(m, 2880, generator=gen, device=dev).half()
     assert c.relative_error(c.int4_linear(x, wp, ws, act="a8"), c.int4_linear_reference(x, wp, ws, act="a8")) <= TOL
@@ -702,7 +702,7 @@ def test_cuda_graph_captured_after_eager_calls(m):
     graph.replay()
     torch.cuda.synchronize()
     assert c.relative_error(y, c.int4_linear_reference(x, wp, ws, act="a8")) <= TOL
-    fused = {key[-1]: plan.gemm_consts.get("FUSE") for key, plan in c._INT4_PLANS.items()
+    fused = {key[-1]: plan.gemm_consts.get("FUSE") for key, plan in c.INT4_PLANS.items()
              if key[:5] == (m, 5760, 2880, 45, "a8") and key[7] is None}
     assert fused == {True: True, False: False}, fused
 
@@ -721,7 +721,7 @@ def test_default_configs_sum_split_k_in_a_fixed_order():
                             assert cfg.split_k == 1 or cfg.split_stores, (m, n, k, cfg.label())
                             split += cfg.split_k > 1
     assert split > 100, split   # the rule still splits: the check above is not vacuous
-    plan = c._int4_plan(16, 5760, 2880, 45, "a8", torch.float16, torch.device("cpu"), None)
+    plan = c.int4_plan(16, 5760, 2880, 45, "a8", torch.float16, torch.device("cpu"), None)
     assert plan.gemm_consts["SPLIT_K"] > 1 and plan.gemm_consts["SPLIT_STORES"], plan.gemm_consts
 
 
@@ -740,7 +740,7 @@ def test_default_kernels_add_no_floats_atomically():
     float_atomic = re.compile(r"\b(?:atom|red)\.[a-z0-9.]*add\.f32")
     ptxs = {}
     for m, n, eager in ((1, 5760, False), (16, 5760, False), (16, 512, False), (16, 512, True)):
-        plan = c._int4_plan(m, n, 2880, 45, "a8", torch.float16, torch.device("cpu"), None, eager)
+        plan = c.int4_plan(m, n, 2880, 45, "a8", torch.float16, torch.device("cpu"), None, eager)
         assert plan.cfg.split_k > 1, plan.cfg.label()
         xdt = "*fp16" if plan.gemm_consts.get("FUSE") else "*i8"
         ptxs[plan.cfg.label()] = plan_ptx(plan, xdt)
@@ -762,7 +762,7 @@ def test_pdl_kernels_load_weights_before_the_wait_and_store_after_it(monkeypatch
     the config prefetches (M <= 16). Without PDL (the plans on a CPU device, the interpreter) no
     griddepcontrol at all."""
     for m, n, groups in ((1, 5760, 45), (1, 512, 1), (16, 5760, 45), (16, 512, 1), (64, 2880, 45)):
-        plan = c._int4_plan(m, n, 2880, groups, "a8", torch.float16, torch.device("cpu"), None)
+        plan = c.int4_plan(m, n, 2880, groups, "a8", torch.float16, torch.device("cpu"), None)
         assert "PDL" not in plan.gemm_consts and not plan.quant_consts["PDL"], plan.cfg.label()
         assert "griddepcontrol" not in plan_ptx(plan)
         ptx = plan_ptx(plan, PDL=True)
@@ -773,9 +773,9 @@ def test_pdl_kernels_load_weights_before_the_wait_and_store_after_it(monkeypatch
         assert ("ld.global" in before) == plan.cfg.prefetch, plan.cfg.label()   # M > 32 loads nothing early
     # where PDL is supported, every default plan takes it but those with the quantization fused in
     # (eager calls: slower with PDL, run 91); the cache entry stands for an sm_90 GPU's answer
-    monkeypatch.setitem(c._PDL_SUPPORTED, "cpu", True)
+    monkeypatch.setitem(c.PDL_SUPPORTED, "cpu", True)
     for m, n, eager in ((1, 5760, False), (1, 5760, True), (16, 512, False), (16, 512, True), (64, 2880, False)):
-        plan = c._int4_plan(m, n, 2880, 45, "a8", torch.float16, torch.device("cpu"), None, eager)
+        plan = c.int4_plan(m, n, 2880, 45, "a8", torch.float16, torch.device("cpu"), None, eager)
         fused = plan.gemm_consts["FUSE"]
         assert fused == eager and bool(plan.gemm_consts.get("launch_pdl")) != fused, plan.cfg.label()
         assert plan.quant_consts["PDL"] != fused and plan.gemm_consts.get("PDL", False) != fused, plan.cfg.label()
@@ -793,7 +793,7 @@ def test_default_plans_give_the_same_bits_every_call(m):
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(m)
     for groups, act in ((45, "a8"), (1, "a8"), (45, "a16")):
-        q, ws = c._random_int4_weights(4096, 2880, 2880 // groups, gen, dev)
+        q, ws = c.random_int4_weights(4096, 2880, 2880 // groups, gen, dev)
         wp = c.pack_int4(q)
         x = torch.randn(m, 2880, generator=gen, device=dev).half()
         plan_split = c.int4_gemm_config(m, 4096, 2880, per_channel=groups == 1, act=act).split_k
@@ -825,14 +825,14 @@ def test_pdl_gives_the_same_bits_as_plain_launches():
     same config launched plainly, bit for bit, and the float64 reference."""
     from dataclasses import replace
     dev = torch.device("cuda")
-    if not c._pdl_supported(dev):
+    if not c.pdl_supported(dev):
         pytest.skip("no programmatic dependent launch here (needs compute capability 9.0+, CUDA 12.3+)")
     gen = torch.Generator(device=dev).manual_seed(7)
     for m, groups, act in ((1, 45, "a8"), (16, 45, "a8"), (16, 1, "a8"), (16, 45, "a16"), (64, 45, "a8")):
-        q, ws = c._random_int4_weights(4096, 2880, 2880 // groups, gen, dev)
+        q, ws = c.random_int4_weights(4096, 2880, 2880 // groups, gen, dev)
         wp = c.pack_int4(q)
-        cfg = c.int4_gemm_config(m, 4096, 2880, c._sm_count(dev), per_channel=groups == 1, act=act)
-        plan = c._int4_plan(m, 4096, 2880, groups, act, torch.float16, dev, cfg)
+        cfg = c.int4_gemm_config(m, 4096, 2880, c.sm_count(dev), per_channel=groups == 1, act=act)
+        plan = c.int4_plan(m, 4096, 2880, groups, act, torch.float16, dev, cfg)
         assert plan.gemm_consts.get("launch_pdl") and plan.quant_consts["PDL"], cfg.label()
         srcs = [torch.randn(m, 2880, generator=gen, device=dev).half() for _ in range(6)]
         src_buf, x = srcs[0].clone(), torch.empty_like(srcs[0])
@@ -862,7 +862,7 @@ def test_verify_runtime_reports_the_builtin_backend_on_the_gpu():
     env = json.loads(r.stdout)
     builtin = env["backends"]["builtin_triton"]
     assert builtin["runnable"] and env["builtin_selftest"]["ok"], builtin
-    hopper = torch.cuda.get_device_capability()[0] >= 9 and c._pdl_supported(torch.device("cuda"))
+    hopper = torch.cuda.get_device_capability()[0] >= 9 and c.pdl_supported(torch.device("cuda"))
     assert ("programmatic dependent launch" in builtin["detail"]) == hopper, builtin["detail"]
 
 
@@ -974,7 +974,7 @@ def test_moe_decode_steps_compile_one_kernel():
     k, n, experts = 2880, 128, 20
     wp, ws = (t.cuda() for t in random_moe_layers(experts, n, k, 64, dtype=torch.bfloat16, seed=40))
     x = torch.randn(2, k, generator=torch.Generator().manual_seed(41)).to(torch.bfloat16).cuda()
-    kern = c._triton_kernels()["int4_moe"]
+    kern = c.triton_kernels()["int4_moe"]
     seen = []
     for first, second in ((0, 3), (1, 2), (5, 9), (16, 19), (7, 16)):   # e0 = 0, 1, 5, 16, 7
         counts = [0] * experts

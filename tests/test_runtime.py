@@ -14,7 +14,7 @@ import pytest
 import compress_gptoss as c
 from conftest import ROOT, run_cli
 
-pytestmark = pytest.mark.skipif(bool(c._cuda_gpus()), reason="these cover the no-GPU behaviour")
+pytestmark = pytest.mark.skipif(bool(c.cuda_gpus()), reason="these cover the no-GPU behaviour")
 
 
 def test_verify_runtime_without_gpu_says_so_and_exits_0():
@@ -108,14 +108,14 @@ def test_bench_workers_run_the_callers_file(tmp_path, monkeypatch):
     itself, not from the `compress_gptoss` that the worker's sys.path would find first."""
     import importlib.util
     copy = tmp_path / "compress_gptoss_before.py"
-    copy.write_text(Path(c.__file__).read_text() + "\n\ndef _bench_worker():   # answers with its own file\n"
+    copy.write_text(Path(c.__file__).read_text() + "\n\ndef bench_worker():   # answers with its own file\n"
                     "    print('@@start ' + json.dumps({'id': 'who'}), flush=True)\n"
                     "    print('@@bench ' + json.dumps({'id': 'who', 'error': __file__}), flush=True)\n    return 0\n")
     spec = importlib.util.spec_from_file_location("compress_gptoss_before", copy)
     before = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "compress_gptoss_before", before)   # dataclasses look their module up
     spec.loader.exec_module(before)
-    res = before._run_bench_workers([{"id": "who", "label": "which file", "M": 1, "K": 8, "N": 8}], iters=1, graph=False)
+    res = before.run_bench_workers([{"id": "who", "label": "which file", "M": 1, "K": 8, "N": 8}], iters=1, graph=False)
     assert res["who"]["error"] == str(copy), res
 
 
@@ -285,7 +285,7 @@ def test_routed_experts_forward_is_llmcompressors_sum(w4a8_checkpoint):
     batches = [torch.randint(0, model.config.vocab_size, shape, generator=g) for shape in ((2, 24), (1, 1))]
     with torch.no_grad():
         ref = [model(ids).logits for ids in batches]
-        blocks = c._linearized_moe_blocks(model)
+        blocks = c.linearized_moe_blocks(model)
         assert len(blocks) == model.config.num_hidden_layers
         for b in blocks:
             b.forward = lambda h, i, w, b=b: c.routed_experts_forward(b, h, i, w)
@@ -331,7 +331,7 @@ def test_qqq_python_layer_found_in_its_source_tree(tmp_path):
     site.mkdir(parents=True)
     (site / "_CUDA.py").write_text("def qqq_gemm(*a):\n    return 'stand-in'\n")
     tree = fake_qqq_tree(tmp_path / "src")
-    code = ("import compress_gptoss as c; m = c._load_qqq_qlinear(); "
+    code = ("import compress_gptoss as c; m = c.load_qqq_qlinear(); "
             "print(m.QuantLinear.__name__, m.mul())")
     env = {**os.environ, "PYTHONPATH": f"{site.parent}:{ROOT}", "QQQ_SOURCE": str(tree)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -349,9 +349,9 @@ def test_qqq_source_archive_unpacked_once(tmp_path, monkeypatch):
     with tarfile.open(archive, "w:gz") as t:
         t.add(tree, arcname=tree.name)
     monkeypatch.setattr(c, "QQQ_SOURCE_RECORD", tmp_path / "cache" / "qqq-source.json")
-    got = c._qqq_source_tree(str(archive))
+    got = c.qqq_source_tree(str(archive))
     assert got == tmp_path / "cache" / "qqq-src" / "QQQ-54c5c99"
     assert (got / "QQQ" / "gptq" / "qlinear" / "qlinear_marlin.py").is_file()
-    assert c._qqq_source_tree(str(archive)) == got                  # cached
-    assert c._qqq_source_tree(str(tree)) == tree.resolve()          # a directory is used as it is
-    assert c._qqq_source_tree("git+https://example.invalid/QQQ") is None
+    assert c.qqq_source_tree(str(archive)) == got                  # cached
+    assert c.qqq_source_tree(str(tree)) == tree.resolve()          # a directory is used as it is
+    assert c.qqq_source_tree("git+https://example.invalid/QQQ") is None
