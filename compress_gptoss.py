@@ -2380,7 +2380,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             extra["vllm"] = {"layout": "vllm-gpt-oss", "checked_with": VLLM_CHECKED, "serving": serving.line(),
                              "tensor_parallel": list(serving.tp_sizes),
                              "kept_out_input_activations": moved["kept_out_input_activations"]}
-            log(f"vLLM layout: {moved['expert_tensors']} expert tensors rewritten as w13/w2 per expert"
+            log(f"vLLM layout: {moved['expert_tensors']} expert tensors rewritten in vLLM's GPT-OSS layout"
                 + (f"; experts declared W4A16 to vLLM, their int8 activations kept in gptoss_compressor.vllm"
                    if moved["kept_out_input_activations"] else ""))
         write_output_config(tmp, plan, None, extra)
@@ -5510,18 +5510,14 @@ _VIEW_OPS = {"view", "_unsafe_view", "narrow", "slice", "select", "t", "transpos
 
 
 def find_vllm_python(flag: str | None) -> str | None:
-    """--vllm-python, else $GPTOSS_VLLM_PYTHON, else .venv-vllm next to this file, else this Python
-    when vLLM is installed in it (found, not imported); None when there is none."""
-    import importlib.util
-    for given, where in ((flag, "--vllm-python"), (os.environ.get("GPTOSS_VLLM_PYTHON"), "GPTOSS_VLLM_PYTHON")):
-        if given:
-            if not Path(given).is_file():
-                raise UserError(f"{where} {given}: no such file; {VLLM_INSTALL_HINT}")
-            return given
+    """--vllm-python, else $GPTOSS_VLLM_PYTHON, else .venv-vllm next to this file, else this Python;
+    None when that one has no vLLM (looked up, not imported)."""
+    import subprocess
     venv = Path(__file__).resolve().parent / VLLM_VENV / "bin" / "python"
-    if venv.is_file():
-        return str(venv)
-    return sys.executable if importlib.util.find_spec("vllm") else None
+    python = flag or os.environ.get("GPTOSS_VLLM_PYTHON") or (str(venv) if venv.is_file() else sys.executable)
+    has = subprocess.run([python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"],
+                         capture_output=True) if Path(python).is_file() else None
+    return python if has is not None and has.returncode == 0 else None
 
 
 def vllm_probe(model: str, prompts: list, new_tokens: int, dump: str | None = None) -> dict:
@@ -5629,19 +5625,32 @@ def verify_with_vllm(path: Path, vllm_python: str | None, new_tokens: int) -> di
     import torch
     python = find_vllm_python(vllm_python)
     if python is None:
-        raise UserError(VLLM_INSTALL_HINT, exit_code=3)
+        raise UserError(VLLM_INSTALL_HINT + f" ({vllm_python or os.environ.get('GPTOSS_VLLM_PYTHON') or sys.executable} "
+                        "has none)", exit_code=3)
     read_json(path / "config.json", "not a model folder")
     prompts, kind = _prompt_ids(path)
     [rep] = run_vllm_probe(python, [path], [p[0].tolist() for p in prompts], new_tokens)
     rep.update(python=python, prompts=kind)
-    model = load_quantized_model(path, decompress=True)
+    try:
+        model = load_quantized_model(path, decompress=True)
+    except UserError as e:       # e.g. a tensor our loader does not know either: vLLM's report still stands
+        rep["ours_error"] = str(e)
+        model = None
     with torch.no_grad():
         rep["ours"] = [model.generate(p, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-                       [0, p.shape[1]:].tolist() for p in prompts]
-    if "generated" in rep:
-        pairs = [(a, b) for g, o in zip(rep["generated"], rep["ours"]) for a, b in zip(g, o)]
-        rep["same_tokens"], rep["compared"] = sum(a == b for a, b in pairs), len(pairs)
-    rep["ok"] = not rep["not_read"] and "error" not in rep and rep["checkpoint_tensors"] > 0
+                       [0, p.shape[1]:].tolist() for p in prompts] if model is not None else []
+    if "generated" in rep and model is not None:
+        rep["same_tokens"], rep["compared"], rep["first_differences"] = 0, 0, []
+        for k, (p, theirs, ours) in enumerate(zip(prompts, rep["generated"], rep["ours"])):
+            i = next((j for j, (a, b) in enumerate(zip(theirs, ours)) if a != b), len(ours))
+            rep["same_tokens"] += i
+            rep["compared"] += len(ours)
+            if i < len(ours):     # after it the two continue different texts; a near-tie is no error
+                with torch.no_grad():
+                    logits = model(torch.cat([p, torch.tensor([ours[:i]], dtype=p.dtype)], 1)).logits[0, -1].float()
+                rep["first_differences"].append({"prompt": k, "token": i, "vllm": theirs[i], "ours": ours[i],
+                                                 "our_logit_gap": float(logits[ours[i]] - logits[theirs[i]])})
+    rep["ok"] = not rep["not_read"] and "error" not in rep and "ours_error" not in rep and rep["checkpoint_tensors"] > 0
     return rep
 
 
@@ -5649,14 +5658,21 @@ def _format_vllm_report(rep: dict) -> str:
     lines = [f"engine          vLLM {rep.get('vllm', '?')} ({rep['python']})",
              f"tensors read    {rep['read']}/{rep['checkpoint_tensors']} checkpoint tensors read by vLLM's loader"
              + (f"; NOT read: {', '.join(rep['not_read'][:5])}" + (" ..." if len(rep['not_read']) > 5 else "")
-                if rep["not_read"] else "")]
+                if rep["not_read"] else "") if rep["checkpoint_tensors"] else
+             "tensors read    none: vLLM stopped before it loaded a weight"]
     if rep.get("methods"):
         lines.append("methods         " + ", ".join(f"{k} x{v}" for k, v in sorted(rep["methods"].items())))
     if "error" in rep:
-        lines.append(f"vLLM failed     {rep['error']}")
+        lines.append(f"vLLM failed     {rep['error']}" + (" (vLLM's CPU build has no MoE kernel for int4 / int8 "
+                     "experts: run this where vLLM has a GPU)" if "MoE backend" in rep["error"] else ""))
+    if "ours_error" in rep:
+        lines.append(f"our loader      {rep['ours_error']}")
     if "compared" in rep:
         lines.append(f"greedy tokens   vLLM = our loader for {rep['same_tokens']}/{rep['compared']} tokens "
-                     f"({len(rep['ours'])} prompts, {rep['prompts'].split(' (')[0]})")
+                     f"({len(rep['ours'])} prompts, {rep['prompts'].split(' (')[0]}; compared up to each first difference)")
+        for d in rep["first_differences"]:
+            lines.append(f"  prompt {d['prompt']} token {d['token']}: vLLM {d['vllm']}, ours {d['ours']}; our logit "
+                         f"for ours is {d['our_logit_gap']:.4f} above vLLM's token" + (" (a tie)" if abs(d["our_logit_gap"]) < 1e-3 else ""))
     lines.append("verdict         " + ("vLLM loads every tensor of this checkpoint" if rep["ok"] else "FAILED"))
     return "\n".join(lines)
 
