@@ -7,9 +7,10 @@ Map of this file (sections in the order data flows):
   1. Common helpers ........ errors, logging, model-folder files, a streaming safetensors writer
   2. MXFP4 codec ........... decode_mxfp4_blocks (CPU / CUDA), FP16 range accounting
   3. dequantize ............ source resolution + checks, shard plan, streaming conversion, resume
-  4. quantize .............. recipes per scheme, calibration data, the llmcompressor run (or torchrun)
+  4. quantize .............. recipes per scheme, calibration data, the llmcompressor run (or torchrun),
+                             the experts rewritten in the layout vLLM's GPT-OSS loader reads
   5. Loader + quality ...... load a quantized GPT-OSS folder, quality.json
-  6. Kernels + runtime ..... install-kernel, verify-runtime, built-in int4 GEMM
+  6. Kernels + runtime ..... install-kernel, verify-runtime (--engine vllm: vLLM in its own venv), built-in int4 GEMM
   7. CLI .................. argparse, one subparser per subcommand
 
 Heavy imports (torch, transformers, llmcompressor) live inside the functions that need them so
@@ -2050,34 +2051,36 @@ class VllmServing:
 
 
 def vllm_serving(plan: QuantizePlan, symmetric: bool) -> VllmServing | None:
-    """None for an architecture other than GPT-OSS (the vLLM layout is written for GPT-OSS only)."""
+    """What vLLM makes of this plan's output, from our reading of vLLM's GPT-OSS loader and MoE
+    methods (VLLM_CHECKED). None for another architecture: the vLLM layout is written for GPT-OSS only."""
     if plan.config.get("model_type") != "gpt_oss":
         return None
     if plan.sparse:
         return VllmServing(f"{plan.sparse} sparsity (vLLM refuses any sparsity_config)")
     hidden, inter = plan.config["hidden_size"], plan.config["intermediate_size"]
     tp = [t for t in VLLM_TP_SIZES if inter % t == 0]
-    notes = []
-    for g in (x for x in plan.groups if x.modules):
-        who = "experts" if g.name == "experts" else "attention"
-        if g.scheme == "W4A16" and not symmetric and g.name == "experts":
-            return VllmServing("asymmetric int4 experts (vLLM's GPT-OSS loader has no path for expert zero "
-                               "points): pass --symmetric")
-        sizes = set(g.group_sizes.values())
-        if g.name == "experts" and len(sizes) > 1:
-            return VllmServing(f"experts with several group sizes ({sorted(sizes, key=str)}): vLLM takes one per MoE layer")
-        for gs in sizes:
-            if g.name == "experts" and gs is None:
-                # its loader splits w2's one scale per row over the ranks as if it were a group
-                tp = [1]
-                notes.append(f"{who} per channel: tensor parallel 1 only")
-            elif g.name == "experts":
-                if hidden % gs:
-                    return VllmServing(f"expert group size {gs} does not divide the hidden size {hidden}")
-                tp = [t for t in tp if (inter // t) % gs == 0]
-                if not tp:
-                    return VllmServing(f"expert group size {gs} does not divide the intermediate size {inter}")
-    return VllmServing(None, tuple(tp), "; ".join(notes))
+    experts, note = plan.group("experts"), ""
+    sizes = set(experts.group_sizes.values())
+    if experts.modules and experts.scheme == "W4A16" and not symmetric:
+        return VllmServing("asymmetric int4 experts (vLLM's GPT-OSS loader has no path for expert zero "
+                           "points): pass --symmetric")
+    if len(sizes) > 1:
+        return VllmServing(f"experts with several group sizes ({sorted(sizes, key=str)}): vLLM takes one per MoE layer")
+    if sizes == {None}:     # its loader splits w2's one scale per row over the ranks as if it were a group
+        tp, note = [1], "experts with one scale per channel: tensor parallel 1 only"
+    elif sizes:
+        gs = sizes.pop()
+        if hidden % gs:
+            return VllmServing(f"expert group size {gs} does not divide the hidden size {hidden}")
+        tp = [t for t in tp if (inter // t) % gs == 0]    # each rank's share of the intermediate size
+    mw = plan.group("mw")
+    for name, (_, in_features) in mw.modules.items():  # o_proj's inputs are split over the ranks too
+        gs = mw.group_sizes.get(name)
+        if gs and name.endswith("o_proj"):
+            tp = [t for t in tp if in_features % t == 0 and (in_features // t) % gs == 0]
+    if not tp:
+        return VllmServing(f"no tensor-parallel size of {VLLM_TP_SIZES} splits the groups into whole groups")
+    return VllmServing(None, tuple(tp), note)
 
 
 def _interleave_rows(gate, up):

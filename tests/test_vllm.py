@@ -82,8 +82,20 @@ def bf16_experts_w8a8(quantized, tiny_bf16):
 
 
 @pytest.fixture(scope="session")
-def served(tiny_bf16, w4a16_w8a8, w8a8_all, tmp_path_factory):
-    return probe({"bf16": tiny_bf16, "w4a16-w8a8": w4a16_w8a8, "w8a8": w8a8_all}, tmp_path_factory.mktemp("vllm"))
+def w4a8_all(quantized, tiny_bf16):
+    """test_runtime's W4A8 checkpoint: experts declared W4A16 to vLLM, attention W4A8."""
+    return ok(quantized("rtn-w4a8-all", tiny_bf16, "--algo", "rtn", "--experts", "w4a8", "--mw", "w4a8", "--no-eval"))
+
+
+@pytest.fixture(scope="session")
+def asymmetric(quantized, tiny_bf16):
+    return ok(quantized("rtn-w4a16asym-w8a8", tiny_bf16, "--algo", "rtn", "--experts", "w4a16", "--mw", "w8a8", "--no-eval"))
+
+
+@pytest.fixture(scope="session")
+def served(tiny_bf16, w4a16_w8a8, w8a8_all, w4a8_all, asymmetric, tmp_path_factory):
+    return probe({"bf16": tiny_bf16, "w4a16-w8a8": w4a16_w8a8, "w8a8": w8a8_all, "w4a8": w4a8_all,
+                  "asymmetric": asymmetric}, tmp_path_factory.mktemp("vllm"))
 
 
 def every_tensor_read(rep: dict) -> None:
@@ -161,6 +173,25 @@ def test_vllm_loader_reads_every_tensor_into_our_decompression(recipe, served, w
 
 
 @needs_vllm
+def test_vllm_loader_reads_every_w4a8_tensor(served):
+    """W4A8 experts (declared W4A16) and W4A8 attention: vLLM picks its int4 MoE method and its int4 x
+    int8 linear scheme and its loader reads every tensor. Its CPU build then has no int4 linear GEMM
+    (cpu_gemm_wna16): generation is not checked here."""
+    rep, _ = served["w4a8"]
+    assert rep["checkpoint_tensors"] > 0 and rep["read"] == rep["checkpoint_tensors"] and not rep["not_read"], rep
+    assert rep["methods"]["GptOssRoutedExperts: CompressedTensorsWNA16MoEMethod"] == 2
+    assert rep["methods"]["QKVParallelLinear: CompressedTensorsWNA8Int"] == 2
+    assert "generated" in rep or "cpu_gemm_wna16" in rep["error"], rep
+
+
+@needs_vllm
+def test_asymmetric_experts_are_what_vllm_cannot_load(served):
+    """What the plan's note says: vLLM 0.32's GPT-OSS loader stops at the experts' zero points."""
+    rep, _ = served["asymmetric"]
+    assert "error" in rep and rep["not_read"] == ["model.layers.0.mlp.experts.0.w13_weight_zero_point"], rep
+
+
+@needs_vllm
 def test_engine_vllm_runs_vllm_kernels_and_matches_our_loader(bf16_experts_w8a8):
     """The CLI, no test backend: BF16 experts + W8A8 attention run on vLLM's own kernels (int8 GEMM)."""
     r = run_cli("verify-runtime", "--model", bf16_experts_w8a8, "--engine", "vllm", "--new-tokens", "8", "--json",
@@ -217,8 +248,8 @@ def gpt_oss_dims(tiny_bf16, tmp_path):
 @pytest.mark.parametrize("flags, line", [
     ([], "vLLM 0.32.0 serves this output with tensor parallel 1, 2"),     # g32: 1440 = 45 x 32
     (["--group-size", "64"], "vLLM 0.32.0 serves this output with tensor parallel 1"),   # 1440 = 22.5 x 64
-    (["--group-size", "-1"], "vLLM 0.32.0 serves this output with tensor parallel 1; experts per channel: "
-                             "tensor parallel 1 only"),      # vLLM's loader splits w2's one scale per row
+    (["--group-size", "-1"], "vLLM 0.32.0 serves this output with tensor parallel 1; experts with one scale per "
+                             "channel: tensor parallel 1 only"),      # vLLM's loader splits w2's one scale per row
     (["--mw", "w8a8", "--experts", "w4a8"], "vLLM 0.32.0 serves this output with tensor parallel 1, 2"),
 ])
 def test_plan_says_which_tensor_parallel_sizes_vllm_can_use(flags, line, tiny_bf16, calib_jsonl, tmp_path):
