@@ -6141,6 +6141,7 @@ examples:
   %(prog)s --bench --shapes gpt-oss --out bench.json   # q/k/v/o/gate_up/down at M=1,16,64,256,1024
   %(prog)s --model ./out-w4a8 --prefill-tokens 128,2048   # a quantize checkpoint through the kernels:
                                                 # KL / top-1 vs its dense form, decode and prefill tokens/s
+  %(prog)s --model ./out-w4a16 --engine vllm      # load it with vLLM (make vllm-venv): every tensor read?
 
 --bench prints, per shape and backend, the median time eager (CUDA events around each call, CPU
 launch overhead included) and in a CUDA graph (GPU time only), the speedup over fp16 nn.Linear,
