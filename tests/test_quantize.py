@@ -29,11 +29,58 @@ NEVER = re.compile(r"(mlp\.router\.|embed_tokens\.|^lm_head\.)")
 
 
 def tensors(folder: Path) -> dict:
+    """Every saved tensor, GPT-OSS's experts read back per expert (linearized)."""
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
             for k in h.keys():
                 out[k] = h.get_tensor(k)
+    return linearized(out)
+
+
+VLLM_EXPERT = re.compile(r"^(?P<moe>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<w>w13|w2)_(?P<kind>weight\w*)$")
+VLLM_FUSED = re.compile(r"^(?P<moe>.+\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$")
+
+
+def rows_of_packed(zp: torch.Tensor) -> torch.Tensor:
+    """A zero point packed 8 nibbles per int32 along its rows [N/8, G] -> nibbles [N, G]."""
+    return nibbles(zp.t().contiguous()).reshape(zp.shape[1], -1).t()
+
+
+def packed_rows(q: torch.Tensor) -> torch.Tensor:
+    words = (q.t().reshape(q.shape[1], -1, 8).long() << (torch.arange(8) * 4)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).t().contiguous()
+
+
+def linearized(t: dict) -> dict:
+    """vLLM's GPT-OSS expert layout (quantize's output) -> llmcompressor's per-expert Linear tensors:
+    w13 holds gate (even rows) and up (odd rows), int8 weights and their scales are stored [in, out],
+    BF16 weights and the biases are fused per layer as transformers stores them; weight_shape, which
+    vLLM's layout leaves out, is put back from the shapes. Written here, apart from the tool's own
+    reader, so the tests read the files independently."""
+    out = {}
+    for k, v in t.items():
+        m, f = VLLM_EXPERT.match(k), VLLM_FUSED.match(k)
+        if m:
+            p, kind = f"{m['moe']}.{m['e']}.", m["kind"]
+            rows = v.t() if kind == "weight" or (kind == "weight_scale" and v.shape[0] == 1) else v
+            if kind == "weight_zero_point":
+                rows = rows_of_packed(rows)
+            parts = {"down_proj": rows} if m["w"] == "w2" else {"gate_proj": rows[0::2], "up_proj": rows[1::2]}
+            for proj, r in parts.items():
+                r = packed_rows(r) if kind == "weight_zero_point" and m["w"] == "w13" else r
+                out[p + proj + "." + kind] = r.contiguous()
+                if kind == "weight_packed":
+                    out[p + proj + ".weight_shape"] = torch.tensor([r.shape[0], r.shape[1] * 8])
+        elif f:
+            for e in range(v.shape[0]):
+                rows = v[e] if f["bias"] else v[e].t()
+                suffix = "bias" if f["bias"] else "weight"
+                parts = {"down_proj": rows} if f["proj"] == "down_proj" else {"gate_proj": rows[0::2], "up_proj": rows[1::2]}
+                for proj, r in parts.items():
+                    out[f"{f['moe']}.{e}.{proj}.{suffix}"] = r.contiguous()
+        else:
+            out[k] = v
     return out
 
 
@@ -86,7 +133,9 @@ def ok(run):
 
 @pytest.fixture(scope="session")
 def gptq_w4a16(quantized, tiny_bf16):
-    return ok(quantized("gptq-w4a16", tiny_bf16, "--algo", "gptq", "--experts", "w4a16", "--mw", "w4a16"))
+    """Group 128 (GPT-OSS's default is 32): the fallback 192 = 1.5 x 128 -> 64 is test_group_size_fallback's."""
+    return ok(quantized("gptq-w4a16", tiny_bf16, "--algo", "gptq", "--experts", "w4a16", "--mw", "w4a16",
+                        "--group-size", "128"))
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +167,8 @@ def awq_experts_gptq_w8a8(quantized, tiny_bf16):
 def sparse_w4a8(quantized, tiny_bf16):
     """README recipe: 2:4 + W4A8 experts + W4A16 rest (W4A8 runtime: triton here, or fallback)."""
     return ok(quantized("sparse-w4a8", tiny_bf16, "--with-sparse", "--experts-type", "int4",
-                        "--experts-scheme", "w4a8", "--mw-type", "int4", "--mw-scheme", "w4a16", "--symmetric"))
+                        "--experts-scheme", "w4a8", "--mw-type", "int4", "--mw-scheme", "w4a16", "--symmetric",
+                        "--group-size", "128"))
 
 
 # ---------------------------------------------------------------- what every output must hold
@@ -327,7 +377,8 @@ def test_torchrun_splits_calibration_and_matches_one_process(gptq_w4a16, tiny_bf
     outs = [tmp_path / "ddp-shared", tmp_path / "ddp-plain"]
     for out, flags in zip(outs, ([], ["--no-share-hessians"])):
         r = torchrun("quantize", "--model-in", tiny_bf16, "--calib-jsonl", calib_jsonl, "--eval-jsonl", heldout_jsonl,
-                     *QUANT_CALIB, "--output-dir", out, "--algo", "gptq", "--experts", "w4a16", "--mw", "w4a16", *flags)
+                     *QUANT_CALIB, "--output-dir", out, "--algo", "gptq", "--experts", "w4a16", "--mw", "w4a16",
+                     "--group-size", "128", *flags)
         assert r.returncode == 0, r.stderr[-3000:]
         assert ("GPTQ: 7 Hessians for 16 modules" in r.stderr) == (not flags), r.stderr[-3000:]
         for rank in (0, 1):
@@ -379,7 +430,7 @@ def test_dry_run_reads_no_weight(tiny_bf16, tmp_path, calib_jsonl):
         if not p.name.endswith(".safetensors") and p.name != cg.INDEX_NAME:
             shutil.copy(p, skel / p.name)
     r = run_cli("quantize", "--model-in", skel, "--calib-jsonl", calib_jsonl, "--with-sparse",
-                "--experts-algo", "awq", "--mw", "w8a8", "--dry-run")
+                "--experts-algo", "awq", "--mw", "w8a8", "--group-size", "128", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "output dir: gpt-oss-tiny-2of4-AWQ-GPTQ-experts-int4-w4a16-mw-int8-w8a8" in r.stdout
     assert re.search(r"experts\s+AWQ\s+W4A16\s+24 modules.*group sizes: 24 x g64", r.stdout)
@@ -799,7 +850,7 @@ def offload_line(stderr: str):
 def gptq_w4a16_budget(quantized, tiny_bf16):
     """gptq_w4a16 with a RAM budget (1 MB) far below the model (2.9 MB of BF16): most weights on disk."""
     return quantized("gptq-w4a16-budget", tiny_bf16, "--algo", "gptq", "--experts", "w4a16", "--mw", "w4a16",
-                     "--max-cpu-memory", "1MB")
+                     "--group-size", "128", "--max-cpu-memory", "1MB")
 
 
 def test_budget_offloads_to_disk_and_cleans_up(gptq_w4a16_budget, gptq_w4a16):
