@@ -15,7 +15,17 @@ from safetensors import safe_open
 import compress_gptoss as cg
 import tiny_gptoss
 from conftest import run_cli
-from test_quantize import bad, quality, tensors
+from test_quantize import bad, quality
+
+
+def tensors(folder) -> dict:
+    """Every tensor as the files hold it, by its stored name (OpenAI's MXFP4 layout is read as it is)."""
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
 
 FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # E2M1 code of twice a code's value, for magnitudes up to 3 (0.5 -> 1, 1 -> 2, 1.5 -> 3, 2 -> 4, 3 -> 6)
