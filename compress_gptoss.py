@@ -2229,7 +2229,7 @@ def init_distributed() -> tuple[int, int]:
         import compressed_tensors.offload.load as ct_load
         ct_load._get_device_memory = lambda: {}
     log(f"joined {world} processes ({dist.get_backend()})", every_rank=True)
-    log("note: on 2 H200s (bench/RESULTS.md, run 92) 2 processes were slower than one for GPT-OSS: "
+    log("note: on 2 H200s (bench/RESULTS.md, several GPUs) 2 processes were slower than one for GPT-OSS: "
         "compressed-tensors shares the weights with the other ranks one tensor at a time (15 GB loaded in "
         "90 s, 7 s in one process); only the calibration passes were faster (1.4-2.4x)")
     return rank, world
@@ -7493,7 +7493,7 @@ MXFP4A16); attention, router, embeddings and lm_head stay as in the source (--mw
     q.add_argument("--keep-bf16", action="store_true",
                    help="MXFP4 input: keep the BF16 copy (<output-dir>.bf16) after success; it is always kept "
                         "after a failed or killed run and reused by a rerun of the same command")
-    q.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+    q.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda[:N]",
                    help="--experts mxfp4 --algo rtn: where the MXFP4 encode runs (default: GPU if present)")
     q.add_argument("--verbose", action="store_true", help="show llmcompressor's INFO log")
     q.set_defaults(func=cmd_quantize)
