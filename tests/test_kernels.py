@@ -772,7 +772,7 @@ def test_pdl_kernels_load_weights_before_the_wait_and_store_after_it(monkeypatch
         assert "st.global" not in before and "st.global" in after, plan.cfg.label()
         assert ("ld.global" in before) == plan.cfg.prefetch, plan.cfg.label()   # M > 32 loads nothing early
     # where PDL is supported, every default plan takes it but those with the quantization fused in
-    # (eager calls: slower with PDL, run 91); the cache entry stands for an sm_90 GPU's answer
+    # (eager calls: PDL made them slower on an H200); the cache entry stands for an sm_90 GPU's answer
     monkeypatch.setitem(c.PDL_SUPPORTED, "cpu", True)
     for m, n, eager in ((1, 5760, False), (1, 5760, True), (16, 512, False), (16, 512, True), (64, 2880, False)):
         plan = c.int4_plan(m, n, 2880, 45, "a8", torch.float16, torch.device("cpu"), None, eager)
@@ -789,7 +789,7 @@ def test_pdl_kernels_load_weights_before_the_wait_and_store_after_it(monkeypatch
 def test_default_plans_give_the_same_bits_every_call(m):
     """The default plans split K at M <= 64 (GEMV, grouped); their shares are summed in split order,
     so repeated calls, eager or replayed from a CUDA graph, give identical bits (fp32 atomics did
-    not: two eager decodes of one prompt differed by 5.6e-3 and picked other tokens, run 85)."""
+    not: two eager decodes of one prompt differed by 5.6e-3 and picked other tokens on an H200)."""
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(m)
     for groups, act in ((45, "a8"), (1, "a8"), (45, "a16")):
