@@ -3,17 +3,25 @@
 GPTQ / AWQ (W4A16, W8A8, W4A8, optional 2:4 sparsity) through LLM Compressor, and install and
 check a W4A8 GEMM runtime.
 
-Map of this file (sections in the order data flows):
-  1. Common helpers ........ errors, logging, model-folder files, a streaming safetensors writer
+Map of this file (sections in the order data flows; `##### N. name #####` banners):
+  1. Foundations ........... errors, logging, sizes, model-folder files, output-folder safety, a streaming
+                             safetensors writer, the command line's argument types
   2. MXFP4 codec ........... decode_mxfp4_blocks (CPU / CUDA), its inverse encode_mxfp4_blocks (OCP rule), FP16 range
-  3. dequantize ............ source resolution + checks, shard plan, streaming conversion, resume
-  4. quantize .............. recipes per scheme, calibration data, GPU memory plan, batched expert
-                             calibration, the llmcompressor run (or torchrun), the experts rewritten in
-                             the layout vLLM's GPT-OSS loader reads, MXFP4 experts back in OpenAI's
-                             layout (--experts mxfp4)
-  5. Loader + quality ...... load a quantized GPT-OSS folder, quality.json
-  6. Kernels + runtime ..... install-kernel, verify-runtime (--engine vllm: vLLM in its own venv), built-in int4 GEMM
-  7. CLI .................. argparse, one subparser per subcommand
+  3. dequantize ............ source resolution + checks, shard plan, streaming conversion, resume;
+                             add_dequantize_parser, cmd_dequantize
+  4. Patches ............... every change this tool makes to llmcompressor / compressed-tensors, in one
+                             table: what each replaces, why, the upstream version checked
+  5. quantize .............. plan, recipe, calibration data, GPU memory plan, torchrun, the run, the
+                             experts rewritten in the layout vLLM's GPT-OSS loader reads, MXFP4 experts
+                             in OpenAI's layout (--experts mxfp4); add_quantize_parser, cmd_quantize
+  6. Loader + quality ...... load a quantized GPT-OSS folder, quality.json (quantize and verify-runtime)
+  7. Kernel library ........ the built-in int4 GEMM (Triton), W4A8 runtimes, microbench; its public
+                             interface is listed at its top
+  8. verify-runtime ........ environment report, --bench, --model through the kernels, --engine vllm (vLLM
+                             in its own venv); add_verify_runtime_parser, cmd_verify_runtime
+  9. install-kernel ........ QQQ built and installed without touching other packages;
+                             add_install_kernel_parser, cmd_install_kernel
+ 10. main .................. build_parser (the add_*_parser functions composed), main
 
 Heavy imports (torch, transformers, llmcompressor) live inside the functions that need them so
 that `--help` answers instantly.
@@ -36,7 +44,8 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-##### 1. Common helpers #####
+
+##### 1. Foundations: errors, sizes, files, output folders, command line #####
 
 
 class UserError(Exception):
@@ -102,6 +111,15 @@ def sample_anon_rss() -> int:
     return _ANON_PEAK[0]
 
 
+def parse_size(text: str, flag: str) -> int:
+    """'48GB', '1.5GiB', '800MB', '123456' (bytes) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text), re.I)
+    if not m:
+        raise UserError(f"{flag} {text}: not a size; write it like 48GB, 1.5GiB or 800MB")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " kmgt".index(m.group(2).lower() or " "))
+
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_SHARD_NAME = "model.safetensors"
 # Files of a model folder that are neither weights nor config: copied as they are.
@@ -132,6 +150,26 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
             shutil.copy2(p, dst / p.name)
             copied.append(p.name)
     return copied
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    if (path / INDEX_NAME).exists():
+        index = read_json(path / INDEX_NAME, "")
+        return [path / s for s in sorted(set(index.get("weight_map", {}).values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path} holds no .safetensors file: not a checkpoint written by quantize")
+    return files
+
+
+def open_safetensors(path: Path):
+    from safetensors import safe_open
+    try:
+        return safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise UserError(f"shard {path} is missing: re-download the model")
+    except Exception as e:
+        raise UserError(f"shard {path} is truncated or corrupt ({brief(e)}): re-download it")
 
 
 # ---- Output folders: the tool removes only what it wrote.
@@ -388,10 +426,114 @@ class SafetensorsStreamWriter:
         self.f.close()
 
 
+# ---- Command line: one `error:` line for a bad flag, options handed on as frozen dataclasses
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Bad flags get one line (what is wrong, where to look), not argparse's usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+# Argument types: argparse turns their ArgumentTypeError into one `error:` line (exit 2), so a
+# bad value is refused before any file is read or written.
+
+def int_at_least(low: int, unit: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v}: give {low} or more" + (f" {unit}" if unit else ""))
+        return v
+    return parse
+
+
+def fraction(low_inclusive: bool):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+        if not ((0 <= v if low_inclusive else 0 < v) and v < 1):
+            raise argparse.ArgumentTypeError(f"{v}: give a fraction {'from 0' if low_inclusive else 'above 0'} and below 1")
+        return v
+    return parse
+
+
+def group_size_arg(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    if v != -1 and (v < 16 or v & (v - 1)):
+        raise argparse.ArgumentTypeError(f"{v}: give a power of two of 16 or more (32, 64, 128) or -1 for per channel")
+    return v
+
+
+def mask_arg(text: str) -> str:
+    m = re.fullmatch(r"(\d+):(\d+)", text.strip())
+    if not m or not 0 < int(m.group(1)) < int(m.group(2)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give N:M with 0 < N < M, e.g. 2:4")
+    return f"{int(m.group(1))}:{int(m.group(2))}"
+
+
+def pattern_arg(text: str) -> str:
+    """A module name, or 're:REGEX' (the regex must compile)."""
+    body = text[3:] if text.startswith("re:") else None
+    try:
+        if body is not None:
+            re.compile(body)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a valid regex ({e})")
+    return text
+
+
+def regex_arg(text: str) -> str:
+    try:
+        re.compile(text[3:] if text.startswith("re:") else text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a valid regex ({e})")
+    return text
+
+
+def device_arg(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto, cpu, cuda or cuda:N")
+    return text
+
+
+def size_arg(text: str) -> str:
+    """A size like 48GB or 1.5GiB, checked here and kept as written (accelerate reads it too)."""
+    try:
+        if parse_size(text, "") <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a size above 0")
+    except UserError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write it like 48GB, 1.5GiB or 800MB")
+    return text
+
+
+def int_list_arg(text: str) -> str:
+    if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text) or any(int(t) < 1 for t in text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers of 1 or more, comma-separated")
+    return text
+
+
+def prefill_lengths(text: str) -> tuple:
+    """--prefill-tokens: '256' or '128,1024' -> (256,) / (128, 1024); '0' -> ()."""
+    try:
+        lengths = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        lengths = (-1,)
+    if any(n < 0 for n in lengths):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of token counts (e.g. 256 or 128,1024)")
+    return tuple(n for n in lengths if n)
+
+
 ##### 2. MXFP4 codec #####
 # OpenAI stores each expert matrix W [out, in] as blocks of 32 inputs: 16 bytes of FP4 (E2M1)
 # codes, low nibble first, and one E8M0 scale byte (2^(s-127)) per block.
-
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
               -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 FP16_MAX = 65504.0
@@ -629,16 +771,6 @@ class SourceModel:
     @property
     def expert_names(self) -> list[str]:
         return sorted(n[: -len("_blocks")] for n in self.weight_map if n.endswith("_blocks"))
-
-
-def open_safetensors(path: Path):
-    from safetensors import safe_open
-    try:
-        return safe_open(str(path), framework="pt")
-    except FileNotFoundError:
-        raise UserError(f"shard {path} is missing: re-download the model")
-    except Exception as e:
-        raise UserError(f"shard {path} is truncated or corrupt ({brief(e)}): re-download it")
 
 
 def inspect_source(path: Path) -> SourceModel:
@@ -1018,6 +1150,75 @@ def dequantize_with_transformers(src: SourceModel, dst: Path, dtype_name: str, d
     return {s.name: name for s in specs}
 
 
+def dequantize_into(args: argparse.Namespace, src: SourceModel, dst: Path, device: str | None, t0: float) -> int:
+    src_dir = src.path
+    if args.method == "transformers":
+        log(f"dequantize --method transformers: whole model in memory (device_map={args.device_map})")
+        weight_map = dequantize_with_transformers(src, dst, args.dtype, args.device_map,
+                                                  args.offload_folder, args.max_gpu_memory)
+        report = RangeReport()
+    else:
+        report, weight_map = dequantize_stream(src, dst, args.dtype, device, args.fp16_overflow, args.resume,
+                                               args.workers)
+    finish_output(src_dir, dst, src.config, args.dtype, weight_map)
+    size = sum((dst / s).stat().st_size for s in set(weight_map.values()))
+    if args.dtype == "fp16":
+        log(f"fp16 range: {report.overflow} values overflowed "
+            f"({'clamped to +-65504' if args.fp16_overflow == 'clamp' else 'written as inf'} )"
+            if report.overflow else "fp16 range: no value overflowed")
+        log(f"fp16 range: {report.flushed} non-zero values flushed to zero")
+    dt = time.time() - t0
+    log(f"wrote {dst}: {len(weight_map)} tensors, {human_bytes(size)} in {dt:.1f} s "
+        f"({human_bytes(size / max(dt, 1e-9))}/s), peak RSS {human_bytes(peak_rss_bytes())} "
+        f"(anonymous {human_bytes(sample_anon_rss())}, the rest is mapped source pages)"
+        + (f"; {WRITE_WAIT_SECONDS[0]:.1f} s of it waiting for the disk"
+           if args.method == "stream" and args.workers == 1 else ""))
+    print(dst)
+    return 0
+
+
+def add_dequantize_parser(sub) -> argparse.ArgumentParser:
+    """The `dequantize` subcommand and its flags."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    d = sub.add_parser("dequantize", formatter_class=fmt, help="MXFP4 -> BF16/FP16 checkpoint, streaming",
+                       description="Convert an MXFP4 GPT-OSS checkpoint into a BF16/FP16 one that "
+                                   "transformers' GptOssForCausalLM loads unquantized. Streams tensor by "
+                                   "tensor: peak RAM is a few hundred MB whatever the model size.",
+                       epilog="""\
+examples:
+  %(prog)s --src openai/gpt-oss-20b --dst ./gpt-oss-20b-bf16 --dtype bf16
+  %(prog)s --src ./gpt-oss-120b --dst ./gpt-oss-120b-bf16 --dtype bf16 --device cuda
+  %(prog)s --src ./gpt-oss-120b --dst ./gpt-oss-120b-bf16 --dtype bf16 --resume   # after a crash
+  %(prog)s --src ./gpt-oss-20b --dst ./ref --method transformers --device-map auto  # reference path
+
+BF16 is exact (every MXFP4 value is representable). FP16 is not: scales reach beyond its range,
+so values that would overflow are counted and refused unless --fp16-overflow says otherwise.""")
+    d.add_argument("--src", default="openai/gpt-oss-120b", metavar="PATH|HUB_ID",
+                   help="MXFP4 model folder, or a Hub id fetched with huggingface_hub (default: %(default)s)")
+    d.add_argument("--dst", default="gpt-oss-120b-bf16", metavar="DIR", help="output folder (default: %(default)s)")
+    d.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16",
+                   help="output dtype; bf16 is exact, fp16 may overflow (default: %(default)s)")
+    d.add_argument("--method", choices=["stream", "transformers"], default="stream",
+                   help="stream: shard by shard (default); transformers: load the whole model with "
+                        "Mxfp4Config(dequantize=True), for comparison (needs the model's size in RAM)")
+    d.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda[:N]",
+                   help="where the MXFP4 decode runs (stream method; default: GPU if present)")
+    d.add_argument("--fp16-overflow", choices=["error", "clamp", "inf"], default="error",
+                   help="with --dtype fp16, values beyond +-65504: stop (default), saturate, or write inf")
+    d.add_argument("--workers", type=int_at_least(1, "worker processes"), default=1, metavar="N",
+                   help="convert N shards at once in separate processes; with GPUs, worker k uses GPU "
+                        "k %% count (default: %(default)s)")
+    d.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
+    d.add_argument("--resume", action="store_true",
+                   help="finish an interrupted run in --dst: complete shards are checked and kept")
+    d.add_argument("--device-map", choices=["auto", "sequential", "cpu-only"], default="sequential",
+                   help="--method transformers: accelerate placement (default: %(default)s)")
+    d.add_argument("--offload-folder", metavar="DIR", help="--method transformers: spill weights to disk here")
+    d.add_argument("--max-gpu-memory", type=size_arg, metavar="SIZE", help="--method transformers: per-GPU cap, e.g. 20GiB")
+    d.set_defaults(func=cmd_dequantize)
+    return d
+
+
 def cmd_dequantize(args: argparse.Namespace) -> int:
     t0 = time.time()
     src_dir = resolve_model_dir(args.src, "--src")
@@ -1050,39 +1251,598 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
         raise
 
 
-def dequantize_into(args: argparse.Namespace, src: SourceModel, dst: Path, device: str | None, t0: float) -> int:
-    src_dir = src.path
-    if args.method == "transformers":
-        log(f"dequantize --method transformers: whole model in memory (device_map={args.device_map})")
-        weight_map = dequantize_with_transformers(src, dst, args.dtype, args.device_map,
-                                                  args.offload_folder, args.max_gpu_memory)
-        report = RangeReport()
-    else:
-        report, weight_map = dequantize_stream(src, dst, args.dtype, device, args.fp16_overflow, args.resume,
-                                               args.workers)
-    finish_output(src_dir, dst, src.config, args.dtype, weight_map)
-    size = sum((dst / s).stat().st_size for s in set(weight_map.values()))
-    if args.dtype == "fp16":
-        log(f"fp16 range: {report.overflow} values overflowed "
-            f"({'clamped to +-65504' if args.fp16_overflow == 'clamp' else 'written as inf'} )"
-            if report.overflow else "fp16 range: no value overflowed")
-        log(f"fp16 range: {report.flushed} non-zero values flushed to zero")
-    dt = time.time() - t0
-    log(f"wrote {dst}: {len(weight_map)} tensors, {human_bytes(size)} in {dt:.1f} s "
-        f"({human_bytes(size / max(dt, 1e-9))}/s), peak RSS {human_bytes(peak_rss_bytes())} "
-        f"(anonymous {human_bytes(sample_anon_rss())}, the rest is mapped source pages)"
-        + (f"; {WRITE_WAIT_SECONDS[0]:.1f} s of it waiting for the disk"
-           if args.method == "stream" and args.workers == 1 else ""))
-    print(dst)
-    return 0
+##### 4. llmcompressor / compressed-tensors patches #####
+# Every place where this tool changes what llmcompressor or compressed-tensors do, so that each can be
+# dropped once upstream does it. Each is a context (compressed_tensors.utils.patch_attr, undone on exit)
+# that the run enters only where it applies, except loader_without_accelerator (a torchrun rank on a
+# CPU-only machine keeps it until it exits). All checked against llmcompressor 0.14.0.1 and
+# compressed-tensors 0.19.0 (requirements.txt's pins).
+#
+#   patch                       replaces                                  because upstream
+#   masked_gptq                 gptq_quantize.gptq_block_update,          has no mask option in GPTQ: its
+#                               gptq.base.quantize_weight                 error feedback refills pruned weights
+#   cpu_safe_calibration        IntermediatesCache.pin_memory             pins AWQ's cache even without an
+#                                                                         accelerator, which torch refuses
+#   shared_input_hessians       GPTQModifier.calibrate_module,            keeps one Hessian per module, also for
+#                               GPTQModifier.compress_modules             modules that read the same input
+#   tensor_core_hessians        gptq.base.accumulate_hessian              fixes the Hessian matmul to fp32
+#   routed_propagation          sequential pipeline's HooksMixin          holds the all-experts flag through
+#                                                                         propagation too
+#   batched_expert_calibration  GptOssLinearExperts.forward,              calibrates experts only through 3E
+#                               GPTQModifier.on_calibration_start,        hooked per-expert module calls
+#                               GPTQModifier.compress_modules
+#   solved_weights_barrier      LifecycleCallbacks.sequential_epoch_end   has no barrier after a CPU solve
+#                                                                         (its broadcast skips CPU modules)
+#   calibration_share           oneshot's get_calibration_dataloader      does not say how many samples a
+#                                                                         rank calibrates on
+#   layer_progress              sequential pipeline's trace_subgraphs,    logs no progress per subgraph
+#                               LifecycleCallbacks.sequential_epoch_end
+#   loader_without_accelerator  compressed-tensors' offload.load          (0.19) asks the accelerator for free
+#                               ._get_device_memory                       memory, and there is none
+#   kernel_activation_rule      compressed-tensors' forward_quantize      (0.19) rounds int8 activations by
+#                                                                         amax / 127.5, not the kernels' 127
+# Worked around without a patch, next to their use: linearize_meta (llmcompressor's linearize_moe copies
+# weights that meta tensors lack), rank_share (0.14's sampler gives every rank the first rows),
+# write_output_config (compressed-tensors 0.19 writes an empty sparsity_config).
 
 
-##### 4. quantize #####
+# ---- GPTQ that keeps a 2:4 mask
+
+
+def masked_gptq():
+    """Context in which llmcompressor's GPTQ keeps zero weights at zero (a SparseGPT mask).
+
+    GPTQ spreads each column's rounding error over the columns after it, which refills pruned
+    weights (80% of groups of 4 stay 2:4). Here a pruned weight is 'quantized' to 0 inside the
+    GPTQ loop, so its error is compensated like any other: SparseGPT's joint prune+quantize step.
+    Written by hand because llmcompressor 0.14's GPTQ has no mask option.
+    """
+    import contextlib
+    import torch
+    from compressed_tensors.quantization import QuantizationStrategy, fake_quantize
+    from compressed_tensors.utils import patch_attr
+    import llmcompressor.modifiers.gptq.base as gptq_base
+    import llmcompressor.modifiers.gptq.gptq_quantize as gq
+    from copy import copy
+    state = {"mask": None}
+    original_quantize_weight = gq.quantize_weight
+
+    def quantize_weight(weights, hessians, *a, **k):
+        state["mask"] = weights == 0                                     # [batch, rows, columns]
+        try:
+            return original_quantize_weight(weights, hessians, *a, **k)
+        finally:
+            state["mask"] = None
+
+    def block_update(W1, Hinv1, Q1, Err1, losses1, *, scale, zero_point, global_scale, g_idx, quant_args, i1):
+        # llmcompressor's eager gptq_block_update, plus the mask line
+        qargs = copy(quant_args)
+        qargs.strategy = QuantizationStrategy.CHANNEL
+        eff, zp = gq.column_scale_window(scale, zero_point, global_scale, g_idx, quant_args,
+                                         num_rows=W1.shape[-2], i1=i1, i2=i1 + W1.shape[-1])
+        mask = state["mask"]
+        for i in range(W1.shape[-1]):
+            w = W1[:, :, i]
+            q = fake_quantize(w.transpose(0, 1), eff[:, :, i].transpose(0, 1),
+                              None if zp is None else zp[:, :, i].transpose(0, 1), qargs).transpose(0, 1)
+            if mask is not None:
+                q = torch.where(mask[:, :, i1 + i], torch.zeros_like(q), q)
+            err = (w - q) / Hinv1[:, i, i][:, None]
+            Q1[:, :, i] = q
+            Err1[:, :, i] = err
+            losses1[:, :, i] = err.square()
+            W1[:, :, i:] -= err.unsqueeze(-1) * Hinv1[:, i, i:].unsqueeze(1)
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(patch_attr(gptq_base, "quantize_weight", quantize_weight))
+    stack.enter_context(patch_attr(gq, "gptq_block_update", block_update))
+    return stack
+
+
+def cpu_safe_calibration():
+    """AWQ pins its cached activations for faster host->GPU copies; torch refuses pin_memory
+    without an accelerator ('Cannot access accelerator device'), so on a CPU-only machine the
+    pinning is skipped (there is no copy to speed up)."""
+    import contextlib
+    import torch
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.pipelines.cache import IntermediatesCache
+    if torch.accelerator.is_available():
+        return contextlib.nullcontext()
+    return patch_attr(IntermediatesCache, "pin_memory", lambda self, *a, **k: None)
+
+
+# ---- GPTQ Hessians shared by modules that read the same tensor
+
+
+def shared_input_hessians():
+    """Context in which llmcompressor's GPTQ keeps ONE Hessian for the Linear modules that read the
+    same input tensor in a forward, instead of one each.
+
+    With all-expert calibration llmcompressor calls every expert as expert(hidden_states): the
+    gate_proj and up_proj of all E experts, like q/k/v_proj, accumulate the same 2 X^T X. A GPT-OSS
+    layer then needs E+3 fp32 K x K Hessians instead of 3E+4 (gpt-oss-120b: 131 for 388 modules).
+    The first module that sees a tensor accumulates; the others alias its _hessians/_num_samples
+    entries (the same tensor objects) and skip the matmul, so the shared Hessian is bitwise the one
+    each would have accumulated. "The same tensor": the first one is still alive (weak reference)
+    with equal data_ptr, shape, stride, dtype, device and _version (no in-place write since).
+    prepare_batch pops and divides entry by entry (a new tensor each), so aliases are safe there.
+    A distributed run reduces every entry across ranks, which would add an alias once per module:
+    there each alias becomes a copy just before the reduce (the calibration pass still skips the
+    matmuls; the reduce and the solve see one Hessian per module, as in plain llmcompressor).
+    Written by hand because llmcompressor 0.14's GPTQ keeps one Hessian per module.
+    """
+    import contextlib
+    import weakref
+    import torch
+    from compressed_tensors.offload.dist_utils import is_distributed
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.modifiers.gptq.base import GPTQModifier
+    original_calibrate, original_compress = GPTQModifier.calibrate_module, GPTQModifier.compress_modules
+    seen = {}        # (modifier id, input key) -> (weak reference to the input, module that accumulated it)
+    owner_of = {}    # module skipping its matmul -> module whose Hessian it aliases
+    calls = {}       # module -> hook calls: accumulations (owners) or matching skips (aliases)
+    stats = {"steps": 0, "modules": 0, "hessians": 0, "first": None}
+
+    def calibrate_module(self, module, args, _output):
+        inp = args[0]
+        if not isinstance(module, torch.nn.Linear) or not isinstance(inp, torch.Tensor):
+            return original_calibrate(self, module, args, _output)
+        key = (id(self), inp.data_ptr(), tuple(inp.shape), inp.stride(), inp.dtype, inp.device, inp._version)
+        hit = seen.get(key)
+        first = hit[1] if hit is not None and hit[0]() is not None else None
+        owner = owner_of.get(module)
+        if owner is not None:
+            if first is not owner:
+                raise RuntimeError(f"GPTQ Hessian sharing: {self._module_names.get(module)} shared "
+                                   f"{self._module_names.get(owner)}'s input on an earlier batch but not on "
+                                   f"this one: re-run with --no-share-hessians")
+            calls[module] += 1
+            return
+        if (first is not None and first is not module and module not in self._num_samples
+                and self._hessians[first].shape[0] == module.weight.shape[1]):
+            owner_of[module] = first
+            self._hessians[module], self._num_samples[module] = self._hessians[first], self._num_samples[first]
+            calls[module] = 1
+            return
+        original_calibrate(self, module, args, _output)
+        calls[module] = calls.get(module, 0) + 1
+        if first is None:
+            def forget(ref, key=key):
+                if seen.get(key, (None,))[0] is ref:
+                    del seen[key]
+            seen[key] = (weakref.ref(inp, forget), module)
+
+    def compress_modules(self):
+        for module, owner in owner_of.items():
+            if module in self._num_samples and calls[module] != calls[owner]:
+                raise RuntimeError(f"GPTQ Hessian sharing: {self._module_names.get(module)} ran "
+                                   f"{calls[module]} times, {self._module_names.get(owner)} {calls[owner]}: "
+                                   f"re-run with --no-share-hessians")
+        modules, hessians = len(self._num_samples), len({id(h) for h in self._hessians.values()})
+        if modules:
+            stats["steps"] += 1
+            stats["modules"] += modules
+            stats["hessians"] += hessians
+            stats["first"] = stats["first"] or (hessians, modules)
+        for module in list(owner_of):
+            if module in self._num_samples:
+                if is_distributed():     # the reduce adds each entry: it must not add one tensor twice
+                    self._hessians[module] = self._hessians[module].clone()
+                    self._num_samples[module] = self._num_samples[module].clone()
+                del owner_of[module]
+        for module in list(calls):
+            if module in self._num_samples:
+                del calls[module]
+        return original_compress(self)
+
+    @contextlib.contextmanager
+    def context():
+        with patch_attr(GPTQModifier, "calibrate_module", calibrate_module), \
+                patch_attr(GPTQModifier, "compress_modules", compress_modules):
+            yield
+        if stats["steps"] and stats["hessians"] < stats["modules"]:
+            h, m = stats["first"]
+            log(f"GPTQ: {h} Hessians for {m} modules in the first of {stats['steps']} calibrated steps, "
+                f"{stats['hessians']} for {stats['modules']} in all (Linear modules that read the same "
+                f"input tensor share one: q/k/v, and gate/up of all experts)")
+    return context()
+
+
+# ---- GPTQ Hessians on tensor cores
+
+# tokens per tensor-core Hessian matmul: bench/bench_hessian_matmul.py on an H200 (RESULTS.md)
+HESSIAN_CHUNK_TOKENS = 512
+
+
+def tensor_core_hessians(chunk_tokens: int | None = None):
+    """Context in which llmcompressor's GPTQ accumulates 2 X^T X of a BF16 input (gpt-oss' dtype)
+    with tensor-core matmuls (BF16 multiplies, fp32 accumulation and output) instead of fp32 ones.
+
+    Every product of two BF16 numbers is exact in fp32 (8 + 8 significant bits), so both add the
+    same exact products in fp32; what differs is the adding. A tensor core's fp32 accumulator
+    truncates instead of rounding (H200: 4.5e-6 relative off the fp32 Hessian with 2048 tokens per
+    matmul, 2.8e-7 with 512), so the tokens go in chunks of chunk_tokens, each matmul's result added
+    to the Hessian by cuBLAS' rounded fp32 epilogue (beta = 1). The factor 2 is addmm's alpha
+    instead of llmcompressor's sqrt(2) scaling of the input (which would round). FP16 inputs stay
+    with llmcompressor's fp32 matmul (they needed 128-token chunks summed in two levels to stay
+    within 1e-6). On CPU (no BF16 -> fp32 mm) an fp32 addmm of the same exact values runs.
+    llmcompressor 0.14's 131 fp32 products per 120b layer were half of the calibration pass on an
+    H200; measured in bench/RESULTS.md. Written by hand: llmcompressor fixes the matmul to fp32.
+    """
+    import torch
+    from compressed_tensors.utils import patch_attr
+    import llmcompressor.modifiers.gptq.base as gptq_base
+    original = gptq_base.accumulate_hessian
+    chunk = chunk_tokens or HESSIAN_CHUNK_TOKENS
+
+    def accumulate_hessian(inp, module, hessian, num_samples):
+        if not (isinstance(module, torch.nn.Linear) and inp.dtype == torch.bfloat16
+                and hessian.dtype == torch.float32):
+            return original(inp, module, hessian, num_samples)
+        inp = inp.to(device=hessian.device)
+        num_added = 1 if inp.dim() == 2 else inp.shape[0]     # llmcompressor's count: batch rows
+        x = inp.reshape(-1, inp.shape[-1])
+        if x.is_cuda:
+            for part in x.split(chunk):
+                torch.addmm(hessian, part.t(), part, alpha=2, out_dtype=torch.float32, out=hessian)
+        else:
+            hessian.addmm_(x.t().float(), x.float(), alpha=2)
+        num_samples += num_added
+        return hessian, num_samples
+
+    return patch_attr(gptq_base, "accumulate_hessian", accumulate_hessian)
+
+
+# ---- propagation with routed experts
+
+
+def routed_propagation():
+    """Context in which the sequential pipeline's propagation pass runs each expert on its routed
+    tokens only; the calibration pass before it still runs every expert on every token.
+
+    Propagation only computes the next layer's inputs (hooks off). With the all-experts flag
+    llmcompressor's linearized MoE computes expert(hidden_states)[token_indices]: the routed rows of
+    an all-token run, top_k/E of it used (4/128 at 120b). expert(hidden_states[token_indices]) gives
+    the same rows: bitwise on CPU (checked in tests/test_quantize.py); a GPU may pick another GEMM
+    kernel for the smaller row count and round differently at BF16 precision.
+    Written by hand because llmcompressor 0.14 holds the all-experts flag for the whole oneshot; the
+    pipeline's only use of HooksMixin is `with HooksMixin.disable_hooks():` around propagation.
+    """
+    import contextlib
+    import types
+    from compressed_tensors.utils import patch_attr
+    import llmcompressor.modeling.moe.context as moe_context
+    import llmcompressor.pipelines.sequential.pipeline as sequential
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+    assert sequential.HooksMixin is HooksMixin and hasattr(moe_context, "_CALIBRATE_ALL_EXPERTS")
+
+    @contextlib.contextmanager
+    def disable_hooks(keep=frozenset()):
+        with HooksMixin.disable_hooks(keep), patch_attr(moe_context, "_CALIBRATE_ALL_EXPERTS", False):
+            yield
+    return patch_attr(sequential, "HooksMixin", types.SimpleNamespace(disable_hooks=disable_hooks))
+
+
+# ---- batched expert calibration: what llmcompressor's 3E hooked expert Linear modules did, as tensor math
+
+# "linear" computes the batched path's gate/up with F.linear per expert (the calls llmcompressor's
+# modules make) instead of batched matmuls: an experiment switch for whether the GPU's int4 codes
+# move with the batched GEMMs' rounding (bench/RESULTS.md, batched expert calibration)
+GATE_UP_ENV = "GPTOSS_GATE_UP"
+
+
+def batched_expert_calibration(model, g: GpuMemoryPlan, fp32_matmul: bool, stats: dict):
+    """Context in which llmcompressor's linearized GPT-OSS experts (GptOssLinearExperts) compute
+    what their 3E hooked Linear modules did, on the stacked expert weights [E, ...]:
+
+    - calibration pass (hooks on, all experts): gate and up of Ec experts x Tc tokens as two
+      batched matmuls (bias folded in: baddbmm, as F.linear), GPT-OSS' clamped SwiGLU in place,
+      and the E down_proj Hessians accumulated with one batched product per chunk into one
+      [E, I, I] fp32 tensor (BF16 products, fp32 sums in 512-token parts on a GPU, as
+      tensor_core_hessians; fp32 on CPU or with --fp32-hessian-matmul). gate/up of all experts read
+      the layer input: their shared Hessian goes through llmcompressor's (patched) accumulate_hessian
+      once. The entries land in the GPTQ modifier's _hessians/_num_samples under each expert
+      module, so llmcompressor's own batched GPTQ solve, qparams and saving run unchanged.
+    - the MoE output (both passes): the routed rows only, sorted by expert, one grouped GEMM per
+      projection (torch's grouped_mm on a GPU; on CPU F.linear per expert, bitwise llmcompressor's),
+      summed per token in ascending expert order like llmcompressor's index_add_ loop.
+    A MoE module whose expert Linear carry any hook but GPTQ's Hessian hook, or are not all GPTQ
+    targets, keeps llmcompressor's forward. Written by hand: llmcompressor 0.14 calibrates experts
+    only through per-expert module calls (H200: ~150 ms of Python per MoE forward, RESULTS.md).
+    """
+    import contextlib
+    import torch
+    import torch.nn.functional as F
+    from compressed_tensors.utils import get_execution_device, getattr_chain, patch_attr
+    import llmcompressor.modeling.moe.linear_experts as linear_experts
+    import llmcompressor.modifiers.gptq.base as gptq_base
+    from llmcompressor.modeling.moe.gpt_oss import GptOssLinearExperts
+    from llmcompressor.modifiers.gptq.helpers import make_empty_hessian
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+    original_forward = GptOssLinearExperts.forward
+    original_start = gptq_base.GPTQModifier.on_calibration_start
+    original_compress = gptq_base.GPTQModifier.compress_modules
+    modifiers: list = []
+    weights: dict = {}            # "moe", "hooks_off", "refs", "stacked": the current layer's expert weights
+    down_hessians: dict = {}      # id(MoE module) -> its experts' down_proj Hessians [E, I, I] being accumulated
+    eligible: dict = {}           # id(MoE module) -> GPTQ modifier, or None (llmcompressor's forward)
+    stats.update(layers=set(), calls=0, fallback=set())
+
+    def on_calibration_start(self, *a, **k):
+        modifiers.append(self)
+        return original_start(self, *a, **k)
+
+    def compress_modules(self):
+        weights.clear()           # GPTQ is about to write the weights: restack for the next pass
+        down_hessians.clear()     # prepare_batch pops the views: the [E, I, I] tensor goes with the last
+        return original_compress(self)
+
+    def gptq_of(moe):
+        key = id(moe)
+        if key not in eligible:
+            eligible[key] = None
+            linears = [lin for ex in list(moe)[:moe.num_experts] for lin in (ex.gate_proj, ex.up_proj, ex.down_proj)]
+            if len(modifiers) == 1 and all(
+                    lin in modifiers[0]._module_names and getattr_chain(lin, "quantization_scheme.weights", None)
+                    is not None and len(lin._forward_hooks) == 1 and not lin._forward_pre_hooks
+                    and not getattr(lin, "quantization_enabled", False) for lin in linears) \
+                    and not any(ex._forward_hooks or ex._forward_pre_hooks for ex in list(moe)[:moe.num_experts]):
+                eligible[key] = modifiers[0]
+            else:
+                stats["fallback"].add(key)
+        return eligible[key]
+
+    def layer_weights(moe):
+        hooks_off = HooksMixin._HOOKS_DISABLED
+        if weights.get("moe") is not moe or weights.get("hooks_off") != hooks_off:
+            weights.clear()
+            experts = list(moe)[:moe.num_experts]
+            refs = {p: [getattr(getattr(ex, f"{p}_proj"), "weight") for ex in experts] for p in ("gate", "up", "down")}
+            refs |= {f"{p}_b": [getattr(getattr(ex, f"{p}_proj"), "bias") for ex in experts] for p in ("gate", "up", "down")}
+            weights.update(moe=moe, hooks_off=hooks_off, refs=refs,
+                           stacked={k: torch.stack(v) for k, v in refs.items()} if g.cache_weights else None)
+        return weights
+
+    def chunk_of(w, name, e0, e1):
+        if w["stacked"] is not None:
+            return w["stacked"][name][e0:e1]
+        return torch.stack(w["refs"][name][e0:e1])
+
+    def swiglu_(gate, up, moe):
+        # GptOssLinearExperts._apply_gate in place (same ops, same order: bitwise), without its
+        # cat/chunk copies: (up.clamp(-l, l) + 1) * gate.clamp(max=l) * sigmoid(gate * alpha)
+        gate.clamp_(max=moe.limit)
+        sig = torch.sigmoid_(gate * moe.alpha)
+        return up.clamp_(min=-moe.limit, max=moe.limit).add_(1).mul_(gate).mul_(sig)
+
+    def add_hessians(h, a):
+        """h [Ec, I, I] fp32 += 2 a^T a per expert, a [Ec, Tc, I] BF16."""
+        if a.is_cuda and a.dtype == torch.bfloat16 and not fp32_matmul:
+            for part in a.split(HESSIAN_CHUNK_TOKENS, dim=1):
+                torch.baddbmm(h, part.transpose(1, 2), part, alpha=2, out_dtype=torch.float32, out=h)
+        else:
+            af = a.float()
+            h.baddbmm_(af.transpose(1, 2), af, alpha=2)
+
+    def accumulate(moe, gptq, x):
+        experts = list(moe)[:moe.num_experts]
+        gate0, down0 = experts[0].gate_proj, experts[0].down_proj
+        if down0 not in gptq._num_samples:        # the first forward of this layer's calibration pass
+            device = get_execution_device(gate0)
+            shared, count = make_empty_hessian(gate0, device=device), torch.zeros((), device=device)
+            inner = down0.weight.shape[1]
+            down = torch.zeros(len(experts), inner, inner, device=device)
+            down_count = torch.zeros((), device=device)
+            for e, ex in enumerate(experts):
+                for lin in (ex.gate_proj, ex.up_proj):
+                    gptq._hessians[lin], gptq._num_samples[lin] = shared, count
+                gptq._hessians[ex.down_proj], gptq._num_samples[ex.down_proj] = down[e], down_count
+            down_hessians[id(moe)] = down
+        # gate/up of every expert read x: one Hessian, through the (patched) per-module function
+        gptq_base.accumulate_hessian(x, gate0, gptq._hessians[gate0], gptq._num_samples[gate0])
+        down, w = down_hessians[id(moe)], layer_weights(moe)
+        n = len(experts)
+        for e0 in range(0, n, g.expert_chunk):
+            e1 = min(e0 + g.expert_chunk, n)
+            wg, wu = chunk_of(w, "gate", e0, e1), chunk_of(w, "up", e0, e1)
+            bg, bu = chunk_of(w, "gate_b", e0, e1).unsqueeze(1), chunk_of(w, "up_b", e0, e1).unsqueeze(1)
+            for t0 in range(0, x.shape[0], g.token_chunk):
+                if os.environ.get(GATE_UP_ENV) == "linear":
+                    xt = x[t0:t0 + g.token_chunk]
+                    gate = torch.stack([F.linear(xt, wg[i], bg[i, 0]) for i in range(e1 - e0)])
+                    up = torch.stack([F.linear(xt, wu[i], bu[i, 0]) for i in range(e1 - e0)])
+                    act = swiglu_(gate, up, moe)
+                    del gate, up
+                else:
+                    xc = x[t0:t0 + g.token_chunk].expand(e1 - e0, -1, -1)
+                    act = swiglu_(torch.baddbmm(bg, xc, wg.transpose(1, 2)), torch.baddbmm(bu, xc, wu.transpose(1, 2)), moe)
+                add_hessians(down[e0:e1], act)
+                del act
+        gptq._num_samples[down0] += 1             # llmcompressor counts a 2-D input as one sample
+
+    def routed(moe, x, top_k_index, top_k_weights):
+        """The routed experts' weighted sum per token: what llmcompressor's loop returns."""
+        w = layer_weights(moe)
+        n_tok, k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)                  # rows by expert, then token
+        counts = torch.bincount(flat, minlength=moe.num_experts).tolist()   # the one host sync
+        rows = x[order // k]
+        y = torch.empty(rows.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+        starts = [0] + list(itertools.accumulate(counts))
+        grouped = x.is_cuda and (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm"))
+        e_chunk = g.expert_chunk if grouped else 1
+        for e0 in range(0, moe.num_experts, e_chunk):
+            e1 = min(e0 + e_chunk, moe.num_experts)
+            r0, r1 = starts[e0], starts[e1]
+            if r0 == r1:
+                continue
+            seg = rows[r0:r1]
+            if grouped:
+                offs = torch.tensor(starts[e0 + 1:e1 + 1], dtype=torch.int32, device=x.device) - r0
+                expert_of_row = torch.repeat_interleave(torch.arange(e1 - e0, device=x.device),
+                                                        torch.tensor(counts[e0:e1], device=x.device))
+                mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+                def lin(inp, name):
+                    out = mm(inp, chunk_of(w, name, e0, e1).transpose(1, 2), offs=offs)
+                    return out.add_(chunk_of(w, f"{name}_b", e0, e1)[expert_of_row])
+                act = swiglu_(lin(seg, "gate"), lin(seg, "up"), moe)
+                y[r0:r1] = lin(act, "down")
+            else:
+                refs = w["refs"]
+                act = swiglu_(F.linear(seg, refs["gate"][e0], refs["gate_b"][e0]),
+                              F.linear(seg, refs["up"][e0], refs["up_b"][e0]), moe)
+                y[r0:r1] = F.linear(act, refs["down"][e0], refs["down_b"][e0])
+        y = (y * top_k_weights.reshape(-1)[order, None]).to(x.dtype)
+        # llmcompressor adds each expert's rows with index_add_ in expert order, rounding to BF16 at
+        # each add: the same sums, slot j holding each token's j-th smallest expert
+        slot = torch.argsort(torch.argsort(top_k_index, dim=1, stable=True), dim=1).reshape(-1)[order]
+        per_slot = torch.zeros(n_tok, k, x.shape[1], dtype=x.dtype, device=x.device)
+        per_slot[order // k, slot] = y
+        out = torch.zeros_like(x)
+        for j in range(k):
+            out += per_slot[:, j]
+        return out
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        gptq = gptq_of(self)
+        if gptq is None:
+            return original_forward(self, hidden_states, top_k_index, top_k_weights)
+        stats["calls"] += 1
+        stats["layers"].add(id(self))
+        with torch.no_grad():
+            if linear_experts.get_calibrate_all_experts_flag() and not HooksMixin._HOOKS_DISABLED:
+                accumulate(self, gptq, hidden_states)
+            return routed(self, hidden_states, top_k_index, top_k_weights)
+
+    @contextlib.contextmanager
+    def context():
+        with contextlib.ExitStack() as stack:
+            for m in model.modules():
+                if isinstance(m, GptOssLinearExperts):
+                    # compressed-tensors' offload wrapper calls the forward it saw at load time
+                    name = "_original_forward_func" if hasattr(m, "_original_forward_func") else "forward"
+                    stack.enter_context(patch_attr(m, name, forward if name != "forward" else forward.__get__(m)))
+            stack.enter_context(patch_attr(gptq_base.GPTQModifier, "on_calibration_start", on_calibration_start))
+            stack.enter_context(patch_attr(gptq_base.GPTQModifier, "compress_modules", compress_modules))
+            try:
+                yield
+            finally:
+                weights.clear()
+                down_hessians.clear()
+    return context()
+
+
+def solved_weights_barrier():
+    """Context in which every rank waits, after each subgraph's GPTQ solve, until all ranks have
+    solved theirs. On CPU the ranks share the weights' memory, and llmcompressor 0.14 skips its
+    broadcast of solved weights for CPU modules (`skip_cpu`), which was its only synchronization: a
+    rank that finished its share began the propagation pass through weights another rank was still
+    writing (the next layer's Hessian then came out ~0.1% off, a different amount every run).
+    Written by hand because llmcompressor has no barrier there; a no-op for one process."""
+    import contextlib
+    rank, world = torchrun_world()
+    if world == 1:
+        return contextlib.nullcontext()
+    import torch.distributed as dist
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.core import LifecycleCallbacks
+    epoch_end = LifecycleCallbacks.sequential_epoch_end
+
+    def epoch_end_then_barrier(*a, **k):
+        out = epoch_end(*a, **k)
+        dist.barrier()
+        return out
+    return patch_attr(LifecycleCallbacks, "sequential_epoch_end", epoch_end_then_barrier)
+
+
+def calibration_share(record: dict):
+    """Records how many calibration samples llmcompressor's dataloader gives this process."""
+    import importlib
+    from compressed_tensors.utils import patch_attr
+    entry = importlib.import_module("llmcompressor.entrypoints.oneshot")   # the package re-exports a function of that name
+    original = entry.get_calibration_dataloader
+
+    def recorded(*a, **k):
+        loader = original(*a, **k)
+        record["samples"] = len(loader.sampler) if loader is not None else 0
+        return loader
+    return patch_attr(entry, "get_calibration_dataloader", recorded)
+
+
+def layer_progress():
+    """Context in which llmcompressor's sequential pipeline logs each finished subgraph (the first
+    holds the embeddings, then one per decoder layer, the last with the norm + lm_head) with its
+    time, an ETA and the process's memory.
+    Hooks LifecycleCallbacks.sequential_epoch_end, which the pipeline calls once per subgraph, and
+    its trace_subgraphs to learn how many there are."""
+    import contextlib
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.core import LifecycleCallbacks
+    import llmcompressor.pipelines.sequential.pipeline as seq
+    state = {"n": 0, "total": None, "t0": None, "last": None}
+    trace, epoch_end = seq.trace_subgraphs, LifecycleCallbacks.sequential_epoch_end
+
+    def traced(*a, **k):
+        subgraphs = trace(*a, **k)
+        state.update(total=len(subgraphs), t0=time.time(), last=time.time())
+        return subgraphs
+
+    def on_epoch_end(*a, **k):
+        out = epoch_end(*a, **k)
+        now = time.time()
+        state["n"] += 1
+        n, total = state["n"], state["total"] or 0
+        eta = (now - state["t0"]) / n * (total - n)
+        what = "embeddings" if n == 1 else f"decoder layer {n - 2}" + (" + head" if n == total else "")
+        log(f"step {n}/{total or '?'} ({what}) done in {now - state['last']:.0f} s, ETA {eta / 60:.1f} min, "
+            f"RSS anonymous peak {human_bytes(sample_anon_rss())}, peak RSS {human_bytes(peak_rss_bytes())}")
+        state["last"] = now
+        return out
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(patch_attr(seq, "trace_subgraphs", traced))
+    stack.enter_context(patch_attr(LifecycleCallbacks, "sequential_epoch_end", on_epoch_end))
+    return stack
+
+
+def loader_without_accelerator() -> None:
+    """compressed-tensors' distributed loader asks the accelerator for its free memory: on a machine
+    without one (torchrun over gloo on CPU) it gets no device memory instead of an error. For the rest
+    of the process (a torchrun rank quantizes, then exits). Written by hand because compressed-tensors
+    0.19 assumes an accelerator there."""
+    import compressed_tensors.offload.load as ct_load
+    ct_load._get_device_memory = lambda: {}
+
+
+def kernel_activation_rule():
+    """Context in which compressed-tensors' fake quantization of dynamic per-token int8 input
+    activations follows the kernels' rule (quantize_activations_int8: amax / 127, vLLM's) instead
+    of its own (amax / 127.5, clamped to [-128, 127]). For the dense reference of verify-runtime
+    --model, so that it measures the kernels and not the rule (tiny model: mean KL 4.7e-4 with
+    compressed-tensors' rule, 2.0e-4 with the kernels').
+    Written by hand because compressed-tensors has no switch for the rule."""
+    from compressed_tensors.utils import patch_attr
+    import compressed_tensors.quantization.lifecycle.forward as ct_forward
+    original = ct_forward.forward_quantize
+
+    def forward_quantize(module, value, base_name, args):
+        if (base_name == "input" and args.num_bits == 8 and args.type == "int" and args.symmetric
+                and args.dynamic is True and args.strategy == "token"):
+            x_q, s_x = quantize_activations_int8(value)
+            return (x_q.float() * s_x[..., None]).to(value.dtype)
+        return original(module, value, base_name, args)
+    return patch_attr(ct_forward, "forward_quantize", forward_quantize)
+
+
+##### 5. quantize #####
 # Plan (which Linear gets which scheme and group size) -> recipe (llmcompressor modifiers) ->
 # calibration data -> oneshot -> a complete Hugging Face folder, written to a temp dir and renamed.
 # GPT-OSS quirks of this stage, one home each: linearize_meta (experts as nn.Linear),
 # resolve_group_size (2880 = 22.5 x 128 -> g64), gptoss_awq_mappings (router balanced with the experts),
-# masked_gptq (2:4 kept through GPTQ), w4a8 packing (scheme_args).
+# masked_gptq (section 4: 2:4 kept through GPTQ), w4a8 packing (scheme_args).
 
 ALGOS = ("gptq", "awq", "rtn")          # rtn: plain rounding (QuantizationModifier), the baseline
 SPEC_ALIASES = {"int4": "W4A16", "w4a16": "W4A16", "int8": "W8A8", "w8a8": "W8A8", "w4a8": "W4A8"}
@@ -1568,242 +2328,12 @@ def tokenized_dataset(texts: list[str], tokenizer, max_len: int):
     return Dataset(InMemoryTable.from_pydict(cols), fingerprint=fingerprint)
 
 
-# ---- GPTQ that keeps a 2:4 mask
-
-
-def masked_gptq():
-    """Context in which llmcompressor's GPTQ keeps zero weights at zero (a SparseGPT mask).
-
-    GPTQ spreads each column's rounding error over the columns after it, which refills pruned
-    weights (80% of groups of 4 stay 2:4). Here a pruned weight is 'quantized' to 0 inside the
-    GPTQ loop, so its error is compensated like any other: SparseGPT's joint prune+quantize step.
-    Written by hand because llmcompressor 0.14's GPTQ has no mask option.
-    """
-    import contextlib
-    import torch
-    from compressed_tensors.quantization import QuantizationStrategy, fake_quantize
-    from compressed_tensors.utils import patch_attr
-    import llmcompressor.modifiers.gptq.base as gptq_base
-    import llmcompressor.modifiers.gptq.gptq_quantize as gq
-    from copy import copy
-    state = {"mask": None}
-    original_quantize_weight = gq.quantize_weight
-
-    def quantize_weight(weights, hessians, *a, **k):
-        state["mask"] = weights == 0                                     # [batch, rows, columns]
-        try:
-            return original_quantize_weight(weights, hessians, *a, **k)
-        finally:
-            state["mask"] = None
-
-    def block_update(W1, Hinv1, Q1, Err1, losses1, *, scale, zero_point, global_scale, g_idx, quant_args, i1):
-        # llmcompressor's eager gptq_block_update, plus the mask line
-        qargs = copy(quant_args)
-        qargs.strategy = QuantizationStrategy.CHANNEL
-        eff, zp = gq.column_scale_window(scale, zero_point, global_scale, g_idx, quant_args,
-                                         num_rows=W1.shape[-2], i1=i1, i2=i1 + W1.shape[-1])
-        mask = state["mask"]
-        for i in range(W1.shape[-1]):
-            w = W1[:, :, i]
-            q = fake_quantize(w.transpose(0, 1), eff[:, :, i].transpose(0, 1),
-                              None if zp is None else zp[:, :, i].transpose(0, 1), qargs).transpose(0, 1)
-            if mask is not None:
-                q = torch.where(mask[:, :, i1 + i], torch.zeros_like(q), q)
-            err = (w - q) / Hinv1[:, i, i][:, None]
-            Q1[:, :, i] = q
-            Err1[:, :, i] = err
-            losses1[:, :, i] = err.square()
-            W1[:, :, i:] -= err.unsqueeze(-1) * Hinv1[:, i, i:].unsqueeze(1)
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(patch_attr(gptq_base, "quantize_weight", quantize_weight))
-    stack.enter_context(patch_attr(gq, "gptq_block_update", block_update))
-    return stack
-
-
-def cpu_safe_calibration():
-    """AWQ pins its cached activations for faster host->GPU copies; torch refuses pin_memory
-    without an accelerator ('Cannot access accelerator device'), so on a CPU-only machine the
-    pinning is skipped (there is no copy to speed up)."""
-    import contextlib
-    import torch
-    from compressed_tensors.utils import patch_attr
-    from llmcompressor.pipelines.cache import IntermediatesCache
-    if torch.accelerator.is_available():
-        return contextlib.nullcontext()
-    return patch_attr(IntermediatesCache, "pin_memory", lambda self, *a, **k: None)
-
-
-# ---- GPTQ Hessians shared by modules that read the same tensor
-
-
-def shared_input_hessians():
-    """Context in which llmcompressor's GPTQ keeps ONE Hessian for the Linear modules that read the
-    same input tensor in a forward, instead of one each.
-
-    With all-expert calibration llmcompressor calls every expert as expert(hidden_states): the
-    gate_proj and up_proj of all E experts, like q/k/v_proj, accumulate the same 2 X^T X. A GPT-OSS
-    layer then needs E+3 fp32 K x K Hessians instead of 3E+4 (gpt-oss-120b: 131 for 388 modules).
-    The first module that sees a tensor accumulates; the others alias its _hessians/_num_samples
-    entries (the same tensor objects) and skip the matmul, so the shared Hessian is bitwise the one
-    each would have accumulated. "The same tensor": the first one is still alive (weak reference)
-    with equal data_ptr, shape, stride, dtype, device and _version (no in-place write since).
-    prepare_batch pops and divides entry by entry (a new tensor each), so aliases are safe there.
-    A distributed run reduces every entry across ranks, which would add an alias once per module:
-    there each alias becomes a copy just before the reduce (the calibration pass still skips the
-    matmuls; the reduce and the solve see one Hessian per module, as in plain llmcompressor).
-    Written by hand because llmcompressor 0.14's GPTQ keeps one Hessian per module.
-    """
-    import contextlib
-    import weakref
-    import torch
-    from compressed_tensors.offload.dist_utils import is_distributed
-    from compressed_tensors.utils import patch_attr
-    from llmcompressor.modifiers.gptq.base import GPTQModifier
-    original_calibrate, original_compress = GPTQModifier.calibrate_module, GPTQModifier.compress_modules
-    seen = {}        # (modifier id, input key) -> (weak reference to the input, module that accumulated it)
-    owner_of = {}    # module skipping its matmul -> module whose Hessian it aliases
-    calls = {}       # module -> hook calls: accumulations (owners) or matching skips (aliases)
-    stats = {"steps": 0, "modules": 0, "hessians": 0, "first": None}
-
-    def calibrate_module(self, module, args, _output):
-        inp = args[0]
-        if not isinstance(module, torch.nn.Linear) or not isinstance(inp, torch.Tensor):
-            return original_calibrate(self, module, args, _output)
-        key = (id(self), inp.data_ptr(), tuple(inp.shape), inp.stride(), inp.dtype, inp.device, inp._version)
-        hit = seen.get(key)
-        first = hit[1] if hit is not None and hit[0]() is not None else None
-        owner = owner_of.get(module)
-        if owner is not None:
-            if first is not owner:
-                raise RuntimeError(f"GPTQ Hessian sharing: {self._module_names.get(module)} shared "
-                                   f"{self._module_names.get(owner)}'s input on an earlier batch but not on "
-                                   f"this one: re-run with --no-share-hessians")
-            calls[module] += 1
-            return
-        if (first is not None and first is not module and module not in self._num_samples
-                and self._hessians[first].shape[0] == module.weight.shape[1]):
-            owner_of[module] = first
-            self._hessians[module], self._num_samples[module] = self._hessians[first], self._num_samples[first]
-            calls[module] = 1
-            return
-        original_calibrate(self, module, args, _output)
-        calls[module] = calls.get(module, 0) + 1
-        if first is None:
-            def forget(ref, key=key):
-                if seen.get(key, (None,))[0] is ref:
-                    del seen[key]
-            seen[key] = (weakref.ref(inp, forget), module)
-
-    def compress_modules(self):
-        for module, owner in owner_of.items():
-            if module in self._num_samples and calls[module] != calls[owner]:
-                raise RuntimeError(f"GPTQ Hessian sharing: {self._module_names.get(module)} ran "
-                                   f"{calls[module]} times, {self._module_names.get(owner)} {calls[owner]}: "
-                                   f"re-run with --no-share-hessians")
-        modules, hessians = len(self._num_samples), len({id(h) for h in self._hessians.values()})
-        if modules:
-            stats["steps"] += 1
-            stats["modules"] += modules
-            stats["hessians"] += hessians
-            stats["first"] = stats["first"] or (hessians, modules)
-        for module in list(owner_of):
-            if module in self._num_samples:
-                if is_distributed():     # the reduce adds each entry: it must not add one tensor twice
-                    self._hessians[module] = self._hessians[module].clone()
-                    self._num_samples[module] = self._num_samples[module].clone()
-                del owner_of[module]
-        for module in list(calls):
-            if module in self._num_samples:
-                del calls[module]
-        return original_compress(self)
-
-    @contextlib.contextmanager
-    def context():
-        with patch_attr(GPTQModifier, "calibrate_module", calibrate_module), \
-                patch_attr(GPTQModifier, "compress_modules", compress_modules):
-            yield
-        if stats["steps"] and stats["hessians"] < stats["modules"]:
-            h, m = stats["first"]
-            log(f"GPTQ: {h} Hessians for {m} modules in the first of {stats['steps']} calibrated steps, "
-                f"{stats['hessians']} for {stats['modules']} in all (Linear modules that read the same "
-                f"input tensor share one: q/k/v, and gate/up of all experts)")
-    return context()
-
-
-# ---- GPTQ Hessians on tensor cores
-
-# tokens per tensor-core Hessian matmul: bench/bench_hessian_matmul.py on an H200 (RESULTS.md)
-HESSIAN_CHUNK_TOKENS = 512
-
-
-def tensor_core_hessians(chunk_tokens: int | None = None):
-    """Context in which llmcompressor's GPTQ accumulates 2 X^T X of a BF16 input (gpt-oss' dtype)
-    with tensor-core matmuls (BF16 multiplies, fp32 accumulation and output) instead of fp32 ones.
-
-    Every product of two BF16 numbers is exact in fp32 (8 + 8 significant bits), so both add the
-    same exact products in fp32; what differs is the adding. A tensor core's fp32 accumulator
-    truncates instead of rounding (H200: 4.5e-6 relative off the fp32 Hessian with 2048 tokens per
-    matmul, 2.8e-7 with 512), so the tokens go in chunks of chunk_tokens, each matmul's result added
-    to the Hessian by cuBLAS' rounded fp32 epilogue (beta = 1). The factor 2 is addmm's alpha
-    instead of llmcompressor's sqrt(2) scaling of the input (which would round). FP16 inputs stay
-    with llmcompressor's fp32 matmul (they needed 128-token chunks summed in two levels to stay
-    within 1e-6). On CPU (no BF16 -> fp32 mm) an fp32 addmm of the same exact values runs.
-    llmcompressor 0.14's 131 fp32 products per 120b layer were half of the calibration pass on an
-    H200; measured in bench/RESULTS.md. Written by hand: llmcompressor fixes the matmul to fp32.
-    """
-    import torch
-    from compressed_tensors.utils import patch_attr
-    import llmcompressor.modifiers.gptq.base as gptq_base
-    original = gptq_base.accumulate_hessian
-    chunk = chunk_tokens or HESSIAN_CHUNK_TOKENS
-
-    def accumulate_hessian(inp, module, hessian, num_samples):
-        if not (isinstance(module, torch.nn.Linear) and inp.dtype == torch.bfloat16
-                and hessian.dtype == torch.float32):
-            return original(inp, module, hessian, num_samples)
-        inp = inp.to(device=hessian.device)
-        num_added = 1 if inp.dim() == 2 else inp.shape[0]     # llmcompressor's count: batch rows
-        x = inp.reshape(-1, inp.shape[-1])
-        if x.is_cuda:
-            for part in x.split(chunk):
-                torch.addmm(hessian, part.t(), part, alpha=2, out_dtype=torch.float32, out=hessian)
-        else:
-            hessian.addmm_(x.t().float(), x.float(), alpha=2)
-        num_samples += num_added
-        return hessian, num_samples
-
-    return patch_attr(gptq_base, "accumulate_hessian", accumulate_hessian)
-
-
-# ---- propagation with routed experts
-
-
-def routed_propagation():
-    """Context in which the sequential pipeline's propagation pass runs each expert on its routed
-    tokens only; the calibration pass before it still runs every expert on every token.
-
-    Propagation only computes the next layer's inputs (hooks off). With the all-experts flag
-    llmcompressor's linearized MoE computes expert(hidden_states)[token_indices]: the routed rows of
-    an all-token run, top_k/E of it used (4/128 at 120b). expert(hidden_states[token_indices]) gives
-    the same rows: bitwise on CPU (checked in tests/test_quantize.py); a GPU may pick another GEMM
-    kernel for the smaller row count and round differently at BF16 precision.
-    Written by hand because llmcompressor 0.14 holds the all-experts flag for the whole oneshot; the
-    pipeline's only use of HooksMixin is `with HooksMixin.disable_hooks():` around propagation.
-    """
-    import contextlib
-    import types
-    from compressed_tensors.utils import patch_attr
-    import llmcompressor.modeling.moe.context as moe_context
-    import llmcompressor.pipelines.sequential.pipeline as sequential
-    from llmcompressor.modifiers.utils.hooks import HooksMixin
-    assert sequential.HooksMixin is HooksMixin and hasattr(moe_context, "_CALIBRATE_ALL_EXPERTS")
-
-    @contextlib.contextmanager
-    def disable_hooks(keep=frozenset()):
-        with HooksMixin.disable_hooks(keep), patch_attr(moe_context, "_CALIBRATE_ALL_EXPERTS", False):
-            yield
-    return patch_attr(sequential, "HooksMixin", types.SimpleNamespace(disable_hooks=disable_hooks))
+def batched_tokens(lengths: list[int], batch: int) -> tuple[int, int]:
+    """(tokens kept, tokens given) when llmcompressor batches calibration samples: its
+    LengthAwareSampler orders them longest first (shuffling off) and its truncation collator cuts
+    each batch to its shortest sample."""
+    s = sorted(lengths, reverse=True)
+    return sum(min(s[i:i + batch]) * len(s[i:i + batch]) for i in range(0, len(s), batch)), sum(s)
 
 
 # ---- GPU memory: --max-gpu-memory sizes the expert chunks and the GPTQ solve batches
@@ -1812,10 +2342,6 @@ def routed_propagation():
 # benches): the Hessians must not depend on it (tests/test_quantize.py)
 EXPERT_CHUNKS_ENV = "GPTOSS_EXPERT_CHUNKS"
 GPU_PLAN_SHARE = 0.9     # of the budget: the rest for the CUDA caching allocator's fragmentation
-# "linear" computes the batched path's gate/up with F.linear per expert (the calls llmcompressor's
-# modules make) instead of batched matmuls: an experiment switch for whether the GPU's int4 codes
-# move with the batched GEMMs' rounding (bench/RESULTS.md, batched expert calibration)
-GATE_UP_ENV = "GPTOSS_GATE_UP"
 
 
 @dataclass(frozen=True)
@@ -1999,212 +2525,6 @@ def gpu_out_of_memory_error(g: GpuMemoryPlan, error: BaseException) -> UserError
                      f"lower --calib-batch-size / --max-seq-length")
 
 
-# ---- batched expert calibration: what llmcompressor's 3E hooked expert Linear modules did, as tensor math
-
-
-def batched_expert_calibration(model, g: GpuMemoryPlan, fp32_matmul: bool, stats: dict):
-    """Context in which llmcompressor's linearized GPT-OSS experts (GptOssLinearExperts) compute
-    what their 3E hooked Linear modules did, on the stacked expert weights [E, ...]:
-
-    - calibration pass (hooks on, all experts): gate and up of Ec experts x Tc tokens as two
-      batched matmuls (bias folded in: baddbmm, as F.linear), GPT-OSS' clamped SwiGLU in place,
-      and the E down_proj Hessians accumulated with one batched product per chunk into one
-      [E, I, I] fp32 tensor (BF16 products, fp32 sums in 512-token parts on a GPU, as
-      tensor_core_hessians; fp32 on CPU or with --fp32-hessian-matmul). gate/up of all experts read
-      the layer input: their shared Hessian goes through llmcompressor's (patched) accumulate_hessian
-      once. The entries land in the GPTQ modifier's _hessians/_num_samples under each expert
-      module, so llmcompressor's own batched GPTQ solve, qparams and saving run unchanged.
-    - the MoE output (both passes): the routed rows only, sorted by expert, one grouped GEMM per
-      projection (torch's grouped_mm on a GPU; on CPU F.linear per expert, bitwise llmcompressor's),
-      summed per token in ascending expert order like llmcompressor's index_add_ loop.
-    A MoE module whose expert Linear carry any hook but GPTQ's Hessian hook, or are not all GPTQ
-    targets, keeps llmcompressor's forward. Written by hand: llmcompressor 0.14 calibrates experts
-    only through per-expert module calls (H200: ~150 ms of Python per MoE forward, RESULTS.md).
-    """
-    import contextlib
-    import torch
-    import torch.nn.functional as F
-    from compressed_tensors.utils import get_execution_device, getattr_chain, patch_attr
-    import llmcompressor.modeling.moe.linear_experts as linear_experts
-    import llmcompressor.modifiers.gptq.base as gptq_base
-    from llmcompressor.modeling.moe.gpt_oss import GptOssLinearExperts
-    from llmcompressor.modifiers.gptq.helpers import make_empty_hessian
-    from llmcompressor.modifiers.utils.hooks import HooksMixin
-    original_forward = GptOssLinearExperts.forward
-    original_start = gptq_base.GPTQModifier.on_calibration_start
-    original_compress = gptq_base.GPTQModifier.compress_modules
-    modifiers: list = []
-    weights: dict = {}            # "moe", "hooks_off", "refs", "stacked": the current layer's expert weights
-    down_hessians: dict = {}      # id(MoE module) -> its experts' down_proj Hessians [E, I, I] being accumulated
-    eligible: dict = {}           # id(MoE module) -> GPTQ modifier, or None (llmcompressor's forward)
-    stats.update(layers=set(), calls=0, fallback=set())
-
-    def on_calibration_start(self, *a, **k):
-        modifiers.append(self)
-        return original_start(self, *a, **k)
-
-    def compress_modules(self):
-        weights.clear()           # GPTQ is about to write the weights: restack for the next pass
-        down_hessians.clear()     # prepare_batch pops the views: the [E, I, I] tensor goes with the last
-        return original_compress(self)
-
-    def gptq_of(moe):
-        key = id(moe)
-        if key not in eligible:
-            eligible[key] = None
-            linears = [lin for ex in list(moe)[:moe.num_experts] for lin in (ex.gate_proj, ex.up_proj, ex.down_proj)]
-            if len(modifiers) == 1 and all(
-                    lin in modifiers[0]._module_names and getattr_chain(lin, "quantization_scheme.weights", None)
-                    is not None and len(lin._forward_hooks) == 1 and not lin._forward_pre_hooks
-                    and not getattr(lin, "quantization_enabled", False) for lin in linears) \
-                    and not any(ex._forward_hooks or ex._forward_pre_hooks for ex in list(moe)[:moe.num_experts]):
-                eligible[key] = modifiers[0]
-            else:
-                stats["fallback"].add(key)
-        return eligible[key]
-
-    def layer_weights(moe):
-        hooks_off = HooksMixin._HOOKS_DISABLED
-        if weights.get("moe") is not moe or weights.get("hooks_off") != hooks_off:
-            weights.clear()
-            experts = list(moe)[:moe.num_experts]
-            refs = {p: [getattr(getattr(ex, f"{p}_proj"), "weight") for ex in experts] for p in ("gate", "up", "down")}
-            refs |= {f"{p}_b": [getattr(getattr(ex, f"{p}_proj"), "bias") for ex in experts] for p in ("gate", "up", "down")}
-            weights.update(moe=moe, hooks_off=hooks_off, refs=refs,
-                           stacked={k: torch.stack(v) for k, v in refs.items()} if g.cache_weights else None)
-        return weights
-
-    def chunk_of(w, name, e0, e1):
-        if w["stacked"] is not None:
-            return w["stacked"][name][e0:e1]
-        return torch.stack(w["refs"][name][e0:e1])
-
-    def swiglu_(gate, up, moe):
-        # GptOssLinearExperts._apply_gate in place (same ops, same order: bitwise), without its
-        # cat/chunk copies: (up.clamp(-l, l) + 1) * gate.clamp(max=l) * sigmoid(gate * alpha)
-        gate.clamp_(max=moe.limit)
-        sig = torch.sigmoid_(gate * moe.alpha)
-        return up.clamp_(min=-moe.limit, max=moe.limit).add_(1).mul_(gate).mul_(sig)
-
-    def add_hessians(h, a):
-        """h [Ec, I, I] fp32 += 2 a^T a per expert, a [Ec, Tc, I] BF16."""
-        if a.is_cuda and a.dtype == torch.bfloat16 and not fp32_matmul:
-            for part in a.split(HESSIAN_CHUNK_TOKENS, dim=1):
-                torch.baddbmm(h, part.transpose(1, 2), part, alpha=2, out_dtype=torch.float32, out=h)
-        else:
-            af = a.float()
-            h.baddbmm_(af.transpose(1, 2), af, alpha=2)
-
-    def accumulate(moe, gptq, x):
-        experts = list(moe)[:moe.num_experts]
-        gate0, down0 = experts[0].gate_proj, experts[0].down_proj
-        if down0 not in gptq._num_samples:        # the first forward of this layer's calibration pass
-            device = get_execution_device(gate0)
-            shared, count = make_empty_hessian(gate0, device=device), torch.zeros((), device=device)
-            inner = down0.weight.shape[1]
-            down = torch.zeros(len(experts), inner, inner, device=device)
-            down_count = torch.zeros((), device=device)
-            for e, ex in enumerate(experts):
-                for lin in (ex.gate_proj, ex.up_proj):
-                    gptq._hessians[lin], gptq._num_samples[lin] = shared, count
-                gptq._hessians[ex.down_proj], gptq._num_samples[ex.down_proj] = down[e], down_count
-            down_hessians[id(moe)] = down
-        # gate/up of every expert read x: one Hessian, through the (patched) per-module function
-        gptq_base.accumulate_hessian(x, gate0, gptq._hessians[gate0], gptq._num_samples[gate0])
-        down, w = down_hessians[id(moe)], layer_weights(moe)
-        n = len(experts)
-        for e0 in range(0, n, g.expert_chunk):
-            e1 = min(e0 + g.expert_chunk, n)
-            wg, wu = chunk_of(w, "gate", e0, e1), chunk_of(w, "up", e0, e1)
-            bg, bu = chunk_of(w, "gate_b", e0, e1).unsqueeze(1), chunk_of(w, "up_b", e0, e1).unsqueeze(1)
-            for t0 in range(0, x.shape[0], g.token_chunk):
-                if os.environ.get(GATE_UP_ENV) == "linear":
-                    xt = x[t0:t0 + g.token_chunk]
-                    gate = torch.stack([F.linear(xt, wg[i], bg[i, 0]) for i in range(e1 - e0)])
-                    up = torch.stack([F.linear(xt, wu[i], bu[i, 0]) for i in range(e1 - e0)])
-                    act = swiglu_(gate, up, moe)
-                    del gate, up
-                else:
-                    xc = x[t0:t0 + g.token_chunk].expand(e1 - e0, -1, -1)
-                    act = swiglu_(torch.baddbmm(bg, xc, wg.transpose(1, 2)), torch.baddbmm(bu, xc, wu.transpose(1, 2)), moe)
-                add_hessians(down[e0:e1], act)
-                del act
-        gptq._num_samples[down0] += 1             # llmcompressor counts a 2-D input as one sample
-
-    def routed(moe, x, top_k_index, top_k_weights):
-        """The routed experts' weighted sum per token: what llmcompressor's loop returns."""
-        w = layer_weights(moe)
-        n_tok, k = top_k_index.shape
-        flat = top_k_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)                  # rows by expert, then token
-        counts = torch.bincount(flat, minlength=moe.num_experts).tolist()   # the one host sync
-        rows = x[order // k]
-        y = torch.empty(rows.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
-        starts = [0] + list(itertools.accumulate(counts))
-        grouped = x.is_cuda and (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm"))
-        e_chunk = g.expert_chunk if grouped else 1
-        for e0 in range(0, moe.num_experts, e_chunk):
-            e1 = min(e0 + e_chunk, moe.num_experts)
-            r0, r1 = starts[e0], starts[e1]
-            if r0 == r1:
-                continue
-            seg = rows[r0:r1]
-            if grouped:
-                offs = torch.tensor(starts[e0 + 1:e1 + 1], dtype=torch.int32, device=x.device) - r0
-                expert_of_row = torch.repeat_interleave(torch.arange(e1 - e0, device=x.device),
-                                                        torch.tensor(counts[e0:e1], device=x.device))
-                mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
-
-                def lin(inp, name):
-                    out = mm(inp, chunk_of(w, name, e0, e1).transpose(1, 2), offs=offs)
-                    return out.add_(chunk_of(w, f"{name}_b", e0, e1)[expert_of_row])
-                act = swiglu_(lin(seg, "gate"), lin(seg, "up"), moe)
-                y[r0:r1] = lin(act, "down")
-            else:
-                refs = w["refs"]
-                act = swiglu_(F.linear(seg, refs["gate"][e0], refs["gate_b"][e0]),
-                              F.linear(seg, refs["up"][e0], refs["up_b"][e0]), moe)
-                y[r0:r1] = F.linear(act, refs["down"][e0], refs["down_b"][e0])
-        y = (y * top_k_weights.reshape(-1)[order, None]).to(x.dtype)
-        # llmcompressor adds each expert's rows with index_add_ in expert order, rounding to BF16 at
-        # each add: the same sums, slot j holding each token's j-th smallest expert
-        slot = torch.argsort(torch.argsort(top_k_index, dim=1, stable=True), dim=1).reshape(-1)[order]
-        per_slot = torch.zeros(n_tok, k, x.shape[1], dtype=x.dtype, device=x.device)
-        per_slot[order // k, slot] = y
-        out = torch.zeros_like(x)
-        for j in range(k):
-            out += per_slot[:, j]
-        return out
-
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        gptq = gptq_of(self)
-        if gptq is None:
-            return original_forward(self, hidden_states, top_k_index, top_k_weights)
-        stats["calls"] += 1
-        stats["layers"].add(id(self))
-        with torch.no_grad():
-            if linear_experts.get_calibrate_all_experts_flag() and not HooksMixin._HOOKS_DISABLED:
-                accumulate(self, gptq, hidden_states)
-            return routed(self, hidden_states, top_k_index, top_k_weights)
-
-    @contextlib.contextmanager
-    def context():
-        with contextlib.ExitStack() as stack:
-            for m in model.modules():
-                if isinstance(m, GptOssLinearExperts):
-                    # compressed-tensors' offload wrapper calls the forward it saw at load time
-                    name = "_original_forward_func" if hasattr(m, "_original_forward_func") else "forward"
-                    stack.enter_context(patch_attr(m, name, forward if name != "forward" else forward.__get__(m)))
-            stack.enter_context(patch_attr(gptq_base.GPTQModifier, "on_calibration_start", on_calibration_start))
-            stack.enter_context(patch_attr(gptq_base.GPTQModifier, "compress_modules", compress_modules))
-            try:
-                yield
-            finally:
-                weights.clear()
-                down_hessians.clear()
-    return context()
-
-
 # ---- several processes: `torchrun --nproc_per_node N compress_gptoss.py quantize ...`
 # llmcompressor's own distributed oneshot does the work: each rank calibrates on its slice of the
 # samples, GPTQ sums the Hessians of a module onto one rank (greedy bin packing by size), solves it
@@ -2225,9 +2545,7 @@ def init_distributed() -> tuple[int, int]:
     else:
         # init_dist() needs an accelerator (it reads torch.accelerator.current_accelerator().type)
         dist.init_process_group("gloo")
-        # and so does compressed-tensors' distributed loader, which asks it for its free memory
-        import compressed_tensors.offload.load as ct_load
-        ct_load._get_device_memory = lambda: {}
+        loader_without_accelerator()                 # and so does compressed-tensors' distributed loader
     log(f"joined {world} processes ({dist.get_backend()})", every_rank=True)
     log("note: on 2 H200s (bench/RESULTS.md, several GPUs) 2 processes were slower than one for GPT-OSS: "
         "compressed-tensors shares the weights with the other ranks one tensor at a time (15 GB loaded in "
@@ -2267,37 +2585,6 @@ def leave_distributed() -> bool:
     return rank != 0
 
 
-def solved_weights_barrier():
-    """Context in which every rank waits, after each subgraph's GPTQ solve, until all ranks have
-    solved theirs. On CPU the ranks share the weights' memory, and llmcompressor 0.14 skips its
-    broadcast of solved weights for CPU modules (`skip_cpu`), which was its only synchronization: a
-    rank that finished its share began the propagation pass through weights another rank was still
-    writing (the next layer's Hessian then came out ~0.1% off, a different amount every run).
-    Written by hand because llmcompressor has no barrier there; a no-op for one process."""
-    import contextlib
-    rank, world = torchrun_world()
-    if world == 1:
-        return contextlib.nullcontext()
-    import torch.distributed as dist
-    from compressed_tensors.utils import patch_attr
-    from llmcompressor.core import LifecycleCallbacks
-    epoch_end = LifecycleCallbacks.sequential_epoch_end
-
-    def epoch_end_then_barrier(*a, **k):
-        out = epoch_end(*a, **k)
-        dist.barrier()
-        return out
-    return patch_attr(LifecycleCallbacks, "sequential_epoch_end", epoch_end_then_barrier)
-
-
-def batched_tokens(lengths: list[int], batch: int) -> tuple[int, int]:
-    """(tokens kept, tokens given) when llmcompressor batches calibration samples: its
-    LengthAwareSampler orders them longest first (shuffling off) and its truncation collator cuts
-    each batch to its shortest sample."""
-    s = sorted(lengths, reverse=True)
-    return sum(min(s[i:i + batch]) * len(s[i:i + batch]) for i in range(0, len(s), batch)), sum(s)
-
-
 def rank_share(ds):
     """This rank's slice of the calibration set (rank r of R: rows [N*r/R, N*(r+1)/R), llmcompressor's
     get_rank_partition bounds). Cut here, not by llmcompressor: 0.14's sampler does slice a dataset that
@@ -2311,30 +2598,7 @@ def rank_share(ds):
     return ds.select(range(len(ds) * rank // world, len(ds) * (rank + 1) // world))
 
 
-def calibration_share(record: dict):
-    """Records how many calibration samples llmcompressor's dataloader gives this process."""
-    import importlib
-    from compressed_tensors.utils import patch_attr
-    entry = importlib.import_module("llmcompressor.entrypoints.oneshot")   # the package re-exports a function of that name
-    original = entry.get_calibration_dataloader
-
-    def recorded(*a, **k):
-        loader = original(*a, **k)
-        record["samples"] = len(loader.sampler) if loader is not None else 0
-        return loader
-    return patch_attr(entry, "get_calibration_dataloader", recorded)
-
-
-# ---- the run
-
-
-def parse_size(text: str, flag: str) -> int:
-    """'48GB', '1.5GiB', '800MB', '123456' (bytes) -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text), re.I)
-    if not m:
-        raise UserError(f"{flag} {text}: not a size; write it like 48GB, 1.5GiB or 800MB")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " kmgt".index(m.group(2).lower() or " "))
+# ---- the run: RAM and disk budgets, the BF16 copy of an MXFP4 input, the output folder
 
 
 @dataclass
@@ -2535,173 +2799,6 @@ def dequantize_persistent(model_dir: Path, bf16_dir: Path) -> Path:
     return bf16_dir
 
 
-def layer_progress():
-    """Context in which llmcompressor's sequential pipeline logs each finished subgraph (the first
-    holds the embeddings, then one per decoder layer, the last with the norm + lm_head) with its
-    time, an ETA and the process's memory.
-    Hooks LifecycleCallbacks.sequential_epoch_end, which the pipeline calls once per subgraph, and
-    its trace_subgraphs to learn how many there are."""
-    import contextlib
-    from compressed_tensors.utils import patch_attr
-    from llmcompressor.core import LifecycleCallbacks
-    import llmcompressor.pipelines.sequential.pipeline as seq
-    state = {"n": 0, "total": None, "t0": None, "last": None}
-    trace, epoch_end = seq.trace_subgraphs, LifecycleCallbacks.sequential_epoch_end
-
-    def traced(*a, **k):
-        subgraphs = trace(*a, **k)
-        state.update(total=len(subgraphs), t0=time.time(), last=time.time())
-        return subgraphs
-
-    def on_epoch_end(*a, **k):
-        out = epoch_end(*a, **k)
-        now = time.time()
-        state["n"] += 1
-        n, total = state["n"], state["total"] or 0
-        eta = (now - state["t0"]) / n * (total - n)
-        what = "embeddings" if n == 1 else f"decoder layer {n - 2}" + (" + head" if n == total else "")
-        log(f"step {n}/{total or '?'} ({what}) done in {now - state['last']:.0f} s, ETA {eta / 60:.1f} min, "
-            f"RSS anonymous peak {human_bytes(sample_anon_rss())}, peak RSS {human_bytes(peak_rss_bytes())}")
-        state["last"] = now
-        return out
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(patch_attr(seq, "trace_subgraphs", traced))
-    stack.enter_context(patch_attr(LifecycleCallbacks, "sequential_epoch_end", on_epoch_end))
-    return stack
-
-
-def print_plan(plan: QuantizePlan, modifiers: list, args) -> None:
-    print(f"model:      {plan.model_dir}{'  (MXFP4: dequantized to BF16 on the fly)' if plan.is_mxfp4 else ''}")
-    print(f"output dir: {plan.output_dir}")
-    print(f"never quantized: {', '.join(plan.ignore)}")
-    for g in plan.groups:
-        frac = g.params / max(plan.total_params, 1)
-        sizes = ", ".join(f"{v} x {k}" for k, v in g.group_size_summary().items()) or "-"
-        print(f"{g.name:8s} {g.algo.upper():4s} {g.scheme:6s} {len(g.modules):6d} modules, "
-              f"{g.params:,} params ({frac:.1%} of the model); group sizes: {sizes}")
-    for name, inf, req, used in plan.adjusted[:20]:
-        print(f"  group size {req} does not divide {name} ({inf} inputs): "
-              f"{'per channel' if used is None else used}")
-    if len(plan.adjusted) > 20:
-        print(f"  ... {len(plan.adjusted) - 20} more modules adjusted")
-    if plan.sparse:
-        print(f"sparsity:   SparseGPT {plan.sparse} ({args.sparsity:.0%}) before quantization, mask kept by GPTQ")
-    serving = vllm_serving(plan, args.symmetric)
-    if serving:
-        print(f"serving:    {serving.line()}")
-    if plan.mxfp4:
-        print(f"experts:  MXFP4 in OpenAI's layout (blocks of {MXFP4_BLOCK}, E8M0 scales); everything else as in "
-              f"the source; config quantization_config {json.dumps(MXFP4_QUANTIZATION_CONFIG)}")
-        if plan.group("experts").algo == "rtn":
-            print("recipe:   none (RTN streams the weights shard by shard by the OCP rule; no LLM Compressor run)")
-            return
-    print("recipe:")
-    print(recipe_yaml(modifiers))
-
-
-def model_card(plan: QuantizePlan, args, quality: dict | None) -> str:
-    rows = "\n".join(f"| {g.name} | {g.algo.upper()} | {g.scheme} | {len(g.modules)} | "
-                     f"{', '.join(f'{v}x{k}' for k, v in g.group_size_summary().items()) or '-'} |"
-                     for g in plan.groups)
-    q = ""
-    if quality and quality["heldout_tokens"]:
-        q = (f"\n## Quality (held-out texts, {quality['heldout_tokens']} tokens)\n\n"
-             f"perplexity {quality['perplexity']['source']:.3f} -> {quality['perplexity']['quantized']:.3f}, "
-             f"mean KL {quality['kl_mean']:.5f}, top-1 agreement {quality['top1_agreement']:.3f}"
-             + (f", same experts {quality['same_experts']:.3f}" if quality.get('same_experts') is not None else "")
-             + ". Full numbers in `quality.json`.\n")
-    if plan.mxfp4:
-        return mxfp4_model_card(plan, args, q)
-    return f"""---
-base_model: {plan.model_dir.resolve().name}
-library_name: transformers
-tags: [compressed-tensors, llmcompressor, gptoss-compressor]
----
-# {plan.output_dir.name}
-
-Made with gptoss-compressor {__version__} (`compress_gptoss.py quantize`) through LLM Compressor
-from `{plan.model_dir.resolve().name}`{' (MXFP4, dequantized to BF16 first)' if plan.is_mxfp4 else ''}.
-Router, embeddings and lm_head are not quantized{'; ' + plan.sparse + ' sparsity (SparseGPT) in the quantized weights' if plan.sparse else ''}.
-
-| group | algorithm | scheme | modules | group sizes |
-|---|---|---|---|---|
-{rows}
-
-Calibration: {args.calib_jsonl or args.dataset}, {args.num_calibration_samples} samples x {args.max_seq_length} tokens.
-The recipe is in `recipe.yaml`.
-{q}{serving_card(plan, args)}
-## Loading in Python
-
-```python
-from compress_gptoss import load_quantized_model
-model = load_quantized_model("{plan.output_dir.name}", decompress=True)   # or decompress=False
-```
-"""
-
-
-def serving_card(plan: QuantizePlan, args) -> str:
-    """The model card's serving section: how to run it in vLLM, or in one line why vLLM will not."""
-    serving = vllm_serving(plan, args.symmetric)
-    if serving is None:
-        return ("\n## Serving\n\nStored as llmcompressor saves it; the vLLM layout of gptoss-compressor is "
-                "written and checked for GPT-OSS only.\n")
-    head = (f"\n## Serving\n\nThe experts are stored in the layout vLLM's GPT-OSS loader reads (per expert "
-            f"`mlp.experts.N.w13_*` with gate/up rows interleaved and `w2_*`, biases as `gate_up_proj_bias` / "
-            f"`down_proj_bias`), checked against vLLM {VLLM_CHECKED}. transformers' `from_pretrained` does not "
-            f"read quantized experts in it: load it in Python with `load_quantized_model` (below).\n\n")
-    if serving.why_not:
-        return head + serving.line() + ".\n"
-    name, tp = plan.output_dir.name, serving.tp_sizes
-    w4a8 = any(g.scheme == "W4A8" for g in plan.groups if g.name == "experts" and g.modules)
-    env = "VLLM_MARLIN_INPUT_DTYPE=int8 " if w4a8 else ""
-    out = head + f"{serving.line()}.\n\n```bash\n{env}vllm serve {name} --tensor-parallel-size {max(tp)}\n```\n"
-    if w4a8:
-        out += ("\nW4A8 experts are declared to vLLM as symmetric int4 weights (its W4A8-int MoE method runs on "
-                "Arm CPUs only); `VLLM_MARLIN_INPUT_DTYPE=int8` asks its Marlin kernels for int8 activations. "
-                "vLLM 0.32 picks Marlin for MoE experts only when hidden_size % 128 == 0, which GPT-OSS's 2880 "
-                "is not (our reading of its check_moe_marlin_supports_config; not run on a GPU here), so there the "
-                "experts run with 16-bit activations.\n")
-    return out + (f"\n`compress_gptoss.py verify-runtime --model {name} --engine vllm` loads it through vLLM and "
-                  f"counts the tensors its loader consumed. No GPU serving speed was measured by this tool.\n")
-
-
-def write_output_config(tmp: Path, plan: QuantizePlan, sparsity: dict | None, extra: dict) -> None:
-    """config.json: every field of the source config, plus llmcompressor's quantization_config."""
-    if plan.mxfp4:
-        qc = json.loads(json.dumps(MXFP4_QUANTIZATION_CONFIG))
-    else:
-        qc = read_json(tmp / "config.json", "save_pretrained wrote no config.json").get("quantization_config") or {}
-    if sparsity:
-        # compressed-tensors 0.19 writes sparsity_config {} ("removed for now"): record the 2:4
-        # structure in its SparsityCompressionConfig schema ourselves.
-        qc["sparsity_config"] = sparsity
-    out = {k: v for k, v in plan.config.items() if k != "quantization_config"}
-    for k in ("dtype", "torch_dtype"):
-        if k in out:
-            out[k] = "bfloat16" if out[k] in ("float32", None) else out[k]
-    out["quantization_config"] = qc
-    out["gptoss_compressor"] = extra
-    write_json_atomic(tmp / "config.json", out)
-
-
-def sparsity_report(tmp: Path, plan: QuantizePlan) -> dict:
-    """Share of groups of M that hold >= M-N zeros, per sparsified module, read from the saved
-    tensors (decompressed by compressed-tensors)."""
-    n, m = (int(x) for x in plan.sparse.split(":"))
-    weights = decompressed_weights(tmp)
-    per, zeros, total = {}, 0, 0
-    for g in plan.groups:
-        for name in g.modules:
-            w = weights[name]
-            groups = (w.reshape(-1, m) == 0).sum(-1) >= (m - n)
-            per[name] = float(groups.float().mean())
-            zeros += int((w == 0).sum())
-            total += w.numel()
-    return {"share_of_groups_ok": min(per.values()) if per else 0.0, "modules": len(per),
-            "global_sparsity": zeros / max(total, 1), "per_module_min": per}
-
-
 # ---- where a quantize run writes, and what a dead run left behind
 
 def quantize_bf16_dir(out: Path) -> Path:
@@ -2839,6 +2936,138 @@ def quantize_eval_only(args, plan: QuantizePlan, model_dir: Path, tokenizer, hel
         remove_tool_folder(quantize_bf16_dir(out))
     print(out)
     return 0
+
+
+def print_plan(plan: QuantizePlan, modifiers: list, args) -> None:
+    print(f"model:      {plan.model_dir}{'  (MXFP4: dequantized to BF16 on the fly)' if plan.is_mxfp4 else ''}")
+    print(f"output dir: {plan.output_dir}")
+    print(f"never quantized: {', '.join(plan.ignore)}")
+    for g in plan.groups:
+        frac = g.params / max(plan.total_params, 1)
+        sizes = ", ".join(f"{v} x {k}" for k, v in g.group_size_summary().items()) or "-"
+        print(f"{g.name:8s} {g.algo.upper():4s} {g.scheme:6s} {len(g.modules):6d} modules, "
+              f"{g.params:,} params ({frac:.1%} of the model); group sizes: {sizes}")
+    for name, inf, req, used in plan.adjusted[:20]:
+        print(f"  group size {req} does not divide {name} ({inf} inputs): "
+              f"{'per channel' if used is None else used}")
+    if len(plan.adjusted) > 20:
+        print(f"  ... {len(plan.adjusted) - 20} more modules adjusted")
+    if plan.sparse:
+        print(f"sparsity:   SparseGPT {plan.sparse} ({args.sparsity:.0%}) before quantization, mask kept by GPTQ")
+    serving = vllm_serving(plan, args.symmetric)
+    if serving:
+        print(f"serving:    {serving.line()}")
+    if plan.mxfp4:
+        print(f"experts:  MXFP4 in OpenAI's layout (blocks of {MXFP4_BLOCK}, E8M0 scales); everything else as in "
+              f"the source; config quantization_config {json.dumps(MXFP4_QUANTIZATION_CONFIG)}")
+        if plan.group("experts").algo == "rtn":
+            print("recipe:   none (RTN streams the weights shard by shard by the OCP rule; no LLM Compressor run)")
+            return
+    print("recipe:")
+    print(recipe_yaml(modifiers))
+
+
+def model_card(plan: QuantizePlan, args, quality: dict | None) -> str:
+    rows = "\n".join(f"| {g.name} | {g.algo.upper()} | {g.scheme} | {len(g.modules)} | "
+                     f"{', '.join(f'{v}x{k}' for k, v in g.group_size_summary().items()) or '-'} |"
+                     for g in plan.groups)
+    q = ""
+    if quality and quality["heldout_tokens"]:
+        q = (f"\n## Quality (held-out texts, {quality['heldout_tokens']} tokens)\n\n"
+             f"perplexity {quality['perplexity']['source']:.3f} -> {quality['perplexity']['quantized']:.3f}, "
+             f"mean KL {quality['kl_mean']:.5f}, top-1 agreement {quality['top1_agreement']:.3f}"
+             + (f", same experts {quality['same_experts']:.3f}" if quality.get('same_experts') is not None else "")
+             + ". Full numbers in `quality.json`.\n")
+    if plan.mxfp4:
+        return mxfp4_model_card(plan, args, q)
+    return f"""---
+base_model: {plan.model_dir.resolve().name}
+library_name: transformers
+tags: [compressed-tensors, llmcompressor, gptoss-compressor]
+---
+# {plan.output_dir.name}
+
+Made with gptoss-compressor {__version__} (`compress_gptoss.py quantize`) through LLM Compressor
+from `{plan.model_dir.resolve().name}`{' (MXFP4, dequantized to BF16 first)' if plan.is_mxfp4 else ''}.
+Router, embeddings and lm_head are not quantized{'; ' + plan.sparse + ' sparsity (SparseGPT) in the quantized weights' if plan.sparse else ''}.
+
+| group | algorithm | scheme | modules | group sizes |
+|---|---|---|---|---|
+{rows}
+
+Calibration: {args.calib_jsonl or args.dataset}, {args.num_calibration_samples} samples x {args.max_seq_length} tokens.
+The recipe is in `recipe.yaml`.
+{q}{serving_card(plan, args)}
+## Loading in Python
+
+```python
+from compress_gptoss import load_quantized_model
+model = load_quantized_model("{plan.output_dir.name}", decompress=True)   # or decompress=False
+```
+"""
+
+
+def serving_card(plan: QuantizePlan, args) -> str:
+    """The model card's serving section: how to run it in vLLM, or in one line why vLLM will not."""
+    serving = vllm_serving(plan, args.symmetric)
+    if serving is None:
+        return ("\n## Serving\n\nStored as llmcompressor saves it; the vLLM layout of gptoss-compressor is "
+                "written and checked for GPT-OSS only.\n")
+    head = (f"\n## Serving\n\nThe experts are stored in the layout vLLM's GPT-OSS loader reads (per expert "
+            f"`mlp.experts.N.w13_*` with gate/up rows interleaved and `w2_*`, biases as `gate_up_proj_bias` / "
+            f"`down_proj_bias`), checked against vLLM {VLLM_CHECKED}. transformers' `from_pretrained` does not "
+            f"read quantized experts in it: load it in Python with `load_quantized_model` (below).\n\n")
+    if serving.why_not:
+        return head + serving.line() + ".\n"
+    name, tp = plan.output_dir.name, serving.tp_sizes
+    w4a8 = any(g.scheme == "W4A8" for g in plan.groups if g.name == "experts" and g.modules)
+    env = "VLLM_MARLIN_INPUT_DTYPE=int8 " if w4a8 else ""
+    out = head + f"{serving.line()}.\n\n```bash\n{env}vllm serve {name} --tensor-parallel-size {max(tp)}\n```\n"
+    if w4a8:
+        out += ("\nW4A8 experts are declared to vLLM as symmetric int4 weights (its W4A8-int MoE method runs on "
+                "Arm CPUs only); `VLLM_MARLIN_INPUT_DTYPE=int8` asks its Marlin kernels for int8 activations. "
+                "vLLM 0.32 picks Marlin for MoE experts only when hidden_size % 128 == 0, which GPT-OSS's 2880 "
+                "is not (our reading of its check_moe_marlin_supports_config; not run on a GPU here), so there the "
+                "experts run with 16-bit activations.\n")
+    return out + (f"\n`compress_gptoss.py verify-runtime --model {name} --engine vllm` loads it through vLLM and "
+                  f"counts the tensors its loader consumed. No GPU serving speed was measured by this tool.\n")
+
+
+def write_output_config(tmp: Path, plan: QuantizePlan, sparsity: dict | None, extra: dict) -> None:
+    """config.json: every field of the source config, plus llmcompressor's quantization_config."""
+    if plan.mxfp4:
+        qc = json.loads(json.dumps(MXFP4_QUANTIZATION_CONFIG))
+    else:
+        qc = read_json(tmp / "config.json", "save_pretrained wrote no config.json").get("quantization_config") or {}
+    if sparsity:
+        # compressed-tensors 0.19 writes sparsity_config {} ("removed for now"): record the 2:4
+        # structure in its SparsityCompressionConfig schema ourselves.
+        qc["sparsity_config"] = sparsity
+    out = {k: v for k, v in plan.config.items() if k != "quantization_config"}
+    for k in ("dtype", "torch_dtype"):
+        if k in out:
+            out[k] = "bfloat16" if out[k] in ("float32", None) else out[k]
+    out["quantization_config"] = qc
+    out["gptoss_compressor"] = extra
+    write_json_atomic(tmp / "config.json", out)
+
+
+def sparsity_report(tmp: Path, plan: QuantizePlan) -> dict:
+    """Share of groups of M that hold >= M-N zeros, per sparsified module, read from the saved
+    tensors (decompressed by compressed-tensors)."""
+    n, m = (int(x) for x in plan.sparse.split(":"))
+    weights = decompressed_weights(tmp)
+    per, zeros, total = {}, 0, 0
+    for g in plan.groups:
+        for name in g.modules:
+            w = weights[name]
+            groups = (w.reshape(-1, m) == 0).sum(-1) >= (m - n)
+            per[name] = float(groups.float().mean())
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return {"share_of_groups_ok": min(per.values()) if per else 0.0, "modules": len(per),
+            "global_sparsity": zeros / max(total, 1), "per_module_min": per}
+
 
 # ---- vLLM's layout (GPT-OSS)
 # vLLM's GPT-OSS loader (vllm/model_executor/models/gpt_oss.py and compressed_tensors_moe_*.py of
@@ -3077,236 +3306,6 @@ def write_vllm_layout(folder: Path, servable: bool) -> dict:
     qc["ignore"] = [_vllm_target(t) for t in qc.get("ignore") or []]
     write_json_atomic(folder / "config.json", cfg)
     return {"expert_tensors": sum(len(p) for p in blocks.values()), "kept_out_input_activations": kept}
-
-
-def cmd_quantize(args: argparse.Namespace) -> int:
-    t0 = time.time()
-    if not args.verbose:
-        os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
-        # torch.fx warns once per traced layer that is_fx_tracing changed meaning: not the user's concern
-        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    if args.device_map == "cpu-only":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""          # before torch initializes CUDA
-    model_dir = resolve_model_dir(args.model_in, "--model-in")
-    plan = make_plan(args, model_dir)
-    out = plan.output_dir
-    if args.eval_only:
-        marker = read_marker(out) if out.is_dir() else None
-        if not marker or marker.get("command") != "quantize" or not (out / "config.json").exists():
-            raise UserError(f"--eval-only: {out} is not a finished output of quantize: run the command without "
-                            f"--eval-only first")
-    elif not args.dry_run:
-        check_output_folder(out, "--output-dir", [model_dir], args.overwrite)
-        check_creatable(out.parent, "--output-dir")
-        if plan.is_mxfp4:
-            check_bf16_copy_folder(model_dir, quantize_bf16_dir(out))
-        check_offload_folder(args.offload_folder, out, model_dir)
-    batched, why_not = expert_calibration_mode(plan, args)
-    gpu_plan = plan_gpu_memory(plan, args, *gpu_memory_budget(args), batched)
-    for g in plan.groups:
-        sizes = ", ".join(f"{v} x {k}" for k, v in g.group_size_summary().items()) or "-"
-        log(f"{g.name}: {len(g.modules)} Linear -> {g.algo.upper()} {g.scheme} ({sizes})"
-            + ("" if g.modules else "  [empty group: nothing matches]"))
-    adjusted: dict = {}
-    for name, inf, req, used in plan.adjusted:
-        adjusted.setdefault((req, inf, used), []).append(name)
-    for (req, inf, used), names in adjusted.items():
-        log(f"group size {req} does not divide {inf} inputs: {len(names)} modules use "
-            f"{'per channel' if used is None else f'g{used}'} (--dry-run lists them)")
-    log_gpu_memory_plan(gpu_plan, batched)
-    if why_not and moe_dims(plan.config):
-        log(f"expert calibration: per expert ({why_not})")
-    serving = vllm_serving(plan, args.symmetric)
-    if serving:
-        log(serving.line())
-
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:
-        raise UserError(f"{model_dir}: no usable tokenizer ({type(e).__name__}): copy the tokenizer files into it")
-    if args.calib_jsonl:
-        texts = read_jsonl_texts(Path(args.calib_jsonl).expanduser(), tokenizer, "--calib-jsonl")
-    elif not args.dry_run:
-        texts = load_hub_texts(args.dataset, tokenizer, args.num_calibration_samples + 64)
-    else:
-        texts = []
-    eval_texts = read_jsonl_texts(Path(args.eval_jsonl).expanduser(), tokenizer, "--eval-jsonl") if args.eval_jsonl else None
-    calib, heldout = split_calibration(texts, args.num_calibration_samples, eval_texts)
-    if args.dry_run:
-        print_plan(plan, build_modifiers(plan, args, skeleton_model(plan.config)), args)
-        if texts:
-            print(f"calibration: {len(calib)} texts from {args.calib_jsonl or args.dataset}, held out for quality: {len(heldout)}")
-        return 0
-    if args.eval_only:
-        return quantize_eval_only(args, plan, model_dir, tokenizer, heldout)
-    if plan.mxfp4 and plan.group("experts").algo == "rtn":
-        return quantize_mxfp4_rtn(args, plan, model_dir, tokenizer, heldout)
-
-    bf16_dir = quantize_bf16_dir(out)
-    budget = memory_budget(plan, args, out)
-    if torchrun_world()[0] == 0:
-        remove_dead_quantize_runs(out, budget.offload_dir, args.offload_folder is None)
-    needs = [(budget.offload_dir, budget.disk_bytes, "offloaded weights"),
-             (out, estimated_output_bytes(plan), "the output")]
-    if not args.no_eval:
-        needs.append((budget.offload_dir if budget.disk_bytes else out, eval_spill_bytes(plan, heldout, args),
-                      "the quality pass's source logits"))
-    if plan.is_mxfp4:
-        have = sum(p.stat().st_size for p in bf16_dir.glob("*.safetensors")) if bf16_dir.exists() else 0
-        needs.append((bf16_dir, max(budget.model_bytes - have, 0), "the BF16 copy"))
-    check_disk_space(needs)                          # before the process group: all ranks fail alike
-    rank, world = init_distributed()
-    tmp = None                                       # the temp output: rank 0's, shared by all ranks
-    offload_ours = args.offload_folder is None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        remove_offload(budget.offload_dir, False)    # compressed-tensors' files of a killed run
-        if offload_ours:
-            budget.offload_dir.mkdir(parents=True, exist_ok=True)
-            write_marker(budget.offload_dir, "quantize", scratch=True)
-    eval_error = None
-    import signal
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))   # run the cleanup below
-    try:
-        src_dir = on_rank0(dequantize_persistent, model_dir, bf16_dir) if plan.is_mxfp4 else model_dir
-        check_checkpoint_complete(src_dir, plan.config)
-        ds = tokenized_dataset(calib, tokenizer, args.max_seq_length)
-        log(f"calibration: {len(ds)} samples (<= {args.max_seq_length} tokens) from "
-            f"{args.calib_jsonl or args.dataset}; {len(heldout)} held-out texts for quality.json")
-        model = load_model_for_quantization(src_dir, budget)
-        modifiers = build_modifiers(plan, args, model, solve_batch=gpu_plan.solve_batch)
-        if args.offload_hessians and not plan.sparse:
-            log("--offload-hessians: llmcompressor 0.14's GPTQ keeps Hessians of the current layer only; "
-                "the flag applies to SparseGPT (--with-sparse)")
-        import contextlib
-        from llmcompressor import oneshot
-        import torch
-        torch.manual_seed(args.seed)   # llmcompressor shuffles the calibration samples with torch's RNG
-        share = {}
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(cpu_safe_calibration())
-            stack.enter_context(calibration_share(share))
-            stack.enter_context(layer_progress())
-            stack.enter_context(solved_weights_barrier())
-            if plan.sparse:
-                stack.enter_context(masked_gptq())
-            if not args.no_share_hessians:
-                stack.enter_context(shared_input_hessians())
-            if not args.fp32_hessian_matmul:
-                stack.enter_context(tensor_core_hessians())
-            if not args.propagate_all_experts:
-                stack.enter_context(routed_propagation())
-            batched_stats: dict = {}
-            if batched:
-                stack.enter_context(batched_expert_calibration(model, gpu_plan, args.fp32_hessian_matmul, batched_stats))
-            limit_gpu_memory(gpu_plan)
-            part = rank_share(ds)
-            batching = {}
-            if args.calib_batch_size > 1:   # longest first, so a batch's samples are of similar length
-                batching = dict(batch_size=args.calib_batch_size, shuffle_calibration_samples=False)
-                kept, given = batched_tokens([len(r) for r in part["input_ids"]], args.calib_batch_size)
-                log(f"calibration batches of {args.calib_batch_size} samples, longest first: {kept} of {given} "
-                    f"tokens kept ({kept / given:.1%}; llmcompressor cuts each batch to its shortest sample)",
-                    every_rank=world > 1)
-            try:
-                oneshot(model=model, processor=tokenizer, dataset=part, recipe=modifiers,
-                        num_calibration_samples=len(part), max_seq_length=args.max_seq_length,
-                        pipeline="basic" if args.no_sequential_update else "sequential",
-                        moe_calibrate_all_experts=not args.routed_experts_only, **batching)
-            except torch.OutOfMemoryError as e:
-                raise gpu_out_of_memory_error(gpu_plan, e) from None
-        if torch.cuda.is_available():
-            log(f"GPU memory: peak {human_bytes(torch.cuda.max_memory_allocated())} allocated "
-                f"(torch.cuda.max_memory_allocated; expected ~{human_bytes(gpu_plan.peak)})")
-        if batched:
-            log(f"experts: batched calibration in {len(batched_stats['layers'])} MoE layers ({batched_stats['calls']} "
-                f"forwards)" + (f"; {len(batched_stats['fallback'])} MoE layers kept llmcompressor's per-expert "
-                                f"modules (other hooks on their experts)" if batched_stats["fallback"] else ""))
-        log(f"calibrated on {share.get('samples', '?')} of {len(ds)} samples", every_rank=world > 1)
-        log(f"oneshot done in {time.time() - t0:.1f} s; saving to {out}; {offload_report(model, budget.offload_dir)}")
-        tmp = Path(on_rank0(make_temp_output, out))
-        try:
-            # on every rank: it gathers, rank 0 writes. 5 GB shards: a shard is assembled in RAM before it is
-            # written, and transformers' 50 GB default would undo the RAM budget (11.4 GB peak on an H200
-            # for a 5.8 GB output saved as one shard)
-            if plan.mxfp4:       # OpenAI's layout, written here (one process: torchrun is refused for it)
-                write_mxfp4_checkpoint(src_dir, tmp, gptq_mxfp4_encoder(model),
-                                       "GPTQ, LLM Compressor's MXFP4A16, mapped exactly")
-                (tmp / "recipe.yaml").write_text(recipe_yaml(modifiers))
-            else:
-                with warnings.catch_warnings():   # transformers warns of its 50 GB default shard, which we do not use
-                    warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
-                    model.save_pretrained(str(tmp), save_compressed=True, max_shard_size=SAVE_SHARD_SIZE)
-            del model
-            if leave_distributed():
-                log(f"done; rank 0 writes {out}", every_rank=True)
-                return 0
-            remove_offload(budget.offload_dir, False)          # the quality pass below needs the space
-            tokenizer.save_pretrained(str(tmp))
-            copy_side_files(src_dir, tmp)                      # the source's tokenizer / template / generation config win
-        except Exception as e:
-            if disk_full(e):
-                raise UserError(f"the disk filled up while saving into {tmp.parent} "
-                                f"({human_bytes(shutil.disk_usage(tmp.parent).free)} free now; the output needs "
-                                f"~{human_bytes(estimated_output_bytes(plan))}): free space and rerun the same "
-                                f"command; nothing was kept", exit_code=1)
-            raise
-        sparsity = None
-        extra = {"version": __version__, "source": str(model_dir.resolve()),
-                 "groups": {g.name: {"algo": g.algo, "scheme": g.scheme, "modules": len(g.modules),
-                                     "group_sizes": g.group_size_summary()} for g in plan.groups},
-                 "group_size_requested": args.group_size,
-                 "group_size_adjusted": [{"module": n, "in_features": i, "used": u} for n, i, _, u in plan.adjusted],
-                 "calibration": {"source": args.calib_jsonl or args.dataset, "samples": len(ds),
-                                 "max_seq_length": args.max_seq_length,
-                                 "all_experts": not args.routed_experts_only, "processes": world,
-                                 "shared_hessians": not args.no_share_hessians,
-                                 "hessian_matmul": "fp32" if args.fp32_hessian_matmul else "bf16 products, fp32 sums",
-                                 "propagation": "all experts" if args.propagate_all_experts else "routed experts",
-                                 "expert_calibration": "batched" if batched else "per expert"}}
-        if serving:
-            moved = write_vllm_layout(tmp, serving.why_not is None)
-            extra["vllm"] = {"layout": "vllm-gpt-oss", "checked_with": VLLM_CHECKED, "serving": serving.line(),
-                             "tensor_parallel": list(serving.tp_sizes),
-                             "kept_out_input_activations": moved["kept_out_input_activations"]}
-            log(f"vLLM layout: {moved['expert_tensors']} expert tensors rewritten in vLLM's GPT-OSS layout"
-                + (f"; experts declared W4A16 to vLLM, their int8 activations kept in gptoss_compressor.vllm"
-                   if moved["kept_out_input_activations"] else ""))
-        write_output_config(tmp, plan, None, extra)
-        if plan.sparse:
-            rep = sparsity_report(tmp, plan)
-            from compressed_tensors.config import DenseSparsityConfig
-            sparsity = DenseSparsityConfig(global_sparsity=rep["global_sparsity"], sparsity_structure=plan.sparse,
-                                           targets=sorted(n for g in plan.groups for n in g.modules),
-                                           ignore=plan.ignore).model_dump()
-            log(f"sparsity {plan.sparse}: {rep['share_of_groups_ok']:.2%} of the groups of "
-                f"{plan.sparse.split(':')[1]} conform in the worst of {rep['modules']} modules, "
-                f"global sparsity {rep['global_sparsity']:.1%}")
-            if rep["share_of_groups_ok"] < 1:
-                log(f"WARNING: the {plan.sparse} pattern did not survive in every module: see config.json")
-            extra["sparsity"] = {k: v for k, v in rep.items() if k != "per_module_min"}
-            write_output_config(tmp, plan, sparsity, extra)
-        eval_error = finish_quantize_output(tmp, plan, args, model_dir, src_dir, heldout, tokenizer,
-                                            budget if budget.disk_bytes else None)
-    except BaseException as e:
-        if isinstance(e, UserError):
-            raise
-        if plan.is_mxfp4 and (bf16_dir / BF16_OF_NAME).exists():
-            kept = f"the BF16 copy {bf16_dir} is kept and will be reused"
-        elif plan.is_mxfp4 and bf16_dir.exists():
-            kept = f"the partial BF16 copy {bf16_dir} is kept and will be finished"
-        else:
-            kept = "nothing else is kept (the input needs no BF16 copy)" if not plan.is_mxfp4 else "nothing is kept"
-        log(f"quantize stopped ({type(e).__name__}): rerun the same command to restart; {kept}; "
-            f"the offload folder {budget.offload_dir} is removed")
-        raise
-    finally:
-        if rank == 0:
-            if tmp is not None:
-                remove_tool_folder(tmp)
-            remove_offload(budget.offload_dir, offload_ours)
-    return end_quantize(plan, args, eval_error, t0)
 
 
 # ---- MXFP4 experts in OpenAI's own layout (`--experts mxfp4`)
@@ -3588,22 +3587,400 @@ model = AutoModelForCausalLM.from_pretrained("{plan.output_dir.name}",          
 """
 
 
-##### 5. Loader + quality #####
+def add_quantize_parser(sub) -> argparse.ArgumentParser:
+    """The `quantize` subcommand and its flags, added in --help's order: what is quantized and how, then
+    calibration, then output and machine."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    q = sub.add_parser("quantize", formatter_class=fmt, help="GPTQ/AWQ compression through LLM Compressor",
+                       description="Quantize a BF16/FP16 model (GPT-OSS, experts included, or any Hugging Face "
+                                   "causal LM) with GPTQ / AWQ / RTN through LLM Compressor, in two groups: "
+                                   "'experts' and 'model weights' (every other Linear: attention q/k/v/o). "
+                                   "Router, embeddings and lm_head are never quantized. Writes a complete "
+                                   "compressed-tensors folder, reloads it from disk and writes quality.json.",
+                       epilog="""\
+examples:
+  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16 --calib-jsonl calib.jsonl
+  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts-algo awq --experts w4a16 --mw-algo gptq --mw w8a8
+  %(prog)s --model-in ./gpt-oss-120b-bf16 --with-sparse --experts-type int4 --experts-scheme w4a8 \\
+      --mw-type int4 --mw-scheme w4a16 --allow-fallback
+  %(prog)s --model-in openai/gpt-oss-20b --dry-run          # MXFP4 input: dequantized on the fly
+  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16 --calib-jsonl chunks-2048.jsonl \
+      --calib-batch-size 8                                   # big GPU, equal-length samples: 2x faster
+
+support matrix: AWQ W4A16; GPTQ W4A16, W8A8, W4A8 (needs a W4A8 runtime: QQQ or triton);
+RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
+--experts mxfp4 (OpenAI's own MXFP4 layout, what vLLM/SGLang/transformers/llama.cpp/TensorRT-LLM load
+for gpt-oss): RTN (OCP rule, streamed shard by shard, no calibration) or GPTQ (LLM Compressor's
+MXFP4A16); attention, router, embeddings and lm_head stay as in the source (--mw is refused).""")
+    q.add_argument("--model-in", default="gpt-oss-120b-bf16", metavar="PATH|HUB_ID",
+                   help="BF16/FP16 model folder (from `dequantize`), an MXFP4 GPT-OSS folder (dequantized on "
+                        "the fly), or a Hub id (default: %(default)s)")
+    q.add_argument("--algo", default="gptq", type=str.lower, metavar="gptq|awq|rtn",
+                   help="algorithm of both groups unless --experts-algo/--mw-algo say otherwise (default: %(default)s)")
+    q.add_argument("--experts-algo", type=str.lower, metavar="gptq|awq|rtn", help="algorithm of the experts")
+    q.add_argument("--mw-algo", type=str.lower, metavar="gptq|awq|rtn",
+                   help="algorithm of the model weights (attention q/k/v/o, other Linear)")
+    q.add_argument("--experts-type", metavar="int4|int8|mxfp4",
+                   help="experts weight type (int4: w4a16|w4a8, int8: w8a8, mxfp4: OpenAI's layout, weight-only)")
+    q.add_argument("--experts-scheme", metavar="w4a16|w4a8|w8a8", help="experts scheme (default w4a16)")
+    q.add_argument("--mw-type", metavar="int4|int8", help="model weights type")
+    q.add_argument("--mw-scheme", metavar="w4a16|w4a8|w8a8", help="model weights scheme (default w4a16)")
+    q.add_argument("--experts", metavar="SPEC", help="shortcut for the experts: int4|w4a16|w4a8|int8|w8a8, or mxfp4 "
+                                                     "(OpenAI's own MXFP4 layout, --algo rtn or gptq; the rest stays as in the source)")
+    q.add_argument("--mw", metavar="SPEC", help="shortcut for the model weights: int4|w4a16|w4a8|int8|w8a8")
+    q.add_argument("--auto-detect-experts", action="store_true",
+                   help="find the expert modules from the module names (experts/expert/moe) instead of the "
+                        "GPT-OSS default regex")
+    q.add_argument("--experts-regex", type=regex_arg, metavar="REGEX",
+                   help=f"modules of the experts group (default: {DEFAULT_EXPERTS_REGEX.replace('%', '%%')})")
+    q.add_argument("--with-sparse", action="store_true",
+                   help="prune with SparseGPT (N:M, --mask) before quantizing; the mask is kept through GPTQ")
+    q.add_argument("--sparsity", type=fraction(False), default=0.5, metavar="RATIO", help="SparseGPT sparsity (default: %(default)s)")
+    q.add_argument("--mask", default="2:4", type=mask_arg, metavar="N:M", help="SparseGPT mask structure (default: %(default)s)")
+    q.add_argument("--group-size", type=group_size_arg, default=None, metavar="SIZE", action=RecordGiven,
+                   help="int4 group size; a module whose inputs it does not divide gets the largest of 64/32/16 "
+                        "that does; -1 = per channel (default: 32 for GPT-OSS, which vLLM can split over 1 or 2 "
+                        "GPUs (2880 / 2 = 1440 = 45 x 32), 128 otherwise)")
+    q.add_argument("--block-size", type=int_at_least(1, "columns"), default=128, metavar="SIZE",
+                   help="GPTQ/SparseGPT columns per block update (default: %(default)s)")
+    q.add_argument("--dampening-frac", type=fraction(True), default=0.01, metavar="FRAC",
+                   help="GPTQ/SparseGPT Hessian dampening, fraction of its mean diagonal (default: %(default)s)")
+    q.add_argument("--symmetric", action="store_true",
+                   help="symmetric int4 for W4A16 (W8A8 and W4A8 weights are always symmetric)")
+    add_quantize_calibration_flags(q)
+    add_quantize_output_flags(q)
+    q.set_defaults(func=cmd_quantize)
+    return q
+
+
+def add_quantize_calibration_flags(q: argparse.ArgumentParser) -> None:
+    """quantize's calibration flags: the recipe's knobs, the calibration data, GPU memory."""
+    q.add_argument("--awq-grid", type=int_at_least(1, "grid points"), default=20, metavar="N",
+                   help="AWQ: scale ratios tried per mapping (llmcompressor's n_grid); fewer is faster (default: %(default)s)")
+    q.add_argument("--no-sequential-update", action="store_true",
+                   help="calibrate every layer on the unquantized model's activations in one pass (llmcompressor "
+                        "'basic' pipeline) instead of layer by layer on the already-quantized layers' outputs")
+    q.add_argument("--offload-hessians", action="store_true",
+                   help="keep SparseGPT's Hessians on the CPU between uses (GPTQ in llmcompressor 0.14 holds "
+                        "the current layer's only)")
+    q.add_argument("--calib-batch-size", type=int_at_least(1, "samples"), default=1, metavar="N",
+                   help="calibration samples per forward pass (llmcompressor's batch_size; default: %(default)s). "
+                        "A forward through a linearized GPT-OSS layer calls every expert's three Linear through "
+                        "Python hooks, a fixed cost per call that batching divides (H200, one 120b layer at "
+                        "256 x 2048 tokens: 54 s -> 26 s with 8); costs GPU memory for N samples' activations, and for samples of "
+                        "unequal length tokens: each batch is cut to its shortest sample (the log says how many "
+                        "are kept). Best with long equal-length samples, e.g. 2048-token chunks")
+    q.add_argument("--seed", type=int_at_least(0, ""), default=0, metavar="N",
+                   help="seed of the calibration order (llmcompressor shuffles the samples): the same command "
+                        "gives the same output (default: %(default)s)")
+    q.add_argument("--routed-experts-only", action="store_true",
+                   help="calibrate each expert on the tokens routed to it only (default: every expert sees "
+                        "every token, so rarely picked experts still get a Hessian)")
+    q.add_argument("--no-share-hessians", action="store_true",
+                   help="GPTQ: one Hessian per module, like plain llmcompressor (default: modules that read the "
+                        "same input tensor share one: q/k/v, and gate/up of all experts; bitwise the same values)")
+    q.add_argument("--fp32-hessian-matmul", action="store_true",
+                   help="GPTQ: accumulate Hessians with fp32 matmuls, like plain llmcompressor (default for "
+                        "BF16 inputs: tensor-core matmuls of the exact BF16 products, fp32 sums in 512-token "
+                        "chunks; within 3e-7 of the fp32 Hessian on an H200, 7x faster)")
+    q.add_argument("--per-expert-calibration", action="store_true",
+                   help="calibrate GPT-OSS experts through llmcompressor's per-expert Linear modules and hooks, "
+                        "like before (default: batched tensor math on the stacked expert weights, the same "
+                        "Hessians within 1e-6; for comparison)")
+    q.add_argument("--max-gpu-memory", metavar="SIZE",
+                   help="GPU memory quantize may use, e.g. 22GiB on a 24 GB card: expert chunks and GPTQ solve "
+                        "batches are sized to it, the expected peak is logged, and the allocator is capped there. "
+                        "Default: what the GPU has free at the start")
+    q.add_argument("--propagate-all-experts", action="store_true",
+                   help="run every expert on every token in the propagation pass too, like plain llmcompressor "
+                        "(default: all experts while calibrating, routed experts only while propagating)")
+    q.add_argument("--dataset", default="open_platypus", metavar="NAME",
+                   help="calibration dataset on the Hugging Face Hub (open_platypus, ultrachat_200k or a repo "
+                        "id; chat rows are rendered with the model's chat template) (default: %(default)s)")
+    q.add_argument("--calib-jsonl", metavar="FILE",
+                   help='local calibration file, {"text": ...} or {"messages": [...]} per line (overrides --dataset)')
+    q.add_argument("--eval-jsonl", metavar="FILE",
+                   help="held-out texts for quality.json (default: the calibration texts not used for calibration)")
+    q.add_argument("--num-calibration-samples", type=int_at_least(1, "samples"), default=256, metavar="N",
+                   help="calibration samples (default: %(default)s)")
+    q.add_argument("--max-seq-length", type=int_at_least(2, "tokens"), default=2048, metavar="LEN",
+                   help="tokens per calibration sample (default: %(default)s)")
+
+
+def add_quantize_output_flags(q: argparse.ArgumentParser) -> None:
+    """quantize's output and machine flags: where it writes, what it checks, RAM and disk."""
+    q.add_argument("--output-dir", metavar="DIR",
+                   help="output folder (default: <model>[-2of4]-<EXPERTALGO>-<MWALGO>-experts-<spec>-mw-<spec>)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--extra-ignore", action="append", default=[], type=pattern_arg, metavar="PATTERN",
+                   help="module name or 're:REGEX' left unquantized, on top of router/embeddings/lm_head (repeatable)")
+    q.add_argument("--dry-run", action="store_true",
+                   help="print the resolved plan (modules per group, group sizes, recipe, output dir); read no weight")
+    q.add_argument("--no-eval", action="store_true", help="skip the reload + quality.json step")
+    q.add_argument("--eval-only", action="store_true",
+                   help="only the quality pass, on the finished output of the same command (after an evaluation "
+                        "that failed, or with other --eval-jsonl texts): rewrites quality.json and README.md")
+    q.add_argument("--try-install-qqq", action="store_true",
+                   help="W4A8 without a runtime: offer to install the QQQ kernels (install-kernel)")
+    q.add_argument("--yes", action="store_true", help="answer yes to the install question")
+    q.add_argument("--allow-fallback", action="store_true", help="W4A8 without a runtime: quantize W4A16 instead")
+    q.add_argument("--device-map", choices=["auto", "sequential", "cpu-only"], default="sequential",
+                   help="sequential/auto: weights up to --max-cpu-memory in RAM, the rest on disk in "
+                        "--offload-folder, each layer onloaded (to the GPU, if any) in turn; cpu-only: the same "
+                        "without a GPU (default: %(default)s)")
+    q.add_argument("--max-cpu-memory", type=size_arg, metavar="SIZE",
+                   help="RAM for the weights not being worked on, e.g. 48GB (compressed-tensors' "
+                        "device_map='auto_offload' with max_memory={'cpu': SIZE}); one layer's work (its weights, "
+                        "GPTQ Hessians, calibration activations) comes on top. Default: available RAM minus "
+                        "that work, logged. gpt-oss-120b: 30GB puts the expected peak near 62 GB")
+    q.add_argument("--offload-folder", metavar="DIR",
+                   help="weights beyond --max-cpu-memory: fused experts rewritten per expert (up to the BF16 "
+                        "model's size), other weights linked to the source shards; free space is checked first "
+                        "(default: <output-dir>.offload, removed at the end)")
+    q.add_argument("--keep-bf16", action="store_true",
+                   help="MXFP4 input: keep the BF16 copy (<output-dir>.bf16) after success; it is always kept "
+                        "after a failed or killed run and reused by a rerun of the same command")
+    q.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda[:N]",
+                   help="--experts mxfp4 --algo rtn: where the MXFP4 encode runs (default: GPU if present)")
+    q.add_argument("--verbose", action="store_true", help="show llmcompressor's INFO log")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    if not args.verbose:
+        os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
+        # torch.fx warns once per traced layer that is_fx_tracing changed meaning: not the user's concern
+        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    if args.device_map == "cpu-only":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""          # before torch initializes CUDA
+    model_dir = resolve_model_dir(args.model_in, "--model-in")
+    plan = make_plan(args, model_dir)
+    out = plan.output_dir
+    if args.eval_only:
+        marker = read_marker(out) if out.is_dir() else None
+        if not marker or marker.get("command") != "quantize" or not (out / "config.json").exists():
+            raise UserError(f"--eval-only: {out} is not a finished output of quantize: run the command without "
+                            f"--eval-only first")
+    elif not args.dry_run:
+        check_output_folder(out, "--output-dir", [model_dir], args.overwrite)
+        check_creatable(out.parent, "--output-dir")
+        if plan.is_mxfp4:
+            check_bf16_copy_folder(model_dir, quantize_bf16_dir(out))
+        check_offload_folder(args.offload_folder, out, model_dir)
+    batched, why_not = expert_calibration_mode(plan, args)
+    gpu_plan = plan_gpu_memory(plan, args, *gpu_memory_budget(args), batched)
+    for g in plan.groups:
+        sizes = ", ".join(f"{v} x {k}" for k, v in g.group_size_summary().items()) or "-"
+        log(f"{g.name}: {len(g.modules)} Linear -> {g.algo.upper()} {g.scheme} ({sizes})"
+            + ("" if g.modules else "  [empty group: nothing matches]"))
+    adjusted: dict = {}
+    for name, inf, req, used in plan.adjusted:
+        adjusted.setdefault((req, inf, used), []).append(name)
+    for (req, inf, used), names in adjusted.items():
+        log(f"group size {req} does not divide {inf} inputs: {len(names)} modules use "
+            f"{'per channel' if used is None else f'g{used}'} (--dry-run lists them)")
+    log_gpu_memory_plan(gpu_plan, batched)
+    if why_not and moe_dims(plan.config):
+        log(f"expert calibration: per expert ({why_not})")
+    serving = vllm_serving(plan, args.symmetric)
+    if serving:
+        log(serving.line())
+
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:
+        raise UserError(f"{model_dir}: no usable tokenizer ({type(e).__name__}): copy the tokenizer files into it")
+    if args.calib_jsonl:
+        texts = read_jsonl_texts(Path(args.calib_jsonl).expanduser(), tokenizer, "--calib-jsonl")
+    elif not args.dry_run:
+        texts = load_hub_texts(args.dataset, tokenizer, args.num_calibration_samples + 64)
+    else:
+        texts = []
+    eval_texts = read_jsonl_texts(Path(args.eval_jsonl).expanduser(), tokenizer, "--eval-jsonl") if args.eval_jsonl else None
+    calib, heldout = split_calibration(texts, args.num_calibration_samples, eval_texts)
+    if args.dry_run:
+        print_plan(plan, build_modifiers(plan, args, skeleton_model(plan.config)), args)
+        if texts:
+            print(f"calibration: {len(calib)} texts from {args.calib_jsonl or args.dataset}, held out for quality: {len(heldout)}")
+        return 0
+    if args.eval_only:
+        return quantize_eval_only(args, plan, model_dir, tokenizer, heldout)
+    if plan.mxfp4 and plan.group("experts").algo == "rtn":
+        return quantize_mxfp4_rtn(args, plan, model_dir, tokenizer, heldout)
+
+    bf16_dir = quantize_bf16_dir(out)
+    budget = memory_budget(plan, args, out)
+    if torchrun_world()[0] == 0:
+        remove_dead_quantize_runs(out, budget.offload_dir, args.offload_folder is None)
+    needs = [(budget.offload_dir, budget.disk_bytes, "offloaded weights"),
+             (out, estimated_output_bytes(plan), "the output")]
+    if not args.no_eval:
+        needs.append((budget.offload_dir if budget.disk_bytes else out, eval_spill_bytes(plan, heldout, args),
+                      "the quality pass's source logits"))
+    if plan.is_mxfp4:
+        have = sum(p.stat().st_size for p in bf16_dir.glob("*.safetensors")) if bf16_dir.exists() else 0
+        needs.append((bf16_dir, max(budget.model_bytes - have, 0), "the BF16 copy"))
+    check_disk_space(needs)                          # before the process group: all ranks fail alike
+    rank, world = init_distributed()
+    tmp = None                                       # the temp output: rank 0's, shared by all ranks
+    offload_ours = args.offload_folder is None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        remove_offload(budget.offload_dir, False)    # compressed-tensors' files of a killed run
+        if offload_ours:
+            budget.offload_dir.mkdir(parents=True, exist_ok=True)
+            write_marker(budget.offload_dir, "quantize", scratch=True)
+    eval_error = None
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))   # run the cleanup below
+    try:
+        src_dir = on_rank0(dequantize_persistent, model_dir, bf16_dir) if plan.is_mxfp4 else model_dir
+        check_checkpoint_complete(src_dir, plan.config)
+        ds = tokenized_dataset(calib, tokenizer, args.max_seq_length)
+        log(f"calibration: {len(ds)} samples (<= {args.max_seq_length} tokens) from "
+            f"{args.calib_jsonl or args.dataset}; {len(heldout)} held-out texts for quality.json")
+        model = load_model_for_quantization(src_dir, budget)
+        modifiers = build_modifiers(plan, args, model, solve_batch=gpu_plan.solve_batch)
+        if args.offload_hessians and not plan.sparse:
+            log("--offload-hessians: llmcompressor 0.14's GPTQ keeps Hessians of the current layer only; "
+                "the flag applies to SparseGPT (--with-sparse)")
+        import contextlib
+        from llmcompressor import oneshot
+        import torch
+        torch.manual_seed(args.seed)   # llmcompressor shuffles the calibration samples with torch's RNG
+        share = {}
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(cpu_safe_calibration())
+            stack.enter_context(calibration_share(share))
+            stack.enter_context(layer_progress())
+            stack.enter_context(solved_weights_barrier())
+            if plan.sparse:
+                stack.enter_context(masked_gptq())
+            if not args.no_share_hessians:
+                stack.enter_context(shared_input_hessians())
+            if not args.fp32_hessian_matmul:
+                stack.enter_context(tensor_core_hessians())
+            if not args.propagate_all_experts:
+                stack.enter_context(routed_propagation())
+            batched_stats: dict = {}
+            if batched:
+                stack.enter_context(batched_expert_calibration(model, gpu_plan, args.fp32_hessian_matmul, batched_stats))
+            limit_gpu_memory(gpu_plan)
+            part = rank_share(ds)
+            batching = {}
+            if args.calib_batch_size > 1:   # longest first, so a batch's samples are of similar length
+                batching = dict(batch_size=args.calib_batch_size, shuffle_calibration_samples=False)
+                kept, given = batched_tokens([len(r) for r in part["input_ids"]], args.calib_batch_size)
+                log(f"calibration batches of {args.calib_batch_size} samples, longest first: {kept} of {given} "
+                    f"tokens kept ({kept / given:.1%}; llmcompressor cuts each batch to its shortest sample)",
+                    every_rank=world > 1)
+            try:
+                oneshot(model=model, processor=tokenizer, dataset=part, recipe=modifiers,
+                        num_calibration_samples=len(part), max_seq_length=args.max_seq_length,
+                        pipeline="basic" if args.no_sequential_update else "sequential",
+                        moe_calibrate_all_experts=not args.routed_experts_only, **batching)
+            except torch.OutOfMemoryError as e:
+                raise gpu_out_of_memory_error(gpu_plan, e) from None
+        if torch.cuda.is_available():
+            log(f"GPU memory: peak {human_bytes(torch.cuda.max_memory_allocated())} allocated "
+                f"(torch.cuda.max_memory_allocated; expected ~{human_bytes(gpu_plan.peak)})")
+        if batched:
+            log(f"experts: batched calibration in {len(batched_stats['layers'])} MoE layers ({batched_stats['calls']} "
+                f"forwards)" + (f"; {len(batched_stats['fallback'])} MoE layers kept llmcompressor's per-expert "
+                                f"modules (other hooks on their experts)" if batched_stats["fallback"] else ""))
+        log(f"calibrated on {share.get('samples', '?')} of {len(ds)} samples", every_rank=world > 1)
+        log(f"oneshot done in {time.time() - t0:.1f} s; saving to {out}; {offload_report(model, budget.offload_dir)}")
+        tmp = Path(on_rank0(make_temp_output, out))
+        try:
+            # on every rank: it gathers, rank 0 writes. 5 GB shards: a shard is assembled in RAM before it is
+            # written, and transformers' 50 GB default would undo the RAM budget (11.4 GB peak on an H200
+            # for a 5.8 GB output saved as one shard)
+            if plan.mxfp4:       # OpenAI's layout, written here (one process: torchrun is refused for it)
+                write_mxfp4_checkpoint(src_dir, tmp, gptq_mxfp4_encoder(model),
+                                       "GPTQ, LLM Compressor's MXFP4A16, mapped exactly")
+                (tmp / "recipe.yaml").write_text(recipe_yaml(modifiers))
+            else:
+                with warnings.catch_warnings():   # transformers warns of its 50 GB default shard, which we do not use
+                    warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+                    model.save_pretrained(str(tmp), save_compressed=True, max_shard_size=SAVE_SHARD_SIZE)
+            del model
+            if leave_distributed():
+                log(f"done; rank 0 writes {out}", every_rank=True)
+                return 0
+            remove_offload(budget.offload_dir, False)          # the quality pass below needs the space
+            tokenizer.save_pretrained(str(tmp))
+            copy_side_files(src_dir, tmp)                      # the source's tokenizer / template / generation config win
+        except Exception as e:
+            if disk_full(e):
+                raise UserError(f"the disk filled up while saving into {tmp.parent} "
+                                f"({human_bytes(shutil.disk_usage(tmp.parent).free)} free now; the output needs "
+                                f"~{human_bytes(estimated_output_bytes(plan))}): free space and rerun the same "
+                                f"command; nothing was kept", exit_code=1)
+            raise
+        sparsity = None
+        extra = {"version": __version__, "source": str(model_dir.resolve()),
+                 "groups": {g.name: {"algo": g.algo, "scheme": g.scheme, "modules": len(g.modules),
+                                     "group_sizes": g.group_size_summary()} for g in plan.groups},
+                 "group_size_requested": args.group_size,
+                 "group_size_adjusted": [{"module": n, "in_features": i, "used": u} for n, i, _, u in plan.adjusted],
+                 "calibration": {"source": args.calib_jsonl or args.dataset, "samples": len(ds),
+                                 "max_seq_length": args.max_seq_length,
+                                 "all_experts": not args.routed_experts_only, "processes": world,
+                                 "shared_hessians": not args.no_share_hessians,
+                                 "hessian_matmul": "fp32" if args.fp32_hessian_matmul else "bf16 products, fp32 sums",
+                                 "propagation": "all experts" if args.propagate_all_experts else "routed experts",
+                                 "expert_calibration": "batched" if batched else "per expert"}}
+        if serving:
+            moved = write_vllm_layout(tmp, serving.why_not is None)
+            extra["vllm"] = {"layout": "vllm-gpt-oss", "checked_with": VLLM_CHECKED, "serving": serving.line(),
+                             "tensor_parallel": list(serving.tp_sizes),
+                             "kept_out_input_activations": moved["kept_out_input_activations"]}
+            log(f"vLLM layout: {moved['expert_tensors']} expert tensors rewritten in vLLM's GPT-OSS layout"
+                + (f"; experts declared W4A16 to vLLM, their int8 activations kept in gptoss_compressor.vllm"
+                   if moved["kept_out_input_activations"] else ""))
+        write_output_config(tmp, plan, None, extra)
+        if plan.sparse:
+            rep = sparsity_report(tmp, plan)
+            from compressed_tensors.config import DenseSparsityConfig
+            sparsity = DenseSparsityConfig(global_sparsity=rep["global_sparsity"], sparsity_structure=plan.sparse,
+                                           targets=sorted(n for g in plan.groups for n in g.modules),
+                                           ignore=plan.ignore).model_dump()
+            log(f"sparsity {plan.sparse}: {rep['share_of_groups_ok']:.2%} of the groups of "
+                f"{plan.sparse.split(':')[1]} conform in the worst of {rep['modules']} modules, "
+                f"global sparsity {rep['global_sparsity']:.1%}")
+            if rep["share_of_groups_ok"] < 1:
+                log(f"WARNING: the {plan.sparse} pattern did not survive in every module: see config.json")
+            extra["sparsity"] = {k: v for k, v in rep.items() if k != "per_module_min"}
+            write_output_config(tmp, plan, sparsity, extra)
+        eval_error = finish_quantize_output(tmp, plan, args, model_dir, src_dir, heldout, tokenizer,
+                                            budget if budget.disk_bytes else None)
+    except BaseException as e:
+        if isinstance(e, UserError):
+            raise
+        if plan.is_mxfp4 and (bf16_dir / BF16_OF_NAME).exists():
+            kept = f"the BF16 copy {bf16_dir} is kept and will be reused"
+        elif plan.is_mxfp4 and bf16_dir.exists():
+            kept = f"the partial BF16 copy {bf16_dir} is kept and will be finished"
+        else:
+            kept = "nothing else is kept (the input needs no BF16 copy)" if not plan.is_mxfp4 else "nothing is kept"
+        log(f"quantize stopped ({type(e).__name__}): rerun the same command to restart; {kept}; "
+            f"the offload folder {budget.offload_dir} is removed")
+        raise
+    finally:
+        if rank == 0:
+            if tmp is not None:
+                remove_tool_folder(tmp)
+            remove_offload(budget.offload_dir, offload_ours)
+    return end_quantize(plan, args, eval_error, t0)
+
+
+##### 6. Loader + quality #####
 # A folder written by `quantize` stores GPT-OSS's experts in vLLM's layout (write_vllm_layout), which
 # transformers' GptOssForCausalLM does not read for quantized experts: from_pretrained would silently
 # leave them random. The loader builds the BF16 architecture, linearizes the experts the way
 # llmcompressor did, applies the quantization config, then loads tensors by name, the experts
 # mapped back to per-expert Linear tensors (linear_expert_view).
-
-
-def checkpoint_files(path: Path) -> list[Path]:
-    if (path / INDEX_NAME).exists():
-        index = read_json(path / INDEX_NAME, "")
-        return [path / s for s in sorted(set(index.get("weight_map", {}).values()))]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{path} holds no .safetensors file: not a checkpoint written by quantize")
-    return files
 
 
 def load_quantized_model(path, decompress: bool = False, offload_dir: Path | None = None):
@@ -3917,7 +4294,7 @@ def print_quality_table(q: dict) -> None:
         print(f"  {k:<{w}}  {v}", file=sys.stderr)
 
 
-##### 6. Kernels + runtime #####
+##### 7. Kernel library #####
 # Two W4A8 runtimes: QQQ (an external CUDA extension, Marlin-based, built by `install-kernel`) and a
 # built-in int4 GEMM written in Triton that reads compressed-tensors' `pack-quantized` layout as it
 # is on disk. QQQ needs K % 128 == 0 for groups (no GPT-OSS layer has it: K = 2880); the built-in
@@ -3955,8 +4332,6 @@ def print_quality_table(q: dict) -> None:
 #                        process per job, bench_worker in the child), bench_one, random_int4_weights,
 #                        bench_copies, time_graph_us
 
-QQQ_REPO = "https://github.com/HandH1998/QQQ"
-QQQ_COMMIT = "54c5c99037200f3b42b94877dcc932989e458409"
 # (name, K, N) of every Linear shape in GPT-OSS (20b and 120b share hidden 2880, 64 heads x 64).
 GPT_OSS_SHAPES = [("q_proj", 2880, 4096), ("k_proj/v_proj", 2880, 512), ("o_proj", 4096, 2880),
                   ("experts.gate_up", 2880, 5760), ("experts.down", 2880, 2880)]
@@ -6057,7 +6432,7 @@ def format_bench_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-# ---- verify-runtime ----
+##### 8. verify-runtime #####
 
 
 def _nvcc_info() -> dict | None:
@@ -6174,73 +6549,6 @@ def _format_environment(env: dict) -> str:
     return "\n".join(lines)
 
 
-def prefill_lengths(text: str) -> tuple:
-    """--prefill-tokens: '256' or '128,1024' -> (256,) / (128, 1024); '0' -> ()."""
-    try:
-        lengths = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        lengths = (-1,)
-    if any(n < 0 for n in lengths):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of token counts (e.g. 256 or 128,1024)")
-    return tuple(n for n in lengths if n)
-
-
-def cmd_verify_runtime(args: argparse.Namespace) -> int:
-    if args.engine == "vllm":
-        if not args.model:
-            raise UserError("--engine vllm needs --model DIR")
-        with _stdout_to_stderr():
-            rep = verify_with_vllm(Path(args.model), args.vllm_python, args.new_tokens)
-        print(json.dumps(rep, indent=2) if args.json else _format_vllm_report(rep))
-        return 0 if rep["ok"] else 1
-    if args.model:
-        with _stdout_to_stderr():   # library loggers (loguru) write to stdout; stdout is the report's
-            rep = verify_model(Path(args.model), args.bf16, args.new_tokens, prefill=args.prefill_tokens,
-                               graph=not args.no_graph)
-        print(json.dumps(rep, indent=2) if args.json else _format_model_report(rep))
-        return 0
-    if args.bench:
-        return _cmd_bench(args)
-    env = runtime_environment()
-    env["sanity"] = cuda_sanity() if env["gpus"] else []
-    if env["gpus"] and env["backends"]["builtin_triton"]["runnable"]:
-        env["builtin_selftest"] = _builtin_selftest()
-    if env["gpus"] and env["backends"]["qqq"]["importable"]:
-        env["qqq_selftest"] = qqq_self_test()
-    w4a8_here = (env["backends"]["builtin_triton"]["runnable"] and env.get("builtin_selftest", {}).get("ok", False)) \
-        or (env["backends"]["qqq"]["importable"] and env.get("qqq_selftest", {}).get("ok", False))
-    gpu_ok = bool(env["gpus"]) and all(s["ok"] for s in env["sanity"])
-    problems = []
-    if args.require_gpu and not gpu_ok:
-        problems.append("--require-gpu: " + ("no CUDA GPU visible" if not env["gpus"] else "the CUDA sanity matmul failed"))
-    if args.require_w4a8 and not w4a8_here:
-        problems.append("--require-w4a8: no W4A8 GEMM can run here (" + env["backends"]["builtin_triton"]["detail"]
-                        + "; QQQ: " + env["backends"]["qqq"]["detail"] + ")")
-    env["ok"] = not problems
-    env["problems"] = problems
-    if args.json:
-        print(json.dumps(env, indent=2))
-    else:
-        print(_format_environment(env))
-        for s in env["sanity"]:
-            print(f"sanity GPU {s['gpu']}    " + (f"fp16 matmul 1024^3 rel.err {s['rel_err']:.1e} vs float64: "
-                                                 f"{'ok' if s['ok'] else 'WRONG'}" if "error" not in s else
-                                                 f"FAILED: {s['error']}"))
-        for key, name in (("builtin_selftest", "built-in"), ("qqq_selftest", "QQQ")):
-            if key in env:
-                st = env[key]
-                print(f"self-test       {name}: " + ("ok, " if st["ok"] else "FAILED, ") + st["detail"])
-        if not env["gpus"]:
-            print("verdict         no CUDA GPU on this machine: dequantize/quantize run on CPU; the W4A8 "
-                  "kernels need a CUDA GPU (compute capability >= 8.0)")
-        else:
-            print("verdict         " + ("W4A8 runtime ready" if w4a8_here else "no W4A8 runtime can run here")
-                  + ("" if gpu_ok else "; the CUDA sanity matmul FAILED"))
-        for p in problems:
-            print(f"missing         {p}")
-    return 3 if problems else 0
-
-
 class _stdout_to_stderr:
     """File descriptor 1 -> 2 for a block (catches writers that kept a reference to sys.stdout)."""
 
@@ -6322,7 +6630,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---- verify-runtime --model: a quantized checkpoint through the built-in kernels ----
-# The compressed model (load_quantized_model(decompress=False), section 5) keeps int4 weights as
+# The compressed model (load_quantized_model(decompress=False), section 6) keeps int4 weights as
 # compressed-tensors stores them; every pack-quantized symmetric int4 Linear gets a forward that
 # calls int4_linear on them directly (W4A8 when its scheme has dynamic per-token int8 input
 # activations, W4A16 otherwise). The reference is the same checkpoint decompressed by
@@ -6668,26 +6976,6 @@ def compare_logits(ref: list, test: list) -> dict:
             "top1_agreement": agree / max(n, 1), "positions": n}
 
 
-def kernel_activation_rule():
-    """Context in which compressed-tensors' fake quantization of dynamic per-token int8 input
-    activations follows the kernels' rule (quantize_activations_int8: amax / 127, vLLM's) instead
-    of its own (amax / 127.5, clamped to [-128, 127]). For the dense reference of verify-runtime
-    --model, so that it measures the kernels and not the rule (tiny model: mean KL 4.7e-4 with
-    compressed-tensors' rule, 2.0e-4 with the kernels').
-    Written by hand because compressed-tensors has no switch for the rule."""
-    from compressed_tensors.utils import patch_attr
-    import compressed_tensors.quantization.lifecycle.forward as ct_forward
-    original = ct_forward.forward_quantize
-
-    def forward_quantize(module, value, base_name, args):
-        if (base_name == "input" and args.num_bits == 8 and args.type == "int" and args.symmetric
-                and args.dynamic is True and args.strategy == "token"):
-            x_q, s_x = quantize_activations_int8(value)
-            return (x_q.float() * s_x[..., None]).to(value.dtype)
-        return original(module, value, base_name, args)
-    return patch_attr(ct_forward, "forward_quantize", forward_quantize)
-
-
 def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, device: str | None = None,
                  prefill: tuple = (), graph: bool = True) -> dict:
     """The built-in kernels on a quantized checkpoint vs its dense decompression (and the BF16
@@ -6988,7 +7276,134 @@ def run_vllm_probe(python: str, models: list, prompts: list, new_tokens: int, du
         return json.loads(out.read_text())
 
 
-# ---- install-kernel (QQQ) ----
+def add_verify_runtime_parser(sub) -> argparse.ArgumentParser:
+    """The `verify-runtime` subcommand and its flags."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    v = sub.add_parser("verify-runtime", formatter_class=fmt, help="check GPU, CUDA and W4A8 runtimes",
+                       description="Report Python, torch/CUDA/cuDNN, driver, GPUs, nvcc, the relevant packages and "
+                                   "the W4A8 backends (QQQ, built-in Triton), with a CUDA sanity matmul and "
+                                   "kernel self-tests on a GPU. Exit 0 unless a --require-* is not met (exit 3).",
+                       epilog="""\
+examples:
+  %(prog)s                                      # human-readable report (exit 0 even without a GPU)
+  %(prog)s --json --require-w4a8                # for scripts: exit 3 if no W4A8 GEMM can run here
+  %(prog)s --bench                              # M=16 K=4096 N=4096, every backend present
+  %(prog)s --bench --shapes gpt-oss --out bench.json   # q/k/v/o/gate_up/down at M=1,16,64,256,1024
+  %(prog)s --model ./out-w4a8 --prefill-tokens 128,2048   # a quantize checkpoint through the kernels:
+                                                # KL / top-1 vs its dense form, decode and prefill tokens/s
+  %(prog)s --model ./out-w4a16 --engine vllm      # load it with vLLM (make vllm-venv): every tensor read?
+
+--bench prints, per shape and backend, the median time eager (CUDA events around each call, CPU
+launch overhead included) and in a CUDA graph (GPU time only), the speedup over fp16 nn.Linear,
+and beside every timing the relative error against float64 math on the same quantized values.
+Each backend runs in a worker process, so a CUDA fault is reported as that case's error.
+--bench needs a CUDA GPU: without one it says so and exits 3. --model without a GPU runs the
+dense path only and says so. On a GPU, --model also times decode with each token one CUDA-graph
+replay into a static cache (how serving engines decode; HF generate() launches every kernel from
+Python, which at batch 1 sets the speed): prompt + new tokens must fit the sliding window (128 in
+gpt-oss). --no-graph skips it.""")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.add_argument("--require-gpu", action="store_true", help="exit 3 unless a CUDA GPU works")
+    v.add_argument("--require-w4a8", action="store_true",
+                   help="exit 3 unless a W4A8 GEMM (QQQ or built-in Triton) runs and passes its self-test here")
+    v.add_argument("--bench", action="store_true", help="time FP16 vs W4A8/W4A16 GEMMs (needs a GPU)")
+    v.add_argument("--M", type=int_at_least(1, "tokens"), help="--bench: tokens (default: 16; with --shapes: 1,16,64,256,1024)")
+    v.add_argument("--K", type=int_at_least(1, "features"), default=4096, help="--bench: in features (default: %(default)s)")
+    v.add_argument("--N", type=int_at_least(1, "features"), default=4096, help="--bench: out features (default: %(default)s)")
+    v.add_argument("--iters", type=int_at_least(1, "calls"), default=200, help="--bench: timed calls per case (default: %(default)s)")
+    v.add_argument("--shapes", choices=["gpt-oss"],
+                   help="--bench: every GPT-OSS Linear shape (at --M, else at M=1,16,64,256,1024) instead of --K/--N")
+    v.add_argument("--group", default="64", choices=["32", "64", "128", "channel"],
+                   help="--bench: scale group of the built-in kernels (default: %(default)s; QQQ is per channel)")
+    v.add_argument("--backends", default=",".join(BENCH_BACKENDS),
+                   help="--bench: comma list from %(default)s (absent ones are skipped and said)")
+    v.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"],
+                   help="--bench: activations of the built-in kernels and of the nn.Linear they are timed against "
+                        "(default: %(default)s; QQQ takes fp16 either way)")
+    v.add_argument("--no-graph", action="store_true",
+                   help="--bench: eager timing only; --model: no decode as CUDA-graph replays")
+    v.add_argument("--no-check", action="store_true", help="--bench: skip the correctness checks")
+    v.add_argument("--sweep", action="store_true", help="--bench: also time alternative W4A8 kernel configs")
+    v.add_argument("--sweep-m", type=int_list_arg, metavar="M,M", help="--sweep with --shapes gpt-oss: at these M (default: 16,1024)")
+    v.add_argument("--out", metavar="FILE", help="--bench: write the full report as JSON here")
+    v.add_argument("--model", metavar="DIR",
+                   help="a W4A16/W4A8 checkpoint made by quantize: its int4 Linear layers through the built-in "
+                        "kernels vs its dense decompression (KL, top-1, greedy tokens, tokens/s); without a GPU "
+                        "the dense fallback only")
+    v.add_argument("--bf16", metavar="DIR", help="--model: the BF16 source for the tokens/s comparison "
+                                                 "(default: the source recorded by quantize)")
+    v.add_argument("--new-tokens", type=int_at_least(1, "tokens"), default=16, help="--model: greedy tokens to generate (default: %(default)s)")
+    v.add_argument("--engine", choices=("builtin", "vllm"), default="builtin",
+                   help="--model: builtin = the int4 kernels of this tool (default); vllm = load DIR with vLLM "
+                        "(its own interpreter: --vllm-python) and count the checkpoint tensors its loader read, "
+                        "greedy tokens against our loader")
+    v.add_argument("--vllm-python", metavar="PATH",
+                   help="--engine vllm: a Python with vLLM installed (default: $GPTOSS_VLLM_PYTHON, else "
+                        f"{VLLM_VENV}/bin/python next to compress_gptoss.py, else this Python if it has vLLM)")
+    v.add_argument("--prefill-tokens", type=prefill_lengths, default=(256,), metavar="N[,N...]",
+                   help="--model: also time one forward over a prompt of N random tokens (prefill), each N; "
+                        "0 = skip (default: 256)")
+    v.set_defaults(func=cmd_verify_runtime)
+    return v
+
+
+def cmd_verify_runtime(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        if not args.model:
+            raise UserError("--engine vllm needs --model DIR")
+        with _stdout_to_stderr():
+            rep = verify_with_vllm(Path(args.model), args.vllm_python, args.new_tokens)
+        print(json.dumps(rep, indent=2) if args.json else _format_vllm_report(rep))
+        return 0 if rep["ok"] else 1
+    if args.model:
+        with _stdout_to_stderr():   # library loggers (loguru) write to stdout; stdout is the report's
+            rep = verify_model(Path(args.model), args.bf16, args.new_tokens, prefill=args.prefill_tokens,
+                               graph=not args.no_graph)
+        print(json.dumps(rep, indent=2) if args.json else _format_model_report(rep))
+        return 0
+    if args.bench:
+        return _cmd_bench(args)
+    env = runtime_environment()
+    env["sanity"] = cuda_sanity() if env["gpus"] else []
+    if env["gpus"] and env["backends"]["builtin_triton"]["runnable"]:
+        env["builtin_selftest"] = _builtin_selftest()
+    if env["gpus"] and env["backends"]["qqq"]["importable"]:
+        env["qqq_selftest"] = qqq_self_test()
+    w4a8_here = (env["backends"]["builtin_triton"]["runnable"] and env.get("builtin_selftest", {}).get("ok", False)) \
+        or (env["backends"]["qqq"]["importable"] and env.get("qqq_selftest", {}).get("ok", False))
+    gpu_ok = bool(env["gpus"]) and all(s["ok"] for s in env["sanity"])
+    problems = []
+    if args.require_gpu and not gpu_ok:
+        problems.append("--require-gpu: " + ("no CUDA GPU visible" if not env["gpus"] else "the CUDA sanity matmul failed"))
+    if args.require_w4a8 and not w4a8_here:
+        problems.append("--require-w4a8: no W4A8 GEMM can run here (" + env["backends"]["builtin_triton"]["detail"]
+                        + "; QQQ: " + env["backends"]["qqq"]["detail"] + ")")
+    env["ok"] = not problems
+    env["problems"] = problems
+    if args.json:
+        print(json.dumps(env, indent=2))
+    else:
+        print(_format_environment(env))
+        for s in env["sanity"]:
+            print(f"sanity GPU {s['gpu']}    " + (f"fp16 matmul 1024^3 rel.err {s['rel_err']:.1e} vs float64: "
+                                                 f"{'ok' if s['ok'] else 'WRONG'}" if "error" not in s else
+                                                 f"FAILED: {s['error']}"))
+        for key, name in (("builtin_selftest", "built-in"), ("qqq_selftest", "QQQ")):
+            if key in env:
+                st = env[key]
+                print(f"self-test       {name}: " + ("ok, " if st["ok"] else "FAILED, ") + st["detail"])
+        if not env["gpus"]:
+            print("verdict         no CUDA GPU on this machine: dequantize/quantize run on CPU; the W4A8 "
+                  "kernels need a CUDA GPU (compute capability >= 8.0)")
+        else:
+            print("verdict         " + ("W4A8 runtime ready" if w4a8_here else "no W4A8 runtime can run here")
+                  + ("" if gpu_ok else "; the CUDA sanity matmul FAILED"))
+        for p in problems:
+            print(f"missing         {p}")
+    return 3 if problems else 0
+
+
+##### 9. install-kernel #####
 # QQQ is not on PyPI. Its requirements.txt pins transformers==4.45.0 (a plain pip install would
 # downgrade transformers under llmcompressor) and its setup.py runs `pip install -e
 # third-party/fast-hadamard-transform` (another CUDA build, only for rotation, not the GEMM).
@@ -6996,6 +7411,9 @@ def run_vllm_probe(python: str, models: list, prompts: list, new_tokens: int, du
 # (compile against the torch that is installed), and a `pip` shim on PATH for the build that
 # turns setup.py's submodule install into a no-op. The default source is GitHub's archive of the
 # pinned commit, which carries no submodule content anyway.
+
+QQQ_REPO = "https://github.com/HandH1998/QQQ"
+QQQ_COMMIT = "54c5c99037200f3b42b94877dcc932989e458409"
 
 
 def qqq_default_source() -> str:
@@ -7189,315 +7607,9 @@ def install_qqq(yes: bool, source: str | None = None) -> bool:
     return st["ok"]
 
 
-def cmd_install_kernel(args: argparse.Namespace) -> int:
-    ok, detail = qqq_status()
-    if ok and not args.force and not args.source:
-        log(f"install-kernel: QQQ {detail} is already installed (--force reinstalls); self-testing it")
-        if not cuda_gpus():
-            log("install-kernel: self-test skipped: no CUDA GPU visible")
-            return 0
-        st = qqq_self_test()
-        log(f"install-kernel: QQQ self-test {'ok' if st['ok'] else 'FAILED'}: {st['detail']}")
-        return 0 if st["ok"] else 1
-    blockers = qqq_install_blockers(args.source)
-    if blockers:
-        raise UserError("install-kernel: " + " Also: ".join(blockers), exit_code=3)
-    return 0 if install_qqq(args.yes, args.source) else 1
-
-
-##### 7. CLI #####
-
-EXAMPLES = """\
-examples:
-  # 1. MXFP4 -> BF16, streaming shard by shard (needs ~ one shard of RAM, 234 GB of disk for 120b)
-  %(prog)s dequantize --src openai/gpt-oss-120b --dst ./gpt-oss-120b-bf16 --dtype bf16
-  # 2. GPTQ W4A16 on experts and attention
-  %(prog)s quantize --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16
-  # 3. the W4A8 runtime
-  %(prog)s install-kernel --yes && %(prog)s verify-runtime --bench --shapes gpt-oss
-"""
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Bad flags get one line (what is wrong, where to look), not argparse's usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
-
-
-# ---- Argument types: argparse turns their ArgumentTypeError into one `error:` line (exit 2), so a
-# bad value is refused before any file is read or written.
-
-def int_at_least(low: int, unit: str):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-        if v < low:
-            raise argparse.ArgumentTypeError(f"{v}: give {low} or more" + (f" {unit}" if unit else ""))
-        return v
-    return parse
-
-
-def fraction(low_inclusive: bool):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-        if not ((0 <= v if low_inclusive else 0 < v) and v < 1):
-            raise argparse.ArgumentTypeError(f"{v}: give a fraction {'from 0' if low_inclusive else 'above 0'} and below 1")
-        return v
-    return parse
-
-
-def group_size_arg(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-    if v != -1 and (v < 16 or v & (v - 1)):
-        raise argparse.ArgumentTypeError(f"{v}: give a power of two of 16 or more (32, 64, 128) or -1 for per channel")
-    return v
-
-
-def mask_arg(text: str) -> str:
-    m = re.fullmatch(r"(\d+):(\d+)", text.strip())
-    if not m or not 0 < int(m.group(1)) < int(m.group(2)):
-        raise argparse.ArgumentTypeError(f"{text!r}: give N:M with 0 < N < M, e.g. 2:4")
-    return f"{int(m.group(1))}:{int(m.group(2))}"
-
-
-def pattern_arg(text: str) -> str:
-    """A module name, or 're:REGEX' (the regex must compile)."""
-    body = text[3:] if text.startswith("re:") else None
-    try:
-        if body is not None:
-            re.compile(body)
-    except re.error as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: not a valid regex ({e})")
-    return text
-
-
-def regex_arg(text: str) -> str:
-    try:
-        re.compile(text[3:] if text.startswith("re:") else text)
-    except re.error as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: not a valid regex ({e})")
-    return text
-
-
-def device_arg(text: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"{text!r}: give auto, cpu, cuda or cuda:N")
-    return text
-
-
-def size_arg(text: str) -> str:
-    """A size like 48GB or 1.5GiB, checked here and kept as written (accelerate reads it too)."""
-    try:
-        if parse_size(text, "") <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: give a size above 0")
-    except UserError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write it like 48GB, 1.5GiB or 800MB")
-    return text
-
-
-def int_list_arg(text: str) -> str:
-    if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text) or any(int(t) < 1 for t in text.split(",")):
-        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers of 1 or more, comma-separated")
-    return text
-
-
-def build_parser() -> argparse.ArgumentParser:
+def add_install_kernel_parser(sub) -> argparse.ArgumentParser:
+    """The `install-kernel` subcommand and its flags."""
     fmt = argparse.RawDescriptionHelpFormatter
-    p = OneLineErrorParser(prog="compress_gptoss.py", formatter_class=fmt, epilog=EXAMPLES,
-                                description="Dequantize GPT-OSS MXFP4 to BF16/FP16 and re-quantize it with "
-                                            "GPTQ/AWQ (W4A16, W8A8, W4A8, 2:4) through LLM Compressor.")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
-                           title="commands (COMMAND --help for each)")
-
-    d = sub.add_parser("dequantize", formatter_class=fmt, help="MXFP4 -> BF16/FP16 checkpoint, streaming",
-                       description="Convert an MXFP4 GPT-OSS checkpoint into a BF16/FP16 one that "
-                                   "transformers' GptOssForCausalLM loads unquantized. Streams tensor by "
-                                   "tensor: peak RAM is a few hundred MB whatever the model size.",
-                       epilog="""\
-examples:
-  %(prog)s --src openai/gpt-oss-20b --dst ./gpt-oss-20b-bf16 --dtype bf16
-  %(prog)s --src ./gpt-oss-120b --dst ./gpt-oss-120b-bf16 --dtype bf16 --device cuda
-  %(prog)s --src ./gpt-oss-120b --dst ./gpt-oss-120b-bf16 --dtype bf16 --resume   # after a crash
-  %(prog)s --src ./gpt-oss-20b --dst ./ref --method transformers --device-map auto  # reference path
-
-BF16 is exact (every MXFP4 value is representable). FP16 is not: scales reach beyond its range,
-so values that would overflow are counted and refused unless --fp16-overflow says otherwise.""")
-    d.add_argument("--src", default="openai/gpt-oss-120b", metavar="PATH|HUB_ID",
-                   help="MXFP4 model folder, or a Hub id fetched with huggingface_hub (default: %(default)s)")
-    d.add_argument("--dst", default="gpt-oss-120b-bf16", metavar="DIR", help="output folder (default: %(default)s)")
-    d.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16",
-                   help="output dtype; bf16 is exact, fp16 may overflow (default: %(default)s)")
-    d.add_argument("--method", choices=["stream", "transformers"], default="stream",
-                   help="stream: shard by shard (default); transformers: load the whole model with "
-                        "Mxfp4Config(dequantize=True), for comparison (needs the model's size in RAM)")
-    d.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda[:N]",
-                   help="where the MXFP4 decode runs (stream method; default: GPU if present)")
-    d.add_argument("--fp16-overflow", choices=["error", "clamp", "inf"], default="error",
-                   help="with --dtype fp16, values beyond +-65504: stop (default), saturate, or write inf")
-    d.add_argument("--workers", type=int_at_least(1, "worker processes"), default=1, metavar="N",
-                   help="convert N shards at once in separate processes; with GPUs, worker k uses GPU "
-                        "k %% count (default: %(default)s)")
-    d.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
-    d.add_argument("--resume", action="store_true",
-                   help="finish an interrupted run in --dst: complete shards are checked and kept")
-    d.add_argument("--device-map", choices=["auto", "sequential", "cpu-only"], default="sequential",
-                   help="--method transformers: accelerate placement (default: %(default)s)")
-    d.add_argument("--offload-folder", metavar="DIR", help="--method transformers: spill weights to disk here")
-    d.add_argument("--max-gpu-memory", type=size_arg, metavar="SIZE", help="--method transformers: per-GPU cap, e.g. 20GiB")
-    d.set_defaults(func=cmd_dequantize)
-
-    q = sub.add_parser("quantize", formatter_class=fmt, help="GPTQ/AWQ compression through LLM Compressor",
-                       description="Quantize a BF16/FP16 model (GPT-OSS, experts included, or any Hugging Face "
-                                   "causal LM) with GPTQ / AWQ / RTN through LLM Compressor, in two groups: "
-                                   "'experts' and 'model weights' (every other Linear: attention q/k/v/o). "
-                                   "Router, embeddings and lm_head are never quantized. Writes a complete "
-                                   "compressed-tensors folder, reloads it from disk and writes quality.json.",
-                       epilog="""\
-examples:
-  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16 --calib-jsonl calib.jsonl
-  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts-algo awq --experts w4a16 --mw-algo gptq --mw w8a8
-  %(prog)s --model-in ./gpt-oss-120b-bf16 --with-sparse --experts-type int4 --experts-scheme w4a8 \\
-      --mw-type int4 --mw-scheme w4a16 --allow-fallback
-  %(prog)s --model-in openai/gpt-oss-20b --dry-run          # MXFP4 input: dequantized on the fly
-  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16 --calib-jsonl chunks-2048.jsonl \
-      --calib-batch-size 8                                   # big GPU, equal-length samples: 2x faster
-
-support matrix: AWQ W4A16; GPTQ W4A16, W8A8, W4A8 (needs a W4A8 runtime: QQQ or triton);
-RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
---experts mxfp4 (OpenAI's own MXFP4 layout, what vLLM/SGLang/transformers/llama.cpp/TensorRT-LLM load
-for gpt-oss): RTN (OCP rule, streamed shard by shard, no calibration) or GPTQ (LLM Compressor's
-MXFP4A16); attention, router, embeddings and lm_head stay as in the source (--mw is refused).""")
-    q.add_argument("--model-in", default="gpt-oss-120b-bf16", metavar="PATH|HUB_ID",
-                   help="BF16/FP16 model folder (from `dequantize`), an MXFP4 GPT-OSS folder (dequantized on "
-                        "the fly), or a Hub id (default: %(default)s)")
-    q.add_argument("--algo", default="gptq", type=str.lower, metavar="gptq|awq|rtn",
-                   help="algorithm of both groups unless --experts-algo/--mw-algo say otherwise (default: %(default)s)")
-    q.add_argument("--experts-algo", type=str.lower, metavar="gptq|awq|rtn", help="algorithm of the experts")
-    q.add_argument("--mw-algo", type=str.lower, metavar="gptq|awq|rtn",
-                   help="algorithm of the model weights (attention q/k/v/o, other Linear)")
-    q.add_argument("--experts-type", metavar="int4|int8|mxfp4",
-                   help="experts weight type (int4: w4a16|w4a8, int8: w8a8, mxfp4: OpenAI's layout, weight-only)")
-    q.add_argument("--experts-scheme", metavar="w4a16|w4a8|w8a8", help="experts scheme (default w4a16)")
-    q.add_argument("--mw-type", metavar="int4|int8", help="model weights type")
-    q.add_argument("--mw-scheme", metavar="w4a16|w4a8|w8a8", help="model weights scheme (default w4a16)")
-    q.add_argument("--experts", metavar="SPEC", help="shortcut for the experts: int4|w4a16|w4a8|int8|w8a8, or mxfp4 "
-                                                     "(OpenAI's own MXFP4 layout, --algo rtn or gptq; the rest stays as in the source)")
-    q.add_argument("--mw", metavar="SPEC", help="shortcut for the model weights: int4|w4a16|w4a8|int8|w8a8")
-    q.add_argument("--auto-detect-experts", action="store_true",
-                   help="find the expert modules from the module names (experts/expert/moe) instead of the "
-                        "GPT-OSS default regex")
-    q.add_argument("--experts-regex", type=regex_arg, metavar="REGEX",
-                   help=f"modules of the experts group (default: {DEFAULT_EXPERTS_REGEX.replace('%', '%%')})")
-    q.add_argument("--with-sparse", action="store_true",
-                   help="prune with SparseGPT (N:M, --mask) before quantizing; the mask is kept through GPTQ")
-    q.add_argument("--sparsity", type=fraction(False), default=0.5, metavar="RATIO", help="SparseGPT sparsity (default: %(default)s)")
-    q.add_argument("--mask", default="2:4", type=mask_arg, metavar="N:M", help="SparseGPT mask structure (default: %(default)s)")
-    q.add_argument("--group-size", type=group_size_arg, default=None, metavar="SIZE", action=RecordGiven,
-                   help="int4 group size; a module whose inputs it does not divide gets the largest of 64/32/16 "
-                        "that does; -1 = per channel (default: 32 for GPT-OSS, which vLLM can split over 1 or 2 "
-                        "GPUs (2880 / 2 = 1440 = 45 x 32), 128 otherwise)")
-    q.add_argument("--block-size", type=int_at_least(1, "columns"), default=128, metavar="SIZE",
-                   help="GPTQ/SparseGPT columns per block update (default: %(default)s)")
-    q.add_argument("--dampening-frac", type=fraction(True), default=0.01, metavar="FRAC",
-                   help="GPTQ/SparseGPT Hessian dampening, fraction of its mean diagonal (default: %(default)s)")
-    q.add_argument("--symmetric", action="store_true",
-                   help="symmetric int4 for W4A16 (W8A8 and W4A8 weights are always symmetric)")
-    q.add_argument("--awq-grid", type=int_at_least(1, "grid points"), default=20, metavar="N",
-                   help="AWQ: scale ratios tried per mapping (llmcompressor's n_grid); fewer is faster (default: %(default)s)")
-    q.add_argument("--no-sequential-update", action="store_true",
-                   help="calibrate every layer on the unquantized model's activations in one pass (llmcompressor "
-                        "'basic' pipeline) instead of layer by layer on the already-quantized layers' outputs")
-    q.add_argument("--offload-hessians", action="store_true",
-                   help="keep SparseGPT's Hessians on the CPU between uses (GPTQ in llmcompressor 0.14 holds "
-                        "the current layer's only)")
-    q.add_argument("--calib-batch-size", type=int_at_least(1, "samples"), default=1, metavar="N",
-                   help="calibration samples per forward pass (llmcompressor's batch_size; default: %(default)s). "
-                        "A forward through a linearized GPT-OSS layer calls every expert's three Linear through "
-                        "Python hooks, a fixed cost per call that batching divides (H200, one 120b layer at "
-                        "256 x 2048 tokens: 54 s -> 26 s with 8); costs GPU memory for N samples' activations, and for samples of "
-                        "unequal length tokens: each batch is cut to its shortest sample (the log says how many "
-                        "are kept). Best with long equal-length samples, e.g. 2048-token chunks")
-    q.add_argument("--seed", type=int_at_least(0, ""), default=0, metavar="N",
-                   help="seed of the calibration order (llmcompressor shuffles the samples): the same command "
-                        "gives the same output (default: %(default)s)")
-    q.add_argument("--routed-experts-only", action="store_true",
-                   help="calibrate each expert on the tokens routed to it only (default: every expert sees "
-                        "every token, so rarely picked experts still get a Hessian)")
-    q.add_argument("--no-share-hessians", action="store_true",
-                   help="GPTQ: one Hessian per module, like plain llmcompressor (default: modules that read the "
-                        "same input tensor share one: q/k/v, and gate/up of all experts; bitwise the same values)")
-    q.add_argument("--fp32-hessian-matmul", action="store_true",
-                   help="GPTQ: accumulate Hessians with fp32 matmuls, like plain llmcompressor (default for "
-                        "BF16 inputs: tensor-core matmuls of the exact BF16 products, fp32 sums in 512-token "
-                        "chunks; within 3e-7 of the fp32 Hessian on an H200, 7x faster)")
-    q.add_argument("--per-expert-calibration", action="store_true",
-                   help="calibrate GPT-OSS experts through llmcompressor's per-expert Linear modules and hooks, "
-                        "like before (default: batched tensor math on the stacked expert weights, the same "
-                        "Hessians within 1e-6; for comparison)")
-    q.add_argument("--max-gpu-memory", metavar="SIZE",
-                   help="GPU memory quantize may use, e.g. 22GiB on a 24 GB card: expert chunks and GPTQ solve "
-                        "batches are sized to it, the expected peak is logged, and the allocator is capped there. "
-                        "Default: what the GPU has free at the start")
-    q.add_argument("--propagate-all-experts", action="store_true",
-                   help="run every expert on every token in the propagation pass too, like plain llmcompressor "
-                        "(default: all experts while calibrating, routed experts only while propagating)")
-    q.add_argument("--dataset", default="open_platypus", metavar="NAME",
-                   help="calibration dataset on the Hugging Face Hub (open_platypus, ultrachat_200k or a repo "
-                        "id; chat rows are rendered with the model's chat template) (default: %(default)s)")
-    q.add_argument("--calib-jsonl", metavar="FILE",
-                   help='local calibration file, {"text": ...} or {"messages": [...]} per line (overrides --dataset)')
-    q.add_argument("--eval-jsonl", metavar="FILE",
-                   help="held-out texts for quality.json (default: the calibration texts not used for calibration)")
-    q.add_argument("--num-calibration-samples", type=int_at_least(1, "samples"), default=256, metavar="N",
-                   help="calibration samples (default: %(default)s)")
-    q.add_argument("--max-seq-length", type=int_at_least(2, "tokens"), default=2048, metavar="LEN",
-                   help="tokens per calibration sample (default: %(default)s)")
-    q.add_argument("--output-dir", metavar="DIR",
-                   help="output folder (default: <model>[-2of4]-<EXPERTALGO>-<MWALGO>-experts-<spec>-mw-<spec>)")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    q.add_argument("--extra-ignore", action="append", default=[], type=pattern_arg, metavar="PATTERN",
-                   help="module name or 're:REGEX' left unquantized, on top of router/embeddings/lm_head (repeatable)")
-    q.add_argument("--dry-run", action="store_true",
-                   help="print the resolved plan (modules per group, group sizes, recipe, output dir); read no weight")
-    q.add_argument("--no-eval", action="store_true", help="skip the reload + quality.json step")
-    q.add_argument("--eval-only", action="store_true",
-                   help="only the quality pass, on the finished output of the same command (after an evaluation "
-                        "that failed, or with other --eval-jsonl texts): rewrites quality.json and README.md")
-    q.add_argument("--try-install-qqq", action="store_true",
-                   help="W4A8 without a runtime: offer to install the QQQ kernels (install-kernel)")
-    q.add_argument("--yes", action="store_true", help="answer yes to the install question")
-    q.add_argument("--allow-fallback", action="store_true", help="W4A8 without a runtime: quantize W4A16 instead")
-    q.add_argument("--device-map", choices=["auto", "sequential", "cpu-only"], default="sequential",
-                   help="sequential/auto: weights up to --max-cpu-memory in RAM, the rest on disk in "
-                        "--offload-folder, each layer onloaded (to the GPU, if any) in turn; cpu-only: the same "
-                        "without a GPU (default: %(default)s)")
-    q.add_argument("--max-cpu-memory", type=size_arg, metavar="SIZE",
-                   help="RAM for the weights not being worked on, e.g. 48GB (compressed-tensors' "
-                        "device_map='auto_offload' with max_memory={'cpu': SIZE}); one layer's work (its weights, "
-                        "GPTQ Hessians, calibration activations) comes on top. Default: available RAM minus "
-                        "that work, logged. gpt-oss-120b: 30GB puts the expected peak near 62 GB")
-    q.add_argument("--offload-folder", metavar="DIR",
-                   help="weights beyond --max-cpu-memory: fused experts rewritten per expert (up to the BF16 "
-                        "model's size), other weights linked to the source shards; free space is checked first "
-                        "(default: <output-dir>.offload, removed at the end)")
-    q.add_argument("--keep-bf16", action="store_true",
-                   help="MXFP4 input: keep the BF16 copy (<output-dir>.bf16) after success; it is always kept "
-                        "after a failed or killed run and reused by a rerun of the same command")
-    q.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda[:N]",
-                   help="--experts mxfp4 --algo rtn: where the MXFP4 encode runs (default: GPU if present)")
-    q.add_argument("--verbose", action="store_true", help="show llmcompressor's INFO log")
-    q.set_defaults(func=cmd_quantize)
-
     k = sub.add_parser("install-kernel", formatter_class=fmt, help="install the QQQ W4A8 GEMM",
                        description="Build and install QQQ (W4A8 GEMM, Marlin-based CUDA extension) from GitHub at "
                                    f"a pinned commit ({QQQ_COMMIT[:12]}) with pip --no-deps --no-build-isolation: "
@@ -7520,72 +7632,51 @@ check and a numeric self-test of QQQ's GEMM against float64 on the GPU. Exit 1 i
     k.add_argument("--yes", "-y", action="store_true", help="do not ask before installing")
     k.add_argument("--force", action="store_true", help="reinstall even if QQQ already imports")
     k.set_defaults(func=cmd_install_kernel)
+    return k
 
-    v = sub.add_parser("verify-runtime", formatter_class=fmt, help="check GPU, CUDA and W4A8 runtimes",
-                       description="Report Python, torch/CUDA/cuDNN, driver, GPUs, nvcc, the relevant packages and "
-                                   "the W4A8 backends (QQQ, built-in Triton), with a CUDA sanity matmul and "
-                                   "kernel self-tests on a GPU. Exit 0 unless a --require-* is not met (exit 3).",
-                       epilog="""\
+
+def cmd_install_kernel(args: argparse.Namespace) -> int:
+    ok, detail = qqq_status()
+    if ok and not args.force and not args.source:
+        log(f"install-kernel: QQQ {detail} is already installed (--force reinstalls); self-testing it")
+        if not cuda_gpus():
+            log("install-kernel: self-test skipped: no CUDA GPU visible")
+            return 0
+        st = qqq_self_test()
+        log(f"install-kernel: QQQ self-test {'ok' if st['ok'] else 'FAILED'}: {st['detail']}")
+        return 0 if st["ok"] else 1
+    blockers = qqq_install_blockers(args.source)
+    if blockers:
+        raise UserError("install-kernel: " + " Also: ".join(blockers), exit_code=3)
+    return 0 if install_qqq(args.yes, args.source) else 1
+
+
+##### 10. main #####
+
+EXAMPLES = """\
 examples:
-  %(prog)s                                      # human-readable report (exit 0 even without a GPU)
-  %(prog)s --json --require-w4a8                # for scripts: exit 3 if no W4A8 GEMM can run here
-  %(prog)s --bench                              # M=16 K=4096 N=4096, every backend present
-  %(prog)s --bench --shapes gpt-oss --out bench.json   # q/k/v/o/gate_up/down at M=1,16,64,256,1024
-  %(prog)s --model ./out-w4a8 --prefill-tokens 128,2048   # a quantize checkpoint through the kernels:
-                                                # KL / top-1 vs its dense form, decode and prefill tokens/s
-  %(prog)s --model ./out-w4a16 --engine vllm      # load it with vLLM (make vllm-venv): every tensor read?
+  # 1. MXFP4 -> BF16, streaming shard by shard (needs ~ one shard of RAM, 234 GB of disk for 120b)
+  %(prog)s dequantize --src openai/gpt-oss-120b --dst ./gpt-oss-120b-bf16 --dtype bf16
+  # 2. GPTQ W4A16 on experts and attention
+  %(prog)s quantize --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16
+  # 3. the W4A8 runtime
+  %(prog)s install-kernel --yes && %(prog)s verify-runtime --bench --shapes gpt-oss
+"""
 
---bench prints, per shape and backend, the median time eager (CUDA events around each call, CPU
-launch overhead included) and in a CUDA graph (GPU time only), the speedup over fp16 nn.Linear,
-and beside every timing the relative error against float64 math on the same quantized values.
-Each backend runs in a worker process, so a CUDA fault is reported as that case's error.
---bench needs a CUDA GPU: without one it says so and exits 3. --model without a GPU runs the
-dense path only and says so. On a GPU, --model also times decode with each token one CUDA-graph
-replay into a static cache (how serving engines decode; HF generate() launches every kernel from
-Python, which at batch 1 sets the speed): prompt + new tokens must fit the sliding window (128 in
-gpt-oss). --no-graph skips it.""")
-    v.add_argument("--json", action="store_true", help="machine-readable output")
-    v.add_argument("--require-gpu", action="store_true", help="exit 3 unless a CUDA GPU works")
-    v.add_argument("--require-w4a8", action="store_true",
-                   help="exit 3 unless a W4A8 GEMM (QQQ or built-in Triton) runs and passes its self-test here")
-    v.add_argument("--bench", action="store_true", help="time FP16 vs W4A8/W4A16 GEMMs (needs a GPU)")
-    v.add_argument("--M", type=int_at_least(1, "tokens"), help="--bench: tokens (default: 16; with --shapes: 1,16,64,256,1024)")
-    v.add_argument("--K", type=int_at_least(1, "features"), default=4096, help="--bench: in features (default: %(default)s)")
-    v.add_argument("--N", type=int_at_least(1, "features"), default=4096, help="--bench: out features (default: %(default)s)")
-    v.add_argument("--iters", type=int_at_least(1, "calls"), default=200, help="--bench: timed calls per case (default: %(default)s)")
-    v.add_argument("--shapes", choices=["gpt-oss"],
-                   help="--bench: every GPT-OSS Linear shape (at --M, else at M=1,16,64,256,1024) instead of --K/--N")
-    v.add_argument("--group", default="64", choices=["32", "64", "128", "channel"],
-                   help="--bench: scale group of the built-in kernels (default: %(default)s; QQQ is per channel)")
-    v.add_argument("--backends", default=",".join(BENCH_BACKENDS),
-                   help="--bench: comma list from %(default)s (absent ones are skipped and said)")
-    v.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"],
-                   help="--bench: activations of the built-in kernels and of the nn.Linear they are timed against "
-                        "(default: %(default)s; QQQ takes fp16 either way)")
-    v.add_argument("--no-graph", action="store_true",
-                   help="--bench: eager timing only; --model: no decode as CUDA-graph replays")
-    v.add_argument("--no-check", action="store_true", help="--bench: skip the correctness checks")
-    v.add_argument("--sweep", action="store_true", help="--bench: also time alternative W4A8 kernel configs")
-    v.add_argument("--sweep-m", type=int_list_arg, metavar="M,M", help="--sweep with --shapes gpt-oss: at these M (default: 16,1024)")
-    v.add_argument("--out", metavar="FILE", help="--bench: write the full report as JSON here")
-    v.add_argument("--model", metavar="DIR",
-                   help="a W4A16/W4A8 checkpoint made by quantize: its int4 Linear layers through the built-in "
-                        "kernels vs its dense decompression (KL, top-1, greedy tokens, tokens/s); without a GPU "
-                        "the dense fallback only")
-    v.add_argument("--bf16", metavar="DIR", help="--model: the BF16 source for the tokens/s comparison "
-                                                 "(default: the source recorded by quantize)")
-    v.add_argument("--new-tokens", type=int_at_least(1, "tokens"), default=16, help="--model: greedy tokens to generate (default: %(default)s)")
-    v.add_argument("--engine", choices=("builtin", "vllm"), default="builtin",
-                   help="--model: builtin = the int4 kernels of this tool (default); vllm = load DIR with vLLM "
-                        "(its own interpreter: --vllm-python) and count the checkpoint tensors its loader read, "
-                        "greedy tokens against our loader")
-    v.add_argument("--vllm-python", metavar="PATH",
-                   help="--engine vllm: a Python with vLLM installed (default: $GPTOSS_VLLM_PYTHON, else "
-                        f"{VLLM_VENV}/bin/python next to compress_gptoss.py, else this Python if it has vLLM)")
-    v.add_argument("--prefill-tokens", type=prefill_lengths, default=(256,), metavar="N[,N...]",
-                   help="--model: also time one forward over a prompt of N random tokens (prefill), each N; "
-                        "0 = skip (default: 256)")
-    v.set_defaults(func=cmd_verify_runtime)
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = OneLineErrorParser(prog="compress_gptoss.py", formatter_class=fmt, epilog=EXAMPLES,
+                                description="Dequantize GPT-OSS MXFP4 to BF16/FP16 and re-quantize it with "
+                                            "GPTQ/AWQ (W4A16, W8A8, W4A8, 2:4) through LLM Compressor.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
+                           title="commands (COMMAND --help for each)")
+
+    add_dequantize_parser(sub)
+    add_quantize_parser(sub)
+    add_install_kernel_parser(sub)
+    add_verify_runtime_parser(sub)
     return p
 
 
