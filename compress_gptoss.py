@@ -39,7 +39,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -427,6 +427,16 @@ class SafetensorsStreamWriter:
 
 
 # ---- Command line: one `error:` line for a bad flag, options handed on as frozen dataclasses
+
+@dataclass(frozen=True)
+class CommandOptions:
+    """A subcommand's flags as frozen, typed fields named like their argparse dests (a test keeps the two
+    equal): cmd_* builds one from the Namespace, helpers take it or single values of it by name."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace):
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
 
 class OneLineErrorParser(argparse.ArgumentParser):
     """Bad flags get one line (what is wrong, where to look), not argparse's usage dump."""
@@ -1150,21 +1160,21 @@ def dequantize_with_transformers(src: SourceModel, dst: Path, dtype_name: str, d
     return {s.name: name for s in specs}
 
 
-def dequantize_into(args: argparse.Namespace, src: SourceModel, dst: Path, device: str | None, t0: float) -> int:
+def dequantize_into(opts: DequantizeOptions, src: SourceModel, dst: Path, device: str | None, t0: float) -> int:
     src_dir = src.path
-    if args.method == "transformers":
-        log(f"dequantize --method transformers: whole model in memory (device_map={args.device_map})")
-        weight_map = dequantize_with_transformers(src, dst, args.dtype, args.device_map,
-                                                  args.offload_folder, args.max_gpu_memory)
+    if opts.method == "transformers":
+        log(f"dequantize --method transformers: whole model in memory (device_map={opts.device_map})")
+        weight_map = dequantize_with_transformers(src, dst, opts.dtype, opts.device_map,
+                                                  opts.offload_folder, opts.max_gpu_memory)
         report = RangeReport()
     else:
-        report, weight_map = dequantize_stream(src, dst, args.dtype, device, args.fp16_overflow, args.resume,
-                                               args.workers)
-    finish_output(src_dir, dst, src.config, args.dtype, weight_map)
+        report, weight_map = dequantize_stream(src, dst, opts.dtype, device, opts.fp16_overflow, opts.resume,
+                                               opts.workers)
+    finish_output(src_dir, dst, src.config, opts.dtype, weight_map)
     size = sum((dst / s).stat().st_size for s in set(weight_map.values()))
-    if args.dtype == "fp16":
+    if opts.dtype == "fp16":
         log(f"fp16 range: {report.overflow} values overflowed "
-            f"({'clamped to +-65504' if args.fp16_overflow == 'clamp' else 'written as inf'} )"
+            f"({'clamped to +-65504' if opts.fp16_overflow == 'clamp' else 'written as inf'} )"
             if report.overflow else "fp16 range: no value overflowed")
         log(f"fp16 range: {report.flushed} non-zero values flushed to zero")
     dt = time.time() - t0
@@ -1172,9 +1182,26 @@ def dequantize_into(args: argparse.Namespace, src: SourceModel, dst: Path, devic
         f"({human_bytes(size / max(dt, 1e-9))}/s), peak RSS {human_bytes(peak_rss_bytes())} "
         f"(anonymous {human_bytes(sample_anon_rss())}, the rest is mapped source pages)"
         + (f"; {WRITE_WAIT_SECONDS[0]:.1f} s of it waiting for the disk"
-           if args.method == "stream" and args.workers == 1 else ""))
+           if opts.method == "stream" and opts.workers == 1 else ""))
     print(dst)
     return 0
+
+
+@dataclass(frozen=True)
+class DequantizeOptions(CommandOptions):
+    """dequantize's flags (add_dequantize_parser)."""
+    src: str
+    dst: str
+    dtype: str                    # bf16 | fp16
+    method: str                   # stream | transformers
+    device: str
+    fp16_overflow: str            # error | clamp | inf
+    workers: int
+    overwrite: bool
+    resume: bool
+    device_map: str
+    offload_folder: str | None
+    max_gpu_memory: str | None
 
 
 def add_dequantize_parser(sub) -> argparse.ArgumentParser:
@@ -1221,20 +1248,21 @@ so values that would overflow are counted and refused unless --fp16-overflow say
 
 def cmd_dequantize(args: argparse.Namespace) -> int:
     t0 = time.time()
-    src_dir = resolve_model_dir(args.src, "--src")
-    dst = Path(args.dst).expanduser()
-    state = check_output_folder(dst, "--dst", [src_dir], args.overwrite, args.resume)
+    opts = DequantizeOptions.from_args(args)
+    src_dir = resolve_model_dir(opts.src, "--src")
+    dst = Path(opts.dst).expanduser()
+    state = check_output_folder(dst, "--dst", [src_dir], opts.overwrite, opts.resume)
     src = inspect_source(src_dir)
-    device = pick_device(args.device) if args.method == "stream" else None
-    if args.offload_folder:
-        check_creatable(Path(args.offload_folder).expanduser(), "--offload-folder")
+    device = pick_device(opts.device) if opts.method == "stream" else None
+    if opts.offload_folder:
+        check_creatable(Path(opts.offload_folder).expanduser(), "--offload-folder")
     if state == "resume":
         marker = read_marker(dst)
         if marker is None and not (dst / PROGRESS_NAME).exists():
             raise UserError(f"--resume: {dst} was not started by dequantize (no {MARKER_NAME} or {PROGRESS_NAME}): "
                             f"give a new --dst")
         if marker and marker.get("complete") and (dst / "config.json").exists():
-            if marker.get("fingerprint") != dequantize_fingerprint(src, args.dtype):
+            if marker.get("fingerprint") != dequantize_fingerprint(src, opts.dtype):
                 raise UserError(f"--resume: {dst} is a finished output of another source or --dtype: give a new "
                                 f"--dst, or --overwrite to replace it")
             log(f"--resume: {dst} is already complete; nothing to do")
@@ -1243,9 +1271,9 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
     elif state == "ours":
         freed = remove_tool_folder(dst)
         log(f"--overwrite: removed the earlier output {dst} ({human_bytes(freed)})")
-    created = start_dequantize_folder(dst, src, args.dtype) if state != "resume" or not read_marker(dst) else False
+    created = start_dequantize_folder(dst, src, opts.dtype) if state != "resume" or not read_marker(dst) else False
     try:
-        return dequantize_into(args, src, dst, device, t0)
+        return dequantize_into(opts, src, dst, device, t0)
     except BaseException:
         drop_if_unused(dst, created)
         raise
@@ -1384,10 +1412,10 @@ def shared_input_hessians():
     calls = {}       # module -> hook calls: accumulations (owners) or matching skips (aliases)
     stats = {"steps": 0, "modules": 0, "hessians": 0, "first": None}
 
-    def calibrate_module(self, module, args, _output):
-        inp = args[0]
+    def calibrate_module(self, module, inputs, _output):
+        inp = inputs[0]
         if not isinstance(module, torch.nn.Linear) or not isinstance(inp, torch.Tensor):
-            return original_calibrate(self, module, args, _output)
+            return original_calibrate(self, module, inputs, _output)
         key = (id(self), inp.data_ptr(), tuple(inp.shape), inp.stride(), inp.dtype, inp.device, inp._version)
         hit = seen.get(key)
         first = hit[1] if hit is not None and hit[0]() is not None else None
@@ -1405,7 +1433,7 @@ def shared_input_hessians():
             self._hessians[module], self._num_samples[module] = self._hessians[first], self._num_samples[first]
             calls[module] = 1
             return
-        original_calibrate(self, module, args, _output)
+        original_calibrate(self, module, inputs, _output)
         calls[module] = calls.get(module, 0) + 1
         if first is None:
             def forget(ref, key=key):
@@ -1828,12 +1856,12 @@ def kernel_activation_rule():
     import compressed_tensors.quantization.lifecycle.forward as ct_forward
     original = ct_forward.forward_quantize
 
-    def forward_quantize(module, value, base_name, args):
-        if (base_name == "input" and args.num_bits == 8 and args.type == "int" and args.symmetric
-                and args.dynamic is True and args.strategy == "token"):
+    def forward_quantize(module, value, base_name, quant_args):
+        if (base_name == "input" and quant_args.num_bits == 8 and quant_args.type == "int" and quant_args.symmetric
+                and quant_args.dynamic is True and quant_args.strategy == "token"):
             x_q, s_x = quantize_activations_int8(value)
             return (x_q.float() * s_x[..., None]).to(value.dtype)
-        return original(module, value, base_name, args)
+        return original(module, value, base_name, quant_args)
     return patch_attr(ct_forward, "forward_quantize", forward_quantize)
 
 
@@ -1967,6 +1995,7 @@ class QuantizePlan:
     layer_params: int = 0                               # params of the largest decoder layer
     layer_hessian_bytes: int = 0                        # GPTQ/SparseGPT Hessians of that layer (fp32 in x in)
     mxfp4: bool = False                                 # experts written in OpenAI's MXFP4 layout (--experts mxfp4)
+    group_size: int | None = None                       # int4 group asked for: --group-size or the model's default
 
     def group(self, name: str) -> GroupPlan:
         return next(g for g in self.groups if g.name == name)
@@ -1981,37 +2010,37 @@ def detect_experts_regex(names: list[str]) -> str | None:
     return rf"re:.*\.{container}\.\d+\..*"
 
 
-def output_name(model_dir: Path, args, exp_spec: str, mw_spec: str, exp_algo: str, mw_algo: str) -> str:
+def output_name(model_dir: Path, sparse: str | None, exp_spec: str, mw_spec: str, exp_algo: str, mw_algo: str) -> str:
     """The seed's naming rule: <base>[-2of4]-<EXPERTALGO>-<MWALGO>-experts-<spec>-mw-<spec>."""
     base = re.sub(r"[-_](bf16|fp16|fp32|mxfp4|dequantized)$", "", model_dir.resolve().name, flags=re.I)
     def spec(s):
         return {"W4A16": "int4-w4a16", "W4A8": "int4-w4a8", "W8A8": "int8-w8a8"}[s]
     parts = [base]
-    if args.with_sparse:
-        parts.append(args.mask.replace(":", "of"))
+    if sparse:
+        parts.append(sparse.replace(":", "of"))
     parts += [exp_algo.upper(), mw_algo.upper(), "experts", spec(exp_spec), "mw", spec(mw_spec)]
     return "-".join(parts)
 
 
-def check_w4a8(spec: str, who: str, args) -> str:
+def check_w4a8(spec: str, who: str, try_install_qqq: bool, yes: bool, allow_fallback: bool) -> str:
     """W4A8 needs a runtime that can run it; otherwise install it, fall back to W4A16, or stop."""
     if spec != "W4A8" or has_w4a8_runtime():
         return spec
-    if args.try_install_qqq:
+    if try_install_qqq:
         ok = False
-        if args.yes or (sys.stdin.isatty() and input("install the QQQ W4A8 kernels now? [y/N] ").strip().lower() in ("y", "yes")):
+        if yes or (sys.stdin.isatty() and input("install the QQQ W4A8 kernels now? [y/N] ").strip().lower() in ("y", "yes")):
             ok = install_qqq(yes=True)
         if ok and has_w4a8_runtime():
             return spec
         log(f"{who}: the W4A8 runtime could not be installed")
-    if args.allow_fallback:
+    if allow_fallback:
         log(f"{who}: no W4A8 runtime (QQQ or triton): falling back to W4A16 (--allow-fallback)")
         return "W4A16"
     raise UserError(f"{who} W4A8 needs a W4A8 runtime (QQQ or triton) and none is installed: "
                     f"pass --try-install-qqq --yes to install it, or --allow-fallback to quantize W4A16 instead")
 
 
-def make_plan(args, model_dir: Path) -> QuantizePlan:
+def make_plan(opts: QuantizeOptions, model_dir: Path) -> QuantizePlan:
     """Resolve every flag into a plan without reading any weight."""
     config = read_json(model_dir / "config.json", "not a Hugging Face model folder (no config.json)")
     qcfg = config.get("quantization_config") or {}
@@ -2020,26 +2049,26 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
         raise UserError(f"{model_dir} is already quantized ({qcfg.get('quant_method')!r}): "
                         f"quantize starts from a BF16/FP16 (or MXFP4 GPT-OSS) checkpoint")
     for flag in ("algo", "experts_algo", "mw_algo"):
-        v = getattr(args, flag)
+        v = getattr(opts, flag)
         if v is not None and v.lower() not in ALGOS:
             raise UserError(f"--{flag.replace('_', '-')} {v}: unknown algorithm, use {', '.join(ALGOS)}")
-    exp_algo = (args.experts_algo or args.algo).lower()
-    mw_algo = (args.mw_algo or args.algo).lower()
-    mxfp4 = experts_mxfp4_requested(args)
+    exp_algo = (opts.experts_algo or opts.algo).lower()
+    mw_algo = (opts.mw_algo or opts.algo).lower()
+    mxfp4 = experts_mxfp4_requested(opts.experts, opts.experts_type)
     if mxfp4:
-        check_mxfp4_flags(args, config, exp_algo)
-    exp_spec = MXFP4_SPEC if mxfp4 else resolve_spec(args.experts_type, args.experts_scheme, args.experts, "experts")
-    mw_spec = resolve_spec(args.mw_type, args.mw_scheme, args.mw, "mw")
+        check_mxfp4_flags(opts, config, exp_algo)
+    exp_spec = MXFP4_SPEC if mxfp4 else resolve_spec(opts.experts_type, opts.experts_scheme, opts.experts, "experts")
+    mw_spec = resolve_spec(opts.mw_type, opts.mw_scheme, opts.mw, "mw")
     for who, algo, spec in (("experts", exp_algo, exp_spec), ("mw", mw_algo, mw_spec)):
         if algo == "awq" and spec != "W4A16":
             raise UserError(f"{who}: AWQ supports W4A16 (weight-only int4) only, not {spec}: "
                             f"use --{who}-algo gptq for {spec}")
-    if args.eval_only and (args.dry_run or args.no_eval):
+    if opts.eval_only and (opts.dry_run or opts.no_eval):
         raise UserError("--eval-only runs the quality pass alone: drop --dry-run / --no-eval")
-    if args.group_size is None:
-        args.group_size = default_group_size(config)
-    exp_spec = check_w4a8(exp_spec, "experts", args)
-    mw_spec = check_w4a8(mw_spec, "mw", args)
+    group_size = default_group_size(config) if opts.group_size is None else opts.group_size
+    runtime = dict(try_install_qqq=opts.try_install_qqq, yes=opts.yes, allow_fallback=opts.allow_fallback)
+    exp_spec = check_w4a8(exp_spec, "experts", **runtime)
+    mw_spec = check_w4a8(mw_spec, "mw", **runtime)
 
     try:
         model = skeleton_model(config)
@@ -2049,9 +2078,9 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
     import torch
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     total_params = sum(p.numel() for p in model.parameters())
-    ignore = BASE_IGNORE + list(args.extra_ignore or [])
-    experts_regex = args.experts_regex
-    if args.auto_detect_experts and not experts_regex:
+    ignore = BASE_IGNORE + list(opts.extra_ignore or [])
+    experts_regex = opts.experts_regex
+    if opts.auto_detect_experts and not experts_regex:
         experts_regex = detect_experts_regex(list(linears))
         log(f"--auto-detect-experts: {experts_regex or 'no expert modules found'}")
     experts_regex = experts_regex or DEFAULT_EXPERTS_REGEX
@@ -2060,7 +2089,7 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
     try:
         re.compile(experts_regex[3:])
     except re.error as e:
-        raise UserError(f"--experts-regex {args.experts_regex}: not a valid regex ({e})")
+        raise UserError(f"--experts-regex {opts.experts_regex}: not a valid regex ({e})")
     groups = [GroupPlan("experts", exp_algo, exp_spec), GroupPlan("mw", mw_algo, mw_spec)]
     adjusted = []
     for name, m in linears.items():
@@ -2079,20 +2108,21 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
         if g.scheme == "W8A8":
             g.group_sizes[name] = None          # int8 weights: one scale per output channel
             continue
-        gs = resolve_group_size(m.in_features, args.group_size)
+        gs = resolve_group_size(m.in_features, group_size)
         g.group_sizes[name] = gs
-        if args.group_size != -1 and gs != args.group_size:
-            adjusted.append((name, m.in_features, args.group_size, gs))
+        if group_size != -1 and gs != group_size:
+            adjusted.append((name, m.in_features, group_size, gs))
     if not any(g.modules for g in groups):
         raise UserError(f"{model_dir}: no Linear module left to quantize (all ignored by {ignore})")
     if mxfp4:
         groups = groups[:1]
-    if args.output_dir:
-        out = Path(args.output_dir).expanduser()
+    sparse = opts.mask if opts.with_sparse else None
+    if opts.output_dir:
+        out = Path(opts.output_dir).expanduser()
     elif mxfp4:
         out = Path(mxfp4_output_name(model_dir, exp_algo))
     else:
-        out = Path(output_name(model_dir, args, exp_spec, mw_spec, exp_algo, mw_algo))
+        out = Path(output_name(model_dir, sparse, exp_spec, mw_spec, exp_algo, mw_algo))
     per_layer: dict = {}
     for n, p in model.named_parameters():
         m = re.search(r"\.layers\.(\d+)\.", n)
@@ -2102,8 +2132,7 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
     hessians = sum(4 * i * i for g in groups if g.algo == "gptq" for n, (_, i) in g.modules.items()
                    if layer is not None and f".layers.{layer}." in n)
     return QuantizePlan(model_dir, config, is_mxfp4, groups, ignore, out, total_params, adjusted,
-                        args.mask if args.with_sparse else None, max(per_layer.values(), default=0), hessians,
-                        mxfp4)
+                        sparse, max(per_layer.values(), default=0), hessians, mxfp4, group_size)
 
 
 def compact_targets(names: list[str], universe: list[str]) -> list[str]:
@@ -2188,7 +2217,7 @@ def generic_awq_mappings(model, awq_modules: set[str]):
     return keep
 
 
-def build_modifiers(plan: QuantizePlan, args, model=None, solve_batch: int | None = None) -> list:
+def build_modifiers(plan: QuantizePlan, opts: QuantizeOptions, model=None, solve_batch: int | None = None) -> list:
     """The llmcompressor recipe: [SparseGPT] [AWQ smoothing] [RTN/AWQ rounding] [GPTQ]."""
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
@@ -2198,23 +2227,23 @@ def build_modifiers(plan: QuantizePlan, args, model=None, solve_batch: int | Non
     mods = []
     if plan.sparse:
         targets = compact_targets(sorted(n for g in active for n in g.modules), universe)
-        mods.append(SparseGPTModifier(sparsity=args.sparsity, mask_structure=plan.sparse, targets=targets,
-                                      block_size=args.block_size, dampening_frac=args.dampening_frac,
-                                      offload_hessians=args.offload_hessians))
+        mods.append(SparseGPTModifier(sparsity=opts.sparsity, mask_structure=plan.sparse, targets=targets,
+                                      block_size=opts.block_size, dampening_frac=opts.dampening_frac,
+                                      offload_hessians=opts.offload_hessians))
     awq = [g for g in active if g.algo == "awq"]
     if awq:
         if plan.config.get("model_type") == "gpt_oss":
             mappings = gptoss_awq_mappings({g.name for g in awq})
         else:
             mappings = generic_awq_mappings(model, {n for g in awq for n in g.modules}) if model is not None else None
-        mods.append(AWQModifier(mappings=mappings, offload_device=None, n_grid=args.awq_grid))
+        mods.append(AWQModifier(mappings=mappings, offload_device=None, n_grid=opts.awq_grid))
     rounding = [g for g in active if g.algo in ("awq", "rtn")]
     if rounding:
-        mods.append(QuantizationModifier(config_groups=config_groups(rounding, universe, args.symmetric)))
+        mods.append(QuantizationModifier(config_groups=config_groups(rounding, universe, opts.symmetric)))
     gptq = [g for g in active if g.algo == "gptq"]
     if gptq:
-        mods.append(GPTQModifier(config_groups=config_groups(gptq, universe, args.symmetric),
-                                 block_size=args.block_size, dampening_frac=args.dampening_frac,
+        mods.append(GPTQModifier(config_groups=config_groups(gptq, universe, opts.symmetric),
+                                 block_size=opts.block_size, dampening_frac=opts.dampening_frac,
                                  # activation ordering permutes columns: keep the 2:4 mask aligned
                                  actorder=None if plan.sparse else "static",
                                  # modules per batched solve: sized to the GPU budget, else 75% of free memory
@@ -2377,21 +2406,23 @@ def gptq_solve_bytes(out_f: int, in_f: int, block: int) -> int:
     return 4 * (max(h + 3 * w + 4 * out_f * block, 3 * h + 2 * w) + h)
 
 
-def expert_calibration_mode(plan: QuantizePlan, args) -> tuple[bool, str | None]:
+def expert_calibration_mode(plan: QuantizePlan, per_expert_calibration: bool, routed_experts_only: bool,
+                            no_share_hessians: bool) -> tuple[bool, str | None]:
     """(batched, why not): the batched expert calibration replaces what llmcompressor's per-expert
     GPTQ hooks did; any other way of calibrating the experts keeps llmcompressor's modules."""
-    reasons = [(args.per_expert_calibration, "--per-expert-calibration"),
+    reasons = [(per_expert_calibration, "--per-expert-calibration"),
                (plan.config.get("model_type") != "gpt_oss", "not a GPT-OSS model"),
                (plan.group("experts").algo != "gptq" or not plan.group("experts").modules, "experts are not GPTQ"),
                (bool(plan.sparse), "SparseGPT (--with-sparse) hooks the experts"),
-               (args.routed_experts_only, "--routed-experts-only"),
-               (args.no_share_hessians, "--no-share-hessians"),
+               (routed_experts_only, "--routed-experts-only"),
+               (no_share_hessians, "--no-share-hessians"),
                (torchrun_world()[1] > 1, "several processes")]
     why = [text for hit, text in reasons if hit]
     return not why, ", ".join(why) or None
 
 
-def plan_gpu_memory(plan: QuantizePlan, args, budget: int | None, source: str, batched: bool) -> GpuMemoryPlan:
+def plan_gpu_memory(plan: QuantizePlan, budget: int | None, source: str, batched: bool, max_seq_length: int,
+                    calib_batch_size: int, block_size: int) -> GpuMemoryPlan:
     """Chunk sizes for one layer's calibration within `budget`; UserError when even the smallest
     chunks (1 expert x 16 tokens, 1 module per GPTQ solve) cannot fit.
 
@@ -2402,7 +2433,7 @@ def plan_gpu_memory(plan: QuantizePlan, args, budget: int | None, source: str, b
     activation of Ec experts x Tc tokens in BF16) while calibrating, or the GPTQ solve batch after."""
     cfg = plan.config
     d = moe_dims(cfg)
-    seq, batch = args.max_seq_length, args.calib_batch_size
+    seq, batch = max_seq_length, calib_batch_size
     tokens = seq * batch
     hidden = int(cfg.get("hidden_size") or 0)
     heads = int(cfg.get("num_attention_heads") or 0)
@@ -2419,7 +2450,7 @@ def plan_gpu_memory(plan: QuantizePlan, args, budget: int | None, source: str, b
     fixed = weights + hessians + acts
     in_f = max([i for g in plan.groups if g.algo == "gptq" for _, i in g.modules.values()], default=0)
     out_f = max([o for g in plan.groups if g.algo == "gptq" for o, _ in g.modules.values()], default=0)
-    per_module = gptq_solve_bytes(out_f, in_f, args.block_size) if in_f else 0
+    per_module = gptq_solve_bytes(out_f, in_f, block_size) if in_f else 0
     same_shape = max([sum(1 for s in g.modules.values() if s == (out_f, in_f)) for g in plan.groups] + [1])
     usable = None if budget is None else int(budget * GPU_PLAN_SHARE)
 
@@ -2478,14 +2509,14 @@ def torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def gpu_memory_budget(args) -> tuple[int | None, str]:
+def gpu_memory_budget(max_gpu_memory: str | None, device_map: str) -> tuple[int | None, str]:
     """(bytes, where from): --max-gpu-memory, else what the GPU has free now, else (None, 'no GPU')."""
-    if args.max_gpu_memory:
-        size = parse_size(args.max_gpu_memory, "--max-gpu-memory")
+    if max_gpu_memory:
+        size = parse_size(max_gpu_memory, "--max-gpu-memory")
         if size <= 0:
-            raise UserError(f"--max-gpu-memory {args.max_gpu_memory}: pass a positive size, e.g. 22GiB")
+            raise UserError(f"--max-gpu-memory {max_gpu_memory}: pass a positive size, e.g. 22GiB")
         return size, "--max-gpu-memory"
-    if args.device_map == "cpu-only" or not torch_cuda():
+    if device_map == "cpu-only" or not torch_cuda():
         return None, "no GPU"
     import torch
     return torch.cuda.mem_get_info()[0], "free GPU memory"
@@ -2621,18 +2652,18 @@ class MemoryBudget:
         return max(self.model_bytes - self.cpu_bytes, 0)
 
 
-def memory_budget(plan: QuantizePlan, args, out: Path) -> MemoryBudget:
+def memory_budget(plan: QuantizePlan, opts: QuantizeOptions, out: Path) -> MemoryBudget:
     import psutil
     hidden = int(plan.config.get("hidden_size") or 0)
-    activations = 2 * args.num_calibration_samples * args.max_seq_length * hidden * 2
+    activations = 2 * opts.num_calibration_samples * opts.max_seq_length * hidden * 2
     layer = 2 * plan.layer_params
     work = 2 * layer + plan.layer_hessian_bytes + activations
     available = psutil.virtual_memory().available
-    if args.max_cpu_memory:
-        cpu, default = parse_size(args.max_cpu_memory, "--max-cpu-memory"), False
+    if opts.max_cpu_memory:
+        cpu, default = parse_size(opts.max_cpu_memory, "--max-cpu-memory"), False
     else:
         cpu, default = max(available - work, 0), True
-    offload = Path(args.offload_folder).expanduser() if args.offload_folder else out.parent / f"{out.name}.offload"
+    offload = Path(opts.offload_folder).expanduser() if opts.offload_folder else out.parent / f"{out.name}.offload"
     b = MemoryBudget(cpu, 2 * plan.total_params, layer, work, offload, default)
     if default and not b.disk_bytes:      # the usual small-model case: one short line, no budget arithmetic
         log(f"RAM: the whole model ({human_bytes(b.model_bytes)}) and one layer's work ({human_bytes(work)}) fit in "
@@ -2834,10 +2865,10 @@ def remove_dead_quantize_runs(out: Path, offload_dir: Path, offload_ours: bool) 
         log(f"removed what a killed run left beside {out}: {human_bytes(freed)} freed")
 
 
-def eval_spill_bytes(plan: QuantizePlan, heldout: list, args) -> int:
+def eval_spill_bytes(plan: QuantizePlan, heldout: list, max_seq_length: int) -> int:
     """The quality pass keeps the source's logits (BF16) of every held-out text on disk."""
     vocab = int(plan.config.get("vocab_size") or 0)
-    return len(heldout) * min(args.max_seq_length, 512) * vocab * 2
+    return len(heldout) * min(max_seq_length, 512) * vocab * 2
 
 
 def disk_full(e: BaseException) -> bool:
@@ -2848,25 +2879,25 @@ def disk_full(e: BaseException) -> bool:
             or ("inline_container" in text and "enforce fail" in text))
 
 
-def finish_quantize_output(tmp: Path, plan: QuantizePlan, args, model_dir: Path, src_dir: Path, heldout: list,
-                           tokenizer, budget: MemoryBudget | None) -> Exception | None:
+def finish_quantize_output(tmp: Path, plan: QuantizePlan, opts: QuantizeOptions, model_dir: Path, src_dir: Path,
+                           heldout: list, tokenizer, budget: MemoryBudget | None) -> Exception | None:
     """The quality pass, the model card, the marker, then the rename into place. A failed quality pass
     does not cost the saved model: its error is returned, for raise_eval_failure once the model is in place."""
     quality = eval_error = None
-    if not args.no_eval:
+    if not opts.no_eval:
         try:
-            quality = evaluate_quality(src_dir, tmp, plan, heldout, tokenizer, min(args.max_seq_length, 512), budget)
+            quality = evaluate_quality(src_dir, tmp, plan, heldout, tokenizer, min(opts.max_seq_length, 512), budget)
             write_json_atomic(tmp / "quality.json", quality)
             print_quality_table(quality)
         except Exception as e:
             eval_error = e
-    (tmp / "README.md").write_text(model_card(plan, args, quality))
+    (tmp / "README.md").write_text(model_card(plan, opts, quality))
     write_marker(tmp, "quantize", [e.name for e in os.scandir(tmp)], source=str(model_dir.resolve()))
     place_output(tmp, plan.output_dir, model_dir)
     return eval_error
 
 
-def end_quantize(plan: QuantizePlan, args, eval_error: Exception | None, t0: float) -> int:
+def end_quantize(plan: QuantizePlan, keep_bf16: bool, eval_error: Exception | None, t0: float) -> int:
     """After the output is in place: a failed quality pass is the one error left to report (the BF16 copy of
     an MXFP4 input stays for its --eval-only rerun), else the BF16 copy goes unless --keep-bf16."""
     out, bf16_dir = plan.output_dir, quantize_bf16_dir(plan.output_dir)
@@ -2876,7 +2907,7 @@ def end_quantize(plan: QuantizePlan, args, eval_error: Exception | None, t0: flo
                         f"({type(eval_error).__name__}: {brief(eval_error)}): rerun the same command with "
                         f"--eval-only to write quality.json{bf16}", exit_code=1)
     if plan.is_mxfp4:
-        if args.keep_bf16:
+        if keep_bf16:
             log(f"--keep-bf16: the BF16 copy stays in {bf16_dir} (pass it as --model-in to skip the dequantize)")
         else:
             remove_tool_folder(bf16_dir)
@@ -2917,28 +2948,28 @@ def place_output(tmp: Path, out: Path, model_dir: Path) -> None:
         remove_tool_folder(old)
 
 
-def quantize_eval_only(args, plan: QuantizePlan, model_dir: Path, tokenizer, heldout: list) -> int:
+def quantize_eval_only(opts: QuantizeOptions, plan: QuantizePlan, model_dir: Path, tokenizer, heldout: list) -> int:
     """--eval-only: the quality pass of a finished output again (after it failed, or with other texts)."""
     out = plan.output_dir
     src_dir = dequantize_persistent(model_dir, quantize_bf16_dir(out)) if plan.is_mxfp4 else model_dir
-    budget = memory_budget(plan, args, out)
-    check_disk_space([(budget.offload_dir if budget.disk_bytes else out, eval_spill_bytes(plan, heldout, args),
-                       "the quality pass's source logits")])
-    quality = evaluate_quality(src_dir, out, plan, heldout, tokenizer, min(args.max_seq_length, 512),
+    budget = memory_budget(plan, opts, out)
+    check_disk_space([(budget.offload_dir if budget.disk_bytes else out,
+                       eval_spill_bytes(plan, heldout, opts.max_seq_length), "the quality pass's source logits")])
+    quality = evaluate_quality(src_dir, out, plan, heldout, tokenizer, min(opts.max_seq_length, 512),
                                budget if budget.disk_bytes else None)
     write_json_atomic(out / "quality.json", quality)
-    (out / "README.md").write_text(model_card(plan, args, quality))
+    (out / "README.md").write_text(model_card(plan, opts, quality))
     marker = read_marker(out) or {}
     write_marker(out, "quantize", set(marker.get("files", [])) | {"quality.json", "README.md"},
                  source=marker.get("source"))
     print_quality_table(quality)
-    if plan.is_mxfp4 and not args.keep_bf16:
+    if plan.is_mxfp4 and not opts.keep_bf16:
         remove_tool_folder(quantize_bf16_dir(out))
     print(out)
     return 0
 
 
-def print_plan(plan: QuantizePlan, modifiers: list, args) -> None:
+def print_plan(plan: QuantizePlan, modifiers: list, sparsity: float, symmetric: bool) -> None:
     print(f"model:      {plan.model_dir}{'  (MXFP4: dequantized to BF16 on the fly)' if plan.is_mxfp4 else ''}")
     print(f"output dir: {plan.output_dir}")
     print(f"never quantized: {', '.join(plan.ignore)}")
@@ -2953,8 +2984,8 @@ def print_plan(plan: QuantizePlan, modifiers: list, args) -> None:
     if len(plan.adjusted) > 20:
         print(f"  ... {len(plan.adjusted) - 20} more modules adjusted")
     if plan.sparse:
-        print(f"sparsity:   SparseGPT {plan.sparse} ({args.sparsity:.0%}) before quantization, mask kept by GPTQ")
-    serving = vllm_serving(plan, args.symmetric)
+        print(f"sparsity:   SparseGPT {plan.sparse} ({sparsity:.0%}) before quantization, mask kept by GPTQ")
+    serving = vllm_serving(plan, symmetric)
     if serving:
         print(f"serving:    {serving.line()}")
     if plan.mxfp4:
@@ -2967,7 +2998,7 @@ def print_plan(plan: QuantizePlan, modifiers: list, args) -> None:
     print(recipe_yaml(modifiers))
 
 
-def model_card(plan: QuantizePlan, args, quality: dict | None) -> str:
+def model_card(plan: QuantizePlan, opts: QuantizeOptions, quality: dict | None) -> str:
     rows = "\n".join(f"| {g.name} | {g.algo.upper()} | {g.scheme} | {len(g.modules)} | "
                      f"{', '.join(f'{v}x{k}' for k, v in g.group_size_summary().items()) or '-'} |"
                      for g in plan.groups)
@@ -2979,7 +3010,7 @@ def model_card(plan: QuantizePlan, args, quality: dict | None) -> str:
              + (f", same experts {quality['same_experts']:.3f}" if quality.get('same_experts') is not None else "")
              + ". Full numbers in `quality.json`.\n")
     if plan.mxfp4:
-        return mxfp4_model_card(plan, args, q)
+        return mxfp4_model_card(plan, opts, q)
     return f"""---
 base_model: {plan.model_dir.resolve().name}
 library_name: transformers
@@ -2995,9 +3026,9 @@ Router, embeddings and lm_head are not quantized{'; ' + plan.sparse + ' sparsity
 |---|---|---|---|---|
 {rows}
 
-Calibration: {args.calib_jsonl or args.dataset}, {args.num_calibration_samples} samples x {args.max_seq_length} tokens.
+Calibration: {opts.calib_jsonl or opts.dataset}, {opts.num_calibration_samples} samples x {opts.max_seq_length} tokens.
 The recipe is in `recipe.yaml`.
-{q}{serving_card(plan, args)}
+{q}{serving_card(plan, opts.symmetric)}
 ## Loading in Python
 
 ```python
@@ -3007,9 +3038,9 @@ model = load_quantized_model("{plan.output_dir.name}", decompress=True)   # or d
 """
 
 
-def serving_card(plan: QuantizePlan, args) -> str:
+def serving_card(plan: QuantizePlan, symmetric: bool) -> str:
     """The model card's serving section: how to run it in vLLM, or in one line why vLLM will not."""
-    serving = vllm_serving(plan, args.symmetric)
+    serving = vllm_serving(plan, symmetric)
     if serving is None:
         return ("\n## Serving\n\nStored as llmcompressor saves it; the vLLM layout of gptoss-compressor is "
                 "written and checked for GPT-OSS only.\n")
@@ -3324,52 +3355,43 @@ MXFP4_ENGINES = ("vLLM, SGLang, transformers, TensorRT-LLM and llama.cpp (throug
                  "as for OpenAI's own gpt-oss checkpoints")
 
 
-class RecordGiven(argparse.Action):
-    """Stores the value and sets args.<dest>_given, so a command can tell a flag given as its
-    default value from the default."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        setattr(namespace, self.dest + "_given", True)
+def experts_mxfp4_requested(experts: str | None, experts_type: str | None) -> bool:
+    return any((v or "").lower().startswith("mxfp4") for v in (experts, experts_type))
 
 
-def experts_mxfp4_requested(args) -> bool:
-    return any((v or "").lower().startswith("mxfp4") for v in (args.experts, args.experts_type))
-
-
-def check_mxfp4_flags(args, config: dict, algo: str) -> None:
+def check_mxfp4_flags(opts: QuantizeOptions, config: dict, algo: str) -> None:
     """--experts mxfp4: refuse, before any work, every flag OpenAI's layout cannot honour."""
     def refuse(what: str, why: str):
         raise UserError(f"--experts mxfp4 {what}: {why}")
     if config.get("model_type") != "gpt_oss":
         refuse(f"on model_type {config.get('model_type')!r}", "OpenAI's MXFP4 layout is GPT-OSS's; "
                "use --experts w4a16 for other models")
-    for flag, value, ok in (("--experts", args.experts, ("mxfp4", "mxfp4a16")),
-                            ("--experts-type", args.experts_type, ("mxfp4",)),
-                            ("--experts-scheme", args.experts_scheme, ("w4a16", "mxfp4a16"))):
+    for flag, value, ok in (("--experts", opts.experts, ("mxfp4", "mxfp4a16")),
+                            ("--experts-type", opts.experts_type, ("mxfp4",)),
+                            ("--experts-scheme", opts.experts_scheme, ("w4a16", "mxfp4a16"))):
         if value and value.lower() not in ok:
             refuse(f"with {flag} {value}", "MXFP4 experts are weight-only (OpenAI's layout has no activation "
                    "scales); use --experts mxfp4 alone")
     if algo not in ("rtn", "gptq"):
         refuse(f"--algo {algo}", "MXFP4 experts are written with --algo rtn (the OCP rounding rule) or "
                "--algo gptq (llmcompressor's MXFP4A16); AWQ is not offered for them")
-    if getattr(args, "group_size_given", False) and args.group_size != MXFP4_BLOCK:
-        refuse(f"--group-size {args.group_size}", f"an MXFP4 block is {MXFP4_BLOCK} values by definition; "
+    if opts.group_size is not None and opts.group_size != MXFP4_BLOCK:
+        refuse(f"--group-size {opts.group_size}", f"an MXFP4 block is {MXFP4_BLOCK} values by definition; "
                f"drop --group-size")
-    mw = [f for f, v in (("--mw", args.mw), ("--mw-type", args.mw_type), ("--mw-scheme", args.mw_scheme),
-                         ("--mw-algo", args.mw_algo)) if v]
+    mw = [f for f, v in (("--mw", opts.mw), ("--mw-type", opts.mw_type), ("--mw-scheme", opts.mw_scheme),
+                         ("--mw-algo", opts.mw_algo)) if v]
     if mw:
         refuse(f"with {mw[0]}", "no engine loads OpenAI's MXFP4 experts next to compressed-tensors "
                "attention (a checkpoint has one quantization_config), so attention, router, embeddings "
                "and lm_head stay as in the source, as in OpenAI's files; drop " + mw[0])
-    for flag, given in (("--with-sparse", args.with_sparse), ("--experts-regex", args.experts_regex),
-                        ("--auto-detect-experts", args.auto_detect_experts), ("--extra-ignore", args.extra_ignore)):
+    for flag, given in (("--with-sparse", opts.with_sparse), ("--experts-regex", opts.experts_regex),
+                        ("--auto-detect-experts", opts.auto_detect_experts), ("--extra-ignore", opts.extra_ignore)):
         if given:
             refuse(f"with {flag}", "OpenAI's layout fixes what is MXFP4 (every expert, densely) and what "
                    f"is not; drop {flag}")
     if torchrun_world()[1] > 1:
         refuse("under torchrun", "it runs in one process; start it with python, not torchrun")
-    pick_device(args.device)
+    pick_device(opts.device)
 
 
 def mxfp4_output_name(model_dir: Path, algo: str) -> str:
@@ -3517,16 +3539,17 @@ def write_mxfp4_checkpoint(src_dir: Path, dst: Path, encode, label: str) -> None
     write_json_atomic(dst / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 
-def quantize_mxfp4_rtn(args, plan: QuantizePlan, model_dir: Path, tokenizer, heldout: list[str]) -> int:
+def quantize_mxfp4_rtn(opts: QuantizeOptions, plan: QuantizePlan, model_dir: Path, tokenizer,
+                       heldout: list[str]) -> int:
     """`quantize --experts mxfp4 --algo rtn`: no calibration, no model in memory; shard by shard."""
     t0 = time.time()
     out = plan.output_dir
-    device = pick_device(args.device)
+    device = pick_device(opts.device)
     bf16_dir = quantize_bf16_dir(out)
     remove_dead_quantize_runs(out, out.parent / f"{out.name}.offload", False)
     needs = [(out, estimated_output_bytes(plan), "the output")]
-    if not args.no_eval:
-        needs.append((out, eval_spill_bytes(plan, heldout, args), "the quality pass's source logits"))
+    if not opts.no_eval:
+        needs.append((out, eval_spill_bytes(plan, heldout, opts.max_seq_length), "the quality pass's source logits"))
     if plan.is_mxfp4:
         needs.append((bf16_dir, 2 * plan.total_params, "the BF16 copy"))
     check_disk_space(needs)
@@ -3545,19 +3568,19 @@ def quantize_mxfp4_rtn(args, plan: QuantizePlan, model_dir: Path, tokenizer, hel
         write_output_config(tmp, plan, None, {"version": __version__, "source": str(model_dir.resolve()), "groups": {
             "experts": {"algo": "rtn", "scheme": MXFP4_SPEC, "modules": len(plan.group("experts").modules),
                         "scale_rule": "OCP MX: 2^(floor(log2(amax)) - 2), E2M1 round half to even, saturating"}}})
-        eval_error = finish_quantize_output(tmp, plan, args, model_dir, src_dir, heldout, tokenizer, None)
+        eval_error = finish_quantize_output(tmp, plan, opts, model_dir, src_dir, heldout, tokenizer, None)
     finally:
         if tmp is not None:
             remove_tool_folder(tmp)
-    return end_quantize(plan, args, eval_error, t0)
+    return end_quantize(plan, opts.keep_bf16, eval_error, t0)
 
 
-def mxfp4_model_card(plan: QuantizePlan, args, quality_md: str) -> str:
+def mxfp4_model_card(plan: QuantizePlan, opts: QuantizeOptions, quality_md: str) -> str:
     g = plan.group("experts")
     how = ("RTN by the OCP MX rule (shared scale 2^(floor(log2(amax)) - 2) per block of 32, E2M1 round "
            "half to even): an unmodified gpt-oss comes back with the same values" if g.algo == "rtn" else
-           f"GPTQ through LLM Compressor's MXFP4A16 scheme, calibrated on {args.calib_jsonl or args.dataset} "
-           f"({args.num_calibration_samples} samples x {args.max_seq_length} tokens); recipe in `recipe.yaml`")
+           f"GPTQ through LLM Compressor's MXFP4A16 scheme, calibrated on {opts.calib_jsonl or opts.dataset} "
+           f"({opts.num_calibration_samples} samples x {opts.max_seq_length} tokens); recipe in `recipe.yaml`")
     return f"""---
 base_model: {plan.model_dir.resolve().name}
 library_name: transformers
@@ -3585,6 +3608,61 @@ model = AutoModelForCausalLM.from_pretrained("{plan.output_dir.name}",          
                                              quantization_config=Mxfp4Config(dequantize=True))
 ```
 """
+
+
+@dataclass(frozen=True)
+class QuantizeOptions(CommandOptions):
+    """quantize's flags (add_quantize_parser and its flag groups), in --help's order."""
+    model_in: str
+    algo: str
+    experts_algo: str | None
+    mw_algo: str | None
+    experts_type: str | None
+    experts_scheme: str | None
+    mw_type: str | None
+    mw_scheme: str | None
+    experts: str | None
+    mw: str | None
+    auto_detect_experts: bool
+    experts_regex: str | None
+    with_sparse: bool
+    sparsity: float
+    mask: str                     # N:M
+    group_size: int | None        # None: the model's default (make_plan)
+    block_size: int
+    dampening_frac: float
+    symmetric: bool
+    awq_grid: int
+    no_sequential_update: bool
+    offload_hessians: bool
+    calib_batch_size: int
+    seed: int
+    routed_experts_only: bool
+    no_share_hessians: bool
+    fp32_hessian_matmul: bool
+    per_expert_calibration: bool
+    max_gpu_memory: str | None
+    propagate_all_experts: bool
+    dataset: str
+    calib_jsonl: str | None
+    eval_jsonl: str | None
+    num_calibration_samples: int
+    max_seq_length: int
+    output_dir: str | None
+    overwrite: bool
+    extra_ignore: list[str]
+    dry_run: bool
+    no_eval: bool
+    eval_only: bool
+    try_install_qqq: bool
+    yes: bool
+    allow_fallback: bool
+    device_map: str
+    max_cpu_memory: str | None
+    offload_folder: str | None
+    keep_bf16: bool
+    device: str
+    verbose: bool
 
 
 def add_quantize_parser(sub) -> argparse.ArgumentParser:
@@ -3637,7 +3715,7 @@ MXFP4A16); attention, router, embeddings and lm_head stay as in the source (--mw
                    help="prune with SparseGPT (N:M, --mask) before quantizing; the mask is kept through GPTQ")
     q.add_argument("--sparsity", type=fraction(False), default=0.5, metavar="RATIO", help="SparseGPT sparsity (default: %(default)s)")
     q.add_argument("--mask", default="2:4", type=mask_arg, metavar="N:M", help="SparseGPT mask structure (default: %(default)s)")
-    q.add_argument("--group-size", type=group_size_arg, default=None, metavar="SIZE", action=RecordGiven,
+    q.add_argument("--group-size", type=group_size_arg, default=None, metavar="SIZE",
                    help="int4 group size; a module whose inputs it does not divide gets the largest of 64/32/16 "
                         "that does; -1 = per channel (default: 32 for GPT-OSS, which vLLM can split over 1 or 2 "
                         "GPUs (2880 / 2 = 1440 = 45 x 32), 128 otherwise)")
@@ -3747,28 +3825,31 @@ def add_quantize_output_flags(q: argparse.ArgumentParser) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     t0 = time.time()
-    if not args.verbose:
+    opts = QuantizeOptions.from_args(args)
+    if not opts.verbose:
         os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
         # torch.fx warns once per traced layer that is_fx_tracing changed meaning: not the user's concern
         logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    if args.device_map == "cpu-only":
+    if opts.device_map == "cpu-only":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""          # before torch initializes CUDA
-    model_dir = resolve_model_dir(args.model_in, "--model-in")
-    plan = make_plan(args, model_dir)
+    model_dir = resolve_model_dir(opts.model_in, "--model-in")
+    plan = make_plan(opts, model_dir)
     out = plan.output_dir
-    if args.eval_only:
+    if opts.eval_only:
         marker = read_marker(out) if out.is_dir() else None
         if not marker or marker.get("command") != "quantize" or not (out / "config.json").exists():
             raise UserError(f"--eval-only: {out} is not a finished output of quantize: run the command without "
                             f"--eval-only first")
-    elif not args.dry_run:
-        check_output_folder(out, "--output-dir", [model_dir], args.overwrite)
+    elif not opts.dry_run:
+        check_output_folder(out, "--output-dir", [model_dir], opts.overwrite)
         check_creatable(out.parent, "--output-dir")
         if plan.is_mxfp4:
             check_bf16_copy_folder(model_dir, quantize_bf16_dir(out))
-        check_offload_folder(args.offload_folder, out, model_dir)
-    batched, why_not = expert_calibration_mode(plan, args)
-    gpu_plan = plan_gpu_memory(plan, args, *gpu_memory_budget(args), batched)
+        check_offload_folder(opts.offload_folder, out, model_dir)
+    batched, why_not = expert_calibration_mode(plan, opts.per_expert_calibration, opts.routed_experts_only,
+                                              opts.no_share_hessians)
+    gpu_plan = plan_gpu_memory(plan, *gpu_memory_budget(opts.max_gpu_memory, opts.device_map), batched,
+                               opts.max_seq_length, opts.calib_batch_size, opts.block_size)
     for g in plan.groups:
         sizes = ", ".join(f"{v} x {k}" for k, v in g.group_size_summary().items()) or "-"
         log(f"{g.name}: {len(g.modules)} Linear -> {g.algo.upper()} {g.scheme} ({sizes})"
@@ -3782,7 +3863,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     log_gpu_memory_plan(gpu_plan, batched)
     if why_not and moe_dims(plan.config):
         log(f"expert calibration: per expert ({why_not})")
-    serving = vllm_serving(plan, args.symmetric)
+    serving = vllm_serving(plan, opts.symmetric)
     if serving:
         log(serving.line())
 
@@ -3791,32 +3872,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:
         raise UserError(f"{model_dir}: no usable tokenizer ({type(e).__name__}): copy the tokenizer files into it")
-    if args.calib_jsonl:
-        texts = read_jsonl_texts(Path(args.calib_jsonl).expanduser(), tokenizer, "--calib-jsonl")
-    elif not args.dry_run:
-        texts = load_hub_texts(args.dataset, tokenizer, args.num_calibration_samples + 64)
+    if opts.calib_jsonl:
+        texts = read_jsonl_texts(Path(opts.calib_jsonl).expanduser(), tokenizer, "--calib-jsonl")
+    elif not opts.dry_run:
+        texts = load_hub_texts(opts.dataset, tokenizer, opts.num_calibration_samples + 64)
     else:
         texts = []
-    eval_texts = read_jsonl_texts(Path(args.eval_jsonl).expanduser(), tokenizer, "--eval-jsonl") if args.eval_jsonl else None
-    calib, heldout = split_calibration(texts, args.num_calibration_samples, eval_texts)
-    if args.dry_run:
-        print_plan(plan, build_modifiers(plan, args, skeleton_model(plan.config)), args)
+    eval_texts = read_jsonl_texts(Path(opts.eval_jsonl).expanduser(), tokenizer, "--eval-jsonl") if opts.eval_jsonl else None
+    calib, heldout = split_calibration(texts, opts.num_calibration_samples, eval_texts)
+    if opts.dry_run:
+        print_plan(plan, build_modifiers(plan, opts, skeleton_model(plan.config)), opts.sparsity, opts.symmetric)
         if texts:
-            print(f"calibration: {len(calib)} texts from {args.calib_jsonl or args.dataset}, held out for quality: {len(heldout)}")
+            print(f"calibration: {len(calib)} texts from {opts.calib_jsonl or opts.dataset}, held out for quality: {len(heldout)}")
         return 0
-    if args.eval_only:
-        return quantize_eval_only(args, plan, model_dir, tokenizer, heldout)
+    if opts.eval_only:
+        return quantize_eval_only(opts, plan, model_dir, tokenizer, heldout)
     if plan.mxfp4 and plan.group("experts").algo == "rtn":
-        return quantize_mxfp4_rtn(args, plan, model_dir, tokenizer, heldout)
+        return quantize_mxfp4_rtn(opts, plan, model_dir, tokenizer, heldout)
 
     bf16_dir = quantize_bf16_dir(out)
-    budget = memory_budget(plan, args, out)
+    budget = memory_budget(plan, opts, out)
     if torchrun_world()[0] == 0:
-        remove_dead_quantize_runs(out, budget.offload_dir, args.offload_folder is None)
+        remove_dead_quantize_runs(out, budget.offload_dir, opts.offload_folder is None)
     needs = [(budget.offload_dir, budget.disk_bytes, "offloaded weights"),
              (out, estimated_output_bytes(plan), "the output")]
-    if not args.no_eval:
-        needs.append((budget.offload_dir if budget.disk_bytes else out, eval_spill_bytes(plan, heldout, args),
+    if not opts.no_eval:
+        needs.append((budget.offload_dir if budget.disk_bytes else out, eval_spill_bytes(plan, heldout, opts.max_seq_length),
                       "the quality pass's source logits"))
     if plan.is_mxfp4:
         have = sum(p.stat().st_size for p in bf16_dir.glob("*.safetensors")) if bf16_dir.exists() else 0
@@ -3824,7 +3905,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_disk_space(needs)                          # before the process group: all ranks fail alike
     rank, world = init_distributed()
     tmp = None                                       # the temp output: rank 0's, shared by all ranks
-    offload_ours = args.offload_folder is None
+    offload_ours = opts.offload_folder is None
     out.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         remove_offload(budget.offload_dir, False)    # compressed-tensors' files of a killed run
@@ -3837,18 +3918,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     try:
         src_dir = on_rank0(dequantize_persistent, model_dir, bf16_dir) if plan.is_mxfp4 else model_dir
         check_checkpoint_complete(src_dir, plan.config)
-        ds = tokenized_dataset(calib, tokenizer, args.max_seq_length)
-        log(f"calibration: {len(ds)} samples (<= {args.max_seq_length} tokens) from "
-            f"{args.calib_jsonl or args.dataset}; {len(heldout)} held-out texts for quality.json")
+        ds = tokenized_dataset(calib, tokenizer, opts.max_seq_length)
+        log(f"calibration: {len(ds)} samples (<= {opts.max_seq_length} tokens) from "
+            f"{opts.calib_jsonl or opts.dataset}; {len(heldout)} held-out texts for quality.json")
         model = load_model_for_quantization(src_dir, budget)
-        modifiers = build_modifiers(plan, args, model, solve_batch=gpu_plan.solve_batch)
-        if args.offload_hessians and not plan.sparse:
+        modifiers = build_modifiers(plan, opts, model, solve_batch=gpu_plan.solve_batch)
+        if opts.offload_hessians and not plan.sparse:
             log("--offload-hessians: llmcompressor 0.14's GPTQ keeps Hessians of the current layer only; "
                 "the flag applies to SparseGPT (--with-sparse)")
         import contextlib
         from llmcompressor import oneshot
         import torch
-        torch.manual_seed(args.seed)   # llmcompressor shuffles the calibration samples with torch's RNG
+        torch.manual_seed(opts.seed)   # llmcompressor shuffles the calibration samples with torch's RNG
         share = {}
         with contextlib.ExitStack() as stack:
             stack.enter_context(cpu_safe_calibration())
@@ -3857,29 +3938,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             stack.enter_context(solved_weights_barrier())
             if plan.sparse:
                 stack.enter_context(masked_gptq())
-            if not args.no_share_hessians:
+            if not opts.no_share_hessians:
                 stack.enter_context(shared_input_hessians())
-            if not args.fp32_hessian_matmul:
+            if not opts.fp32_hessian_matmul:
                 stack.enter_context(tensor_core_hessians())
-            if not args.propagate_all_experts:
+            if not opts.propagate_all_experts:
                 stack.enter_context(routed_propagation())
             batched_stats: dict = {}
             if batched:
-                stack.enter_context(batched_expert_calibration(model, gpu_plan, args.fp32_hessian_matmul, batched_stats))
+                stack.enter_context(batched_expert_calibration(model, gpu_plan, opts.fp32_hessian_matmul, batched_stats))
             limit_gpu_memory(gpu_plan)
             part = rank_share(ds)
             batching = {}
-            if args.calib_batch_size > 1:   # longest first, so a batch's samples are of similar length
-                batching = dict(batch_size=args.calib_batch_size, shuffle_calibration_samples=False)
-                kept, given = batched_tokens([len(r) for r in part["input_ids"]], args.calib_batch_size)
-                log(f"calibration batches of {args.calib_batch_size} samples, longest first: {kept} of {given} "
+            if opts.calib_batch_size > 1:   # longest first, so a batch's samples are of similar length
+                batching = dict(batch_size=opts.calib_batch_size, shuffle_calibration_samples=False)
+                kept, given = batched_tokens([len(r) for r in part["input_ids"]], opts.calib_batch_size)
+                log(f"calibration batches of {opts.calib_batch_size} samples, longest first: {kept} of {given} "
                     f"tokens kept ({kept / given:.1%}; llmcompressor cuts each batch to its shortest sample)",
                     every_rank=world > 1)
             try:
                 oneshot(model=model, processor=tokenizer, dataset=part, recipe=modifiers,
-                        num_calibration_samples=len(part), max_seq_length=args.max_seq_length,
-                        pipeline="basic" if args.no_sequential_update else "sequential",
-                        moe_calibrate_all_experts=not args.routed_experts_only, **batching)
+                        num_calibration_samples=len(part), max_seq_length=opts.max_seq_length,
+                        pipeline="basic" if opts.no_sequential_update else "sequential",
+                        moe_calibrate_all_experts=not opts.routed_experts_only, **batching)
             except torch.OutOfMemoryError as e:
                 raise gpu_out_of_memory_error(gpu_plan, e) from None
         if torch.cuda.is_available():
@@ -3922,14 +4003,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         extra = {"version": __version__, "source": str(model_dir.resolve()),
                  "groups": {g.name: {"algo": g.algo, "scheme": g.scheme, "modules": len(g.modules),
                                      "group_sizes": g.group_size_summary()} for g in plan.groups},
-                 "group_size_requested": args.group_size,
+                 "group_size_requested": plan.group_size,
                  "group_size_adjusted": [{"module": n, "in_features": i, "used": u} for n, i, _, u in plan.adjusted],
-                 "calibration": {"source": args.calib_jsonl or args.dataset, "samples": len(ds),
-                                 "max_seq_length": args.max_seq_length,
-                                 "all_experts": not args.routed_experts_only, "processes": world,
-                                 "shared_hessians": not args.no_share_hessians,
-                                 "hessian_matmul": "fp32" if args.fp32_hessian_matmul else "bf16 products, fp32 sums",
-                                 "propagation": "all experts" if args.propagate_all_experts else "routed experts",
+                 "calibration": {"source": opts.calib_jsonl or opts.dataset, "samples": len(ds),
+                                 "max_seq_length": opts.max_seq_length,
+                                 "all_experts": not opts.routed_experts_only, "processes": world,
+                                 "shared_hessians": not opts.no_share_hessians,
+                                 "hessian_matmul": "fp32" if opts.fp32_hessian_matmul else "bf16 products, fp32 sums",
+                                 "propagation": "all experts" if opts.propagate_all_experts else "routed experts",
                                  "expert_calibration": "batched" if batched else "per expert"}}
         if serving:
             moved = write_vllm_layout(tmp, serving.why_not is None)
@@ -3953,7 +4034,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 log(f"WARNING: the {plan.sparse} pattern did not survive in every module: see config.json")
             extra["sparsity"] = {k: v for k, v in rep.items() if k != "per_module_min"}
             write_output_config(tmp, plan, sparsity, extra)
-        eval_error = finish_quantize_output(tmp, plan, args, model_dir, src_dir, heldout, tokenizer,
+        eval_error = finish_quantize_output(tmp, plan, opts, model_dir, src_dir, heldout, tokenizer,
                                             budget if budget.disk_bytes else None)
     except BaseException as e:
         if isinstance(e, UserError):
@@ -3972,7 +4053,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             if tmp is not None:
                 remove_tool_folder(tmp)
             remove_offload(budget.offload_dir, offload_ours)
-    return end_quantize(plan, args, eval_error, t0)
+    return end_quantize(plan, opts.keep_bf16, eval_error, t0)
 
 
 ##### 6. Loader + quality #####
@@ -6587,14 +6668,15 @@ def qqq_self_test() -> dict:
                                           for j, r in zip(jobs, rs)) + " (M=16 K=1024 N=512 per channel vs float64)"}
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+def verify_runtime_bench(opts: VerifyRuntimeOptions) -> int:
+    """verify-runtime --bench: the microbench (section 7) over the asked shapes and backends."""
     if not cuda_gpus():
         t = runtime_environment()["torch"]
         print(f"error: verify-runtime --bench needs a CUDA GPU; none is visible here (torch {t.get('version')}, "
               f"CUDA {t.get('cuda') or 'none'}). Nothing was timed.", file=sys.stderr)
         return 3
-    group = None if args.group == "channel" else int(args.group)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    group = None if opts.group == "channel" else int(opts.group)
+    backends = [b.strip() for b in opts.backends.split(",") if b.strip()]
     bad = [b for b in backends if b not in BENCH_BACKENDS]
     if bad:
         raise UserError(f"--backends: unknown {bad}; choose from {','.join(BENCH_BACKENDS)}")
@@ -6607,25 +6689,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         log(f"bench: skipping {b}: " + (qqq_status()[1] if b.startswith("qqq") else triton_status()[1]))
     backends = [b for b in backends if b not in skipped]
     try:
-        sweep_m = tuple(int(v) for v in args.sweep_m.split(",")) if args.sweep_m else SWEEP_M
+        sweep_m = tuple(int(v) for v in opts.sweep_m.split(",")) if opts.sweep_m else SWEEP_M
     except ValueError:
-        raise UserError(f"--sweep-m: expected M values separated by commas (e.g. 1,16), got {args.sweep_m!r}")
-    cases = bench_cases(args.shapes, args.M, args.K, args.N)
-    log(f"bench: {len(cases)} case(s) x {len(backends)} backend(s), group {args.group}, {args.iters} iters"
-        + (", + config sweep" if args.sweep else ""))
-    report = run_runtime_bench(cases, backends, group, iters=args.iters, graph=not args.no_graph,
-                               sweep=args.sweep, check=not args.no_check,
-                               sweep_m=sweep_m, dtype=args.dtype)
+        raise UserError(f"--sweep-m: expected M values separated by commas (e.g. 1,16), got {opts.sweep_m!r}")
+    cases = bench_cases(opts.shapes, opts.M, opts.K, opts.N)
+    log(f"bench: {len(cases)} case(s) x {len(backends)} backend(s), group {opts.group}, {opts.iters} iters"
+        + (", + config sweep" if opts.sweep else ""))
+    report = run_runtime_bench(cases, backends, group, iters=opts.iters, graph=not opts.no_graph,
+                               sweep=opts.sweep, check=not opts.no_check,
+                               sweep_m=sweep_m, dtype=opts.dtype)
     report["settings"]["skipped_backends"] = {b: (qqq_status()[1] if b.startswith("qqq") else triton_status()[1])
                                               for b in skipped}
     report["settings"]["command"] = " ".join(sys.argv)
     report["settings"]["date_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-    if args.out:
-        out = Path(args.out)
+    if opts.out:
+        out = Path(opts.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out, report)
         log(f"bench: wrote {out}")
-    print(json.dumps(report, indent=2) if args.json else format_bench_report(report))
+    print(json.dumps(report, indent=2) if opts.json else format_bench_report(report))
     return 0
 
 
@@ -6984,9 +7066,6 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
     the dense fallback only, and the report says so."""
     import gc
     import torch
-    loader = globals().get("load_quantized_model")
-    if loader is None:
-        raise UserError("--model needs load_quantized_model() from the loader section, which this build lacks")
     device = device or ("cuda" if cuda_gpus() else "cpu")
     prompts, prompt_kind = _prompt_ids(path)
     rep = {"model": str(path), "device": device, "prompts": prompt_kind, "new_tokens": new_tokens,
@@ -7000,7 +7079,7 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
         gc.collect()
         if device != "cpu":
             torch.cuda.empty_cache()
-    dense = loader(path, decompress=True).to(device)
+    dense = load_quantized_model(path, decompress=True).to(device)
     with kernel_activation_rule():
         d = _run_model(dense, prompts, device, new_tokens, prefill)
     free(dense)
@@ -7010,7 +7089,7 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
         rep["mode"] = ("dense fallback: no CUDA GPU, so the checkpoint ran decompressed by compressed-tensors; "
                        "the int4 kernels were not exercised")
     else:
-        quant = loader(path, decompress=False)
+        quant = load_quantized_model(path, decompress=False)
         rep["kernels"] = attach_int4_kernels(quant)
         quant.to(device)
         k = _run_model(quant, prompts, device, new_tokens, prefill, graph)
@@ -7276,6 +7355,34 @@ def run_vllm_probe(python: str, models: list, prompts: list, new_tokens: int, du
         return json.loads(out.read_text())
 
 
+@dataclass(frozen=True)
+class VerifyRuntimeOptions(CommandOptions):
+    """verify-runtime's flags (add_verify_runtime_parser)."""
+    json: bool
+    require_gpu: bool
+    require_w4a8: bool
+    bench: bool
+    M: int | None
+    K: int
+    N: int
+    iters: int
+    shapes: str | None
+    group: str                    # 32 | 64 | 128 | channel
+    backends: str                 # comma list of BENCH_BACKENDS
+    dtype: str
+    no_graph: bool
+    no_check: bool
+    sweep: bool
+    sweep_m: str | None
+    out: str | None
+    model: str | None
+    bf16: str | None
+    new_tokens: int
+    engine: str                   # builtin | vllm
+    vllm_python: str | None
+    prefill_tokens: tuple
+
+
 def add_verify_runtime_parser(sub) -> argparse.ArgumentParser:
     """The `verify-runtime` subcommand and its flags."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -7348,21 +7455,22 @@ gpt-oss). --no-graph skips it.""")
 
 
 def cmd_verify_runtime(args: argparse.Namespace) -> int:
-    if args.engine == "vllm":
-        if not args.model:
+    opts = VerifyRuntimeOptions.from_args(args)
+    if opts.engine == "vllm":
+        if not opts.model:
             raise UserError("--engine vllm needs --model DIR")
         with _stdout_to_stderr():
-            rep = verify_with_vllm(Path(args.model), args.vllm_python, args.new_tokens)
-        print(json.dumps(rep, indent=2) if args.json else _format_vllm_report(rep))
+            rep = verify_with_vllm(Path(opts.model), opts.vllm_python, opts.new_tokens)
+        print(json.dumps(rep, indent=2) if opts.json else _format_vllm_report(rep))
         return 0 if rep["ok"] else 1
-    if args.model:
+    if opts.model:
         with _stdout_to_stderr():   # library loggers (loguru) write to stdout; stdout is the report's
-            rep = verify_model(Path(args.model), args.bf16, args.new_tokens, prefill=args.prefill_tokens,
-                               graph=not args.no_graph)
-        print(json.dumps(rep, indent=2) if args.json else _format_model_report(rep))
+            rep = verify_model(Path(opts.model), opts.bf16, opts.new_tokens, prefill=opts.prefill_tokens,
+                               graph=not opts.no_graph)
+        print(json.dumps(rep, indent=2) if opts.json else _format_model_report(rep))
         return 0
-    if args.bench:
-        return _cmd_bench(args)
+    if opts.bench:
+        return verify_runtime_bench(opts)
     env = runtime_environment()
     env["sanity"] = cuda_sanity() if env["gpus"] else []
     if env["gpus"] and env["backends"]["builtin_triton"]["runnable"]:
@@ -7373,14 +7481,14 @@ def cmd_verify_runtime(args: argparse.Namespace) -> int:
         or (env["backends"]["qqq"]["importable"] and env.get("qqq_selftest", {}).get("ok", False))
     gpu_ok = bool(env["gpus"]) and all(s["ok"] for s in env["sanity"])
     problems = []
-    if args.require_gpu and not gpu_ok:
+    if opts.require_gpu and not gpu_ok:
         problems.append("--require-gpu: " + ("no CUDA GPU visible" if not env["gpus"] else "the CUDA sanity matmul failed"))
-    if args.require_w4a8 and not w4a8_here:
+    if opts.require_w4a8 and not w4a8_here:
         problems.append("--require-w4a8: no W4A8 GEMM can run here (" + env["backends"]["builtin_triton"]["detail"]
                         + "; QQQ: " + env["backends"]["qqq"]["detail"] + ")")
     env["ok"] = not problems
     env["problems"] = problems
-    if args.json:
+    if opts.json:
         print(json.dumps(env, indent=2))
     else:
         print(_format_environment(env))
@@ -7607,6 +7715,14 @@ def install_qqq(yes: bool, source: str | None = None) -> bool:
     return st["ok"]
 
 
+@dataclass(frozen=True)
+class InstallKernelOptions(CommandOptions):
+    """install-kernel's flags (add_install_kernel_parser)."""
+    source: str | None
+    yes: bool
+    force: bool
+
+
 def add_install_kernel_parser(sub) -> argparse.ArgumentParser:
     """The `install-kernel` subcommand and its flags."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -7636,8 +7752,9 @@ check and a numeric self-test of QQQ's GEMM against float64 on the GPU. Exit 1 i
 
 
 def cmd_install_kernel(args: argparse.Namespace) -> int:
+    opts = InstallKernelOptions.from_args(args)
     ok, detail = qqq_status()
-    if ok and not args.force and not args.source:
+    if ok and not opts.force and not opts.source:
         log(f"install-kernel: QQQ {detail} is already installed (--force reinstalls); self-testing it")
         if not cuda_gpus():
             log("install-kernel: self-test skipped: no CUDA GPU visible")
@@ -7645,10 +7762,10 @@ def cmd_install_kernel(args: argparse.Namespace) -> int:
         st = qqq_self_test()
         log(f"install-kernel: QQQ self-test {'ok' if st['ok'] else 'FAILED'}: {st['detail']}")
         return 0 if st["ok"] else 1
-    blockers = qqq_install_blockers(args.source)
+    blockers = qqq_install_blockers(opts.source)
     if blockers:
         raise UserError("install-kernel: " + " Also: ".join(blockers), exit_code=3)
-    return 0 if install_qqq(args.yes, args.source) else 1
+    return 0 if install_qqq(opts.yes, opts.source) else 1
 
 
 ##### 10. main #####
