@@ -1578,172 +1578,39 @@ def batched_expert_calibration(model, g: GpuMemoryPlan, fp32_matmul: bool, stats
     A MoE module whose expert Linear carry any hook but GPTQ's Hessian hook, or are not all GPTQ
     targets, keeps llmcompressor's forward. Written by hand: llmcompressor 0.14 calibrates experts
     only through per-expert module calls (H200: ~150 ms of Python per MoE forward, RESULTS.md).
+    The work is BatchedExperts' (below); this function patches it in.
     """
     import contextlib
     import torch
-    import torch.nn.functional as F
-    from compressed_tensors.utils import get_execution_device, getattr_chain, patch_attr
+    from compressed_tensors.utils import patch_attr
     import llmcompressor.modeling.moe.linear_experts as linear_experts
     import llmcompressor.modifiers.gptq.base as gptq_base
     from llmcompressor.modeling.moe.gpt_oss import GptOssLinearExperts
-    from llmcompressor.modifiers.gptq.helpers import make_empty_hessian
     from llmcompressor.modifiers.utils.hooks import HooksMixin
     original_forward = GptOssLinearExperts.forward
     original_start = gptq_base.GPTQModifier.on_calibration_start
     original_compress = gptq_base.GPTQModifier.compress_modules
-    modifiers: list = []
-    weights: dict = {}            # "moe", "hooks_off", "refs", "stacked": the current layer's expert weights
-    down_hessians: dict = {}      # id(MoE module) -> its experts' down_proj Hessians [E, I, I] being accumulated
-    eligible: dict = {}           # id(MoE module) -> GPTQ modifier, or None (llmcompressor's forward)
-    stats.update(layers=set(), calls=0, fallback=set())
+    batched = BatchedExperts(g, fp32_matmul, stats)
 
     def on_calibration_start(self, *a, **k):
-        modifiers.append(self)
+        batched.modifiers.append(self)
         return original_start(self, *a, **k)
 
     def compress_modules(self):
-        weights.clear()           # GPTQ is about to write the weights: restack for the next pass
-        down_hessians.clear()     # prepare_batch pops the views: the [E, I, I] tensor goes with the last
+        batched.weights.clear()         # GPTQ is about to write the weights: restack for the next pass
+        batched.down_hessians.clear()   # prepare_batch pops the views: the [E, I, I] tensor goes with the last
         return original_compress(self)
 
-    def gptq_of(moe):
-        key = id(moe)
-        if key not in eligible:
-            eligible[key] = None
-            linears = [lin for ex in list(moe)[:moe.num_experts] for lin in (ex.gate_proj, ex.up_proj, ex.down_proj)]
-            if len(modifiers) == 1 and all(
-                    lin in modifiers[0]._module_names and getattr_chain(lin, "quantization_scheme.weights", None)
-                    is not None and len(lin._forward_hooks) == 1 and not lin._forward_pre_hooks
-                    and not getattr(lin, "quantization_enabled", False) for lin in linears) \
-                    and not any(ex._forward_hooks or ex._forward_pre_hooks for ex in list(moe)[:moe.num_experts]):
-                eligible[key] = modifiers[0]
-            else:
-                stats["fallback"].add(key)
-        return eligible[key]
-
-    def layer_weights(moe):
-        hooks_off = HooksMixin._HOOKS_DISABLED
-        if weights.get("moe") is not moe or weights.get("hooks_off") != hooks_off:
-            weights.clear()
-            experts = list(moe)[:moe.num_experts]
-            refs = {p: [getattr(getattr(ex, f"{p}_proj"), "weight") for ex in experts] for p in ("gate", "up", "down")}
-            refs |= {f"{p}_b": [getattr(getattr(ex, f"{p}_proj"), "bias") for ex in experts] for p in ("gate", "up", "down")}
-            weights.update(moe=moe, hooks_off=hooks_off, refs=refs,
-                           stacked={k: torch.stack(v) for k, v in refs.items()} if g.cache_weights else None)
-        return weights
-
-    def chunk_of(w, name, e0, e1):
-        if w["stacked"] is not None:
-            return w["stacked"][name][e0:e1]
-        return torch.stack(w["refs"][name][e0:e1])
-
-    def swiglu_(gate, up, moe):
-        # GptOssLinearExperts._apply_gate in place (same ops, same order: bitwise), without its
-        # cat/chunk copies: (up.clamp(-l, l) + 1) * gate.clamp(max=l) * sigmoid(gate * alpha)
-        gate.clamp_(max=moe.limit)
-        sig = torch.sigmoid_(gate * moe.alpha)
-        return up.clamp_(min=-moe.limit, max=moe.limit).add_(1).mul_(gate).mul_(sig)
-
-    def add_hessians(h, a):
-        """h [Ec, I, I] fp32 += 2 a^T a per expert, a [Ec, Tc, I] BF16."""
-        if a.is_cuda and a.dtype == torch.bfloat16 and not fp32_matmul:
-            for part in a.split(HESSIAN_CHUNK_TOKENS, dim=1):
-                torch.baddbmm(h, part.transpose(1, 2), part, alpha=2, out_dtype=torch.float32, out=h)
-        else:
-            af = a.float()
-            h.baddbmm_(af.transpose(1, 2), af, alpha=2)
-
-    def accumulate(moe, gptq, x):
-        experts = list(moe)[:moe.num_experts]
-        gate0, down0 = experts[0].gate_proj, experts[0].down_proj
-        if down0 not in gptq._num_samples:        # the first forward of this layer's calibration pass
-            device = get_execution_device(gate0)
-            shared, count = make_empty_hessian(gate0, device=device), torch.zeros((), device=device)
-            inner = down0.weight.shape[1]
-            down = torch.zeros(len(experts), inner, inner, device=device)
-            down_count = torch.zeros((), device=device)
-            for e, ex in enumerate(experts):
-                for lin in (ex.gate_proj, ex.up_proj):
-                    gptq._hessians[lin], gptq._num_samples[lin] = shared, count
-                gptq._hessians[ex.down_proj], gptq._num_samples[ex.down_proj] = down[e], down_count
-            down_hessians[id(moe)] = down
-        # gate/up of every expert read x: one Hessian, through the (patched) per-module function
-        gptq_base.accumulate_hessian(x, gate0, gptq._hessians[gate0], gptq._num_samples[gate0])
-        down, w = down_hessians[id(moe)], layer_weights(moe)
-        n = len(experts)
-        for e0 in range(0, n, g.expert_chunk):
-            e1 = min(e0 + g.expert_chunk, n)
-            wg, wu = chunk_of(w, "gate", e0, e1), chunk_of(w, "up", e0, e1)
-            bg, bu = chunk_of(w, "gate_b", e0, e1).unsqueeze(1), chunk_of(w, "up_b", e0, e1).unsqueeze(1)
-            for t0 in range(0, x.shape[0], g.token_chunk):
-                if os.environ.get(GATE_UP_ENV) == "linear":
-                    xt = x[t0:t0 + g.token_chunk]
-                    gate = torch.stack([F.linear(xt, wg[i], bg[i, 0]) for i in range(e1 - e0)])
-                    up = torch.stack([F.linear(xt, wu[i], bu[i, 0]) for i in range(e1 - e0)])
-                    act = swiglu_(gate, up, moe)
-                    del gate, up
-                else:
-                    xc = x[t0:t0 + g.token_chunk].expand(e1 - e0, -1, -1)
-                    act = swiglu_(torch.baddbmm(bg, xc, wg.transpose(1, 2)), torch.baddbmm(bu, xc, wu.transpose(1, 2)), moe)
-                add_hessians(down[e0:e1], act)
-                del act
-        gptq._num_samples[down0] += 1             # llmcompressor counts a 2-D input as one sample
-
-    def routed(moe, x, top_k_index, top_k_weights):
-        """The routed experts' weighted sum per token: what llmcompressor's loop returns."""
-        w = layer_weights(moe)
-        n_tok, k = top_k_index.shape
-        flat = top_k_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)                  # rows by expert, then token
-        counts = torch.bincount(flat, minlength=moe.num_experts).tolist()   # the one host sync
-        rows = x[order // k]
-        y = torch.empty(rows.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
-        starts = [0] + list(itertools.accumulate(counts))
-        grouped = x.is_cuda and (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm"))
-        e_chunk = g.expert_chunk if grouped else 1
-        for e0 in range(0, moe.num_experts, e_chunk):
-            e1 = min(e0 + e_chunk, moe.num_experts)
-            r0, r1 = starts[e0], starts[e1]
-            if r0 == r1:
-                continue
-            seg = rows[r0:r1]
-            if grouped:
-                offs = torch.tensor(starts[e0 + 1:e1 + 1], dtype=torch.int32, device=x.device) - r0
-                expert_of_row = torch.repeat_interleave(torch.arange(e1 - e0, device=x.device),
-                                                        torch.tensor(counts[e0:e1], device=x.device))
-                mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
-
-                def lin(inp, name):
-                    out = mm(inp, chunk_of(w, name, e0, e1).transpose(1, 2), offs=offs)
-                    return out.add_(chunk_of(w, f"{name}_b", e0, e1)[expert_of_row])
-                act = swiglu_(lin(seg, "gate"), lin(seg, "up"), moe)
-                y[r0:r1] = lin(act, "down")
-            else:
-                refs = w["refs"]
-                act = swiglu_(F.linear(seg, refs["gate"][e0], refs["gate_b"][e0]),
-                              F.linear(seg, refs["up"][e0], refs["up_b"][e0]), moe)
-                y[r0:r1] = F.linear(act, refs["down"][e0], refs["down_b"][e0])
-        y = (y * top_k_weights.reshape(-1)[order, None]).to(x.dtype)
-        # llmcompressor adds each expert's rows with index_add_ in expert order, rounding to BF16 at
-        # each add: the same sums, slot j holding each token's j-th smallest expert
-        slot = torch.argsort(torch.argsort(top_k_index, dim=1, stable=True), dim=1).reshape(-1)[order]
-        per_slot = torch.zeros(n_tok, k, x.shape[1], dtype=x.dtype, device=x.device)
-        per_slot[order // k, slot] = y
-        out = torch.zeros_like(x)
-        for j in range(k):
-            out += per_slot[:, j]
-        return out
-
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        gptq = gptq_of(self)
+        gptq = batched.gptq_of(self)
         if gptq is None:
             return original_forward(self, hidden_states, top_k_index, top_k_weights)
         stats["calls"] += 1
         stats["layers"].add(id(self))
         with torch.no_grad():
             if linear_experts.get_calibrate_all_experts_flag() and not HooksMixin._HOOKS_DISABLED:
-                accumulate(self, gptq, hidden_states)
-            return routed(self, hidden_states, top_k_index, top_k_weights)
+                batched.accumulate(self, gptq, hidden_states)
+            return batched.routed(self, hidden_states, top_k_index, top_k_weights)
 
     @contextlib.contextmanager
     def context():
@@ -1758,9 +1625,175 @@ def batched_expert_calibration(model, g: GpuMemoryPlan, fp32_matmul: bool, stats
             try:
                 yield
             finally:
-                weights.clear()
-                down_hessians.clear()
+                batched.weights.clear()
+                batched.down_hessians.clear()
     return context()
+
+
+class BatchedExperts:
+    """batched_expert_calibration's state and tensor math for one quantize run: which MoE modules run
+    batched (those whose expert Linear modules only carry GPTQ's Hessian hook), the current layer's
+    expert weights (stacked once per pass when the GPU plan keeps them), and each layer's down_proj
+    Hessians [E, I, I] while they are accumulated."""
+
+    def __init__(self, g: GpuMemoryPlan, fp32_matmul: bool, stats: dict):
+        self.g, self.fp32_matmul, self.stats = g, fp32_matmul, stats
+        self.modifiers: list = []       # the GPTQ modifiers that started calibrating
+        self.weights: dict = {}         # "moe", "hooks_off", "refs", "stacked": the current layer's expert weights
+        self.down_hessians: dict = {}   # id(MoE module) -> its experts' down_proj Hessians [E, I, I] being accumulated
+        self.eligible: dict = {}        # id(MoE module) -> GPTQ modifier, or None (llmcompressor's forward)
+        stats.update(layers=set(), calls=0, fallback=set())
+
+    def gptq_of(self, moe):
+        from compressed_tensors.utils import getattr_chain
+        key = id(moe)
+        if key not in self.eligible:
+            self.eligible[key] = None
+            experts = list(moe)[:moe.num_experts]
+            linears = [lin for ex in experts for lin in (ex.gate_proj, ex.up_proj, ex.down_proj)]
+            only_gptq = len(self.modifiers) == 1 and all(
+                lin in self.modifiers[0]._module_names and getattr_chain(lin, "quantization_scheme.weights", None)
+                is not None and len(lin._forward_hooks) == 1 and not lin._forward_pre_hooks
+                and not getattr(lin, "quantization_enabled", False) for lin in linears)
+            if only_gptq and not any(ex._forward_hooks or ex._forward_pre_hooks for ex in experts):
+                self.eligible[key] = self.modifiers[0]
+            else:
+                self.stats["fallback"].add(key)
+        return self.eligible[key]
+
+    def layer_weights(self, moe) -> dict:
+        import torch
+        from llmcompressor.modifiers.utils.hooks import HooksMixin
+        weights = self.weights
+        hooks_off = HooksMixin._HOOKS_DISABLED
+        if weights.get("moe") is not moe or weights.get("hooks_off") != hooks_off:
+            weights.clear()
+            experts = list(moe)[:moe.num_experts]
+            refs = {p: [getattr(getattr(ex, f"{p}_proj"), "weight") for ex in experts] for p in ("gate", "up", "down")}
+            refs |= {f"{p}_b": [getattr(getattr(ex, f"{p}_proj"), "bias") for ex in experts] for p in ("gate", "up", "down")}
+            weights.update(moe=moe, hooks_off=hooks_off, refs=refs,
+                           stacked={k: torch.stack(v) for k, v in refs.items()} if self.g.cache_weights else None)
+        return weights
+
+    def accumulate(self, moe, gptq, x) -> None:
+        """The calibration pass of one MoE forward: the gate/up Hessian shared by all experts, and each
+        expert's down_proj Hessian from its SwiGLU activations, chunk by chunk."""
+        import torch
+        import torch.nn.functional as F
+        from compressed_tensors.utils import get_execution_device
+        import llmcompressor.modifiers.gptq.base as gptq_base
+        from llmcompressor.modifiers.gptq.helpers import make_empty_hessian
+        g = self.g
+        experts = list(moe)[:moe.num_experts]
+        gate0, down0 = experts[0].gate_proj, experts[0].down_proj
+        if down0 not in gptq._num_samples:        # the first forward of this layer's calibration pass
+            device = get_execution_device(gate0)
+            shared, count = make_empty_hessian(gate0, device=device), torch.zeros((), device=device)
+            inner = down0.weight.shape[1]
+            down = torch.zeros(len(experts), inner, inner, device=device)
+            down_count = torch.zeros((), device=device)
+            for e, ex in enumerate(experts):
+                for lin in (ex.gate_proj, ex.up_proj):
+                    gptq._hessians[lin], gptq._num_samples[lin] = shared, count
+                gptq._hessians[ex.down_proj], gptq._num_samples[ex.down_proj] = down[e], down_count
+            self.down_hessians[id(moe)] = down
+        # gate/up of every expert read x: one Hessian, through the (patched) per-module function
+        gptq_base.accumulate_hessian(x, gate0, gptq._hessians[gate0], gptq._num_samples[gate0])
+        down, w = self.down_hessians[id(moe)], self.layer_weights(moe)
+        n = len(experts)
+        for e0 in range(0, n, g.expert_chunk):
+            e1 = min(e0 + g.expert_chunk, n)
+            wg, wu = expert_chunk(w, "gate", e0, e1), expert_chunk(w, "up", e0, e1)
+            bg, bu = expert_chunk(w, "gate_b", e0, e1).unsqueeze(1), expert_chunk(w, "up_b", e0, e1).unsqueeze(1)
+            for t0 in range(0, x.shape[0], g.token_chunk):
+                if os.environ.get(GATE_UP_ENV) == "linear":
+                    xt = x[t0:t0 + g.token_chunk]
+                    gate = torch.stack([F.linear(xt, wg[i], bg[i, 0]) for i in range(e1 - e0)])
+                    up = torch.stack([F.linear(xt, wu[i], bu[i, 0]) for i in range(e1 - e0)])
+                    act = gpt_oss_swiglu_(gate, up, moe)
+                    del gate, up
+                else:
+                    xc = x[t0:t0 + g.token_chunk].expand(e1 - e0, -1, -1)
+                    act = gpt_oss_swiglu_(torch.baddbmm(bg, xc, wg.transpose(1, 2)),
+                                          torch.baddbmm(bu, xc, wu.transpose(1, 2)), moe)
+                add_expert_hessians(down[e0:e1], act, self.fp32_matmul)
+                del act
+        gptq._num_samples[down0] += 1             # llmcompressor counts a 2-D input as one sample
+
+    def routed(self, moe, x, top_k_index, top_k_weights):
+        """The routed experts' weighted sum per token: what llmcompressor's loop returns."""
+        import torch
+        import torch.nn.functional as F
+        w = self.layer_weights(moe)
+        n_tok, k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)                  # rows by expert, then token
+        counts = torch.bincount(flat, minlength=moe.num_experts).tolist()   # the one host sync
+        rows = x[order // k]
+        y = torch.empty(rows.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+        starts = [0] + list(itertools.accumulate(counts))
+        grouped = x.is_cuda and (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm"))
+        e_chunk = self.g.expert_chunk if grouped else 1
+        for e0 in range(0, moe.num_experts, e_chunk):
+            e1 = min(e0 + e_chunk, moe.num_experts)
+            r0, r1 = starts[e0], starts[e1]
+            if r0 == r1:
+                continue
+            seg = rows[r0:r1]
+            if grouped:
+                offs = torch.tensor(starts[e0 + 1:e1 + 1], dtype=torch.int32, device=x.device) - r0
+                expert_of_row = torch.repeat_interleave(torch.arange(e1 - e0, device=x.device),
+                                                        torch.tensor(counts[e0:e1], device=x.device))
+                mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+                def lin(inp, name):
+                    out = mm(inp, expert_chunk(w, name, e0, e1).transpose(1, 2), offs=offs)
+                    return out.add_(expert_chunk(w, f"{name}_b", e0, e1)[expert_of_row])
+                act = gpt_oss_swiglu_(lin(seg, "gate"), lin(seg, "up"), moe)
+                y[r0:r1] = lin(act, "down")
+            else:
+                refs = w["refs"]
+                act = gpt_oss_swiglu_(F.linear(seg, refs["gate"][e0], refs["gate_b"][e0]),
+                                      F.linear(seg, refs["up"][e0], refs["up_b"][e0]), moe)
+                y[r0:r1] = F.linear(act, refs["down"][e0], refs["down_b"][e0])
+        y = (y * top_k_weights.reshape(-1)[order, None]).to(x.dtype)
+        # llmcompressor adds each expert's rows with index_add_ in expert order, rounding to BF16 at
+        # each add: the same sums, slot j holding each token's j-th smallest expert
+        slot = torch.argsort(torch.argsort(top_k_index, dim=1, stable=True), dim=1).reshape(-1)[order]
+        per_slot = torch.zeros(n_tok, k, x.shape[1], dtype=x.dtype, device=x.device)
+        per_slot[order // k, slot] = y
+        out = torch.zeros_like(x)
+        for j in range(k):
+            out += per_slot[:, j]
+        return out
+
+
+def expert_chunk(w: dict, name: str, e0: int, e1: int):
+    """Experts e0:e1 of one of BatchedExperts.layer_weights' tensors ("gate", "up_b", ...), stacked."""
+    import torch
+    if w["stacked"] is not None:
+        return w["stacked"][name][e0:e1]
+    return torch.stack(w["refs"][name][e0:e1])
+
+
+def gpt_oss_swiglu_(gate, up, moe):
+    """GptOssLinearExperts._apply_gate in place (same ops, same order: bitwise), without its
+    cat/chunk copies: (up.clamp(-l, l) + 1) * gate.clamp(max=l) * sigmoid(gate * alpha)."""
+    import torch
+    gate.clamp_(max=moe.limit)
+    sig = torch.sigmoid_(gate * moe.alpha)
+    return up.clamp_(min=-moe.limit, max=moe.limit).add_(1).mul_(gate).mul_(sig)
+
+
+def add_expert_hessians(h, a, fp32_matmul: bool) -> None:
+    """h [Ec, I, I] fp32 += 2 a^T a per expert, a [Ec, Tc, I] BF16 (as tensor_core_hessians does it)."""
+    import torch
+    if a.is_cuda and a.dtype == torch.bfloat16 and not fp32_matmul:
+        for part in a.split(HESSIAN_CHUNK_TOKENS, dim=1):
+            torch.baddbmm(h, part.transpose(1, 2), part, alpha=2, out_dtype=torch.float32, out=h)
+    else:
+        af = a.float()
+        h.baddbmm_(af.transpose(1, 2), af, alpha=2)
 
 
 def solved_weights_barrier():
@@ -3100,6 +3133,271 @@ def sparsity_report(tmp: Path, plan: QuantizePlan) -> dict:
             "global_sparsity": zeros / max(total, 1), "per_module_min": per}
 
 
+
+def check_quantize_folders(opts: QuantizeOptions, plan: QuantizePlan, model_dir: Path) -> None:
+    """Before any work: --eval-only needs a finished output of quantize; a run needs folders it may fill."""
+    out = plan.output_dir
+    if opts.eval_only:
+        marker = read_marker(out) if out.is_dir() else None
+        if not marker or marker.get("command") != "quantize" or not (out / "config.json").exists():
+            raise UserError(f"--eval-only: {out} is not a finished output of quantize: run the command without "
+                            f"--eval-only first")
+    elif not opts.dry_run:
+        check_output_folder(out, "--output-dir", [model_dir], opts.overwrite)
+        check_creatable(out.parent, "--output-dir")
+        if plan.is_mxfp4:
+            check_bf16_copy_folder(model_dir, quantize_bf16_dir(out))
+        check_offload_folder(opts.offload_folder, out, model_dir)
+
+
+def log_quantize_plan(plan: QuantizePlan, gpu_plan: GpuMemoryPlan, batched: bool, why_not: str | None) -> None:
+    """The plan in a few lines: each group, the group sizes that had to change, the GPU memory plan."""
+    for g in plan.groups:
+        sizes = ", ".join(f"{v} x {k}" for k, v in g.group_size_summary().items()) or "-"
+        log(f"{g.name}: {len(g.modules)} Linear -> {g.algo.upper()} {g.scheme} ({sizes})"
+            + ("" if g.modules else "  [empty group: nothing matches]"))
+    adjusted: dict = {}
+    for name, inf, req, used in plan.adjusted:
+        adjusted.setdefault((req, inf, used), []).append(name)
+    for (req, inf, used), names in adjusted.items():
+        log(f"group size {req} does not divide {inf} inputs: {len(names)} modules use "
+            f"{'per channel' if used is None else f'g{used}'} (--dry-run lists them)")
+    log_gpu_memory_plan(gpu_plan, batched)
+    if why_not and moe_dims(plan.config):
+        log(f"expert calibration: per expert ({why_not})")
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:
+        raise UserError(f"{model_dir}: no usable tokenizer ({type(e).__name__}): copy the tokenizer files into it")
+
+
+def calibration_texts(opts: QuantizeOptions, tokenizer) -> tuple[list, list, list]:
+    """(every text read, calibration texts, held-out texts): --calib-jsonl, else --dataset from the Hub
+    (not for --dry-run, which reads no weight and fetches nothing); held out: --eval-jsonl or the rest."""
+    if opts.calib_jsonl:
+        texts = read_jsonl_texts(Path(opts.calib_jsonl).expanduser(), tokenizer, "--calib-jsonl")
+    elif not opts.dry_run:
+        texts = load_hub_texts(opts.dataset, tokenizer, opts.num_calibration_samples + 64)
+    else:
+        texts = []
+    eval_texts = (read_jsonl_texts(Path(opts.eval_jsonl).expanduser(), tokenizer, "--eval-jsonl")
+                  if opts.eval_jsonl else None)
+    calib, heldout = split_calibration(texts, opts.num_calibration_samples, eval_texts)
+    return texts, calib, heldout
+
+
+def quantize_disk_needs(opts: QuantizeOptions, plan: QuantizePlan, budget: MemoryBudget, heldout: list,
+                        bf16_dir: Path) -> list[tuple[Path, int, str]]:
+    """What a run writes where (check_disk_space's input): offloaded weights, the output, the quality
+    pass's source logits, the rest of the BF16 copy of an MXFP4 input."""
+    out = plan.output_dir
+    needs = [(budget.offload_dir, budget.disk_bytes, "offloaded weights"),
+             (out, estimated_output_bytes(plan), "the output")]
+    if not opts.no_eval:
+        needs.append((budget.offload_dir if budget.disk_bytes else out,
+                      eval_spill_bytes(plan, heldout, opts.max_seq_length), "the quality pass's source logits"))
+    if plan.is_mxfp4:
+        have = sum(p.stat().st_size for p in bf16_dir.glob("*.safetensors")) if bf16_dir.exists() else 0
+        needs.append((bf16_dir, max(budget.model_bytes - have, 0), "the BF16 copy"))
+    return needs
+
+
+def calibrate(model, tokenizer, ds, modifiers: list, opts: QuantizeOptions, plan: QuantizePlan,
+              gpu_plan: GpuMemoryPlan, batched: bool, world: int) -> None:
+    """llmcompressor's oneshot on this rank's share of the calibration set, with the patches of section 4
+    that this run asks for; a GPU out of memory becomes one line. Logs what ran."""
+    import contextlib
+    from llmcompressor import oneshot
+    import torch
+    torch.manual_seed(opts.seed)   # llmcompressor shuffles the calibration samples with torch's RNG
+    share = {}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(cpu_safe_calibration())
+        stack.enter_context(calibration_share(share))
+        stack.enter_context(layer_progress())
+        stack.enter_context(solved_weights_barrier())
+        if plan.sparse:
+            stack.enter_context(masked_gptq())
+        if not opts.no_share_hessians:
+            stack.enter_context(shared_input_hessians())
+        if not opts.fp32_hessian_matmul:
+            stack.enter_context(tensor_core_hessians())
+        if not opts.propagate_all_experts:
+            stack.enter_context(routed_propagation())
+        batched_stats: dict = {}
+        if batched:
+            stack.enter_context(batched_expert_calibration(model, gpu_plan, opts.fp32_hessian_matmul, batched_stats))
+        limit_gpu_memory(gpu_plan)
+        part = rank_share(ds)
+        batching = {}
+        if opts.calib_batch_size > 1:   # longest first, so a batch's samples are of similar length
+            batching = dict(batch_size=opts.calib_batch_size, shuffle_calibration_samples=False)
+            kept, given = batched_tokens([len(r) for r in part["input_ids"]], opts.calib_batch_size)
+            log(f"calibration batches of {opts.calib_batch_size} samples, longest first: {kept} of {given} "
+                f"tokens kept ({kept / given:.1%}; llmcompressor cuts each batch to its shortest sample)",
+                every_rank=world > 1)
+        try:
+            oneshot(model=model, processor=tokenizer, dataset=part, recipe=modifiers,
+                    num_calibration_samples=len(part), max_seq_length=opts.max_seq_length,
+                    pipeline="basic" if opts.no_sequential_update else "sequential",
+                    moe_calibrate_all_experts=not opts.routed_experts_only, **batching)
+        except torch.OutOfMemoryError as e:
+            raise gpu_out_of_memory_error(gpu_plan, e) from None
+    if torch.cuda.is_available():
+        log(f"GPU memory: peak {human_bytes(torch.cuda.max_memory_allocated())} allocated "
+            f"(torch.cuda.max_memory_allocated; expected ~{human_bytes(gpu_plan.peak)})")
+    if batched:
+        log(f"experts: batched calibration in {len(batched_stats['layers'])} MoE layers ({batched_stats['calls']} "
+            f"forwards)" + (f"; {len(batched_stats['fallback'])} MoE layers kept llmcompressor's per-expert "
+                            f"modules (other hooks on their experts)" if batched_stats["fallback"] else ""))
+    log(f"calibrated on {share.get('samples', '?')} of {len(ds)} samples", every_rank=world > 1)
+
+
+def save_calibrated_model(model, plan: QuantizePlan, modifiers: list, src_dir: Path, tmp: Path) -> None:
+    """The calibrated weights into tmp, on every rank: it gathers, rank 0 writes. 5 GB shards: a shard is
+    assembled in RAM before it is written, and transformers' 50 GB default would undo the RAM budget
+    (11.4 GB peak on an H200 for a 5.8 GB output saved as one shard)."""
+    if plan.mxfp4:       # OpenAI's layout, written here (one process: torchrun is refused for it)
+        write_mxfp4_checkpoint(src_dir, tmp, gptq_mxfp4_encoder(model),
+                               "GPTQ, LLM Compressor's MXFP4A16, mapped exactly")
+        (tmp / "recipe.yaml").write_text(recipe_yaml(modifiers))
+    else:
+        with warnings.catch_warnings():   # transformers warns of its 50 GB default shard, which we do not use
+            warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+            model.save_pretrained(str(tmp), save_compressed=True, max_shard_size=SAVE_SHARD_SIZE)
+
+
+def output_metadata(opts: QuantizeOptions, plan: QuantizePlan, model_dir: Path, samples: int, world: int,
+                    batched: bool) -> dict:
+    """config.json's gptoss_compressor entry: how this output was made."""
+    return {"version": __version__, "source": str(model_dir.resolve()),
+            "groups": {g.name: {"algo": g.algo, "scheme": g.scheme, "modules": len(g.modules),
+                                "group_sizes": g.group_size_summary()} for g in plan.groups},
+            "group_size_requested": plan.group_size,
+            "group_size_adjusted": [{"module": n, "in_features": i, "used": u} for n, i, _, u in plan.adjusted],
+            "calibration": {"source": opts.calib_jsonl or opts.dataset, "samples": samples,
+                            "max_seq_length": opts.max_seq_length,
+                            "all_experts": not opts.routed_experts_only, "processes": world,
+                            "shared_hessians": not opts.no_share_hessians,
+                            "hessian_matmul": "fp32" if opts.fp32_hessian_matmul else "bf16 products, fp32 sums",
+                            "propagation": "all experts" if opts.propagate_all_experts else "routed experts",
+                            "expert_calibration": "batched" if batched else "per expert"}}
+
+
+def write_quantize_config(tmp: Path, plan: QuantizePlan, extra: dict, serving: VllmServing | None) -> None:
+    """The experts rewritten in vLLM's layout (GPT-OSS), then config.json; with 2:4 sparsity the share of
+    conforming groups, read back from the saved tensors, goes into it too."""
+    if serving:
+        moved = write_vllm_layout(tmp, serving.why_not is None)
+        extra["vllm"] = {"layout": "vllm-gpt-oss", "checked_with": VLLM_CHECKED, "serving": serving.line(),
+                         "tensor_parallel": list(serving.tp_sizes),
+                         "kept_out_input_activations": moved["kept_out_input_activations"]}
+        log(f"vLLM layout: {moved['expert_tensors']} expert tensors rewritten in vLLM's GPT-OSS layout"
+            + ("; experts declared W4A16 to vLLM, their int8 activations kept in gptoss_compressor.vllm"
+               if moved["kept_out_input_activations"] else ""))
+    write_output_config(tmp, plan, None, extra)
+    if plan.sparse:
+        rep = sparsity_report(tmp, plan)
+        from compressed_tensors.config import DenseSparsityConfig
+        sparsity = DenseSparsityConfig(global_sparsity=rep["global_sparsity"], sparsity_structure=plan.sparse,
+                                       targets=sorted(n for g in plan.groups for n in g.modules),
+                                       ignore=plan.ignore).model_dump()
+        log(f"sparsity {plan.sparse}: {rep['share_of_groups_ok']:.2%} of the groups of "
+            f"{plan.sparse.split(':')[1]} conform in the worst of {rep['modules']} modules, "
+            f"global sparsity {rep['global_sparsity']:.1%}")
+        if rep["share_of_groups_ok"] < 1:
+            log(f"WARNING: the {plan.sparse} pattern did not survive in every module: see config.json")
+        extra["sparsity"] = {k: v for k, v in rep.items() if k != "per_module_min"}
+        write_output_config(tmp, plan, sparsity, extra)
+
+
+def log_quantize_stopped(e: BaseException, plan: QuantizePlan, bf16_dir: Path, offload_dir: Path) -> None:
+    """One line when a run stops on anything but a UserError: what is kept for the rerun."""
+    if plan.is_mxfp4 and (bf16_dir / BF16_OF_NAME).exists():
+        kept = f"the BF16 copy {bf16_dir} is kept and will be reused"
+    elif plan.is_mxfp4 and bf16_dir.exists():
+        kept = f"the partial BF16 copy {bf16_dir} is kept and will be finished"
+    else:
+        kept = "nothing else is kept (the input needs no BF16 copy)" if not plan.is_mxfp4 else "nothing is kept"
+    log(f"quantize stopped ({type(e).__name__}): rerun the same command to restart; {kept}; "
+        f"the offload folder {offload_dir} is removed")
+
+
+def run_quantize(opts: QuantizeOptions, plan: QuantizePlan, model_dir: Path, tokenizer, calib: list, heldout: list,
+                 gpu_plan: GpuMemoryPlan, batched: bool, serving: VllmServing | None, t0: float) -> int:
+    """The llmcompressor run, in phases: budgets and free disk checked, torchrun's process group joined,
+    calibrate, save into a temp folder, config + quality pass + model card, renamed into place. However
+    it stops, the temp output and the offload folder go (the BF16 copy of an MXFP4 input stays for the
+    rerun); a UserError passes through as it is, anything else is logged as the run having stopped."""
+    out = plan.output_dir
+    bf16_dir = quantize_bf16_dir(out)
+    budget = memory_budget(plan, opts, out)
+    if torchrun_world()[0] == 0:
+        remove_dead_quantize_runs(out, budget.offload_dir, opts.offload_folder is None)
+    # before the process group: all ranks fail alike
+    check_disk_space(quantize_disk_needs(opts, plan, budget, heldout, bf16_dir))
+    rank, world = init_distributed()
+    tmp = None                                       # the temp output: rank 0's, shared by all ranks
+    offload_ours = opts.offload_folder is None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        remove_offload(budget.offload_dir, False)    # compressed-tensors' files of a killed run
+        if offload_ours:
+            budget.offload_dir.mkdir(parents=True, exist_ok=True)
+            write_marker(budget.offload_dir, "quantize", scratch=True)
+    eval_error = None
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))   # run the cleanup below
+    try:
+        src_dir = on_rank0(dequantize_persistent, model_dir, bf16_dir) if plan.is_mxfp4 else model_dir
+        check_checkpoint_complete(src_dir, plan.config)
+        ds = tokenized_dataset(calib, tokenizer, opts.max_seq_length)
+        log(f"calibration: {len(ds)} samples (<= {opts.max_seq_length} tokens) from "
+            f"{opts.calib_jsonl or opts.dataset}; {len(heldout)} held-out texts for quality.json")
+        model = load_model_for_quantization(src_dir, budget)
+        modifiers = build_modifiers(plan, opts, model, solve_batch=gpu_plan.solve_batch)
+        if opts.offload_hessians and not plan.sparse:
+            log("--offload-hessians: llmcompressor 0.14's GPTQ keeps Hessians of the current layer only; "
+                "the flag applies to SparseGPT (--with-sparse)")
+        calibrate(model, tokenizer, ds, modifiers, opts, plan, gpu_plan, batched, world)
+        log(f"oneshot done in {time.time() - t0:.1f} s; saving to {out}; {offload_report(model, budget.offload_dir)}")
+        tmp = Path(on_rank0(make_temp_output, out))
+        try:
+            save_calibrated_model(model, plan, modifiers, src_dir, tmp)
+            del model                                      # its RAM, before the quality pass loads models again
+            if leave_distributed():
+                log(f"done; rank 0 writes {out}", every_rank=True)
+                return 0
+            remove_offload(budget.offload_dir, False)          # the quality pass below needs the space
+            tokenizer.save_pretrained(str(tmp))
+            copy_side_files(src_dir, tmp)                      # the source's tokenizer / template / generation config win
+        except Exception as e:
+            if disk_full(e):
+                raise UserError(f"the disk filled up while saving into {tmp.parent} "
+                                f"({human_bytes(shutil.disk_usage(tmp.parent).free)} free now; the output needs "
+                                f"~{human_bytes(estimated_output_bytes(plan))}): free space and rerun the same "
+                                f"command; nothing was kept", exit_code=1)
+            raise
+        write_quantize_config(tmp, plan, output_metadata(opts, plan, model_dir, len(ds), world, batched), serving)
+        eval_error = finish_quantize_output(tmp, plan, opts, model_dir, src_dir, heldout, tokenizer,
+                                            budget if budget.disk_bytes else None)
+    except BaseException as e:
+        if isinstance(e, UserError):
+            raise
+        log_quantize_stopped(e, plan, bf16_dir, budget.offload_dir)
+        raise
+    finally:
+        if rank == 0:
+            if tmp is not None:
+                remove_tool_folder(tmp)
+            remove_offload(budget.offload_dir, offload_ours)
+    return end_quantize(plan, opts.keep_bf16, eval_error, t0)
+
+
 # ---- vLLM's layout (GPT-OSS)
 # vLLM's GPT-OSS loader (vllm/model_executor/models/gpt_oss.py and compressed_tensors_moe_*.py of
 # vLLM 0.32.0, read and run on CPU) drops every tensor name it does not know without an error, and
@@ -3318,7 +3616,7 @@ def write_vllm_layout(folder: Path, servable: bool) -> dict:
         weight_map.update(dict.fromkeys(shard, f.name))
         written.append((new, f))
         del shard
-    del handles
+    handles.clear()                  # the old files are closed before they are replaced
     for new, f in written:
         os.replace(new, f)
     if (folder / INDEX_NAME).exists():
@@ -3834,226 +4132,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""          # before torch initializes CUDA
     model_dir = resolve_model_dir(opts.model_in, "--model-in")
     plan = make_plan(opts, model_dir)
-    out = plan.output_dir
-    if opts.eval_only:
-        marker = read_marker(out) if out.is_dir() else None
-        if not marker or marker.get("command") != "quantize" or not (out / "config.json").exists():
-            raise UserError(f"--eval-only: {out} is not a finished output of quantize: run the command without "
-                            f"--eval-only first")
-    elif not opts.dry_run:
-        check_output_folder(out, "--output-dir", [model_dir], opts.overwrite)
-        check_creatable(out.parent, "--output-dir")
-        if plan.is_mxfp4:
-            check_bf16_copy_folder(model_dir, quantize_bf16_dir(out))
-        check_offload_folder(opts.offload_folder, out, model_dir)
+    check_quantize_folders(opts, plan, model_dir)
     batched, why_not = expert_calibration_mode(plan, opts.per_expert_calibration, opts.routed_experts_only,
                                               opts.no_share_hessians)
     gpu_plan = plan_gpu_memory(plan, *gpu_memory_budget(opts.max_gpu_memory, opts.device_map), batched,
                                opts.max_seq_length, opts.calib_batch_size, opts.block_size)
-    for g in plan.groups:
-        sizes = ", ".join(f"{v} x {k}" for k, v in g.group_size_summary().items()) or "-"
-        log(f"{g.name}: {len(g.modules)} Linear -> {g.algo.upper()} {g.scheme} ({sizes})"
-            + ("" if g.modules else "  [empty group: nothing matches]"))
-    adjusted: dict = {}
-    for name, inf, req, used in plan.adjusted:
-        adjusted.setdefault((req, inf, used), []).append(name)
-    for (req, inf, used), names in adjusted.items():
-        log(f"group size {req} does not divide {inf} inputs: {len(names)} modules use "
-            f"{'per channel' if used is None else f'g{used}'} (--dry-run lists them)")
-    log_gpu_memory_plan(gpu_plan, batched)
-    if why_not and moe_dims(plan.config):
-        log(f"expert calibration: per expert ({why_not})")
+    log_quantize_plan(plan, gpu_plan, batched, why_not)
     serving = vllm_serving(plan, opts.symmetric)
     if serving:
         log(serving.line())
-
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:
-        raise UserError(f"{model_dir}: no usable tokenizer ({type(e).__name__}): copy the tokenizer files into it")
-    if opts.calib_jsonl:
-        texts = read_jsonl_texts(Path(opts.calib_jsonl).expanduser(), tokenizer, "--calib-jsonl")
-    elif not opts.dry_run:
-        texts = load_hub_texts(opts.dataset, tokenizer, opts.num_calibration_samples + 64)
-    else:
-        texts = []
-    eval_texts = read_jsonl_texts(Path(opts.eval_jsonl).expanduser(), tokenizer, "--eval-jsonl") if opts.eval_jsonl else None
-    calib, heldout = split_calibration(texts, opts.num_calibration_samples, eval_texts)
+    tokenizer = load_tokenizer(model_dir)
+    texts, calib, heldout = calibration_texts(opts, tokenizer)
     if opts.dry_run:
         print_plan(plan, build_modifiers(plan, opts, skeleton_model(plan.config)), opts.sparsity, opts.symmetric)
         if texts:
-            print(f"calibration: {len(calib)} texts from {opts.calib_jsonl or opts.dataset}, held out for quality: {len(heldout)}")
+            print(f"calibration: {len(calib)} texts from {opts.calib_jsonl or opts.dataset}, "
+                  f"held out for quality: {len(heldout)}")
         return 0
     if opts.eval_only:
         return quantize_eval_only(opts, plan, model_dir, tokenizer, heldout)
     if plan.mxfp4 and plan.group("experts").algo == "rtn":
         return quantize_mxfp4_rtn(opts, plan, model_dir, tokenizer, heldout)
-
-    bf16_dir = quantize_bf16_dir(out)
-    budget = memory_budget(plan, opts, out)
-    if torchrun_world()[0] == 0:
-        remove_dead_quantize_runs(out, budget.offload_dir, opts.offload_folder is None)
-    needs = [(budget.offload_dir, budget.disk_bytes, "offloaded weights"),
-             (out, estimated_output_bytes(plan), "the output")]
-    if not opts.no_eval:
-        needs.append((budget.offload_dir if budget.disk_bytes else out, eval_spill_bytes(plan, heldout, opts.max_seq_length),
-                      "the quality pass's source logits"))
-    if plan.is_mxfp4:
-        have = sum(p.stat().st_size for p in bf16_dir.glob("*.safetensors")) if bf16_dir.exists() else 0
-        needs.append((bf16_dir, max(budget.model_bytes - have, 0), "the BF16 copy"))
-    check_disk_space(needs)                          # before the process group: all ranks fail alike
-    rank, world = init_distributed()
-    tmp = None                                       # the temp output: rank 0's, shared by all ranks
-    offload_ours = opts.offload_folder is None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        remove_offload(budget.offload_dir, False)    # compressed-tensors' files of a killed run
-        if offload_ours:
-            budget.offload_dir.mkdir(parents=True, exist_ok=True)
-            write_marker(budget.offload_dir, "quantize", scratch=True)
-    eval_error = None
-    import signal
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))   # run the cleanup below
-    try:
-        src_dir = on_rank0(dequantize_persistent, model_dir, bf16_dir) if plan.is_mxfp4 else model_dir
-        check_checkpoint_complete(src_dir, plan.config)
-        ds = tokenized_dataset(calib, tokenizer, opts.max_seq_length)
-        log(f"calibration: {len(ds)} samples (<= {opts.max_seq_length} tokens) from "
-            f"{opts.calib_jsonl or opts.dataset}; {len(heldout)} held-out texts for quality.json")
-        model = load_model_for_quantization(src_dir, budget)
-        modifiers = build_modifiers(plan, opts, model, solve_batch=gpu_plan.solve_batch)
-        if opts.offload_hessians and not plan.sparse:
-            log("--offload-hessians: llmcompressor 0.14's GPTQ keeps Hessians of the current layer only; "
-                "the flag applies to SparseGPT (--with-sparse)")
-        import contextlib
-        from llmcompressor import oneshot
-        import torch
-        torch.manual_seed(opts.seed)   # llmcompressor shuffles the calibration samples with torch's RNG
-        share = {}
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(cpu_safe_calibration())
-            stack.enter_context(calibration_share(share))
-            stack.enter_context(layer_progress())
-            stack.enter_context(solved_weights_barrier())
-            if plan.sparse:
-                stack.enter_context(masked_gptq())
-            if not opts.no_share_hessians:
-                stack.enter_context(shared_input_hessians())
-            if not opts.fp32_hessian_matmul:
-                stack.enter_context(tensor_core_hessians())
-            if not opts.propagate_all_experts:
-                stack.enter_context(routed_propagation())
-            batched_stats: dict = {}
-            if batched:
-                stack.enter_context(batched_expert_calibration(model, gpu_plan, opts.fp32_hessian_matmul, batched_stats))
-            limit_gpu_memory(gpu_plan)
-            part = rank_share(ds)
-            batching = {}
-            if opts.calib_batch_size > 1:   # longest first, so a batch's samples are of similar length
-                batching = dict(batch_size=opts.calib_batch_size, shuffle_calibration_samples=False)
-                kept, given = batched_tokens([len(r) for r in part["input_ids"]], opts.calib_batch_size)
-                log(f"calibration batches of {opts.calib_batch_size} samples, longest first: {kept} of {given} "
-                    f"tokens kept ({kept / given:.1%}; llmcompressor cuts each batch to its shortest sample)",
-                    every_rank=world > 1)
-            try:
-                oneshot(model=model, processor=tokenizer, dataset=part, recipe=modifiers,
-                        num_calibration_samples=len(part), max_seq_length=opts.max_seq_length,
-                        pipeline="basic" if opts.no_sequential_update else "sequential",
-                        moe_calibrate_all_experts=not opts.routed_experts_only, **batching)
-            except torch.OutOfMemoryError as e:
-                raise gpu_out_of_memory_error(gpu_plan, e) from None
-        if torch.cuda.is_available():
-            log(f"GPU memory: peak {human_bytes(torch.cuda.max_memory_allocated())} allocated "
-                f"(torch.cuda.max_memory_allocated; expected ~{human_bytes(gpu_plan.peak)})")
-        if batched:
-            log(f"experts: batched calibration in {len(batched_stats['layers'])} MoE layers ({batched_stats['calls']} "
-                f"forwards)" + (f"; {len(batched_stats['fallback'])} MoE layers kept llmcompressor's per-expert "
-                                f"modules (other hooks on their experts)" if batched_stats["fallback"] else ""))
-        log(f"calibrated on {share.get('samples', '?')} of {len(ds)} samples", every_rank=world > 1)
-        log(f"oneshot done in {time.time() - t0:.1f} s; saving to {out}; {offload_report(model, budget.offload_dir)}")
-        tmp = Path(on_rank0(make_temp_output, out))
-        try:
-            # on every rank: it gathers, rank 0 writes. 5 GB shards: a shard is assembled in RAM before it is
-            # written, and transformers' 50 GB default would undo the RAM budget (11.4 GB peak on an H200
-            # for a 5.8 GB output saved as one shard)
-            if plan.mxfp4:       # OpenAI's layout, written here (one process: torchrun is refused for it)
-                write_mxfp4_checkpoint(src_dir, tmp, gptq_mxfp4_encoder(model),
-                                       "GPTQ, LLM Compressor's MXFP4A16, mapped exactly")
-                (tmp / "recipe.yaml").write_text(recipe_yaml(modifiers))
-            else:
-                with warnings.catch_warnings():   # transformers warns of its 50 GB default shard, which we do not use
-                    warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
-                    model.save_pretrained(str(tmp), save_compressed=True, max_shard_size=SAVE_SHARD_SIZE)
-            del model
-            if leave_distributed():
-                log(f"done; rank 0 writes {out}", every_rank=True)
-                return 0
-            remove_offload(budget.offload_dir, False)          # the quality pass below needs the space
-            tokenizer.save_pretrained(str(tmp))
-            copy_side_files(src_dir, tmp)                      # the source's tokenizer / template / generation config win
-        except Exception as e:
-            if disk_full(e):
-                raise UserError(f"the disk filled up while saving into {tmp.parent} "
-                                f"({human_bytes(shutil.disk_usage(tmp.parent).free)} free now; the output needs "
-                                f"~{human_bytes(estimated_output_bytes(plan))}): free space and rerun the same "
-                                f"command; nothing was kept", exit_code=1)
-            raise
-        sparsity = None
-        extra = {"version": __version__, "source": str(model_dir.resolve()),
-                 "groups": {g.name: {"algo": g.algo, "scheme": g.scheme, "modules": len(g.modules),
-                                     "group_sizes": g.group_size_summary()} for g in plan.groups},
-                 "group_size_requested": plan.group_size,
-                 "group_size_adjusted": [{"module": n, "in_features": i, "used": u} for n, i, _, u in plan.adjusted],
-                 "calibration": {"source": opts.calib_jsonl or opts.dataset, "samples": len(ds),
-                                 "max_seq_length": opts.max_seq_length,
-                                 "all_experts": not opts.routed_experts_only, "processes": world,
-                                 "shared_hessians": not opts.no_share_hessians,
-                                 "hessian_matmul": "fp32" if opts.fp32_hessian_matmul else "bf16 products, fp32 sums",
-                                 "propagation": "all experts" if opts.propagate_all_experts else "routed experts",
-                                 "expert_calibration": "batched" if batched else "per expert"}}
-        if serving:
-            moved = write_vllm_layout(tmp, serving.why_not is None)
-            extra["vllm"] = {"layout": "vllm-gpt-oss", "checked_with": VLLM_CHECKED, "serving": serving.line(),
-                             "tensor_parallel": list(serving.tp_sizes),
-                             "kept_out_input_activations": moved["kept_out_input_activations"]}
-            log(f"vLLM layout: {moved['expert_tensors']} expert tensors rewritten in vLLM's GPT-OSS layout"
-                + (f"; experts declared W4A16 to vLLM, their int8 activations kept in gptoss_compressor.vllm"
-                   if moved["kept_out_input_activations"] else ""))
-        write_output_config(tmp, plan, None, extra)
-        if plan.sparse:
-            rep = sparsity_report(tmp, plan)
-            from compressed_tensors.config import DenseSparsityConfig
-            sparsity = DenseSparsityConfig(global_sparsity=rep["global_sparsity"], sparsity_structure=plan.sparse,
-                                           targets=sorted(n for g in plan.groups for n in g.modules),
-                                           ignore=plan.ignore).model_dump()
-            log(f"sparsity {plan.sparse}: {rep['share_of_groups_ok']:.2%} of the groups of "
-                f"{plan.sparse.split(':')[1]} conform in the worst of {rep['modules']} modules, "
-                f"global sparsity {rep['global_sparsity']:.1%}")
-            if rep["share_of_groups_ok"] < 1:
-                log(f"WARNING: the {plan.sparse} pattern did not survive in every module: see config.json")
-            extra["sparsity"] = {k: v for k, v in rep.items() if k != "per_module_min"}
-            write_output_config(tmp, plan, sparsity, extra)
-        eval_error = finish_quantize_output(tmp, plan, opts, model_dir, src_dir, heldout, tokenizer,
-                                            budget if budget.disk_bytes else None)
-    except BaseException as e:
-        if isinstance(e, UserError):
-            raise
-        if plan.is_mxfp4 and (bf16_dir / BF16_OF_NAME).exists():
-            kept = f"the BF16 copy {bf16_dir} is kept and will be reused"
-        elif plan.is_mxfp4 and bf16_dir.exists():
-            kept = f"the partial BF16 copy {bf16_dir} is kept and will be finished"
-        else:
-            kept = "nothing else is kept (the input needs no BF16 copy)" if not plan.is_mxfp4 else "nothing is kept"
-        log(f"quantize stopped ({type(e).__name__}): rerun the same command to restart; {kept}; "
-            f"the offload folder {budget.offload_dir} is removed")
-        raise
-    finally:
-        if rank == 0:
-            if tmp is not None:
-                remove_tool_folder(tmp)
-            remove_offload(budget.offload_dir, offload_ours)
-    return end_quantize(plan, opts.keep_bf16, eval_error, t0)
+    return run_quantize(opts, plan, model_dir, tokenizer, calib, heldout, gpu_plan, batched, serving, t0)
 
 
 ##### 6. Loader + quality #####
