@@ -1211,7 +1211,7 @@ def add_dequantize_parser(sub) -> argparse.ArgumentParser:
                        description="Convert an MXFP4 GPT-OSS checkpoint into a BF16/FP16 one that "
                                    "transformers' GptOssForCausalLM loads unquantized. Streams tensor by "
                                    "tensor: peak RAM is a few hundred MB whatever the model size.",
-                       epilog="""\
+                       epilog="""
 examples:
   %(prog)s --src openai/gpt-oss-20b --dst ./gpt-oss-20b-bf16 --dtype bf16
   %(prog)s --src ./gpt-oss-120b --dst ./gpt-oss-120b-bf16 --dtype bf16 --device cuda
@@ -1219,7 +1219,7 @@ examples:
   %(prog)s --src ./gpt-oss-20b --dst ./ref --method transformers --device-map auto  # reference path
 
 BF16 is exact (every MXFP4 value is representable). FP16 is not: scales reach beyond its range,
-so values that would overflow are counted and refused unless --fp16-overflow says otherwise.""")
+so values that would overflow are counted and refused unless --fp16-overflow says otherwise.""".lstrip("\n"))
     d.add_argument("--src", default="openai/gpt-oss-120b", metavar="PATH|HUB_ID",
                    help="MXFP4 model folder, or a Hub id fetched with huggingface_hub (default: %(default)s)")
     d.add_argument("--dst", default="gpt-oss-120b-bf16", metavar="DIR", help="output folder (default: %(default)s)")
@@ -1466,8 +1466,8 @@ def shared_input_hessians():
 
     @contextlib.contextmanager
     def context():
-        with patch_attr(GPTQModifier, "calibrate_module", calibrate_module), \
-                patch_attr(GPTQModifier, "compress_modules", compress_modules):
+        with (patch_attr(GPTQModifier, "calibrate_module", calibrate_module),
+              patch_attr(GPTQModifier, "compress_modules", compress_modules)):
             yield
         if stats["steps"] and stats["hessians"] < stats["modules"]:
             h, m = stats["first"]
@@ -3629,8 +3629,8 @@ def write_vllm_layout(folder: Path, servable: bool) -> dict:
     kept = {}
     for key, grp in (qc.get("config_groups") or {}).items():
         grp["targets"] = [_vllm_target(t) for t in grp.get("targets", [])]
-        if servable and an_expert and grp.get("input_activations") and grp["weights"]["num_bits"] == 4 \
-                and matches_any(an_expert[0], grp["targets"]):
+        if (servable and an_expert and grp.get("input_activations") and grp["weights"]["num_bits"] == 4
+                and matches_any(an_expert[0], grp["targets"])):
             kept[key], grp["input_activations"] = grp["input_activations"], None
     qc["ignore"] = [_vllm_target(t) for t in qc.get("ignore") or []]
     write_json_atomic(folder / "config.json", cfg)
@@ -3973,21 +3973,20 @@ def add_quantize_parser(sub) -> argparse.ArgumentParser:
                                    "'experts' and 'model weights' (every other Linear: attention q/k/v/o). "
                                    "Router, embeddings and lm_head are never quantized. Writes a complete "
                                    "compressed-tensors folder, reloads it from disk and writes quality.json.",
-                       epilog="""\
+                       epilog="""
 examples:
   %(prog)s --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16 --calib-jsonl calib.jsonl
   %(prog)s --model-in ./gpt-oss-120b-bf16 --experts-algo awq --experts w4a16 --mw-algo gptq --mw w8a8
   %(prog)s --model-in ./gpt-oss-120b-bf16 --with-sparse --experts-type int4 --experts-scheme w4a8 \\
       --mw-type int4 --mw-scheme w4a16 --allow-fallback
   %(prog)s --model-in openai/gpt-oss-20b --dry-run          # MXFP4 input: dequantized on the fly
-  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16 --calib-jsonl chunks-2048.jsonl \
-      --calib-batch-size 8                                   # big GPU, equal-length samples: 2x faster
+  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16 --calib-jsonl chunks-2048.jsonl       --calib-batch-size 8                                   # big GPU, equal-length samples: 2x faster
 
 support matrix: AWQ W4A16; GPTQ W4A16, W8A8, W4A8 (needs a W4A8 runtime: QQQ or triton);
 RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
 --experts mxfp4 (OpenAI's own MXFP4 layout, what vLLM/SGLang/transformers/llama.cpp/TensorRT-LLM load
 for gpt-oss): RTN (OCP rule, streamed shard by shard, no calibration) or GPTQ (LLM Compressor's
-MXFP4A16); attention, router, embeddings and lm_head stay as in the source (--mw is refused).""")
+MXFP4A16); attention, router, embeddings and lm_head stay as in the source (--mw is refused).""".lstrip("\n"))
     q.add_argument("--model-in", default="gpt-oss-120b-bf16", metavar="PATH|HUB_ID",
                    help="BF16/FP16 model folder (from `dequantize`), an MXFP4 GPT-OSS folder (dequantized on "
                         "the fly), or a Hub id (default: %(default)s)")
@@ -7490,7 +7489,7 @@ def add_verify_runtime_parser(sub) -> argparse.ArgumentParser:
                        description="Report Python, torch/CUDA/cuDNN, driver, GPUs, nvcc, the relevant packages and "
                                    "the W4A8 backends (QQQ, built-in Triton), with a CUDA sanity matmul and "
                                    "kernel self-tests on a GPU. Exit 0 unless a --require-* is not met (exit 3).",
-                       epilog="""\
+                       epilog="""
 examples:
   %(prog)s                                      # human-readable report (exit 0 even without a GPU)
   %(prog)s --json --require-w4a8                # for scripts: exit 3 if no W4A8 GEMM can run here
@@ -7508,7 +7507,7 @@ Each backend runs in a worker process, so a CUDA fault is reported as that case'
 dense path only and says so. On a GPU, --model also times decode with each token one CUDA-graph
 replay into a static cache (how serving engines decode; HF generate() launches every kernel from
 Python, which at batch 1 sets the speed): prompt + new tokens must fit the sliding window (128 in
-gpt-oss). --no-graph skips it.""")
+gpt-oss). --no-graph skips it.""".lstrip("\n"))
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.add_argument("--require-gpu", action="store_true", help="exit 3 unless a CUDA GPU works")
     v.add_argument("--require-w4a8", action="store_true",
@@ -7577,8 +7576,8 @@ def cmd_verify_runtime(args: argparse.Namespace) -> int:
         env["builtin_selftest"] = _builtin_selftest()
     if env["gpus"] and env["backends"]["qqq"]["importable"]:
         env["qqq_selftest"] = qqq_self_test()
-    w4a8_here = (env["backends"]["builtin_triton"]["runnable"] and env.get("builtin_selftest", {}).get("ok", False)) \
-        or (env["backends"]["qqq"]["importable"] and env.get("qqq_selftest", {}).get("ok", False))
+    w4a8_here = ((env["backends"]["builtin_triton"]["runnable"] and env.get("builtin_selftest", {}).get("ok", False))
+                 or (env["backends"]["qqq"]["importable"] and env.get("qqq_selftest", {}).get("ok", False)))
     gpu_ok = bool(env["gpus"]) and all(s["ok"] for s in env["sanity"])
     problems = []
     if opts.require_gpu and not gpu_ok:
@@ -7831,7 +7830,7 @@ def add_install_kernel_parser(sub) -> argparse.ArgumentParser:
                                    f"a pinned commit ({QQQ_COMMIT[:12]}) with pip --no-deps --no-build-isolation: "
                                    "no installed package changes version, and it compiles against your torch. "
                                    "Not needed for the built-in Triton W4A8/W4A16 kernels (pip install triton).",
-                       epilog="""\
+                       epilog="""
 examples:
   %(prog)s --yes                                   # GitHub archive of the pinned commit, GPU arch detected
   TORCH_CUDA_ARCH_LIST=8.6 %(prog)s --yes          # build for an RTX 3090 on a machine without it
@@ -7841,7 +7840,7 @@ examples:
 Before building it checks nvcc, a C++ compiler, the CUDA headers and a CUDA build of torch and
 names what is missing (exit 3). QQQ's setup.py also pip-installs the fast-hadamard-transform
 submodule, which the GEMM does not use: a pip shim on PATH skips it. After installing: import
-check and a numeric self-test of QQQ's GEMM against float64 on the GPU. Exit 1 if either fails.""")
+check and a numeric self-test of QQQ's GEMM against float64 on the GPU. Exit 1 if either fails.""".lstrip("\n"))
     k.add_argument("--source", metavar="PATH|URL|WHEEL",
                    help="QQQ source dir, archive (.tar.gz/.zip, path or URL) or .whl "
                         "(default: the GitHub archive of the pinned commit)")
@@ -7870,7 +7869,7 @@ def cmd_install_kernel(args: argparse.Namespace) -> int:
 
 ##### 10. main #####
 
-EXAMPLES = """\
+EXAMPLES = """
 examples:
   # 1. MXFP4 -> BF16, streaming shard by shard (needs ~ one shard of RAM, 234 GB of disk for 120b)
   %(prog)s dequantize --src openai/gpt-oss-120b --dst ./gpt-oss-120b-bf16 --dtype bf16
@@ -7878,7 +7877,7 @@ examples:
   %(prog)s quantize --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16
   # 3. the W4A8 runtime
   %(prog)s install-kernel --yes && %(prog)s verify-runtime --bench --shapes gpt-oss
-"""
+""".lstrip("\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
