@@ -23,6 +23,10 @@ Map of this file (sections in the order data flows; `##### N. name #####` banner
                              add_install_kernel_parser, cmd_install_kernel
  10. main .................. build_parser (the add_*_parser functions composed), main
 
+Each cmd_* turns the argparse Namespace into its command's frozen options dataclass (DequantizeOptions,
+QuantizeOptions, VerifyRuntimeOptions, InstallKernelOptions; one field per flag): helpers take that, or
+single values by name, never the Namespace. tests/test_cli_structure.py checks this shape.
+
 Heavy imports (torch, transformers, llmcompressor) live inside the functions that need them so
 that `--help` answers instantly.
 """
@@ -124,6 +128,15 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_SHARD_NAME = "model.safetensors"
 # Files of a model folder that are neither weights nor config: copied as they are.
 COPY_SKIP = {INDEX_NAME, "config.json"}
+
+
+def dist_version(name: str) -> str | None:
+    """The installed version of a distribution (pip's name), None if it is not installed."""
+    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -447,6 +460,13 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 # Argument types: argparse turns their ArgumentTypeError into one `error:` line (exit 2), so a
 # bad value is refused before any file is read or written.
+
+def add_subcommand(sub, name: str, help: str, description: str, examples: str) -> argparse.ArgumentParser:
+    """One subcommand's parser; its epilog (examples, notes) is printed as written, its first newline
+    dropped (the text block opens on a line of its own)."""
+    return sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, help=help,
+                          description=description, epilog=examples.lstrip("\n"))
+
 
 def int_at_least(low: int, unit: str):
     def parse(text: str) -> int:
@@ -1206,12 +1226,11 @@ class DequantizeOptions(CommandOptions):
 
 def add_dequantize_parser(sub) -> argparse.ArgumentParser:
     """The `dequantize` subcommand and its flags."""
-    fmt = argparse.RawDescriptionHelpFormatter
-    d = sub.add_parser("dequantize", formatter_class=fmt, help="MXFP4 -> BF16/FP16 checkpoint, streaming",
+    d = add_subcommand(sub, "dequantize", help="MXFP4 -> BF16/FP16 checkpoint, streaming",
                        description="Convert an MXFP4 GPT-OSS checkpoint into a BF16/FP16 one that "
                                    "transformers' GptOssForCausalLM loads unquantized. Streams tensor by "
                                    "tensor: peak RAM is a few hundred MB whatever the model size.",
-                       epilog="""
+                       examples="""
 examples:
   %(prog)s --src openai/gpt-oss-20b --dst ./gpt-oss-20b-bf16 --dtype bf16
   %(prog)s --src ./gpt-oss-120b --dst ./gpt-oss-120b-bf16 --dtype bf16 --device cuda
@@ -1219,7 +1238,7 @@ examples:
   %(prog)s --src ./gpt-oss-20b --dst ./ref --method transformers --device-map auto  # reference path
 
 BF16 is exact (every MXFP4 value is representable). FP16 is not: scales reach beyond its range,
-so values that would overflow are counted and refused unless --fp16-overflow says otherwise.""".lstrip("\n"))
+so values that would overflow are counted and refused unless --fp16-overflow says otherwise.""")
     d.add_argument("--src", default="openai/gpt-oss-120b", metavar="PATH|HUB_ID",
                    help="MXFP4 model folder, or a Hub id fetched with huggingface_hub (default: %(default)s)")
     d.add_argument("--dst", default="gpt-oss-120b-bf16", metavar="DIR", help="output folder (default: %(default)s)")
@@ -1307,8 +1326,8 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
 #                               LifecycleCallbacks.sequential_epoch_end
 #   loader_without_accelerator  compressed-tensors' offload.load          (0.19) asks the accelerator for free
 #                               ._get_device_memory                       memory, and there is none
-#   kernel_activation_rule      compressed-tensors' forward_quantize      (0.19) rounds int8 activations by
-#                                                                         amax / 127.5, not the kernels' 127
+#   kernel_activation_rule      compressed-tensors' forward_quantize      (0.19) scales int8 activations by
+#                                                                         amax / 127.5, the kernels by / 127
 # Worked around without a patch, next to their use: linearize_meta (llmcompressor's linearize_moe copies
 # weights that meta tensors lack), rank_share (0.14's sampler gives every rank the first rows),
 # write_output_config (compressed-tensors 0.19 writes an empty sparsity_config).
@@ -1365,6 +1384,9 @@ def masked_gptq():
     stack.enter_context(patch_attr(gptq_base, "quantize_weight", quantize_weight))
     stack.enter_context(patch_attr(gq, "gptq_block_update", block_update))
     return stack
+
+
+# ---- AWQ on a machine without an accelerator
 
 
 def cpu_safe_calibration():
@@ -1796,6 +1818,9 @@ def add_expert_hessians(h, a, fp32_matmul: bool) -> None:
         h.baddbmm_(af.transpose(1, 2), af, alpha=2)
 
 
+# ---- the run's bookkeeping: a barrier between torchrun's ranks, the samples a rank got, progress per layer
+
+
 def solved_weights_barrier():
     """Context in which every rank waits, after each subgraph's GPTQ solve, until all ranks have
     solved theirs. On CPU the ranks share the weights' memory, and llmcompressor 0.14 skips its
@@ -1867,6 +1892,9 @@ def layer_progress():
     stack.enter_context(patch_attr(seq, "trace_subgraphs", traced))
     stack.enter_context(patch_attr(LifecycleCallbacks, "sequential_epoch_end", on_epoch_end))
     return stack
+
+
+# ---- compressed-tensors
 
 
 def loader_without_accelerator() -> None:
@@ -3002,6 +3030,9 @@ def quantize_eval_only(opts: QuantizeOptions, plan: QuantizePlan, model_dir: Pat
     return 0
 
 
+# ---- what a run writes beside the weights: the plan (--dry-run), the model card, config.json
+
+
 def print_plan(plan: QuantizePlan, modifiers: list, sparsity: float, symmetric: bool) -> None:
     print(f"model:      {plan.model_dir}{'  (MXFP4: dequantized to BF16 on the fly)' if plan.is_mxfp4 else ''}")
     print(f"output dir: {plan.output_dir}")
@@ -3132,6 +3163,8 @@ def sparsity_report(tmp: Path, plan: QuantizePlan) -> dict:
     return {"share_of_groups_ok": min(per.values()) if per else 0.0, "modules": len(per),
             "global_sparsity": zeros / max(total, 1), "per_module_min": per}
 
+
+# ---- the run's phases: cmd_quantize checks and plans, run_quantize calibrates, saves and finishes
 
 
 def check_quantize_folders(opts: QuantizeOptions, plan: QuantizePlan, model_dir: Path) -> None:
@@ -3908,6 +3941,9 @@ model = AutoModelForCausalLM.from_pretrained("{plan.output_dir.name}",          
 """
 
 
+# ---- the command line
+
+
 @dataclass(frozen=True)
 class QuantizeOptions(CommandOptions):
     """quantize's flags (add_quantize_parser and its flag groups), in --help's order."""
@@ -3966,14 +4002,13 @@ class QuantizeOptions(CommandOptions):
 def add_quantize_parser(sub) -> argparse.ArgumentParser:
     """The `quantize` subcommand and its flags, added in --help's order: what is quantized and how, then
     calibration, then output and machine."""
-    fmt = argparse.RawDescriptionHelpFormatter
-    q = sub.add_parser("quantize", formatter_class=fmt, help="GPTQ/AWQ compression through LLM Compressor",
+    q = add_subcommand(sub, "quantize", help="GPTQ/AWQ compression through LLM Compressor",
                        description="Quantize a BF16/FP16 model (GPT-OSS, experts included, or any Hugging Face "
                                    "causal LM) with GPTQ / AWQ / RTN through LLM Compressor, in two groups: "
                                    "'experts' and 'model weights' (every other Linear: attention q/k/v/o). "
                                    "Router, embeddings and lm_head are never quantized. Writes a complete "
                                    "compressed-tensors folder, reloads it from disk and writes quality.json.",
-                       epilog="""
+                       examples="""
 examples:
   %(prog)s --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16 --calib-jsonl calib.jsonl
   %(prog)s --model-in ./gpt-oss-120b-bf16 --experts-algo awq --experts w4a16 --mw-algo gptq --mw w8a8
@@ -3986,7 +4021,7 @@ support matrix: AWQ W4A16; GPTQ W4A16, W8A8, W4A8 (needs a W4A8 runtime: QQQ or 
 RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
 --experts mxfp4 (OpenAI's own MXFP4 layout, what vLLM/SGLang/transformers/llama.cpp/TensorRT-LLM load
 for gpt-oss): RTN (OCP rule, streamed shard by shard, no calibration) or GPTQ (LLM Compressor's
-MXFP4A16); attention, router, embeddings and lm_head stay as in the source (--mw is refused).""".lstrip("\n"))
+MXFP4A16); attention, router, embeddings and lm_head stay as in the source (--mw is refused).""")
     q.add_argument("--model-in", default="gpt-oss-120b-bf16", metavar="PATH|HUB_ID",
                    help="BF16/FP16 model folder (from `dequantize`), an MXFP4 GPT-OSS folder (dequantized on "
                         "the fly), or a Hub id (default: %(default)s)")
@@ -6061,7 +6096,7 @@ def qqq_status() -> tuple[bool, str]:
         importlib.import_module("QQQ._CUDA")
     except Exception as e:  # ImportError, undefined symbols after a torch upgrade, CPU-only torch
         return False, f"installed but its CUDA extension does not import ({type(e).__name__}: {e})"
-    return True, _dist_version("QQQ") or "installed"
+    return True, dist_version("QQQ") or "installed"
 
 
 QQQ_SOURCE_RECORD = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptoss-compressor" / "qqq-source.json"
@@ -6148,14 +6183,6 @@ def w4a8_runtime_message() -> str:
         return (f"W4A8 runtime: built-in Triton int4 GEMM (triton {t}); it needs a CUDA GPU with "
                 f"compute capability >= 8.0 to run. QQQ: {q}")
     return f"no W4A8 runtime: QQQ {q}; {t}. `pip install triton` or `install-kernel`"
-
-
-def _dist_version(name: str) -> str | None:
-    from importlib import metadata
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def cuda_gpus() -> list[dict]:
@@ -6615,7 +6642,9 @@ def format_bench_report(report: dict) -> str:
 ##### 8. verify-runtime #####
 
 
-def _nvcc_info() -> dict | None:
+def nvcc_info() -> dict | None:
+    """The nvcc a CUDA extension build would use: {"path", "release"}, or None (verify-runtime's report,
+    install-kernel's toolchain check)."""
     import subprocess
     # torch.utils.cpp_extension's order: CUDA_HOME (or CUDA_PATH) alone when set, else PATH, else
     # /usr/local/cuda
@@ -6667,10 +6696,10 @@ def runtime_environment() -> dict:
     for g in env["gpus"]:
         g["capability"] = list(g["capability"])
     env["driver"] = _nvidia_driver()
-    env["nvcc"] = _nvcc_info()
+    env["nvcc"] = nvcc_info()
     env["env"] = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_HOME",
                                                    "TORCH_CUDA_ARCH_LIST")}
-    env["packages"] = {p: _dist_version(p) for p in ("transformers", "llmcompressor", "compressed-tensors",
+    env["packages"] = {p: dist_version(p) for p in ("transformers", "llmcompressor", "compressed-tensors",
                                                      "triton", "QQQ")}
     q_ok, q = qqq_status()
     b_ok, b = builtin_w4a8_status()
@@ -7484,12 +7513,11 @@ class VerifyRuntimeOptions(CommandOptions):
 
 def add_verify_runtime_parser(sub) -> argparse.ArgumentParser:
     """The `verify-runtime` subcommand and its flags."""
-    fmt = argparse.RawDescriptionHelpFormatter
-    v = sub.add_parser("verify-runtime", formatter_class=fmt, help="check GPU, CUDA and W4A8 runtimes",
+    v = add_subcommand(sub, "verify-runtime", help="check GPU, CUDA and W4A8 runtimes",
                        description="Report Python, torch/CUDA/cuDNN, driver, GPUs, nvcc, the relevant packages and "
                                    "the W4A8 backends (QQQ, built-in Triton), with a CUDA sanity matmul and "
                                    "kernel self-tests on a GPU. Exit 0 unless a --require-* is not met (exit 3).",
-                       epilog="""
+                       examples="""
 examples:
   %(prog)s                                      # human-readable report (exit 0 even without a GPU)
   %(prog)s --json --require-w4a8                # for scripts: exit 3 if no W4A8 GEMM can run here
@@ -7507,7 +7535,7 @@ Each backend runs in a worker process, so a CUDA fault is reported as that case'
 dense path only and says so. On a GPU, --model also times decode with each token one CUDA-graph
 replay into a static cache (how serving engines decode; HF generate() launches every kernel from
 Python, which at batch 1 sets the speed): prompt + new tokens must fit the sliding window (128 in
-gpt-oss). --no-graph skips it.""".lstrip("\n"))
+gpt-oss). --no-graph skips it.""")
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.add_argument("--require-gpu", action="store_true", help="exit 3 unless a CUDA GPU works")
     v.add_argument("--require-w4a8", action="store_true",
@@ -7637,7 +7665,7 @@ def check_build_toolchain() -> list[str]:
                            f"torch's CUDA)")
     except ImportError:
         missing.append("torch")
-    nv = _nvcc_info()
+    nv = nvcc_info()
     if nv is None:
         missing.append("nvcc (the CUDA toolkit: put nvcc on PATH or set CUDA_HOME)")
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
@@ -7824,13 +7852,12 @@ class InstallKernelOptions(CommandOptions):
 
 def add_install_kernel_parser(sub) -> argparse.ArgumentParser:
     """The `install-kernel` subcommand and its flags."""
-    fmt = argparse.RawDescriptionHelpFormatter
-    k = sub.add_parser("install-kernel", formatter_class=fmt, help="install the QQQ W4A8 GEMM",
+    k = add_subcommand(sub, "install-kernel", help="install the QQQ W4A8 GEMM",
                        description="Build and install QQQ (W4A8 GEMM, Marlin-based CUDA extension) from GitHub at "
                                    f"a pinned commit ({QQQ_COMMIT[:12]}) with pip --no-deps --no-build-isolation: "
                                    "no installed package changes version, and it compiles against your torch. "
                                    "Not needed for the built-in Triton W4A8/W4A16 kernels (pip install triton).",
-                       epilog="""
+                       examples="""
 examples:
   %(prog)s --yes                                   # GitHub archive of the pinned commit, GPU arch detected
   TORCH_CUDA_ARCH_LIST=8.6 %(prog)s --yes          # build for an RTX 3090 on a machine without it
@@ -7840,7 +7867,7 @@ examples:
 Before building it checks nvcc, a C++ compiler, the CUDA headers and a CUDA build of torch and
 names what is missing (exit 3). QQQ's setup.py also pip-installs the fast-hadamard-transform
 submodule, which the GEMM does not use: a pip shim on PATH skips it. After installing: import
-check and a numeric self-test of QQQ's GEMM against float64 on the GPU. Exit 1 if either fails.""".lstrip("\n"))
+check and a numeric self-test of QQQ's GEMM against float64 on the GPU. Exit 1 if either fails.""")
     k.add_argument("--source", metavar="PATH|URL|WHEEL",
                    help="QQQ source dir, archive (.tar.gz/.zip, path or URL) or .whl "
                         "(default: the GitHub archive of the pinned commit)")
