@@ -3,17 +3,29 @@
 GPTQ / AWQ (W4A16, W8A8, W4A8, optional 2:4 sparsity) through LLM Compressor, and install and
 check a W4A8 GEMM runtime.
 
-Map of this file (sections in the order data flows):
-  1. Common helpers ........ errors, logging, model-folder files, a streaming safetensors writer
+Map of this file (sections in the order data flows; `##### N. name #####` banners):
+  1. Foundations ........... errors, logging, sizes, model-folder files, output-folder safety, a streaming
+                             safetensors writer, the command line's argument types
   2. MXFP4 codec ........... decode_mxfp4_blocks (CPU / CUDA), its inverse encode_mxfp4_blocks (OCP rule), FP16 range
-  3. dequantize ............ source resolution + checks, shard plan, streaming conversion, resume
-  4. quantize .............. recipes per scheme, calibration data, GPU memory plan, batched expert
-                             calibration, the llmcompressor run (or torchrun), the experts rewritten in
-                             the layout vLLM's GPT-OSS loader reads, MXFP4 experts back in OpenAI's
-                             layout (--experts mxfp4)
-  5. Loader + quality ...... load a quantized GPT-OSS folder, quality.json
-  6. Kernels + runtime ..... install-kernel, verify-runtime (--engine vllm: vLLM in its own venv), built-in int4 GEMM
-  7. CLI .................. argparse, one subparser per subcommand
+  3. dequantize ............ source resolution + checks, shard plan, streaming conversion, resume;
+                             add_dequantize_parser, cmd_dequantize
+  4. Patches ............... every change this tool makes to llmcompressor / compressed-tensors, in one
+                             table: what each replaces, why, the upstream version checked
+  5. quantize .............. plan, recipe, calibration data, GPU memory plan, torchrun, the run, the
+                             experts rewritten in the layout vLLM's GPT-OSS loader reads, MXFP4 experts
+                             in OpenAI's layout (--experts mxfp4); add_quantize_parser, cmd_quantize
+  6. Loader + quality ...... load a quantized GPT-OSS folder, quality.json (quantize and verify-runtime)
+  7. Kernel library ........ the built-in int4 GEMM (Triton), W4A8 runtimes, microbench; its public
+                             interface is listed at its top
+  8. verify-runtime ........ environment report, --bench, --model through the kernels, --engine vllm (vLLM
+                             in its own venv); add_verify_runtime_parser, cmd_verify_runtime
+  9. install-kernel ........ QQQ built and installed without touching other packages;
+                             add_install_kernel_parser, cmd_install_kernel
+ 10. main .................. build_parser (the add_*_parser functions composed), main
+
+Each cmd_* turns the argparse Namespace into its command's frozen options dataclass (DequantizeOptions,
+QuantizeOptions, VerifyRuntimeOptions, InstallKernelOptions; one field per flag): helpers take that, or
+single values by name, never the Namespace. tests/test_cli_structure.py checks this shape.
 
 Heavy imports (torch, transformers, llmcompressor) live inside the functions that need them so
 that `--help` answers instantly.
@@ -31,12 +43,13 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 __version__ = "0.1.0"
 
-##### 1. Common helpers #####
+
+##### 1. Foundations: errors, sizes, files, output folders, command line #####
 
 
 class UserError(Exception):
@@ -102,10 +115,28 @@ def sample_anon_rss() -> int:
     return _ANON_PEAK[0]
 
 
+def parse_size(text: str, flag: str) -> int:
+    """'48GB', '1.5GiB', '800MB', '123456' (bytes) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text), re.I)
+    if not m:
+        raise UserError(f"{flag} {text}: not a size; write it like 48GB, 1.5GiB or 800MB")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " kmgt".index(m.group(2).lower() or " "))
+
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_SHARD_NAME = "model.safetensors"
 # Files of a model folder that are neither weights nor config: copied as they are.
 COPY_SKIP = {INDEX_NAME, "config.json"}
+
+
+def dist_version(name: str) -> str | None:
+    """The installed version of a distribution (pip's name), None if it is not installed."""
+    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -132,6 +163,26 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
             shutil.copy2(p, dst / p.name)
             copied.append(p.name)
     return copied
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    if (path / INDEX_NAME).exists():
+        index = read_json(path / INDEX_NAME, "")
+        return [path / s for s in sorted(set(index.get("weight_map", {}).values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path} holds no .safetensors file: not a checkpoint written by quantize")
+    return files
+
+
+def open_safetensors(path: Path):
+    from safetensors import safe_open
+    try:
+        return safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise UserError(f"shard {path} is missing: re-download the model")
+    except Exception as e:
+        raise UserError(f"shard {path} is truncated or corrupt ({brief(e)}): re-download it")
 
 
 # ---- Output folders: the tool removes only what it wrote.
@@ -388,10 +439,131 @@ class SafetensorsStreamWriter:
         self.f.close()
 
 
+# ---- Command line: one `error:` line for a bad flag, options handed on as frozen dataclasses
+
+@dataclass(frozen=True)
+class CommandOptions:
+    """A subcommand's flags as frozen, typed fields named like their argparse dests (a test keeps the two
+    equal): cmd_* builds one from the Namespace, helpers take it or single values of it by name."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace):
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Bad flags get one line (what is wrong, where to look), not argparse's usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+# Argument types: argparse turns their ArgumentTypeError into one `error:` line (exit 2), so a
+# bad value is refused before any file is read or written.
+
+def add_subcommand(sub, name: str, help: str, description: str, examples: str) -> argparse.ArgumentParser:
+    """One subcommand's parser; its epilog (examples, notes) is printed as written, its first newline
+    dropped (the text block opens on a line of its own)."""
+    return sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, help=help,
+                          description=description, epilog=examples.lstrip("\n"))
+
+
+def int_at_least(low: int, unit: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v}: give {low} or more" + (f" {unit}" if unit else ""))
+        return v
+    return parse
+
+
+def fraction(low_inclusive: bool):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+        if not ((0 <= v if low_inclusive else 0 < v) and v < 1):
+            raise argparse.ArgumentTypeError(f"{v}: give a fraction {'from 0' if low_inclusive else 'above 0'} and below 1")
+        return v
+    return parse
+
+
+def group_size_arg(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    if v != -1 and (v < 16 or v & (v - 1)):
+        raise argparse.ArgumentTypeError(f"{v}: give a power of two of 16 or more (32, 64, 128) or -1 for per channel")
+    return v
+
+
+def mask_arg(text: str) -> str:
+    m = re.fullmatch(r"(\d+):(\d+)", text.strip())
+    if not m or not 0 < int(m.group(1)) < int(m.group(2)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give N:M with 0 < N < M, e.g. 2:4")
+    return f"{int(m.group(1))}:{int(m.group(2))}"
+
+
+def pattern_arg(text: str) -> str:
+    """A module name, or 're:REGEX' (the regex must compile)."""
+    body = text[3:] if text.startswith("re:") else None
+    try:
+        if body is not None:
+            re.compile(body)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a valid regex ({e})")
+    return text
+
+
+def regex_arg(text: str) -> str:
+    try:
+        re.compile(text[3:] if text.startswith("re:") else text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a valid regex ({e})")
+    return text
+
+
+def device_arg(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto, cpu, cuda or cuda:N")
+    return text
+
+
+def size_arg(text: str) -> str:
+    """A size like 48GB or 1.5GiB, checked here and kept as written (accelerate reads it too)."""
+    try:
+        if parse_size(text, "") <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a size above 0")
+    except UserError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write it like 48GB, 1.5GiB or 800MB")
+    return text
+
+
+def int_list_arg(text: str) -> str:
+    if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text) or any(int(t) < 1 for t in text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers of 1 or more, comma-separated")
+    return text
+
+
+def prefill_lengths(text: str) -> tuple:
+    """--prefill-tokens: '256' or '128,1024' -> (256,) / (128, 1024); '0' -> ()."""
+    try:
+        lengths = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        lengths = (-1,)
+    if any(n < 0 for n in lengths):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of token counts (e.g. 256 or 128,1024)")
+    return tuple(n for n in lengths if n)
+
+
 ##### 2. MXFP4 codec #####
 # OpenAI stores each expert matrix W [out, in] as blocks of 32 inputs: 16 bytes of FP4 (E2M1)
 # codes, low nibble first, and one E8M0 scale byte (2^(s-127)) per block.
-
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
               -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 FP16_MAX = 65504.0
@@ -629,16 +801,6 @@ class SourceModel:
     @property
     def expert_names(self) -> list[str]:
         return sorted(n[: -len("_blocks")] for n in self.weight_map if n.endswith("_blocks"))
-
-
-def open_safetensors(path: Path):
-    from safetensors import safe_open
-    try:
-        return safe_open(str(path), framework="pt")
-    except FileNotFoundError:
-        raise UserError(f"shard {path} is missing: re-download the model")
-    except Exception as e:
-        raise UserError(f"shard {path} is truncated or corrupt ({brief(e)}): re-download it")
 
 
 def inspect_source(path: Path) -> SourceModel:
@@ -1018,22 +1180,108 @@ def dequantize_with_transformers(src: SourceModel, dst: Path, dtype_name: str, d
     return {s.name: name for s in specs}
 
 
+def dequantize_into(opts: DequantizeOptions, src: SourceModel, dst: Path, device: str | None, t0: float) -> int:
+    src_dir = src.path
+    if opts.method == "transformers":
+        log(f"dequantize --method transformers: whole model in memory (device_map={opts.device_map})")
+        weight_map = dequantize_with_transformers(src, dst, opts.dtype, opts.device_map,
+                                                  opts.offload_folder, opts.max_gpu_memory)
+        report = RangeReport()
+    else:
+        report, weight_map = dequantize_stream(src, dst, opts.dtype, device, opts.fp16_overflow, opts.resume,
+                                               opts.workers)
+    finish_output(src_dir, dst, src.config, opts.dtype, weight_map)
+    size = sum((dst / s).stat().st_size for s in set(weight_map.values()))
+    if opts.dtype == "fp16":
+        log(f"fp16 range: {report.overflow} values overflowed "
+            f"({'clamped to +-65504' if opts.fp16_overflow == 'clamp' else 'written as inf'} )"
+            if report.overflow else "fp16 range: no value overflowed")
+        log(f"fp16 range: {report.flushed} non-zero values flushed to zero")
+    dt = time.time() - t0
+    log(f"wrote {dst}: {len(weight_map)} tensors, {human_bytes(size)} in {dt:.1f} s "
+        f"({human_bytes(size / max(dt, 1e-9))}/s), peak RSS {human_bytes(peak_rss_bytes())} "
+        f"(anonymous {human_bytes(sample_anon_rss())}, the rest is mapped source pages)"
+        + (f"; {WRITE_WAIT_SECONDS[0]:.1f} s of it waiting for the disk"
+           if opts.method == "stream" and opts.workers == 1 else ""))
+    print(dst)
+    return 0
+
+
+@dataclass(frozen=True)
+class DequantizeOptions(CommandOptions):
+    """dequantize's flags (add_dequantize_parser)."""
+    src: str
+    dst: str
+    dtype: str                    # bf16 | fp16
+    method: str                   # stream | transformers
+    device: str
+    fp16_overflow: str            # error | clamp | inf
+    workers: int
+    overwrite: bool
+    resume: bool
+    device_map: str
+    offload_folder: str | None
+    max_gpu_memory: str | None
+
+
+def add_dequantize_parser(sub) -> argparse.ArgumentParser:
+    """The `dequantize` subcommand and its flags."""
+    d = add_subcommand(sub, "dequantize", help="MXFP4 -> BF16/FP16 checkpoint, streaming",
+                       description="Convert an MXFP4 GPT-OSS checkpoint into a BF16/FP16 one that "
+                                   "transformers' GptOssForCausalLM loads unquantized. Streams tensor by "
+                                   "tensor: peak RAM is a few hundred MB whatever the model size.",
+                       examples="""
+examples:
+  %(prog)s --src openai/gpt-oss-20b --dst ./gpt-oss-20b-bf16 --dtype bf16
+  %(prog)s --src ./gpt-oss-120b --dst ./gpt-oss-120b-bf16 --dtype bf16 --device cuda
+  %(prog)s --src ./gpt-oss-120b --dst ./gpt-oss-120b-bf16 --dtype bf16 --resume   # after a crash
+  %(prog)s --src ./gpt-oss-20b --dst ./ref --method transformers --device-map auto  # reference path
+
+BF16 is exact (every MXFP4 value is representable). FP16 is not: scales reach beyond its range,
+so values that would overflow are counted and refused unless --fp16-overflow says otherwise.""")
+    d.add_argument("--src", default="openai/gpt-oss-120b", metavar="PATH|HUB_ID",
+                   help="MXFP4 model folder, or a Hub id fetched with huggingface_hub (default: %(default)s)")
+    d.add_argument("--dst", default="gpt-oss-120b-bf16", metavar="DIR", help="output folder (default: %(default)s)")
+    d.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16",
+                   help="output dtype; bf16 is exact, fp16 may overflow (default: %(default)s)")
+    d.add_argument("--method", choices=["stream", "transformers"], default="stream",
+                   help="stream: shard by shard (default); transformers: load the whole model with "
+                        "Mxfp4Config(dequantize=True), for comparison (needs the model's size in RAM)")
+    d.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda[:N]",
+                   help="where the MXFP4 decode runs (stream method; default: GPU if present)")
+    d.add_argument("--fp16-overflow", choices=["error", "clamp", "inf"], default="error",
+                   help="with --dtype fp16, values beyond +-65504: stop (default), saturate, or write inf")
+    d.add_argument("--workers", type=int_at_least(1, "worker processes"), default=1, metavar="N",
+                   help="convert N shards at once in separate processes; with GPUs, worker k uses GPU "
+                        "k %% count (default: %(default)s)")
+    d.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
+    d.add_argument("--resume", action="store_true",
+                   help="finish an interrupted run in --dst: complete shards are checked and kept")
+    d.add_argument("--device-map", choices=["auto", "sequential", "cpu-only"], default="sequential",
+                   help="--method transformers: accelerate placement (default: %(default)s)")
+    d.add_argument("--offload-folder", metavar="DIR", help="--method transformers: spill weights to disk here")
+    d.add_argument("--max-gpu-memory", type=size_arg, metavar="SIZE", help="--method transformers: per-GPU cap, e.g. 20GiB")
+    d.set_defaults(func=cmd_dequantize)
+    return d
+
+
 def cmd_dequantize(args: argparse.Namespace) -> int:
     t0 = time.time()
-    src_dir = resolve_model_dir(args.src, "--src")
-    dst = Path(args.dst).expanduser()
-    state = check_output_folder(dst, "--dst", [src_dir], args.overwrite, args.resume)
+    opts = DequantizeOptions.from_args(args)
+    src_dir = resolve_model_dir(opts.src, "--src")
+    dst = Path(opts.dst).expanduser()
+    state = check_output_folder(dst, "--dst", [src_dir], opts.overwrite, opts.resume)
     src = inspect_source(src_dir)
-    device = pick_device(args.device) if args.method == "stream" else None
-    if args.offload_folder:
-        check_creatable(Path(args.offload_folder).expanduser(), "--offload-folder")
+    device = pick_device(opts.device) if opts.method == "stream" else None
+    if opts.offload_folder:
+        check_creatable(Path(opts.offload_folder).expanduser(), "--offload-folder")
     if state == "resume":
         marker = read_marker(dst)
         if marker is None and not (dst / PROGRESS_NAME).exists():
             raise UserError(f"--resume: {dst} was not started by dequantize (no {MARKER_NAME} or {PROGRESS_NAME}): "
                             f"give a new --dst")
         if marker and marker.get("complete") and (dst / "config.json").exists():
-            if marker.get("fingerprint") != dequantize_fingerprint(src, args.dtype):
+            if marker.get("fingerprint") != dequantize_fingerprint(src, opts.dtype):
                 raise UserError(f"--resume: {dst} is a finished output of another source or --dtype: give a new "
                                 f"--dst, or --overwrite to replace it")
             log(f"--resume: {dst} is already complete; nothing to do")
@@ -1042,47 +1290,648 @@ def cmd_dequantize(args: argparse.Namespace) -> int:
     elif state == "ours":
         freed = remove_tool_folder(dst)
         log(f"--overwrite: removed the earlier output {dst} ({human_bytes(freed)})")
-    created = start_dequantize_folder(dst, src, args.dtype) if state != "resume" or not read_marker(dst) else False
+    created = start_dequantize_folder(dst, src, opts.dtype) if state != "resume" or not read_marker(dst) else False
     try:
-        return dequantize_into(args, src, dst, device, t0)
+        return dequantize_into(opts, src, dst, device, t0)
     except BaseException:
         drop_if_unused(dst, created)
         raise
 
 
-def dequantize_into(args: argparse.Namespace, src: SourceModel, dst: Path, device: str | None, t0: float) -> int:
-    src_dir = src.path
-    if args.method == "transformers":
-        log(f"dequantize --method transformers: whole model in memory (device_map={args.device_map})")
-        weight_map = dequantize_with_transformers(src, dst, args.dtype, args.device_map,
-                                                  args.offload_folder, args.max_gpu_memory)
-        report = RangeReport()
+##### 4. llmcompressor / compressed-tensors patches #####
+# Every place where this tool changes what llmcompressor or compressed-tensors do, so that each can be
+# dropped once upstream does it. Each is a context (compressed_tensors.utils.patch_attr, undone on exit)
+# that the run enters only where it applies, except loader_without_accelerator (a torchrun rank on a
+# CPU-only machine keeps it until it exits). All checked against llmcompressor 0.14.0.1 and
+# compressed-tensors 0.19.0 (requirements.txt's pins).
+#
+#   patch                       replaces                                  because upstream
+#   masked_gptq                 gptq_quantize.gptq_block_update,          has no mask option in GPTQ: its
+#                               gptq.base.quantize_weight                 error feedback refills pruned weights
+#   cpu_safe_calibration        IntermediatesCache.pin_memory             pins AWQ's cache even without an
+#                                                                         accelerator, which torch refuses
+#   shared_input_hessians       GPTQModifier.calibrate_module,            keeps one Hessian per module, also for
+#                               GPTQModifier.compress_modules             modules that read the same input
+#   tensor_core_hessians        gptq.base.accumulate_hessian              fixes the Hessian matmul to fp32
+#   routed_propagation          sequential pipeline's HooksMixin          holds the all-experts flag through
+#                                                                         propagation too
+#   batched_expert_calibration  GptOssLinearExperts.forward,              calibrates experts only through 3E
+#                               GPTQModifier.on_calibration_start,        hooked per-expert module calls
+#                               GPTQModifier.compress_modules
+#   solved_weights_barrier      LifecycleCallbacks.sequential_epoch_end   has no barrier after a CPU solve
+#                                                                         (its broadcast skips CPU modules)
+#   calibration_share           oneshot's get_calibration_dataloader      does not say how many samples a
+#                                                                         rank calibrates on
+#   layer_progress              sequential pipeline's trace_subgraphs,    logs no progress per subgraph
+#                               LifecycleCallbacks.sequential_epoch_end
+#   loader_without_accelerator  compressed-tensors' offload.load          (0.19) asks the accelerator for free
+#                               ._get_device_memory                       memory, and there is none
+#   kernel_activation_rule      compressed-tensors' forward_quantize      (0.19) scales int8 activations by
+#                                                                         amax / 127.5, the kernels by / 127
+# Worked around without a patch, next to their use: linearize_meta (llmcompressor's linearize_moe copies
+# weights that meta tensors lack), rank_share (0.14's sampler gives every rank the first rows),
+# write_output_config (compressed-tensors 0.19 writes an empty sparsity_config).
+
+
+# ---- GPTQ that keeps a 2:4 mask
+
+
+def masked_gptq():
+    """Context in which llmcompressor's GPTQ keeps zero weights at zero (a SparseGPT mask).
+
+    GPTQ spreads each column's rounding error over the columns after it, which refills pruned
+    weights (80% of groups of 4 stay 2:4). Here a pruned weight is 'quantized' to 0 inside the
+    GPTQ loop, so its error is compensated like any other: SparseGPT's joint prune+quantize step.
+    Written by hand because llmcompressor 0.14's GPTQ has no mask option.
+    """
+    import contextlib
+    import torch
+    from compressed_tensors.quantization import QuantizationStrategy, fake_quantize
+    from compressed_tensors.utils import patch_attr
+    import llmcompressor.modifiers.gptq.base as gptq_base
+    import llmcompressor.modifiers.gptq.gptq_quantize as gq
+    from copy import copy
+    state = {"mask": None}
+    original_quantize_weight = gq.quantize_weight
+
+    def quantize_weight(weights, hessians, *a, **k):
+        state["mask"] = weights == 0                                     # [batch, rows, columns]
+        try:
+            return original_quantize_weight(weights, hessians, *a, **k)
+        finally:
+            state["mask"] = None
+
+    def block_update(W1, Hinv1, Q1, Err1, losses1, *, scale, zero_point, global_scale, g_idx, quant_args, i1):
+        # llmcompressor's eager gptq_block_update, plus the mask line
+        qargs = copy(quant_args)
+        qargs.strategy = QuantizationStrategy.CHANNEL
+        eff, zp = gq.column_scale_window(scale, zero_point, global_scale, g_idx, quant_args,
+                                         num_rows=W1.shape[-2], i1=i1, i2=i1 + W1.shape[-1])
+        mask = state["mask"]
+        for i in range(W1.shape[-1]):
+            w = W1[:, :, i]
+            q = fake_quantize(w.transpose(0, 1), eff[:, :, i].transpose(0, 1),
+                              None if zp is None else zp[:, :, i].transpose(0, 1), qargs).transpose(0, 1)
+            if mask is not None:
+                q = torch.where(mask[:, :, i1 + i], torch.zeros_like(q), q)
+            err = (w - q) / Hinv1[:, i, i][:, None]
+            Q1[:, :, i] = q
+            Err1[:, :, i] = err
+            losses1[:, :, i] = err.square()
+            W1[:, :, i:] -= err.unsqueeze(-1) * Hinv1[:, i, i:].unsqueeze(1)
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(patch_attr(gptq_base, "quantize_weight", quantize_weight))
+    stack.enter_context(patch_attr(gq, "gptq_block_update", block_update))
+    return stack
+
+
+# ---- AWQ on a machine without an accelerator
+
+
+def cpu_safe_calibration():
+    """AWQ pins its cached activations for faster host->GPU copies; torch refuses pin_memory
+    without an accelerator ('Cannot access accelerator device'), so on a CPU-only machine the
+    pinning is skipped (there is no copy to speed up)."""
+    import contextlib
+    import torch
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.pipelines.cache import IntermediatesCache
+    if torch.accelerator.is_available():
+        return contextlib.nullcontext()
+    return patch_attr(IntermediatesCache, "pin_memory", lambda self, *a, **k: None)
+
+
+# ---- GPTQ Hessians shared by modules that read the same tensor
+
+
+def shared_input_hessians():
+    """Context in which llmcompressor's GPTQ keeps ONE Hessian for the Linear modules that read the
+    same input tensor in a forward, instead of one each.
+
+    With all-expert calibration llmcompressor calls every expert as expert(hidden_states): the
+    gate_proj and up_proj of all E experts, like q/k/v_proj, accumulate the same 2 X^T X. A GPT-OSS
+    layer then needs E+3 fp32 K x K Hessians instead of 3E+4 (gpt-oss-120b: 131 for 388 modules).
+    The first module that sees a tensor accumulates; the others alias its _hessians/_num_samples
+    entries (the same tensor objects) and skip the matmul, so the shared Hessian is bitwise the one
+    each would have accumulated. "The same tensor": the first one is still alive (weak reference)
+    with equal data_ptr, shape, stride, dtype, device and _version (no in-place write since).
+    prepare_batch pops and divides entry by entry (a new tensor each), so aliases are safe there.
+    A distributed run reduces every entry across ranks, which would add an alias once per module:
+    there each alias becomes a copy just before the reduce (the calibration pass still skips the
+    matmuls; the reduce and the solve see one Hessian per module, as in plain llmcompressor).
+    Written by hand because llmcompressor 0.14's GPTQ keeps one Hessian per module.
+    """
+    import contextlib
+    import weakref
+    import torch
+    from compressed_tensors.offload.dist_utils import is_distributed
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.modifiers.gptq.base import GPTQModifier
+    original_calibrate, original_compress = GPTQModifier.calibrate_module, GPTQModifier.compress_modules
+    seen = {}        # (modifier id, input key) -> (weak reference to the input, module that accumulated it)
+    owner_of = {}    # module skipping its matmul -> module whose Hessian it aliases
+    calls = {}       # module -> hook calls: accumulations (owners) or matching skips (aliases)
+    stats = {"steps": 0, "modules": 0, "hessians": 0, "first": None}
+
+    def calibrate_module(self, module, inputs, _output):
+        inp = inputs[0]
+        if not isinstance(module, torch.nn.Linear) or not isinstance(inp, torch.Tensor):
+            return original_calibrate(self, module, inputs, _output)
+        key = (id(self), inp.data_ptr(), tuple(inp.shape), inp.stride(), inp.dtype, inp.device, inp._version)
+        hit = seen.get(key)
+        first = hit[1] if hit is not None and hit[0]() is not None else None
+        owner = owner_of.get(module)
+        if owner is not None:
+            if first is not owner:
+                raise RuntimeError(f"GPTQ Hessian sharing: {self._module_names.get(module)} shared "
+                                   f"{self._module_names.get(owner)}'s input on an earlier batch but not on "
+                                   f"this one: re-run with --no-share-hessians")
+            calls[module] += 1
+            return
+        if (first is not None and first is not module and module not in self._num_samples
+                and self._hessians[first].shape[0] == module.weight.shape[1]):
+            owner_of[module] = first
+            self._hessians[module], self._num_samples[module] = self._hessians[first], self._num_samples[first]
+            calls[module] = 1
+            return
+        original_calibrate(self, module, inputs, _output)
+        calls[module] = calls.get(module, 0) + 1
+        if first is None:
+            def forget(ref, key=key):
+                if seen.get(key, (None,))[0] is ref:
+                    del seen[key]
+            seen[key] = (weakref.ref(inp, forget), module)
+
+    def compress_modules(self):
+        for module, owner in owner_of.items():
+            if module in self._num_samples and calls[module] != calls[owner]:
+                raise RuntimeError(f"GPTQ Hessian sharing: {self._module_names.get(module)} ran "
+                                   f"{calls[module]} times, {self._module_names.get(owner)} {calls[owner]}: "
+                                   f"re-run with --no-share-hessians")
+        modules, hessians = len(self._num_samples), len({id(h) for h in self._hessians.values()})
+        if modules:
+            stats["steps"] += 1
+            stats["modules"] += modules
+            stats["hessians"] += hessians
+            stats["first"] = stats["first"] or (hessians, modules)
+        for module in list(owner_of):
+            if module in self._num_samples:
+                if is_distributed():     # the reduce adds each entry: it must not add one tensor twice
+                    self._hessians[module] = self._hessians[module].clone()
+                    self._num_samples[module] = self._num_samples[module].clone()
+                del owner_of[module]
+        for module in list(calls):
+            if module in self._num_samples:
+                del calls[module]
+        return original_compress(self)
+
+    @contextlib.contextmanager
+    def context():
+        with (patch_attr(GPTQModifier, "calibrate_module", calibrate_module),
+              patch_attr(GPTQModifier, "compress_modules", compress_modules)):
+            yield
+        if stats["steps"] and stats["hessians"] < stats["modules"]:
+            h, m = stats["first"]
+            log(f"GPTQ: {h} Hessians for {m} modules in the first of {stats['steps']} calibrated steps, "
+                f"{stats['hessians']} for {stats['modules']} in all (Linear modules that read the same "
+                f"input tensor share one: q/k/v, and gate/up of all experts)")
+    return context()
+
+
+# ---- GPTQ Hessians on tensor cores
+
+# tokens per tensor-core Hessian matmul: bench/bench_hessian_matmul.py on an H200 (RESULTS.md)
+HESSIAN_CHUNK_TOKENS = 512
+
+
+def tensor_core_hessians(chunk_tokens: int | None = None):
+    """Context in which llmcompressor's GPTQ accumulates 2 X^T X of a BF16 input (gpt-oss' dtype)
+    with tensor-core matmuls (BF16 multiplies, fp32 accumulation and output) instead of fp32 ones.
+
+    Every product of two BF16 numbers is exact in fp32 (8 + 8 significant bits), so both add the
+    same exact products in fp32; what differs is the adding. A tensor core's fp32 accumulator
+    truncates instead of rounding (H200: 4.5e-6 relative off the fp32 Hessian with 2048 tokens per
+    matmul, 2.8e-7 with 512), so the tokens go in chunks of chunk_tokens, each matmul's result added
+    to the Hessian by cuBLAS' rounded fp32 epilogue (beta = 1). The factor 2 is addmm's alpha
+    instead of llmcompressor's sqrt(2) scaling of the input (which would round). FP16 inputs stay
+    with llmcompressor's fp32 matmul (they needed 128-token chunks summed in two levels to stay
+    within 1e-6). On CPU (no BF16 -> fp32 mm) an fp32 addmm of the same exact values runs.
+    llmcompressor 0.14's 131 fp32 products per 120b layer were half of the calibration pass on an
+    H200; measured in bench/RESULTS.md. Written by hand: llmcompressor fixes the matmul to fp32.
+    """
+    import torch
+    from compressed_tensors.utils import patch_attr
+    import llmcompressor.modifiers.gptq.base as gptq_base
+    original = gptq_base.accumulate_hessian
+    chunk = chunk_tokens or HESSIAN_CHUNK_TOKENS
+
+    def accumulate_hessian(inp, module, hessian, num_samples):
+        if not (isinstance(module, torch.nn.Linear) and inp.dtype == torch.bfloat16
+                and hessian.dtype == torch.float32):
+            return original(inp, module, hessian, num_samples)
+        inp = inp.to(device=hessian.device)
+        num_added = 1 if inp.dim() == 2 else inp.shape[0]     # llmcompressor's count: batch rows
+        x = inp.reshape(-1, inp.shape[-1])
+        if x.is_cuda:
+            for part in x.split(chunk):
+                torch.addmm(hessian, part.t(), part, alpha=2, out_dtype=torch.float32, out=hessian)
+        else:
+            hessian.addmm_(x.t().float(), x.float(), alpha=2)
+        num_samples += num_added
+        return hessian, num_samples
+
+    return patch_attr(gptq_base, "accumulate_hessian", accumulate_hessian)
+
+
+# ---- propagation with routed experts
+
+
+def routed_propagation():
+    """Context in which the sequential pipeline's propagation pass runs each expert on its routed
+    tokens only; the calibration pass before it still runs every expert on every token.
+
+    Propagation only computes the next layer's inputs (hooks off). With the all-experts flag
+    llmcompressor's linearized MoE computes expert(hidden_states)[token_indices]: the routed rows of
+    an all-token run, top_k/E of it used (4/128 at 120b). expert(hidden_states[token_indices]) gives
+    the same rows: bitwise on CPU (checked in tests/test_quantize.py); a GPU may pick another GEMM
+    kernel for the smaller row count and round differently at BF16 precision.
+    Written by hand because llmcompressor 0.14 holds the all-experts flag for the whole oneshot; the
+    pipeline's only use of HooksMixin is `with HooksMixin.disable_hooks():` around propagation.
+    """
+    import contextlib
+    import types
+    from compressed_tensors.utils import patch_attr
+    import llmcompressor.modeling.moe.context as moe_context
+    import llmcompressor.pipelines.sequential.pipeline as sequential
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+    assert sequential.HooksMixin is HooksMixin and hasattr(moe_context, "_CALIBRATE_ALL_EXPERTS")
+
+    @contextlib.contextmanager
+    def disable_hooks(keep=frozenset()):
+        with HooksMixin.disable_hooks(keep), patch_attr(moe_context, "_CALIBRATE_ALL_EXPERTS", False):
+            yield
+    return patch_attr(sequential, "HooksMixin", types.SimpleNamespace(disable_hooks=disable_hooks))
+
+
+# ---- batched expert calibration: what llmcompressor's 3E hooked expert Linear modules did, as tensor math
+
+# "linear" computes the batched path's gate/up with F.linear per expert (the calls llmcompressor's
+# modules make) instead of batched matmuls: an experiment switch for whether the GPU's int4 codes
+# move with the batched GEMMs' rounding (bench/RESULTS.md, batched expert calibration)
+GATE_UP_ENV = "GPTOSS_GATE_UP"
+
+
+def batched_expert_calibration(model, g: GpuMemoryPlan, fp32_matmul: bool, stats: dict):
+    """Context in which llmcompressor's linearized GPT-OSS experts (GptOssLinearExperts) compute
+    what their 3E hooked Linear modules did, on the stacked expert weights [E, ...]:
+
+    - calibration pass (hooks on, all experts): gate and up of Ec experts x Tc tokens as two
+      batched matmuls (bias folded in: baddbmm, as F.linear), GPT-OSS' clamped SwiGLU in place,
+      and the E down_proj Hessians accumulated with one batched product per chunk into one
+      [E, I, I] fp32 tensor (BF16 products, fp32 sums in 512-token parts on a GPU, as
+      tensor_core_hessians; fp32 on CPU or with --fp32-hessian-matmul). gate/up of all experts read
+      the layer input: their shared Hessian goes through llmcompressor's (patched) accumulate_hessian
+      once. The entries land in the GPTQ modifier's _hessians/_num_samples under each expert
+      module, so llmcompressor's own batched GPTQ solve, qparams and saving run unchanged.
+    - the MoE output (both passes): the routed rows only, sorted by expert, one grouped GEMM per
+      projection (torch's grouped_mm on a GPU; on CPU F.linear per expert, bitwise llmcompressor's),
+      summed per token in ascending expert order like llmcompressor's index_add_ loop.
+    A MoE module whose expert Linear carry any hook but GPTQ's Hessian hook, or are not all GPTQ
+    targets, keeps llmcompressor's forward. Written by hand: llmcompressor 0.14 calibrates experts
+    only through per-expert module calls (H200: ~150 ms of Python per MoE forward, RESULTS.md).
+    The work is BatchedExperts' (below); this function patches it in.
+    """
+    import contextlib
+    import torch
+    from compressed_tensors.utils import patch_attr
+    import llmcompressor.modeling.moe.linear_experts as linear_experts
+    import llmcompressor.modifiers.gptq.base as gptq_base
+    from llmcompressor.modeling.moe.gpt_oss import GptOssLinearExperts
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+    original_forward = GptOssLinearExperts.forward
+    original_start = gptq_base.GPTQModifier.on_calibration_start
+    original_compress = gptq_base.GPTQModifier.compress_modules
+    batched = BatchedExperts(g, fp32_matmul, stats)
+
+    def on_calibration_start(self, *a, **k):
+        batched.modifiers.append(self)
+        return original_start(self, *a, **k)
+
+    def compress_modules(self):
+        batched.weights.clear()         # GPTQ is about to write the weights: restack for the next pass
+        batched.down_hessians.clear()   # prepare_batch pops the views: the [E, I, I] tensor goes with the last
+        return original_compress(self)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        gptq = batched.gptq_of(self)
+        if gptq is None:
+            return original_forward(self, hidden_states, top_k_index, top_k_weights)
+        stats["calls"] += 1
+        stats["layers"].add(id(self))
+        with torch.no_grad():
+            if linear_experts.get_calibrate_all_experts_flag() and not HooksMixin._HOOKS_DISABLED:
+                batched.accumulate(self, gptq, hidden_states)
+            return batched.routed(self, hidden_states, top_k_index, top_k_weights)
+
+    @contextlib.contextmanager
+    def context():
+        with contextlib.ExitStack() as stack:
+            for m in model.modules():
+                if isinstance(m, GptOssLinearExperts):
+                    # compressed-tensors' offload wrapper calls the forward it saw at load time
+                    name = "_original_forward_func" if hasattr(m, "_original_forward_func") else "forward"
+                    stack.enter_context(patch_attr(m, name, forward if name != "forward" else forward.__get__(m)))
+            stack.enter_context(patch_attr(gptq_base.GPTQModifier, "on_calibration_start", on_calibration_start))
+            stack.enter_context(patch_attr(gptq_base.GPTQModifier, "compress_modules", compress_modules))
+            try:
+                yield
+            finally:
+                batched.weights.clear()
+                batched.down_hessians.clear()
+    return context()
+
+
+class BatchedExperts:
+    """batched_expert_calibration's state and tensor math for one quantize run: which MoE modules run
+    batched (those whose expert Linear modules only carry GPTQ's Hessian hook), the current layer's
+    expert weights (stacked once per pass when the GPU plan keeps them), and each layer's down_proj
+    Hessians [E, I, I] while they are accumulated."""
+
+    def __init__(self, g: GpuMemoryPlan, fp32_matmul: bool, stats: dict):
+        self.g, self.fp32_matmul, self.stats = g, fp32_matmul, stats
+        self.modifiers: list = []       # the GPTQ modifiers that started calibrating
+        self.weights: dict = {}         # "moe", "hooks_off", "refs", "stacked": the current layer's expert weights
+        self.down_hessians: dict = {}   # id(MoE module) -> its experts' down_proj Hessians [E, I, I] being accumulated
+        self.eligible: dict = {}        # id(MoE module) -> GPTQ modifier, or None (llmcompressor's forward)
+        stats.update(layers=set(), calls=0, fallback=set())
+
+    def gptq_of(self, moe):
+        from compressed_tensors.utils import getattr_chain
+        key = id(moe)
+        if key not in self.eligible:
+            self.eligible[key] = None
+            experts = list(moe)[:moe.num_experts]
+            linears = [lin for ex in experts for lin in (ex.gate_proj, ex.up_proj, ex.down_proj)]
+            only_gptq = len(self.modifiers) == 1 and all(
+                lin in self.modifiers[0]._module_names and getattr_chain(lin, "quantization_scheme.weights", None)
+                is not None and len(lin._forward_hooks) == 1 and not lin._forward_pre_hooks
+                and not getattr(lin, "quantization_enabled", False) for lin in linears)
+            if only_gptq and not any(ex._forward_hooks or ex._forward_pre_hooks for ex in experts):
+                self.eligible[key] = self.modifiers[0]
+            else:
+                self.stats["fallback"].add(key)
+        return self.eligible[key]
+
+    def layer_weights(self, moe) -> dict:
+        import torch
+        from llmcompressor.modifiers.utils.hooks import HooksMixin
+        weights = self.weights
+        hooks_off = HooksMixin._HOOKS_DISABLED
+        if weights.get("moe") is not moe or weights.get("hooks_off") != hooks_off:
+            weights.clear()
+            experts = list(moe)[:moe.num_experts]
+            refs = {p: [getattr(getattr(ex, f"{p}_proj"), "weight") for ex in experts] for p in ("gate", "up", "down")}
+            refs |= {f"{p}_b": [getattr(getattr(ex, f"{p}_proj"), "bias") for ex in experts] for p in ("gate", "up", "down")}
+            weights.update(moe=moe, hooks_off=hooks_off, refs=refs,
+                           stacked={k: torch.stack(v) for k, v in refs.items()} if self.g.cache_weights else None)
+        return weights
+
+    def accumulate(self, moe, gptq, x) -> None:
+        """The calibration pass of one MoE forward: the gate/up Hessian shared by all experts, and each
+        expert's down_proj Hessian from its SwiGLU activations, chunk by chunk."""
+        import torch
+        import torch.nn.functional as F
+        from compressed_tensors.utils import get_execution_device
+        import llmcompressor.modifiers.gptq.base as gptq_base
+        from llmcompressor.modifiers.gptq.helpers import make_empty_hessian
+        g = self.g
+        experts = list(moe)[:moe.num_experts]
+        gate0, down0 = experts[0].gate_proj, experts[0].down_proj
+        if down0 not in gptq._num_samples:        # the first forward of this layer's calibration pass
+            device = get_execution_device(gate0)
+            shared, count = make_empty_hessian(gate0, device=device), torch.zeros((), device=device)
+            inner = down0.weight.shape[1]
+            down = torch.zeros(len(experts), inner, inner, device=device)
+            down_count = torch.zeros((), device=device)
+            for e, ex in enumerate(experts):
+                for lin in (ex.gate_proj, ex.up_proj):
+                    gptq._hessians[lin], gptq._num_samples[lin] = shared, count
+                gptq._hessians[ex.down_proj], gptq._num_samples[ex.down_proj] = down[e], down_count
+            self.down_hessians[id(moe)] = down
+        # gate/up of every expert read x: one Hessian, through the (patched) per-module function
+        gptq_base.accumulate_hessian(x, gate0, gptq._hessians[gate0], gptq._num_samples[gate0])
+        down, w = self.down_hessians[id(moe)], self.layer_weights(moe)
+        n = len(experts)
+        for e0 in range(0, n, g.expert_chunk):
+            e1 = min(e0 + g.expert_chunk, n)
+            wg, wu = expert_chunk(w, "gate", e0, e1), expert_chunk(w, "up", e0, e1)
+            bg, bu = expert_chunk(w, "gate_b", e0, e1).unsqueeze(1), expert_chunk(w, "up_b", e0, e1).unsqueeze(1)
+            for t0 in range(0, x.shape[0], g.token_chunk):
+                if os.environ.get(GATE_UP_ENV) == "linear":
+                    xt = x[t0:t0 + g.token_chunk]
+                    gate = torch.stack([F.linear(xt, wg[i], bg[i, 0]) for i in range(e1 - e0)])
+                    up = torch.stack([F.linear(xt, wu[i], bu[i, 0]) for i in range(e1 - e0)])
+                    act = gpt_oss_swiglu_(gate, up, moe)
+                    del gate, up
+                else:
+                    xc = x[t0:t0 + g.token_chunk].expand(e1 - e0, -1, -1)
+                    act = gpt_oss_swiglu_(torch.baddbmm(bg, xc, wg.transpose(1, 2)),
+                                          torch.baddbmm(bu, xc, wu.transpose(1, 2)), moe)
+                add_expert_hessians(down[e0:e1], act, self.fp32_matmul)
+                del act
+        gptq._num_samples[down0] += 1             # llmcompressor counts a 2-D input as one sample
+
+    def routed(self, moe, x, top_k_index, top_k_weights):
+        """The routed experts' weighted sum per token: what llmcompressor's loop returns."""
+        import torch
+        import torch.nn.functional as F
+        w = self.layer_weights(moe)
+        n_tok, k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)                  # rows by expert, then token
+        counts = torch.bincount(flat, minlength=moe.num_experts).tolist()   # the one host sync
+        rows = x[order // k]
+        y = torch.empty(rows.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+        starts = [0] + list(itertools.accumulate(counts))
+        grouped = x.is_cuda and (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm"))
+        e_chunk = self.g.expert_chunk if grouped else 1
+        for e0 in range(0, moe.num_experts, e_chunk):
+            e1 = min(e0 + e_chunk, moe.num_experts)
+            r0, r1 = starts[e0], starts[e1]
+            if r0 == r1:
+                continue
+            seg = rows[r0:r1]
+            if grouped:
+                offs = torch.tensor(starts[e0 + 1:e1 + 1], dtype=torch.int32, device=x.device) - r0
+                expert_of_row = torch.repeat_interleave(torch.arange(e1 - e0, device=x.device),
+                                                        torch.tensor(counts[e0:e1], device=x.device))
+                mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+                def lin(inp, name):
+                    out = mm(inp, expert_chunk(w, name, e0, e1).transpose(1, 2), offs=offs)
+                    return out.add_(expert_chunk(w, f"{name}_b", e0, e1)[expert_of_row])
+                act = gpt_oss_swiglu_(lin(seg, "gate"), lin(seg, "up"), moe)
+                y[r0:r1] = lin(act, "down")
+            else:
+                refs = w["refs"]
+                act = gpt_oss_swiglu_(F.linear(seg, refs["gate"][e0], refs["gate_b"][e0]),
+                                      F.linear(seg, refs["up"][e0], refs["up_b"][e0]), moe)
+                y[r0:r1] = F.linear(act, refs["down"][e0], refs["down_b"][e0])
+        y = (y * top_k_weights.reshape(-1)[order, None]).to(x.dtype)
+        # llmcompressor adds each expert's rows with index_add_ in expert order, rounding to BF16 at
+        # each add: the same sums, slot j holding each token's j-th smallest expert
+        slot = torch.argsort(torch.argsort(top_k_index, dim=1, stable=True), dim=1).reshape(-1)[order]
+        per_slot = torch.zeros(n_tok, k, x.shape[1], dtype=x.dtype, device=x.device)
+        per_slot[order // k, slot] = y
+        out = torch.zeros_like(x)
+        for j in range(k):
+            out += per_slot[:, j]
+        return out
+
+
+def expert_chunk(w: dict, name: str, e0: int, e1: int):
+    """Experts e0:e1 of one of BatchedExperts.layer_weights' tensors ("gate", "up_b", ...), stacked."""
+    import torch
+    if w["stacked"] is not None:
+        return w["stacked"][name][e0:e1]
+    return torch.stack(w["refs"][name][e0:e1])
+
+
+def gpt_oss_swiglu_(gate, up, moe):
+    """GptOssLinearExperts._apply_gate in place (same ops, same order: bitwise), without its
+    cat/chunk copies: (up.clamp(-l, l) + 1) * gate.clamp(max=l) * sigmoid(gate * alpha)."""
+    import torch
+    gate.clamp_(max=moe.limit)
+    sig = torch.sigmoid_(gate * moe.alpha)
+    return up.clamp_(min=-moe.limit, max=moe.limit).add_(1).mul_(gate).mul_(sig)
+
+
+def add_expert_hessians(h, a, fp32_matmul: bool) -> None:
+    """h [Ec, I, I] fp32 += 2 a^T a per expert, a [Ec, Tc, I] BF16 (as tensor_core_hessians does it)."""
+    import torch
+    if a.is_cuda and a.dtype == torch.bfloat16 and not fp32_matmul:
+        for part in a.split(HESSIAN_CHUNK_TOKENS, dim=1):
+            torch.baddbmm(h, part.transpose(1, 2), part, alpha=2, out_dtype=torch.float32, out=h)
     else:
-        report, weight_map = dequantize_stream(src, dst, args.dtype, device, args.fp16_overflow, args.resume,
-                                               args.workers)
-    finish_output(src_dir, dst, src.config, args.dtype, weight_map)
-    size = sum((dst / s).stat().st_size for s in set(weight_map.values()))
-    if args.dtype == "fp16":
-        log(f"fp16 range: {report.overflow} values overflowed "
-            f"({'clamped to +-65504' if args.fp16_overflow == 'clamp' else 'written as inf'} )"
-            if report.overflow else "fp16 range: no value overflowed")
-        log(f"fp16 range: {report.flushed} non-zero values flushed to zero")
-    dt = time.time() - t0
-    log(f"wrote {dst}: {len(weight_map)} tensors, {human_bytes(size)} in {dt:.1f} s "
-        f"({human_bytes(size / max(dt, 1e-9))}/s), peak RSS {human_bytes(peak_rss_bytes())} "
-        f"(anonymous {human_bytes(sample_anon_rss())}, the rest is mapped source pages)"
-        + (f"; {WRITE_WAIT_SECONDS[0]:.1f} s of it waiting for the disk"
-           if args.method == "stream" and args.workers == 1 else ""))
-    print(dst)
-    return 0
+        af = a.float()
+        h.baddbmm_(af.transpose(1, 2), af, alpha=2)
 
 
-##### 4. quantize #####
+# ---- the run's bookkeeping: a barrier between torchrun's ranks, the samples a rank got, progress per layer
+
+
+def solved_weights_barrier():
+    """Context in which every rank waits, after each subgraph's GPTQ solve, until all ranks have
+    solved theirs. On CPU the ranks share the weights' memory, and llmcompressor 0.14 skips its
+    broadcast of solved weights for CPU modules (`skip_cpu`), which was its only synchronization: a
+    rank that finished its share began the propagation pass through weights another rank was still
+    writing (the next layer's Hessian then came out ~0.1% off, a different amount every run).
+    Written by hand because llmcompressor has no barrier there; a no-op for one process."""
+    import contextlib
+    rank, world = torchrun_world()
+    if world == 1:
+        return contextlib.nullcontext()
+    import torch.distributed as dist
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.core import LifecycleCallbacks
+    epoch_end = LifecycleCallbacks.sequential_epoch_end
+
+    def epoch_end_then_barrier(*a, **k):
+        out = epoch_end(*a, **k)
+        dist.barrier()
+        return out
+    return patch_attr(LifecycleCallbacks, "sequential_epoch_end", epoch_end_then_barrier)
+
+
+def calibration_share(record: dict):
+    """Records how many calibration samples llmcompressor's dataloader gives this process."""
+    import importlib
+    from compressed_tensors.utils import patch_attr
+    entry = importlib.import_module("llmcompressor.entrypoints.oneshot")   # the package re-exports a function of that name
+    original = entry.get_calibration_dataloader
+
+    def recorded(*a, **k):
+        loader = original(*a, **k)
+        record["samples"] = len(loader.sampler) if loader is not None else 0
+        return loader
+    return patch_attr(entry, "get_calibration_dataloader", recorded)
+
+
+def layer_progress():
+    """Context in which llmcompressor's sequential pipeline logs each finished subgraph (the first
+    holds the embeddings, then one per decoder layer, the last with the norm + lm_head) with its
+    time, an ETA and the process's memory.
+    Hooks LifecycleCallbacks.sequential_epoch_end, which the pipeline calls once per subgraph, and
+    its trace_subgraphs to learn how many there are."""
+    import contextlib
+    from compressed_tensors.utils import patch_attr
+    from llmcompressor.core import LifecycleCallbacks
+    import llmcompressor.pipelines.sequential.pipeline as seq
+    state = {"n": 0, "total": None, "t0": None, "last": None}
+    trace, epoch_end = seq.trace_subgraphs, LifecycleCallbacks.sequential_epoch_end
+
+    def traced(*a, **k):
+        subgraphs = trace(*a, **k)
+        state.update(total=len(subgraphs), t0=time.time(), last=time.time())
+        return subgraphs
+
+    def on_epoch_end(*a, **k):
+        out = epoch_end(*a, **k)
+        now = time.time()
+        state["n"] += 1
+        n, total = state["n"], state["total"] or 0
+        eta = (now - state["t0"]) / n * (total - n)
+        what = "embeddings" if n == 1 else f"decoder layer {n - 2}" + (" + head" if n == total else "")
+        log(f"step {n}/{total or '?'} ({what}) done in {now - state['last']:.0f} s, ETA {eta / 60:.1f} min, "
+            f"RSS anonymous peak {human_bytes(sample_anon_rss())}, peak RSS {human_bytes(peak_rss_bytes())}")
+        state["last"] = now
+        return out
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(patch_attr(seq, "trace_subgraphs", traced))
+    stack.enter_context(patch_attr(LifecycleCallbacks, "sequential_epoch_end", on_epoch_end))
+    return stack
+
+
+# ---- compressed-tensors
+
+
+def loader_without_accelerator() -> None:
+    """compressed-tensors' distributed loader asks the accelerator for its free memory: on a machine
+    without one (torchrun over gloo on CPU) it gets no device memory instead of an error. For the rest
+    of the process (a torchrun rank quantizes, then exits). Written by hand because compressed-tensors
+    0.19 assumes an accelerator there."""
+    import compressed_tensors.offload.load as ct_load
+    ct_load._get_device_memory = lambda: {}
+
+
+def kernel_activation_rule():
+    """Context in which compressed-tensors' fake quantization of dynamic per-token int8 input
+    activations follows the kernels' rule (quantize_activations_int8: amax / 127, vLLM's) instead
+    of its own (amax / 127.5, clamped to [-128, 127]). For the dense reference of verify-runtime
+    --model, so that it measures the kernels and not the rule (tiny model: mean KL 4.7e-4 with
+    compressed-tensors' rule, 2.0e-4 with the kernels').
+    Written by hand because compressed-tensors has no switch for the rule."""
+    from compressed_tensors.utils import patch_attr
+    import compressed_tensors.quantization.lifecycle.forward as ct_forward
+    original = ct_forward.forward_quantize
+
+    def forward_quantize(module, value, base_name, quant_args):
+        if (base_name == "input" and quant_args.num_bits == 8 and quant_args.type == "int" and quant_args.symmetric
+                and quant_args.dynamic is True and quant_args.strategy == "token"):
+            x_q, s_x = quantize_activations_int8(value)
+            return (x_q.float() * s_x[..., None]).to(value.dtype)
+        return original(module, value, base_name, quant_args)
+    return patch_attr(ct_forward, "forward_quantize", forward_quantize)
+
+
+##### 5. quantize #####
 # Plan (which Linear gets which scheme and group size) -> recipe (llmcompressor modifiers) ->
 # calibration data -> oneshot -> a complete Hugging Face folder, written to a temp dir and renamed.
 # GPT-OSS quirks of this stage, one home each: linearize_meta (experts as nn.Linear),
 # resolve_group_size (2880 = 22.5 x 128 -> g64), gptoss_awq_mappings (router balanced with the experts),
-# masked_gptq (2:4 kept through GPTQ), w4a8 packing (scheme_args).
+# masked_gptq (section 4: 2:4 kept through GPTQ), w4a8 packing (scheme_args).
 
 ALGOS = ("gptq", "awq", "rtn")          # rtn: plain rounding (QuantizationModifier), the baseline
 SPEC_ALIASES = {"int4": "W4A16", "w4a16": "W4A16", "int8": "W8A8", "w8a8": "W8A8", "w4a8": "W4A8"}
@@ -1207,6 +2056,7 @@ class QuantizePlan:
     layer_params: int = 0                               # params of the largest decoder layer
     layer_hessian_bytes: int = 0                        # GPTQ/SparseGPT Hessians of that layer (fp32 in x in)
     mxfp4: bool = False                                 # experts written in OpenAI's MXFP4 layout (--experts mxfp4)
+    group_size: int | None = None                       # int4 group asked for: --group-size or the model's default
 
     def group(self, name: str) -> GroupPlan:
         return next(g for g in self.groups if g.name == name)
@@ -1221,37 +2071,37 @@ def detect_experts_regex(names: list[str]) -> str | None:
     return rf"re:.*\.{container}\.\d+\..*"
 
 
-def output_name(model_dir: Path, args, exp_spec: str, mw_spec: str, exp_algo: str, mw_algo: str) -> str:
+def output_name(model_dir: Path, sparse: str | None, exp_spec: str, mw_spec: str, exp_algo: str, mw_algo: str) -> str:
     """The seed's naming rule: <base>[-2of4]-<EXPERTALGO>-<MWALGO>-experts-<spec>-mw-<spec>."""
     base = re.sub(r"[-_](bf16|fp16|fp32|mxfp4|dequantized)$", "", model_dir.resolve().name, flags=re.I)
     def spec(s):
         return {"W4A16": "int4-w4a16", "W4A8": "int4-w4a8", "W8A8": "int8-w8a8"}[s]
     parts = [base]
-    if args.with_sparse:
-        parts.append(args.mask.replace(":", "of"))
+    if sparse:
+        parts.append(sparse.replace(":", "of"))
     parts += [exp_algo.upper(), mw_algo.upper(), "experts", spec(exp_spec), "mw", spec(mw_spec)]
     return "-".join(parts)
 
 
-def check_w4a8(spec: str, who: str, args) -> str:
+def check_w4a8(spec: str, who: str, try_install_qqq: bool, yes: bool, allow_fallback: bool) -> str:
     """W4A8 needs a runtime that can run it; otherwise install it, fall back to W4A16, or stop."""
     if spec != "W4A8" or has_w4a8_runtime():
         return spec
-    if args.try_install_qqq:
+    if try_install_qqq:
         ok = False
-        if args.yes or (sys.stdin.isatty() and input("install the QQQ W4A8 kernels now? [y/N] ").strip().lower() in ("y", "yes")):
+        if yes or (sys.stdin.isatty() and input("install the QQQ W4A8 kernels now? [y/N] ").strip().lower() in ("y", "yes")):
             ok = install_qqq(yes=True)
         if ok and has_w4a8_runtime():
             return spec
         log(f"{who}: the W4A8 runtime could not be installed")
-    if args.allow_fallback:
+    if allow_fallback:
         log(f"{who}: no W4A8 runtime (QQQ or triton): falling back to W4A16 (--allow-fallback)")
         return "W4A16"
     raise UserError(f"{who} W4A8 needs a W4A8 runtime (QQQ or triton) and none is installed: "
                     f"pass --try-install-qqq --yes to install it, or --allow-fallback to quantize W4A16 instead")
 
 
-def make_plan(args, model_dir: Path) -> QuantizePlan:
+def make_plan(opts: QuantizeOptions, model_dir: Path) -> QuantizePlan:
     """Resolve every flag into a plan without reading any weight."""
     config = read_json(model_dir / "config.json", "not a Hugging Face model folder (no config.json)")
     qcfg = config.get("quantization_config") or {}
@@ -1260,26 +2110,26 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
         raise UserError(f"{model_dir} is already quantized ({qcfg.get('quant_method')!r}): "
                         f"quantize starts from a BF16/FP16 (or MXFP4 GPT-OSS) checkpoint")
     for flag in ("algo", "experts_algo", "mw_algo"):
-        v = getattr(args, flag)
+        v = getattr(opts, flag)
         if v is not None and v.lower() not in ALGOS:
             raise UserError(f"--{flag.replace('_', '-')} {v}: unknown algorithm, use {', '.join(ALGOS)}")
-    exp_algo = (args.experts_algo or args.algo).lower()
-    mw_algo = (args.mw_algo or args.algo).lower()
-    mxfp4 = experts_mxfp4_requested(args)
+    exp_algo = (opts.experts_algo or opts.algo).lower()
+    mw_algo = (opts.mw_algo or opts.algo).lower()
+    mxfp4 = experts_mxfp4_requested(opts.experts, opts.experts_type)
     if mxfp4:
-        check_mxfp4_flags(args, config, exp_algo)
-    exp_spec = MXFP4_SPEC if mxfp4 else resolve_spec(args.experts_type, args.experts_scheme, args.experts, "experts")
-    mw_spec = resolve_spec(args.mw_type, args.mw_scheme, args.mw, "mw")
+        check_mxfp4_flags(opts, config, exp_algo)
+    exp_spec = MXFP4_SPEC if mxfp4 else resolve_spec(opts.experts_type, opts.experts_scheme, opts.experts, "experts")
+    mw_spec = resolve_spec(opts.mw_type, opts.mw_scheme, opts.mw, "mw")
     for who, algo, spec in (("experts", exp_algo, exp_spec), ("mw", mw_algo, mw_spec)):
         if algo == "awq" and spec != "W4A16":
             raise UserError(f"{who}: AWQ supports W4A16 (weight-only int4) only, not {spec}: "
                             f"use --{who}-algo gptq for {spec}")
-    if args.eval_only and (args.dry_run or args.no_eval):
+    if opts.eval_only and (opts.dry_run or opts.no_eval):
         raise UserError("--eval-only runs the quality pass alone: drop --dry-run / --no-eval")
-    if args.group_size is None:
-        args.group_size = default_group_size(config)
-    exp_spec = check_w4a8(exp_spec, "experts", args)
-    mw_spec = check_w4a8(mw_spec, "mw", args)
+    group_size = default_group_size(config) if opts.group_size is None else opts.group_size
+    runtime = dict(try_install_qqq=opts.try_install_qqq, yes=opts.yes, allow_fallback=opts.allow_fallback)
+    exp_spec = check_w4a8(exp_spec, "experts", **runtime)
+    mw_spec = check_w4a8(mw_spec, "mw", **runtime)
 
     try:
         model = skeleton_model(config)
@@ -1289,9 +2139,9 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
     import torch
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     total_params = sum(p.numel() for p in model.parameters())
-    ignore = BASE_IGNORE + list(args.extra_ignore or [])
-    experts_regex = args.experts_regex
-    if args.auto_detect_experts and not experts_regex:
+    ignore = BASE_IGNORE + list(opts.extra_ignore or [])
+    experts_regex = opts.experts_regex
+    if opts.auto_detect_experts and not experts_regex:
         experts_regex = detect_experts_regex(list(linears))
         log(f"--auto-detect-experts: {experts_regex or 'no expert modules found'}")
     experts_regex = experts_regex or DEFAULT_EXPERTS_REGEX
@@ -1300,7 +2150,7 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
     try:
         re.compile(experts_regex[3:])
     except re.error as e:
-        raise UserError(f"--experts-regex {args.experts_regex}: not a valid regex ({e})")
+        raise UserError(f"--experts-regex {opts.experts_regex}: not a valid regex ({e})")
     groups = [GroupPlan("experts", exp_algo, exp_spec), GroupPlan("mw", mw_algo, mw_spec)]
     adjusted = []
     for name, m in linears.items():
@@ -1319,20 +2169,21 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
         if g.scheme == "W8A8":
             g.group_sizes[name] = None          # int8 weights: one scale per output channel
             continue
-        gs = resolve_group_size(m.in_features, args.group_size)
+        gs = resolve_group_size(m.in_features, group_size)
         g.group_sizes[name] = gs
-        if args.group_size != -1 and gs != args.group_size:
-            adjusted.append((name, m.in_features, args.group_size, gs))
+        if group_size != -1 and gs != group_size:
+            adjusted.append((name, m.in_features, group_size, gs))
     if not any(g.modules for g in groups):
         raise UserError(f"{model_dir}: no Linear module left to quantize (all ignored by {ignore})")
     if mxfp4:
         groups = groups[:1]
-    if args.output_dir:
-        out = Path(args.output_dir).expanduser()
+    sparse = opts.mask if opts.with_sparse else None
+    if opts.output_dir:
+        out = Path(opts.output_dir).expanduser()
     elif mxfp4:
         out = Path(mxfp4_output_name(model_dir, exp_algo))
     else:
-        out = Path(output_name(model_dir, args, exp_spec, mw_spec, exp_algo, mw_algo))
+        out = Path(output_name(model_dir, sparse, exp_spec, mw_spec, exp_algo, mw_algo))
     per_layer: dict = {}
     for n, p in model.named_parameters():
         m = re.search(r"\.layers\.(\d+)\.", n)
@@ -1342,8 +2193,7 @@ def make_plan(args, model_dir: Path) -> QuantizePlan:
     hessians = sum(4 * i * i for g in groups if g.algo == "gptq" for n, (_, i) in g.modules.items()
                    if layer is not None and f".layers.{layer}." in n)
     return QuantizePlan(model_dir, config, is_mxfp4, groups, ignore, out, total_params, adjusted,
-                        args.mask if args.with_sparse else None, max(per_layer.values(), default=0), hessians,
-                        mxfp4)
+                        sparse, max(per_layer.values(), default=0), hessians, mxfp4, group_size)
 
 
 def compact_targets(names: list[str], universe: list[str]) -> list[str]:
@@ -1428,7 +2278,7 @@ def generic_awq_mappings(model, awq_modules: set[str]):
     return keep
 
 
-def build_modifiers(plan: QuantizePlan, args, model=None, solve_batch: int | None = None) -> list:
+def build_modifiers(plan: QuantizePlan, opts: QuantizeOptions, model=None, solve_batch: int | None = None) -> list:
     """The llmcompressor recipe: [SparseGPT] [AWQ smoothing] [RTN/AWQ rounding] [GPTQ]."""
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
@@ -1438,23 +2288,23 @@ def build_modifiers(plan: QuantizePlan, args, model=None, solve_batch: int | Non
     mods = []
     if plan.sparse:
         targets = compact_targets(sorted(n for g in active for n in g.modules), universe)
-        mods.append(SparseGPTModifier(sparsity=args.sparsity, mask_structure=plan.sparse, targets=targets,
-                                      block_size=args.block_size, dampening_frac=args.dampening_frac,
-                                      offload_hessians=args.offload_hessians))
+        mods.append(SparseGPTModifier(sparsity=opts.sparsity, mask_structure=plan.sparse, targets=targets,
+                                      block_size=opts.block_size, dampening_frac=opts.dampening_frac,
+                                      offload_hessians=opts.offload_hessians))
     awq = [g for g in active if g.algo == "awq"]
     if awq:
         if plan.config.get("model_type") == "gpt_oss":
             mappings = gptoss_awq_mappings({g.name for g in awq})
         else:
             mappings = generic_awq_mappings(model, {n for g in awq for n in g.modules}) if model is not None else None
-        mods.append(AWQModifier(mappings=mappings, offload_device=None, n_grid=args.awq_grid))
+        mods.append(AWQModifier(mappings=mappings, offload_device=None, n_grid=opts.awq_grid))
     rounding = [g for g in active if g.algo in ("awq", "rtn")]
     if rounding:
-        mods.append(QuantizationModifier(config_groups=config_groups(rounding, universe, args.symmetric)))
+        mods.append(QuantizationModifier(config_groups=config_groups(rounding, universe, opts.symmetric)))
     gptq = [g for g in active if g.algo == "gptq"]
     if gptq:
-        mods.append(GPTQModifier(config_groups=config_groups(gptq, universe, args.symmetric),
-                                 block_size=args.block_size, dampening_frac=args.dampening_frac,
+        mods.append(GPTQModifier(config_groups=config_groups(gptq, universe, opts.symmetric),
+                                 block_size=opts.block_size, dampening_frac=opts.dampening_frac,
                                  # activation ordering permutes columns: keep the 2:4 mask aligned
                                  actorder=None if plan.sparse else "static",
                                  # modules per batched solve: sized to the GPU budget, else 75% of free memory
@@ -1568,242 +2418,12 @@ def tokenized_dataset(texts: list[str], tokenizer, max_len: int):
     return Dataset(InMemoryTable.from_pydict(cols), fingerprint=fingerprint)
 
 
-# ---- GPTQ that keeps a 2:4 mask
-
-
-def masked_gptq():
-    """Context in which llmcompressor's GPTQ keeps zero weights at zero (a SparseGPT mask).
-
-    GPTQ spreads each column's rounding error over the columns after it, which refills pruned
-    weights (80% of groups of 4 stay 2:4). Here a pruned weight is 'quantized' to 0 inside the
-    GPTQ loop, so its error is compensated like any other: SparseGPT's joint prune+quantize step.
-    Written by hand because llmcompressor 0.14's GPTQ has no mask option.
-    """
-    import contextlib
-    import torch
-    from compressed_tensors.quantization import QuantizationStrategy, fake_quantize
-    from compressed_tensors.utils import patch_attr
-    import llmcompressor.modifiers.gptq.base as gptq_base
-    import llmcompressor.modifiers.gptq.gptq_quantize as gq
-    from copy import copy
-    state = {"mask": None}
-    original_quantize_weight = gq.quantize_weight
-
-    def quantize_weight(weights, hessians, *a, **k):
-        state["mask"] = weights == 0                                     # [batch, rows, columns]
-        try:
-            return original_quantize_weight(weights, hessians, *a, **k)
-        finally:
-            state["mask"] = None
-
-    def block_update(W1, Hinv1, Q1, Err1, losses1, *, scale, zero_point, global_scale, g_idx, quant_args, i1):
-        # llmcompressor's eager gptq_block_update, plus the mask line
-        qargs = copy(quant_args)
-        qargs.strategy = QuantizationStrategy.CHANNEL
-        eff, zp = gq.column_scale_window(scale, zero_point, global_scale, g_idx, quant_args,
-                                         num_rows=W1.shape[-2], i1=i1, i2=i1 + W1.shape[-1])
-        mask = state["mask"]
-        for i in range(W1.shape[-1]):
-            w = W1[:, :, i]
-            q = fake_quantize(w.transpose(0, 1), eff[:, :, i].transpose(0, 1),
-                              None if zp is None else zp[:, :, i].transpose(0, 1), qargs).transpose(0, 1)
-            if mask is not None:
-                q = torch.where(mask[:, :, i1 + i], torch.zeros_like(q), q)
-            err = (w - q) / Hinv1[:, i, i][:, None]
-            Q1[:, :, i] = q
-            Err1[:, :, i] = err
-            losses1[:, :, i] = err.square()
-            W1[:, :, i:] -= err.unsqueeze(-1) * Hinv1[:, i, i:].unsqueeze(1)
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(patch_attr(gptq_base, "quantize_weight", quantize_weight))
-    stack.enter_context(patch_attr(gq, "gptq_block_update", block_update))
-    return stack
-
-
-def cpu_safe_calibration():
-    """AWQ pins its cached activations for faster host->GPU copies; torch refuses pin_memory
-    without an accelerator ('Cannot access accelerator device'), so on a CPU-only machine the
-    pinning is skipped (there is no copy to speed up)."""
-    import contextlib
-    import torch
-    from compressed_tensors.utils import patch_attr
-    from llmcompressor.pipelines.cache import IntermediatesCache
-    if torch.accelerator.is_available():
-        return contextlib.nullcontext()
-    return patch_attr(IntermediatesCache, "pin_memory", lambda self, *a, **k: None)
-
-
-# ---- GPTQ Hessians shared by modules that read the same tensor
-
-
-def shared_input_hessians():
-    """Context in which llmcompressor's GPTQ keeps ONE Hessian for the Linear modules that read the
-    same input tensor in a forward, instead of one each.
-
-    With all-expert calibration llmcompressor calls every expert as expert(hidden_states): the
-    gate_proj and up_proj of all E experts, like q/k/v_proj, accumulate the same 2 X^T X. A GPT-OSS
-    layer then needs E+3 fp32 K x K Hessians instead of 3E+4 (gpt-oss-120b: 131 for 388 modules).
-    The first module that sees a tensor accumulates; the others alias its _hessians/_num_samples
-    entries (the same tensor objects) and skip the matmul, so the shared Hessian is bitwise the one
-    each would have accumulated. "The same tensor": the first one is still alive (weak reference)
-    with equal data_ptr, shape, stride, dtype, device and _version (no in-place write since).
-    prepare_batch pops and divides entry by entry (a new tensor each), so aliases are safe there.
-    A distributed run reduces every entry across ranks, which would add an alias once per module:
-    there each alias becomes a copy just before the reduce (the calibration pass still skips the
-    matmuls; the reduce and the solve see one Hessian per module, as in plain llmcompressor).
-    Written by hand because llmcompressor 0.14's GPTQ keeps one Hessian per module.
-    """
-    import contextlib
-    import weakref
-    import torch
-    from compressed_tensors.offload.dist_utils import is_distributed
-    from compressed_tensors.utils import patch_attr
-    from llmcompressor.modifiers.gptq.base import GPTQModifier
-    original_calibrate, original_compress = GPTQModifier.calibrate_module, GPTQModifier.compress_modules
-    seen = {}        # (modifier id, input key) -> (weak reference to the input, module that accumulated it)
-    owner_of = {}    # module skipping its matmul -> module whose Hessian it aliases
-    calls = {}       # module -> hook calls: accumulations (owners) or matching skips (aliases)
-    stats = {"steps": 0, "modules": 0, "hessians": 0, "first": None}
-
-    def calibrate_module(self, module, args, _output):
-        inp = args[0]
-        if not isinstance(module, torch.nn.Linear) or not isinstance(inp, torch.Tensor):
-            return original_calibrate(self, module, args, _output)
-        key = (id(self), inp.data_ptr(), tuple(inp.shape), inp.stride(), inp.dtype, inp.device, inp._version)
-        hit = seen.get(key)
-        first = hit[1] if hit is not None and hit[0]() is not None else None
-        owner = owner_of.get(module)
-        if owner is not None:
-            if first is not owner:
-                raise RuntimeError(f"GPTQ Hessian sharing: {self._module_names.get(module)} shared "
-                                   f"{self._module_names.get(owner)}'s input on an earlier batch but not on "
-                                   f"this one: re-run with --no-share-hessians")
-            calls[module] += 1
-            return
-        if (first is not None and first is not module and module not in self._num_samples
-                and self._hessians[first].shape[0] == module.weight.shape[1]):
-            owner_of[module] = first
-            self._hessians[module], self._num_samples[module] = self._hessians[first], self._num_samples[first]
-            calls[module] = 1
-            return
-        original_calibrate(self, module, args, _output)
-        calls[module] = calls.get(module, 0) + 1
-        if first is None:
-            def forget(ref, key=key):
-                if seen.get(key, (None,))[0] is ref:
-                    del seen[key]
-            seen[key] = (weakref.ref(inp, forget), module)
-
-    def compress_modules(self):
-        for module, owner in owner_of.items():
-            if module in self._num_samples and calls[module] != calls[owner]:
-                raise RuntimeError(f"GPTQ Hessian sharing: {self._module_names.get(module)} ran "
-                                   f"{calls[module]} times, {self._module_names.get(owner)} {calls[owner]}: "
-                                   f"re-run with --no-share-hessians")
-        modules, hessians = len(self._num_samples), len({id(h) for h in self._hessians.values()})
-        if modules:
-            stats["steps"] += 1
-            stats["modules"] += modules
-            stats["hessians"] += hessians
-            stats["first"] = stats["first"] or (hessians, modules)
-        for module in list(owner_of):
-            if module in self._num_samples:
-                if is_distributed():     # the reduce adds each entry: it must not add one tensor twice
-                    self._hessians[module] = self._hessians[module].clone()
-                    self._num_samples[module] = self._num_samples[module].clone()
-                del owner_of[module]
-        for module in list(calls):
-            if module in self._num_samples:
-                del calls[module]
-        return original_compress(self)
-
-    @contextlib.contextmanager
-    def context():
-        with patch_attr(GPTQModifier, "calibrate_module", calibrate_module), \
-                patch_attr(GPTQModifier, "compress_modules", compress_modules):
-            yield
-        if stats["steps"] and stats["hessians"] < stats["modules"]:
-            h, m = stats["first"]
-            log(f"GPTQ: {h} Hessians for {m} modules in the first of {stats['steps']} calibrated steps, "
-                f"{stats['hessians']} for {stats['modules']} in all (Linear modules that read the same "
-                f"input tensor share one: q/k/v, and gate/up of all experts)")
-    return context()
-
-
-# ---- GPTQ Hessians on tensor cores
-
-# tokens per tensor-core Hessian matmul: bench/bench_hessian_matmul.py on an H200 (RESULTS.md)
-HESSIAN_CHUNK_TOKENS = 512
-
-
-def tensor_core_hessians(chunk_tokens: int | None = None):
-    """Context in which llmcompressor's GPTQ accumulates 2 X^T X of a BF16 input (gpt-oss' dtype)
-    with tensor-core matmuls (BF16 multiplies, fp32 accumulation and output) instead of fp32 ones.
-
-    Every product of two BF16 numbers is exact in fp32 (8 + 8 significant bits), so both add the
-    same exact products in fp32; what differs is the adding. A tensor core's fp32 accumulator
-    truncates instead of rounding (H200: 4.5e-6 relative off the fp32 Hessian with 2048 tokens per
-    matmul, 2.8e-7 with 512), so the tokens go in chunks of chunk_tokens, each matmul's result added
-    to the Hessian by cuBLAS' rounded fp32 epilogue (beta = 1). The factor 2 is addmm's alpha
-    instead of llmcompressor's sqrt(2) scaling of the input (which would round). FP16 inputs stay
-    with llmcompressor's fp32 matmul (they needed 128-token chunks summed in two levels to stay
-    within 1e-6). On CPU (no BF16 -> fp32 mm) an fp32 addmm of the same exact values runs.
-    llmcompressor 0.14's 131 fp32 products per 120b layer were half of the calibration pass on an
-    H200; measured in bench/RESULTS.md. Written by hand: llmcompressor fixes the matmul to fp32.
-    """
-    import torch
-    from compressed_tensors.utils import patch_attr
-    import llmcompressor.modifiers.gptq.base as gptq_base
-    original = gptq_base.accumulate_hessian
-    chunk = chunk_tokens or HESSIAN_CHUNK_TOKENS
-
-    def accumulate_hessian(inp, module, hessian, num_samples):
-        if not (isinstance(module, torch.nn.Linear) and inp.dtype == torch.bfloat16
-                and hessian.dtype == torch.float32):
-            return original(inp, module, hessian, num_samples)
-        inp = inp.to(device=hessian.device)
-        num_added = 1 if inp.dim() == 2 else inp.shape[0]     # llmcompressor's count: batch rows
-        x = inp.reshape(-1, inp.shape[-1])
-        if x.is_cuda:
-            for part in x.split(chunk):
-                torch.addmm(hessian, part.t(), part, alpha=2, out_dtype=torch.float32, out=hessian)
-        else:
-            hessian.addmm_(x.t().float(), x.float(), alpha=2)
-        num_samples += num_added
-        return hessian, num_samples
-
-    return patch_attr(gptq_base, "accumulate_hessian", accumulate_hessian)
-
-
-# ---- propagation with routed experts
-
-
-def routed_propagation():
-    """Context in which the sequential pipeline's propagation pass runs each expert on its routed
-    tokens only; the calibration pass before it still runs every expert on every token.
-
-    Propagation only computes the next layer's inputs (hooks off). With the all-experts flag
-    llmcompressor's linearized MoE computes expert(hidden_states)[token_indices]: the routed rows of
-    an all-token run, top_k/E of it used (4/128 at 120b). expert(hidden_states[token_indices]) gives
-    the same rows: bitwise on CPU (checked in tests/test_quantize.py); a GPU may pick another GEMM
-    kernel for the smaller row count and round differently at BF16 precision.
-    Written by hand because llmcompressor 0.14 holds the all-experts flag for the whole oneshot; the
-    pipeline's only use of HooksMixin is `with HooksMixin.disable_hooks():` around propagation.
-    """
-    import contextlib
-    import types
-    from compressed_tensors.utils import patch_attr
-    import llmcompressor.modeling.moe.context as moe_context
-    import llmcompressor.pipelines.sequential.pipeline as sequential
-    from llmcompressor.modifiers.utils.hooks import HooksMixin
-    assert sequential.HooksMixin is HooksMixin and hasattr(moe_context, "_CALIBRATE_ALL_EXPERTS")
-
-    @contextlib.contextmanager
-    def disable_hooks(keep=frozenset()):
-        with HooksMixin.disable_hooks(keep), patch_attr(moe_context, "_CALIBRATE_ALL_EXPERTS", False):
-            yield
-    return patch_attr(sequential, "HooksMixin", types.SimpleNamespace(disable_hooks=disable_hooks))
+def batched_tokens(lengths: list[int], batch: int) -> tuple[int, int]:
+    """(tokens kept, tokens given) when llmcompressor batches calibration samples: its
+    LengthAwareSampler orders them longest first (shuffling off) and its truncation collator cuts
+    each batch to its shortest sample."""
+    s = sorted(lengths, reverse=True)
+    return sum(min(s[i:i + batch]) * len(s[i:i + batch]) for i in range(0, len(s), batch)), sum(s)
 
 
 # ---- GPU memory: --max-gpu-memory sizes the expert chunks and the GPTQ solve batches
@@ -1812,10 +2432,6 @@ def routed_propagation():
 # benches): the Hessians must not depend on it (tests/test_quantize.py)
 EXPERT_CHUNKS_ENV = "GPTOSS_EXPERT_CHUNKS"
 GPU_PLAN_SHARE = 0.9     # of the budget: the rest for the CUDA caching allocator's fragmentation
-# "linear" computes the batched path's gate/up with F.linear per expert (the calls llmcompressor's
-# modules make) instead of batched matmuls: an experiment switch for whether the GPU's int4 codes
-# move with the batched GEMMs' rounding (bench/RESULTS.md, batched expert calibration)
-GATE_UP_ENV = "GPTOSS_GATE_UP"
 
 
 @dataclass(frozen=True)
@@ -1851,21 +2467,23 @@ def gptq_solve_bytes(out_f: int, in_f: int, block: int) -> int:
     return 4 * (max(h + 3 * w + 4 * out_f * block, 3 * h + 2 * w) + h)
 
 
-def expert_calibration_mode(plan: QuantizePlan, args) -> tuple[bool, str | None]:
+def expert_calibration_mode(plan: QuantizePlan, per_expert_calibration: bool, routed_experts_only: bool,
+                            no_share_hessians: bool) -> tuple[bool, str | None]:
     """(batched, why not): the batched expert calibration replaces what llmcompressor's per-expert
     GPTQ hooks did; any other way of calibrating the experts keeps llmcompressor's modules."""
-    reasons = [(args.per_expert_calibration, "--per-expert-calibration"),
+    reasons = [(per_expert_calibration, "--per-expert-calibration"),
                (plan.config.get("model_type") != "gpt_oss", "not a GPT-OSS model"),
                (plan.group("experts").algo != "gptq" or not plan.group("experts").modules, "experts are not GPTQ"),
                (bool(plan.sparse), "SparseGPT (--with-sparse) hooks the experts"),
-               (args.routed_experts_only, "--routed-experts-only"),
-               (args.no_share_hessians, "--no-share-hessians"),
+               (routed_experts_only, "--routed-experts-only"),
+               (no_share_hessians, "--no-share-hessians"),
                (torchrun_world()[1] > 1, "several processes")]
     why = [text for hit, text in reasons if hit]
     return not why, ", ".join(why) or None
 
 
-def plan_gpu_memory(plan: QuantizePlan, args, budget: int | None, source: str, batched: bool) -> GpuMemoryPlan:
+def plan_gpu_memory(plan: QuantizePlan, budget: int | None, source: str, batched: bool, max_seq_length: int,
+                    calib_batch_size: int, block_size: int) -> GpuMemoryPlan:
     """Chunk sizes for one layer's calibration within `budget`; UserError when even the smallest
     chunks (1 expert x 16 tokens, 1 module per GPTQ solve) cannot fit.
 
@@ -1876,7 +2494,7 @@ def plan_gpu_memory(plan: QuantizePlan, args, budget: int | None, source: str, b
     activation of Ec experts x Tc tokens in BF16) while calibrating, or the GPTQ solve batch after."""
     cfg = plan.config
     d = moe_dims(cfg)
-    seq, batch = args.max_seq_length, args.calib_batch_size
+    seq, batch = max_seq_length, calib_batch_size
     tokens = seq * batch
     hidden = int(cfg.get("hidden_size") or 0)
     heads = int(cfg.get("num_attention_heads") or 0)
@@ -1893,7 +2511,7 @@ def plan_gpu_memory(plan: QuantizePlan, args, budget: int | None, source: str, b
     fixed = weights + hessians + acts
     in_f = max([i for g in plan.groups if g.algo == "gptq" for _, i in g.modules.values()], default=0)
     out_f = max([o for g in plan.groups if g.algo == "gptq" for o, _ in g.modules.values()], default=0)
-    per_module = gptq_solve_bytes(out_f, in_f, args.block_size) if in_f else 0
+    per_module = gptq_solve_bytes(out_f, in_f, block_size) if in_f else 0
     same_shape = max([sum(1 for s in g.modules.values() if s == (out_f, in_f)) for g in plan.groups] + [1])
     usable = None if budget is None else int(budget * GPU_PLAN_SHARE)
 
@@ -1952,14 +2570,14 @@ def torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def gpu_memory_budget(args) -> tuple[int | None, str]:
+def gpu_memory_budget(max_gpu_memory: str | None, device_map: str) -> tuple[int | None, str]:
     """(bytes, where from): --max-gpu-memory, else what the GPU has free now, else (None, 'no GPU')."""
-    if args.max_gpu_memory:
-        size = parse_size(args.max_gpu_memory, "--max-gpu-memory")
+    if max_gpu_memory:
+        size = parse_size(max_gpu_memory, "--max-gpu-memory")
         if size <= 0:
-            raise UserError(f"--max-gpu-memory {args.max_gpu_memory}: pass a positive size, e.g. 22GiB")
+            raise UserError(f"--max-gpu-memory {max_gpu_memory}: pass a positive size, e.g. 22GiB")
         return size, "--max-gpu-memory"
-    if args.device_map == "cpu-only" or not torch_cuda():
+    if device_map == "cpu-only" or not torch_cuda():
         return None, "no GPU"
     import torch
     return torch.cuda.mem_get_info()[0], "free GPU memory"
@@ -1999,212 +2617,6 @@ def gpu_out_of_memory_error(g: GpuMemoryPlan, error: BaseException) -> UserError
                      f"lower --calib-batch-size / --max-seq-length")
 
 
-# ---- batched expert calibration: what llmcompressor's 3E hooked expert Linear modules did, as tensor math
-
-
-def batched_expert_calibration(model, g: GpuMemoryPlan, fp32_matmul: bool, stats: dict):
-    """Context in which llmcompressor's linearized GPT-OSS experts (GptOssLinearExperts) compute
-    what their 3E hooked Linear modules did, on the stacked expert weights [E, ...]:
-
-    - calibration pass (hooks on, all experts): gate and up of Ec experts x Tc tokens as two
-      batched matmuls (bias folded in: baddbmm, as F.linear), GPT-OSS' clamped SwiGLU in place,
-      and the E down_proj Hessians accumulated with one batched product per chunk into one
-      [E, I, I] fp32 tensor (BF16 products, fp32 sums in 512-token parts on a GPU, as
-      tensor_core_hessians; fp32 on CPU or with --fp32-hessian-matmul). gate/up of all experts read
-      the layer input: their shared Hessian goes through llmcompressor's (patched) accumulate_hessian
-      once. The entries land in the GPTQ modifier's _hessians/_num_samples under each expert
-      module, so llmcompressor's own batched GPTQ solve, qparams and saving run unchanged.
-    - the MoE output (both passes): the routed rows only, sorted by expert, one grouped GEMM per
-      projection (torch's grouped_mm on a GPU; on CPU F.linear per expert, bitwise llmcompressor's),
-      summed per token in ascending expert order like llmcompressor's index_add_ loop.
-    A MoE module whose expert Linear carry any hook but GPTQ's Hessian hook, or are not all GPTQ
-    targets, keeps llmcompressor's forward. Written by hand: llmcompressor 0.14 calibrates experts
-    only through per-expert module calls (H200: ~150 ms of Python per MoE forward, RESULTS.md).
-    """
-    import contextlib
-    import torch
-    import torch.nn.functional as F
-    from compressed_tensors.utils import get_execution_device, getattr_chain, patch_attr
-    import llmcompressor.modeling.moe.linear_experts as linear_experts
-    import llmcompressor.modifiers.gptq.base as gptq_base
-    from llmcompressor.modeling.moe.gpt_oss import GptOssLinearExperts
-    from llmcompressor.modifiers.gptq.helpers import make_empty_hessian
-    from llmcompressor.modifiers.utils.hooks import HooksMixin
-    original_forward = GptOssLinearExperts.forward
-    original_start = gptq_base.GPTQModifier.on_calibration_start
-    original_compress = gptq_base.GPTQModifier.compress_modules
-    modifiers: list = []
-    weights: dict = {}            # "moe", "hooks_off", "refs", "stacked": the current layer's expert weights
-    down_hessians: dict = {}      # id(MoE module) -> its experts' down_proj Hessians [E, I, I] being accumulated
-    eligible: dict = {}           # id(MoE module) -> GPTQ modifier, or None (llmcompressor's forward)
-    stats.update(layers=set(), calls=0, fallback=set())
-
-    def on_calibration_start(self, *a, **k):
-        modifiers.append(self)
-        return original_start(self, *a, **k)
-
-    def compress_modules(self):
-        weights.clear()           # GPTQ is about to write the weights: restack for the next pass
-        down_hessians.clear()     # prepare_batch pops the views: the [E, I, I] tensor goes with the last
-        return original_compress(self)
-
-    def gptq_of(moe):
-        key = id(moe)
-        if key not in eligible:
-            eligible[key] = None
-            linears = [lin for ex in list(moe)[:moe.num_experts] for lin in (ex.gate_proj, ex.up_proj, ex.down_proj)]
-            if len(modifiers) == 1 and all(
-                    lin in modifiers[0]._module_names and getattr_chain(lin, "quantization_scheme.weights", None)
-                    is not None and len(lin._forward_hooks) == 1 and not lin._forward_pre_hooks
-                    and not getattr(lin, "quantization_enabled", False) for lin in linears) \
-                    and not any(ex._forward_hooks or ex._forward_pre_hooks for ex in list(moe)[:moe.num_experts]):
-                eligible[key] = modifiers[0]
-            else:
-                stats["fallback"].add(key)
-        return eligible[key]
-
-    def layer_weights(moe):
-        hooks_off = HooksMixin._HOOKS_DISABLED
-        if weights.get("moe") is not moe or weights.get("hooks_off") != hooks_off:
-            weights.clear()
-            experts = list(moe)[:moe.num_experts]
-            refs = {p: [getattr(getattr(ex, f"{p}_proj"), "weight") for ex in experts] for p in ("gate", "up", "down")}
-            refs |= {f"{p}_b": [getattr(getattr(ex, f"{p}_proj"), "bias") for ex in experts] for p in ("gate", "up", "down")}
-            weights.update(moe=moe, hooks_off=hooks_off, refs=refs,
-                           stacked={k: torch.stack(v) for k, v in refs.items()} if g.cache_weights else None)
-        return weights
-
-    def chunk_of(w, name, e0, e1):
-        if w["stacked"] is not None:
-            return w["stacked"][name][e0:e1]
-        return torch.stack(w["refs"][name][e0:e1])
-
-    def swiglu_(gate, up, moe):
-        # GptOssLinearExperts._apply_gate in place (same ops, same order: bitwise), without its
-        # cat/chunk copies: (up.clamp(-l, l) + 1) * gate.clamp(max=l) * sigmoid(gate * alpha)
-        gate.clamp_(max=moe.limit)
-        sig = torch.sigmoid_(gate * moe.alpha)
-        return up.clamp_(min=-moe.limit, max=moe.limit).add_(1).mul_(gate).mul_(sig)
-
-    def add_hessians(h, a):
-        """h [Ec, I, I] fp32 += 2 a^T a per expert, a [Ec, Tc, I] BF16."""
-        if a.is_cuda and a.dtype == torch.bfloat16 and not fp32_matmul:
-            for part in a.split(HESSIAN_CHUNK_TOKENS, dim=1):
-                torch.baddbmm(h, part.transpose(1, 2), part, alpha=2, out_dtype=torch.float32, out=h)
-        else:
-            af = a.float()
-            h.baddbmm_(af.transpose(1, 2), af, alpha=2)
-
-    def accumulate(moe, gptq, x):
-        experts = list(moe)[:moe.num_experts]
-        gate0, down0 = experts[0].gate_proj, experts[0].down_proj
-        if down0 not in gptq._num_samples:        # the first forward of this layer's calibration pass
-            device = get_execution_device(gate0)
-            shared, count = make_empty_hessian(gate0, device=device), torch.zeros((), device=device)
-            inner = down0.weight.shape[1]
-            down = torch.zeros(len(experts), inner, inner, device=device)
-            down_count = torch.zeros((), device=device)
-            for e, ex in enumerate(experts):
-                for lin in (ex.gate_proj, ex.up_proj):
-                    gptq._hessians[lin], gptq._num_samples[lin] = shared, count
-                gptq._hessians[ex.down_proj], gptq._num_samples[ex.down_proj] = down[e], down_count
-            down_hessians[id(moe)] = down
-        # gate/up of every expert read x: one Hessian, through the (patched) per-module function
-        gptq_base.accumulate_hessian(x, gate0, gptq._hessians[gate0], gptq._num_samples[gate0])
-        down, w = down_hessians[id(moe)], layer_weights(moe)
-        n = len(experts)
-        for e0 in range(0, n, g.expert_chunk):
-            e1 = min(e0 + g.expert_chunk, n)
-            wg, wu = chunk_of(w, "gate", e0, e1), chunk_of(w, "up", e0, e1)
-            bg, bu = chunk_of(w, "gate_b", e0, e1).unsqueeze(1), chunk_of(w, "up_b", e0, e1).unsqueeze(1)
-            for t0 in range(0, x.shape[0], g.token_chunk):
-                if os.environ.get(GATE_UP_ENV) == "linear":
-                    xt = x[t0:t0 + g.token_chunk]
-                    gate = torch.stack([F.linear(xt, wg[i], bg[i, 0]) for i in range(e1 - e0)])
-                    up = torch.stack([F.linear(xt, wu[i], bu[i, 0]) for i in range(e1 - e0)])
-                    act = swiglu_(gate, up, moe)
-                    del gate, up
-                else:
-                    xc = x[t0:t0 + g.token_chunk].expand(e1 - e0, -1, -1)
-                    act = swiglu_(torch.baddbmm(bg, xc, wg.transpose(1, 2)), torch.baddbmm(bu, xc, wu.transpose(1, 2)), moe)
-                add_hessians(down[e0:e1], act)
-                del act
-        gptq._num_samples[down0] += 1             # llmcompressor counts a 2-D input as one sample
-
-    def routed(moe, x, top_k_index, top_k_weights):
-        """The routed experts' weighted sum per token: what llmcompressor's loop returns."""
-        w = layer_weights(moe)
-        n_tok, k = top_k_index.shape
-        flat = top_k_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)                  # rows by expert, then token
-        counts = torch.bincount(flat, minlength=moe.num_experts).tolist()   # the one host sync
-        rows = x[order // k]
-        y = torch.empty(rows.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
-        starts = [0] + list(itertools.accumulate(counts))
-        grouped = x.is_cuda and (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm"))
-        e_chunk = g.expert_chunk if grouped else 1
-        for e0 in range(0, moe.num_experts, e_chunk):
-            e1 = min(e0 + e_chunk, moe.num_experts)
-            r0, r1 = starts[e0], starts[e1]
-            if r0 == r1:
-                continue
-            seg = rows[r0:r1]
-            if grouped:
-                offs = torch.tensor(starts[e0 + 1:e1 + 1], dtype=torch.int32, device=x.device) - r0
-                expert_of_row = torch.repeat_interleave(torch.arange(e1 - e0, device=x.device),
-                                                        torch.tensor(counts[e0:e1], device=x.device))
-                mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
-
-                def lin(inp, name):
-                    out = mm(inp, chunk_of(w, name, e0, e1).transpose(1, 2), offs=offs)
-                    return out.add_(chunk_of(w, f"{name}_b", e0, e1)[expert_of_row])
-                act = swiglu_(lin(seg, "gate"), lin(seg, "up"), moe)
-                y[r0:r1] = lin(act, "down")
-            else:
-                refs = w["refs"]
-                act = swiglu_(F.linear(seg, refs["gate"][e0], refs["gate_b"][e0]),
-                              F.linear(seg, refs["up"][e0], refs["up_b"][e0]), moe)
-                y[r0:r1] = F.linear(act, refs["down"][e0], refs["down_b"][e0])
-        y = (y * top_k_weights.reshape(-1)[order, None]).to(x.dtype)
-        # llmcompressor adds each expert's rows with index_add_ in expert order, rounding to BF16 at
-        # each add: the same sums, slot j holding each token's j-th smallest expert
-        slot = torch.argsort(torch.argsort(top_k_index, dim=1, stable=True), dim=1).reshape(-1)[order]
-        per_slot = torch.zeros(n_tok, k, x.shape[1], dtype=x.dtype, device=x.device)
-        per_slot[order // k, slot] = y
-        out = torch.zeros_like(x)
-        for j in range(k):
-            out += per_slot[:, j]
-        return out
-
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        gptq = gptq_of(self)
-        if gptq is None:
-            return original_forward(self, hidden_states, top_k_index, top_k_weights)
-        stats["calls"] += 1
-        stats["layers"].add(id(self))
-        with torch.no_grad():
-            if linear_experts.get_calibrate_all_experts_flag() and not HooksMixin._HOOKS_DISABLED:
-                accumulate(self, gptq, hidden_states)
-            return routed(self, hidden_states, top_k_index, top_k_weights)
-
-    @contextlib.contextmanager
-    def context():
-        with contextlib.ExitStack() as stack:
-            for m in model.modules():
-                if isinstance(m, GptOssLinearExperts):
-                    # compressed-tensors' offload wrapper calls the forward it saw at load time
-                    name = "_original_forward_func" if hasattr(m, "_original_forward_func") else "forward"
-                    stack.enter_context(patch_attr(m, name, forward if name != "forward" else forward.__get__(m)))
-            stack.enter_context(patch_attr(gptq_base.GPTQModifier, "on_calibration_start", on_calibration_start))
-            stack.enter_context(patch_attr(gptq_base.GPTQModifier, "compress_modules", compress_modules))
-            try:
-                yield
-            finally:
-                weights.clear()
-                down_hessians.clear()
-    return context()
-
-
 # ---- several processes: `torchrun --nproc_per_node N compress_gptoss.py quantize ...`
 # llmcompressor's own distributed oneshot does the work: each rank calibrates on its slice of the
 # samples, GPTQ sums the Hessians of a module onto one rank (greedy bin packing by size), solves it
@@ -2225,9 +2637,7 @@ def init_distributed() -> tuple[int, int]:
     else:
         # init_dist() needs an accelerator (it reads torch.accelerator.current_accelerator().type)
         dist.init_process_group("gloo")
-        # and so does compressed-tensors' distributed loader, which asks it for its free memory
-        import compressed_tensors.offload.load as ct_load
-        ct_load._get_device_memory = lambda: {}
+        loader_without_accelerator()                 # and so does compressed-tensors' distributed loader
     log(f"joined {world} processes ({dist.get_backend()})", every_rank=True)
     log("note: on 2 H200s (bench/RESULTS.md, several GPUs) 2 processes were slower than one for GPT-OSS: "
         "compressed-tensors shares the weights with the other ranks one tensor at a time (15 GB loaded in "
@@ -2267,37 +2677,6 @@ def leave_distributed() -> bool:
     return rank != 0
 
 
-def solved_weights_barrier():
-    """Context in which every rank waits, after each subgraph's GPTQ solve, until all ranks have
-    solved theirs. On CPU the ranks share the weights' memory, and llmcompressor 0.14 skips its
-    broadcast of solved weights for CPU modules (`skip_cpu`), which was its only synchronization: a
-    rank that finished its share began the propagation pass through weights another rank was still
-    writing (the next layer's Hessian then came out ~0.1% off, a different amount every run).
-    Written by hand because llmcompressor has no barrier there; a no-op for one process."""
-    import contextlib
-    rank, world = torchrun_world()
-    if world == 1:
-        return contextlib.nullcontext()
-    import torch.distributed as dist
-    from compressed_tensors.utils import patch_attr
-    from llmcompressor.core import LifecycleCallbacks
-    epoch_end = LifecycleCallbacks.sequential_epoch_end
-
-    def epoch_end_then_barrier(*a, **k):
-        out = epoch_end(*a, **k)
-        dist.barrier()
-        return out
-    return patch_attr(LifecycleCallbacks, "sequential_epoch_end", epoch_end_then_barrier)
-
-
-def batched_tokens(lengths: list[int], batch: int) -> tuple[int, int]:
-    """(tokens kept, tokens given) when llmcompressor batches calibration samples: its
-    LengthAwareSampler orders them longest first (shuffling off) and its truncation collator cuts
-    each batch to its shortest sample."""
-    s = sorted(lengths, reverse=True)
-    return sum(min(s[i:i + batch]) * len(s[i:i + batch]) for i in range(0, len(s), batch)), sum(s)
-
-
 def rank_share(ds):
     """This rank's slice of the calibration set (rank r of R: rows [N*r/R, N*(r+1)/R), llmcompressor's
     get_rank_partition bounds). Cut here, not by llmcompressor: 0.14's sampler does slice a dataset that
@@ -2311,30 +2690,7 @@ def rank_share(ds):
     return ds.select(range(len(ds) * rank // world, len(ds) * (rank + 1) // world))
 
 
-def calibration_share(record: dict):
-    """Records how many calibration samples llmcompressor's dataloader gives this process."""
-    import importlib
-    from compressed_tensors.utils import patch_attr
-    entry = importlib.import_module("llmcompressor.entrypoints.oneshot")   # the package re-exports a function of that name
-    original = entry.get_calibration_dataloader
-
-    def recorded(*a, **k):
-        loader = original(*a, **k)
-        record["samples"] = len(loader.sampler) if loader is not None else 0
-        return loader
-    return patch_attr(entry, "get_calibration_dataloader", recorded)
-
-
-# ---- the run
-
-
-def parse_size(text: str, flag: str) -> int:
-    """'48GB', '1.5GiB', '800MB', '123456' (bytes) -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text), re.I)
-    if not m:
-        raise UserError(f"{flag} {text}: not a size; write it like 48GB, 1.5GiB or 800MB")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " kmgt".index(m.group(2).lower() or " "))
+# ---- the run: RAM and disk budgets, the BF16 copy of an MXFP4 input, the output folder
 
 
 @dataclass
@@ -2357,18 +2713,18 @@ class MemoryBudget:
         return max(self.model_bytes - self.cpu_bytes, 0)
 
 
-def memory_budget(plan: QuantizePlan, args, out: Path) -> MemoryBudget:
+def memory_budget(plan: QuantizePlan, opts: QuantizeOptions, out: Path) -> MemoryBudget:
     import psutil
     hidden = int(plan.config.get("hidden_size") or 0)
-    activations = 2 * args.num_calibration_samples * args.max_seq_length * hidden * 2
+    activations = 2 * opts.num_calibration_samples * opts.max_seq_length * hidden * 2
     layer = 2 * plan.layer_params
     work = 2 * layer + plan.layer_hessian_bytes + activations
     available = psutil.virtual_memory().available
-    if args.max_cpu_memory:
-        cpu, default = parse_size(args.max_cpu_memory, "--max-cpu-memory"), False
+    if opts.max_cpu_memory:
+        cpu, default = parse_size(opts.max_cpu_memory, "--max-cpu-memory"), False
     else:
         cpu, default = max(available - work, 0), True
-    offload = Path(args.offload_folder).expanduser() if args.offload_folder else out.parent / f"{out.name}.offload"
+    offload = Path(opts.offload_folder).expanduser() if opts.offload_folder else out.parent / f"{out.name}.offload"
     b = MemoryBudget(cpu, 2 * plan.total_params, layer, work, offload, default)
     if default and not b.disk_bytes:      # the usual small-model case: one short line, no budget arithmetic
         log(f"RAM: the whole model ({human_bytes(b.model_bytes)}) and one layer's work ({human_bytes(work)}) fit in "
@@ -2535,43 +2891,149 @@ def dequantize_persistent(model_dir: Path, bf16_dir: Path) -> Path:
     return bf16_dir
 
 
-def layer_progress():
-    """Context in which llmcompressor's sequential pipeline logs each finished subgraph (the first
-    holds the embeddings, then one per decoder layer, the last with the norm + lm_head) with its
-    time, an ETA and the process's memory.
-    Hooks LifecycleCallbacks.sequential_epoch_end, which the pipeline calls once per subgraph, and
-    its trace_subgraphs to learn how many there are."""
-    import contextlib
-    from compressed_tensors.utils import patch_attr
-    from llmcompressor.core import LifecycleCallbacks
-    import llmcompressor.pipelines.sequential.pipeline as seq
-    state = {"n": 0, "total": None, "t0": None, "last": None}
-    trace, epoch_end = seq.trace_subgraphs, LifecycleCallbacks.sequential_epoch_end
+# ---- where a quantize run writes, and what a dead run left behind
 
-    def traced(*a, **k):
-        subgraphs = trace(*a, **k)
-        state.update(total=len(subgraphs), t0=time.time(), last=time.time())
-        return subgraphs
-
-    def on_epoch_end(*a, **k):
-        out = epoch_end(*a, **k)
-        now = time.time()
-        state["n"] += 1
-        n, total = state["n"], state["total"] or 0
-        eta = (now - state["t0"]) / n * (total - n)
-        what = "embeddings" if n == 1 else f"decoder layer {n - 2}" + (" + head" if n == total else "")
-        log(f"step {n}/{total or '?'} ({what}) done in {now - state['last']:.0f} s, ETA {eta / 60:.1f} min, "
-            f"RSS anonymous peak {human_bytes(sample_anon_rss())}, peak RSS {human_bytes(peak_rss_bytes())}")
-        state["last"] = now
-        return out
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(patch_attr(seq, "trace_subgraphs", traced))
-    stack.enter_context(patch_attr(LifecycleCallbacks, "sequential_epoch_end", on_epoch_end))
-    return stack
+def quantize_bf16_dir(out: Path) -> Path:
+    return out.parent / f"{out.name}.bf16"
 
 
-def print_plan(plan: QuantizePlan, modifiers: list, args) -> None:
+def check_offload_folder(flag_value: str | None, out: Path, model_dir: Path) -> None:
+    """--offload-folder is the user's (only compressed-tensors' files are removed from it); the default
+    <output>.offload is the tool's own, so a folder of that name that is not ours stops the run."""
+    if flag_value:
+        folder = Path(flag_value).expanduser()
+        reason = protected_reason(folder, [model_dir]) if folder.resolve() != Path.cwd().resolve() else None
+        if reason and "home" not in reason:
+            raise UserError(f"--offload-folder {folder} is {reason}: give a folder of its own")
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--offload-folder {folder} is a file: give a folder")
+        check_creatable(folder if folder.exists() else folder.parent, "--offload-folder")
+        return
+    folder = out.parent / f"{out.name}.offload"
+    if folder.exists() and any(os.scandir(folder)):
+        check_output_folder(folder, "the offload folder", [model_dir], overwrite=True)
+
+
+def remove_dead_quantize_runs(out: Path, offload_dir: Path, offload_ours: bool) -> None:
+    """A killed quantize leaves its temp output (.NAME.partial-PID, a whole model) and the quality pass's
+    logits (.eval-logits-PID-*); the next run into the same place removes them and says so."""
+    freed = remove_dead_runs(out.parent, f".{out.name}.partial-") + remove_dead_runs(out.parent, ".eval-logits-")
+    if offload_dir.is_dir():
+        freed += remove_dead_runs(offload_dir, ".eval-logits-")
+    if offload_ours and offload_dir.is_dir():
+        freed += remove_tool_folder(offload_dir)
+    if freed:
+        log(f"removed what a killed run left beside {out}: {human_bytes(freed)} freed")
+
+
+def eval_spill_bytes(plan: QuantizePlan, heldout: list, max_seq_length: int) -> int:
+    """The quality pass keeps the source's logits (BF16) of every held-out text on disk."""
+    vocab = int(plan.config.get("vocab_size") or 0)
+    return len(heldout) * min(max_seq_length, 512) * vocab * 2
+
+
+def disk_full(e: BaseException) -> bool:
+    """ENOSPC as the libraries report it: OSError, safetensors' bare Exception, torch's enforce failure."""
+    import errno
+    text = str(e)
+    return ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text
+            or ("inline_container" in text and "enforce fail" in text))
+
+
+def finish_quantize_output(tmp: Path, plan: QuantizePlan, opts: QuantizeOptions, model_dir: Path, src_dir: Path,
+                           heldout: list, tokenizer, budget: MemoryBudget | None) -> Exception | None:
+    """The quality pass, the model card, the marker, then the rename into place. A failed quality pass
+    does not cost the saved model: its error is returned, for raise_eval_failure once the model is in place."""
+    quality = eval_error = None
+    if not opts.no_eval:
+        try:
+            quality = evaluate_quality(src_dir, tmp, plan, heldout, tokenizer, min(opts.max_seq_length, 512), budget)
+            write_json_atomic(tmp / "quality.json", quality)
+            print_quality_table(quality)
+        except Exception as e:
+            eval_error = e
+    (tmp / "README.md").write_text(model_card(plan, opts, quality))
+    write_marker(tmp, "quantize", [e.name for e in os.scandir(tmp)], source=str(model_dir.resolve()))
+    place_output(tmp, plan.output_dir, model_dir)
+    return eval_error
+
+
+def end_quantize(plan: QuantizePlan, keep_bf16: bool, eval_error: Exception | None, t0: float) -> int:
+    """After the output is in place: a failed quality pass is the one error left to report (the BF16 copy of
+    an MXFP4 input stays for its --eval-only rerun), else the BF16 copy goes unless --keep-bf16."""
+    out, bf16_dir = plan.output_dir, quantize_bf16_dir(plan.output_dir)
+    if eval_error is not None:
+        bf16 = f" (the BF16 copy {bf16_dir} is kept for it)" if plan.is_mxfp4 else ""
+        raise UserError(f"the quantized model is saved in {out}, but the quality evaluation failed "
+                        f"({type(eval_error).__name__}: {brief(eval_error)}): rerun the same command with "
+                        f"--eval-only to write quality.json{bf16}", exit_code=1)
+    if plan.is_mxfp4:
+        if keep_bf16:
+            log(f"--keep-bf16: the BF16 copy stays in {bf16_dir} (pass it as --model-in to skip the dequantize)")
+        else:
+            remove_tool_folder(bf16_dir)
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    log(f"wrote {out}: {human_bytes(size)} of safetensors in {time.time() - t0:.1f} s, "
+        f"peak RSS {human_bytes(peak_rss_bytes())}")
+    print(out)
+    return 0
+
+
+def make_temp_output(out: Path) -> str:
+    """The folder a quantize run saves into before the rename: beside the output (same file system),
+    hidden, named by the process so that a later run knows when it is a dead run's leftover."""
+    import tempfile
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    write_marker(tmp, "quantize", scratch=True)
+    return str(tmp)
+
+
+def place_output(tmp: Path, out: Path, model_dir: Path) -> None:
+    """Rename the finished temp folder into place; an earlier output of this tool is replaced only after
+    the new one is whole, and only if nothing foreign appeared in it meanwhile."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    try:
+        check_output_folder(out, "--output-dir", [model_dir], overwrite=True)
+    except UserError as e:
+        kept = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(tmp, kept)
+        raise UserError(f"the new output is saved in {kept}, not in {out}: {e}")
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, old)
+    os.replace(tmp, out)
+    if not any(os.scandir(old)):
+        old.rmdir()
+    else:
+        remove_tool_folder(old)
+
+
+def quantize_eval_only(opts: QuantizeOptions, plan: QuantizePlan, model_dir: Path, tokenizer, heldout: list) -> int:
+    """--eval-only: the quality pass of a finished output again (after it failed, or with other texts)."""
+    out = plan.output_dir
+    src_dir = dequantize_persistent(model_dir, quantize_bf16_dir(out)) if plan.is_mxfp4 else model_dir
+    budget = memory_budget(plan, opts, out)
+    check_disk_space([(budget.offload_dir if budget.disk_bytes else out,
+                       eval_spill_bytes(plan, heldout, opts.max_seq_length), "the quality pass's source logits")])
+    quality = evaluate_quality(src_dir, out, plan, heldout, tokenizer, min(opts.max_seq_length, 512),
+                               budget if budget.disk_bytes else None)
+    write_json_atomic(out / "quality.json", quality)
+    (out / "README.md").write_text(model_card(plan, opts, quality))
+    marker = read_marker(out) or {}
+    write_marker(out, "quantize", set(marker.get("files", [])) | {"quality.json", "README.md"},
+                 source=marker.get("source"))
+    print_quality_table(quality)
+    if plan.is_mxfp4 and not opts.keep_bf16:
+        remove_tool_folder(quantize_bf16_dir(out))
+    print(out)
+    return 0
+
+
+# ---- what a run writes beside the weights: the plan (--dry-run), the model card, config.json
+
+
+def print_plan(plan: QuantizePlan, modifiers: list, sparsity: float, symmetric: bool) -> None:
     print(f"model:      {plan.model_dir}{'  (MXFP4: dequantized to BF16 on the fly)' if plan.is_mxfp4 else ''}")
     print(f"output dir: {plan.output_dir}")
     print(f"never quantized: {', '.join(plan.ignore)}")
@@ -2586,8 +3048,8 @@ def print_plan(plan: QuantizePlan, modifiers: list, args) -> None:
     if len(plan.adjusted) > 20:
         print(f"  ... {len(plan.adjusted) - 20} more modules adjusted")
     if plan.sparse:
-        print(f"sparsity:   SparseGPT {plan.sparse} ({args.sparsity:.0%}) before quantization, mask kept by GPTQ")
-    serving = vllm_serving(plan, args.symmetric)
+        print(f"sparsity:   SparseGPT {plan.sparse} ({sparsity:.0%}) before quantization, mask kept by GPTQ")
+    serving = vllm_serving(plan, symmetric)
     if serving:
         print(f"serving:    {serving.line()}")
     if plan.mxfp4:
@@ -2600,7 +3062,7 @@ def print_plan(plan: QuantizePlan, modifiers: list, args) -> None:
     print(recipe_yaml(modifiers))
 
 
-def model_card(plan: QuantizePlan, args, quality: dict | None) -> str:
+def model_card(plan: QuantizePlan, opts: QuantizeOptions, quality: dict | None) -> str:
     rows = "\n".join(f"| {g.name} | {g.algo.upper()} | {g.scheme} | {len(g.modules)} | "
                      f"{', '.join(f'{v}x{k}' for k, v in g.group_size_summary().items()) or '-'} |"
                      for g in plan.groups)
@@ -2612,7 +3074,7 @@ def model_card(plan: QuantizePlan, args, quality: dict | None) -> str:
              + (f", same experts {quality['same_experts']:.3f}" if quality.get('same_experts') is not None else "")
              + ". Full numbers in `quality.json`.\n")
     if plan.mxfp4:
-        return mxfp4_model_card(plan, args, q)
+        return mxfp4_model_card(plan, opts, q)
     return f"""---
 base_model: {plan.model_dir.resolve().name}
 library_name: transformers
@@ -2628,9 +3090,9 @@ Router, embeddings and lm_head are not quantized{'; ' + plan.sparse + ' sparsity
 |---|---|---|---|---|
 {rows}
 
-Calibration: {args.calib_jsonl or args.dataset}, {args.num_calibration_samples} samples x {args.max_seq_length} tokens.
+Calibration: {opts.calib_jsonl or opts.dataset}, {opts.num_calibration_samples} samples x {opts.max_seq_length} tokens.
 The recipe is in `recipe.yaml`.
-{q}{serving_card(plan, args)}
+{q}{serving_card(plan, opts.symmetric)}
 ## Loading in Python
 
 ```python
@@ -2640,9 +3102,9 @@ model = load_quantized_model("{plan.output_dir.name}", decompress=True)   # or d
 """
 
 
-def serving_card(plan: QuantizePlan, args) -> str:
+def serving_card(plan: QuantizePlan, symmetric: bool) -> str:
     """The model card's serving section: how to run it in vLLM, or in one line why vLLM will not."""
-    serving = vllm_serving(plan, args.symmetric)
+    serving = vllm_serving(plan, symmetric)
     if serving is None:
         return ("\n## Serving\n\nStored as llmcompressor saves it; the vLLM layout of gptoss-compressor is "
                 "written and checked for GPT-OSS only.\n")
@@ -2702,143 +3164,272 @@ def sparsity_report(tmp: Path, plan: QuantizePlan) -> dict:
             "global_sparsity": zeros / max(total, 1), "per_module_min": per}
 
 
-# ---- where a quantize run writes, and what a dead run left behind
-
-def quantize_bf16_dir(out: Path) -> Path:
-    return out.parent / f"{out.name}.bf16"
+# ---- the run's phases: cmd_quantize checks and plans, run_quantize calibrates, saves and finishes
 
 
-def check_offload_folder(flag_value: str | None, out: Path, model_dir: Path) -> None:
-    """--offload-folder is the user's (only compressed-tensors' files are removed from it); the default
-    <output>.offload is the tool's own, so a folder of that name that is not ours stops the run."""
-    if flag_value:
-        folder = Path(flag_value).expanduser()
-        reason = protected_reason(folder, [model_dir]) if folder.resolve() != Path.cwd().resolve() else None
-        if reason and "home" not in reason:
-            raise UserError(f"--offload-folder {folder} is {reason}: give a folder of its own")
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"--offload-folder {folder} is a file: give a folder")
-        check_creatable(folder if folder.exists() else folder.parent, "--offload-folder")
-        return
-    folder = out.parent / f"{out.name}.offload"
-    if folder.exists() and any(os.scandir(folder)):
-        check_output_folder(folder, "the offload folder", [model_dir], overwrite=True)
-
-
-def remove_dead_quantize_runs(out: Path, offload_dir: Path, offload_ours: bool) -> None:
-    """A killed quantize leaves its temp output (.NAME.partial-PID, a whole model) and the quality pass's
-    logits (.eval-logits-PID-*); the next run into the same place removes them and says so."""
-    freed = remove_dead_runs(out.parent, f".{out.name}.partial-") + remove_dead_runs(out.parent, ".eval-logits-")
-    if offload_dir.is_dir():
-        freed += remove_dead_runs(offload_dir, ".eval-logits-")
-    if offload_ours and offload_dir.is_dir():
-        freed += remove_tool_folder(offload_dir)
-    if freed:
-        log(f"removed what a killed run left beside {out}: {human_bytes(freed)} freed")
-
-
-def eval_spill_bytes(plan: QuantizePlan, heldout: list, args) -> int:
-    """The quality pass keeps the source's logits (BF16) of every held-out text on disk."""
-    vocab = int(plan.config.get("vocab_size") or 0)
-    return len(heldout) * min(args.max_seq_length, 512) * vocab * 2
-
-
-def disk_full(e: BaseException) -> bool:
-    """ENOSPC as the libraries report it: OSError, safetensors' bare Exception, torch's enforce failure."""
-    import errno
-    text = str(e)
-    return ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text
-            or ("inline_container" in text and "enforce fail" in text))
-
-
-def finish_quantize_output(tmp: Path, plan: QuantizePlan, args, model_dir: Path, src_dir: Path, heldout: list,
-                           tokenizer, budget: MemoryBudget | None) -> Exception | None:
-    """The quality pass, the model card, the marker, then the rename into place. A failed quality pass
-    does not cost the saved model: its error is returned, for raise_eval_failure once the model is in place."""
-    quality = eval_error = None
-    if not args.no_eval:
-        try:
-            quality = evaluate_quality(src_dir, tmp, plan, heldout, tokenizer, min(args.max_seq_length, 512), budget)
-            write_json_atomic(tmp / "quality.json", quality)
-            print_quality_table(quality)
-        except Exception as e:
-            eval_error = e
-    (tmp / "README.md").write_text(model_card(plan, args, quality))
-    write_marker(tmp, "quantize", [e.name for e in os.scandir(tmp)], source=str(model_dir.resolve()))
-    place_output(tmp, plan.output_dir, model_dir)
-    return eval_error
-
-
-def end_quantize(plan: QuantizePlan, args, eval_error: Exception | None, t0: float) -> int:
-    """After the output is in place: a failed quality pass is the one error left to report (the BF16 copy of
-    an MXFP4 input stays for its --eval-only rerun), else the BF16 copy goes unless --keep-bf16."""
-    out, bf16_dir = plan.output_dir, quantize_bf16_dir(plan.output_dir)
-    if eval_error is not None:
-        bf16 = f" (the BF16 copy {bf16_dir} is kept for it)" if plan.is_mxfp4 else ""
-        raise UserError(f"the quantized model is saved in {out}, but the quality evaluation failed "
-                        f"({type(eval_error).__name__}: {brief(eval_error)}): rerun the same command with "
-                        f"--eval-only to write quality.json{bf16}", exit_code=1)
-    if plan.is_mxfp4:
-        if args.keep_bf16:
-            log(f"--keep-bf16: the BF16 copy stays in {bf16_dir} (pass it as --model-in to skip the dequantize)")
-        else:
-            remove_tool_folder(bf16_dir)
-    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    log(f"wrote {out}: {human_bytes(size)} of safetensors in {time.time() - t0:.1f} s, "
-        f"peak RSS {human_bytes(peak_rss_bytes())}")
-    print(out)
-    return 0
-
-
-def make_temp_output(out: Path) -> str:
-    """The folder a quantize run saves into before the rename: beside the output (same file system),
-    hidden, named by the process so that a later run knows when it is a dead run's leftover."""
-    import tempfile
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
-    write_marker(tmp, "quantize", scratch=True)
-    return str(tmp)
-
-
-def place_output(tmp: Path, out: Path, model_dir: Path) -> None:
-    """Rename the finished temp folder into place; an earlier output of this tool is replaced only after
-    the new one is whole, and only if nothing foreign appeared in it meanwhile."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    try:
-        check_output_folder(out, "--output-dir", [model_dir], overwrite=True)
-    except UserError as e:
-        kept = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(tmp, kept)
-        raise UserError(f"the new output is saved in {kept}, not in {out}: {e}")
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.replace(out, old)
-    os.replace(tmp, out)
-    if not any(os.scandir(old)):
-        old.rmdir()
-    else:
-        remove_tool_folder(old)
-
-
-def quantize_eval_only(args, plan: QuantizePlan, model_dir: Path, tokenizer, heldout: list) -> int:
-    """--eval-only: the quality pass of a finished output again (after it failed, or with other texts)."""
+def check_quantize_folders(opts: QuantizeOptions, plan: QuantizePlan, model_dir: Path) -> None:
+    """Before any work: --eval-only needs a finished output of quantize; a run needs folders it may fill."""
     out = plan.output_dir
-    src_dir = dequantize_persistent(model_dir, quantize_bf16_dir(out)) if plan.is_mxfp4 else model_dir
-    budget = memory_budget(plan, args, out)
-    check_disk_space([(budget.offload_dir if budget.disk_bytes else out, eval_spill_bytes(plan, heldout, args),
-                       "the quality pass's source logits")])
-    quality = evaluate_quality(src_dir, out, plan, heldout, tokenizer, min(args.max_seq_length, 512),
-                               budget if budget.disk_bytes else None)
-    write_json_atomic(out / "quality.json", quality)
-    (out / "README.md").write_text(model_card(plan, args, quality))
-    marker = read_marker(out) or {}
-    write_marker(out, "quantize", set(marker.get("files", [])) | {"quality.json", "README.md"},
-                 source=marker.get("source"))
-    print_quality_table(quality)
-    if plan.is_mxfp4 and not args.keep_bf16:
-        remove_tool_folder(quantize_bf16_dir(out))
-    print(out)
-    return 0
+    if opts.eval_only:
+        marker = read_marker(out) if out.is_dir() else None
+        if not marker or marker.get("command") != "quantize" or not (out / "config.json").exists():
+            raise UserError(f"--eval-only: {out} is not a finished output of quantize: run the command without "
+                            f"--eval-only first")
+    elif not opts.dry_run:
+        check_output_folder(out, "--output-dir", [model_dir], opts.overwrite)
+        check_creatable(out.parent, "--output-dir")
+        if plan.is_mxfp4:
+            check_bf16_copy_folder(model_dir, quantize_bf16_dir(out))
+        check_offload_folder(opts.offload_folder, out, model_dir)
+
+
+def log_quantize_plan(plan: QuantizePlan, gpu_plan: GpuMemoryPlan, batched: bool, why_not: str | None) -> None:
+    """The plan in a few lines: each group, the group sizes that had to change, the GPU memory plan."""
+    for g in plan.groups:
+        sizes = ", ".join(f"{v} x {k}" for k, v in g.group_size_summary().items()) or "-"
+        log(f"{g.name}: {len(g.modules)} Linear -> {g.algo.upper()} {g.scheme} ({sizes})"
+            + ("" if g.modules else "  [empty group: nothing matches]"))
+    adjusted: dict = {}
+    for name, inf, req, used in plan.adjusted:
+        adjusted.setdefault((req, inf, used), []).append(name)
+    for (req, inf, used), names in adjusted.items():
+        log(f"group size {req} does not divide {inf} inputs: {len(names)} modules use "
+            f"{'per channel' if used is None else f'g{used}'} (--dry-run lists them)")
+    log_gpu_memory_plan(gpu_plan, batched)
+    if why_not and moe_dims(plan.config):
+        log(f"expert calibration: per expert ({why_not})")
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:
+        raise UserError(f"{model_dir}: no usable tokenizer ({type(e).__name__}): copy the tokenizer files into it")
+
+
+def calibration_texts(opts: QuantizeOptions, tokenizer) -> tuple[list, list, list]:
+    """(every text read, calibration texts, held-out texts): --calib-jsonl, else --dataset from the Hub
+    (not for --dry-run, which reads no weight and fetches nothing); held out: --eval-jsonl or the rest."""
+    if opts.calib_jsonl:
+        texts = read_jsonl_texts(Path(opts.calib_jsonl).expanduser(), tokenizer, "--calib-jsonl")
+    elif not opts.dry_run:
+        texts = load_hub_texts(opts.dataset, tokenizer, opts.num_calibration_samples + 64)
+    else:
+        texts = []
+    eval_texts = (read_jsonl_texts(Path(opts.eval_jsonl).expanduser(), tokenizer, "--eval-jsonl")
+                  if opts.eval_jsonl else None)
+    calib, heldout = split_calibration(texts, opts.num_calibration_samples, eval_texts)
+    return texts, calib, heldout
+
+
+def quantize_disk_needs(opts: QuantizeOptions, plan: QuantizePlan, budget: MemoryBudget, heldout: list,
+                        bf16_dir: Path) -> list[tuple[Path, int, str]]:
+    """What a run writes where (check_disk_space's input): offloaded weights, the output, the quality
+    pass's source logits, the rest of the BF16 copy of an MXFP4 input."""
+    out = plan.output_dir
+    needs = [(budget.offload_dir, budget.disk_bytes, "offloaded weights"),
+             (out, estimated_output_bytes(plan), "the output")]
+    if not opts.no_eval:
+        needs.append((budget.offload_dir if budget.disk_bytes else out,
+                      eval_spill_bytes(plan, heldout, opts.max_seq_length), "the quality pass's source logits"))
+    if plan.is_mxfp4:
+        have = sum(p.stat().st_size for p in bf16_dir.glob("*.safetensors")) if bf16_dir.exists() else 0
+        needs.append((bf16_dir, max(budget.model_bytes - have, 0), "the BF16 copy"))
+    return needs
+
+
+def calibrate(model, tokenizer, ds, modifiers: list, opts: QuantizeOptions, plan: QuantizePlan,
+              gpu_plan: GpuMemoryPlan, batched: bool, world: int) -> None:
+    """llmcompressor's oneshot on this rank's share of the calibration set, with the patches of section 4
+    that this run asks for; a GPU out of memory becomes one line. Logs what ran."""
+    import contextlib
+    from llmcompressor import oneshot
+    import torch
+    torch.manual_seed(opts.seed)   # llmcompressor shuffles the calibration samples with torch's RNG
+    share = {}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(cpu_safe_calibration())
+        stack.enter_context(calibration_share(share))
+        stack.enter_context(layer_progress())
+        stack.enter_context(solved_weights_barrier())
+        if plan.sparse:
+            stack.enter_context(masked_gptq())
+        if not opts.no_share_hessians:
+            stack.enter_context(shared_input_hessians())
+        if not opts.fp32_hessian_matmul:
+            stack.enter_context(tensor_core_hessians())
+        if not opts.propagate_all_experts:
+            stack.enter_context(routed_propagation())
+        batched_stats: dict = {}
+        if batched:
+            stack.enter_context(batched_expert_calibration(model, gpu_plan, opts.fp32_hessian_matmul, batched_stats))
+        limit_gpu_memory(gpu_plan)
+        part = rank_share(ds)
+        batching = {}
+        if opts.calib_batch_size > 1:   # longest first, so a batch's samples are of similar length
+            batching = dict(batch_size=opts.calib_batch_size, shuffle_calibration_samples=False)
+            kept, given = batched_tokens([len(r) for r in part["input_ids"]], opts.calib_batch_size)
+            log(f"calibration batches of {opts.calib_batch_size} samples, longest first: {kept} of {given} "
+                f"tokens kept ({kept / given:.1%}; llmcompressor cuts each batch to its shortest sample)",
+                every_rank=world > 1)
+        try:
+            oneshot(model=model, processor=tokenizer, dataset=part, recipe=modifiers,
+                    num_calibration_samples=len(part), max_seq_length=opts.max_seq_length,
+                    pipeline="basic" if opts.no_sequential_update else "sequential",
+                    moe_calibrate_all_experts=not opts.routed_experts_only, **batching)
+        except torch.OutOfMemoryError as e:
+            raise gpu_out_of_memory_error(gpu_plan, e) from None
+    if torch.cuda.is_available():
+        log(f"GPU memory: peak {human_bytes(torch.cuda.max_memory_allocated())} allocated "
+            f"(torch.cuda.max_memory_allocated; expected ~{human_bytes(gpu_plan.peak)})")
+    if batched:
+        log(f"experts: batched calibration in {len(batched_stats['layers'])} MoE layers ({batched_stats['calls']} "
+            f"forwards)" + (f"; {len(batched_stats['fallback'])} MoE layers kept llmcompressor's per-expert "
+                            f"modules (other hooks on their experts)" if batched_stats["fallback"] else ""))
+    log(f"calibrated on {share.get('samples', '?')} of {len(ds)} samples", every_rank=world > 1)
+
+
+def save_calibrated_model(model, plan: QuantizePlan, modifiers: list, src_dir: Path, tmp: Path) -> None:
+    """The calibrated weights into tmp, on every rank: it gathers, rank 0 writes. 5 GB shards: a shard is
+    assembled in RAM before it is written, and transformers' 50 GB default would undo the RAM budget
+    (11.4 GB peak on an H200 for a 5.8 GB output saved as one shard)."""
+    if plan.mxfp4:       # OpenAI's layout, written here (one process: torchrun is refused for it)
+        write_mxfp4_checkpoint(src_dir, tmp, gptq_mxfp4_encoder(model),
+                               "GPTQ, LLM Compressor's MXFP4A16, mapped exactly")
+        (tmp / "recipe.yaml").write_text(recipe_yaml(modifiers))
+    else:
+        with warnings.catch_warnings():   # transformers warns of its 50 GB default shard, which we do not use
+            warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+            model.save_pretrained(str(tmp), save_compressed=True, max_shard_size=SAVE_SHARD_SIZE)
+
+
+def output_metadata(opts: QuantizeOptions, plan: QuantizePlan, model_dir: Path, samples: int, world: int,
+                    batched: bool) -> dict:
+    """config.json's gptoss_compressor entry: how this output was made."""
+    return {"version": __version__, "source": str(model_dir.resolve()),
+            "groups": {g.name: {"algo": g.algo, "scheme": g.scheme, "modules": len(g.modules),
+                                "group_sizes": g.group_size_summary()} for g in plan.groups},
+            "group_size_requested": plan.group_size,
+            "group_size_adjusted": [{"module": n, "in_features": i, "used": u} for n, i, _, u in plan.adjusted],
+            "calibration": {"source": opts.calib_jsonl or opts.dataset, "samples": samples,
+                            "max_seq_length": opts.max_seq_length,
+                            "all_experts": not opts.routed_experts_only, "processes": world,
+                            "shared_hessians": not opts.no_share_hessians,
+                            "hessian_matmul": "fp32" if opts.fp32_hessian_matmul else "bf16 products, fp32 sums",
+                            "propagation": "all experts" if opts.propagate_all_experts else "routed experts",
+                            "expert_calibration": "batched" if batched else "per expert"}}
+
+
+def write_quantize_config(tmp: Path, plan: QuantizePlan, extra: dict, serving: VllmServing | None) -> None:
+    """The experts rewritten in vLLM's layout (GPT-OSS), then config.json; with 2:4 sparsity the share of
+    conforming groups, read back from the saved tensors, goes into it too."""
+    if serving:
+        moved = write_vllm_layout(tmp, serving.why_not is None)
+        extra["vllm"] = {"layout": "vllm-gpt-oss", "checked_with": VLLM_CHECKED, "serving": serving.line(),
+                         "tensor_parallel": list(serving.tp_sizes),
+                         "kept_out_input_activations": moved["kept_out_input_activations"]}
+        log(f"vLLM layout: {moved['expert_tensors']} expert tensors rewritten in vLLM's GPT-OSS layout"
+            + ("; experts declared W4A16 to vLLM, their int8 activations kept in gptoss_compressor.vllm"
+               if moved["kept_out_input_activations"] else ""))
+    write_output_config(tmp, plan, None, extra)
+    if plan.sparse:
+        rep = sparsity_report(tmp, plan)
+        from compressed_tensors.config import DenseSparsityConfig
+        sparsity = DenseSparsityConfig(global_sparsity=rep["global_sparsity"], sparsity_structure=plan.sparse,
+                                       targets=sorted(n for g in plan.groups for n in g.modules),
+                                       ignore=plan.ignore).model_dump()
+        log(f"sparsity {plan.sparse}: {rep['share_of_groups_ok']:.2%} of the groups of "
+            f"{plan.sparse.split(':')[1]} conform in the worst of {rep['modules']} modules, "
+            f"global sparsity {rep['global_sparsity']:.1%}")
+        if rep["share_of_groups_ok"] < 1:
+            log(f"WARNING: the {plan.sparse} pattern did not survive in every module: see config.json")
+        extra["sparsity"] = {k: v for k, v in rep.items() if k != "per_module_min"}
+        write_output_config(tmp, plan, sparsity, extra)
+
+
+def log_quantize_stopped(e: BaseException, plan: QuantizePlan, bf16_dir: Path, offload_dir: Path) -> None:
+    """One line when a run stops on anything but a UserError: what is kept for the rerun."""
+    if plan.is_mxfp4 and (bf16_dir / BF16_OF_NAME).exists():
+        kept = f"the BF16 copy {bf16_dir} is kept and will be reused"
+    elif plan.is_mxfp4 and bf16_dir.exists():
+        kept = f"the partial BF16 copy {bf16_dir} is kept and will be finished"
+    else:
+        kept = "nothing else is kept (the input needs no BF16 copy)" if not plan.is_mxfp4 else "nothing is kept"
+    log(f"quantize stopped ({type(e).__name__}): rerun the same command to restart; {kept}; "
+        f"the offload folder {offload_dir} is removed")
+
+
+def run_quantize(opts: QuantizeOptions, plan: QuantizePlan, model_dir: Path, tokenizer, calib: list, heldout: list,
+                 gpu_plan: GpuMemoryPlan, batched: bool, serving: VllmServing | None, t0: float) -> int:
+    """The llmcompressor run, in phases: budgets and free disk checked, torchrun's process group joined,
+    calibrate, save into a temp folder, config + quality pass + model card, renamed into place. However
+    it stops, the temp output and the offload folder go (the BF16 copy of an MXFP4 input stays for the
+    rerun); a UserError passes through as it is, anything else is logged as the run having stopped."""
+    out = plan.output_dir
+    bf16_dir = quantize_bf16_dir(out)
+    budget = memory_budget(plan, opts, out)
+    if torchrun_world()[0] == 0:
+        remove_dead_quantize_runs(out, budget.offload_dir, opts.offload_folder is None)
+    # before the process group: all ranks fail alike
+    check_disk_space(quantize_disk_needs(opts, plan, budget, heldout, bf16_dir))
+    rank, world = init_distributed()
+    tmp = None                                       # the temp output: rank 0's, shared by all ranks
+    offload_ours = opts.offload_folder is None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        remove_offload(budget.offload_dir, False)    # compressed-tensors' files of a killed run
+        if offload_ours:
+            budget.offload_dir.mkdir(parents=True, exist_ok=True)
+            write_marker(budget.offload_dir, "quantize", scratch=True)
+    eval_error = None
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))   # run the cleanup below
+    try:
+        src_dir = on_rank0(dequantize_persistent, model_dir, bf16_dir) if plan.is_mxfp4 else model_dir
+        check_checkpoint_complete(src_dir, plan.config)
+        ds = tokenized_dataset(calib, tokenizer, opts.max_seq_length)
+        log(f"calibration: {len(ds)} samples (<= {opts.max_seq_length} tokens) from "
+            f"{opts.calib_jsonl or opts.dataset}; {len(heldout)} held-out texts for quality.json")
+        model = load_model_for_quantization(src_dir, budget)
+        modifiers = build_modifiers(plan, opts, model, solve_batch=gpu_plan.solve_batch)
+        if opts.offload_hessians and not plan.sparse:
+            log("--offload-hessians: llmcompressor 0.14's GPTQ keeps Hessians of the current layer only; "
+                "the flag applies to SparseGPT (--with-sparse)")
+        calibrate(model, tokenizer, ds, modifiers, opts, plan, gpu_plan, batched, world)
+        log(f"oneshot done in {time.time() - t0:.1f} s; saving to {out}; {offload_report(model, budget.offload_dir)}")
+        tmp = Path(on_rank0(make_temp_output, out))
+        try:
+            save_calibrated_model(model, plan, modifiers, src_dir, tmp)
+            del model                                      # its RAM, before the quality pass loads models again
+            if leave_distributed():
+                log(f"done; rank 0 writes {out}", every_rank=True)
+                return 0
+            remove_offload(budget.offload_dir, False)          # the quality pass below needs the space
+            tokenizer.save_pretrained(str(tmp))
+            copy_side_files(src_dir, tmp)                      # the source's tokenizer / template / generation config win
+        except Exception as e:
+            if disk_full(e):
+                raise UserError(f"the disk filled up while saving into {tmp.parent} "
+                                f"({human_bytes(shutil.disk_usage(tmp.parent).free)} free now; the output needs "
+                                f"~{human_bytes(estimated_output_bytes(plan))}): free space and rerun the same "
+                                f"command; nothing was kept", exit_code=1)
+            raise
+        write_quantize_config(tmp, plan, output_metadata(opts, plan, model_dir, len(ds), world, batched), serving)
+        eval_error = finish_quantize_output(tmp, plan, opts, model_dir, src_dir, heldout, tokenizer,
+                                            budget if budget.disk_bytes else None)
+    except BaseException as e:
+        if isinstance(e, UserError):
+            raise
+        log_quantize_stopped(e, plan, bf16_dir, budget.offload_dir)
+        raise
+    finally:
+        if rank == 0:
+            if tmp is not None:
+                remove_tool_folder(tmp)
+            remove_offload(budget.offload_dir, offload_ours)
+    return end_quantize(plan, opts.keep_bf16, eval_error, t0)
+
 
 # ---- vLLM's layout (GPT-OSS)
 # vLLM's GPT-OSS loader (vllm/model_executor/models/gpt_oss.py and compressed_tensors_moe_*.py of
@@ -3058,7 +3649,7 @@ def write_vllm_layout(folder: Path, servable: bool) -> dict:
         weight_map.update(dict.fromkeys(shard, f.name))
         written.append((new, f))
         del shard
-    del handles
+    handles.clear()                  # the old files are closed before they are replaced
     for new, f in written:
         os.replace(new, f)
     if (folder / INDEX_NAME).exists():
@@ -3071,242 +3662,12 @@ def write_vllm_layout(folder: Path, servable: bool) -> dict:
     kept = {}
     for key, grp in (qc.get("config_groups") or {}).items():
         grp["targets"] = [_vllm_target(t) for t in grp.get("targets", [])]
-        if servable and an_expert and grp.get("input_activations") and grp["weights"]["num_bits"] == 4 \
-                and matches_any(an_expert[0], grp["targets"]):
+        if (servable and an_expert and grp.get("input_activations") and grp["weights"]["num_bits"] == 4
+                and matches_any(an_expert[0], grp["targets"])):
             kept[key], grp["input_activations"] = grp["input_activations"], None
     qc["ignore"] = [_vllm_target(t) for t in qc.get("ignore") or []]
     write_json_atomic(folder / "config.json", cfg)
     return {"expert_tensors": sum(len(p) for p in blocks.values()), "kept_out_input_activations": kept}
-
-
-def cmd_quantize(args: argparse.Namespace) -> int:
-    t0 = time.time()
-    if not args.verbose:
-        os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
-        # torch.fx warns once per traced layer that is_fx_tracing changed meaning: not the user's concern
-        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    if args.device_map == "cpu-only":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""          # before torch initializes CUDA
-    model_dir = resolve_model_dir(args.model_in, "--model-in")
-    plan = make_plan(args, model_dir)
-    out = plan.output_dir
-    if args.eval_only:
-        marker = read_marker(out) if out.is_dir() else None
-        if not marker or marker.get("command") != "quantize" or not (out / "config.json").exists():
-            raise UserError(f"--eval-only: {out} is not a finished output of quantize: run the command without "
-                            f"--eval-only first")
-    elif not args.dry_run:
-        check_output_folder(out, "--output-dir", [model_dir], args.overwrite)
-        check_creatable(out.parent, "--output-dir")
-        if plan.is_mxfp4:
-            check_bf16_copy_folder(model_dir, quantize_bf16_dir(out))
-        check_offload_folder(args.offload_folder, out, model_dir)
-    batched, why_not = expert_calibration_mode(plan, args)
-    gpu_plan = plan_gpu_memory(plan, args, *gpu_memory_budget(args), batched)
-    for g in plan.groups:
-        sizes = ", ".join(f"{v} x {k}" for k, v in g.group_size_summary().items()) or "-"
-        log(f"{g.name}: {len(g.modules)} Linear -> {g.algo.upper()} {g.scheme} ({sizes})"
-            + ("" if g.modules else "  [empty group: nothing matches]"))
-    adjusted: dict = {}
-    for name, inf, req, used in plan.adjusted:
-        adjusted.setdefault((req, inf, used), []).append(name)
-    for (req, inf, used), names in adjusted.items():
-        log(f"group size {req} does not divide {inf} inputs: {len(names)} modules use "
-            f"{'per channel' if used is None else f'g{used}'} (--dry-run lists them)")
-    log_gpu_memory_plan(gpu_plan, batched)
-    if why_not and moe_dims(plan.config):
-        log(f"expert calibration: per expert ({why_not})")
-    serving = vllm_serving(plan, args.symmetric)
-    if serving:
-        log(serving.line())
-
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:
-        raise UserError(f"{model_dir}: no usable tokenizer ({type(e).__name__}): copy the tokenizer files into it")
-    if args.calib_jsonl:
-        texts = read_jsonl_texts(Path(args.calib_jsonl).expanduser(), tokenizer, "--calib-jsonl")
-    elif not args.dry_run:
-        texts = load_hub_texts(args.dataset, tokenizer, args.num_calibration_samples + 64)
-    else:
-        texts = []
-    eval_texts = read_jsonl_texts(Path(args.eval_jsonl).expanduser(), tokenizer, "--eval-jsonl") if args.eval_jsonl else None
-    calib, heldout = split_calibration(texts, args.num_calibration_samples, eval_texts)
-    if args.dry_run:
-        print_plan(plan, build_modifiers(plan, args, skeleton_model(plan.config)), args)
-        if texts:
-            print(f"calibration: {len(calib)} texts from {args.calib_jsonl or args.dataset}, held out for quality: {len(heldout)}")
-        return 0
-    if args.eval_only:
-        return quantize_eval_only(args, plan, model_dir, tokenizer, heldout)
-    if plan.mxfp4 and plan.group("experts").algo == "rtn":
-        return quantize_mxfp4_rtn(args, plan, model_dir, tokenizer, heldout)
-
-    bf16_dir = quantize_bf16_dir(out)
-    budget = memory_budget(plan, args, out)
-    if torchrun_world()[0] == 0:
-        remove_dead_quantize_runs(out, budget.offload_dir, args.offload_folder is None)
-    needs = [(budget.offload_dir, budget.disk_bytes, "offloaded weights"),
-             (out, estimated_output_bytes(plan), "the output")]
-    if not args.no_eval:
-        needs.append((budget.offload_dir if budget.disk_bytes else out, eval_spill_bytes(plan, heldout, args),
-                      "the quality pass's source logits"))
-    if plan.is_mxfp4:
-        have = sum(p.stat().st_size for p in bf16_dir.glob("*.safetensors")) if bf16_dir.exists() else 0
-        needs.append((bf16_dir, max(budget.model_bytes - have, 0), "the BF16 copy"))
-    check_disk_space(needs)                          # before the process group: all ranks fail alike
-    rank, world = init_distributed()
-    tmp = None                                       # the temp output: rank 0's, shared by all ranks
-    offload_ours = args.offload_folder is None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        remove_offload(budget.offload_dir, False)    # compressed-tensors' files of a killed run
-        if offload_ours:
-            budget.offload_dir.mkdir(parents=True, exist_ok=True)
-            write_marker(budget.offload_dir, "quantize", scratch=True)
-    eval_error = None
-    import signal
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))   # run the cleanup below
-    try:
-        src_dir = on_rank0(dequantize_persistent, model_dir, bf16_dir) if plan.is_mxfp4 else model_dir
-        check_checkpoint_complete(src_dir, plan.config)
-        ds = tokenized_dataset(calib, tokenizer, args.max_seq_length)
-        log(f"calibration: {len(ds)} samples (<= {args.max_seq_length} tokens) from "
-            f"{args.calib_jsonl or args.dataset}; {len(heldout)} held-out texts for quality.json")
-        model = load_model_for_quantization(src_dir, budget)
-        modifiers = build_modifiers(plan, args, model, solve_batch=gpu_plan.solve_batch)
-        if args.offload_hessians and not plan.sparse:
-            log("--offload-hessians: llmcompressor 0.14's GPTQ keeps Hessians of the current layer only; "
-                "the flag applies to SparseGPT (--with-sparse)")
-        import contextlib
-        from llmcompressor import oneshot
-        import torch
-        torch.manual_seed(args.seed)   # llmcompressor shuffles the calibration samples with torch's RNG
-        share = {}
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(cpu_safe_calibration())
-            stack.enter_context(calibration_share(share))
-            stack.enter_context(layer_progress())
-            stack.enter_context(solved_weights_barrier())
-            if plan.sparse:
-                stack.enter_context(masked_gptq())
-            if not args.no_share_hessians:
-                stack.enter_context(shared_input_hessians())
-            if not args.fp32_hessian_matmul:
-                stack.enter_context(tensor_core_hessians())
-            if not args.propagate_all_experts:
-                stack.enter_context(routed_propagation())
-            batched_stats: dict = {}
-            if batched:
-                stack.enter_context(batched_expert_calibration(model, gpu_plan, args.fp32_hessian_matmul, batched_stats))
-            limit_gpu_memory(gpu_plan)
-            part = rank_share(ds)
-            batching = {}
-            if args.calib_batch_size > 1:   # longest first, so a batch's samples are of similar length
-                batching = dict(batch_size=args.calib_batch_size, shuffle_calibration_samples=False)
-                kept, given = batched_tokens([len(r) for r in part["input_ids"]], args.calib_batch_size)
-                log(f"calibration batches of {args.calib_batch_size} samples, longest first: {kept} of {given} "
-                    f"tokens kept ({kept / given:.1%}; llmcompressor cuts each batch to its shortest sample)",
-                    every_rank=world > 1)
-            try:
-                oneshot(model=model, processor=tokenizer, dataset=part, recipe=modifiers,
-                        num_calibration_samples=len(part), max_seq_length=args.max_seq_length,
-                        pipeline="basic" if args.no_sequential_update else "sequential",
-                        moe_calibrate_all_experts=not args.routed_experts_only, **batching)
-            except torch.OutOfMemoryError as e:
-                raise gpu_out_of_memory_error(gpu_plan, e) from None
-        if torch.cuda.is_available():
-            log(f"GPU memory: peak {human_bytes(torch.cuda.max_memory_allocated())} allocated "
-                f"(torch.cuda.max_memory_allocated; expected ~{human_bytes(gpu_plan.peak)})")
-        if batched:
-            log(f"experts: batched calibration in {len(batched_stats['layers'])} MoE layers ({batched_stats['calls']} "
-                f"forwards)" + (f"; {len(batched_stats['fallback'])} MoE layers kept llmcompressor's per-expert "
-                                f"modules (other hooks on their experts)" if batched_stats["fallback"] else ""))
-        log(f"calibrated on {share.get('samples', '?')} of {len(ds)} samples", every_rank=world > 1)
-        log(f"oneshot done in {time.time() - t0:.1f} s; saving to {out}; {offload_report(model, budget.offload_dir)}")
-        tmp = Path(on_rank0(make_temp_output, out))
-        try:
-            # on every rank: it gathers, rank 0 writes. 5 GB shards: a shard is assembled in RAM before it is
-            # written, and transformers' 50 GB default would undo the RAM budget (11.4 GB peak on an H200
-            # for a 5.8 GB output saved as one shard)
-            if plan.mxfp4:       # OpenAI's layout, written here (one process: torchrun is refused for it)
-                write_mxfp4_checkpoint(src_dir, tmp, gptq_mxfp4_encoder(model),
-                                       "GPTQ, LLM Compressor's MXFP4A16, mapped exactly")
-                (tmp / "recipe.yaml").write_text(recipe_yaml(modifiers))
-            else:
-                with warnings.catch_warnings():   # transformers warns of its 50 GB default shard, which we do not use
-                    warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
-                    model.save_pretrained(str(tmp), save_compressed=True, max_shard_size=SAVE_SHARD_SIZE)
-            del model
-            if leave_distributed():
-                log(f"done; rank 0 writes {out}", every_rank=True)
-                return 0
-            remove_offload(budget.offload_dir, False)          # the quality pass below needs the space
-            tokenizer.save_pretrained(str(tmp))
-            copy_side_files(src_dir, tmp)                      # the source's tokenizer / template / generation config win
-        except Exception as e:
-            if disk_full(e):
-                raise UserError(f"the disk filled up while saving into {tmp.parent} "
-                                f"({human_bytes(shutil.disk_usage(tmp.parent).free)} free now; the output needs "
-                                f"~{human_bytes(estimated_output_bytes(plan))}): free space and rerun the same "
-                                f"command; nothing was kept", exit_code=1)
-            raise
-        sparsity = None
-        extra = {"version": __version__, "source": str(model_dir.resolve()),
-                 "groups": {g.name: {"algo": g.algo, "scheme": g.scheme, "modules": len(g.modules),
-                                     "group_sizes": g.group_size_summary()} for g in plan.groups},
-                 "group_size_requested": args.group_size,
-                 "group_size_adjusted": [{"module": n, "in_features": i, "used": u} for n, i, _, u in plan.adjusted],
-                 "calibration": {"source": args.calib_jsonl or args.dataset, "samples": len(ds),
-                                 "max_seq_length": args.max_seq_length,
-                                 "all_experts": not args.routed_experts_only, "processes": world,
-                                 "shared_hessians": not args.no_share_hessians,
-                                 "hessian_matmul": "fp32" if args.fp32_hessian_matmul else "bf16 products, fp32 sums",
-                                 "propagation": "all experts" if args.propagate_all_experts else "routed experts",
-                                 "expert_calibration": "batched" if batched else "per expert"}}
-        if serving:
-            moved = write_vllm_layout(tmp, serving.why_not is None)
-            extra["vllm"] = {"layout": "vllm-gpt-oss", "checked_with": VLLM_CHECKED, "serving": serving.line(),
-                             "tensor_parallel": list(serving.tp_sizes),
-                             "kept_out_input_activations": moved["kept_out_input_activations"]}
-            log(f"vLLM layout: {moved['expert_tensors']} expert tensors rewritten in vLLM's GPT-OSS layout"
-                + (f"; experts declared W4A16 to vLLM, their int8 activations kept in gptoss_compressor.vllm"
-                   if moved["kept_out_input_activations"] else ""))
-        write_output_config(tmp, plan, None, extra)
-        if plan.sparse:
-            rep = sparsity_report(tmp, plan)
-            from compressed_tensors.config import DenseSparsityConfig
-            sparsity = DenseSparsityConfig(global_sparsity=rep["global_sparsity"], sparsity_structure=plan.sparse,
-                                           targets=sorted(n for g in plan.groups for n in g.modules),
-                                           ignore=plan.ignore).model_dump()
-            log(f"sparsity {plan.sparse}: {rep['share_of_groups_ok']:.2%} of the groups of "
-                f"{plan.sparse.split(':')[1]} conform in the worst of {rep['modules']} modules, "
-                f"global sparsity {rep['global_sparsity']:.1%}")
-            if rep["share_of_groups_ok"] < 1:
-                log(f"WARNING: the {plan.sparse} pattern did not survive in every module: see config.json")
-            extra["sparsity"] = {k: v for k, v in rep.items() if k != "per_module_min"}
-            write_output_config(tmp, plan, sparsity, extra)
-        eval_error = finish_quantize_output(tmp, plan, args, model_dir, src_dir, heldout, tokenizer,
-                                            budget if budget.disk_bytes else None)
-    except BaseException as e:
-        if isinstance(e, UserError):
-            raise
-        if plan.is_mxfp4 and (bf16_dir / BF16_OF_NAME).exists():
-            kept = f"the BF16 copy {bf16_dir} is kept and will be reused"
-        elif plan.is_mxfp4 and bf16_dir.exists():
-            kept = f"the partial BF16 copy {bf16_dir} is kept and will be finished"
-        else:
-            kept = "nothing else is kept (the input needs no BF16 copy)" if not plan.is_mxfp4 else "nothing is kept"
-        log(f"quantize stopped ({type(e).__name__}): rerun the same command to restart; {kept}; "
-            f"the offload folder {budget.offload_dir} is removed")
-        raise
-    finally:
-        if rank == 0:
-            if tmp is not None:
-                remove_tool_folder(tmp)
-            remove_offload(budget.offload_dir, offload_ours)
-    return end_quantize(plan, args, eval_error, t0)
 
 
 # ---- MXFP4 experts in OpenAI's own layout (`--experts mxfp4`)
@@ -3325,52 +3686,43 @@ MXFP4_ENGINES = ("vLLM, SGLang, transformers, TensorRT-LLM and llama.cpp (throug
                  "as for OpenAI's own gpt-oss checkpoints")
 
 
-class RecordGiven(argparse.Action):
-    """Stores the value and sets args.<dest>_given, so a command can tell a flag given as its
-    default value from the default."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        setattr(namespace, self.dest + "_given", True)
+def experts_mxfp4_requested(experts: str | None, experts_type: str | None) -> bool:
+    return any((v or "").lower().startswith("mxfp4") for v in (experts, experts_type))
 
 
-def experts_mxfp4_requested(args) -> bool:
-    return any((v or "").lower().startswith("mxfp4") for v in (args.experts, args.experts_type))
-
-
-def check_mxfp4_flags(args, config: dict, algo: str) -> None:
+def check_mxfp4_flags(opts: QuantizeOptions, config: dict, algo: str) -> None:
     """--experts mxfp4: refuse, before any work, every flag OpenAI's layout cannot honour."""
     def refuse(what: str, why: str):
         raise UserError(f"--experts mxfp4 {what}: {why}")
     if config.get("model_type") != "gpt_oss":
         refuse(f"on model_type {config.get('model_type')!r}", "OpenAI's MXFP4 layout is GPT-OSS's; "
                "use --experts w4a16 for other models")
-    for flag, value, ok in (("--experts", args.experts, ("mxfp4", "mxfp4a16")),
-                            ("--experts-type", args.experts_type, ("mxfp4",)),
-                            ("--experts-scheme", args.experts_scheme, ("w4a16", "mxfp4a16"))):
+    for flag, value, ok in (("--experts", opts.experts, ("mxfp4", "mxfp4a16")),
+                            ("--experts-type", opts.experts_type, ("mxfp4",)),
+                            ("--experts-scheme", opts.experts_scheme, ("w4a16", "mxfp4a16"))):
         if value and value.lower() not in ok:
             refuse(f"with {flag} {value}", "MXFP4 experts are weight-only (OpenAI's layout has no activation "
                    "scales); use --experts mxfp4 alone")
     if algo not in ("rtn", "gptq"):
         refuse(f"--algo {algo}", "MXFP4 experts are written with --algo rtn (the OCP rounding rule) or "
                "--algo gptq (llmcompressor's MXFP4A16); AWQ is not offered for them")
-    if getattr(args, "group_size_given", False) and args.group_size != MXFP4_BLOCK:
-        refuse(f"--group-size {args.group_size}", f"an MXFP4 block is {MXFP4_BLOCK} values by definition; "
+    if opts.group_size is not None and opts.group_size != MXFP4_BLOCK:
+        refuse(f"--group-size {opts.group_size}", f"an MXFP4 block is {MXFP4_BLOCK} values by definition; "
                f"drop --group-size")
-    mw = [f for f, v in (("--mw", args.mw), ("--mw-type", args.mw_type), ("--mw-scheme", args.mw_scheme),
-                         ("--mw-algo", args.mw_algo)) if v]
+    mw = [f for f, v in (("--mw", opts.mw), ("--mw-type", opts.mw_type), ("--mw-scheme", opts.mw_scheme),
+                         ("--mw-algo", opts.mw_algo)) if v]
     if mw:
         refuse(f"with {mw[0]}", "no engine loads OpenAI's MXFP4 experts next to compressed-tensors "
                "attention (a checkpoint has one quantization_config), so attention, router, embeddings "
                "and lm_head stay as in the source, as in OpenAI's files; drop " + mw[0])
-    for flag, given in (("--with-sparse", args.with_sparse), ("--experts-regex", args.experts_regex),
-                        ("--auto-detect-experts", args.auto_detect_experts), ("--extra-ignore", args.extra_ignore)):
+    for flag, given in (("--with-sparse", opts.with_sparse), ("--experts-regex", opts.experts_regex),
+                        ("--auto-detect-experts", opts.auto_detect_experts), ("--extra-ignore", opts.extra_ignore)):
         if given:
             refuse(f"with {flag}", "OpenAI's layout fixes what is MXFP4 (every expert, densely) and what "
                    f"is not; drop {flag}")
     if torchrun_world()[1] > 1:
         refuse("under torchrun", "it runs in one process; start it with python, not torchrun")
-    pick_device(args.device)
+    pick_device(opts.device)
 
 
 def mxfp4_output_name(model_dir: Path, algo: str) -> str:
@@ -3518,16 +3870,17 @@ def write_mxfp4_checkpoint(src_dir: Path, dst: Path, encode, label: str) -> None
     write_json_atomic(dst / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 
-def quantize_mxfp4_rtn(args, plan: QuantizePlan, model_dir: Path, tokenizer, heldout: list[str]) -> int:
+def quantize_mxfp4_rtn(opts: QuantizeOptions, plan: QuantizePlan, model_dir: Path, tokenizer,
+                       heldout: list[str]) -> int:
     """`quantize --experts mxfp4 --algo rtn`: no calibration, no model in memory; shard by shard."""
     t0 = time.time()
     out = plan.output_dir
-    device = pick_device(args.device)
+    device = pick_device(opts.device)
     bf16_dir = quantize_bf16_dir(out)
     remove_dead_quantize_runs(out, out.parent / f"{out.name}.offload", False)
     needs = [(out, estimated_output_bytes(plan), "the output")]
-    if not args.no_eval:
-        needs.append((out, eval_spill_bytes(plan, heldout, args), "the quality pass's source logits"))
+    if not opts.no_eval:
+        needs.append((out, eval_spill_bytes(plan, heldout, opts.max_seq_length), "the quality pass's source logits"))
     if plan.is_mxfp4:
         needs.append((bf16_dir, 2 * plan.total_params, "the BF16 copy"))
     check_disk_space(needs)
@@ -3546,19 +3899,19 @@ def quantize_mxfp4_rtn(args, plan: QuantizePlan, model_dir: Path, tokenizer, hel
         write_output_config(tmp, plan, None, {"version": __version__, "source": str(model_dir.resolve()), "groups": {
             "experts": {"algo": "rtn", "scheme": MXFP4_SPEC, "modules": len(plan.group("experts").modules),
                         "scale_rule": "OCP MX: 2^(floor(log2(amax)) - 2), E2M1 round half to even, saturating"}}})
-        eval_error = finish_quantize_output(tmp, plan, args, model_dir, src_dir, heldout, tokenizer, None)
+        eval_error = finish_quantize_output(tmp, plan, opts, model_dir, src_dir, heldout, tokenizer, None)
     finally:
         if tmp is not None:
             remove_tool_folder(tmp)
-    return end_quantize(plan, args, eval_error, t0)
+    return end_quantize(plan, opts.keep_bf16, eval_error, t0)
 
 
-def mxfp4_model_card(plan: QuantizePlan, args, quality_md: str) -> str:
+def mxfp4_model_card(plan: QuantizePlan, opts: QuantizeOptions, quality_md: str) -> str:
     g = plan.group("experts")
     how = ("RTN by the OCP MX rule (shared scale 2^(floor(log2(amax)) - 2) per block of 32, E2M1 round "
            "half to even): an unmodified gpt-oss comes back with the same values" if g.algo == "rtn" else
-           f"GPTQ through LLM Compressor's MXFP4A16 scheme, calibrated on {args.calib_jsonl or args.dataset} "
-           f"({args.num_calibration_samples} samples x {args.max_seq_length} tokens); recipe in `recipe.yaml`")
+           f"GPTQ through LLM Compressor's MXFP4A16 scheme, calibrated on {opts.calib_jsonl or opts.dataset} "
+           f"({opts.num_calibration_samples} samples x {opts.max_seq_length} tokens); recipe in `recipe.yaml`")
     return f"""---
 base_model: {plan.model_dir.resolve().name}
 library_name: transformers
@@ -3588,22 +3941,261 @@ model = AutoModelForCausalLM.from_pretrained("{plan.output_dir.name}",          
 """
 
 
-##### 5. Loader + quality #####
+# ---- the command line
+
+
+@dataclass(frozen=True)
+class QuantizeOptions(CommandOptions):
+    """quantize's flags (add_quantize_parser and its flag groups), in --help's order."""
+    model_in: str
+    algo: str
+    experts_algo: str | None
+    mw_algo: str | None
+    experts_type: str | None
+    experts_scheme: str | None
+    mw_type: str | None
+    mw_scheme: str | None
+    experts: str | None
+    mw: str | None
+    auto_detect_experts: bool
+    experts_regex: str | None
+    with_sparse: bool
+    sparsity: float
+    mask: str                     # N:M
+    group_size: int | None        # None: the model's default (make_plan)
+    block_size: int
+    dampening_frac: float
+    symmetric: bool
+    awq_grid: int
+    no_sequential_update: bool
+    offload_hessians: bool
+    calib_batch_size: int
+    seed: int
+    routed_experts_only: bool
+    no_share_hessians: bool
+    fp32_hessian_matmul: bool
+    per_expert_calibration: bool
+    max_gpu_memory: str | None
+    propagate_all_experts: bool
+    dataset: str
+    calib_jsonl: str | None
+    eval_jsonl: str | None
+    num_calibration_samples: int
+    max_seq_length: int
+    output_dir: str | None
+    overwrite: bool
+    extra_ignore: list[str]
+    dry_run: bool
+    no_eval: bool
+    eval_only: bool
+    try_install_qqq: bool
+    yes: bool
+    allow_fallback: bool
+    device_map: str
+    max_cpu_memory: str | None
+    offload_folder: str | None
+    keep_bf16: bool
+    device: str
+    verbose: bool
+
+
+def add_quantize_parser(sub) -> argparse.ArgumentParser:
+    """The `quantize` subcommand and its flags, added in --help's order: what is quantized and how, then
+    calibration, then output and machine."""
+    q = add_subcommand(sub, "quantize", help="GPTQ/AWQ compression through LLM Compressor",
+                       description="Quantize a BF16/FP16 model (GPT-OSS, experts included, or any Hugging Face "
+                                   "causal LM) with GPTQ / AWQ / RTN through LLM Compressor, in two groups: "
+                                   "'experts' and 'model weights' (every other Linear: attention q/k/v/o). "
+                                   "Router, embeddings and lm_head are never quantized. Writes a complete "
+                                   "compressed-tensors folder, reloads it from disk and writes quality.json.",
+                       examples="""
+examples:
+  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16 --calib-jsonl calib.jsonl
+  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts-algo awq --experts w4a16 --mw-algo gptq --mw w8a8
+  %(prog)s --model-in ./gpt-oss-120b-bf16 --with-sparse --experts-type int4 --experts-scheme w4a8 \\
+      --mw-type int4 --mw-scheme w4a16 --allow-fallback
+  %(prog)s --model-in openai/gpt-oss-20b --dry-run          # MXFP4 input: dequantized on the fly
+  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16 --calib-jsonl chunks-2048.jsonl       --calib-batch-size 8                                   # big GPU, equal-length samples: 2x faster
+
+support matrix: AWQ W4A16; GPTQ W4A16, W8A8, W4A8 (needs a W4A8 runtime: QQQ or triton);
+RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
+--experts mxfp4 (OpenAI's own MXFP4 layout, what vLLM/SGLang/transformers/llama.cpp/TensorRT-LLM load
+for gpt-oss): RTN (OCP rule, streamed shard by shard, no calibration) or GPTQ (LLM Compressor's
+MXFP4A16); attention, router, embeddings and lm_head stay as in the source (--mw is refused).""")
+    q.add_argument("--model-in", default="gpt-oss-120b-bf16", metavar="PATH|HUB_ID",
+                   help="BF16/FP16 model folder (from `dequantize`), an MXFP4 GPT-OSS folder (dequantized on "
+                        "the fly), or a Hub id (default: %(default)s)")
+    q.add_argument("--algo", default="gptq", type=str.lower, metavar="gptq|awq|rtn",
+                   help="algorithm of both groups unless --experts-algo/--mw-algo say otherwise (default: %(default)s)")
+    q.add_argument("--experts-algo", type=str.lower, metavar="gptq|awq|rtn", help="algorithm of the experts")
+    q.add_argument("--mw-algo", type=str.lower, metavar="gptq|awq|rtn",
+                   help="algorithm of the model weights (attention q/k/v/o, other Linear)")
+    q.add_argument("--experts-type", metavar="int4|int8|mxfp4",
+                   help="experts weight type (int4: w4a16|w4a8, int8: w8a8, mxfp4: OpenAI's layout, weight-only)")
+    q.add_argument("--experts-scheme", metavar="w4a16|w4a8|w8a8", help="experts scheme (default w4a16)")
+    q.add_argument("--mw-type", metavar="int4|int8", help="model weights type")
+    q.add_argument("--mw-scheme", metavar="w4a16|w4a8|w8a8", help="model weights scheme (default w4a16)")
+    q.add_argument("--experts", metavar="SPEC", help="shortcut for the experts: int4|w4a16|w4a8|int8|w8a8, or mxfp4 "
+                                                     "(OpenAI's own MXFP4 layout, --algo rtn or gptq; the rest stays as in the source)")
+    q.add_argument("--mw", metavar="SPEC", help="shortcut for the model weights: int4|w4a16|w4a8|int8|w8a8")
+    q.add_argument("--auto-detect-experts", action="store_true",
+                   help="find the expert modules from the module names (experts/expert/moe) instead of the "
+                        "GPT-OSS default regex")
+    q.add_argument("--experts-regex", type=regex_arg, metavar="REGEX",
+                   help=f"modules of the experts group (default: {DEFAULT_EXPERTS_REGEX.replace('%', '%%')})")
+    q.add_argument("--with-sparse", action="store_true",
+                   help="prune with SparseGPT (N:M, --mask) before quantizing; the mask is kept through GPTQ")
+    q.add_argument("--sparsity", type=fraction(False), default=0.5, metavar="RATIO", help="SparseGPT sparsity (default: %(default)s)")
+    q.add_argument("--mask", default="2:4", type=mask_arg, metavar="N:M", help="SparseGPT mask structure (default: %(default)s)")
+    q.add_argument("--group-size", type=group_size_arg, default=None, metavar="SIZE",
+                   help="int4 group size; a module whose inputs it does not divide gets the largest of 64/32/16 "
+                        "that does; -1 = per channel (default: 32 for GPT-OSS, which vLLM can split over 1 or 2 "
+                        "GPUs (2880 / 2 = 1440 = 45 x 32), 128 otherwise)")
+    q.add_argument("--block-size", type=int_at_least(1, "columns"), default=128, metavar="SIZE",
+                   help="GPTQ/SparseGPT columns per block update (default: %(default)s)")
+    q.add_argument("--dampening-frac", type=fraction(True), default=0.01, metavar="FRAC",
+                   help="GPTQ/SparseGPT Hessian dampening, fraction of its mean diagonal (default: %(default)s)")
+    q.add_argument("--symmetric", action="store_true",
+                   help="symmetric int4 for W4A16 (W8A8 and W4A8 weights are always symmetric)")
+    add_quantize_calibration_flags(q)
+    add_quantize_output_flags(q)
+    q.set_defaults(func=cmd_quantize)
+    return q
+
+
+def add_quantize_calibration_flags(q: argparse.ArgumentParser) -> None:
+    """quantize's calibration flags: the recipe's knobs, the calibration data, GPU memory."""
+    q.add_argument("--awq-grid", type=int_at_least(1, "grid points"), default=20, metavar="N",
+                   help="AWQ: scale ratios tried per mapping (llmcompressor's n_grid); fewer is faster (default: %(default)s)")
+    q.add_argument("--no-sequential-update", action="store_true",
+                   help="calibrate every layer on the unquantized model's activations in one pass (llmcompressor "
+                        "'basic' pipeline) instead of layer by layer on the already-quantized layers' outputs")
+    q.add_argument("--offload-hessians", action="store_true",
+                   help="keep SparseGPT's Hessians on the CPU between uses (GPTQ in llmcompressor 0.14 holds "
+                        "the current layer's only)")
+    q.add_argument("--calib-batch-size", type=int_at_least(1, "samples"), default=1, metavar="N",
+                   help="calibration samples per forward pass (llmcompressor's batch_size; default: %(default)s). "
+                        "A forward through a linearized GPT-OSS layer calls every expert's three Linear through "
+                        "Python hooks, a fixed cost per call that batching divides (H200, one 120b layer at "
+                        "256 x 2048 tokens: 54 s -> 26 s with 8); costs GPU memory for N samples' activations, and for samples of "
+                        "unequal length tokens: each batch is cut to its shortest sample (the log says how many "
+                        "are kept). Best with long equal-length samples, e.g. 2048-token chunks")
+    q.add_argument("--seed", type=int_at_least(0, ""), default=0, metavar="N",
+                   help="seed of the calibration order (llmcompressor shuffles the samples): the same command "
+                        "gives the same output (default: %(default)s)")
+    q.add_argument("--routed-experts-only", action="store_true",
+                   help="calibrate each expert on the tokens routed to it only (default: every expert sees "
+                        "every token, so rarely picked experts still get a Hessian)")
+    q.add_argument("--no-share-hessians", action="store_true",
+                   help="GPTQ: one Hessian per module, like plain llmcompressor (default: modules that read the "
+                        "same input tensor share one: q/k/v, and gate/up of all experts; bitwise the same values)")
+    q.add_argument("--fp32-hessian-matmul", action="store_true",
+                   help="GPTQ: accumulate Hessians with fp32 matmuls, like plain llmcompressor (default for "
+                        "BF16 inputs: tensor-core matmuls of the exact BF16 products, fp32 sums in 512-token "
+                        "chunks; within 3e-7 of the fp32 Hessian on an H200, 7x faster)")
+    q.add_argument("--per-expert-calibration", action="store_true",
+                   help="calibrate GPT-OSS experts through llmcompressor's per-expert Linear modules and hooks, "
+                        "like before (default: batched tensor math on the stacked expert weights, the same "
+                        "Hessians within 1e-6; for comparison)")
+    q.add_argument("--max-gpu-memory", metavar="SIZE",
+                   help="GPU memory quantize may use, e.g. 22GiB on a 24 GB card: expert chunks and GPTQ solve "
+                        "batches are sized to it, the expected peak is logged, and the allocator is capped there. "
+                        "Default: what the GPU has free at the start")
+    q.add_argument("--propagate-all-experts", action="store_true",
+                   help="run every expert on every token in the propagation pass too, like plain llmcompressor "
+                        "(default: all experts while calibrating, routed experts only while propagating)")
+    q.add_argument("--dataset", default="open_platypus", metavar="NAME",
+                   help="calibration dataset on the Hugging Face Hub (open_platypus, ultrachat_200k or a repo "
+                        "id; chat rows are rendered with the model's chat template) (default: %(default)s)")
+    q.add_argument("--calib-jsonl", metavar="FILE",
+                   help='local calibration file, {"text": ...} or {"messages": [...]} per line (overrides --dataset)')
+    q.add_argument("--eval-jsonl", metavar="FILE",
+                   help="held-out texts for quality.json (default: the calibration texts not used for calibration)")
+    q.add_argument("--num-calibration-samples", type=int_at_least(1, "samples"), default=256, metavar="N",
+                   help="calibration samples (default: %(default)s)")
+    q.add_argument("--max-seq-length", type=int_at_least(2, "tokens"), default=2048, metavar="LEN",
+                   help="tokens per calibration sample (default: %(default)s)")
+
+
+def add_quantize_output_flags(q: argparse.ArgumentParser) -> None:
+    """quantize's output and machine flags: where it writes, what it checks, RAM and disk."""
+    q.add_argument("--output-dir", metavar="DIR",
+                   help="output folder (default: <model>[-2of4]-<EXPERTALGO>-<MWALGO>-experts-<spec>-mw-<spec>)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--extra-ignore", action="append", default=[], type=pattern_arg, metavar="PATTERN",
+                   help="module name or 're:REGEX' left unquantized, on top of router/embeddings/lm_head (repeatable)")
+    q.add_argument("--dry-run", action="store_true",
+                   help="print the resolved plan (modules per group, group sizes, recipe, output dir); read no weight")
+    q.add_argument("--no-eval", action="store_true", help="skip the reload + quality.json step")
+    q.add_argument("--eval-only", action="store_true",
+                   help="only the quality pass, on the finished output of the same command (after an evaluation "
+                        "that failed, or with other --eval-jsonl texts): rewrites quality.json and README.md")
+    q.add_argument("--try-install-qqq", action="store_true",
+                   help="W4A8 without a runtime: offer to install the QQQ kernels (install-kernel)")
+    q.add_argument("--yes", action="store_true", help="answer yes to the install question")
+    q.add_argument("--allow-fallback", action="store_true", help="W4A8 without a runtime: quantize W4A16 instead")
+    q.add_argument("--device-map", choices=["auto", "sequential", "cpu-only"], default="sequential",
+                   help="sequential/auto: weights up to --max-cpu-memory in RAM, the rest on disk in "
+                        "--offload-folder, each layer onloaded (to the GPU, if any) in turn; cpu-only: the same "
+                        "without a GPU (default: %(default)s)")
+    q.add_argument("--max-cpu-memory", type=size_arg, metavar="SIZE",
+                   help="RAM for the weights not being worked on, e.g. 48GB (compressed-tensors' "
+                        "device_map='auto_offload' with max_memory={'cpu': SIZE}); one layer's work (its weights, "
+                        "GPTQ Hessians, calibration activations) comes on top. Default: available RAM minus "
+                        "that work, logged. gpt-oss-120b: 30GB puts the expected peak near 62 GB")
+    q.add_argument("--offload-folder", metavar="DIR",
+                   help="weights beyond --max-cpu-memory: fused experts rewritten per expert (up to the BF16 "
+                        "model's size), other weights linked to the source shards; free space is checked first "
+                        "(default: <output-dir>.offload, removed at the end)")
+    q.add_argument("--keep-bf16", action="store_true",
+                   help="MXFP4 input: keep the BF16 copy (<output-dir>.bf16) after success; it is always kept "
+                        "after a failed or killed run and reused by a rerun of the same command")
+    q.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda[:N]",
+                   help="--experts mxfp4 --algo rtn: where the MXFP4 encode runs (default: GPU if present)")
+    q.add_argument("--verbose", action="store_true", help="show llmcompressor's INFO log")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    opts = QuantizeOptions.from_args(args)
+    if not opts.verbose:
+        os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
+        # torch.fx warns once per traced layer that is_fx_tracing changed meaning: not the user's concern
+        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    if opts.device_map == "cpu-only":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""          # before torch initializes CUDA
+    model_dir = resolve_model_dir(opts.model_in, "--model-in")
+    plan = make_plan(opts, model_dir)
+    check_quantize_folders(opts, plan, model_dir)
+    batched, why_not = expert_calibration_mode(plan, opts.per_expert_calibration, opts.routed_experts_only,
+                                              opts.no_share_hessians)
+    gpu_plan = plan_gpu_memory(plan, *gpu_memory_budget(opts.max_gpu_memory, opts.device_map), batched,
+                               opts.max_seq_length, opts.calib_batch_size, opts.block_size)
+    log_quantize_plan(plan, gpu_plan, batched, why_not)
+    serving = vllm_serving(plan, opts.symmetric)
+    if serving:
+        log(serving.line())
+    tokenizer = load_tokenizer(model_dir)
+    texts, calib, heldout = calibration_texts(opts, tokenizer)
+    if opts.dry_run:
+        print_plan(plan, build_modifiers(plan, opts, skeleton_model(plan.config)), opts.sparsity, opts.symmetric)
+        if texts:
+            print(f"calibration: {len(calib)} texts from {opts.calib_jsonl or opts.dataset}, "
+                  f"held out for quality: {len(heldout)}")
+        return 0
+    if opts.eval_only:
+        return quantize_eval_only(opts, plan, model_dir, tokenizer, heldout)
+    if plan.mxfp4 and plan.group("experts").algo == "rtn":
+        return quantize_mxfp4_rtn(opts, plan, model_dir, tokenizer, heldout)
+    return run_quantize(opts, plan, model_dir, tokenizer, calib, heldout, gpu_plan, batched, serving, t0)
+
+
+##### 6. Loader + quality #####
 # A folder written by `quantize` stores GPT-OSS's experts in vLLM's layout (write_vllm_layout), which
 # transformers' GptOssForCausalLM does not read for quantized experts: from_pretrained would silently
 # leave them random. The loader builds the BF16 architecture, linearizes the experts the way
 # llmcompressor did, applies the quantization config, then loads tensors by name, the experts
 # mapped back to per-expert Linear tensors (linear_expert_view).
-
-
-def checkpoint_files(path: Path) -> list[Path]:
-    if (path / INDEX_NAME).exists():
-        index = read_json(path / INDEX_NAME, "")
-        return [path / s for s in sorted(set(index.get("weight_map", {}).values()))]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{path} holds no .safetensors file: not a checkpoint written by quantize")
-    return files
 
 
 def load_quantized_model(path, decompress: bool = False, offload_dir: Path | None = None):
@@ -3917,7 +4509,7 @@ def print_quality_table(q: dict) -> None:
         print(f"  {k:<{w}}  {v}", file=sys.stderr)
 
 
-##### 6. Kernels + runtime #####
+##### 7. Kernel library #####
 # Two W4A8 runtimes: QQQ (an external CUDA extension, Marlin-based, built by `install-kernel`) and a
 # built-in int4 GEMM written in Triton that reads compressed-tensors' `pack-quantized` layout as it
 # is on disk. QQQ needs K % 128 == 0 for groups (no GPT-OSS layer has it: K = 2880); the built-in
@@ -3955,8 +4547,6 @@ def print_quality_table(q: dict) -> None:
 #                        process per job, bench_worker in the child), bench_one, random_int4_weights,
 #                        bench_copies, time_graph_us
 
-QQQ_REPO = "https://github.com/HandH1998/QQQ"
-QQQ_COMMIT = "54c5c99037200f3b42b94877dcc932989e458409"
 # (name, K, N) of every Linear shape in GPT-OSS (20b and 120b share hidden 2880, 64 heads x 64).
 GPT_OSS_SHAPES = [("q_proj", 2880, 4096), ("k_proj/v_proj", 2880, 512), ("o_proj", 4096, 2880),
                   ("experts.gate_up", 2880, 5760), ("experts.down", 2880, 2880)]
@@ -5506,7 +6096,7 @@ def qqq_status() -> tuple[bool, str]:
         importlib.import_module("QQQ._CUDA")
     except Exception as e:  # ImportError, undefined symbols after a torch upgrade, CPU-only torch
         return False, f"installed but its CUDA extension does not import ({type(e).__name__}: {e})"
-    return True, _dist_version("QQQ") or "installed"
+    return True, dist_version("QQQ") or "installed"
 
 
 QQQ_SOURCE_RECORD = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptoss-compressor" / "qqq-source.json"
@@ -5593,14 +6183,6 @@ def w4a8_runtime_message() -> str:
         return (f"W4A8 runtime: built-in Triton int4 GEMM (triton {t}); it needs a CUDA GPU with "
                 f"compute capability >= 8.0 to run. QQQ: {q}")
     return f"no W4A8 runtime: QQQ {q}; {t}. `pip install triton` or `install-kernel`"
-
-
-def _dist_version(name: str) -> str | None:
-    from importlib import metadata
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def cuda_gpus() -> list[dict]:
@@ -6057,10 +6639,12 @@ def format_bench_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-# ---- verify-runtime ----
+##### 8. verify-runtime #####
 
 
-def _nvcc_info() -> dict | None:
+def nvcc_info() -> dict | None:
+    """The nvcc a CUDA extension build would use: {"path", "release"}, or None (verify-runtime's report,
+    install-kernel's toolchain check)."""
     import subprocess
     # torch.utils.cpp_extension's order: CUDA_HOME (or CUDA_PATH) alone when set, else PATH, else
     # /usr/local/cuda
@@ -6112,10 +6696,10 @@ def runtime_environment() -> dict:
     for g in env["gpus"]:
         g["capability"] = list(g["capability"])
     env["driver"] = _nvidia_driver()
-    env["nvcc"] = _nvcc_info()
+    env["nvcc"] = nvcc_info()
     env["env"] = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_HOME",
                                                    "TORCH_CUDA_ARCH_LIST")}
-    env["packages"] = {p: _dist_version(p) for p in ("transformers", "llmcompressor", "compressed-tensors",
+    env["packages"] = {p: dist_version(p) for p in ("transformers", "llmcompressor", "compressed-tensors",
                                                      "triton", "QQQ")}
     q_ok, q = qqq_status()
     b_ok, b = builtin_w4a8_status()
@@ -6174,73 +6758,6 @@ def _format_environment(env: dict) -> str:
     return "\n".join(lines)
 
 
-def prefill_lengths(text: str) -> tuple:
-    """--prefill-tokens: '256' or '128,1024' -> (256,) / (128, 1024); '0' -> ()."""
-    try:
-        lengths = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        lengths = (-1,)
-    if any(n < 0 for n in lengths):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of token counts (e.g. 256 or 128,1024)")
-    return tuple(n for n in lengths if n)
-
-
-def cmd_verify_runtime(args: argparse.Namespace) -> int:
-    if args.engine == "vllm":
-        if not args.model:
-            raise UserError("--engine vllm needs --model DIR")
-        with _stdout_to_stderr():
-            rep = verify_with_vllm(Path(args.model), args.vllm_python, args.new_tokens)
-        print(json.dumps(rep, indent=2) if args.json else _format_vllm_report(rep))
-        return 0 if rep["ok"] else 1
-    if args.model:
-        with _stdout_to_stderr():   # library loggers (loguru) write to stdout; stdout is the report's
-            rep = verify_model(Path(args.model), args.bf16, args.new_tokens, prefill=args.prefill_tokens,
-                               graph=not args.no_graph)
-        print(json.dumps(rep, indent=2) if args.json else _format_model_report(rep))
-        return 0
-    if args.bench:
-        return _cmd_bench(args)
-    env = runtime_environment()
-    env["sanity"] = cuda_sanity() if env["gpus"] else []
-    if env["gpus"] and env["backends"]["builtin_triton"]["runnable"]:
-        env["builtin_selftest"] = _builtin_selftest()
-    if env["gpus"] and env["backends"]["qqq"]["importable"]:
-        env["qqq_selftest"] = qqq_self_test()
-    w4a8_here = (env["backends"]["builtin_triton"]["runnable"] and env.get("builtin_selftest", {}).get("ok", False)) \
-        or (env["backends"]["qqq"]["importable"] and env.get("qqq_selftest", {}).get("ok", False))
-    gpu_ok = bool(env["gpus"]) and all(s["ok"] for s in env["sanity"])
-    problems = []
-    if args.require_gpu and not gpu_ok:
-        problems.append("--require-gpu: " + ("no CUDA GPU visible" if not env["gpus"] else "the CUDA sanity matmul failed"))
-    if args.require_w4a8 and not w4a8_here:
-        problems.append("--require-w4a8: no W4A8 GEMM can run here (" + env["backends"]["builtin_triton"]["detail"]
-                        + "; QQQ: " + env["backends"]["qqq"]["detail"] + ")")
-    env["ok"] = not problems
-    env["problems"] = problems
-    if args.json:
-        print(json.dumps(env, indent=2))
-    else:
-        print(_format_environment(env))
-        for s in env["sanity"]:
-            print(f"sanity GPU {s['gpu']}    " + (f"fp16 matmul 1024^3 rel.err {s['rel_err']:.1e} vs float64: "
-                                                 f"{'ok' if s['ok'] else 'WRONG'}" if "error" not in s else
-                                                 f"FAILED: {s['error']}"))
-        for key, name in (("builtin_selftest", "built-in"), ("qqq_selftest", "QQQ")):
-            if key in env:
-                st = env[key]
-                print(f"self-test       {name}: " + ("ok, " if st["ok"] else "FAILED, ") + st["detail"])
-        if not env["gpus"]:
-            print("verdict         no CUDA GPU on this machine: dequantize/quantize run on CPU; the W4A8 "
-                  "kernels need a CUDA GPU (compute capability >= 8.0)")
-        else:
-            print("verdict         " + ("W4A8 runtime ready" if w4a8_here else "no W4A8 runtime can run here")
-                  + ("" if gpu_ok else "; the CUDA sanity matmul FAILED"))
-        for p in problems:
-            print(f"missing         {p}")
-    return 3 if problems else 0
-
-
 class _stdout_to_stderr:
     """File descriptor 1 -> 2 for a block (catches writers that kept a reference to sys.stdout)."""
 
@@ -6279,14 +6796,15 @@ def qqq_self_test() -> dict:
                                           for j, r in zip(jobs, rs)) + " (M=16 K=1024 N=512 per channel vs float64)"}
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+def verify_runtime_bench(opts: VerifyRuntimeOptions) -> int:
+    """verify-runtime --bench: the microbench (section 7) over the asked shapes and backends."""
     if not cuda_gpus():
         t = runtime_environment()["torch"]
         print(f"error: verify-runtime --bench needs a CUDA GPU; none is visible here (torch {t.get('version')}, "
               f"CUDA {t.get('cuda') or 'none'}). Nothing was timed.", file=sys.stderr)
         return 3
-    group = None if args.group == "channel" else int(args.group)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    group = None if opts.group == "channel" else int(opts.group)
+    backends = [b.strip() for b in opts.backends.split(",") if b.strip()]
     bad = [b for b in backends if b not in BENCH_BACKENDS]
     if bad:
         raise UserError(f"--backends: unknown {bad}; choose from {','.join(BENCH_BACKENDS)}")
@@ -6299,30 +6817,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         log(f"bench: skipping {b}: " + (qqq_status()[1] if b.startswith("qqq") else triton_status()[1]))
     backends = [b for b in backends if b not in skipped]
     try:
-        sweep_m = tuple(int(v) for v in args.sweep_m.split(",")) if args.sweep_m else SWEEP_M
+        sweep_m = tuple(int(v) for v in opts.sweep_m.split(",")) if opts.sweep_m else SWEEP_M
     except ValueError:
-        raise UserError(f"--sweep-m: expected M values separated by commas (e.g. 1,16), got {args.sweep_m!r}")
-    cases = bench_cases(args.shapes, args.M, args.K, args.N)
-    log(f"bench: {len(cases)} case(s) x {len(backends)} backend(s), group {args.group}, {args.iters} iters"
-        + (", + config sweep" if args.sweep else ""))
-    report = run_runtime_bench(cases, backends, group, iters=args.iters, graph=not args.no_graph,
-                               sweep=args.sweep, check=not args.no_check,
-                               sweep_m=sweep_m, dtype=args.dtype)
+        raise UserError(f"--sweep-m: expected M values separated by commas (e.g. 1,16), got {opts.sweep_m!r}")
+    cases = bench_cases(opts.shapes, opts.M, opts.K, opts.N)
+    log(f"bench: {len(cases)} case(s) x {len(backends)} backend(s), group {opts.group}, {opts.iters} iters"
+        + (", + config sweep" if opts.sweep else ""))
+    report = run_runtime_bench(cases, backends, group, iters=opts.iters, graph=not opts.no_graph,
+                               sweep=opts.sweep, check=not opts.no_check,
+                               sweep_m=sweep_m, dtype=opts.dtype)
     report["settings"]["skipped_backends"] = {b: (qqq_status()[1] if b.startswith("qqq") else triton_status()[1])
                                               for b in skipped}
     report["settings"]["command"] = " ".join(sys.argv)
     report["settings"]["date_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-    if args.out:
-        out = Path(args.out)
+    if opts.out:
+        out = Path(opts.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out, report)
         log(f"bench: wrote {out}")
-    print(json.dumps(report, indent=2) if args.json else format_bench_report(report))
+    print(json.dumps(report, indent=2) if opts.json else format_bench_report(report))
     return 0
 
 
 # ---- verify-runtime --model: a quantized checkpoint through the built-in kernels ----
-# The compressed model (load_quantized_model(decompress=False), section 5) keeps int4 weights as
+# The compressed model (load_quantized_model(decompress=False), section 6) keeps int4 weights as
 # compressed-tensors stores them; every pack-quantized symmetric int4 Linear gets a forward that
 # calls int4_linear on them directly (W4A8 when its scheme has dynamic per-token int8 input
 # activations, W4A16 otherwise). The reference is the same checkpoint decompressed by
@@ -6668,26 +7186,6 @@ def compare_logits(ref: list, test: list) -> dict:
             "top1_agreement": agree / max(n, 1), "positions": n}
 
 
-def kernel_activation_rule():
-    """Context in which compressed-tensors' fake quantization of dynamic per-token int8 input
-    activations follows the kernels' rule (quantize_activations_int8: amax / 127, vLLM's) instead
-    of its own (amax / 127.5, clamped to [-128, 127]). For the dense reference of verify-runtime
-    --model, so that it measures the kernels and not the rule (tiny model: mean KL 4.7e-4 with
-    compressed-tensors' rule, 2.0e-4 with the kernels').
-    Written by hand because compressed-tensors has no switch for the rule."""
-    from compressed_tensors.utils import patch_attr
-    import compressed_tensors.quantization.lifecycle.forward as ct_forward
-    original = ct_forward.forward_quantize
-
-    def forward_quantize(module, value, base_name, args):
-        if (base_name == "input" and args.num_bits == 8 and args.type == "int" and args.symmetric
-                and args.dynamic is True and args.strategy == "token"):
-            x_q, s_x = quantize_activations_int8(value)
-            return (x_q.float() * s_x[..., None]).to(value.dtype)
-        return original(module, value, base_name, args)
-    return patch_attr(ct_forward, "forward_quantize", forward_quantize)
-
-
 def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, device: str | None = None,
                  prefill: tuple = (), graph: bool = True) -> dict:
     """The built-in kernels on a quantized checkpoint vs its dense decompression (and the BF16
@@ -6696,9 +7194,6 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
     the dense fallback only, and the report says so."""
     import gc
     import torch
-    loader = globals().get("load_quantized_model")
-    if loader is None:
-        raise UserError("--model needs load_quantized_model() from the loader section, which this build lacks")
     device = device or ("cuda" if cuda_gpus() else "cpu")
     prompts, prompt_kind = _prompt_ids(path)
     rep = {"model": str(path), "device": device, "prompts": prompt_kind, "new_tokens": new_tokens,
@@ -6712,7 +7207,7 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
         gc.collect()
         if device != "cpu":
             torch.cuda.empty_cache()
-    dense = loader(path, decompress=True).to(device)
+    dense = load_quantized_model(path, decompress=True).to(device)
     with kernel_activation_rule():
         d = _run_model(dense, prompts, device, new_tokens, prefill)
     free(dense)
@@ -6722,7 +7217,7 @@ def verify_model(path: Path, bf16_source: str | None, new_tokens: int = 16, devi
         rep["mode"] = ("dense fallback: no CUDA GPU, so the checkpoint ran decompressed by compressed-tensors; "
                        "the int4 kernels were not exercised")
     else:
-        quant = loader(path, decompress=False)
+        quant = load_quantized_model(path, decompress=False)
         rep["kernels"] = attach_int4_kernels(quant)
         quant.to(device)
         k = _run_model(quant, prompts, device, new_tokens, prefill, graph)
@@ -6988,7 +7483,162 @@ def run_vllm_probe(python: str, models: list, prompts: list, new_tokens: int, du
         return json.loads(out.read_text())
 
 
-# ---- install-kernel (QQQ) ----
+@dataclass(frozen=True)
+class VerifyRuntimeOptions(CommandOptions):
+    """verify-runtime's flags (add_verify_runtime_parser)."""
+    json: bool
+    require_gpu: bool
+    require_w4a8: bool
+    bench: bool
+    M: int | None
+    K: int
+    N: int
+    iters: int
+    shapes: str | None
+    group: str                    # 32 | 64 | 128 | channel
+    backends: str                 # comma list of BENCH_BACKENDS
+    dtype: str
+    no_graph: bool
+    no_check: bool
+    sweep: bool
+    sweep_m: str | None
+    out: str | None
+    model: str | None
+    bf16: str | None
+    new_tokens: int
+    engine: str                   # builtin | vllm
+    vllm_python: str | None
+    prefill_tokens: tuple
+
+
+def add_verify_runtime_parser(sub) -> argparse.ArgumentParser:
+    """The `verify-runtime` subcommand and its flags."""
+    v = add_subcommand(sub, "verify-runtime", help="check GPU, CUDA and W4A8 runtimes",
+                       description="Report Python, torch/CUDA/cuDNN, driver, GPUs, nvcc, the relevant packages and "
+                                   "the W4A8 backends (QQQ, built-in Triton), with a CUDA sanity matmul and "
+                                   "kernel self-tests on a GPU. Exit 0 unless a --require-* is not met (exit 3).",
+                       examples="""
+examples:
+  %(prog)s                                      # human-readable report (exit 0 even without a GPU)
+  %(prog)s --json --require-w4a8                # for scripts: exit 3 if no W4A8 GEMM can run here
+  %(prog)s --bench                              # M=16 K=4096 N=4096, every backend present
+  %(prog)s --bench --shapes gpt-oss --out bench.json   # q/k/v/o/gate_up/down at M=1,16,64,256,1024
+  %(prog)s --model ./out-w4a8 --prefill-tokens 128,2048   # a quantize checkpoint through the kernels:
+                                                # KL / top-1 vs its dense form, decode and prefill tokens/s
+  %(prog)s --model ./out-w4a16 --engine vllm      # load it with vLLM (make vllm-venv): every tensor read?
+
+--bench prints, per shape and backend, the median time eager (CUDA events around each call, CPU
+launch overhead included) and in a CUDA graph (GPU time only), the speedup over fp16 nn.Linear,
+and beside every timing the relative error against float64 math on the same quantized values.
+Each backend runs in a worker process, so a CUDA fault is reported as that case's error.
+--bench needs a CUDA GPU: without one it says so and exits 3. --model without a GPU runs the
+dense path only and says so. On a GPU, --model also times decode with each token one CUDA-graph
+replay into a static cache (how serving engines decode; HF generate() launches every kernel from
+Python, which at batch 1 sets the speed): prompt + new tokens must fit the sliding window (128 in
+gpt-oss). --no-graph skips it.""")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.add_argument("--require-gpu", action="store_true", help="exit 3 unless a CUDA GPU works")
+    v.add_argument("--require-w4a8", action="store_true",
+                   help="exit 3 unless a W4A8 GEMM (QQQ or built-in Triton) runs and passes its self-test here")
+    v.add_argument("--bench", action="store_true", help="time FP16 vs W4A8/W4A16 GEMMs (needs a GPU)")
+    v.add_argument("--M", type=int_at_least(1, "tokens"), help="--bench: tokens (default: 16; with --shapes: 1,16,64,256,1024)")
+    v.add_argument("--K", type=int_at_least(1, "features"), default=4096, help="--bench: in features (default: %(default)s)")
+    v.add_argument("--N", type=int_at_least(1, "features"), default=4096, help="--bench: out features (default: %(default)s)")
+    v.add_argument("--iters", type=int_at_least(1, "calls"), default=200, help="--bench: timed calls per case (default: %(default)s)")
+    v.add_argument("--shapes", choices=["gpt-oss"],
+                   help="--bench: every GPT-OSS Linear shape (at --M, else at M=1,16,64,256,1024) instead of --K/--N")
+    v.add_argument("--group", default="64", choices=["32", "64", "128", "channel"],
+                   help="--bench: scale group of the built-in kernels (default: %(default)s; QQQ is per channel)")
+    v.add_argument("--backends", default=",".join(BENCH_BACKENDS),
+                   help="--bench: comma list from %(default)s (absent ones are skipped and said)")
+    v.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"],
+                   help="--bench: activations of the built-in kernels and of the nn.Linear they are timed against "
+                        "(default: %(default)s; QQQ takes fp16 either way)")
+    v.add_argument("--no-graph", action="store_true",
+                   help="--bench: eager timing only; --model: no decode as CUDA-graph replays")
+    v.add_argument("--no-check", action="store_true", help="--bench: skip the correctness checks")
+    v.add_argument("--sweep", action="store_true", help="--bench: also time alternative W4A8 kernel configs")
+    v.add_argument("--sweep-m", type=int_list_arg, metavar="M,M", help="--sweep with --shapes gpt-oss: at these M (default: 16,1024)")
+    v.add_argument("--out", metavar="FILE", help="--bench: write the full report as JSON here")
+    v.add_argument("--model", metavar="DIR",
+                   help="a W4A16/W4A8 checkpoint made by quantize: its int4 Linear layers through the built-in "
+                        "kernels vs its dense decompression (KL, top-1, greedy tokens, tokens/s); without a GPU "
+                        "the dense fallback only")
+    v.add_argument("--bf16", metavar="DIR", help="--model: the BF16 source for the tokens/s comparison "
+                                                 "(default: the source recorded by quantize)")
+    v.add_argument("--new-tokens", type=int_at_least(1, "tokens"), default=16, help="--model: greedy tokens to generate (default: %(default)s)")
+    v.add_argument("--engine", choices=("builtin", "vllm"), default="builtin",
+                   help="--model: builtin = the int4 kernels of this tool (default); vllm = load DIR with vLLM "
+                        "(its own interpreter: --vllm-python) and count the checkpoint tensors its loader read, "
+                        "greedy tokens against our loader")
+    v.add_argument("--vllm-python", metavar="PATH",
+                   help="--engine vllm: a Python with vLLM installed (default: $GPTOSS_VLLM_PYTHON, else "
+                        f"{VLLM_VENV}/bin/python next to compress_gptoss.py, else this Python if it has vLLM)")
+    v.add_argument("--prefill-tokens", type=prefill_lengths, default=(256,), metavar="N[,N...]",
+                   help="--model: also time one forward over a prompt of N random tokens (prefill), each N; "
+                        "0 = skip (default: 256)")
+    v.set_defaults(func=cmd_verify_runtime)
+    return v
+
+
+def cmd_verify_runtime(args: argparse.Namespace) -> int:
+    opts = VerifyRuntimeOptions.from_args(args)
+    if opts.engine == "vllm":
+        if not opts.model:
+            raise UserError("--engine vllm needs --model DIR")
+        with _stdout_to_stderr():
+            rep = verify_with_vllm(Path(opts.model), opts.vllm_python, opts.new_tokens)
+        print(json.dumps(rep, indent=2) if opts.json else _format_vllm_report(rep))
+        return 0 if rep["ok"] else 1
+    if opts.model:
+        with _stdout_to_stderr():   # library loggers (loguru) write to stdout; stdout is the report's
+            rep = verify_model(Path(opts.model), opts.bf16, opts.new_tokens, prefill=opts.prefill_tokens,
+                               graph=not opts.no_graph)
+        print(json.dumps(rep, indent=2) if opts.json else _format_model_report(rep))
+        return 0
+    if opts.bench:
+        return verify_runtime_bench(opts)
+    env = runtime_environment()
+    env["sanity"] = cuda_sanity() if env["gpus"] else []
+    if env["gpus"] and env["backends"]["builtin_triton"]["runnable"]:
+        env["builtin_selftest"] = _builtin_selftest()
+    if env["gpus"] and env["backends"]["qqq"]["importable"]:
+        env["qqq_selftest"] = qqq_self_test()
+    w4a8_here = ((env["backends"]["builtin_triton"]["runnable"] and env.get("builtin_selftest", {}).get("ok", False))
+                 or (env["backends"]["qqq"]["importable"] and env.get("qqq_selftest", {}).get("ok", False)))
+    gpu_ok = bool(env["gpus"]) and all(s["ok"] for s in env["sanity"])
+    problems = []
+    if opts.require_gpu and not gpu_ok:
+        problems.append("--require-gpu: " + ("no CUDA GPU visible" if not env["gpus"] else "the CUDA sanity matmul failed"))
+    if opts.require_w4a8 and not w4a8_here:
+        problems.append("--require-w4a8: no W4A8 GEMM can run here (" + env["backends"]["builtin_triton"]["detail"]
+                        + "; QQQ: " + env["backends"]["qqq"]["detail"] + ")")
+    env["ok"] = not problems
+    env["problems"] = problems
+    if opts.json:
+        print(json.dumps(env, indent=2))
+    else:
+        print(_format_environment(env))
+        for s in env["sanity"]:
+            print(f"sanity GPU {s['gpu']}    " + (f"fp16 matmul 1024^3 rel.err {s['rel_err']:.1e} vs float64: "
+                                                 f"{'ok' if s['ok'] else 'WRONG'}" if "error" not in s else
+                                                 f"FAILED: {s['error']}"))
+        for key, name in (("builtin_selftest", "built-in"), ("qqq_selftest", "QQQ")):
+            if key in env:
+                st = env[key]
+                print(f"self-test       {name}: " + ("ok, " if st["ok"] else "FAILED, ") + st["detail"])
+        if not env["gpus"]:
+            print("verdict         no CUDA GPU on this machine: dequantize/quantize run on CPU; the W4A8 "
+                  "kernels need a CUDA GPU (compute capability >= 8.0)")
+        else:
+            print("verdict         " + ("W4A8 runtime ready" if w4a8_here else "no W4A8 runtime can run here")
+                  + ("" if gpu_ok else "; the CUDA sanity matmul FAILED"))
+        for p in problems:
+            print(f"missing         {p}")
+    return 3 if problems else 0
+
+
+##### 9. install-kernel #####
 # QQQ is not on PyPI. Its requirements.txt pins transformers==4.45.0 (a plain pip install would
 # downgrade transformers under llmcompressor) and its setup.py runs `pip install -e
 # third-party/fast-hadamard-transform` (another CUDA build, only for rotation, not the GEMM).
@@ -6996,6 +7646,9 @@ def run_vllm_probe(python: str, models: list, prompts: list, new_tokens: int, du
 # (compile against the torch that is installed), and a `pip` shim on PATH for the build that
 # turns setup.py's submodule install into a no-op. The default source is GitHub's archive of the
 # pinned commit, which carries no submodule content anyway.
+
+QQQ_REPO = "https://github.com/HandH1998/QQQ"
+QQQ_COMMIT = "54c5c99037200f3b42b94877dcc932989e458409"
 
 
 def qqq_default_source() -> str:
@@ -7012,7 +7665,7 @@ def check_build_toolchain() -> list[str]:
                            f"torch's CUDA)")
     except ImportError:
         missing.append("torch")
-    nv = _nvcc_info()
+    nv = nvcc_info()
     if nv is None:
         missing.append("nvcc (the CUDA toolkit: put nvcc on PATH or set CUDA_HOME)")
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
@@ -7189,321 +7842,22 @@ def install_qqq(yes: bool, source: str | None = None) -> bool:
     return st["ok"]
 
 
-def cmd_install_kernel(args: argparse.Namespace) -> int:
-    ok, detail = qqq_status()
-    if ok and not args.force and not args.source:
-        log(f"install-kernel: QQQ {detail} is already installed (--force reinstalls); self-testing it")
-        if not cuda_gpus():
-            log("install-kernel: self-test skipped: no CUDA GPU visible")
-            return 0
-        st = qqq_self_test()
-        log(f"install-kernel: QQQ self-test {'ok' if st['ok'] else 'FAILED'}: {st['detail']}")
-        return 0 if st["ok"] else 1
-    blockers = qqq_install_blockers(args.source)
-    if blockers:
-        raise UserError("install-kernel: " + " Also: ".join(blockers), exit_code=3)
-    return 0 if install_qqq(args.yes, args.source) else 1
+@dataclass(frozen=True)
+class InstallKernelOptions(CommandOptions):
+    """install-kernel's flags (add_install_kernel_parser)."""
+    source: str | None
+    yes: bool
+    force: bool
 
 
-##### 7. CLI #####
-
-EXAMPLES = """\
-examples:
-  # 1. MXFP4 -> BF16, streaming shard by shard (needs ~ one shard of RAM, 234 GB of disk for 120b)
-  %(prog)s dequantize --src openai/gpt-oss-120b --dst ./gpt-oss-120b-bf16 --dtype bf16
-  # 2. GPTQ W4A16 on experts and attention
-  %(prog)s quantize --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16
-  # 3. the W4A8 runtime
-  %(prog)s install-kernel --yes && %(prog)s verify-runtime --bench --shapes gpt-oss
-"""
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Bad flags get one line (what is wrong, where to look), not argparse's usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
-
-
-# ---- Argument types: argparse turns their ArgumentTypeError into one `error:` line (exit 2), so a
-# bad value is refused before any file is read or written.
-
-def int_at_least(low: int, unit: str):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-        if v < low:
-            raise argparse.ArgumentTypeError(f"{v}: give {low} or more" + (f" {unit}" if unit else ""))
-        return v
-    return parse
-
-
-def fraction(low_inclusive: bool):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-        if not ((0 <= v if low_inclusive else 0 < v) and v < 1):
-            raise argparse.ArgumentTypeError(f"{v}: give a fraction {'from 0' if low_inclusive else 'above 0'} and below 1")
-        return v
-    return parse
-
-
-def group_size_arg(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-    if v != -1 and (v < 16 or v & (v - 1)):
-        raise argparse.ArgumentTypeError(f"{v}: give a power of two of 16 or more (32, 64, 128) or -1 for per channel")
-    return v
-
-
-def mask_arg(text: str) -> str:
-    m = re.fullmatch(r"(\d+):(\d+)", text.strip())
-    if not m or not 0 < int(m.group(1)) < int(m.group(2)):
-        raise argparse.ArgumentTypeError(f"{text!r}: give N:M with 0 < N < M, e.g. 2:4")
-    return f"{int(m.group(1))}:{int(m.group(2))}"
-
-
-def pattern_arg(text: str) -> str:
-    """A module name, or 're:REGEX' (the regex must compile)."""
-    body = text[3:] if text.startswith("re:") else None
-    try:
-        if body is not None:
-            re.compile(body)
-    except re.error as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: not a valid regex ({e})")
-    return text
-
-
-def regex_arg(text: str) -> str:
-    try:
-        re.compile(text[3:] if text.startswith("re:") else text)
-    except re.error as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: not a valid regex ({e})")
-    return text
-
-
-def device_arg(text: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"{text!r}: give auto, cpu, cuda or cuda:N")
-    return text
-
-
-def size_arg(text: str) -> str:
-    """A size like 48GB or 1.5GiB, checked here and kept as written (accelerate reads it too)."""
-    try:
-        if parse_size(text, "") <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: give a size above 0")
-    except UserError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write it like 48GB, 1.5GiB or 800MB")
-    return text
-
-
-def int_list_arg(text: str) -> str:
-    if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text) or any(int(t) < 1 for t in text.split(",")):
-        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers of 1 or more, comma-separated")
-    return text
-
-
-def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = OneLineErrorParser(prog="compress_gptoss.py", formatter_class=fmt, epilog=EXAMPLES,
-                                description="Dequantize GPT-OSS MXFP4 to BF16/FP16 and re-quantize it with "
-                                            "GPTQ/AWQ (W4A16, W8A8, W4A8, 2:4) through LLM Compressor.")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
-                           title="commands (COMMAND --help for each)")
-
-    d = sub.add_parser("dequantize", formatter_class=fmt, help="MXFP4 -> BF16/FP16 checkpoint, streaming",
-                       description="Convert an MXFP4 GPT-OSS checkpoint into a BF16/FP16 one that "
-                                   "transformers' GptOssForCausalLM loads unquantized. Streams tensor by "
-                                   "tensor: peak RAM is a few hundred MB whatever the model size.",
-                       epilog="""\
-examples:
-  %(prog)s --src openai/gpt-oss-20b --dst ./gpt-oss-20b-bf16 --dtype bf16
-  %(prog)s --src ./gpt-oss-120b --dst ./gpt-oss-120b-bf16 --dtype bf16 --device cuda
-  %(prog)s --src ./gpt-oss-120b --dst ./gpt-oss-120b-bf16 --dtype bf16 --resume   # after a crash
-  %(prog)s --src ./gpt-oss-20b --dst ./ref --method transformers --device-map auto  # reference path
-
-BF16 is exact (every MXFP4 value is representable). FP16 is not: scales reach beyond its range,
-so values that would overflow are counted and refused unless --fp16-overflow says otherwise.""")
-    d.add_argument("--src", default="openai/gpt-oss-120b", metavar="PATH|HUB_ID",
-                   help="MXFP4 model folder, or a Hub id fetched with huggingface_hub (default: %(default)s)")
-    d.add_argument("--dst", default="gpt-oss-120b-bf16", metavar="DIR", help="output folder (default: %(default)s)")
-    d.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16",
-                   help="output dtype; bf16 is exact, fp16 may overflow (default: %(default)s)")
-    d.add_argument("--method", choices=["stream", "transformers"], default="stream",
-                   help="stream: shard by shard (default); transformers: load the whole model with "
-                        "Mxfp4Config(dequantize=True), for comparison (needs the model's size in RAM)")
-    d.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda[:N]",
-                   help="where the MXFP4 decode runs (stream method; default: GPU if present)")
-    d.add_argument("--fp16-overflow", choices=["error", "clamp", "inf"], default="error",
-                   help="with --dtype fp16, values beyond +-65504: stop (default), saturate, or write inf")
-    d.add_argument("--workers", type=int_at_least(1, "worker processes"), default=1, metavar="N",
-                   help="convert N shards at once in separate processes; with GPUs, worker k uses GPU "
-                        "k %% count (default: %(default)s)")
-    d.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
-    d.add_argument("--resume", action="store_true",
-                   help="finish an interrupted run in --dst: complete shards are checked and kept")
-    d.add_argument("--device-map", choices=["auto", "sequential", "cpu-only"], default="sequential",
-                   help="--method transformers: accelerate placement (default: %(default)s)")
-    d.add_argument("--offload-folder", metavar="DIR", help="--method transformers: spill weights to disk here")
-    d.add_argument("--max-gpu-memory", type=size_arg, metavar="SIZE", help="--method transformers: per-GPU cap, e.g. 20GiB")
-    d.set_defaults(func=cmd_dequantize)
-
-    q = sub.add_parser("quantize", formatter_class=fmt, help="GPTQ/AWQ compression through LLM Compressor",
-                       description="Quantize a BF16/FP16 model (GPT-OSS, experts included, or any Hugging Face "
-                                   "causal LM) with GPTQ / AWQ / RTN through LLM Compressor, in two groups: "
-                                   "'experts' and 'model weights' (every other Linear: attention q/k/v/o). "
-                                   "Router, embeddings and lm_head are never quantized. Writes a complete "
-                                   "compressed-tensors folder, reloads it from disk and writes quality.json.",
-                       epilog="""\
-examples:
-  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16 --calib-jsonl calib.jsonl
-  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts-algo awq --experts w4a16 --mw-algo gptq --mw w8a8
-  %(prog)s --model-in ./gpt-oss-120b-bf16 --with-sparse --experts-type int4 --experts-scheme w4a8 \\
-      --mw-type int4 --mw-scheme w4a16 --allow-fallback
-  %(prog)s --model-in openai/gpt-oss-20b --dry-run          # MXFP4 input: dequantized on the fly
-  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16 --calib-jsonl chunks-2048.jsonl \
-      --calib-batch-size 8                                   # big GPU, equal-length samples: 2x faster
-
-support matrix: AWQ W4A16; GPTQ W4A16, W8A8, W4A8 (needs a W4A8 runtime: QQQ or triton);
-RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
---experts mxfp4 (OpenAI's own MXFP4 layout, what vLLM/SGLang/transformers/llama.cpp/TensorRT-LLM load
-for gpt-oss): RTN (OCP rule, streamed shard by shard, no calibration) or GPTQ (LLM Compressor's
-MXFP4A16); attention, router, embeddings and lm_head stay as in the source (--mw is refused).""")
-    q.add_argument("--model-in", default="gpt-oss-120b-bf16", metavar="PATH|HUB_ID",
-                   help="BF16/FP16 model folder (from `dequantize`), an MXFP4 GPT-OSS folder (dequantized on "
-                        "the fly), or a Hub id (default: %(default)s)")
-    q.add_argument("--algo", default="gptq", type=str.lower, metavar="gptq|awq|rtn",
-                   help="algorithm of both groups unless --experts-algo/--mw-algo say otherwise (default: %(default)s)")
-    q.add_argument("--experts-algo", type=str.lower, metavar="gptq|awq|rtn", help="algorithm of the experts")
-    q.add_argument("--mw-algo", type=str.lower, metavar="gptq|awq|rtn",
-                   help="algorithm of the model weights (attention q/k/v/o, other Linear)")
-    q.add_argument("--experts-type", metavar="int4|int8|mxfp4",
-                   help="experts weight type (int4: w4a16|w4a8, int8: w8a8, mxfp4: OpenAI's layout, weight-only)")
-    q.add_argument("--experts-scheme", metavar="w4a16|w4a8|w8a8", help="experts scheme (default w4a16)")
-    q.add_argument("--mw-type", metavar="int4|int8", help="model weights type")
-    q.add_argument("--mw-scheme", metavar="w4a16|w4a8|w8a8", help="model weights scheme (default w4a16)")
-    q.add_argument("--experts", metavar="SPEC", help="shortcut for the experts: int4|w4a16|w4a8|int8|w8a8, or mxfp4 "
-                                                     "(OpenAI's own MXFP4 layout, --algo rtn or gptq; the rest stays as in the source)")
-    q.add_argument("--mw", metavar="SPEC", help="shortcut for the model weights: int4|w4a16|w4a8|int8|w8a8")
-    q.add_argument("--auto-detect-experts", action="store_true",
-                   help="find the expert modules from the module names (experts/expert/moe) instead of the "
-                        "GPT-OSS default regex")
-    q.add_argument("--experts-regex", type=regex_arg, metavar="REGEX",
-                   help=f"modules of the experts group (default: {DEFAULT_EXPERTS_REGEX.replace('%', '%%')})")
-    q.add_argument("--with-sparse", action="store_true",
-                   help="prune with SparseGPT (N:M, --mask) before quantizing; the mask is kept through GPTQ")
-    q.add_argument("--sparsity", type=fraction(False), default=0.5, metavar="RATIO", help="SparseGPT sparsity (default: %(default)s)")
-    q.add_argument("--mask", default="2:4", type=mask_arg, metavar="N:M", help="SparseGPT mask structure (default: %(default)s)")
-    q.add_argument("--group-size", type=group_size_arg, default=None, metavar="SIZE", action=RecordGiven,
-                   help="int4 group size; a module whose inputs it does not divide gets the largest of 64/32/16 "
-                        "that does; -1 = per channel (default: 32 for GPT-OSS, which vLLM can split over 1 or 2 "
-                        "GPUs (2880 / 2 = 1440 = 45 x 32), 128 otherwise)")
-    q.add_argument("--block-size", type=int_at_least(1, "columns"), default=128, metavar="SIZE",
-                   help="GPTQ/SparseGPT columns per block update (default: %(default)s)")
-    q.add_argument("--dampening-frac", type=fraction(True), default=0.01, metavar="FRAC",
-                   help="GPTQ/SparseGPT Hessian dampening, fraction of its mean diagonal (default: %(default)s)")
-    q.add_argument("--symmetric", action="store_true",
-                   help="symmetric int4 for W4A16 (W8A8 and W4A8 weights are always symmetric)")
-    q.add_argument("--awq-grid", type=int_at_least(1, "grid points"), default=20, metavar="N",
-                   help="AWQ: scale ratios tried per mapping (llmcompressor's n_grid); fewer is faster (default: %(default)s)")
-    q.add_argument("--no-sequential-update", action="store_true",
-                   help="calibrate every layer on the unquantized model's activations in one pass (llmcompressor "
-                        "'basic' pipeline) instead of layer by layer on the already-quantized layers' outputs")
-    q.add_argument("--offload-hessians", action="store_true",
-                   help="keep SparseGPT's Hessians on the CPU between uses (GPTQ in llmcompressor 0.14 holds "
-                        "the current layer's only)")
-    q.add_argument("--calib-batch-size", type=int_at_least(1, "samples"), default=1, metavar="N",
-                   help="calibration samples per forward pass (llmcompressor's batch_size; default: %(default)s). "
-                        "A forward through a linearized GPT-OSS layer calls every expert's three Linear through "
-                        "Python hooks, a fixed cost per call that batching divides (H200, one 120b layer at "
-                        "256 x 2048 tokens: 54 s -> 26 s with 8); costs GPU memory for N samples' activations, and for samples of "
-                        "unequal length tokens: each batch is cut to its shortest sample (the log says how many "
-                        "are kept). Best with long equal-length samples, e.g. 2048-token chunks")
-    q.add_argument("--seed", type=int_at_least(0, ""), default=0, metavar="N",
-                   help="seed of the calibration order (llmcompressor shuffles the samples): the same command "
-                        "gives the same output (default: %(default)s)")
-    q.add_argument("--routed-experts-only", action="store_true",
-                   help="calibrate each expert on the tokens routed to it only (default: every expert sees "
-                        "every token, so rarely picked experts still get a Hessian)")
-    q.add_argument("--no-share-hessians", action="store_true",
-                   help="GPTQ: one Hessian per module, like plain llmcompressor (default: modules that read the "
-                        "same input tensor share one: q/k/v, and gate/up of all experts; bitwise the same values)")
-    q.add_argument("--fp32-hessian-matmul", action="store_true",
-                   help="GPTQ: accumulate Hessians with fp32 matmuls, like plain llmcompressor (default for "
-                        "BF16 inputs: tensor-core matmuls of the exact BF16 products, fp32 sums in 512-token "
-                        "chunks; within 3e-7 of the fp32 Hessian on an H200, 7x faster)")
-    q.add_argument("--per-expert-calibration", action="store_true",
-                   help="calibrate GPT-OSS experts through llmcompressor's per-expert Linear modules and hooks, "
-                        "like before (default: batched tensor math on the stacked expert weights, the same "
-                        "Hessians within 1e-6; for comparison)")
-    q.add_argument("--max-gpu-memory", metavar="SIZE",
-                   help="GPU memory quantize may use, e.g. 22GiB on a 24 GB card: expert chunks and GPTQ solve "
-                        "batches are sized to it, the expected peak is logged, and the allocator is capped there. "
-                        "Default: what the GPU has free at the start")
-    q.add_argument("--propagate-all-experts", action="store_true",
-                   help="run every expert on every token in the propagation pass too, like plain llmcompressor "
-                        "(default: all experts while calibrating, routed experts only while propagating)")
-    q.add_argument("--dataset", default="open_platypus", metavar="NAME",
-                   help="calibration dataset on the Hugging Face Hub (open_platypus, ultrachat_200k or a repo "
-                        "id; chat rows are rendered with the model's chat template) (default: %(default)s)")
-    q.add_argument("--calib-jsonl", metavar="FILE",
-                   help='local calibration file, {"text": ...} or {"messages": [...]} per line (overrides --dataset)')
-    q.add_argument("--eval-jsonl", metavar="FILE",
-                   help="held-out texts for quality.json (default: the calibration texts not used for calibration)")
-    q.add_argument("--num-calibration-samples", type=int_at_least(1, "samples"), default=256, metavar="N",
-                   help="calibration samples (default: %(default)s)")
-    q.add_argument("--max-seq-length", type=int_at_least(2, "tokens"), default=2048, metavar="LEN",
-                   help="tokens per calibration sample (default: %(default)s)")
-    q.add_argument("--output-dir", metavar="DIR",
-                   help="output folder (default: <model>[-2of4]-<EXPERTALGO>-<MWALGO>-experts-<spec>-mw-<spec>)")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    q.add_argument("--extra-ignore", action="append", default=[], type=pattern_arg, metavar="PATTERN",
-                   help="module name or 're:REGEX' left unquantized, on top of router/embeddings/lm_head (repeatable)")
-    q.add_argument("--dry-run", action="store_true",
-                   help="print the resolved plan (modules per group, group sizes, recipe, output dir); read no weight")
-    q.add_argument("--no-eval", action="store_true", help="skip the reload + quality.json step")
-    q.add_argument("--eval-only", action="store_true",
-                   help="only the quality pass, on the finished output of the same command (after an evaluation "
-                        "that failed, or with other --eval-jsonl texts): rewrites quality.json and README.md")
-    q.add_argument("--try-install-qqq", action="store_true",
-                   help="W4A8 without a runtime: offer to install the QQQ kernels (install-kernel)")
-    q.add_argument("--yes", action="store_true", help="answer yes to the install question")
-    q.add_argument("--allow-fallback", action="store_true", help="W4A8 without a runtime: quantize W4A16 instead")
-    q.add_argument("--device-map", choices=["auto", "sequential", "cpu-only"], default="sequential",
-                   help="sequential/auto: weights up to --max-cpu-memory in RAM, the rest on disk in "
-                        "--offload-folder, each layer onloaded (to the GPU, if any) in turn; cpu-only: the same "
-                        "without a GPU (default: %(default)s)")
-    q.add_argument("--max-cpu-memory", type=size_arg, metavar="SIZE",
-                   help="RAM for the weights not being worked on, e.g. 48GB (compressed-tensors' "
-                        "device_map='auto_offload' with max_memory={'cpu': SIZE}); one layer's work (its weights, "
-                        "GPTQ Hessians, calibration activations) comes on top. Default: available RAM minus "
-                        "that work, logged. gpt-oss-120b: 30GB puts the expected peak near 62 GB")
-    q.add_argument("--offload-folder", metavar="DIR",
-                   help="weights beyond --max-cpu-memory: fused experts rewritten per expert (up to the BF16 "
-                        "model's size), other weights linked to the source shards; free space is checked first "
-                        "(default: <output-dir>.offload, removed at the end)")
-    q.add_argument("--keep-bf16", action="store_true",
-                   help="MXFP4 input: keep the BF16 copy (<output-dir>.bf16) after success; it is always kept "
-                        "after a failed or killed run and reused by a rerun of the same command")
-    q.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda[:N]",
-                   help="--experts mxfp4 --algo rtn: where the MXFP4 encode runs (default: GPU if present)")
-    q.add_argument("--verbose", action="store_true", help="show llmcompressor's INFO log")
-    q.set_defaults(func=cmd_quantize)
-
-    k = sub.add_parser("install-kernel", formatter_class=fmt, help="install the QQQ W4A8 GEMM",
+def add_install_kernel_parser(sub) -> argparse.ArgumentParser:
+    """The `install-kernel` subcommand and its flags."""
+    k = add_subcommand(sub, "install-kernel", help="install the QQQ W4A8 GEMM",
                        description="Build and install QQQ (W4A8 GEMM, Marlin-based CUDA extension) from GitHub at "
                                    f"a pinned commit ({QQQ_COMMIT[:12]}) with pip --no-deps --no-build-isolation: "
                                    "no installed package changes version, and it compiles against your torch. "
                                    "Not needed for the built-in Triton W4A8/W4A16 kernels (pip install triton).",
-                       epilog="""\
+                       examples="""
 examples:
   %(prog)s --yes                                   # GitHub archive of the pinned commit, GPU arch detected
   TORCH_CUDA_ARCH_LIST=8.6 %(prog)s --yes          # build for an RTX 3090 on a machine without it
@@ -7520,72 +7874,52 @@ check and a numeric self-test of QQQ's GEMM against float64 on the GPU. Exit 1 i
     k.add_argument("--yes", "-y", action="store_true", help="do not ask before installing")
     k.add_argument("--force", action="store_true", help="reinstall even if QQQ already imports")
     k.set_defaults(func=cmd_install_kernel)
+    return k
 
-    v = sub.add_parser("verify-runtime", formatter_class=fmt, help="check GPU, CUDA and W4A8 runtimes",
-                       description="Report Python, torch/CUDA/cuDNN, driver, GPUs, nvcc, the relevant packages and "
-                                   "the W4A8 backends (QQQ, built-in Triton), with a CUDA sanity matmul and "
-                                   "kernel self-tests on a GPU. Exit 0 unless a --require-* is not met (exit 3).",
-                       epilog="""\
+
+def cmd_install_kernel(args: argparse.Namespace) -> int:
+    opts = InstallKernelOptions.from_args(args)
+    ok, detail = qqq_status()
+    if ok and not opts.force and not opts.source:
+        log(f"install-kernel: QQQ {detail} is already installed (--force reinstalls); self-testing it")
+        if not cuda_gpus():
+            log("install-kernel: self-test skipped: no CUDA GPU visible")
+            return 0
+        st = qqq_self_test()
+        log(f"install-kernel: QQQ self-test {'ok' if st['ok'] else 'FAILED'}: {st['detail']}")
+        return 0 if st["ok"] else 1
+    blockers = qqq_install_blockers(opts.source)
+    if blockers:
+        raise UserError("install-kernel: " + " Also: ".join(blockers), exit_code=3)
+    return 0 if install_qqq(opts.yes, opts.source) else 1
+
+
+##### 10. main #####
+
+EXAMPLES = """
 examples:
-  %(prog)s                                      # human-readable report (exit 0 even without a GPU)
-  %(prog)s --json --require-w4a8                # for scripts: exit 3 if no W4A8 GEMM can run here
-  %(prog)s --bench                              # M=16 K=4096 N=4096, every backend present
-  %(prog)s --bench --shapes gpt-oss --out bench.json   # q/k/v/o/gate_up/down at M=1,16,64,256,1024
-  %(prog)s --model ./out-w4a8 --prefill-tokens 128,2048   # a quantize checkpoint through the kernels:
-                                                # KL / top-1 vs its dense form, decode and prefill tokens/s
-  %(prog)s --model ./out-w4a16 --engine vllm      # load it with vLLM (make vllm-venv): every tensor read?
+  # 1. MXFP4 -> BF16, streaming shard by shard (needs ~ one shard of RAM, 234 GB of disk for 120b)
+  %(prog)s dequantize --src openai/gpt-oss-120b --dst ./gpt-oss-120b-bf16 --dtype bf16
+  # 2. GPTQ W4A16 on experts and attention
+  %(prog)s quantize --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16
+  # 3. the W4A8 runtime
+  %(prog)s install-kernel --yes && %(prog)s verify-runtime --bench --shapes gpt-oss
+""".lstrip("\n")
 
---bench prints, per shape and backend, the median time eager (CUDA events around each call, CPU
-launch overhead included) and in a CUDA graph (GPU time only), the speedup over fp16 nn.Linear,
-and beside every timing the relative error against float64 math on the same quantized values.
-Each backend runs in a worker process, so a CUDA fault is reported as that case's error.
---bench needs a CUDA GPU: without one it says so and exits 3. --model without a GPU runs the
-dense path only and says so. On a GPU, --model also times decode with each token one CUDA-graph
-replay into a static cache (how serving engines decode; HF generate() launches every kernel from
-Python, which at batch 1 sets the speed): prompt + new tokens must fit the sliding window (128 in
-gpt-oss). --no-graph skips it.""")
-    v.add_argument("--json", action="store_true", help="machine-readable output")
-    v.add_argument("--require-gpu", action="store_true", help="exit 3 unless a CUDA GPU works")
-    v.add_argument("--require-w4a8", action="store_true",
-                   help="exit 3 unless a W4A8 GEMM (QQQ or built-in Triton) runs and passes its self-test here")
-    v.add_argument("--bench", action="store_true", help="time FP16 vs W4A8/W4A16 GEMMs (needs a GPU)")
-    v.add_argument("--M", type=int_at_least(1, "tokens"), help="--bench: tokens (default: 16; with --shapes: 1,16,64,256,1024)")
-    v.add_argument("--K", type=int_at_least(1, "features"), default=4096, help="--bench: in features (default: %(default)s)")
-    v.add_argument("--N", type=int_at_least(1, "features"), default=4096, help="--bench: out features (default: %(default)s)")
-    v.add_argument("--iters", type=int_at_least(1, "calls"), default=200, help="--bench: timed calls per case (default: %(default)s)")
-    v.add_argument("--shapes", choices=["gpt-oss"],
-                   help="--bench: every GPT-OSS Linear shape (at --M, else at M=1,16,64,256,1024) instead of --K/--N")
-    v.add_argument("--group", default="64", choices=["32", "64", "128", "channel"],
-                   help="--bench: scale group of the built-in kernels (default: %(default)s; QQQ is per channel)")
-    v.add_argument("--backends", default=",".join(BENCH_BACKENDS),
-                   help="--bench: comma list from %(default)s (absent ones are skipped and said)")
-    v.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"],
-                   help="--bench: activations of the built-in kernels and of the nn.Linear they are timed against "
-                        "(default: %(default)s; QQQ takes fp16 either way)")
-    v.add_argument("--no-graph", action="store_true",
-                   help="--bench: eager timing only; --model: no decode as CUDA-graph replays")
-    v.add_argument("--no-check", action="store_true", help="--bench: skip the correctness checks")
-    v.add_argument("--sweep", action="store_true", help="--bench: also time alternative W4A8 kernel configs")
-    v.add_argument("--sweep-m", type=int_list_arg, metavar="M,M", help="--sweep with --shapes gpt-oss: at these M (default: 16,1024)")
-    v.add_argument("--out", metavar="FILE", help="--bench: write the full report as JSON here")
-    v.add_argument("--model", metavar="DIR",
-                   help="a W4A16/W4A8 checkpoint made by quantize: its int4 Linear layers through the built-in "
-                        "kernels vs its dense decompression (KL, top-1, greedy tokens, tokens/s); without a GPU "
-                        "the dense fallback only")
-    v.add_argument("--bf16", metavar="DIR", help="--model: the BF16 source for the tokens/s comparison "
-                                                 "(default: the source recorded by quantize)")
-    v.add_argument("--new-tokens", type=int_at_least(1, "tokens"), default=16, help="--model: greedy tokens to generate (default: %(default)s)")
-    v.add_argument("--engine", choices=("builtin", "vllm"), default="builtin",
-                   help="--model: builtin = the int4 kernels of this tool (default); vllm = load DIR with vLLM "
-                        "(its own interpreter: --vllm-python) and count the checkpoint tensors its loader read, "
-                        "greedy tokens against our loader")
-    v.add_argument("--vllm-python", metavar="PATH",
-                   help="--engine vllm: a Python with vLLM installed (default: $GPTOSS_VLLM_PYTHON, else "
-                        f"{VLLM_VENV}/bin/python next to compress_gptoss.py, else this Python if it has vLLM)")
-    v.add_argument("--prefill-tokens", type=prefill_lengths, default=(256,), metavar="N[,N...]",
-                   help="--model: also time one forward over a prompt of N random tokens (prefill), each N; "
-                        "0 = skip (default: 256)")
-    v.set_defaults(func=cmd_verify_runtime)
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = OneLineErrorParser(prog="compress_gptoss.py", formatter_class=fmt, epilog=EXAMPLES,
+                                description="Dequantize GPT-OSS MXFP4 to BF16/FP16 and re-quantize it with "
+                                            "GPTQ/AWQ (W4A16, W8A8, W4A8, 2:4) through LLM Compressor.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
+                           title="commands (COMMAND --help for each)")
+
+    add_dequantize_parser(sub)
+    add_quantize_parser(sub)
+    add_install_kernel_parser(sub)
+    add_verify_runtime_parser(sub)
     return p
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """FP16 nn.Linear vs the W4A8/W4A16 GEMMs (built-in Triton, QQQ) on the GPT-OSS shapes.
 
-A thin wrapper: the implementation is `compress_gptoss.py verify-runtime --bench` (section 6), so
+A thin wrapper: the implementation is `compress_gptoss.py verify-runtime --bench` (sections 7 and 8), so
 the CLI and this script cannot drift. It needs torch with CUDA and triton; not llmcompressor, not
 compressed-tensors. On a GPU it first checks correctness on odd shapes, then times every backend
 and shape (eager and CUDA graph), and prints a table with the speedup over fp16 and the relative

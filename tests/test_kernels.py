@@ -1,4 +1,4 @@
-"""The built-in int4 GEMM (section 6): layout helpers against compressed-tensors, and the Triton
+"""The built-in int4 GEMM (section 7, the kernel library): layout helpers against compressed-tensors, and the Triton
 kernels under TRITON_INTERPRET=1 (CPU) against a float64 reference of the same quantized math.
 
 TRITON_INTERPRET must be set before triton is first imported (triton.language's own @jit helpers,

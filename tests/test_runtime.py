@@ -207,7 +207,7 @@ def test_install_kernel_missing_toolchain(tmp_path):
         assert "a CUDA build of torch" in r.stderr
 
 
-# ---- verify-runtime --model (needs section 5's load_quantized_model and quantize's fixtures) ----
+# ---- verify-runtime --model (needs section 6's load_quantized_model and quantize's fixtures) ----
 
 needs_loader = pytest.mark.skipif(not hasattr(c, "load_quantized_model"),
                                   reason="load_quantized_model (loader section) is not in this build")
