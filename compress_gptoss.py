@@ -4015,7 +4015,8 @@ examples:
   %(prog)s --model-in ./gpt-oss-120b-bf16 --with-sparse --experts-type int4 --experts-scheme w4a8 \\
       --mw-type int4 --mw-scheme w4a16 --allow-fallback
   %(prog)s --model-in openai/gpt-oss-20b --dry-run          # MXFP4 input: dequantized on the fly
-  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16 --calib-jsonl chunks-2048.jsonl       --calib-batch-size 8                                   # big GPU, equal-length samples: 2x faster
+  %(prog)s --model-in ./gpt-oss-120b-bf16 --experts w4a16 --mw w4a16 --calib-jsonl chunks-2048.jsonl \\
+      --calib-batch-size 8          # big GPU, equal-length samples: 2x faster
 
 support matrix: AWQ W4A16; GPTQ W4A16, W8A8, W4A8 (needs a W4A8 runtime: QQQ or triton);
 RTN (plain rounding, the baseline) W4A16, W8A8, W4A8. AWQ W8A8/W4A8 are refused.
