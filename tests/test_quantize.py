@@ -796,6 +796,28 @@ def test_impossible_gpu_memory_is_one_line(size, message, tiny_bf16, calib_jsonl
     assert not any("calibration:" in line for line in err), "work started before the check"
 
 
+def test_gpu_out_of_memory_names_the_allocation():
+    """llmcompressor's sequential pipeline re-raises torch's OutOfMemoryError with advice on its
+    sequential_targets (which quantize sets itself); the one line names what torch could not
+    allocate instead. Seen on an H100 with another process taking the GPU (bench/RESULTS.md)."""
+    torch_says = ("CUDA out of memory. Tried to allocate 6.33 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+                  "1.19 GiB is free. Process 4242 has 78.00 GiB memory in use. Of the allocated memory ...")
+    try:
+        try:
+            raise torch.OutOfMemoryError(torch_says)
+        except torch.OutOfMemoryError as e:
+            raise torch.OutOfMemoryError("Sequential pipeline ran out of memory. Please consider choosing a "
+                                         "smaller module for `sequential_targets`") from e
+    except torch.OutOfMemoryError as e:
+        wrapped = e
+    for source, fix in (("free GPU memory", "another process?"), ("--max-gpu-memory", "was too tight")):
+        g = cg.GpuMemoryPlan(84_500_000_000, source, 2048, 128, True, 161, 1, {})
+        line = str(cg.gpu_out_of_memory_error(g, wrapped))
+        assert "tried to allocate 6.33 GiB, 1.19 GiB free of 79.19 GiB" in line and fix in line, line
+        assert "sequential_targets" not in line and "\n" not in line, line
+    assert cg.cuda_allocation_failure(torch.OutOfMemoryError("out of memory\nmore")) == "out of memory"
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
