@@ -21,6 +21,10 @@ the defaults (batched expert calibration) and, with --cap SIZE, the defaults und
 the decoder layer's step (calibration + GPTQ solve) and passes, peak GPU memory allocated
 (torch.cuda.max_memory_allocated, from quantize's log) and the share of int4 codes equal to the
 llmcompressor run's. --out FILE writes all of it as JSON.
+
+--oom-check runs quantize once more while a second process takes all but 2 GiB of the GPU as soon
+as quantize has logged its memory plan: exit code, `error:` lines, a traceback or not, and what was
+left behind in the work folder.
 """
 import argparse
 import json
@@ -146,6 +150,26 @@ def long_calibration_jsonl(path: Path, samples: int, seq_len: int) -> Path:
     return path
 
 
+def oom_check(quantize: list, out: Path) -> dict:
+    """What a user sees when another process takes the GPU after quantize planned its memory: a
+    second process grabs all but 2 GiB of the free GPU memory as soon as quantize logs its plan.
+    Expected: exit 2, one `error:` line, no traceback, no output folder or temp folder left."""
+    proc = subprocess.Popen(quantize + ["--num-calibration-samples", "32", "--output-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, hog = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if hog is None and "GPU memory: budget" in line:
+            hog = subprocess.Popen([sys.executable, "-c", "import torch, time; f, _ = torch.cuda.mem_get_info(); "
+                                    "x = torch.empty(f - 2 * 2**30, dtype=torch.uint8, device='cuda'); time.sleep(600)"])
+    proc.wait()
+    if hog:
+        hog.kill()
+    left = sorted(x.name for x in out.parent.iterdir() if out.name in x.name)
+    return {"rc": proc.returncode, "traceback": any("Traceback" in line for line in lines),
+            "error_lines": [line.strip() for line in lines if line.startswith("error:")], "left_behind": left}
+
+
 def compare_table(res: dict, work: Path, out: Path, variants: list) -> None:
     """--compare: one row per run, codes against the llmcompressor run's."""
     ref = work / "quantize_llmcompressor"
@@ -186,6 +210,8 @@ def main():
                          "wall time and int4 codes against the one-process run")
     ap.add_argument("--profile", metavar="FILE",
                     help="run the default quantize under cProfile: stats to FILE, the top functions to stdout")
+    ap.add_argument("--oom-check", action="store_true",
+                    help="also run quantize while another process takes the GPU (see oom_check)")
     ap.add_argument("--out")
     a = ap.parse_args()
     import tiny_gptoss
@@ -277,6 +303,9 @@ def main():
         for name, n in (("gpt-oss-120b", 36), ("gpt-oss-20b (32 experts: ~1/4 of the expert work)", 24)):
             print(f"  {name}: {n} layers x {per_layer:.0f} s = {n * per_layer / 60:.0f} min")
         print(q["log_tail"][-1500:])
+    if a.oom_check:
+        res["oom_check"] = oom_check(quantize, work / "oom-out")
+        print("\nout-of-memory check:", json.dumps(res["oom_check"], indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))
 
