@@ -22,6 +22,12 @@ the decoder layer's step (calibration + GPTQ solve) and passes, peak GPU memory 
 (torch.cuda.max_memory_allocated, from quantize's log) and the share of int4 codes equal to the
 llmcompressor run's. --out FILE writes all of it as JSON.
 
+--experts 32 builds gpt-oss-20b's dimensions instead; --drop-source deletes the MXFP4 source once
+dequantized (a later run reuses the BF16 copy); --max-gpu-memory SIZE goes to every quantize run.
+gpt-oss-20b dimensions end to end under a 24 GB card's budget (about 40 GB of BF16 on disk):
+  python bench/bench_quantize_scale.py --layers 24 --experts 32 --samples 256 --seq-len 2048 \
+      --drop-source --max-gpu-memory 22GiB
+
 --oom-check runs quantize once more while a second process takes all but 2 GiB of the GPU as soon
 as quantize has logged its memory plan: exit code, `error:` lines, a traceback or not, and what was
 left behind in the work folder.
@@ -29,6 +35,7 @@ left behind in the work folder.
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -198,7 +205,11 @@ def main():
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--work", default="/tmp/gptoss-bench")
+    ap.add_argument("--experts", type=int, default=128, help="experts per layer: 128 (gpt-oss-120b), 32 (gpt-oss-20b)")
+    ap.add_argument("--drop-source", action="store_true",
+                    help="delete the random MXFP4 source once dequantized (24 layers of 20b dims fit a 64 GB disk)")
     ap.add_argument("--max-cpu-memory", help="pass to quantize (RAM budget for weights, e.g. 4GB)")
+    ap.add_argument("--max-gpu-memory", metavar="SIZE", help="pass to every quantize run (e.g. 22GiB: a 24 GB card)")
     ap.add_argument("--compare", action="store_true",
                     help="quantize as llmcompressor comes, per-expert calibration (the old default) and the batched "
                          "default (+ --cap): times, peak GPU memory, int4 codes equal")
@@ -216,15 +227,23 @@ def main():
     a = ap.parse_args()
     import tiny_gptoss
     work = Path(a.work)
-    src = work / f"gptoss120b-dims-{a.layers}L-mxfp4"
-    if not (src / "config.json").exists():
-        tiny_gptoss.build_random(src, tiny_gptoss.TinySpec(**{**tiny_gptoss.asdict(tiny_gptoss.TinySpec()),
-                                                            **tiny_gptoss.GPTOSS_120B_LAYER,
-                                                            "layers": a.layers, "train_steps": 0}))
+    dims = "gptoss120b" if a.experts == 128 else "gptoss20b" if a.experts == 32 else f"gptoss-{a.experts}experts"
+    src, bf16 = work / f"{dims}-dims-{a.layers}L-mxfp4", work / f"{dims}-dims-{a.layers}L-bf16"
     cli = [sys.executable, str(ROOT / "compress_gptoss.py")]
-    bf16 = work / f"gptoss120b-dims-{a.layers}L-bf16"
-    res = {"layers": a.layers, "samples": a.samples, "seq_len": a.seq_len}
-    res["dequantize"] = run_sampled(cli + ["dequantize", "--src", str(src), "--dst", str(bf16), "--overwrite"])
+    res = {"layers": a.layers, "experts": a.experts, "samples": a.samples, "seq_len": a.seq_len}
+    done = work / f"{bf16.name}.complete"     # written by this script once dequantize finished
+    if a.drop_source and not src.exists() and done.exists():
+        res["dequantize"] = {"rc": 0, "wall_s": 0.0, "peak_rss": 0, "peak_gpu_mib": 0, "peak_offload_bytes": 0,
+                             "log_tail": "reused", "passes": {}}      # an earlier --drop-source run's BF16 copy
+    else:
+        if not (src / "config.json").exists():
+            tiny_gptoss.build_random(src, tiny_gptoss.TinySpec(**{**tiny_gptoss.asdict(tiny_gptoss.TinySpec()),
+                                                                **tiny_gptoss.GPTOSS_120B_LAYER, "experts": a.experts,
+                                                                "layers": a.layers, "train_steps": 0}))
+        res["dequantize"] = run_sampled(cli + ["dequantize", "--src", str(src), "--dst", str(bf16), "--overwrite"])
+        if a.drop_source and not res["dequantize"]["rc"]:
+            done.touch()
+            shutil.rmtree(src)
     calib = long_calibration_jsonl(work / f"calib-{a.samples}x{a.seq_len}.jsonl", a.samples + 64, a.seq_len)  # 64 held out
     offload = work / "offload"
     out = work / "q-out"
@@ -232,6 +251,9 @@ def main():
                       "--calib-jsonl", str(calib), "--num-calibration-samples", str(a.samples),
                       "--max-seq-length", str(a.seq_len), "--output-dir", str(out),
                       "--overwrite", "--no-eval", "--offload-folder", str(offload)]
+    if a.max_gpu_memory:
+        quantize += ["--max-gpu-memory", a.max_gpu_memory]
+        res["max_gpu_memory"] = a.max_gpu_memory
     if a.max_cpu_memory:
         quantize += ["--max-cpu-memory", a.max_cpu_memory]
         res["max_cpu_memory"] = a.max_cpu_memory
