@@ -1581,7 +1581,8 @@ def batched_expert_calibration(model, g: GpuMemoryPlan, fp32_matmul: bool, stats
     what their 3E hooked Linear modules did, on the stacked expert weights [E, ...]:
 
     - calibration pass (hooks on, all experts): gate and up of Ec experts x Tc tokens (F.linear
-      per expert, as the modules call it), GPT-OSS' clamped SwiGLU in place, and the E down_proj Hessians accumulated with one batched product per chunk into one
+      per expert, as the modules call it), GPT-OSS' clamped SwiGLU in place, and the E down_proj
+      Hessians accumulated with one batched product per chunk into one
       [E, I, I] fp32 tensor (BF16 products, fp32 sums in 512-token parts on a GPU, as
       tensor_core_hessians; fp32 on CPU or with --fp32-hessian-matmul). gate/up of all experts read
       the layer input: their shared Hessian goes through llmcompressor's (patched) accumulate_hessian
@@ -2517,7 +2518,8 @@ def plan_gpu_memory(plan: QuantizePlan, budget: int | None, source: str, batched
         if not batched:            # llmcompressor's loop: one expert's gate, up, cat, activation at a time
             return 2 * tokens * (6 * d["I"] + d["H"])
         stacked = (d["E"] if cache else ec) * 2 * (3 * d["I"] * d["H"] + 2 * d["I"] + d["H"])
-        # gate, up, sigmoid in BF16 (+ the expanded input), + an fp32 copy for the CPU's fp32 product
+        # gate, up, sigmoid in BF16 (+ room for one expert's F.linear output before its copy), + an fp32
+        # copy for the CPU's fp32 product
         return stacked + 2 * ec * tc * (3 * d["I"] + d["H"]) + (0 if on_gpu else 4 * ec * tc * d["I"])
 
     forced = os.environ.get(EXPERT_CHUNKS_ENV)

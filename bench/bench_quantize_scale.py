@@ -213,7 +213,7 @@ def main():
     ap.add_argument("--compare", action="store_true",
                     help="quantize as llmcompressor comes, per-expert calibration (the old default) and the batched "
                          "default (+ --cap): times, peak GPU memory, int4 codes equal")
-    ap.add_argument("--cap", metavar="SIZE", help="with --compare: the defaults again under --max-gpu-memory SIZE")
+    ap.add_argument("--cap", metavar="SIZE", help="with --compare: the defaults again under --max-gpu-memory SIZE (this one, for that run)")
     ap.add_argument("--compare-batch", type=int, metavar="N",
                     help="quantize twice: defaults (one sample per forward), then --calib-batch-size N")
     ap.add_argument("--compare-nproc", type=int, metavar="N",
